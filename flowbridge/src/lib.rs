@@ -1,0 +1,1 @@
+//! Open vSwitch wiring and control-plane steering (issue: flowbridge). Not implemented yet: empty placeholder.

@@ -1,0 +1,193 @@
+//! Turns a [`ContainerSpec`] into liblxc configuration items. Pure: unit-tested without liblxc.
+
+use std::path::{Path, PathBuf};
+
+/// Which cgroup hierarchy limits are written to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cgroups {
+    V1,
+    V2,
+}
+
+/// Resource limits; `None` leaves the kernel default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    /// CPU time per 100 ms period, in microseconds (100_000 = one full CPU).
+    pub cpu_quota_us: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// Everything liblxc needs to define one service container.
+#[derive(Debug, Clone)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub hostname: String,
+    pub rootfs: PathBuf,
+    pub env: Vec<(String, String)>,
+    pub limits: Limits,
+    /// Capabilities the container keeps; all others are dropped.
+    pub capabilities: Vec<caps::Capability>,
+    /// Host-side name of the container's veth pair; `None` gives it only a loopback.
+    pub veth_host: Option<String>,
+    /// liblxc's seccomp policy file; `None` when this liblxc has none.
+    pub seccomp_profile: Option<PathBuf>,
+}
+
+/// The config items, in the order they are set.
+pub fn items(spec: &ContainerSpec, cgroups: Cgroups, lxc_log: &Path) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, val: String| v.push((k.to_string(), val));
+    set("lxc.uts.name", spec.hostname.clone());
+    set("lxc.rootfs.path", format!("dir:{}", spec.rootfs.display()));
+    // The program's stdout/stderr are the monitor's, which writes the service log.
+    set("lxc.console.path", "none".into());
+    set("lxc.tty.max", "0".into());
+    set("lxc.pty.max", "8".into());
+    set("lxc.mount.auto", "proc:mixed sys:ro".into());
+    set("lxc.autodev", "1".into());
+    set("lxc.no_new_privs", "1".into());
+    set("lxc.signal.halt", "SIGTERM".into());
+    set("lxc.log.file", lxc_log.display().to_string());
+    set("lxc.log.level", "WARN".into());
+    if let Some(p) = &spec.seccomp_profile {
+        set("lxc.seccomp.profile", p.display().to_string());
+    }
+    let keep = if spec.capabilities.is_empty() {
+        "none".to_string()
+    } else {
+        spec.capabilities
+            .iter()
+            .map(|c| cap_name(*c))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    set("lxc.cap.keep", keep);
+    for (k, val) in &spec.env {
+        set("lxc.environment", format!("{k}={val}"));
+    }
+    match &spec.veth_host {
+        Some(host) => {
+            set("lxc.net.0.type", "veth".into());
+            set("lxc.net.0.veth.pair", host.clone());
+            set("lxc.net.0.name", "eth0".into());
+            set("lxc.net.0.flags", "up".into());
+        }
+        None => set("lxc.net.0.type", "empty".into()),
+    }
+    let l = &spec.limits;
+    match cgroups {
+        Cgroups::V1 => {
+            if let Some(m) = l.memory_bytes {
+                set("lxc.cgroup.memory.limit_in_bytes", m.to_string());
+            }
+            if let Some(q) = l.cpu_quota_us {
+                set("lxc.cgroup.cpu.cfs_period_us", CPU_PERIOD_US.to_string());
+                set("lxc.cgroup.cpu.cfs_quota_us", q.to_string());
+            }
+            if let Some(p) = l.pids {
+                set("lxc.cgroup.pids.max", p.to_string());
+            }
+        }
+        Cgroups::V2 => {
+            if let Some(m) = l.memory_bytes {
+                set("lxc.cgroup2.memory.max", m.to_string());
+            }
+            if let Some(q) = l.cpu_quota_us {
+                set("lxc.cgroup2.cpu.max", format!("{q} {CPU_PERIOD_US}"));
+            }
+            if let Some(p) = l.pids {
+                set("lxc.cgroup2.pids.max", p.to_string());
+            }
+        }
+    }
+    v
+}
+
+/// `CAP_NET_BIND_SERVICE` → `net_bind_service`, the spelling `lxc.cap.keep` takes.
+pub fn cap_name(c: caps::Capability) -> String {
+    c.to_string()
+        .trim_start_matches("CAP_")
+        .to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ContainerSpec {
+        ContainerSpec {
+            name: "svc".into(),
+            hostname: "svc".into(),
+            rootfs: "/r".into(),
+            env: vec![("A".into(), "b c".into())],
+            limits: Limits {
+                memory_bytes: Some(64 << 20),
+                cpu_quota_us: Some(50_000),
+                pids: Some(32),
+            },
+            capabilities: vec![],
+            veth_host: Some("gv-svc".into()),
+            seccomp_profile: Some("/s.seccomp".into()),
+        }
+    }
+
+    fn get<'a>(v: &'a [(String, String)], k: &str) -> Vec<&'a str> {
+        v.iter()
+            .filter(|(key, _)| key == k)
+            .map(|(_, val)| val.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn v1_limits_use_v1_keys() {
+        let v = items(&spec(), Cgroups::V1, Path::new("/l"));
+        assert_eq!(get(&v, "lxc.cgroup.memory.limit_in_bytes"), ["67108864"]);
+        assert_eq!(get(&v, "lxc.cgroup.cpu.cfs_quota_us"), ["50000"]);
+        assert_eq!(get(&v, "lxc.cgroup.pids.max"), ["32"]);
+        assert!(get(&v, "lxc.cgroup2.memory.max").is_empty());
+    }
+
+    #[test]
+    fn v2_limits_use_v2_keys() {
+        let v = items(&spec(), Cgroups::V2, Path::new("/l"));
+        assert_eq!(get(&v, "lxc.cgroup2.memory.max"), ["67108864"]);
+        assert_eq!(get(&v, "lxc.cgroup2.cpu.max"), ["50000 100000"]);
+        assert_eq!(get(&v, "lxc.cgroup2.pids.max"), ["32"]);
+        assert!(get(&v, "lxc.cgroup.memory.limit_in_bytes").is_empty());
+    }
+
+    #[test]
+    fn no_granted_caps_keeps_none_and_no_new_privs_is_set() {
+        let v = items(&spec(), Cgroups::V2, Path::new("/l"));
+        assert_eq!(get(&v, "lxc.cap.keep"), ["none"]);
+        assert_eq!(get(&v, "lxc.no_new_privs"), ["1"]);
+        assert_eq!(get(&v, "lxc.seccomp.profile"), ["/s.seccomp"]);
+    }
+
+    #[test]
+    fn granted_caps_use_lxc_spelling() {
+        let mut s = spec();
+        s.capabilities = vec![
+            caps::Capability::CAP_NET_BIND_SERVICE,
+            caps::Capability::CAP_NET_RAW,
+        ];
+        let v = items(&s, Cgroups::V1, Path::new("/l"));
+        assert_eq!(get(&v, "lxc.cap.keep"), ["net_bind_service net_raw"]);
+    }
+
+    #[test]
+    fn veth_host_name_and_env_are_passed() {
+        let v = items(&spec(), Cgroups::V1, Path::new("/l"));
+        assert_eq!(get(&v, "lxc.net.0.veth.pair"), ["gv-svc"]);
+        assert_eq!(get(&v, "lxc.environment"), ["A=b c"]);
+        let mut s = spec();
+        s.veth_host = None;
+        assert_eq!(
+            get(&items(&s, Cgroups::V1, Path::new("/l")), "lxc.net.0.type"),
+            ["empty"]
+        );
+    }
+}

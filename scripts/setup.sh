@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what gatevisor needs to build, run and test on a fresh Debian 12 machine.
+# Idempotent: a second run only checks. Needs root (apt-get).
+set -euo pipefail
+
+need_pkgs=(
+  lxc lxc-dev libclang-dev pkg-config       # liblxc + bindgen for lxc-sys
+  busybox-static                            # container rootfs / initramfs
+  openvswitch-switch                        # the switch flowbridge drives
+  iproute2 iputils-ping bind9-dnsutils iperf3 tcpdump   # test traffic
+)
+
+missing=()
+for p in "${need_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "setup: system packages present"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo is missing; this machine kind ships a Rust toolchain via rustup" >&2
+  exit 1
+fi

@@ -1,0 +1,147 @@
+//! The control API: one request enum, one reply shape, shared by the CLI (Unix socket) and the
+//! remote channel. Requests and replies are versioned JSON, one per line.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+pub const API_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    Ping,
+    /// Installs the service described by a manifest file on this gateway.
+    Install {
+        manifest: PathBuf,
+        #[serde(default)]
+        start: bool,
+    },
+    Start {
+        name: String,
+    },
+    Stop {
+        name: String,
+    },
+    Restart {
+        name: String,
+    },
+    Remove {
+        name: String,
+    },
+    Freeze {
+        name: String,
+    },
+    Thaw {
+        name: String,
+    },
+    List,
+    Status {
+        name: String,
+    },
+    /// Bytes of the service log from `offset` (None: the last `tail_bytes`).
+    Logs {
+        name: String,
+        offset: Option<u64>,
+        #[serde(default = "default_tail")]
+        tail_bytes: u64,
+    },
+    /// Recent events; with `follow` the connection stays open and new events stream.
+    Events {
+        #[serde(default)]
+        follow: bool,
+        #[serde(default = "default_events")]
+        last: usize,
+    },
+}
+
+fn default_tail() -> u64 {
+    16 * 1024
+}
+fn default_events() -> usize {
+    50
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub v: u32,
+    #[serde(flatten)]
+    pub body: T,
+}
+
+/// What went wrong, in a form scripts can branch on (it maps to the CLI's exit code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The request or the manifest it names is invalid.
+    Invalid,
+    NotFound,
+    /// The request conflicts with the current state (duplicate name, wrong state, no room).
+    Conflict,
+    /// The runtime failed (liblxc, the kernel).
+    Runtime,
+    Internal,
+    /// The API version is not spoken here.
+    Version,
+}
+
+impl ErrorKind {
+    /// The CLI's exit code for this kind (documented in the README).
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ErrorKind::Invalid => 5,
+            ErrorKind::NotFound => 4,
+            ErrorKind::Conflict => 6,
+            ErrorKind::Runtime | ErrorKind::Internal => 1,
+            ErrorKind::Version => 7,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum Reply {
+    Ok { result: serde_json::Value },
+    Error { error: ApiError },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format_is_tagged_and_versioned() {
+        let e = Envelope {
+            v: API_VERSION,
+            body: Request::Start {
+                name: "hello".into(),
+            },
+        };
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(s, r#"{"v":1,"op":"start","name":"hello"}"#);
+        let back: Envelope<Request> = serde_json::from_str(&s).unwrap();
+        assert_eq!(back.body, e.body);
+    }
+
+    #[test]
+    fn unknown_op_is_rejected() {
+        assert!(
+            serde_json::from_str::<Envelope<Request>>(r#"{"v":1,"op":"format-disk"}"#).is_err()
+        );
+    }
+}

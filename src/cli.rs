@@ -1,0 +1,415 @@
+//! The commands. Each is a few lines: build a request, call, print (`--json` or a table).
+
+use clap::{Args, Subcommand};
+use gatevisor::api::{ErrorKind, Request};
+use gatevisor::client::{Client, ClientError};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Exit codes scripts can rely on (see README).
+pub const EXIT_DAEMON_DOWN: i32 = 3;
+
+#[derive(Args)]
+pub struct DaemonArgs {
+    #[arg(long, default_value = crate::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Where desired state, logs and service files live.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Board profile name (default: chosen by the board's DMI name, else generic).
+    #[arg(long)]
+    pub board: Option<String>,
+    /// Stop all services when the daemon stops (default: leave them running).
+    #[arg(long)]
+    pub stop_services_on_exit: bool,
+}
+
+#[derive(Subcommand)]
+pub enum ServiceCmd {
+    /// Install a service from its manifest (TOML).
+    Install {
+        manifest: PathBuf,
+        /// Start it right away.
+        #[arg(long)]
+        start: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    Start(NameArgs),
+    Stop(NameArgs),
+    Restart(NameArgs),
+    Remove(NameArgs),
+    /// Freeze all processes of a service (cgroup freezer).
+    Freeze(NameArgs),
+    Thaw(NameArgs),
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Status(NameArgs),
+    /// Print the service's log (its stdout and stderr).
+    Logs {
+        name: String,
+        /// Keep printing new output.
+        #[arg(short, long)]
+        follow: bool,
+        /// How much of the end of the log to print first.
+        #[arg(long, default_value_t = 16 * 1024)]
+        bytes: u64,
+    },
+    /// Run a command inside a running service.
+    Exec {
+        name: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct NameArgs {
+    pub name: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct BoardArgs {
+    #[arg(long)]
+    pub json: bool,
+    /// Profile to report against (default: auto).
+    #[arg(long)]
+    pub board: Option<String>,
+    #[arg(long)]
+    pub boards_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct EventsArgs {
+    /// Keep printing new events.
+    #[arg(short, long)]
+    pub follow: bool,
+    #[arg(long)]
+    pub json: bool,
+    /// How many past events to print.
+    #[arg(short = 'n', long, default_value_t = 50)]
+    pub last: usize,
+}
+
+/// Prints the error and returns the exit code for it.
+fn fail(e: &ClientError) -> i32 {
+    eprintln!("gatevisor: {e}");
+    match e {
+        ClientError::NotRunning { .. } => EXIT_DAEMON_DOWN,
+        ClientError::Api(a) => a.kind.exit_code(),
+        _ => ErrorKind::Internal.exit_code(),
+    }
+}
+
+fn run(socket: &Path, req: Request, json: bool, human: impl Fn(&Value)) -> i32 {
+    match Client::new(socket).call(&req) {
+        Ok(v) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                human(&v);
+            }
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+pub fn service(socket: &Path, cmd: ServiceCmd) -> i32 {
+    match cmd {
+        ServiceCmd::Install {
+            manifest,
+            start,
+            json,
+        } => {
+            let manifest = std::path::absolute(&manifest).unwrap_or(manifest);
+            run(socket, Request::Install { manifest, start }, json, |v| {
+                println!("installed {} ({})", s(v, "name"), s(v, "state"))
+            })
+        }
+        ServiceCmd::Start(a) => run(
+            socket,
+            Request::Start { name: a.name },
+            a.json,
+            print_status,
+        ),
+        ServiceCmd::Stop(a) => run(socket, Request::Stop { name: a.name }, a.json, print_status),
+        ServiceCmd::Restart(a) => run(
+            socket,
+            Request::Restart { name: a.name },
+            a.json,
+            print_status,
+        ),
+        ServiceCmd::Freeze(a) => run(
+            socket,
+            Request::Freeze { name: a.name },
+            a.json,
+            print_status,
+        ),
+        ServiceCmd::Thaw(a) => run(socket, Request::Thaw { name: a.name }, a.json, print_status),
+        ServiceCmd::Remove(a) => run(socket, Request::Remove { name: a.name }, a.json, |v| {
+            println!("removed {}", s(v, "removed"))
+        }),
+        ServiceCmd::Status(a) => run(
+            socket,
+            Request::Status { name: a.name },
+            a.json,
+            print_status,
+        ),
+        ServiceCmd::List { json } => run(socket, Request::List, json, print_list),
+        ServiceCmd::Logs {
+            name,
+            follow,
+            bytes,
+        } => logs(socket, name, follow, bytes),
+        ServiceCmd::Exec { name, command } => exec(socket, name, command),
+    }
+}
+
+fn s(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        Some(Value::String(x)) => x.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn mib(v: Option<&Value>) -> String {
+    v.and_then(Value::as_u64)
+        .map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_status(v: &Value) {
+    let mem = v.get("memory");
+    println!(
+        "{}  {}  ({} runtime)",
+        s(v, "name"),
+        s(v, "version"),
+        s(v, "runtime")
+    );
+    println!(
+        "  state:       {} (desired {})",
+        s(v, "state"),
+        s(v, "desired")
+    );
+    println!("  init pid:    {}", s(v, "init_pid"));
+    println!("  uptime:      {} s", s(v, "uptime_s"));
+    println!("  restarts:    {}", s(v, "restarts"));
+    println!(
+        "  memory:      {} of {}",
+        mib(mem.and_then(|m| m.get("usage_bytes"))),
+        mib(mem.and_then(|m| m.get("limit_bytes")))
+    );
+    println!("  interface:   {}", s(v, "interface"));
+    if let Some(e) = v.get("last_exit").filter(|e| !e.is_null()) {
+        println!("  last exit:   {}", s(e, "description"));
+    }
+    if let Some(r) = v.get("failure_reason").filter(|r| !r.is_null()) {
+        println!("  failed:      {}", r.as_str().unwrap_or_default());
+    }
+}
+
+fn print_list(v: &Value) {
+    let list = v
+        .get("services")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    println!(
+        "{:<13} {:<10} {:<8} {:<9} {:>8} {:>8} {:>11}",
+        "NAME", "VERSION", "RUNTIME", "STATE", "PID", "RESTARTS", "MEMORY"
+    );
+    for x in &list {
+        println!(
+            "{:<13} {:<10} {:<8} {:<9} {:>8} {:>8} {:>11}",
+            s(x, "name"),
+            s(x, "version"),
+            s(x, "runtime"),
+            s(x, "state"),
+            s(x, "init_pid"),
+            s(x, "restarts"),
+            mib(x.get("memory").and_then(|m| m.get("usage_bytes")))
+        );
+    }
+}
+
+fn logs(socket: &Path, name: String, follow: bool, bytes: u64) -> i32 {
+    use std::io::Write;
+    let client = Client::new(socket);
+    let mut offset = None;
+    loop {
+        let req = Request::Logs {
+            name: name.clone(),
+            offset,
+            tail_bytes: bytes,
+        };
+        match client.call(&req) {
+            Ok(v) => {
+                print!(
+                    "{}",
+                    v.get("data").and_then(Value::as_str).unwrap_or_default()
+                );
+                let _ = std::io::stdout().flush();
+                offset = v.get("next_offset").and_then(Value::as_u64);
+            }
+            Err(e) => return fail(&e),
+        }
+        if !follow {
+            return 0;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+fn exec(socket: &Path, name: String, command: Vec<String>) -> i32 {
+    let status = match Client::new(socket).call(&Request::Status { name: name.clone() }) {
+        Ok(v) => v,
+        Err(e) => return fail(&e),
+    };
+    let Some(lxcpath) = status.pointer("/container/lxcpath").and_then(Value::as_str) else {
+        eprintln!("gatevisor: service {name} has no container");
+        return 1;
+    };
+    // Attaching needs no monitor and no limits: only the container's path and name.
+    let rt = gatevisor_lxc::Runtime::new(
+        Path::new(lxcpath),
+        gatevisor_lxc::Cgroups::V1,
+        gatevisor_lxc::MonitorCommand {
+            program: PathBuf::new(),
+            args: vec![],
+        },
+    );
+    match rt.and_then(|rt| rt.exec(&name, &command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gatevisor: {e}");
+            1
+        }
+    }
+}
+
+pub fn board(args: BoardArgs) -> i32 {
+    let report = match gatevisor::board::probe(args.board.as_deref(), args.boards_dir.as_deref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gatevisor: {e}");
+            return ErrorKind::Invalid.exit_code();
+        }
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+        return 0;
+    }
+    let b = &report.board;
+    let ok = |r: &Result<(), String>| match r {
+        Ok(()) => "yes".to_string(),
+        Err(e) => format!("no ({e})"),
+    };
+    println!(
+        "profile:        {} ({})",
+        b.profile.name, b.profile.description
+    );
+    println!("kernel:         {}", b.host.kernel);
+    println!("cpus:           {}", b.host.cpus);
+    println!(
+        "memory:         {} MiB total, {} MiB available, {} MiB for services",
+        b.host.memory_total_mib,
+        b.host.memory_available_mib,
+        b.service_memory_budget_mib()
+    );
+    println!(
+        "kvm:            {:?}, api {:?}, microVM capable: {}",
+        b.kvm.kind, b.kvm.api_version, b.kvm.microvm_capable
+    );
+    if let Some(p) = &b.kvm.problem {
+        println!("                {p}");
+    }
+    println!(
+        "cgroups:        {:?} ({})",
+        b.cgroup.version,
+        b.cgroup.controllers.join(" ")
+    );
+    println!("liblxc:         {}", report.lxc_version);
+    println!(
+        "netns/tap/veth: {} / {} / {}",
+        ok(&b.net.netns),
+        ok(&b.net.tap),
+        ok(&b.net.veth)
+    );
+    println!(
+        "open vswitch:   {}",
+        b.ovs
+            .system_db_socket
+            .clone()
+            .map(|s| format!("system instance at {s}"))
+            .unwrap_or_else(|| {
+                if b.ovs.binaries_installed {
+                    "no system instance; binaries installed (private instance possible)".into()
+                } else {
+                    "not installed".into()
+                }
+            })
+    );
+    println!(
+        "bridge:         {} (datapath {}, hardware offload {})",
+        b.profile.bridge, b.profile.datapath_type, b.profile.hardware_offload
+    );
+    println!(
+        "auto runtime:   {:?} — {}",
+        b.auto_runtime, b.auto_runtime_reason
+    );
+    println!("runtimes built: {}", report.runtimes_available.join(", "));
+    0
+}
+
+pub fn events(socket: &Path, args: EventsArgs) -> i32 {
+    let client = Client::new(socket);
+    let print = |e: &gatevisor::events::Event| {
+        if args.json {
+            println!("{}", serde_json::to_string(e).unwrap_or_default());
+        } else {
+            println!(
+                "{}  {:<14} {:<12} {}",
+                e.at_ms,
+                format!("{:?}", e.kind).to_lowercase(),
+                e.service.clone().unwrap_or_else(|| "-".into()),
+                e.detail
+            );
+        }
+        use std::io::Write;
+        std::io::stdout().flush().is_ok()
+    };
+    let res = if args.follow {
+        client.follow_events(args.last, print)
+    } else {
+        client
+            .call(&Request::Events {
+                follow: false,
+                last: args.last,
+            })
+            .inspect(|v| {
+                for e in v
+                    .get("events")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Ok(ev) = serde_json::from_value(e.clone()) {
+                        print(&ev);
+                    }
+                }
+            })
+    };
+    match res {
+        Ok(_) => 0,
+        Err(e) => fail(&e),
+    }
+}

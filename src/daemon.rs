@@ -1,0 +1,180 @@
+//! `gatevisor daemon`: the control socket, signal handling and the supervisor thread.
+//!
+//! The socket server only parses and forwards: each connection carries one request line and
+//! gets one reply line (or, for `events` with `follow`, a stream of event lines).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Sender};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use gatevisor::api::{ApiError, Envelope, ErrorKind, Reply, Request, API_VERSION};
+use gatevisor::supervisor::{Msg, Settings, Supervisor};
+
+/// `/etc/gatevisor/gatevisor.toml`; every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub state_dir: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    /// Board profile name, or "auto".
+    pub board: Option<String>,
+    pub boards_dir: Option<PathBuf>,
+    pub stop_services_on_exit: Option<bool>,
+    pub log_max_bytes: Option<u64>,
+    pub log_keep: Option<u32>,
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<ConfigFile> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text)
+                .with_context(|| format!("invalid configuration file {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ConfigFile::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+}
+
+pub struct DaemonOptions {
+    pub socket: PathBuf,
+    pub settings: Settings,
+    pub board: gatevisor_board::BoardReport,
+}
+
+/// Runs until SIGTERM or SIGINT.
+pub fn run(opts: DaemonOptions) -> Result<()> {
+    // Block the termination signals in every thread; one thread takes them with sigwait.
+    let mut sigs = nix::sys::signal::SigSet::empty();
+    sigs.add(nix::sys::signal::Signal::SIGTERM);
+    sigs.add(nix::sys::signal::Signal::SIGINT);
+    sigs.thread_block().context("cannot block signals")?;
+
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let supervisor = Supervisor::new(opts.settings, opts.board, tx.clone())?;
+    let listener = bind(&opts.socket)?;
+    tracing::info!("control socket {}", opts.socket.display());
+
+    let sig_tx = tx.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = sigs.wait() {
+                tracing::info!("received {sig:?}, shutting down");
+            }
+            let _ = sig_tx.send(Msg::Shutdown);
+        })?;
+
+    let srv_tx = tx.clone();
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || serve(listener, srv_tx))?;
+    drop(tx);
+
+    let notifier = gatevisor::notify::Notifier::from_env();
+    supervisor.run(rx, notifier);
+    let _ = std::fs::remove_file(&opts.socket);
+    Ok(())
+}
+
+fn bind(socket: &Path) -> Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if UnixStream::connect(socket).is_ok() {
+        anyhow::bail!(
+            "another gatevisor daemon is already listening on {}",
+            socket.display()
+        );
+    }
+    let _ = std::fs::remove_file(socket);
+    // Create the socket with no access for others from the first instant.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(socket);
+    nix::sys::stat::umask(old);
+    let listener = listener.with_context(|| format!("cannot bind {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+fn serve(listener: UnixListener, tx: Sender<Msg>) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let tx = tx.clone();
+        let _ = std::thread::Builder::new()
+            .name("api-conn".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                if let Err(e) = serve_one(conn, tx) {
+                    tracing::debug!("api connection: {e}");
+                }
+            });
+    }
+}
+
+fn write_line<T: serde::Serialize>(w: &mut UnixStream, body: &T) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(&Envelope {
+        v: API_VERSION,
+        body,
+    })
+    .expect("serialises");
+    line.push(b'\n');
+    w.write_all(&line)
+}
+
+fn serve_one(mut conn: UnixStream, tx: Sender<Msg>) -> std::io::Result<()> {
+    let mut line = String::new();
+    BufReader::new(conn.try_clone()?)
+        .take(1 << 20)
+        .read_line(&mut line)?;
+    let parsed: Result<Envelope<Request>, _> = serde_json::from_str(&line);
+    let req = match parsed {
+        Ok(e) if e.v == API_VERSION => e.body,
+        Ok(e) => {
+            let error = ApiError::new(
+                ErrorKind::Version,
+                format!(
+                    "API version {} is not supported; this daemon speaks {API_VERSION}",
+                    e.v
+                ),
+            );
+            return write_line(&mut conn, &Reply::Error { error });
+        }
+        Err(e) => {
+            let error = ApiError::new(ErrorKind::Invalid, format!("bad request: {e}"));
+            return write_line(&mut conn, &Reply::Error { error });
+        }
+    };
+    if let Request::Events { follow: true, .. } = req {
+        // Past events first, then a stream until the client goes away.
+        let (rtx, rrx) = mpsc::channel();
+        let _ = tx.send(Msg::Request(req, rtx));
+        if let Ok(reply) = rrx.recv() {
+            write_line(&mut conn, &reply)?;
+        }
+        let (etx, erx) = mpsc::channel();
+        let _ = tx.send(Msg::Follow(etx));
+        for ev in erx {
+            write_line(&mut conn, &ev)?;
+        }
+        return Ok(());
+    }
+    let (rtx, rrx) = mpsc::channel();
+    if tx.send(Msg::Request(req, rtx)).is_err() {
+        let error = ApiError::new(ErrorKind::Internal, "the daemon is shutting down");
+        return write_line(&mut conn, &Reply::Error { error });
+    }
+    match rrx.recv() {
+        Ok(reply) => write_line(&mut conn, &reply),
+        Err(_) => {
+            let error = ApiError::new(ErrorKind::Internal, "the daemon is shutting down");
+            write_line(&mut conn, &Reply::Error { error })
+        }
+    }
+}
+
+use std::io::Read as _;

@@ -1,0 +1,18 @@
+//! gatevisor: runs third-party end-user services on a broadband gateway, each isolated in an
+//! LXC container (and, later, a KVM microVM), supervised from one daemon.
+//!
+//! The library holds everything but the command line: the control API ([`api`]), its client,
+//! the service manifest, the lifecycle table, the crash-safe state store, the event log, the
+//! supervisor that reconciles desired and actual state, and the systemd notify protocol. The
+//! binary (`src/main.rs`) is a thin CLI and the daemon's wiring.
+
+pub mod api;
+pub mod board;
+pub mod client;
+pub mod events;
+pub mod lifecycle;
+pub mod manifest;
+pub mod notify;
+pub mod proc;
+pub mod state;
+pub mod supervisor;

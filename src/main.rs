@@ -1,0 +1,113 @@
+//! `gatevisor`: one binary for the daemon, the field engineer's CLI and the per-container
+//! monitor. Each command only parses arguments, calls the library or the daemon, and prints.
+
+mod cli;
+mod daemon;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+pub const DEFAULT_SOCKET: &str = "/run/gatevisor/gatevisor.sock";
+pub const DEFAULT_CONFIG: &str = "/etc/gatevisor/gatevisor.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/gatevisor";
+
+#[derive(Parser)]
+#[command(
+    name = "gatevisor",
+    version,
+    about = "Run isolated third-party services on a gateway"
+)]
+struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, env = "GATEVISOR_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the supervisor (normally started by the init system).
+    Daemon(cli::DaemonArgs),
+    /// Install, run and inspect services.
+    #[command(subcommand)]
+    Service(cli::ServiceCmd),
+    /// Show what this board can do and which runtime `auto` picks.
+    Board(cli::BoardArgs),
+    /// Show the event log (started, exited, restarted, failed, ...).
+    Events(cli::EventsArgs),
+    /// Internal: the per-container monitor process started by the daemon.
+    #[command(name = "__lxc-monitor", hide = true)]
+    LxcMonitor { config: String },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::LxcMonitor { config } => gatevisor_lxc::monitor::monitor_main(&config),
+        Command::Daemon(args) => match daemon_main(args, cli.socket) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("gatevisor daemon: {e:#}");
+                1
+            }
+        },
+        Command::Service(cmd) => cli::service(&cli.socket, cmd),
+        Command::Board(args) => cli::board(args),
+        Command::Events(args) => cli::events(&cli.socket, args),
+    };
+    std::process::exit(code);
+}
+
+fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()> {
+    use anyhow::Context;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GATEVISOR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let file = daemon::ConfigFile::load(&args.config)?;
+    let state_dir = args
+        .state_dir
+        .or(file.state_dir)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    // An explicit --socket (or GATEVISOR_SOCKET) wins over the config file.
+    let socket = if socket_flag.as_os_str() != DEFAULT_SOCKET {
+        socket_flag
+    } else {
+        file.socket.unwrap_or(socket_flag)
+    };
+    let board_name = args.board.or(file.board);
+    let report = gatevisor::board::probe(board_name.as_deref(), file.boards_dir.as_deref())
+        .context("cannot choose a board profile")?;
+    tracing::info!(
+        "board profile {}, KVM {:?}, cgroups {:?}, liblxc {}",
+        report.board.profile.name,
+        report.board.kvm.kind,
+        report.board.cgroup.version,
+        report.lxc_version
+    );
+    let exe = std::env::current_exe().context("cannot find my own executable")?;
+    let settings = gatevisor::supervisor::Settings {
+        state_dir,
+        stop_services_on_exit: args.stop_services_on_exit
+            || file.stop_services_on_exit.unwrap_or(false),
+        log_max_bytes: file.log_max_bytes.unwrap_or(1 << 20),
+        log_keep: file.log_keep.unwrap_or(3),
+        events_max_bytes: 1 << 20,
+        start_timeout: std::time::Duration::from_secs(30),
+        monitor: gatevisor_lxc::MonitorCommand {
+            program: exe,
+            args: vec!["__lxc-monitor".into()],
+        },
+        busybox: gatevisor_board::ovs::find_sbin("busybox")
+            .unwrap_or_else(|| PathBuf::from("/bin/busybox")),
+    };
+    daemon::run(daemon::DaemonOptions {
+        socket,
+        settings,
+        board: report.board,
+    })
+}

@@ -1,0 +1,392 @@
+//! Service manifests (TOML): what a service is and what it may use.
+//!
+//! Parsing rejects unknown fields and wrong types; [`Manifest::validate`] then checks values.
+//! Every error names the file, the field and what would be accepted.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    Microvm,
+    Lxc,
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}
+
+/// What happens to a service's steered traffic when the service is not running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    Open,
+    Closed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub name: String,
+    pub version: String,
+    pub runtime: RuntimeKind,
+    /// `builtin:busybox` or `rootfs:PATH` (a directory, relative to the manifest's folder).
+    pub image: String,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Capabilities the service keeps (e.g. `NET_BIND_SERVICE`); all others are dropped.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    #[serde(default = "default_failure_mode")]
+    pub failure_mode: FailureMode,
+    /// Seconds between the polite stop request and the kill.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_s: u32,
+    pub resources: Resources,
+    #[serde(default)]
+    pub restart: Restart,
+    #[serde(default)]
+    pub network: Network,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Percent of one CPU (100 = a whole CPU, 150 = one and a half).
+    #[serde(default)]
+    pub cpu_quota_percent: Option<u32>,
+    #[serde(default)]
+    pub pids: Option<u32>,
+    /// Writable disk the service may use, MiB.
+    #[serde(default)]
+    pub disk_mib: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Restart {
+    pub policy: RestartPolicy,
+    /// Restarts in a row (without a stable run in between) before the service is `failed`.
+    pub max_retries: u32,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// A run this long resets the retry count.
+    pub stable_after_s: u64,
+}
+
+impl Default for Restart {
+    fn default() -> Restart {
+        Restart {
+            policy: RestartPolicy::OnFailure,
+            max_retries: 5,
+            backoff_initial_ms: 200,
+            backoff_max_ms: 30_000,
+            stable_after_s: 60,
+        }
+    }
+}
+
+/// The service's network attachment. Steering policies come with flowbridge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// Give the service an interface (a veth for containers) named after it on the host side.
+    #[serde(default = "yes")]
+    pub interface: bool,
+}
+
+impl Default for Network {
+    fn default() -> Network {
+        Network { interface: true }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_failure_mode() -> FailureMode {
+    FailureMode::Open
+}
+fn default_stop_timeout() -> u32 {
+    10
+}
+
+/// Where an image comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageRef {
+    /// A busybox rootfs gatevisor builds from the host's static busybox.
+    BuiltinBusybox,
+    /// A directory tree used as the root filesystem (copied at install).
+    Rootfs(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read manifest {file}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: field `{field}`: {problem}")]
+    Field {
+        file: PathBuf,
+        field: String,
+        problem: String,
+    },
+}
+
+/// The longest service name: it becomes part of interface names (15 bytes at most).
+pub const MAX_NAME_LEN: usize = 12;
+
+impl Manifest {
+    /// Reads, parses and validates a manifest file.
+    pub fn load(file: &Path) -> Result<Manifest, ManifestError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ManifestError::Read {
+            file: file.into(),
+            source,
+        })?;
+        let m = Manifest::parse(file, &text)?;
+        m.validate(file)?;
+        Ok(m)
+    }
+
+    pub fn parse(file: &Path, text: &str) -> Result<Manifest, ManifestError> {
+        toml::from_str(text).map_err(|e| ManifestError::Parse {
+            file: file.into(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+
+    /// Checks every value; `file` is only used in messages.
+    pub fn validate(&self, file: &Path) -> Result<(), ManifestError> {
+        let bad = |field: &str, problem: String| ManifestError::Field {
+            file: file.into(),
+            field: field.into(),
+            problem,
+        };
+        validate_name(&self.name).map_err(|p| bad("name", p))?;
+        if self.version.trim().is_empty() || self.version.len() > 64 {
+            return Err(bad("version", "must be 1 to 64 characters".into()));
+        }
+        if self.command.is_empty() || self.command[0].is_empty() {
+            return Err(bad(
+                "command",
+                "must name the program to run, e.g. [\"/bin/sh\", \"-c\", \"...\"]".into(),
+            ));
+        }
+        if self.command.iter().any(|a| a.contains('\0')) {
+            return Err(bad(
+                "command",
+                "arguments must not contain NUL bytes".into(),
+            ));
+        }
+        self.image_ref(file)?;
+        for (k, v) in &self.env {
+            let ok = !k.is_empty()
+                && !k.starts_with(|c: char| c.is_ascii_digit())
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(bad(
+                    &format!("env.{k}"),
+                    "variable names are letters, digits and _, not starting with a digit".into(),
+                ));
+            }
+            if v.contains('\0') || v.contains('\n') {
+                return Err(bad(&format!("env.{k}"), "value must be one line".into()));
+            }
+        }
+        self.capability_set(file)?;
+        let r = &self.resources;
+        if r.memory_mib == 0 {
+            return Err(bad(
+                "resources.memory_mib",
+                "must be at least 4 (MiB); 0 would leave the service no memory".into(),
+            ));
+        }
+        if r.memory_mib < 4 {
+            return Err(bad(
+                "resources.memory_mib",
+                "must be at least 4 (MiB)".into(),
+            ));
+        }
+        if r.vcpus == 0 || r.vcpus > 64 {
+            return Err(bad("resources.vcpus", "must be 1 to 64".into()));
+        }
+        if let Some(q) = r.cpu_quota_percent {
+            if q == 0 || q > 100 * r.vcpus {
+                return Err(bad(
+                    "resources.cpu_quota_percent",
+                    format!("must be 1 to {} (100 per vCPU)", 100 * r.vcpus),
+                ));
+            }
+        }
+        if r.pids == Some(0) {
+            return Err(bad("resources.pids", "must be at least 1".into()));
+        }
+        if r.disk_mib == Some(0) {
+            return Err(bad("resources.disk_mib", "must be at least 1".into()));
+        }
+        let rs = &self.restart;
+        if rs.backoff_initial_ms == 0 || rs.backoff_initial_ms > rs.backoff_max_ms {
+            return Err(bad(
+                "restart.backoff_initial_ms",
+                format!(
+                    "must be at least 1 and at most restart.backoff_max_ms ({})",
+                    rs.backoff_max_ms
+                ),
+            ));
+        }
+        if rs.max_retries > 1000 {
+            return Err(bad("restart.max_retries", "must be at most 1000".into()));
+        }
+        if self.stop_timeout_s > 600 {
+            return Err(bad("stop_timeout_s", "must be at most 600 seconds".into()));
+        }
+        Ok(())
+    }
+
+    /// The image reference, resolved against the manifest's folder.
+    pub fn image_ref(&self, file: &Path) -> Result<ImageRef, ManifestError> {
+        let bad = |problem: String| ManifestError::Field {
+            file: file.into(),
+            field: "image".into(),
+            problem,
+        };
+        if self.image == "builtin:busybox" {
+            return Ok(ImageRef::BuiltinBusybox);
+        }
+        let Some(p) = self.image.strip_prefix("rootfs:") else {
+            return Err(bad(format!(
+                "{:?} is not an image reference; use \"builtin:busybox\" or \"rootfs:DIR\"",
+                self.image
+            )));
+        };
+        let base = file.parent().unwrap_or(Path::new("."));
+        let dir = base.join(p);
+        if !dir.is_dir() {
+            return Err(bad(format!(
+                "rootfs directory {} does not exist",
+                dir.display()
+            )));
+        }
+        Ok(ImageRef::Rootfs(dir))
+    }
+
+    pub fn capability_set(&self, file: &Path) -> Result<Vec<caps::Capability>, ManifestError> {
+        self.capabilities
+            .iter()
+            .map(|c| {
+                let full = if c.starts_with("CAP_") {
+                    c.clone()
+                } else {
+                    format!("CAP_{c}")
+                };
+                full.parse::<caps::Capability>()
+                    .map_err(|_| ManifestError::Field {
+                        file: file.into(),
+                        field: "capabilities".into(),
+                        problem: format!(
+                            "{c:?} is not a Linux capability (e.g. \"NET_BIND_SERVICE\")"
+                        ),
+                    })
+            })
+            .collect()
+    }
+}
+
+/// Names are 1-12 characters of `a-z`, `0-9` and `-`, starting with a letter: they end up in
+/// file names, container names and interface names.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "{name:?} must be 1 to {MAX_NAME_LEN} characters (it becomes part of interface names)"
+        ));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_lowercase())
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(format!(
+            "{name:?} may only use a-z, 0-9 and '-', starting with a letter (no '/', '..' or spaces)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "hello"
+version = "1.0.0"
+runtime = "lxc"
+image = "builtin:busybox"
+command = ["/bin/sh", "-c", "echo hi"]
+[resources]
+memory_mib = 32
+"#;
+
+    fn check(text: &str) -> Result<Manifest, ManifestError> {
+        let f = Path::new("/etc/svc/test.toml");
+        let m = Manifest::parse(f, text)?;
+        m.validate(f)?;
+        Ok(m)
+    }
+
+    #[test]
+    fn minimal_manifest_gets_defaults() {
+        let m = check(GOOD).unwrap();
+        assert_eq!(m.restart.policy, RestartPolicy::OnFailure);
+        assert_eq!(m.failure_mode, FailureMode::Open);
+        assert_eq!(m.resources.vcpus, 1);
+        assert!(m.network.interface);
+    }
+
+    #[test]
+    fn names_are_restricted() {
+        for bad in [
+            "",
+            "a/b",
+            "..",
+            "a..b",
+            "Hello",
+            "1abc",
+            "much-too-long-name",
+            "a b",
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["a", "dns-filter", "iot2"] {
+            assert!(validate_name(good).is_ok());
+        }
+    }
+
+    #[test]
+    fn capability_names_with_or_without_prefix() {
+        let t = GOOD.replace(
+            "[resources]",
+            "capabilities = [\"NET_RAW\", \"CAP_NET_ADMIN\"]\n[resources]",
+        );
+        let m = check(&t).unwrap();
+        assert_eq!(m.capability_set(Path::new("x")).unwrap().len(), 2);
+    }
+}

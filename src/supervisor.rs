@@ -1,0 +1,1013 @@
+//! The supervisor: owns the desired state, the runtime and the event log, handles every control
+//! request, and reconciles what runs with what should run.
+//!
+//! It is an actor: one thread owns all state and takes [`Msg`]s from a channel (requests from
+//! the API server, exits from watcher threads, timers from its own loop), so there are no locks
+//! around service records. Each running service's monitor process has a watcher thread blocked
+//! on its pidfd, so an exit is noticed at once whether the monitor is our child or was re-adopted
+//! after a daemon restart.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use gatevisor_board::{AutoRuntime, BoardReport, CgroupVersion};
+use gatevisor_lxc as lxc;
+use serde_json::json;
+
+use crate::api::{ApiError, ErrorKind, Reply, Request};
+use crate::events::{Event, EventKind, EventLog};
+use crate::lifecycle::{Op, State};
+use crate::manifest::{ImageRef, Manifest, RestartPolicy, RuntimeKind};
+use crate::notify::Notifier;
+use crate::proc;
+use crate::state::{now_ms, Desired, LastExit, Running, ServiceRecord, StateDoc, Store};
+
+/// Daemon settings (from `/etc/gatevisor/gatevisor.toml` and flags).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub state_dir: PathBuf,
+    /// Stop services when the daemon stops on SIGTERM (default: leave them running).
+    pub stop_services_on_exit: bool,
+    pub log_max_bytes: u64,
+    pub log_keep: u32,
+    pub events_max_bytes: u64,
+    pub start_timeout: Duration,
+    /// How to run the per-container monitor (this binary's hidden subcommand).
+    pub monitor: lxc::MonitorCommand,
+    pub busybox: PathBuf,
+}
+
+pub enum Msg {
+    Request(Request, Sender<Reply>),
+    Follow(Sender<Event>),
+    MonitorExited { name: String, generation: u64 },
+    Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot create {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Lxc(#[from] lxc::LxcError),
+}
+
+/// What only this process knows about a service (not persisted).
+#[derive(Default)]
+struct Live {
+    /// The monitor, when this daemon spawned it (so it must reap it).
+    child: Option<Child>,
+    pidfd: Option<OwnedFd>,
+    /// Bumped whenever a watcher's report must be ignored (stop on request, restart).
+    generation: u64,
+    retry_at: Option<Instant>,
+}
+
+pub struct Supervisor {
+    settings: Settings,
+    store: Store,
+    doc: StateDoc,
+    events: EventLog,
+    rt: lxc::Runtime,
+    board: BoardReport,
+    live: HashMap<String, Live>,
+    tx: Sender<Msg>,
+    generation: u64,
+}
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+fn err(kind: ErrorKind, msg: impl Into<String>) -> ApiError {
+    ApiError::new(kind, msg)
+}
+
+fn runtime_err(e: impl std::fmt::Display) -> ApiError {
+    err(ErrorKind::Runtime, e.to_string())
+}
+
+/// Host-side interface name of a service's veth.
+pub fn veth_name(service: &str) -> String {
+    format!("gv-{service}")
+}
+
+impl Supervisor {
+    pub fn new(
+        settings: Settings,
+        board: BoardReport,
+        tx: Sender<Msg>,
+    ) -> std::result::Result<Supervisor, StartupError> {
+        for d in ["services", "logs", "run", "lxc"] {
+            let path = settings.state_dir.join(d);
+            std::fs::create_dir_all(&path)
+                .map_err(|source| StartupError::CreateDir { path, source })?;
+        }
+        let store = Store::new(&settings.state_dir);
+        let doc = store.load()?;
+        let cgroups = match board.cgroup.version {
+            CgroupVersion::V2 => lxc::Cgroups::V2,
+            _ => lxc::Cgroups::V1,
+        };
+        let rt = lxc::Runtime::new(
+            &settings.state_dir.join("lxc"),
+            cgroups,
+            settings.monitor.clone(),
+        )?;
+        let events = EventLog::new(&settings.state_dir, settings.events_max_bytes);
+        Ok(Supervisor {
+            settings,
+            store,
+            doc,
+            events,
+            rt,
+            board,
+            live: HashMap::new(),
+            tx,
+            generation: 0,
+        })
+    }
+
+    fn event(&mut self, kind: EventKind, service: Option<&str>, detail: impl Into<String>) {
+        self.event_exit(kind, service, None, detail);
+    }
+
+    fn event_exit(
+        &mut self,
+        kind: EventKind,
+        service: Option<&str>,
+        exit: Option<&LastExit>,
+        detail: impl Into<String>,
+    ) {
+        self.events.record(Event {
+            at_ms: now_ms(),
+            kind,
+            service: service.map(str::to_string),
+            code: exit.and_then(|e| e.code),
+            signal: exit.and_then(|e| e.signal),
+            detail: detail.into(),
+        });
+    }
+
+    fn persist(&mut self) -> Result<()> {
+        self.store
+            .save(&self.doc)
+            .map_err(|e| err(ErrorKind::Internal, format!("{e}")))
+    }
+
+    fn record(&self, name: &str) -> Result<&ServiceRecord> {
+        self.doc
+            .services
+            .get(name)
+            .ok_or_else(|| err(ErrorKind::NotFound, format!("no service named {name:?}")))
+    }
+
+    fn record_mut(&mut self, name: &str) -> Result<&mut ServiceRecord> {
+        self.doc
+            .services
+            .get_mut(name)
+            .ok_or_else(|| err(ErrorKind::NotFound, format!("no service named {name:?}")))
+    }
+
+    fn transition(&mut self, name: &str, op: Op) -> Result<State> {
+        let rec = self.record_mut(name)?;
+        let next = rec
+            .state
+            .apply(op)
+            .map_err(|e| err(ErrorKind::Conflict, format!("service {name}: {e}")))?;
+        rec.state = next;
+        Ok(next)
+    }
+
+    fn service_dir(&self, name: &str) -> PathBuf {
+        self.settings.state_dir.join("services").join(name)
+    }
+
+    fn run_files(&self, name: &str) -> lxc::RunFiles {
+        lxc::RunFiles {
+            exit_file: self
+                .settings
+                .state_dir
+                .join("run")
+                .join(format!("{name}.exit")),
+            log_file: self.log_file(name),
+            log_max_bytes: self.settings.log_max_bytes,
+            log_keep: self.settings.log_keep,
+        }
+    }
+
+    fn log_file(&self, name: &str) -> PathBuf {
+        self.settings
+            .state_dir
+            .join("logs")
+            .join(format!("{name}.log"))
+    }
+
+    // ---------------------------------------------------------------- the actor loop
+
+    /// Re-adopts what survived a daemon restart, then serves messages until shutdown.
+    pub fn run(mut self, rx: Receiver<Msg>, notifier: Option<Notifier>) {
+        self.adopt_all();
+        self.event(
+            EventKind::DaemonStarted,
+            None,
+            format!("gatevisor {} ready", env!("CARGO_PKG_VERSION")),
+        );
+        if let Some(n) = &notifier {
+            n.ready(&format!("{} services", self.doc.services.len()));
+        }
+        let ping_every = notifier
+            .as_ref()
+            .and_then(|n| n.watchdog)
+            .map(|w| w / 2)
+            .unwrap_or(Duration::from_secs(3600));
+        let mut last_ping = Instant::now();
+        loop {
+            let now = Instant::now();
+            let next_timer = self.live.values().filter_map(|l| l.retry_at).min();
+            let wait = next_timer
+                .map(|t| t.saturating_duration_since(now))
+                .unwrap_or(ping_every)
+                .min(ping_every.saturating_sub(now - last_ping));
+            let msg = rx.recv_timeout(wait);
+            if let Some(n) = &notifier {
+                if last_ping.elapsed() >= ping_every {
+                    n.watchdog_ping();
+                    last_ping = Instant::now();
+                }
+            }
+            match msg {
+                Ok(Msg::Request(req, reply)) => {
+                    let r = match self.handle(req) {
+                        Ok(result) => Reply::Ok { result },
+                        Err(error) => Reply::Error { error },
+                    };
+                    let _ = reply.send(r);
+                }
+                Ok(Msg::Follow(tx)) => self.events.follow(tx),
+                Ok(Msg::MonitorExited { name, generation }) => self.on_exit(&name, generation),
+                Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            self.fire_timers();
+        }
+        if let Some(n) = &notifier {
+            n.stopping();
+        }
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let names: Vec<String> = self.doc.services.keys().cloned().collect();
+        if self.settings.stop_services_on_exit {
+            for name in &names {
+                let _ = self.stop_service(name, false);
+            }
+            self.event(
+                EventKind::DaemonStopping,
+                None,
+                "stopping; services stopped",
+            );
+        } else {
+            self.event(
+                EventKind::DaemonStopping,
+                None,
+                "stopping; services left running",
+            );
+        }
+        // Reap our monitor children's zombies later: they keep running in their own sessions
+        // and are re-parented when we exit.
+        let _ = self.persist();
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.retry_at.is_some_and(|t| t <= now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            if let Some(l) = self.live.get_mut(&name) {
+                l.retry_at = None;
+            }
+            let still_wanted = self
+                .doc
+                .services
+                .get(&name)
+                .is_some_and(|r| r.desired == Desired::Running && r.state == State::Backoff);
+            if still_wanted {
+                if let Ok(rec) = self.record_mut(&name) {
+                    rec.restarts += 1;
+                }
+                let _ = self.start_service(&name, Op::Retry);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- requests
+
+    pub fn handle(&mut self, req: Request) -> Result<serde_json::Value> {
+        match req {
+            Request::Ping => Ok(json!({"pong": true, "version": env!("CARGO_PKG_VERSION")})),
+            Request::Install { manifest, start } => self.install(&manifest, start),
+            Request::Start { name } => {
+                let rec = self.record_mut(&name)?;
+                rec.desired = Desired::Running;
+                match rec.state {
+                    State::Running | State::Starting => {}
+                    State::Backoff => {
+                        rec.restarts += 1;
+                        self.start_service(&name, Op::Retry)?
+                    }
+                    _ => {
+                        rec.consecutive_failures = 0;
+                        rec.failure_reason = None;
+                        self.start_service(&name, Op::Start)?
+                    }
+                }
+                self.persist()?;
+                self.status(&name)
+            }
+            Request::Stop { name } => {
+                self.stop_service(&name, true)?;
+                self.status(&name)
+            }
+            Request::Restart { name } => {
+                self.stop_service(&name, true)?;
+                let rec = self.record_mut(&name)?;
+                rec.desired = Desired::Running;
+                rec.consecutive_failures = 0;
+                rec.failure_reason = None;
+                self.start_service(&name, Op::Start)?;
+                self.persist()?;
+                self.status(&name)
+            }
+            Request::Remove { name } => self.remove(&name),
+            Request::Freeze { name } => {
+                self.require_running(&name)?;
+                self.rt.freeze(&name).map_err(runtime_err)?;
+                self.status(&name)
+            }
+            Request::Thaw { name } => {
+                self.require_running(&name)?;
+                self.rt.thaw(&name).map_err(runtime_err)?;
+                self.status(&name)
+            }
+            Request::List => {
+                let names: Vec<String> = self.doc.services.keys().cloned().collect();
+                let list: Vec<serde_json::Value> =
+                    names.iter().filter_map(|n| self.status(n).ok()).collect();
+                Ok(json!({ "services": list }))
+            }
+            Request::Status { name } => self.status(&name),
+            Request::Logs {
+                name,
+                offset,
+                tail_bytes,
+            } => self.logs(&name, offset, tail_bytes),
+            Request::Events { last, .. } => Ok(json!({ "events": self.events.last(last) })),
+        }
+    }
+
+    fn require_running(&self, name: &str) -> Result<()> {
+        let rec = self.record(name)?;
+        if rec.state != State::Running {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!("service {name} is {:?}, not running", rec.state),
+            ));
+        }
+        Ok(())
+    }
+
+    fn install(&mut self, path: &Path, start: bool) -> Result<serde_json::Value> {
+        let invalid = |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, e.to_string());
+        let path = std::path::absolute(path).map_err(|e| invalid(&e))?;
+        let m = Manifest::load(&path).map_err(|e| invalid(&e))?;
+        let file = path.display();
+        if self.doc.services.contains_key(&m.name) {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!(
+                    "{file}: field `name`: a service named {:?} is already installed (remove it first, or pick another name)",
+                    m.name
+                ),
+            ));
+        }
+        let runtime = match m.runtime {
+            RuntimeKind::Lxc => "lxc",
+            RuntimeKind::Auto => match self.board.auto_runtime {
+                AutoRuntime::Lxc => "lxc",
+                // The microVM runtime is not part of this build yet: auto stays on LXC.
+                AutoRuntime::Microvm => "lxc",
+            },
+            RuntimeKind::Microvm => {
+                return Err(err(
+                    ErrorKind::Invalid,
+                    format!("{file}: field `runtime`: \"microvm\" is not available in this build of gatevisor (no microVM runtime yet); use \"lxc\" or \"auto\""),
+                ))
+            }
+        };
+        let max = self.board.profile.max_services as usize;
+        if self.doc.services.len() >= max {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!(
+                    "{file}: board profile {} allows {max} services and {max} are installed",
+                    self.board.profile.name
+                ),
+            ));
+        }
+        let budget = self.board.service_memory_budget_mib();
+        let used: u64 = self
+            .doc
+            .services
+            .values()
+            .map(|r| r.manifest.resources.memory_mib as u64)
+            .sum();
+        if used + m.resources.memory_mib as u64 > budget {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!(
+                    "{file}: field `resources.memory_mib`: {} MiB does not fit the board's service memory budget ({} of {budget} MiB left)",
+                    m.resources.memory_mib,
+                    budget.saturating_sub(used)
+                ),
+            ));
+        }
+        let image = m.image_ref(&path).map_err(|e| invalid(&e))?;
+        let caps = m.capability_set(&path).map_err(|e| invalid(&e))?;
+
+        // Everything checked: now build. Any failure undoes what was made.
+        let dir = self.service_dir(&m.name);
+        let made = self.materialise(&m, &image, caps, &dir);
+        if let Err(e) = made {
+            let _ = self.rt.undefine(&m.name);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let name = m.name.clone();
+        let version = m.version.clone();
+        self.doc.services.insert(
+            name.clone(),
+            ServiceRecord {
+                manifest: m,
+                source: path.clone(),
+                runtime: runtime.into(),
+                desired: if start {
+                    Desired::Running
+                } else {
+                    Desired::Stopped
+                },
+                state: State::Installed,
+                running: None,
+                restarts: 0,
+                consecutive_failures: 0,
+                last_exit: None,
+                failure_reason: None,
+                installed_at_ms: now_ms(),
+            },
+        );
+        if let Err(e) = self.persist() {
+            self.doc.services.remove(&name);
+            let _ = self.rt.undefine(&name);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        self.event(
+            EventKind::Installed,
+            Some(&name),
+            format!("version {version}, runtime {runtime}"),
+        );
+        if start {
+            self.start_service(&name, Op::Start)?;
+            self.persist()?;
+        }
+        self.status(&name)
+    }
+
+    /// Builds the service's rootfs and defines its container.
+    fn materialise(
+        &mut self,
+        m: &Manifest,
+        image: &ImageRef,
+        caps: Vec<caps::Capability>,
+        dir: &Path,
+    ) -> Result<()> {
+        let _ = std::fs::remove_dir_all(dir);
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(dir).map_err(runtime_err)?;
+        match image {
+            ImageRef::BuiltinBusybox => {
+                check_static_busybox(&self.settings.busybox)?;
+                lxc::rootfs::build_busybox(&self.settings.busybox, &rootfs).map_err(runtime_err)?
+            }
+            ImageRef::Rootfs(src) => copy_tree(src, &rootfs).map_err(runtime_err)?,
+        }
+        let r = &m.resources;
+        let spec = lxc::ContainerSpec {
+            name: m.name.clone(),
+            hostname: m.name.clone(),
+            rootfs,
+            env: m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            limits: lxc::Limits {
+                memory_bytes: Some(r.memory_mib as u64 * 1024 * 1024),
+                cpu_quota_us: r
+                    .cpu_quota_percent
+                    .map(|p| p as u64 * lxc::config::CPU_PERIOD_US / 100),
+                pids: r.pids.map(u64::from),
+            },
+            capabilities: caps,
+            veth_host: m.network.interface.then(|| veth_name(&m.name)),
+            seccomp_profile: lxc::default_seccomp_profile(),
+        };
+        self.rt.define(&spec).map_err(runtime_err)
+    }
+
+    fn remove(&mut self, name: &str) -> Result<serde_json::Value> {
+        self.record(name)?;
+        self.stop_service(name, false)?;
+        self.rt.undefine(name).map_err(runtime_err)?;
+        let rec = self.doc.services.remove(name);
+        if let Err(e) = self.persist() {
+            if let Some(rec) = rec {
+                self.doc.services.insert(name.to_string(), rec);
+            }
+            return Err(e);
+        }
+        self.live.remove(name);
+        let _ = std::fs::remove_dir_all(self.service_dir(name));
+        let _ = std::fs::remove_file(self.run_files(name).exit_file);
+        self.event(EventKind::Removed, Some(name), "removed");
+        Ok(json!({ "removed": name }))
+    }
+
+    // ---------------------------------------------------------------- lifecycle
+
+    /// Starts (or retries) a service; on failure applies its restart policy and returns the
+    /// error.
+    fn start_service(&mut self, name: &str, op: Op) -> Result<()> {
+        self.transition(name, op)?;
+        let rec = self.record(name)?;
+        let argv = rec.manifest.command.clone();
+        let files = self.run_files(name);
+        match self
+            .rt
+            .start(name, &argv, &files, self.settings.start_timeout)
+        {
+            Ok(started) => {
+                let monitor_pid = started.monitor.id() as i32;
+                let running = Running {
+                    monitor_pid,
+                    monitor_start_ticks: proc::start_ticks(monitor_pid).unwrap_or(0),
+                    init_pid: started.init_pid,
+                    started_at_ms: now_ms(),
+                };
+                self.transition(name, Op::Started)?;
+                self.record_mut(name)?.running = Some(running);
+                self.watch(name, monitor_pid, Some(started.monitor));
+                let _ = self.persist();
+                let kind = if op == Op::Retry {
+                    EventKind::Restarted
+                } else {
+                    EventKind::Started
+                };
+                let restarts = self.record(name)?.restarts;
+                self.event(
+                    kind,
+                    Some(name),
+                    format!("init pid {}, restarts {restarts}", started.init_pid),
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let reason = format!("start failed: {e}");
+                self.after_end(name, None, reason.clone(), false);
+                Err(err(ErrorKind::Runtime, reason))
+            }
+        }
+    }
+
+    /// Starts a watcher thread for the monitor `pid`.
+    fn watch(&mut self, name: &str, pid: i32, child: Option<Child>) {
+        self.generation += 1;
+        let generation = self.generation;
+        let live = self.live.entry(name.to_string()).or_default();
+        live.generation = generation;
+        live.child = child;
+        live.retry_at = None;
+        let pidfd = match proc::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!("cannot watch monitor {pid} of {name}: {e}");
+                let _ = self.tx.send(Msg::MonitorExited {
+                    name: name.into(),
+                    generation,
+                });
+                return;
+            }
+        };
+        let watcher_fd = pidfd.try_clone();
+        live.pidfd = Some(pidfd);
+        let tx = self.tx.clone();
+        let name = name.to_string();
+        let spawned = watcher_fd.map(|fd| {
+            std::thread::Builder::new()
+                .name(format!("watch-{name}"))
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    proc::wait_pidfd(&fd, None);
+                    let _ = tx.send(Msg::MonitorExited { name, generation });
+                })
+        });
+        if !matches!(spawned, Ok(Ok(_))) {
+            tracing::error!("cannot start a watcher thread; exits of this service will be missed");
+        }
+    }
+
+    /// The monitor of `name` exited without being asked to.
+    fn on_exit(&mut self, name: &str, generation: u64) {
+        let Some(live) = self.live.get_mut(name) else {
+            return;
+        };
+        if live.generation != generation {
+            return;
+        }
+        live.generation = 0;
+        live.pidfd = None;
+        if let Some(mut child) = live.child.take() {
+            let _ = child.wait();
+        }
+        let Ok(rec) = self.record(name) else { return };
+        if !rec.state.is_active() {
+            return;
+        }
+        let exit = self.read_exit(name);
+        let desc = exit.description.clone();
+        self.after_end(name, Some(exit), desc, true);
+        let _ = self.persist();
+    }
+
+    fn read_exit(&self, name: &str) -> LastExit {
+        match lxc::monitor::read_exit_record(&self.run_files(name).exit_file) {
+            Some(r) => LastExit {
+                code: r.code,
+                signal: r.signal,
+                at_ms: now_ms(),
+                description: r.describe(),
+            },
+            None => LastExit {
+                code: None,
+                signal: None,
+                at_ms: now_ms(),
+                description: "its monitor process ended without an exit record".into(),
+            },
+        }
+    }
+
+    /// Applies the restart policy after the program ended (`exit`) or failed to start.
+    fn after_end(&mut self, name: &str, exit: Option<LastExit>, reason: String, was_running: bool) {
+        let Ok(rec) = self.record_mut(name) else {
+            return;
+        };
+        let ran_ms = rec
+            .running
+            .as_ref()
+            .map(|r| now_ms().saturating_sub(r.started_at_ms))
+            .unwrap_or(0);
+        rec.running = None;
+        if exit.is_some() {
+            rec.last_exit = exit.clone();
+        }
+        let policy = rec.manifest.restart.clone();
+        if ran_ms >= policy.stable_after_s * 1000 {
+            rec.consecutive_failures = 0;
+        }
+        let clean = exit.as_ref().is_some_and(|e| e.code == Some(0));
+        let wanted = rec.desired == Desired::Running;
+        let retry = wanted
+            && match policy.policy {
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure => !clean,
+                RestartPolicy::Never => false,
+            };
+        if was_running {
+            self.event_exit(EventKind::Exited, Some(name), exit.as_ref(), reason.clone());
+        }
+        let Ok(rec) = self.record_mut(name) else {
+            return;
+        };
+        if !retry {
+            if clean || !wanted {
+                rec.desired = Desired::Stopped;
+                let _ = rec.state.apply(Op::Exited).map(|s| rec.state = s);
+                self.event(
+                    EventKind::Stopped,
+                    Some(name),
+                    "ended; restart policy does not restart it",
+                );
+            } else {
+                let why = format!("{reason}; restart policy is {:?}", policy.policy);
+                rec.failure_reason = Some(why.clone());
+                let _ = rec.state.apply(Op::GiveUp).map(|s| rec.state = s);
+                self.event(EventKind::Failed, Some(name), why);
+            }
+            return;
+        }
+        rec.consecutive_failures += 1;
+        let n = rec.consecutive_failures;
+        if n > policy.max_retries {
+            let why = format!(
+                "{reason}; gave up after {} restarts in a row",
+                policy.max_retries
+            );
+            rec.failure_reason = Some(why.clone());
+            let _ = rec.state.apply(Op::GiveUp).map(|s| rec.state = s);
+            self.event(EventKind::Failed, Some(name), why);
+            return;
+        }
+        let _ = rec.state.apply(Op::Crashed).map(|s| rec.state = s);
+        let delay = backoff(policy.backoff_initial_ms, policy.backoff_max_ms, n);
+        self.live.entry(name.to_string()).or_default().retry_at = Some(Instant::now() + delay);
+        tracing::info!("{name}: restart {n} of {} in {delay:?}", policy.max_retries);
+    }
+
+    /// Stops a service (if it runs). `by_request` records that the user wants it stopped.
+    fn stop_service(&mut self, name: &str, by_request: bool) -> Result<()> {
+        let rec = self.record_mut(name)?;
+        if by_request {
+            rec.desired = Desired::Stopped;
+        }
+        let timeout = Duration::from_secs(rec.manifest.stop_timeout_s as u64);
+        match rec.state {
+            State::Backoff => {
+                self.transition(name, Op::Stop)?;
+                if let Some(l) = self.live.get_mut(name) {
+                    l.retry_at = None;
+                }
+            }
+            State::Starting | State::Running => {
+                self.transition(name, Op::Stop)?;
+                // The exit that follows is ours: the watcher's report is ignored.
+                let live = self.live.remove(name).unwrap_or_default();
+                let how = self.rt.stop(name, timeout).map_err(runtime_err)?;
+                if let Some(fd) = &live.pidfd {
+                    proc::wait_pidfd(fd, Some(Duration::from_secs(10)));
+                }
+                if let Some(mut child) = live.child {
+                    let _ = child.wait();
+                }
+                let exit = self.read_exit(name);
+                let rec = self.record_mut(name)?;
+                rec.running = None;
+                rec.last_exit = Some(exit.clone());
+                self.transition(name, Op::Exited)?;
+                self.event_exit(
+                    EventKind::Stopped,
+                    Some(name),
+                    Some(&exit),
+                    format!("stopped ({how:?}): {}", exit.description),
+                );
+            }
+            _ => {}
+        }
+        self.persist()
+    }
+
+    // ---------------------------------------------------------------- adoption
+
+    /// After a daemon (re)start: adopt running containers, account for exits that happened
+    /// while the daemon was away, and start what should run.
+    fn adopt_all(&mut self) {
+        let names: Vec<String> = self.doc.services.keys().cloned().collect();
+        for name in names {
+            let Ok(rec) = self.record(&name) else {
+                continue;
+            };
+            let desired = rec.desired;
+            let state = rec.state;
+            let init = self.rt.init_pid(&name).ok().flatten();
+            match init {
+                Some(init_pid) => {
+                    // The container's init is a child of its monitor.
+                    let monitor_pid = proc::ppid(init_pid).unwrap_or(0);
+                    let ticks = proc::start_ticks(monitor_pid).unwrap_or(0);
+                    let rec = self.record_mut(&name).expect("listed");
+                    let started_at_ms = rec
+                        .running
+                        .as_ref()
+                        .map(|r| r.started_at_ms)
+                        .unwrap_or_else(now_ms);
+                    rec.running = Some(Running {
+                        monitor_pid,
+                        monitor_start_ticks: ticks,
+                        init_pid,
+                        started_at_ms,
+                    });
+                    rec.state = State::Running;
+                    self.watch(&name, monitor_pid, None);
+                    self.event(
+                        EventKind::Adopted,
+                        Some(&name),
+                        format!("re-adopted running container, init pid {init_pid}"),
+                    );
+                    if desired == Desired::Stopped {
+                        let _ = self.stop_service(&name, false);
+                    }
+                }
+                None if state.is_active() => {
+                    // It ended while we were away.
+                    let exit = self.read_exit(&name);
+                    let desc = exit.description.clone();
+                    if let Ok(rec) = self.record_mut(&name) {
+                        rec.state = State::Running;
+                    }
+                    self.after_end(
+                        &name,
+                        Some(exit),
+                        format!("{desc} (while the daemon was down)"),
+                        true,
+                    );
+                }
+                None if desired == Desired::Running && state == State::Backoff => {
+                    self.live.entry(name.clone()).or_default().retry_at = Some(Instant::now());
+                }
+                None if desired == Desired::Running && state == State::Installed => {
+                    let _ = self.start_service(&name, Op::Start);
+                }
+                None => {}
+            }
+        }
+        let _ = self.persist();
+    }
+
+    // ---------------------------------------------------------------- views
+
+    fn status(&self, name: &str) -> Result<serde_json::Value> {
+        let rec = self.record(name)?;
+        let usage = if rec.state == State::Running {
+            self.rt.usage(name).ok()
+        } else {
+            None
+        };
+        let running = rec.running.as_ref();
+        let m = &rec.manifest;
+        Ok(json!({
+            "name": name,
+            "version": m.version,
+            "runtime": rec.runtime,
+            "state": rec.state,
+            "desired": rec.desired,
+            "init_pid": running.map(|r| r.init_pid),
+            "monitor_pid": running.map(|r| r.monitor_pid),
+            "started_at_ms": running.map(|r| r.started_at_ms),
+            "uptime_s": running.map(|r| now_ms().saturating_sub(r.started_at_ms) / 1000),
+            "restarts": rec.restarts,
+            "consecutive_failures": rec.consecutive_failures,
+            "last_exit": rec.last_exit,
+            "failure_reason": rec.failure_reason,
+            "memory": {
+                "usage_bytes": usage.as_ref().and_then(|u| u.memory_bytes),
+                "limit_bytes": m.resources.memory_mib as u64 * 1024 * 1024,
+            },
+            "cpu_usec": usage.as_ref().and_then(|u| u.cpu_usec),
+            "pids": usage.as_ref().and_then(|u| u.pids),
+            "failure_mode": m.failure_mode,
+            "interface": m.network.interface.then(|| veth_name(name)),
+            "container": { "lxcpath": self.rt.lxcpath(), "name": name },
+            "log_file": self.log_file(name),
+            "source": rec.source,
+        }))
+    }
+
+    fn logs(&self, name: &str, offset: Option<u64>, tail_bytes: u64) -> Result<serde_json::Value> {
+        use std::io::{Read, Seek, SeekFrom};
+        self.record(name)?;
+        let path = self.log_file(name);
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(_) => return Ok(json!({"data": "", "next_offset": 0})),
+        };
+        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let from = match offset {
+            // A smaller file than the offset means it was rotated: start over.
+            Some(o) if o <= size => o,
+            Some(_) => 0,
+            None => size.saturating_sub(tail_bytes),
+        };
+        let want = (size - from).min(1 << 20);
+        let mut buf = vec![0u8; want as usize];
+        f.seek(SeekFrom::Start(from)).map_err(runtime_err)?;
+        f.read_exact(&mut buf).map_err(runtime_err)?;
+        Ok(json!({"data": String::from_utf8_lossy(&buf), "next_offset": from + want}))
+    }
+}
+
+/// `initial * 2^(n-1)`, capped at `max`.
+pub fn backoff(initial_ms: u64, max_ms: u64, n: u32) -> Duration {
+    let factor = 1u64.checked_shl(n.saturating_sub(1)).unwrap_or(u64::MAX);
+    Duration::from_millis(initial_ms.saturating_mul(factor).min(max_ms))
+}
+
+fn check_static_busybox(path: &Path) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        err(
+            ErrorKind::Runtime,
+            format!(
+                "cannot read {}: {e} (install busybox-static)",
+                path.display()
+            ),
+        )
+    })?;
+    let needle = b"ld-linux";
+    if bytes.windows(needle.len()).take(4096).any(|w| w == needle) {
+        return Err(err(
+            ErrorKind::Runtime,
+            format!(
+                "{} is dynamically linked; install busybox-static",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Copies a directory tree: files with their modes, directories and symlinks as they are.
+/// Device nodes, FIFOs and sockets are refused.
+pub fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dst)?;
+    for entry in std::fs::read_dir(src)? {
+        let entry = entry?;
+        let ty = entry.file_type()?;
+        let to = dst.join(entry.file_name());
+        if ty.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &to)?;
+        } else if ty.is_dir() {
+            copy_tree(&entry.path(), &to)?;
+            let mode = entry.metadata()?.permissions().mode();
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))?;
+        } else if ty.is_file() {
+            std::fs::copy(entry.path(), &to)?;
+        } else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: special files are not allowed in a rootfs",
+                    entry.path().display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_then_caps() {
+        let b: Vec<u64> = (1..=6)
+            .map(|n| backoff(200, 3000, n).as_millis() as u64)
+            .collect();
+        assert_eq!(b, [200, 400, 800, 1600, 3000, 3000]);
+        assert_eq!(backoff(200, 3000, 200).as_millis(), 3000);
+    }
+
+    #[test]
+    fn copy_tree_keeps_symlinks_and_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(src.join("bin")).unwrap();
+        std::fs::write(src.join("bin/tool"), b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(src.join("bin/tool"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::os::unix::fs::symlink("tool", src.join("bin/alias")).unwrap();
+        copy_tree(&src, &d.path().join("dst")).unwrap();
+        let dst = d.path().join("dst/bin");
+        assert_eq!(
+            std::fs::read_link(dst.join("alias")).unwrap(),
+            Path::new("tool")
+        );
+        assert_eq!(
+            std::fs::metadata(dst.join("tool"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o755
+        );
+    }
+}
