@@ -213,11 +213,20 @@ impl Runtime {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         use std::os::unix::process::CommandExt;
-        // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
-        // which is async-signal-safe; it touches no memory shared with the parent.
+        // SAFETY: the closure runs in the forked child before exec and only calls setsid(2)
+        // and sigprocmask(2), both async-signal-safe; it touches no memory shared with the
+        // parent.
         unsafe {
             cmd.pre_exec(|| {
                 nix::unistd::setsid().map_err(std::io::Error::from)?;
+                // The caller may block signals it takes with sigwait; the container must not
+                // inherit that (its program would never see SIGTERM).
+                nix::sys::signal::sigprocmask(
+                    nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                    Some(&nix::sys::signal::SigSet::empty()),
+                    None,
+                )
+                .map_err(std::io::Error::from)?;
                 Ok(())
             });
         }

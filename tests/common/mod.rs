@@ -1,0 +1,219 @@
+//! A real gatevisor daemon in a temporary state directory, driven through the real CLI.
+//! Cleans up the containers it started (through liblxc) and the daemon (by PID) on drop,
+//! even when the test panics.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_gatevisor");
+
+/// Tests that need root (liblxc containers, veth) call this first.
+pub fn need_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipped {test}: needs root for liblxc containers (CI runs as root)");
+    false
+}
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Daemon::start_with_env(&[])
+    }
+
+    pub fn start_with_env(env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("gv-test")
+            .tempdir()
+            .unwrap();
+        let mut d = Daemon {
+            dir,
+            child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("gv.sock")
+    }
+
+    /// Starts the daemon process and waits until it answers.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("daemon")
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--config")
+            .arg(self.dir.path().join("none.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.cli(&["service", "list", "--json"]).status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("daemon did not come up; log:\n{}", self.log());
+    }
+
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGKILL the daemon (services must survive).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM the daemon and wait for it.
+    pub fn term(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        c.wait().unwrap()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("GATEVISOR_SOCKET", self.socket())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI and parses its `--json` output; panics with stderr on failure.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "gatevisor {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    pub fn status(&self, name: &str) -> serde_json::Value {
+        self.json(&["service", "status", name, "--json"])
+    }
+
+    /// Polls `f` every 20 ms until it returns Some or `timeout` passes.
+    pub fn wait_for<T>(&self, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f() {
+                return Some(v);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Writes a manifest file into the test directory and returns its path.
+    pub fn manifest(&self, file: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(file);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        // Stop every container this test's daemon defined, through liblxc.
+        let lxcpath = self.state_dir().join("lxc");
+        if let Ok(rt) = gatevisor_lxc::Runtime::new(
+            &lxcpath,
+            gatevisor_lxc::Cgroups::V1,
+            gatevisor_lxc::MonitorCommand {
+                program: PathBuf::new(),
+                args: vec![],
+            },
+        ) {
+            for e in std::fs::read_dir(&lxcpath).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let _ = rt.stop(&name, Duration::ZERO);
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("daemon log:\n{}", self.log());
+        }
+    }
+}
+
+/// A service manifest with the given name and command, the rest sensible defaults.
+pub fn manifest_text(name: &str, command: &str, restart: &str) -> String {
+    format!(
+        r#"name = "{name}"
+version = "1.0.0"
+runtime = "lxc"
+image = "builtin:busybox"
+command = ["/bin/sh", "-c", {command:?}]
+stop_timeout_s = 3
+[resources]
+memory_mib = 32
+pids = 32
+{restart}
+"#
+    )
+}
+
+pub fn is_alive(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
