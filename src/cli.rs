@@ -378,7 +378,7 @@ pub fn events(socket: &Path, args: EventsArgs) -> i32 {
         } else {
             println!(
                 "{}  {:<14} {:<12} {}",
-                e.at_ms,
+                clock(e.at_ms),
                 format!("{:?}", e.kind).to_lowercase(),
                 e.service.clone().unwrap_or_else(|| "-".into()),
                 e.detail
@@ -412,4 +412,16 @@ pub fn events(socket: &Path, args: EventsArgs) -> i32 {
         Ok(_) => 0,
         Err(e) => fail(&e),
     }
+}
+
+/// `HH:MM:SS.mmm` (UTC) of a Unix time in milliseconds.
+fn clock(ms: u64) -> String {
+    let day_ms = ms % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        day_ms / 3_600_000,
+        day_ms / 60_000 % 60,
+        day_ms / 1000 % 60,
+        day_ms % 1000
+    )
 }

@@ -9,6 +9,7 @@
 //!   to an exit file that a restarted supervisor can still read;
 //! - the program's stdout and stderr are a pipe into this process, which writes the service log
 //!   with size-bounded rotation, so logging too survives the daemon.
+//!
 //! liblxc refuses a foreground start in a threaded process, so the log pump is not a thread but
 //! a child process forked before liblxc runs, while this process is still single-threaded.
 

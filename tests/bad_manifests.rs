@@ -1,0 +1,119 @@
+//! Every kind of bad manifest is refused with an error naming the file and the field, and
+//! nothing is installed or changed (the state file stays byte-for-byte the same).
+
+mod common;
+use common::*;
+
+fn base() -> String {
+    manifest_text("good", "sleep 100", "")
+}
+
+/// (what is wrong, manifest text, words the error must contain)
+fn cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
+    vec![
+        ("wrong type", base().replace("memory_mib = 32", "memory_mib = \"lots\""), vec!["memory_mib", "invalid type"]),
+        ("unknown field", base().replace("[resources]", "colour = \"red\"\n[resources]"), vec!["unknown field", "colour"]),
+        ("unknown resources field", base().replace("pids = 32", "pids = 32\nswap_mib = 3"), vec!["unknown field", "swap_mib"]),
+        ("zero memory", base().replace("memory_mib = 32", "memory_mib = 0"), vec!["resources.memory_mib", "at least"]),
+        ("name with slash", base().replace("name = \"good\"", "name = \"a/b\""), vec!["`name`", "'/'"]),
+        ("name with dot-dot", base().replace("name = \"good\"", "name = \"..\""), vec!["`name`", "'..'"]),
+        ("name too long", base().replace("name = \"good\"", "name = \"abcdefghijklmnop\""), vec!["`name`", "1 to 12"]),
+        ("missing image", base().replace("image = \"builtin:busybox\"\n", ""), vec!["missing field", "image"]),
+        ("image dir missing", base().replace("builtin:busybox", "rootfs:./nope"), vec!["`image`", "does not exist"]),
+        ("bad image scheme", base().replace("builtin:busybox", "docker://x"), vec!["`image`", "builtin:busybox"]),
+        ("empty command", base().replace(r#"command = ["/bin/sh", "-c", "sleep 100"]"#, "command = []"), vec!["`command`"]),
+        ("unknown runtime", base().replace("runtime = \"lxc\"", "runtime = \"docker\""), vec!["runtime", "unknown variant"]),
+        ("zero vcpus", base().replace("[resources]", "[resources]\nvcpus = 0"), vec!["resources.vcpus"]),
+        ("cpu quota above vcpus", base().replace("[resources]", "[resources]\ncpu_quota_percent = 250"), vec!["resources.cpu_quota_percent", "1 to 100"]),
+        ("unknown capability", base().replace("[resources]", "capabilities = [\"FLY\"]\n[resources]"), vec!["capabilities", "FLY"]),
+        ("bad env name", base().replace("[resources]", "[env]\n\"1X\" = \"y\"\n[resources]"), vec!["env.1X"]),
+        ("restart policy", base() + "[restart]\npolicy = \"sometimes\"\nmax_retries = 1\nbackoff_initial_ms = 1\nbackoff_max_ms = 2\nstable_after_s = 1\n", vec!["policy", "unknown variant"]),
+        ("backoff order", base() + "[restart]\npolicy = \"always\"\nmax_retries = 1\nbackoff_initial_ms = 500\nbackoff_max_ms = 100\nstable_after_s = 1\n", vec!["restart.backoff_initial_ms"]),
+        ("not toml", "name = \"x\nversion".to_string(), vec!["bad.toml"]),
+        ("microvm not built", base().replace("runtime = \"lxc\"", "runtime = \"microvm\""), vec!["`runtime`", "not available"]),
+        ("over memory budget", base().replace("memory_mib = 32", "memory_mib = 4000000"), vec!["resources.memory_mib", "budget"]),
+    ]
+}
+
+#[test]
+fn each_bad_manifest_is_refused_naming_the_field_and_changes_nothing() {
+    let d = Daemon::start();
+    let before_list = d.json(&["service", "list", "--json"]);
+    let state_file = d.state_dir().join("state.json");
+    let before_state = std::fs::read(&state_file).ok();
+    let cases = cases();
+    assert!(cases.len() >= 12);
+    for (what, text, words) in cases {
+        let path = d.manifest("bad.toml", &text);
+        let out = d.cli(&["service", "install", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: accepted");
+        assert!(
+            err.contains("bad.toml"),
+            "{what}: error does not name the file: {err}"
+        );
+        for w in words {
+            assert!(err.contains(w), "{what}: error lacks {w:?}: {err}");
+        }
+        let code = out.status.code();
+        assert!(
+            matches!(code, Some(5) | Some(6)),
+            "{what}: exit code {code:?}"
+        );
+        assert_eq!(
+            d.json(&["service", "list", "--json"]),
+            before_list,
+            "{what}: list changed"
+        );
+        assert_eq!(
+            std::fs::read(&state_file).ok(),
+            before_state,
+            "{what}: state changed"
+        );
+        assert!(
+            !d.state_dir().join("services/good").exists(),
+            "{what}: files left behind"
+        );
+    }
+}
+
+#[test]
+fn duplicate_name_is_refused_and_keeps_the_first_service() {
+    if !need_root("duplicate_name_is_refused_and_keeps_the_first_service") {
+        return;
+    }
+    let d = Daemon::start();
+    let m = d.manifest("dup.toml", &manifest_text("t-dup", "sleep 100", ""));
+    d.json(&["service", "install", m.to_str().unwrap(), "--json"]);
+    let state_before = std::fs::read(d.state_dir().join("state.json")).unwrap();
+    let m2 = d.manifest(
+        "dup2.toml",
+        &manifest_text("t-dup", "sleep 5", "").replace("1.0.0", "2.0.0"),
+    );
+    let out = d.cli(&["service", "install", m2.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(
+        err.contains("dup2.toml") && err.contains("`name`") && err.contains("already installed"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(d.state_dir().join("state.json")).unwrap(),
+        state_before
+    );
+    assert_eq!(d.status("t-dup")["version"], "1.0.0");
+}
+
+#[test]
+fn unknown_service_and_daemon_down_have_distinct_exit_codes() {
+    let d = Daemon::start();
+    let out = d.cli(&["service", "status", "nope"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no service named \"nope\""));
+    let out = std::process::Command::new(BIN)
+        .args(["service", "list"])
+        .env("GATEVISOR_SOCKET", d.dir.path().join("absent.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+}
