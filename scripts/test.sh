@@ -21,3 +21,7 @@ if [ "$(id -u)" = 0 ]; then
 else
   echo "== main job skipped: needs root"
 fi
+
+passed=$(sed -n 's/^test result: .*ok\. \([0-9]*\) passed.*/\1/p; s/^test result: FAILED\. \([0-9]*\) passed.*/\1/p' /tmp/gatevisor-test.log | awk "{s+=\$1} END {print s+0}")
+failed=$(sed -n 's/^test result: .* \([0-9]*\) failed.*/\1/p' /tmp/gatevisor-test.log | awk "{s+=\$1} END {print s+0}")
+echo "total: ${passed:-0} passed, ${failed:-0} failed"

@@ -842,7 +842,10 @@ impl Supervisor {
                 None if desired == Desired::Running && state == State::Backoff => {
                     self.live.entry(name.clone()).or_default().retry_at = Some(Instant::now());
                 }
-                None if desired == Desired::Running && state == State::Installed => {
+                // Installed, or stopped by a daemon shutdown with stop_services_on_exit.
+                None if desired == Desired::Running
+                    && matches!(state, State::Installed | State::Stopped) =>
+                {
                     let _ = self.start_service(&name, Op::Start);
                 }
                 None => {}

@@ -58,6 +58,20 @@ fn example_service_runs_and_reports_pid_and_cgroup_memory() {
     ]);
     assert_eq!(out.status.code(), Some(3));
 
+    // No capabilities were granted: the bounding set is empty, and no_new_privs is set.
+    let out = d.cli(&[
+        "service",
+        "exec",
+        "hello",
+        "--",
+        "sh",
+        "-c",
+        "grep -E '^(CapBnd|NoNewPrivs)' /proc/1/status",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("CapBnd:\t0000000000000000"), "{text}");
+    assert!(text.contains("NoNewPrivs:\t1"), "{text}");
+
     // list shows it; a stop is graceful (the trap answers SIGTERM) and keeps it stopped.
     let list = d.json(&["service", "list", "--json"]);
     assert_eq!(list["services"][0]["name"], "hello");
@@ -252,4 +266,125 @@ fn freeze_and_thaw_change_container_state() {
     assert_eq!(rt.state("t-frz").unwrap(), "FROZEN");
     d.json(&["service", "thaw", "t-frz", "--json"]);
     assert_eq!(rt.state("t-frz").unwrap(), "RUNNING");
+}
+
+#[test]
+fn granted_capability_is_the_only_one_kept() {
+    if !need_root("granted_capability_is_the_only_one_kept") {
+        return;
+    }
+    let d = Daemon::start();
+    let text = manifest_text("t-caps", "while :; do sleep 1; done", "").replace(
+        "[resources]",
+        "capabilities = [\"NET_BIND_SERVICE\"]\n[resources]",
+    );
+    let m = d.manifest("caps.toml", &text);
+    d.json(&[
+        "service",
+        "install",
+        m.to_str().unwrap(),
+        "--start",
+        "--json",
+    ]);
+    let out = d.cli(&[
+        "service",
+        "exec",
+        "t-caps",
+        "--",
+        "grep",
+        "CapBnd",
+        "/proc/1/status",
+    ]);
+    // CAP_NET_BIND_SERVICE is bit 10.
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("0000000000000400"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn events_follow_streams_new_events() {
+    if !need_root("events_follow_streams_new_events") {
+        return;
+    }
+    let d = Daemon::start();
+    let mut follower = std::process::Command::new(BIN)
+        .args(["events", "-f", "--json", "-n", "0"])
+        .env("GATEVISOR_SOCKET", d.socket())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let m = d.manifest("ev.toml", &manifest_text("t-ev", "sleep 100", ""));
+    d.json(&[
+        "service",
+        "install",
+        m.to_str().unwrap(),
+        "--start",
+        "--json",
+    ]);
+    let mut kinds = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        kinds.push(v["kind"].as_str().unwrap().to_string());
+        if kinds.iter().any(|k| k == "started") {
+            break;
+        }
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert_eq!(kinds, ["installed", "started"]);
+}
+
+#[test]
+fn sigterm_with_stop_services_on_exit_stops_them() {
+    if !need_root("sigterm_with_stop_services_on_exit_stops_them") {
+        return;
+    }
+    let mut d = Daemon::start();
+    std::fs::write(
+        d.dir.path().join("none.toml"),
+        "stop_services_on_exit = true\n",
+    )
+    .unwrap();
+    d.kill9();
+    d.spawn();
+    let m = d.manifest(
+        "s.toml",
+        &manifest_text(
+            "t-stop",
+            "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done",
+            "",
+        ),
+    );
+    d.json(&[
+        "service",
+        "install",
+        m.to_str().unwrap(),
+        "--start",
+        "--json",
+    ]);
+    let pid = d.status("t-stop")["init_pid"].as_i64().unwrap();
+    assert!(d.term().success());
+    assert!(
+        !is_alive(pid),
+        "service left running although stop_services_on_exit = true"
+    );
+    // Desired state is kept: the next daemon starts it again.
+    d.spawn();
+    assert_eq!(d.status("t-stop")["state"], "running");
 }
