@@ -1,0 +1,233 @@
+//! The embedded default: a private Open vSwitch (Debian's `ovsdb-server` and `ovs-vswitchd`)
+//! under our own run directory, for boards with no system instance. The processes are our
+//! children, run in the foreground and are stopped (SIGTERM, then SIGKILL) on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::ovsdb::{Ovsdb, OvsdbError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrivateError {
+    #[error("{program} is not installed (apt-get install openvswitch-switch)")]
+    Missing { program: &'static str },
+    #[error("cannot create the database schema file {path}: no vswitch.ovsschema found")]
+    NoSchema { path: PathBuf },
+    #[error("cannot run {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{program} failed: {message}")]
+    Failed { program: String, message: String },
+    #[error("{what} did not come up within {ms} ms; see {log}")]
+    Timeout {
+        what: &'static str,
+        ms: u128,
+        log: PathBuf,
+    },
+    #[error(transparent)]
+    Ovsdb(#[from] OvsdbError),
+}
+
+const SCHEMAS: &[&str] = &[
+    "/usr/share/openvswitch/vswitch.ovsschema",
+    "/usr/local/share/openvswitch/vswitch.ovsschema",
+];
+
+pub struct PrivateOvs {
+    run_dir: PathBuf,
+    ovsdb_server: Option<Child>,
+    vswitchd: Option<Child>,
+}
+
+fn program(name: &'static str) -> Result<PathBuf, PrivateError> {
+    gatevisor_board::ovs::find_sbin(name).ok_or(PrivateError::Missing { program: name })
+}
+
+impl PrivateOvs {
+    /// Starts `ovsdb-server` and `ovs-vswitchd` with their sockets, database and logs in
+    /// `run_dir`, and waits until both answer.
+    pub fn start(run_dir: &Path) -> Result<PrivateOvs, PrivateError> {
+        let tool = program("ovsdb-tool")?;
+        let server = program("ovsdb-server")?;
+        let vswitchd = program("ovs-vswitchd")?;
+        std::fs::create_dir_all(run_dir).map_err(|source| PrivateError::Spawn {
+            program: format!("mkdir {}", run_dir.display()),
+            source,
+        })?;
+        let db = run_dir.join("conf.db");
+        if !db.exists() {
+            let schema = SCHEMAS
+                .iter()
+                .map(Path::new)
+                .find(|p| p.exists())
+                .ok_or_else(|| PrivateError::NoSchema { path: db.clone() })?;
+            let out = Command::new(&tool)
+                .arg("create")
+                .arg(&db)
+                .arg(schema)
+                .output()
+                .map_err(|source| PrivateError::Spawn {
+                    program: tool.display().to_string(),
+                    source,
+                })?;
+            if !out.status.success() {
+                return Err(PrivateError::Failed {
+                    program: "ovsdb-tool create".into(),
+                    message: String::from_utf8_lossy(&out.stderr).trim().into(),
+                });
+            }
+        }
+        let mut me = PrivateOvs {
+            run_dir: run_dir.into(),
+            ovsdb_server: None,
+            vswitchd: None,
+        };
+        let log = |n: &str| run_dir.join(format!("{n}.log"));
+        me.ovsdb_server = Some(spawn(
+            &server,
+            &[
+                db.to_str().unwrap_or_default(),
+                &format!("--remote=punix:{}", me.db_socket().display()),
+                &format!("--unixctl={}", run_dir.join("ovsdb-server.ctl").display()),
+                &format!("--log-file={}", log("ovsdb-server").display()),
+                "-vconsole:off",
+            ],
+            run_dir,
+        )?);
+        let start = Instant::now();
+        let mut db_client = loop {
+            match Ovsdb::connect(&me.db_socket()) {
+                Ok(c) => break c,
+                Err(_) if start.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(_) => {
+                    return Err(PrivateError::Timeout {
+                        what: "ovsdb-server",
+                        ms: start.elapsed().as_millis(),
+                        log: log("ovsdb-server"),
+                    })
+                }
+            }
+        };
+        db_client.init()?;
+        me.vswitchd = Some(spawn(
+            &vswitchd,
+            &[
+                &format!("unix:{}", me.db_socket().display()),
+                &format!("--unixctl={}", run_dir.join("ovs-vswitchd.ctl").display()),
+                &format!("--log-file={}", log("ovs-vswitchd").display()),
+                "-vconsole:off",
+            ],
+            run_dir,
+        )?);
+        db_client
+            .wait_applied(Duration::from_secs(20))
+            .map_err(|_| PrivateError::Timeout {
+                what: "ovs-vswitchd",
+                ms: start.elapsed().as_millis(),
+                log: log("ovs-vswitchd"),
+            })?;
+        Ok(me)
+    }
+
+    pub fn db_socket(&self) -> PathBuf {
+        self.run_dir.join("db.sock")
+    }
+
+    /// Where `ovs-vswitchd` puts a bridge's OpenFlow management socket.
+    pub fn mgmt_socket(&self, bridge: &str) -> PathBuf {
+        self.run_dir.join(format!("{bridge}.mgmt"))
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// PID of `ovs-vswitchd` (for tests that restart it).
+    pub fn vswitchd_pid(&self) -> Option<u32> {
+        self.vswitchd.as_ref().map(Child::id)
+    }
+}
+
+fn spawn(program: &Path, args: &[&str], run_dir: &Path) -> Result<Child, PrivateError> {
+    Command::new(program)
+        .args(args)
+        // OVS puts its pid files, and the bridges' management sockets, in OVS_RUNDIR.
+        .env("OVS_RUNDIR", run_dir)
+        .env("OVS_DBDIR", run_dir)
+        .env("OVS_LOGDIR", run_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|source| PrivateError::Spawn {
+            program: program.display().to_string(),
+            source,
+        })
+}
+
+/// Waits up to `timeout` for `child` to exit by itself.
+fn exited_within(child: &mut Child, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+fn stop(child: &mut Child) {
+    use nix::sys::signal::{kill, Signal};
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = kill(pid, Signal::SIGTERM);
+    if !exited_within(child, Duration::from_secs(5)) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Calls one `ovs-appctl`-style command on a daemon's unixctl socket (JSON-RPC).
+pub fn unixctl(socket: &Path, method: &str, params: &[&str]) -> std::io::Result<String> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let req = serde_json::json!({"method": method, "params": params, "id": 0});
+    s.write_all(&serde_json::to_vec(&req).expect("json"))?;
+    let mut de = serde_json::Deserializer::from_reader(s).into_iter::<serde_json::Value>();
+    match de.next() {
+        Some(Ok(v)) if v["error"].is_null() => {
+            Ok(v["result"].as_str().unwrap_or_default().to_string())
+        }
+        Some(Ok(v)) => Err(std::io::Error::other(v["error"].to_string())),
+        Some(Err(e)) => Err(std::io::Error::other(e)),
+        // `exit` closes the connection without a reply.
+        None => Ok(String::new()),
+    }
+}
+
+impl Drop for PrivateOvs {
+    fn drop(&mut self) {
+        // vswitchd first, with --cleanup: it deletes its datapath and the bridges' internal
+        // interfaces, leaving nothing behind in the kernel.
+        if let Some(c) = self.vswitchd.as_mut() {
+            let asked = unixctl(
+                &self.run_dir.join("ovs-vswitchd.ctl"),
+                "exit",
+                &["--cleanup"],
+            );
+            if asked.is_err() || !exited_within(c, Duration::from_secs(5)) {
+                stop(c);
+            }
+        }
+        if let Some(c) = self.ovsdb_server.as_mut() {
+            stop(c);
+        }
+    }
+}
