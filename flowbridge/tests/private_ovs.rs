@@ -86,6 +86,10 @@ fn private_switch_starts_creates_bridge_and_plugs_owned_ports() {
         vsctl(&ovs, &["get", "Bridge", "gvt-br0", "datapath_type"]),
         "netdev"
     );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ovs.mgmt_socket("gvt-br0").exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(
         ovs.mgmt_socket("gvt-br0").exists(),
         "OpenFlow management socket"
