@@ -10,5 +10,7 @@
 //! The OpenFlow client, the steering policies and the verdict API come next (see the
 //! flowbridge issue); nothing here installs flows yet.
 
+pub mod ofconn;
+pub mod ofp;
 pub mod ovsdb;
 pub mod private;
