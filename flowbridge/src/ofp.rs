@@ -93,7 +93,7 @@ impl<'a> Rd<'a> {
 }
 
 fn pad8(v: &mut Vec<u8>, from: usize) {
-    while (v.len() - from) % 8 != 0 {
+    while !(v.len() - from).is_multiple_of(8) {
         v.push(0);
     }
 }
@@ -282,7 +282,7 @@ pub fn decode_match(r: &mut Rd) -> Result<Vec<Field>, DecodeError> {
         return Err(DecodeError::BadLength { len, at });
     }
     let body = r.take(len - 4)?;
-    let padded = (len + 7) / 8 * 8;
+    let padded = len.div_ceil(8) * 8;
     r.take(padded - len)?;
     let mut fr = Rd::new(body);
     let mut fields = Vec::new();
@@ -425,7 +425,7 @@ impl Action {
         let at = r.pos;
         let ty = r.u16()?;
         let len = r.u16()? as usize;
-        if len < 8 || len % 8 != 0 {
+        if len < 8 || !len.is_multiple_of(8) {
             return Err(DecodeError::BadLength { len, at });
         }
         let body = r.take(len - 4)?;
@@ -591,9 +591,7 @@ pub fn flow_mod_body(flow: &Flow, cmd: FlowModCommand, cookie_mask: u64) -> Vec<
     b.extend_from_slice(&0xffff_ffffu32.to_be_bytes()); // buffer_id: none
     b.extend_from_slice(&port::ANY.to_be_bytes()); // out_port
     b.extend_from_slice(&0xffff_ffffu32.to_be_bytes()); // out_group: any
-    let flags: u16 = if deleting { 0 } else { 1 }; // OFPFF_SEND_FLOW_REM off; CHECK_OVERLAP off
-    let _ = flags;
-    b.extend_from_slice(&0u16.to_be_bytes());
+    b.extend_from_slice(&0u16.to_be_bytes()); // flags: no flow-removed messages
     b.extend_from_slice(&[0; 2]);
     encode_match(&flow.matches, &mut b);
     if !deleting {
