@@ -10,7 +10,9 @@
 //! The OpenFlow client, the steering policies and the verdict API come next (see the
 //! flowbridge issue); nothing here installs flows yet.
 
+pub mod controller;
 pub mod ofconn;
 pub mod ofp;
 pub mod ovsdb;
 pub mod private;
+pub mod steering;

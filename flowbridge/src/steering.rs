@@ -1,0 +1,615 @@
+//! Steering policies compiled to OpenFlow.
+//!
+//! The pipeline (tables):
+//! - 0: services' own packets bypass steering; verdict packets coming back from a service go
+//!   to table 5; everything else to table 10.
+//! - 5: verdicts. A service returns a packet with the VLAN tag it got (VID = the packet's
+//!   original in_port) and says what to do in the PCP: 0 forward this packet, 1 allow its
+//!   session, 2 block its session, 3 send it back out of the original port (an answer).
+//! - 10: before conntrack: `dns` and `match` policies; IP goes through conntrack (zone 1).
+//! - 20: after conntrack: sessions with ct_mark 2 (allowed) take the one static fast-path rule,
+//!   the only rule a hardware offload needs to carry; ct_mark 3 (blocked) is dropped;
+//!   `new-sessions` policies pull new sessions (ct_mark 1 while inspected) to their service.
+//!
+//! The base pipeline carries [`BASE_COOKIE`] and is never removed: it *is* the fail-open
+//! behaviour. Each service's flows carry its own cookie, so removing a service (or replacing
+//! its flows with its fail-closed drops) is one atomic bundle.
+
+use crate::ofp::{ct, hdr, port, Action, Field, Flow, Instruction};
+use serde::{Deserialize, Serialize};
+
+pub const BASE_COOKIE: u64 = 0x4756_0000_0000_0001;
+const SERVICE_COOKIE: u64 = 0x4756_0001_0000_0000;
+pub const CT_ZONE: u16 = 1;
+
+pub const MARK_INSPECT: u32 = 1;
+pub const MARK_ALLOW: u32 = 2;
+pub const MARK_BLOCK: u32 = 3;
+
+pub const TABLE_CLASSIFY: u8 = 0;
+pub const TABLE_VERDICT: u8 = 5;
+pub const TABLE_PRE_CT: u8 = 10;
+pub const TABLE_POST_CT: u8 = 20;
+
+/// The verdict carried in the PCP of a packet a service sends back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Forward = 0,
+    Allow = 1,
+    Block = 2,
+    Reply = 3,
+}
+
+/// The cookie of a service's steering flows (`failed = false`) or of its fail-closed drops.
+pub fn service_cookie(service_id: u32, failed: bool) -> u64 {
+    SERVICE_COOKIE | (service_id as u64) << 8 | if failed { 2 } else { 1 }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// Which sessions a `new-sessions` policy inspects.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selector {
+    /// `tcp` or `udp`; both when absent.
+    #[serde(default)]
+    pub protocol: Option<Proto>,
+    /// Destination ports; any when empty.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// LAN devices (source MACs); any when empty.
+    #[serde(default)]
+    pub macs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatchAction {
+    Inline,
+    Mirror,
+}
+
+/// One steering policy from a manifest's `[network]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Policy {
+    /// DNS queries (UDP and TCP port 53) go to the service.
+    Dns,
+    /// The first packets of each new session matching `selector` go through the service,
+    /// which gives a verdict.
+    NewSessions {
+        #[serde(default = "default_packets")]
+        packets: u32,
+        #[serde(default)]
+        selector: Selector,
+    },
+    /// A generic selector, inline (through the service) or mirrored (a copy to it).
+    Match {
+        #[serde(default)]
+        protocol: Option<Proto>,
+        #[serde(default)]
+        dst_port: Option<u16>,
+        #[serde(default)]
+        dst_ip: Option<std::net::Ipv4Addr>,
+        #[serde(default)]
+        src_mac: Option<String>,
+        action: MatchAction,
+    },
+}
+
+fn default_packets() -> u32 {
+    12
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("{0:?} is not a MAC address (expected aa:bb:cc:dd:ee:ff)")]
+    BadMac(String),
+    #[error("new-sessions packets must be 1 to 1000, not {0}")]
+    BadPackets(u32),
+}
+
+pub fn parse_mac(s: &str) -> Result<[u8; 6], PolicyError> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(PolicyError::BadMac(s.into()));
+    }
+    let mut m = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        m[i] = u8::from_str_radix(p, 16).map_err(|_| PolicyError::BadMac(s.into()))?;
+    }
+    Ok(m)
+}
+
+impl Policy {
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        match self {
+            Policy::Dns => Ok(()),
+            Policy::NewSessions { packets, selector } => {
+                if *packets == 0 || *packets > 1000 {
+                    return Err(PolicyError::BadPackets(*packets));
+                }
+                selector
+                    .macs
+                    .iter()
+                    .try_for_each(|m| parse_mac(m).map(|_| ()))
+            }
+            Policy::Match { src_mac, .. } => {
+                src_mac.iter().try_for_each(|m| parse_mac(m).map(|_| ()))
+            }
+        }
+    }
+}
+
+fn apply(actions: Vec<Action>) -> Vec<Instruction> {
+    vec![Instruction::Apply(actions)]
+}
+
+fn ip() -> Field {
+    Field::EthType(0x0800)
+}
+
+fn ct_state(set: u32, mask: u32) -> Field {
+    Field::CtState(set, mask)
+}
+
+fn commit_mark(mark: u32) -> Action {
+    Action::Ct {
+        commit: true,
+        zone: CT_ZONE,
+        table: None,
+        actions: vec![Action::SetField(Field::CtMark(mark, None))],
+    }
+}
+
+/// Tag with the original in_port as VID and send to the service.
+fn to_service(svc_port: u32) -> Vec<Action> {
+    vec![
+        Action::PushVlan(0x8100),
+        Action::SetField(Field::VlanVid(0x1000, None)),
+        Action::RegMove {
+            n_bits: 12,
+            src_ofs: 0,
+            dst_ofs: 0,
+            src: hdr::NXM_OF_IN_PORT,
+            dst: hdr::NXM_OF_VLAN_TCI,
+        },
+        Action::Output(svc_port),
+    ]
+}
+
+/// Restore the original in_port from the VID and remove the tag.
+fn restore_in_port() -> Vec<Action> {
+    vec![
+        Action::RegMove {
+            n_bits: 12,
+            src_ofs: 0,
+            dst_ofs: 0,
+            src: hdr::NXM_OF_VLAN_TCI,
+            dst: hdr::NXM_OF_IN_PORT,
+        },
+        Action::PopVlan,
+    ]
+}
+
+fn flow(
+    table: u8,
+    priority: u16,
+    cookie: u64,
+    matches: Vec<Field>,
+    instructions: Vec<Instruction>,
+) -> Flow {
+    Flow {
+        table,
+        priority,
+        cookie,
+        matches,
+        instructions,
+        ..Flow::default()
+    }
+}
+
+/// The base pipeline: forward everything, conntrack IP, keep allowed sessions on the fast path.
+pub fn base_flows() -> Vec<Flow> {
+    let c = BASE_COOKIE;
+    vec![
+        flow(
+            TABLE_CLASSIFY,
+            0,
+            c,
+            vec![],
+            vec![Instruction::GotoTable(TABLE_PRE_CT)],
+        ),
+        flow(
+            TABLE_PRE_CT,
+            50,
+            c,
+            vec![ip(), ct_state(0, ct::TRK)],
+            apply(vec![Action::Ct {
+                commit: false,
+                zone: CT_ZONE,
+                table: Some(TABLE_POST_CT),
+                actions: vec![],
+            }]),
+        ),
+        flow(
+            TABLE_PRE_CT,
+            0,
+            c,
+            vec![],
+            apply(vec![Action::Output(port::NORMAL)]),
+        ),
+        flow(
+            TABLE_POST_CT,
+            200,
+            c,
+            vec![
+                ip(),
+                ct_state(ct::TRK | ct::EST, ct::TRK | ct::EST),
+                Field::CtMark(MARK_ALLOW, None),
+            ],
+            apply(vec![Action::Output(port::NORMAL)]),
+        ),
+        flow(
+            TABLE_POST_CT,
+            200,
+            c,
+            vec![
+                ip(),
+                ct_state(ct::TRK, ct::TRK),
+                Field::CtMark(MARK_BLOCK, None),
+            ],
+            vec![],
+        ),
+        // Sessions no service inspects are accepted onto the fast path at once.
+        flow(
+            TABLE_POST_CT,
+            1,
+            c,
+            vec![ip(), ct_state(ct::TRK | ct::NEW, ct::TRK | ct::NEW)],
+            apply(vec![commit_mark(MARK_ALLOW), Action::Output(port::NORMAL)]),
+        ),
+        flow(
+            TABLE_POST_CT,
+            0,
+            c,
+            vec![],
+            apply(vec![Action::Output(port::NORMAL)]),
+        ),
+    ]
+}
+
+/// The traffic class a policy selects, as (table, match) pairs.
+fn class(policy: &Policy) -> Vec<(u8, Vec<Field>)> {
+    let protos = |p: &Option<Proto>| match p {
+        Some(Proto::Tcp) => vec![6u8],
+        Some(Proto::Udp) => vec![17u8],
+        None => vec![6u8, 17u8],
+    };
+    let dport = |proto: u8, p: u16| {
+        if proto == 6 {
+            Field::TcpDst(p)
+        } else {
+            Field::UdpDst(p)
+        }
+    };
+    match policy {
+        Policy::Dns => [6u8, 17]
+            .iter()
+            .map(|&pr| (TABLE_PRE_CT, vec![ip(), Field::IpProto(pr), dport(pr, 53)]))
+            .collect(),
+        Policy::NewSessions { selector, .. } => {
+            let macs: Vec<Option<[u8; 6]>> = if selector.macs.is_empty() {
+                vec![None]
+            } else {
+                selector
+                    .macs
+                    .iter()
+                    .filter_map(|m| parse_mac(m).ok())
+                    .map(Some)
+                    .collect()
+            };
+            let mut v = Vec::new();
+            for pr in protos(&selector.protocol) {
+                let ports: Vec<Option<u16>> = if selector.ports.is_empty() {
+                    vec![None]
+                } else {
+                    selector.ports.iter().copied().map(Some).collect()
+                };
+                for p in &ports {
+                    for m in &macs {
+                        let mut f = vec![ip(), Field::IpProto(pr)];
+                        if let Some(p) = p {
+                            f.push(dport(pr, *p));
+                        }
+                        if let Some(m) = m {
+                            f.push(Field::EthSrc(*m));
+                        }
+                        v.push((TABLE_POST_CT, f));
+                    }
+                }
+            }
+            v
+        }
+        Policy::Match {
+            protocol,
+            dst_port,
+            dst_ip,
+            src_mac,
+            ..
+        } => {
+            let prs: Vec<Option<u8>> = match (protocol, dst_port) {
+                (None, None) => vec![None],
+                _ => protos(protocol).into_iter().map(Some).collect(),
+            };
+            prs.into_iter()
+                .map(|pr| {
+                    let mut f = vec![ip()];
+                    if let Some(pr) = pr {
+                        f.push(Field::IpProto(pr));
+                        if let Some(p) = dst_port {
+                            f.push(dport(pr, *p));
+                        }
+                    }
+                    if let Some(a) = dst_ip {
+                        f.push(Field::Ipv4Dst(u32::from(*a), None));
+                    }
+                    if let Some(m) = src_mac.as_deref().and_then(|m| parse_mac(m).ok()) {
+                        f.push(Field::EthSrc(m));
+                    }
+                    (TABLE_PRE_CT, f)
+                })
+                .collect()
+        }
+    }
+}
+
+/// Flows that steer `policies` to the service on OpenFlow port `svc_port`.
+pub fn service_flows(service_id: u32, svc_port: u32, policies: &[Policy]) -> Vec<Flow> {
+    let c = service_cookie(service_id, false);
+    let vlan = Field::VlanVid(0x1000, Some(0x1000));
+    let mut v = vec![
+        // Verdicts come back tagged; the service's own traffic is forwarded untouched.
+        flow(
+            TABLE_CLASSIFY,
+            1000,
+            c,
+            vec![Field::InPort(svc_port), vlan.clone()],
+            vec![Instruction::GotoTable(TABLE_VERDICT)],
+        ),
+        flow(
+            TABLE_CLASSIFY,
+            900,
+            c,
+            vec![Field::InPort(svc_port)],
+            apply(vec![Action::Output(port::NORMAL)]),
+        ),
+        flow(
+            TABLE_VERDICT,
+            100,
+            c,
+            vec![
+                Field::InPort(svc_port),
+                vlan.clone(),
+                Field::VlanPcp(Verdict::Forward as u8),
+            ],
+            apply([restore_in_port(), vec![Action::Output(port::NORMAL)]].concat()),
+        ),
+        flow(
+            TABLE_VERDICT,
+            100,
+            c,
+            vec![
+                Field::InPort(svc_port),
+                vlan.clone(),
+                Field::VlanPcp(Verdict::Allow as u8),
+                ip(),
+            ],
+            apply(
+                [
+                    restore_in_port(),
+                    vec![commit_mark(MARK_ALLOW), Action::Output(port::NORMAL)],
+                ]
+                .concat(),
+            ),
+        ),
+        flow(
+            TABLE_VERDICT,
+            100,
+            c,
+            vec![
+                Field::InPort(svc_port),
+                vlan.clone(),
+                Field::VlanPcp(Verdict::Block as u8),
+                ip(),
+            ],
+            apply([restore_in_port(), vec![commit_mark(MARK_BLOCK)]].concat()),
+        ),
+        flow(
+            TABLE_VERDICT,
+            100,
+            c,
+            vec![
+                Field::InPort(svc_port),
+                vlan.clone(),
+                Field::VlanPcp(Verdict::Reply as u8),
+            ],
+            apply(vec![
+                Action::RegMove {
+                    n_bits: 12,
+                    src_ofs: 0,
+                    dst_ofs: 0,
+                    src: hdr::NXM_OF_VLAN_TCI,
+                    dst: hdr::nxm_reg(0),
+                },
+                Action::PopVlan,
+                Action::OutputReg {
+                    src: hdr::nxm_reg(0),
+                    ofs: 0,
+                    n_bits: 16,
+                },
+            ]),
+        ),
+        flow(TABLE_VERDICT, 0, c, vec![Field::InPort(svc_port)], vec![]),
+    ];
+    for p in policies {
+        for (table, m) in class(p) {
+            match (p, table) {
+                (Policy::NewSessions { .. }, _) => {
+                    let mut new = m.clone();
+                    new.push(ct_state(ct::TRK | ct::NEW, ct::TRK | ct::NEW));
+                    v.push(flow(
+                        TABLE_POST_CT,
+                        100,
+                        c,
+                        new,
+                        apply([vec![commit_mark(MARK_INSPECT)], to_service(svc_port)].concat()),
+                    ));
+                    let mut inspected = m;
+                    inspected.push(ct_state(ct::TRK | ct::EST, ct::TRK | ct::EST | ct::RPL));
+                    inspected.push(Field::CtMark(MARK_INSPECT, None));
+                    v.push(flow(
+                        TABLE_POST_CT,
+                        100,
+                        c,
+                        inspected,
+                        apply(to_service(svc_port)),
+                    ));
+                }
+                (
+                    Policy::Match {
+                        action: MatchAction::Mirror,
+                        ..
+                    },
+                    t,
+                ) => {
+                    let mut acts = to_service(svc_port);
+                    acts.push(Action::PopVlan);
+                    acts.push(Action::Output(port::NORMAL));
+                    v.push(flow(t, 100, c, m, apply(acts)));
+                }
+                (_, t) => v.push(flow(t, 100, c, m, apply(to_service(svc_port)))),
+            }
+        }
+    }
+    v
+}
+
+/// Flows that drop a failed service's class (fail-closed). Mirrors never drop.
+pub fn failed_closed_flows(service_id: u32, policies: &[Policy]) -> Vec<Flow> {
+    let c = service_cookie(service_id, true);
+    policies
+        .iter()
+        .filter(|p| {
+            !matches!(
+                p,
+                Policy::Match {
+                    action: MatchAction::Mirror,
+                    ..
+                }
+            )
+        })
+        .flat_map(|p| {
+            class(p).into_iter().map(move |(table, m)| match p {
+                // New sessions of the class are refused; established ones were decided already.
+                Policy::NewSessions { .. } => {
+                    let mut m = m;
+                    m.push(ct_state(ct::TRK | ct::NEW, ct::TRK | ct::NEW));
+                    flow(TABLE_POST_CT, 100, c, m, vec![])
+                }
+                _ => flow(table, 100, c, m, vec![]),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_separate_services_and_their_failure_flows() {
+        assert_ne!(service_cookie(1, false), service_cookie(2, false));
+        assert_ne!(service_cookie(1, false), service_cookie(1, true));
+        assert_ne!(service_cookie(1, false), BASE_COOKIE);
+    }
+
+    #[test]
+    fn dns_policy_steers_udp_and_tcp_port_53_before_conntrack() {
+        let f = service_flows(7, 3, &[Policy::Dns]);
+        let steer: Vec<String> = f
+            .iter()
+            .filter(|f| f.table == TABLE_PRE_CT)
+            .map(|f| f.to_string())
+            .collect();
+        assert_eq!(steer.len(), 2);
+        assert!(steer
+            .iter()
+            .any(|s| s.contains("nw_proto=17,tp_dst=53") && s.ends_with("output:3")));
+        assert!(steer.iter().any(|s| s.contains("nw_proto=6,tp_dst=53")));
+        assert!(f.iter().all(|f| f.cookie == service_cookie(7, false)));
+    }
+
+    #[test]
+    fn new_sessions_selector_expands_to_protocol_port_mac_product() {
+        let p = Policy::NewSessions {
+            packets: 12,
+            selector: Selector {
+                protocol: Some(Proto::Tcp),
+                ports: vec![80, 443],
+                macs: vec!["02:00:00:00:00:01".into()],
+            },
+        };
+        let f = service_flows(1, 4, std::slice::from_ref(&p));
+        let post: Vec<_> = f.iter().filter(|f| f.table == TABLE_POST_CT).collect();
+        assert_eq!(post.len(), 4, "2 ports x (new, inspected)");
+        assert!(post
+            .iter()
+            .all(|f| f.matches.contains(&Field::EthSrc([2, 0, 0, 0, 0, 1]))));
+        let closed = failed_closed_flows(1, &[p]);
+        assert_eq!(closed.len(), 2);
+        assert!(closed
+            .iter()
+            .all(|f| f.instructions.is_empty() && f.cookie == service_cookie(1, true)));
+    }
+
+    #[test]
+    fn mirror_never_drops_when_the_service_fails() {
+        let p = Policy::Match {
+            protocol: None,
+            dst_port: None,
+            dst_ip: Some("10.0.0.1".parse().unwrap()),
+            src_mac: None,
+            action: MatchAction::Mirror,
+        };
+        assert!(failed_closed_flows(1, &[p]).is_empty());
+    }
+
+    #[test]
+    fn policies_parse_from_toml_and_bad_values_are_named() {
+        #[derive(Deserialize)]
+        struct N {
+            steering: Vec<Policy>,
+        }
+        let n: N = toml::from_str(
+            "[[steering]]\nkind = \"dns\"\n[[steering]]\nkind = \"new-sessions\"\nselector = { protocol = \"tcp\", ports = [80] }\n",
+        )
+        .unwrap();
+        assert_eq!(n.steering[0], Policy::Dns);
+        assert!(matches!(
+            n.steering[1],
+            Policy::NewSessions { packets: 12, .. }
+        ));
+        let bad = Policy::NewSessions {
+            packets: 0,
+            selector: Selector::default(),
+        };
+        assert_eq!(bad.validate(), Err(PolicyError::BadPackets(0)));
+        assert!(parse_mac("zz:00:00:00:00:00").is_err());
+    }
+}
