@@ -128,9 +128,41 @@ struct Seen {
     tcp: AtomicU64,
 }
 
-/// The service: answers `blocked.test` with NXDOMAIN itself (verdict 3: reply), forwards
+/// The DNS service: answers `blocked.test` with NXDOMAIN itself (verdict 3: reply), forwards
 /// every other steered packet (verdict 0).
 fn run_service(stop: Arc<AtomicBool>, seen: Arc<Seen>) {
+    run_raw_service(stop, move |f, l4, proto| {
+        if proto == 6 {
+            seen.tcp.fetch_add(1, Ordering::Relaxed);
+        }
+        let dport = u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]);
+        if proto != 17 || dport != 53 {
+            return 0;
+        }
+        seen.dns.fetch_add(1, Ordering::Relaxed);
+        if query_name(&f[l4 + 8..]) != "blocked.test" {
+            return 0;
+        }
+        // Turn the query into an NXDOMAIN answer back to the asker.
+        let (a, b) = f.split_at_mut(6);
+        a.swap_with_slice(&mut b[..6]);
+        for i in 0..4 {
+            f.swap(18 + 12 + i, 18 + 16 + i);
+        }
+        f.swap(l4, l4 + 2);
+        f.swap(l4 + 1, l4 + 3);
+        f[l4 + 6] = 0;
+        f[l4 + 7] = 0; // UDP checksum optional over IPv4
+        let dns = l4 + 8;
+        f[dns + 2] |= 0x80;
+        f[dns + 3] = 0x80 | 3;
+        3
+    })
+}
+
+/// A service reading the frames steered to it; `handler` may rewrite a frame and returns the
+/// verdict (PCP) to send it back with.
+fn run_raw_service(stop: Arc<AtomicBool>, mut handler: impl FnMut(&mut [u8], usize, u8) -> u8) {
     // SAFETY: plain socket(2) call; the returned fd is owned below.
     let fd = unsafe {
         libc::socket(
@@ -237,30 +269,7 @@ fn run_service(stop: Arc<AtomicBool>, seen: Arc<Seen>) {
         let ihl = (f[18] & 0x0f) as usize * 4;
         let proto = f[18 + 9];
         let l4 = 18 + ihl;
-        if proto == 6 {
-            seen.tcp.fetch_add(1, Ordering::Relaxed);
-        }
-        let dport = u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]);
-        let mut pcp = 0u8;
-        if proto == 17 && dport == 53 {
-            seen.dns.fetch_add(1, Ordering::Relaxed);
-            if query_name(&f[l4 + 8..]) == "blocked.test" {
-                // Turn the query into an NXDOMAIN answer back to the asker.
-                let (a, b) = f.split_at_mut(6);
-                a.swap_with_slice(&mut b[..6]);
-                for i in 0..4 {
-                    f.swap(18 + 12 + i, 18 + 16 + i);
-                }
-                f.swap(l4, l4 + 2);
-                f.swap(l4 + 1, l4 + 3);
-                f[l4 + 6] = 0;
-                f[l4 + 7] = 0; // UDP checksum optional over IPv4
-                let dns = l4 + 8;
-                f[dns + 2] |= 0x80;
-                f[dns + 3] = 0x80 | 3;
-                pcp = 3;
-            }
-        }
+        let pcp = handler(f, l4, proto);
         f[14] = (f[14] & 0x1f) | pcp << 5;
         // SAFETY: f is a valid buffer of its length; the socket is bound to eth0.
         unsafe { libc::send(sock.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
@@ -516,4 +525,120 @@ fn fail_closed_service_drops_its_class_until_it_runs() {
     );
     stop.store(true, Ordering::Relaxed);
     resolver.join().unwrap();
+}
+
+/// Packets of one TCP session the service saw, by client port.
+type SessionLog = Arc<std::sync::Mutex<std::collections::HashMap<u16, u32>>>;
+
+#[test]
+fn new_sessions_cross_the_service_until_its_verdict_then_take_the_fast_path() {
+    if !need("new_sessions_cross_the_service_until_its_verdict_then_take_the_fast_path") {
+        return;
+    }
+    const N: u32 = 4;
+    let mut l = lab("gvt-st2", 2);
+    let policy = Policy::NewSessions {
+        packets: N,
+        selector: flowbridge::steering::Selector {
+            protocol: Some(flowbridge::steering::Proto::Tcp),
+            ports: vec![5001, 5002],
+            macs: vec![],
+        },
+    };
+    l.ctl
+        .add_service(3, l.svc_port, vec![policy], FailureMode::Open)
+        .unwrap();
+    l.ctl.activate(3).unwrap();
+
+    // The service allows sessions to 5001 on their N-th packet and blocks 5002 at once.
+    let log: SessionLog = Arc::default();
+    let svc_stop = Arc::new(AtomicBool::new(false));
+    let service = {
+        let (stop, log) = (svc_stop.clone(), log.clone());
+        l.svc.spawn(move || {
+            run_raw_service(stop, move |f, l4, proto| {
+                if proto != 6 {
+                    return 0;
+                }
+                let sport = u16::from_be_bytes([f[l4], f[l4 + 1]]);
+                let dport = u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]);
+                let mut log = log.lock().unwrap();
+                let n = log.entry(sport).or_insert(0);
+                *n += 1;
+                match dport {
+                    5002 => 2,
+                    _ if *n >= N => 1,
+                    _ => 0,
+                }
+            })
+        })
+    };
+    let sink = l.wan.spawn(|| {
+        let lst = TcpListener::bind("10.99.0.1:5001").unwrap();
+        let mut totals = Vec::new();
+        for _ in 0..2 {
+            let (mut c, _) = lst.accept().unwrap();
+            let mut buf = [0u8; 65536];
+            let mut total = 0usize;
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total += n;
+            }
+            totals.push(total);
+        }
+        totals
+    });
+    let _blackhole = l
+        .wan
+        .spawn(|| TcpListener::bind("10.99.0.1:5002").map(|l| l.accept().ok()));
+    std::thread::sleep(Duration::from_millis(100));
+
+    // Two sessions to 5001, each with 40 separate segments.
+    let ports = l
+        .lan
+        .spawn(|| {
+            let mut ports = Vec::new();
+            for _ in 0..2 {
+                let mut c = TcpStream::connect("10.99.0.1:5001").unwrap();
+                c.set_nodelay(true).unwrap();
+                ports.push(c.local_addr().unwrap().port());
+                for _ in 0..40 {
+                    c.write_all(&[1u8; 100]).unwrap();
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            ports
+        })
+        .join()
+        .unwrap();
+    assert_eq!(sink.join().unwrap(), vec![4000, 4000], "all data arrived");
+    // A blocked session never connects.
+    let blocked = l
+        .lan
+        .spawn(|| {
+            TcpStream::connect_timeout(
+                &"10.99.0.1:5002".parse().unwrap(),
+                Duration::from_millis(800),
+            )
+            .is_err()
+        })
+        .join()
+        .unwrap();
+    assert!(blocked, "the session to 5002 was blocked");
+    svc_stop.store(true, Ordering::Relaxed);
+    service.join().unwrap();
+
+    let log = log.lock().unwrap();
+    for p in ports {
+        let seen = log.get(&p).copied().unwrap_or(0);
+        // Exactly N packets before the verdict; a packet or two already in flight when the
+        // verdict lands may still arrive (post-verdict leak).
+        assert!(
+            seen >= N && seen <= N + 2,
+            "session from port {p}: service saw {seen} packets"
+        );
+        eprintln!("session {p}: {seen} packets through the service (N = {N})");
+    }
 }
