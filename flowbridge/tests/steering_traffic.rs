@@ -636,7 +636,7 @@ fn new_sessions_cross_the_service_until_its_verdict_then_take_the_fast_path() {
         // Exactly N packets before the verdict; a packet or two already in flight when the
         // verdict lands may still arrive (post-verdict leak).
         assert!(
-            seen >= N && seen <= N + 2,
+            (N..=N + 2).contains(&seen),
             "session from port {p}: service saw {seen} packets"
         );
         eprintln!("session {p}: {seen} packets through the service (N = {N})");
