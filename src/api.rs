@@ -45,6 +45,8 @@ pub enum Request {
         #[serde(default = "default_tail")]
         tail_bytes: u64,
     },
+    /// The flows on the bridge, by owner (base pipeline or service), with counters.
+    Flows,
     /// Recent events; with `follow` the connection stays open and new events stream.
     Events {
         #[serde(default)]

@@ -22,6 +22,12 @@ pub struct DaemonArgs {
     /// Stop all services when the daemon stops (default: leave them running).
     #[arg(long)]
     pub stop_services_on_exit: bool,
+    /// Open vSwitch bridge to plug services into (default: the board profile's).
+    #[arg(long)]
+    pub bridge: Option<String>,
+    /// Do not use Open vSwitch at all (no steering).
+    #[arg(long)]
+    pub no_network: bool,
 }
 
 #[derive(Subcommand)]
@@ -206,6 +212,17 @@ fn print_status(v: &Value) {
         mib(mem.and_then(|m| m.get("limit_bytes")))
     );
     println!("  interface:   {}", s(v, "interface"));
+    if let Some(c) = v.pointer("/steering/counters").filter(|c| !c.is_null()) {
+        println!(
+            "  steered:     {} packets, {} bytes to the service; {} returned with a verdict",
+            s(c, "steered_packets"),
+            s(c, "steered_bytes"),
+            s(c, "returned_packets")
+        );
+    }
+    if let Some(e) = v.get("network_error").filter(|e| !e.is_null()) {
+        println!("  network:     {}", e.as_str().unwrap_or_default());
+    }
     if let Some(e) = v.get("last_exit").filter(|e| !e.is_null()) {
         println!("  last exit:   {}", s(e, "description"));
     }
@@ -424,4 +441,25 @@ fn clock(ms: u64) -> String {
         day_ms / 1000 % 60,
         day_ms % 1000
     )
+}
+
+pub fn flows(socket: &Path, json: bool) -> i32 {
+    run(socket, Request::Flows, json, |v| {
+        println!("bridge {}", s(v, "bridge"));
+        println!("{:<10} {:>10} {:>12}  FLOW", "OWNER", "PACKETS", "BYTES");
+        for f in v
+            .get("flows")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            println!(
+                "{:<10} {:>10} {:>12}  {}",
+                s(f, "owner"),
+                s(f, "packets"),
+                s(f, "bytes"),
+                s(f, "flow")
+            );
+        }
+    })
 }

@@ -27,6 +27,10 @@ pub struct ConfigFile {
     pub stop_services_on_exit: Option<bool>,
     pub log_max_bytes: Option<u64>,
     pub log_keep: Option<u32>,
+    /// Plug services into Open vSwitch and steer their traffic (default true).
+    pub network: Option<bool>,
+    /// Bridge to use instead of the board profile's.
+    pub bridge: Option<String>,
 }
 
 impl ConfigFile {

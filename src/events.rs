@@ -19,6 +19,7 @@ pub enum EventKind {
     Removed,
     DaemonStarted,
     DaemonStopping,
+    NetworkRestored,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -36,6 +36,11 @@ enum Command {
     Board(cli::BoardArgs),
     /// Show the event log (started, exited, restarted, failed, ...).
     Events(cli::EventsArgs),
+    /// Show the flows on the bridge, by owner, with packet and byte counters.
+    Flows {
+        #[arg(long)]
+        json: bool,
+    },
     /// Internal: the per-container monitor process started by the daemon.
     #[command(name = "__lxc-monitor", hide = true)]
     LxcMonitor { config: String },
@@ -55,6 +60,7 @@ fn main() {
         Command::Service(cmd) => cli::service(&cli.socket, cmd),
         Command::Board(args) => cli::board(args),
         Command::Events(args) => cli::events(&cli.socket, args),
+        Command::Flows { json } => cli::flows(&cli.socket, json),
     };
     std::process::exit(code);
 }
@@ -104,6 +110,8 @@ fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()
         },
         busybox: gatevisor_board::ovs::find_sbin("busybox")
             .unwrap_or_else(|| PathBuf::from("/bin/busybox")),
+        network: !args.no_network && file.network.unwrap_or(true),
+        bridge: args.bridge.or(file.bridge),
     };
     daemon::run(daemon::DaemonOptions {
         socket,

@@ -97,18 +97,26 @@ impl Default for Restart {
     }
 }
 
-/// The service's network attachment. Steering policies come with flowbridge.
+/// The service's network attachment: its interface on the gateway's bridge and which of the
+/// gateway's traffic is steered to it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Network {
-    /// Give the service an interface (a veth for containers) named after it on the host side.
+    /// Give the service an interface (a veth for containers) named after it on the host side,
+    /// plugged into the board's Open vSwitch bridge.
     #[serde(default = "yes")]
     pub interface: bool,
+    /// Steering policies (`kind = "dns" | "new-sessions" | "match"`).
+    #[serde(default)]
+    pub steering: Vec<flowbridge::steering::Policy>,
 }
 
 impl Default for Network {
     fn default() -> Network {
-        Network { interface: true }
+        Network {
+            interface: true,
+            steering: Vec::new(),
+        }
     }
 }
 
@@ -154,6 +162,15 @@ pub enum ManifestError {
 
 /// The longest service name: it becomes part of interface names (15 bytes at most).
 pub const MAX_NAME_LEN: usize = 12;
+
+impl FailureMode {
+    pub fn to_flowbridge(self) -> flowbridge::controller::FailureMode {
+        match self {
+            FailureMode::Open => flowbridge::controller::FailureMode::Open,
+            FailureMode::Closed => flowbridge::controller::FailureMode::Closed,
+        }
+    }
+}
 
 impl Manifest {
     /// Reads, parses and validates a manifest file.
@@ -255,6 +272,16 @@ impl Manifest {
         }
         if rs.max_retries > 1000 {
             return Err(bad("restart.max_retries", "must be at most 1000".into()));
+        }
+        for (i, p) in self.network.steering.iter().enumerate() {
+            p.validate()
+                .map_err(|e| bad(&format!("network.steering[{i}]"), e.to_string()))?;
+        }
+        if !self.network.steering.is_empty() && !self.network.interface {
+            return Err(bad(
+                "network.interface",
+                "must be true when network.steering is set (steered traffic reaches the service through it)".into(),
+            ));
         }
         if self.stop_timeout_s > 600 {
             return Err(bad("stop_timeout_s", "must be at most 600 seconds".into()));

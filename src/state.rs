@@ -47,6 +47,9 @@ pub struct Running {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceRecord {
+    /// Stable number of the service (its flows' cookies carry it).
+    #[serde(default)]
+    pub id: u32,
     pub manifest: Manifest,
     /// The manifest file it was installed from.
     pub source: PathBuf,

@@ -22,6 +22,7 @@ use crate::api::{ApiError, ErrorKind, Reply, Request};
 use crate::events::{Event, EventKind, EventLog};
 use crate::lifecycle::{Op, State};
 use crate::manifest::{ImageRef, Manifest, RestartPolicy, RuntimeKind};
+use crate::network::Network;
 use crate::notify::Notifier;
 use crate::proc;
 use crate::state::{now_ms, Desired, LastExit, Running, ServiceRecord, StateDoc, Store};
@@ -39,6 +40,10 @@ pub struct Settings {
     /// How to run the per-container monitor (this binary's hidden subcommand).
     pub monitor: lxc::MonitorCommand,
     pub busybox: PathBuf,
+    /// Plug services into Open vSwitch and steer their traffic.
+    pub network: bool,
+    /// Bridge to use instead of the board profile's.
+    pub bridge: Option<String>,
 }
 
 pub enum Msg {
@@ -71,6 +76,8 @@ struct Live {
     /// Bumped whenever a watcher's report must be ignored (stop on request, restart).
     generation: u64,
     retry_at: Option<Instant>,
+    /// Why the service's port or flows could not be set up, if they could not.
+    net_error: Option<String>,
 }
 
 pub struct Supervisor {
@@ -83,6 +90,9 @@ pub struct Supervisor {
     live: HashMap<String, Live>,
     tx: Sender<Msg>,
     generation: u64,
+    net: Option<Network>,
+    /// Why there is no network, when there is none.
+    net_problem: Option<String>,
 }
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -123,6 +133,41 @@ impl Supervisor {
             settings.monitor.clone(),
         )?;
         let events = EventLog::new(&settings.state_dir, settings.events_max_bytes);
+        let (net, net_problem) = if settings.network {
+            let bridge = settings
+                .bridge
+                .clone()
+                .unwrap_or_else(|| board.profile.bridge.clone());
+            let system = board.ovs.system_db_socket.as_ref().map(PathBuf::from);
+            match Network::start(
+                system.as_deref(),
+                &settings.state_dir.join("ovs"),
+                &bridge,
+                &board.profile.datapath_type,
+            ) {
+                Ok(n) => {
+                    tracing::info!(
+                        "bridge {bridge} on {} Open vSwitch ({} datapath)",
+                        if n.is_private() {
+                            "the private"
+                        } else {
+                            "the system"
+                        },
+                        board.profile.datapath_type
+                    );
+                    (Some(n), None)
+                }
+                Err(e) => {
+                    tracing::error!("no steering: {e}");
+                    (None, Some(e.to_string()))
+                }
+            }
+        } else {
+            (
+                None,
+                Some("networking disabled by configuration".to_string()),
+            )
+        };
         Ok(Supervisor {
             settings,
             store,
@@ -133,6 +178,8 @@ impl Supervisor {
             live: HashMap::new(),
             tx,
             generation: 0,
+            net,
+            net_problem,
         })
     }
 
@@ -230,13 +277,18 @@ impl Supervisor {
             .map(|w| w / 2)
             .unwrap_or(Duration::from_secs(3600));
         let mut last_ping = Instant::now();
+        let mut last_net_check = Instant::now();
+        const NET_CHECK: Duration = Duration::from_secs(1);
         loop {
             let now = Instant::now();
             let next_timer = self.live.values().filter_map(|l| l.retry_at).min();
-            let wait = next_timer
+            let mut wait = next_timer
                 .map(|t| t.saturating_duration_since(now))
                 .unwrap_or(ping_every)
                 .min(ping_every.saturating_sub(now - last_ping));
+            if self.net.is_some() {
+                wait = wait.min(NET_CHECK.saturating_sub(now - last_net_check));
+            }
             let msg = rx.recv_timeout(wait);
             if let Some(n) = &notifier {
                 if last_ping.elapsed() >= ping_every {
@@ -258,6 +310,10 @@ impl Supervisor {
                 Err(RecvTimeoutError::Timeout) => {}
             }
             self.fire_timers();
+            if last_net_check.elapsed() >= NET_CHECK {
+                last_net_check = Instant::now();
+                self.check_network();
+            }
         }
         if let Some(n) = &notifier {
             n.stopping();
@@ -286,6 +342,121 @@ impl Supervisor {
         // Reap our monitor children's zombies later: they keep running in their own sessions
         // and are re-parented when we exit.
         let _ = self.persist();
+        // The private switch stays up only while services it carries stay up.
+        let services_left_running = !self.settings.stop_services_on_exit
+            && self.doc.services.values().any(|r| r.state.is_active());
+        if let Some(net) = self.net.take() {
+            net.shutdown(services_left_running);
+        }
+    }
+
+    /// Restores flows after an Open vSwitch restart.
+    fn check_network(&mut self) {
+        let Some(net) = self.net.as_mut() else { return };
+        match net.check() {
+            Ok(true) => self.event(
+                EventKind::NetworkRestored,
+                None,
+                "Open vSwitch came back; flows restored",
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("Open vSwitch check failed: {e}"),
+        }
+    }
+
+    /// Plugs a running service into the bridge and starts steering to it.
+    fn plug(&mut self, name: &str) {
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(rec) = self.doc.services.get(name) else {
+            return;
+        };
+        if !rec.manifest.network.interface {
+            return;
+        }
+        let m = &rec.manifest;
+        let res = net.plug(
+            rec.id,
+            &veth_name(name),
+            name,
+            &m.network.steering,
+            m.failure_mode.to_flowbridge(),
+        );
+        let live = self.live.entry(name.to_string()).or_default();
+        live.net_error = res.err().map(|e| {
+            tracing::warn!("{name}: {e}");
+            e.to_string()
+        });
+    }
+
+    /// The service ended or is stopping: its traffic class fails open or closed now.
+    fn unplug(&mut self, name: &str) {
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(rec) = self.doc.services.get(name) else {
+            return;
+        };
+        if rec.manifest.network.interface {
+            if let Err(e) = net.unplug(rec.id, &veth_name(name)) {
+                tracing::warn!("{name}: {e}");
+            }
+        }
+    }
+
+    /// Puts a service that is not running into its failure mode on the bridge.
+    fn register_network(&mut self, name: &str) {
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(rec) = self.doc.services.get(name) else {
+            return;
+        };
+        if rec.manifest.network.steering.is_empty() {
+            return;
+        }
+        let m = &rec.manifest;
+        if let Err(e) = net.register(rec.id, &m.network.steering, m.failure_mode.to_flowbridge()) {
+            tracing::warn!("{name}: {e}");
+        }
+    }
+
+    fn flows(&mut self) -> Result<serde_json::Value> {
+        let Some(net) = self.net.as_mut() else {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!(
+                    "no Open vSwitch: {}",
+                    self.net_problem.clone().unwrap_or_default()
+                ),
+            ));
+        };
+        let bridge = net.bridge.clone();
+        let flows = net.flows().map_err(runtime_err)?;
+        let owner = |cookie: u64| -> String {
+            if cookie == flowbridge::steering::BASE_COOKIE {
+                return "base".into();
+            }
+            self.doc
+                .services
+                .values()
+                .find(|r| {
+                    cookie == flowbridge::steering::service_cookie(r.id, false)
+                        || cookie == flowbridge::steering::service_cookie(r.id, true)
+                })
+                .map(|r| r.manifest.name.clone())
+                .unwrap_or_else(|| "other".into())
+        };
+        let list: Vec<serde_json::Value> = flows
+            .iter()
+            .map(|f| {
+                json!({
+                    "owner": owner(f.flow.cookie),
+                    "cookie": format!("{:#x}", f.flow.cookie),
+                    "table": f.flow.table,
+                    "priority": f.flow.priority,
+                    "packets": f.packet_count,
+                    "bytes": f.byte_count,
+                    "flow": f.flow.to_string(),
+                })
+            })
+            .collect();
+        Ok(json!({ "bridge": bridge, "flows": list }))
     }
 
     fn fire_timers(&mut self) {
@@ -365,8 +536,10 @@ impl Supervisor {
             }
             Request::List => {
                 let names: Vec<String> = self.doc.services.keys().cloned().collect();
-                let list: Vec<serde_json::Value> =
-                    names.iter().filter_map(|n| self.status(n).ok()).collect();
+                let mut list = Vec::new();
+                for n in &names {
+                    list.extend(self.status(n).ok());
+                }
                 Ok(json!({ "services": list }))
             }
             Request::Status { name } => self.status(&name),
@@ -376,6 +549,7 @@ impl Supervisor {
                 tail_bytes,
             } => self.logs(&name, offset, tail_bytes),
             Request::Events { last, .. } => Ok(json!({ "events": self.events.last(last) })),
+            Request::Flows => self.flows(),
         }
     }
 
@@ -445,6 +619,15 @@ impl Supervisor {
                 ),
             ));
         }
+        if !m.network.steering.is_empty() && self.net.is_none() {
+            return Err(err(
+                ErrorKind::Invalid,
+                format!(
+                    "{file}: field `network.steering`: needs Open vSwitch, which is unavailable here: {}",
+                    self.net_problem.clone().unwrap_or_default()
+                ),
+            ));
+        }
         let image = m.image_ref(&path).map_err(|e| invalid(&e))?;
         let caps = m.capability_set(&path).map_err(|e| invalid(&e))?;
 
@@ -458,9 +641,11 @@ impl Supervisor {
         }
         let name = m.name.clone();
         let version = m.version.clone();
+        let id = self.doc.services.values().map(|r| r.id).max().unwrap_or(0) + 1;
         self.doc.services.insert(
             name.clone(),
             ServiceRecord {
+                id,
                 manifest: m,
                 source: path.clone(),
                 runtime: runtime.into(),
@@ -489,6 +674,7 @@ impl Supervisor {
             Some(&name),
             format!("version {version}, runtime {runtime}"),
         );
+        self.register_network(&name);
         if start {
             self.start_service(&name, Op::Start)?;
             self.persist()?;
@@ -537,6 +723,11 @@ impl Supervisor {
     fn remove(&mut self, name: &str) -> Result<serde_json::Value> {
         self.record(name)?;
         self.stop_service(name, false)?;
+        if let (Some(net), Some(rec)) = (self.net.as_mut(), self.doc.services.get(name)) {
+            if let Err(e) = net.forget(rec.id, &veth_name(name)) {
+                tracing::warn!("{name}: {e}");
+            }
+        }
         self.rt.undefine(name).map_err(runtime_err)?;
         let rec = self.doc.services.remove(name);
         if let Err(e) = self.persist() {
@@ -576,6 +767,7 @@ impl Supervisor {
                 self.transition(name, Op::Started)?;
                 self.record_mut(name)?.running = Some(running);
                 self.watch(name, monitor_pid, Some(started.monitor));
+                self.plug(name);
                 let _ = self.persist();
                 let kind = if op == Op::Retry {
                     EventKind::Restarted
@@ -652,6 +844,8 @@ impl Supervisor {
         if !rec.state.is_active() {
             return;
         }
+        // Its traffic first: fail open (or closed) before anything else.
+        self.unplug(name);
         let exit = self.read_exit(name);
         let desc = exit.description.clone();
         self.after_end(name, Some(exit), desc, true);
@@ -758,6 +952,8 @@ impl Supervisor {
             }
             State::Starting | State::Running => {
                 self.transition(name, Op::Stop)?;
+                // Its traffic fails over before the service goes away.
+                self.unplug(name);
                 // The exit that follows is ours: the watcher's report is ignored.
                 let live = self.live.remove(name).unwrap_or_default();
                 let how = self.rt.stop(name, timeout).map_err(runtime_err)?;
@@ -790,6 +986,15 @@ impl Supervisor {
     /// while the daemon was away, and start what should run.
     fn adopt_all(&mut self) {
         let names: Vec<String> = self.doc.services.keys().cloned().collect();
+        // Services from before ids existed get one.
+        let mut next_id = self.doc.services.values().map(|r| r.id).max().unwrap_or(0);
+        for rec in self.doc.services.values_mut().filter(|r| r.id == 0) {
+            next_id += 1;
+            rec.id = next_id;
+        }
+        for name in &names {
+            self.register_network(name);
+        }
         for name in names {
             let Ok(rec) = self.record(&name) else {
                 continue;
@@ -816,6 +1021,7 @@ impl Supervisor {
                     });
                     rec.state = State::Running;
                     self.watch(&name, monitor_pid, None);
+                    self.plug(&name);
                     self.event(
                         EventKind::Adopted,
                         Some(&name),
@@ -856,7 +1062,15 @@ impl Supervisor {
 
     // ---------------------------------------------------------------- views
 
-    fn status(&self, name: &str) -> Result<serde_json::Value> {
+    fn status(&mut self, name: &str) -> Result<serde_json::Value> {
+        let (id, has_steering) = {
+            let rec = self.record(name)?;
+            (rec.id, !rec.manifest.network.steering.is_empty())
+        };
+        let counters = match self.net.as_mut() {
+            Some(net) if has_steering => net.counters(id).ok(),
+            _ => None,
+        };
         let rec = self.record(name)?;
         let usage = if rec.state == State::Running {
             self.rt.usage(name).ok()
@@ -865,7 +1079,14 @@ impl Supervisor {
         };
         let running = rec.running.as_ref();
         let m = &rec.manifest;
+        let live = self.live.get(name);
         Ok(json!({
+            "id": id,
+            "steering": has_steering.then(|| json!({
+                "policies": m.network.steering,
+                "counters": counters,
+            })),
+            "network_error": live.and_then(|l| l.net_error.clone()),
             "name": name,
             "version": m.version,
             "runtime": rec.runtime,

@@ -56,7 +56,8 @@ pub struct Ovsdb {
 pub struct PortInfo {
     pub name: String,
     pub external_ids: Vec<(String, String)>,
-    /// OpenFlow port number, once `ovs-vswitchd` assigned one.
+    /// OpenFlow port number, once `ovs-vswitchd` assigned one; -1 when it could not open the
+    /// interface (e.g. the device is gone).
     pub ofport: Option<i64>,
 }
 
@@ -238,7 +239,7 @@ impl Ovsdb {
             let ofport = ifaces
                 .first()
                 .and_then(|i| i["ofport"].as_i64())
-                .filter(|n| *n > 0);
+                .filter(|n| *n > 0 || *n == -1);
             out.push(PortInfo {
                 name,
                 external_ids: map_pairs(&row["external_ids"]),

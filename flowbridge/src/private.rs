@@ -41,6 +41,8 @@ pub struct PrivateOvs {
     run_dir: PathBuf,
     ovsdb_server: Option<Child>,
     vswitchd: Option<Child>,
+    /// Stop the processes on drop (false after `leave_running`).
+    stop_on_drop: bool,
 }
 
 fn program(name: &'static str) -> Result<PathBuf, PrivateError> {
@@ -85,6 +87,7 @@ impl PrivateOvs {
             run_dir: run_dir.into(),
             ovsdb_server: None,
             vswitchd: None,
+            stop_on_drop: true,
         };
         let log = |n: &str| run_dir.join(format!("{n}.log"));
         me.ovsdb_server = Some(spawn(
@@ -93,6 +96,7 @@ impl PrivateOvs {
                 db.to_str().unwrap_or_default(),
                 &format!("--remote=punix:{}", me.db_socket().display()),
                 &format!("--unixctl={}", run_dir.join("ovsdb-server.ctl").display()),
+                &format!("--pidfile={}", run_dir.join("ovsdb-server.pid").display()),
                 &format!("--log-file={}", log("ovsdb-server").display()),
                 "-vconsole:off",
             ],
@@ -120,6 +124,7 @@ impl PrivateOvs {
             &[
                 &format!("unix:{}", me.db_socket().display()),
                 &format!("--unixctl={}", run_dir.join("ovs-vswitchd.ctl").display()),
+                &format!("--pidfile={}", run_dir.join("ovs-vswitchd.pid").display()),
                 &format!("--log-file={}", log("ovs-vswitchd").display()),
                 "-vconsole:off",
             ],
@@ -133,6 +138,41 @@ impl PrivateOvs {
                 log: log("ovs-vswitchd"),
             })?;
         Ok(me)
+    }
+
+    /// Re-attaches to a private switch a previous daemon left running in `run_dir` (both
+    /// daemons answer), or starts a new one.
+    pub fn attach_or_start(run_dir: &Path) -> Result<PrivateOvs, PrivateError> {
+        let answers = |f: &str| unixctl(&run_dir.join(f), "version", &[]).is_ok();
+        if answers("ovsdb-server.ctl") && answers("ovs-vswitchd.ctl") {
+            return Ok(PrivateOvs {
+                run_dir: run_dir.into(),
+                ovsdb_server: None,
+                vswitchd: None,
+                stop_on_drop: true,
+            });
+        }
+        // Whatever half is left over is stopped before a clean start.
+        stop_in(run_dir);
+        PrivateOvs::start(run_dir)
+    }
+
+    /// Keeps the switch running after this handle is dropped, so traffic keeps flowing and the
+    /// next daemon re-attaches to it.
+    pub fn leave_running(mut self) {
+        self.stop_on_drop = false;
+    }
+
+    /// Both daemons answer on their control sockets.
+    pub fn healthy(&self) -> bool {
+        ["ovsdb-server.ctl", "ovs-vswitchd.ctl"]
+            .iter()
+            .all(|f| unixctl(&self.run_dir.join(f), "version", &[]).is_ok())
+    }
+
+    /// The `ovs-vswitchd` control socket (for `revalidator/purge`, `exit`).
+    pub fn vswitchd_ctl(&self) -> PathBuf {
+        self.run_dir.join("ovs-vswitchd.ctl")
     }
 
     pub fn db_socket(&self) -> PathBuf {
@@ -212,8 +252,56 @@ pub fn unixctl(socket: &Path, method: &str, params: &[&str]) -> std::io::Result<
     }
 }
 
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Running (not gone, and not a zombie waiting for whoever inherited it to reap it).
+fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Stops a private switch found in `run_dir` by its pidfiles (whether or not we started it):
+/// vswitchd first, with `exit --cleanup` so it deletes its datapath and the bridges' internal
+/// interfaces, then ovsdb-server.
+pub fn stop_in(run_dir: &Path) {
+    use nix::sys::signal::{kill, Signal};
+    for (ctl, pidfile) in [
+        ("ovs-vswitchd.ctl", "ovs-vswitchd.pid"),
+        ("ovsdb-server.ctl", "ovsdb-server.pid"),
+    ] {
+        let Some(pid) = read_pid(&run_dir.join(pidfile)).filter(|p| pid_alive(*p)) else {
+            continue;
+        };
+        let args: &[&str] = if ctl.starts_with("ovs-vswitchd") {
+            &["--cleanup"]
+        } else {
+            &[]
+        };
+        if unixctl(&run_dir.join(ctl), "exit", args).is_err() {
+            let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pid_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if pid_alive(pid) {
+            let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
 impl Drop for PrivateOvs {
     fn drop(&mut self) {
+        if !self.stop_on_drop {
+            return;
+        }
         // vswitchd first, with --cleanup: it deletes its datapath and the bridges' internal
         // interfaces, leaving nothing behind in the kernel.
         if let Some(c) = self.vswitchd.as_mut() {
@@ -228,6 +316,10 @@ impl Drop for PrivateOvs {
         }
         if let Some(c) = self.ovsdb_server.as_mut() {
             stop(c);
+        }
+        if self.vswitchd.is_none() && self.ovsdb_server.is_none() {
+            // Attached to a switch an earlier daemon started: stop it by its pidfiles.
+            stop_in(&self.run_dir);
         }
     }
 }

@@ -303,7 +303,7 @@ fn lab(bridge: &str, n: u8) -> Lab {
         if let Some(p) = ports
             .iter()
             .find(|p| p.name == svc.host_if)
-            .and_then(|p| p.ofport)
+            .and_then(|p| p.ofport.filter(|n| *n > 0))
         {
             break p as u32;
         }

@@ -23,6 +23,7 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
     pub env: Vec<(String, String)>,
+    pub args: Vec<String>,
 }
 
 impl Daemon {
@@ -31,6 +32,15 @@ impl Daemon {
     }
 
     pub fn start_with_env(env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with(env, &[])
+    }
+
+    /// A daemon with extra command-line arguments.
+    pub fn start_with_args(args: &[&str]) -> Daemon {
+        Daemon::start_with(&[], args)
+    }
+
+    pub fn start_with(env: &[(&str, &str)], args: &[&str]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("gv-test")
             .tempdir()
@@ -42,6 +52,7 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         d.spawn();
         d
@@ -49,6 +60,25 @@ impl Daemon {
 
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
+    }
+
+    /// A bridge name of its own, so that tests running in parallel do not share one.
+    pub fn bridge(&self) -> String {
+        let tail: String = self
+            .dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .chars()
+            .rev()
+            .take(6)
+            .collect();
+        format!(
+            "gvb{}",
+            tail.to_ascii_lowercase()
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "x")
+        )
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -70,6 +100,9 @@ impl Daemon {
             .arg(self.socket())
             .arg("--config")
             .arg(self.dir.path().join("none.toml"))
+            .arg("--bridge")
+            .arg(self.bridge())
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -191,6 +224,8 @@ impl Drop for Daemon {
                 let _ = rt.stop(&name, Duration::ZERO);
             }
         }
+        // The private Open vSwitch outlives a killed daemon by design; stop it here.
+        flowbridge::private::stop_in(&self.state_dir().join("ovs"));
         if std::thread::panicking() {
             eprintln!("daemon log:\n{}", self.log());
         }

@@ -1,0 +1,213 @@
+//! The supervisor's side of flowbridge: which Open vSwitch to use, the bridge, and each
+//! service's port and steering flows.
+//!
+//! - A system Open vSwitch (its database socket answers) is used as it is; gatevisor touches
+//!   only the bridge it was told to use, the ports it added and the flows carrying its cookies.
+//! - Otherwise gatevisor runs its own private switch under `STATE/ovs` (the embedded default).
+//!   The private switch follows the services: left running when the daemon exits and leaves
+//!   services running (so their traffic keeps flowing and the next daemon re-attaches without
+//!   a blip), stopped when the services are stopped.
+//! - A service's host-side interface is (re)added to the bridge each time it starts and removed
+//!   when it ends, in separate transactions (re-creating a same-named veth and swapping the port
+//!   in one transaction left it unable to receive on this OVS).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flowbridge::controller::{Controller, Counters, FailureMode};
+use flowbridge::ofconn::OfError;
+use flowbridge::ovsdb::{Ovsdb, OvsdbError};
+use flowbridge::private::{PrivateError, PrivateOvs};
+use flowbridge::steering::Policy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("Open vSwitch is not installed and no system instance runs (apt-get install openvswitch-switch)")]
+    NoSwitch,
+    #[error(transparent)]
+    Private(#[from] PrivateError),
+    #[error(transparent)]
+    Ovsdb(#[from] OvsdbError),
+    #[error(transparent)]
+    OpenFlow(#[from] OfError),
+    #[error("ovs-vswitchd could not open port {port} (is the interface gone?)")]
+    NoOfport { port: String },
+}
+
+pub struct Network {
+    pub bridge: String,
+    pub datapath_type: String,
+    db_socket: PathBuf,
+    mgmt_socket: PathBuf,
+    vswitchd_ctl: Option<PathBuf>,
+    private: Option<PrivateOvs>,
+    ctl: Controller,
+}
+
+const SYSTEM_RUNDIR: &str = "/var/run/openvswitch";
+
+/// The unixctl socket of the system `ovs-vswitchd` (`ovs-vswitchd.PID.ctl`).
+fn system_vswitchd_ctl() -> Option<PathBuf> {
+    let pid = std::fs::read_to_string(Path::new(SYSTEM_RUNDIR).join("ovs-vswitchd.pid")).ok()?;
+    let p = Path::new(SYSTEM_RUNDIR).join(format!("ovs-vswitchd.{}.ctl", pid.trim()));
+    p.exists().then_some(p)
+}
+
+impl Network {
+    /// Connects to the system switch (`system_db`) or starts/re-attaches the private one under
+    /// `private_dir`, makes sure `bridge` exists, and installs the base pipeline.
+    pub fn start(
+        system_db: Option<&Path>,
+        private_dir: &Path,
+        bridge: &str,
+        datapath_type: &str,
+    ) -> Result<Network, NetworkError> {
+        let (private, db_socket, mgmt_socket, vswitchd_ctl) = match system_db {
+            Some(db) => (
+                None,
+                db.to_path_buf(),
+                Path::new(SYSTEM_RUNDIR).join(format!("{bridge}.mgmt")),
+                system_vswitchd_ctl(),
+            ),
+            None => {
+                if gatevisor_board::ovs::find_sbin("ovs-vswitchd").is_none() {
+                    return Err(NetworkError::NoSwitch);
+                }
+                let p = PrivateOvs::attach_or_start(private_dir)?;
+                let (db, mgmt, ctl) = (p.db_socket(), p.mgmt_socket(bridge), p.vswitchd_ctl());
+                (Some(p), db, mgmt, Some(ctl))
+            }
+        };
+        let mut db = Ovsdb::connect(&db_socket)?;
+        db.init()?;
+        db.ensure_bridge(bridge, datapath_type)?;
+        db.wait_applied(Duration::from_secs(20))?;
+        let mut ctl = Controller::connect(&mgmt_socket, Duration::from_secs(20))?;
+        if let Some(c) = &vswitchd_ctl {
+            ctl = ctl.with_vswitchd_ctl(c.clone());
+        }
+        Ok(Network {
+            bridge: bridge.into(),
+            datapath_type: datapath_type.into(),
+            db_socket,
+            mgmt_socket,
+            vswitchd_ctl,
+            private,
+            ctl,
+        })
+    }
+
+    pub fn is_private(&self) -> bool {
+        self.private.is_some()
+    }
+
+    pub fn db_socket(&self) -> &Path {
+        &self.db_socket
+    }
+
+    pub fn mgmt_socket(&self) -> &Path {
+        &self.mgmt_socket
+    }
+
+    /// Records a service's policies and failure mode (a `closed` service's class is dropped
+    /// until it runs).
+    pub fn register(
+        &mut self,
+        id: u32,
+        policies: &[Policy],
+        mode: FailureMode,
+    ) -> Result<(), NetworkError> {
+        // Port 0 until plugged: no flow refers to it while the service is inactive.
+        self.ctl.add_service(id, 0, policies.to_vec(), mode)?;
+        Ok(())
+    }
+
+    /// Plugs the service's interface into the bridge and starts steering to it.
+    pub fn plug(
+        &mut self,
+        id: u32,
+        port: &str,
+        service: &str,
+        policies: &[Policy],
+        mode: FailureMode,
+    ) -> Result<u32, NetworkError> {
+        let mut db = Ovsdb::connect(&self.db_socket)?;
+        if !db.ports(&self.bridge)?.iter().any(|p| p.name == port) {
+            db.add_port(&self.bridge, port, service)?;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let ofport = loop {
+            if let Some(n) = db
+                .ports(&self.bridge)?
+                .iter()
+                .find(|p| p.name == port)
+                .and_then(|p| p.ofport)
+            {
+                break n as u32;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(NetworkError::NoOfport { port: port.into() });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        self.ctl.add_service(id, ofport, policies.to_vec(), mode)?;
+        self.ctl.activate(id)?;
+        Ok(ofport)
+    }
+
+    /// The service ended: its class fails open or closed at once, then its port is removed.
+    pub fn unplug(&mut self, id: u32, port: &str) -> Result<(), NetworkError> {
+        self.ctl.deactivate(id)?;
+        let mut db = Ovsdb::connect(&self.db_socket)?;
+        db.del_port(&self.bridge, port)?;
+        Ok(())
+    }
+
+    /// The service is removed: all its flows and its port go.
+    pub fn forget(&mut self, id: u32, port: &str) -> Result<(), NetworkError> {
+        self.ctl.remove_service(id)?;
+        let mut db = Ovsdb::connect(&self.db_socket)?;
+        db.del_port(&self.bridge, port)?;
+        Ok(())
+    }
+
+    pub fn counters(&mut self, id: u32) -> Result<Counters, NetworkError> {
+        Ok(self.ctl.counters(id)?)
+    }
+
+    pub fn flows(&mut self) -> Result<Vec<flowbridge::ofp::FlowStats>, NetworkError> {
+        Ok(self.ctl.dump()?)
+    }
+
+    /// Restores the flows if the switch restarted (its OpenFlow connection broke).
+    pub fn check(&mut self) -> Result<bool, NetworkError> {
+        if self.ctl.alive() {
+            return Ok(false);
+        }
+        tracing::warn!("Open vSwitch connection lost; reconnecting and restoring flows");
+        // Our own switch is supervised here: restart what died (its database keeps the bridge
+        // and ports).
+        if let Some(p) = self.private.as_ref().filter(|p| !p.healthy()) {
+            let dir = p.run_dir().to_path_buf();
+            if let Some(old) = self.private.take() {
+                old.leave_running();
+            }
+            self.private = Some(PrivateOvs::attach_or_start(&dir)?);
+        }
+        let mut db = Ovsdb::connect(&self.db_socket)?;
+        db.ensure_bridge(&self.bridge, &self.datapath_type)?;
+        db.wait_applied(Duration::from_secs(20))?;
+        self.ctl.resync(Duration::from_secs(20))?;
+        Ok(true)
+    }
+
+    /// Daemon exit: keep the private switch running when services keep running.
+    pub fn shutdown(self, services_keep_running: bool) {
+        if let Some(p) = self.private {
+            if services_keep_running {
+                p.leave_running();
+            }
+        }
+        let _ = self.vswitchd_ctl;
+    }
+}

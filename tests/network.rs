@@ -1,0 +1,200 @@
+//! The daemon with Open vSwitch: a steering service's port and flows follow its lifecycle.
+//! Needs root, liblxc and Open vSwitch (the daemon starts its private switch).
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+fn need_ovs(test: &str) -> bool {
+    if !need_root(test) {
+        return false;
+    }
+    if gatevisor_board::ovs::find_sbin("ovs-vswitchd").is_none() {
+        eprintln!("skipped {test}: Open vSwitch is not installed");
+        return false;
+    }
+    true
+}
+
+/// The flow texts owned by `owner`.
+fn owned(d: &Daemon, owner: &str) -> Vec<String> {
+    let v = d.json(&["flows", "--json"]);
+    v["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["owner"] == owner)
+        .map(|f| f["flow"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn steering_manifest(name: &str, mode: &str) -> String {
+    manifest_text(name, "while :; do sleep 1; done", "").replace(
+        "stop_timeout_s = 3",
+        &format!("stop_timeout_s = 3\nfailure_mode = \"{mode}\"\n[network]\nsteering = [{{ kind = \"dns\" }}]"),
+    )
+}
+
+fn ports(d: &Daemon) -> String {
+    let out = std::process::Command::new("ovs-vsctl")
+        .arg(format!(
+            "--db=unix:{}",
+            d.state_dir().join("ovs/db.sock").display()
+        ))
+        .args(["list-ports", &d.bridge()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn steering_flows_fail_closed_on_crash_and_return_on_restart() {
+    if !need_ovs("steering_flows_fail_closed_on_crash_and_return_on_restart") {
+        return;
+    }
+    let d = Daemon::start();
+    let m = d.manifest("dns.toml", &steering_manifest("t-dnsc", "closed"));
+    d.json(&["service", "install", m.to_str().unwrap(), "--json"]);
+    // Installed, not running, fail-closed: its class is dropped already.
+    let flows = owned(&d, "t-dnsc");
+    assert_eq!(flows.len(), 2, "{flows:?}");
+    assert!(
+        flows
+            .iter()
+            .all(|f| f.ends_with("actions=drop") && f.contains("tp_dst=53")),
+        "{flows:?}"
+    );
+
+    let st = d.json(&["service", "start", "t-dnsc", "--json"]);
+    assert!(st["network_error"].is_null(), "{st}");
+    assert!(
+        ports(&d).contains("gv-t-dnsc"),
+        "port plugged: {}",
+        ports(&d)
+    );
+    let flows = owned(&d, "t-dnsc");
+    assert!(
+        flows
+            .iter()
+            .any(|f| f.contains("tp_dst=53") && f.contains("push_vlan")),
+        "{flows:?}"
+    );
+    assert!(
+        st["steering"]["counters"]["steered_packets"].is_number(),
+        "{st}"
+    );
+
+    // kill -9: the class is dropped at once (fail-closed), then steering returns with the restart.
+    let pid = st["init_pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let back = d.wait_for(Duration::from_secs(5), || {
+        let st = d.status("t-dnsc");
+        (st["state"] == "running" && st["init_pid"].as_i64() != Some(pid)).then_some(())
+    });
+    assert!(back.is_some(), "not restarted");
+    let flows = owned(&d, "t-dnsc");
+    assert!(
+        flows.iter().any(|f| f.contains("push_vlan")),
+        "steering restored: {flows:?}"
+    );
+    let text = String::from_utf8_lossy(&d.cli(&["events", "--json"]).stdout).into_owned();
+    assert!(text.contains("\"kind\":\"restarted\""));
+
+    // Removal takes its flows and its port.
+    d.json(&["service", "remove", "t-dnsc", "--json"]);
+    assert!(owned(&d, "t-dnsc").is_empty());
+    assert!(!ports(&d).contains("gv-t-dnsc"));
+    assert!(!owned(&d, "base").is_empty(), "the base pipeline stays");
+}
+
+#[test]
+fn fail_open_service_leaves_no_flows_when_stopped() {
+    if !need_ovs("fail_open_service_leaves_no_flows_when_stopped") {
+        return;
+    }
+    let d = Daemon::start();
+    let m = d.manifest("dns.toml", &steering_manifest("t-dnso", "open"));
+    d.json(&[
+        "service",
+        "install",
+        m.to_str().unwrap(),
+        "--start",
+        "--json",
+    ]);
+    assert!(!owned(&d, "t-dnso").is_empty());
+    d.json(&["service", "stop", "t-dnso", "--json"]);
+    assert!(
+        owned(&d, "t-dnso").is_empty(),
+        "fail-open: the base pipeline forwards its class"
+    );
+    assert!(!ports(&d).contains("gv-t-dnso"));
+}
+
+#[test]
+fn flows_survive_daemon_kill9_and_vswitchd_death() {
+    if !need_ovs("flows_survive_daemon_kill9_and_vswitchd_death") {
+        return;
+    }
+    let mut d = Daemon::start();
+    let m = d.manifest("dns.toml", &steering_manifest("t-dnsk", "open"));
+    d.json(&[
+        "service",
+        "install",
+        m.to_str().unwrap(),
+        "--start",
+        "--json",
+    ]);
+    let before = owned(&d, "t-dnsk");
+    let vswitchd_pid = std::fs::read_to_string(d.state_dir().join("ovs/ovs-vswitchd.pid")).unwrap();
+
+    // The daemon dies: the private switch and its flows stay; the new daemon re-attaches.
+    d.kill9();
+    d.spawn();
+    assert_eq!(
+        std::fs::read_to_string(d.state_dir().join("ovs/ovs-vswitchd.pid")).unwrap(),
+        vswitchd_pid,
+        "the switch was re-attached, not restarted"
+    );
+    assert_eq!(owned(&d, "t-dnsk"), before);
+
+    // ovs-vswitchd dies: the daemon restarts it and restores every flow by itself.
+    let pid: i32 = vswitchd_pid.trim().parse().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let restored = d.wait_for(Duration::from_secs(15), || {
+        let out = d.cli(&["flows", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let n = v["flows"]
+            .as_array()?
+            .iter()
+            .filter(|f| f["owner"] == "t-dnsk")
+            .count();
+        (n == before.len()).then_some(())
+    });
+    assert!(restored.is_some(), "flows not restored; log:\n{}", d.log());
+    let text = String::from_utf8_lossy(&d.cli(&["events", "--json"]).stdout).into_owned();
+    assert!(text.contains("network-restored"), "{text}");
+}
+
+#[test]
+fn steering_without_open_vswitch_is_refused_naming_the_field() {
+    let d = Daemon::start_with_args(&["--no-network"]);
+    let m = d.manifest("dns.toml", &steering_manifest("t-nonet", "open"));
+    let out = d.cli(&["service", "install", m.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("network.steering") && err.contains("dns.toml"),
+        "{err}"
+    );
+}
