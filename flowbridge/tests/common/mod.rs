@@ -1,6 +1,8 @@
 //! A private Open vSwitch with one bridge, for tests. Needs root and OVS installed.
 #![allow(dead_code)]
 
+pub mod lab;
+
 use flowbridge::ovsdb::Ovsdb;
 use flowbridge::private::PrivateOvs;
 use std::process::Command;
