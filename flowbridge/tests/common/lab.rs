@@ -118,7 +118,12 @@ pub fn lookup(server: &str, name: &str) -> Option<u8> {
 
 /// A service reading the frames steered to it; `handler` may rewrite a frame and returns the
 /// verdict (PCP) to send it back with.
-pub fn run_raw_service(stop: Arc<AtomicBool>, mut handler: impl FnMut(&mut [u8], usize, u8) -> u8) {
+pub fn run_raw_service(stop: Arc<AtomicBool>, handler: impl FnMut(&mut [u8], usize, u8) -> u8) {
+    serve_packets(open_packet_socket("eth0"), stop, handler)
+}
+
+/// An AF_PACKET socket bound to `ifname` in the calling thread's network namespace.
+pub fn open_packet_socket(ifname: &str) -> OwnedFd {
     // SAFETY: plain socket(2) call; the returned fd is owned below.
     let fd = unsafe {
         libc::socket(
@@ -130,7 +135,7 @@ pub fn run_raw_service(stop: Arc<AtomicBool>, mut handler: impl FnMut(&mut [u8],
     assert!(fd >= 0);
     // SAFETY: fd was just returned by socket(2) and is owned by nothing else.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let ifindex = nix::net::if_::if_nametoindex("eth0").unwrap();
+    let ifindex = nix::net::if_::if_nametoindex(ifname).unwrap();
     // SAFETY: zeroed sockaddr_ll is a valid value; fields are set before bind reads it.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
@@ -145,6 +150,15 @@ pub fn run_raw_service(stop: Arc<AtomicBool>, mut handler: impl FnMut(&mut [u8],
         )
     };
     assert_eq!(rc, 0);
+    sock
+}
+
+/// Serves frames arriving on `sock` until `stop`.
+pub fn serve_packets(
+    sock: OwnedFd,
+    stop: Arc<AtomicBool>,
+    mut handler: impl FnMut(&mut [u8], usize, u8) -> u8,
+) {
     let tv = libc::timeval {
         tv_sec: 0,
         tv_usec: 100_000,
