@@ -17,3 +17,4 @@ pub mod notify;
 pub mod proc;
 pub mod state;
 pub mod supervisor;
+pub mod verdict;

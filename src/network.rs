@@ -171,6 +171,16 @@ impl Network {
         Ok(())
     }
 
+    /// A verdict from service `id`'s verdict API; false when the service is not active.
+    pub fn session_verdict(
+        &mut self,
+        id: u32,
+        session: &flowbridge::steering::Session,
+        allow: bool,
+    ) -> Result<bool, NetworkError> {
+        Ok(self.ctl.session_verdict(id, session, allow)?)
+    }
+
     pub fn counters(&mut self, id: u32) -> Result<Counters, NetworkError> {
         Ok(self.ctl.counters(id)?)
     }

@@ -49,7 +49,17 @@ pub struct Settings {
 pub enum Msg {
     Request(Request, Sender<Reply>),
     Follow(Sender<Event>),
-    MonitorExited { name: String, generation: u64 },
+    MonitorExited {
+        name: String,
+        generation: u64,
+    },
+    /// A verdict from a service's verdict API.
+    Verdict {
+        name: String,
+        session: flowbridge::steering::Session,
+        allow: bool,
+        reply: Sender<std::result::Result<(), String>>,
+    },
     Shutdown,
 }
 
@@ -93,6 +103,8 @@ pub struct Supervisor {
     net: Option<Network>,
     /// Why there is no network, when there is none.
     net_problem: Option<String>,
+    /// Verdict sockets of the services that steer traffic.
+    verdict_servers: HashMap<String, crate::verdict::VerdictServer>,
 }
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -180,6 +192,7 @@ impl Supervisor {
             generation: 0,
             net,
             net_problem,
+            verdict_servers: HashMap::new(),
         })
     }
 
@@ -306,6 +319,14 @@ impl Supervisor {
                 }
                 Ok(Msg::Follow(tx)) => self.events.follow(tx),
                 Ok(Msg::MonitorExited { name, generation }) => self.on_exit(&name, generation),
+                Ok(Msg::Verdict {
+                    name,
+                    session,
+                    allow,
+                    reply,
+                }) => {
+                    let _ = reply.send(self.verdict(&name, &session, allow));
+                }
                 Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {}
             }
@@ -401,15 +422,52 @@ impl Supervisor {
         }
     }
 
-    /// Puts a service that is not running into its failure mode on the bridge.
+    /// Host directory bind-mounted into the service at `/run/gatevisor` (its verdict socket).
+    fn service_run_dir(&self, name: &str) -> PathBuf {
+        self.settings.state_dir.join("run").join(name)
+    }
+
+    fn verdict(
+        &mut self,
+        name: &str,
+        session: &flowbridge::steering::Session,
+        allow: bool,
+    ) -> std::result::Result<(), String> {
+        let id = self
+            .doc
+            .services
+            .get(name)
+            .map(|r| r.id)
+            .ok_or("no such service")?;
+        let net = self.net.as_mut().ok_or("no Open vSwitch")?;
+        match net.session_verdict(id, session, allow) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("the service is not active on the bridge".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Puts a service that is not running into its failure mode on the bridge, and opens its
+    /// verdict socket.
     fn register_network(&mut self, name: &str) {
-        let Some(net) = self.net.as_mut() else { return };
         let Some(rec) = self.doc.services.get(name) else {
             return;
         };
         if rec.manifest.network.steering.is_empty() {
             return;
         }
+        if !self.verdict_servers.contains_key(name) {
+            match crate::verdict::serve(&self.service_run_dir(name), name, self.tx.clone()) {
+                Ok(v) => {
+                    self.verdict_servers.insert(name.to_string(), v);
+                }
+                Err(e) => tracing::warn!("{name}: cannot open its verdict socket: {e}"),
+            }
+        }
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(rec) = self.doc.services.get(name) else {
+            return;
+        };
         let m = &rec.manifest;
         if let Err(e) = net.register(rec.id, &m.network.steering, m.failure_mode.to_flowbridge()) {
             tracing::warn!("{name}: {e}");
@@ -705,7 +763,21 @@ impl Supervisor {
             name: m.name.clone(),
             hostname: m.name.clone(),
             rootfs,
-            env: m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            env: m
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .chain((!m.network.steering.is_empty()).then(|| {
+                    (
+                        "GATEVISOR_VERDICT_SOCKET".to_string(),
+                        format!(
+                            "{}/{}",
+                            crate::verdict::CONTAINER_DIR,
+                            crate::verdict::SOCKET_NAME
+                        ),
+                    )
+                }))
+                .collect(),
             limits: lxc::Limits {
                 memory_bytes: Some(r.memory_mib as u64 * 1024 * 1024),
                 cpu_quota_us: r
@@ -716,6 +788,13 @@ impl Supervisor {
             capabilities: caps,
             veth_host: m.network.interface.then(|| veth_name(&m.name)),
             seccomp_profile: lxc::default_seccomp_profile(),
+            bind_dirs: if m.network.steering.is_empty() {
+                vec![]
+            } else {
+                let dir = self.service_run_dir(&m.name);
+                std::fs::create_dir_all(&dir).map_err(runtime_err)?;
+                vec![(dir, crate::verdict::CONTAINER_DIR.to_string())]
+            },
         };
         self.rt.define(&spec).map_err(runtime_err)
     }
@@ -737,6 +816,8 @@ impl Supervisor {
             return Err(e);
         }
         self.live.remove(name);
+        self.verdict_servers.remove(name);
+        let _ = std::fs::remove_dir_all(self.service_run_dir(name));
         let _ = std::fs::remove_dir_all(self.service_dir(name));
         let _ = std::fs::remove_file(self.run_files(name).exit_file);
         self.event(EventKind::Removed, Some(name), "removed");

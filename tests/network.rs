@@ -198,3 +198,94 @@ fn steering_without_open_vswitch_is_refused_naming_the_field() {
         "{err}"
     );
 }
+
+#[test]
+fn verdict_socket_inside_the_container_turns_verdicts_into_session_flows() {
+    use std::io::{BufRead, BufReader, Write};
+    if !need_ovs("verdict_socket_inside_the_container_turns_verdicts_into_session_flows") {
+        return;
+    }
+    let d = Daemon::start();
+    let text = manifest_text("t-vrd", "while :; do sleep 1; done", "").replace(
+        "stop_timeout_s = 3",
+        "stop_timeout_s = 3\n[network]\nsteering = [{ kind = \"new-sessions\", selector = { protocol = \"tcp\", ports = [80] } }]",
+    );
+    let m = d.manifest("vrd.toml", &text);
+    d.json(&[
+        "service",
+        "install",
+        m.to_str().unwrap(),
+        "--start",
+        "--json",
+    ]);
+
+    // Inside the container: the socket, and the variable that names it.
+    let out = d.cli(&["service", "exec", "t-vrd", "--", "sh", "-c",
+        "test -S /run/gatevisor/verdict.sock && cat /proc/[0-9]*/environ | tr '\\0' '\\n' | grep GATEVISOR_VERDICT_SOCKET"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("GATEVISOR_VERDICT_SOCKET=/run/gatevisor/verdict.sock"));
+
+    let sock =
+        std::os::unix::net::UnixStream::connect(d.state_dir().join("run/t-vrd/verdict.sock"))
+            .unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = sock.try_clone().unwrap();
+    let mut r = BufReader::new(sock);
+    let mut ask = |line: &str| -> serde_json::Value {
+        w.write_all(line.as_bytes()).unwrap();
+        w.write_all(b"\n").unwrap();
+        let mut resp = String::new();
+        r.read_line(&mut resp).unwrap();
+        serde_json::from_str(&resp).unwrap_or_else(|e| panic!("{e}: {resp:?}"))
+    };
+    let hello = ask(r#"{"op":"hello"}"#);
+    assert_eq!(
+        (hello["ok"].as_bool(), hello["service"].as_str()),
+        (Some(true), Some("t-vrd"))
+    );
+    let v = ask(
+        r#"{"op":"verdict","verdict":"allow","session":{"proto":"tcp","src":"10.0.0.2:1234","dst":"10.0.0.1:80"}}"#,
+    );
+    assert_eq!(v["ok"], true, "{v}");
+    let flows = owned(&d, "t-vrd");
+    assert!(
+        flows.iter().any(|f| f.contains("nw_src=10.0.0.2")
+            && f.contains("tp_src=1234")
+            && f.contains("set_field:0x2->ct_mark")),
+        "{flows:?}"
+    );
+    // Bad input gets an error reply; the connection stays usable.
+    assert_eq!(ask(r#"{"op":"verdict","verdict":"maybe"}"#)["ok"], false);
+    assert_eq!(ask("garbage")["ok"], false);
+    assert_eq!(ask(r#"{"op":"ping"}"#)["ok"], true);
+
+    // A request split across writes, with a pause longer than the server's read timeout.
+    let sock2 =
+        std::os::unix::net::UnixStream::connect(d.state_dir().join("run/t-vrd/verdict.sock"))
+            .unwrap();
+    sock2
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut w2 = sock2.try_clone().unwrap();
+    w2.write_all(br#"{"op":"pi"#).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    w2.write_all(b"ng\"}\n").unwrap();
+    let mut resp = String::new();
+    BufReader::new(sock2).read_line(&mut resp).unwrap();
+    assert!(resp.contains("\"ok\":true"), "{resp}");
+
+    // Verdicts for a stopped service are refused.
+    d.json(&["service", "stop", "t-vrd", "--json"]);
+    let v = ask(
+        r#"{"op":"verdict","verdict":"block","session":{"proto":"udp","src":"10.0.0.2:5","dst":"10.0.0.1:80"}}"#,
+    );
+    assert_eq!(v["ok"], false, "{v}");
+    // An endless line closes the connection.
+    let v = ask(&"x".repeat(5000));
+    assert!(v["error"].as_str().unwrap().contains("longer than"), "{v}");
+}

@@ -161,6 +161,22 @@ impl Controller {
         Ok(())
     }
 
+    /// A verdict from the verdict API for one session of service `id`. Refused when the
+    /// service is not active (its flows are gone; the verdict would outlive it).
+    pub fn session_verdict(
+        &mut self,
+        id: u32,
+        session: &steering::Session,
+        allow: bool,
+    ) -> Result<bool, OfError> {
+        if !self.services.get(&id).is_some_and(|s| s.active) {
+            return Ok(false);
+        }
+        let f = steering::session_verdict_flow(id, session, allow);
+        self.conn.flow_mods(&[(f, FlowModCommand::Add)])?;
+        Ok(true)
+    }
+
     /// Reconnects and reinstalls the base pipeline and every service's flows.
     pub fn resync(&mut self, timeout: Duration) -> Result<(), OfError> {
         self.conn = self.conn.reconnect(timeout)?;

@@ -500,6 +500,52 @@ pub fn service_flows(service_id: u32, svc_port: u32, policies: &[Policy]) -> Vec
     v
 }
 
+/// One session, as a service names it in a verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Session {
+    pub proto: Proto,
+    pub src: std::net::SocketAddrV4,
+    pub dst: std::net::SocketAddrV4,
+}
+
+/// How long a verdict flow lives without traffic; once it committed the verdict to conntrack,
+/// the session's packets match the static fast-path (or drop) rule instead.
+pub const VERDICT_IDLE_S: u16 = 30;
+
+/// A verdict given over the verdict API: the session's next packet commits `allow` (ct_mark 2,
+/// fast path from then on) or `block` (ct_mark 3, dropped) to conntrack. Carries the service's
+/// cookie, so it goes with the service.
+pub fn session_verdict_flow(service_id: u32, s: &Session, allow: bool) -> Flow {
+    let (proto, sport, dport) = match s.proto {
+        Proto::Tcp => (6, Field::TcpSrc(s.src.port()), Field::TcpDst(s.dst.port())),
+        Proto::Udp => (17, Field::UdpSrc(s.src.port()), Field::UdpDst(s.dst.port())),
+    };
+    let matches = vec![
+        ip(),
+        Field::IpProto(proto),
+        Field::Ipv4Src(u32::from(*s.src.ip()), None),
+        Field::Ipv4Dst(u32::from(*s.dst.ip()), None),
+        sport,
+        dport,
+        ct_state(ct::TRK, ct::TRK),
+    ];
+    let actions = if allow {
+        vec![commit_mark(MARK_ALLOW), Action::Output(port::NORMAL)]
+    } else {
+        vec![commit_mark(MARK_BLOCK)]
+    };
+    Flow {
+        table: TABLE_POST_CT,
+        priority: 150,
+        cookie: service_cookie(service_id, false),
+        idle_timeout: VERDICT_IDLE_S,
+        matches,
+        instructions: apply(actions),
+        ..Flow::default()
+    }
+}
+
 /// Flows that drop a failed service's class (fail-closed). Mirrors never drop.
 pub fn failed_closed_flows(service_id: u32, policies: &[Policy]) -> Vec<Flow> {
     let c = service_cookie(service_id, true);

@@ -435,3 +435,97 @@ fn new_sessions_cross_the_service_until_its_verdict_then_take_the_fast_path() {
         eprintln!("session {p}: {seen} packets through the service (N = {N})");
     }
 }
+
+#[test]
+fn verdict_api_allow_moves_a_session_to_the_fast_path() {
+    if !need("verdict_api_allow_moves_a_session_to_the_fast_path") {
+        return;
+    }
+    let mut l = lab("gvt-st3", 3);
+    let policy = Policy::NewSessions {
+        packets: 12,
+        selector: flowbridge::steering::Selector {
+            protocol: Some(flowbridge::steering::Proto::Tcp),
+            ports: vec![5003],
+            macs: vec![],
+        },
+    };
+    l.ctl
+        .add_service(4, l.svc_port, vec![policy], FailureMode::Open)
+        .unwrap();
+    l.ctl.activate(4).unwrap();
+    // The service only ever forwards; its verdict comes over the API instead.
+    let seen = Arc::new(AtomicU64::new(0));
+    let svc_stop = Arc::new(AtomicBool::new(false));
+    let service = {
+        let (stop, seen) = (svc_stop.clone(), seen.clone());
+        l.svc.spawn(move || {
+            run_raw_service(stop, move |_, _, proto| {
+                if proto == 6 {
+                    seen.fetch_add(1, Ordering::Relaxed);
+                }
+                0
+            })
+        })
+    };
+    let sink = l.wan.spawn(|| {
+        let lst = TcpListener::bind("10.99.0.1:5003").unwrap();
+        let (mut c, _) = lst.accept().unwrap();
+        let mut total = 0;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = c.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        total
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let client = l.lan.spawn(move || {
+        let mut c = TcpStream::connect("10.99.0.1:5003").unwrap();
+        c.set_nodelay(true).unwrap();
+        tx.send(c.local_addr().unwrap()).unwrap();
+        for _ in 0..5 {
+            c.write_all(&[1u8; 100]).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        go_rx.recv().unwrap();
+        for _ in 0..30 {
+            c.write_all(&[2u8; 100]).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    let local = match rx.recv().unwrap() {
+        std::net::SocketAddr::V4(a) => a,
+        other => panic!("{other}"),
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let before = seen.load(Ordering::Relaxed);
+    assert!(
+        before >= 5,
+        "the session is inspected before the verdict: {before}"
+    );
+    let session = flowbridge::steering::Session {
+        proto: flowbridge::steering::Proto::Tcp,
+        src: local,
+        dst: "10.99.0.1:5003".parse().unwrap(),
+    };
+    assert!(l.ctl.session_verdict(4, &session, true).unwrap());
+    go_tx.send(()).unwrap();
+    client.join().unwrap();
+    assert_eq!(sink.join().unwrap(), 3500);
+    let after = seen.load(Ordering::Relaxed) - before;
+    svc_stop.store(true, Ordering::Relaxed);
+    service.join().unwrap();
+    // At most the packet that commits the verdict, plus one in flight, still reach the service.
+    assert!(
+        after <= 2,
+        "{after} packets reached the service after the allow verdict"
+    );
+    // A verdict for a service that is not active is refused.
+    l.ctl.deactivate(4).unwrap();
+    assert!(!l.ctl.session_verdict(4, &session, true).unwrap());
+}

@@ -95,6 +95,7 @@ fn run() -> Result<String, String> {
         capabilities: vec![],
         veth_host: Some(format!("gv-{name}")),
         seccomp_profile: gatevisor_lxc::default_seccomp_profile(),
+        bind_dirs: vec![],
     };
     rt.define(&spec).map_err(|e| format!("define: {e}"))?;
     let argv: Vec<String> = [

@@ -34,6 +34,9 @@ pub struct ContainerSpec {
     pub veth_host: Option<String>,
     /// liblxc's seccomp policy file; `None` when this liblxc has none.
     pub seccomp_profile: Option<PathBuf>,
+    /// Host directories bind-mounted into the container: (host path, path inside, relative to
+    /// the container's root, e.g. `run/gatevisor`).
+    pub bind_dirs: Vec<(PathBuf, String)>,
 }
 
 /// The config items, in the order they are set.
@@ -76,6 +79,16 @@ pub fn items(spec: &ContainerSpec, cgroups: Cgroups, lxc_log: &Path) -> Vec<(Str
             set("lxc.net.0.flags", "up".into());
         }
         None => set("lxc.net.0.type", "empty".into()),
+    }
+    for (host, target) in &spec.bind_dirs {
+        set(
+            "lxc.mount.entry",
+            format!(
+                "{} {} none bind,create=dir 0 0",
+                host.display(),
+                target.trim_start_matches('/')
+            ),
+        );
     }
     let l = &spec.limits;
     match cgroups {
@@ -131,6 +144,7 @@ mod tests {
             capabilities: vec![],
             veth_host: Some("gv-svc".into()),
             seccomp_profile: Some("/s.seccomp".into()),
+            bind_dirs: vec![("/var/lib/gv/run/svc".into(), "/run/gatevisor".into())],
         }
     }
 
@@ -176,6 +190,15 @@ mod tests {
         ];
         let v = items(&s, Cgroups::V1, Path::new("/l"));
         assert_eq!(get(&v, "lxc.cap.keep"), ["net_bind_service net_raw"]);
+    }
+
+    #[test]
+    fn bind_dirs_become_relative_mount_entries() {
+        let v = items(&spec(), Cgroups::V1, Path::new("/l"));
+        assert_eq!(
+            get(&v, "lxc.mount.entry"),
+            ["/var/lib/gv/run/svc run/gatevisor none bind,create=dir 0 0"]
+        );
     }
 
     #[test]

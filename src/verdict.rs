@@ -1,0 +1,234 @@
+//! The verdict API: newline-delimited JSON over a per-service Unix socket. The socket lives in
+//! `STATE/run/NAME/` on the host, which is bind-mounted into the container at
+//! `/run/gatevisor/` (the service finds it through `$GATEVISOR_VERDICT_SOCKET`). microVMs will
+//! reach the same API over vsock.
+//!
+//! Requests, one JSON object per line; one reply line each:
+//! - `{"op":"hello"}` → `{"ok":true,"service":"NAME","api":1}`
+//! - `{"op":"ping"}` → `{"ok":true}`
+//! - `{"op":"verdict","verdict":"allow"|"block","session":{"proto":"tcp","src":"A:P","dst":"B:Q"}}`
+//!   → `{"ok":true}` once the verdict is on the switch.
+//!
+//! Everything a service sends is untrusted: lines are bounded, bad requests get an error reply
+//! (the connection stays usable), and verdicts are rate-limited per connection.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flowbridge::steering::Session;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::supervisor::Msg;
+
+pub const API_VERSION: u32 = 1;
+/// Where the socket's directory appears inside the container.
+pub const CONTAINER_DIR: &str = "/run/gatevisor";
+pub const SOCKET_NAME: &str = "verdict.sock";
+const MAX_LINE: usize = 4096;
+/// Verdicts per second one connection may send.
+const MAX_VERDICTS_PER_S: u32 = 2000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allow,
+    Block,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    // Empty struct variants, not unit ones: serde only rejects unknown fields in those.
+    Hello {},
+    Ping {},
+    Verdict { verdict: Verdict, session: Session },
+}
+
+/// A service's verdict socket; dropping it closes the socket.
+pub struct VerdictServer {
+    stop: Arc<AtomicBool>,
+    path: PathBuf,
+}
+
+impl Drop for VerdictServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds `dir/verdict.sock` for service `name` and serves it on its own threads.
+pub fn serve(dir: &Path, name: &str, tx: Sender<Msg>) -> std::io::Result<VerdictServer> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(SOCKET_NAME);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stop2, name) = (stop.clone(), name.to_string());
+    std::thread::Builder::new()
+        .name(format!("verdict-{name}"))
+        .stack_size(128 * 1024)
+        .spawn(move || accept_loop(listener, name, tx, stop2))?;
+    Ok(VerdictServer { stop, path })
+}
+
+fn accept_loop(listener: UnixListener, name: String, tx: Sender<Msg>, stop: Arc<AtomicBool>) {
+    use std::os::fd::AsFd;
+    while !stop.load(Ordering::Relaxed) {
+        let mut fds = [nix::poll::PollFd::new(
+            listener.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(500u16));
+        match listener.accept() {
+            Ok((conn, _)) => {
+                let (name, tx, stop) = (name.clone(), tx.clone(), stop.clone());
+                let _ = std::thread::Builder::new()
+                    .name(format!("verdict-{name}"))
+                    .stack_size(128 * 1024)
+                    .spawn(move || {
+                        let _ = serve_conn(conn, &name, &tx, &stop);
+                    });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn reply(w: &mut UnixStream, v: serde_json::Value) -> std::io::Result<()> {
+    let mut line = v.to_string();
+    line.push('\n');
+    w.write_all(line.as_bytes())
+}
+
+fn serve_conn(
+    conn: UnixStream,
+    name: &str,
+    tx: &Sender<Msg>,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut w = conn.try_clone()?;
+    let mut r = BufReader::new(conn);
+    let mut window = (Instant::now(), 0u32);
+    let mut line = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        // A read timeout keeps what arrived so far: the rest of the line comes later.
+        let room = (MAX_LINE + 1).saturating_sub(line.len()) as u64;
+        match std::io::Read::take(&mut r, room).read_until(b'\n', &mut line) {
+            Ok(0) if room > 0 => return Ok(()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e),
+        }
+        if line.len() > MAX_LINE {
+            reply(
+                &mut w,
+                json!({"ok": false, "error": format!("line longer than {MAX_LINE} bytes; closing")}),
+            )?;
+            return Ok(());
+        }
+        if !line.ends_with(b"\n") {
+            continue;
+        }
+        let parsed = serde_json::from_slice::<Request>(&line);
+        line.clear();
+        let req = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                reply(
+                    &mut w,
+                    json!({"ok": false, "error": format!("bad request: {e}")}),
+                )?;
+                continue;
+            }
+        };
+        match req {
+            Request::Hello {} => reply(
+                &mut w,
+                json!({"ok": true, "service": name, "api": API_VERSION}),
+            )?,
+            Request::Ping {} => reply(&mut w, json!({"ok": true}))?,
+            Request::Verdict { verdict, session } => {
+                if window.0.elapsed() >= Duration::from_secs(1) {
+                    window = (Instant::now(), 0);
+                }
+                window.1 += 1;
+                if window.1 > MAX_VERDICTS_PER_S {
+                    reply(
+                        &mut w,
+                        json!({"ok": false, "error": "rate limited: too many verdicts per second"}),
+                    )?;
+                    continue;
+                }
+                let (rtx, rrx) = mpsc::channel();
+                let msg = Msg::Verdict {
+                    name: name.to_string(),
+                    session,
+                    allow: verdict == Verdict::Allow,
+                    reply: rtx,
+                };
+                if tx.send(msg).is_err() {
+                    return Ok(());
+                }
+                match rrx.recv_timeout(Duration::from_secs(5)) {
+                    Ok(Ok(())) => reply(&mut w, json!({"ok": true}))?,
+                    Ok(Err(e)) => reply(&mut w, json!({"ok": false, "error": e}))?,
+                    Err(_) => reply(
+                        &mut w,
+                        json!({"ok": false, "error": "the supervisor did not answer"}),
+                    )?,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_bad_ones_are_rejected() {
+        let r: Request = serde_json::from_str(
+            r#"{"op":"verdict","verdict":"allow","session":{"proto":"tcp","src":"10.0.0.2:1234","dst":"10.0.0.1:80"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            r,
+            Request::Verdict {
+                verdict: Verdict::Allow,
+                ..
+            }
+        ));
+        for bad in [
+            r#"{"op":"format"}"#,
+            r#"{"op":"verdict","verdict":"maybe","session":{"proto":"tcp","src":"10.0.0.2:1","dst":"10.0.0.1:80"}}"#,
+            r#"{"op":"verdict","verdict":"allow","session":{"proto":"tcp","src":"10.0.0.2","dst":"10.0.0.1:80"}}"#,
+            r#"{"op":"verdict","verdict":"allow","session":{"proto":"icmp","src":"10.0.0.2:1","dst":"10.0.0.1:80"}}"#,
+            r#"{"op":"ping","extra":1}"#,
+            "not json",
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+    }
+}
