@@ -151,7 +151,13 @@ impl Controller {
         ];
         if let Some(s) = self.services.get(&id) {
             if s.active {
-                mods.extend(adds(steering::service_flows(id, s.port, &s.policies)));
+                let fail_open = s.failure_mode == FailureMode::Open;
+                mods.extend(adds(steering::service_flows(
+                    id,
+                    s.port,
+                    &s.policies,
+                    fail_open,
+                )));
             } else if s.failure_mode == FailureMode::Closed {
                 mods.extend(adds(steering::failed_closed_flows(id, &s.policies)));
             }

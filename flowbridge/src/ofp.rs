@@ -146,6 +146,7 @@ pub mod hdr {
     pub const CT_STATE: OxmHeader = OxmHeader::new(NXM1, 105, 4);
     pub const CT_ZONE: OxmHeader = OxmHeader::new(NXM1, 106, 2);
     pub const CT_MARK: OxmHeader = OxmHeader::new(NXM1, 107, 4);
+    pub const CT_LABEL: OxmHeader = OxmHeader::new(NXM1, 108, 16);
 }
 
 /// One match field (or the target of a `set_field`), with an optional mask.
@@ -168,6 +169,7 @@ pub enum Field {
     CtState(u32, u32),
     CtZone(u16),
     CtMark(u32, Option<u32>),
+    CtLabel(u128, Option<u128>),
     Reg(u8, u32, Option<u32>),
     Unknown(u32, Vec<u8>),
 }
@@ -201,6 +203,11 @@ impl Field {
             ),
             CtZone(z) => (hdr::CT_ZONE, z.to_be_bytes().to_vec(), None),
             CtMark(v, m) => (hdr::CT_MARK, v.to_be_bytes().to_vec(), m32(m)),
+            CtLabel(v, m) => (
+                hdr::CT_LABEL,
+                v.to_be_bytes().to_vec(),
+                m.map(|m| m.to_be_bytes().to_vec()),
+            ),
             Reg(n, v, m) => (hdr::nxm_reg(*n), v.to_be_bytes().to_vec(), m32(m)),
             Unknown(h, _) => (
                 OxmHeader::new((h >> 16) as u16, ((h >> 9) & 0x7f) as u8, (h & 0xff) as u8),
@@ -254,6 +261,10 @@ impl Field {
             (NXM1, 105, 4) => Field::CtState(be32(v), m.map(be32).unwrap_or(u32::MAX)),
             (NXM1, 106, 2) => Field::CtZone(be16(v)),
             (NXM1, 107, 4) => Field::CtMark(be32(v), m.map(be32)),
+            (NXM1, 108, 16) => Field::CtLabel(
+                u128::from_be_bytes(v.try_into().expect("16")),
+                m.map(|m| u128::from_be_bytes(m.try_into().expect("16"))),
+            ),
             (NXM1, n, 4) if n < 16 => Field::Reg(n, be32(v), m.map(be32)),
             _ => unknown(),
         };
@@ -320,6 +331,13 @@ pub enum Action {
         src: OxmHeader,
         ofs: u16,
         n_bits: u16,
+    },
+    /// Nicira `load:VALUE->DST[ofs..ofs+n_bits]`.
+    Load {
+        dst: OxmHeader,
+        ofs: u16,
+        n_bits: u16,
+        value: u64,
     },
     Unknown(u16, Vec<u8>),
 }
@@ -402,6 +420,20 @@ impl Action {
                 put16(out, 0); // max_len
                 out.extend_from_slice(&[0; 6]);
             }
+            Action::Load {
+                dst,
+                ofs,
+                n_bits,
+                value,
+            } => {
+                put16(out, 0xffff);
+                put16(out, 0);
+                put32(out, NX_VENDOR_ID);
+                put16(out, 7); // NXAST_REG_LOAD
+                put16(out, ofs << 6 | (n_bits - 1));
+                put32(out, dst.raw(false));
+                out.extend_from_slice(&value.to_be_bytes());
+            }
             Action::Unknown(ty, body) => {
                 put16(out, *ty);
                 put16(out, (body.len() + 4) as u16);
@@ -475,6 +507,20 @@ impl Action {
                             dst_ofs,
                             src,
                             dst,
+                        }
+                    }
+                    7 => {
+                        let ofs_nbits = b.u16()?;
+                        let raw = b.u32()?;
+                        Action::Load {
+                            dst: OxmHeader::new(
+                                (raw >> 16) as u16,
+                                ((raw >> 9) & 0x7f) as u8,
+                                (raw & 0xff) as u8,
+                            ),
+                            ofs: ofs_nbits >> 6,
+                            n_bits: (ofs_nbits & 0x3f) + 1,
+                            value: b.u64()?,
                         }
                     }
                     15 => {
@@ -725,6 +771,7 @@ fn hdr_name(h: OxmHeader) -> String {
         (NXM0, 4) => "NXM_OF_VLAN_TCI".into(),
         (NXM1, n) if n < 16 => format!("NXM_NX_REG{n}"),
         (NXM1, 107) => "NXM_NX_CT_MARK".into(),
+        (NXM1, 108) => "NXM_NX_CT_LABEL".into(),
         (c, f) => format!("OXM({c:#x},{f})"),
     }
 }
@@ -770,6 +817,8 @@ impl fmt::Display for Field {
             CtState(v, m) => write!(f, "ct_state={}", ct_state_text(*v, *m)),
             CtZone(z) => write!(f, "ct_zone={z}"),
             CtMark(v, m) => write!(f, "ct_mark={}", masked32(*v, m)),
+            CtLabel(v, None) => write!(f, "ct_label={v:#x}"),
+            CtLabel(v, Some(m)) => write!(f, "ct_label={v:#x}/{m:#x}"),
             Reg(n, v, m) => write!(f, "reg{n}={}", masked32(*v, m)),
             Unknown(h, _) => write!(f, "unknown({h:#x})"),
         }
@@ -828,6 +877,26 @@ impl fmt::Display for Action {
                 hdr_name(*dst),
                 dst_ofs,
                 dst_ofs + n_bits - 1
+            ),
+            Action::Load {
+                dst,
+                ofs,
+                n_bits: 1,
+                value,
+            } => {
+                write!(f, "load:{value:#x}->{}[{ofs}]", hdr_name(*dst))
+            }
+            Action::Load {
+                dst,
+                ofs,
+                n_bits,
+                value,
+            } => write!(
+                f,
+                "load:{value:#x}->{}[{}..{}]",
+                hdr_name(*dst),
+                ofs,
+                ofs + n_bits - 1
             ),
             Action::OutputReg { src, ofs, n_bits } => {
                 write!(
@@ -978,6 +1047,7 @@ mod tests {
             Field::CtState(ct::TRK | ct::NEW, ct::TRK | ct::NEW),
             Field::CtMark(2, None),
             Field::CtZone(1),
+            Field::CtLabel(1 << 11, Some(1 << 11)),
             Field::Reg(0, 5, Some(0xfff)),
         ] {
             roundtrip_field(f);
@@ -1033,6 +1103,19 @@ mod tests {
                 src: hdr::nxm_reg(0),
                 ofs: 0,
                 n_bits: 16,
+            },
+            Action::Load {
+                dst: hdr::CT_LABEL,
+                ofs: 0,
+                n_bits: 1,
+                value: 1,
+            },
+            Action::RegMove {
+                n_bits: 127,
+                src_ofs: 0,
+                dst_ofs: 1,
+                src: hdr::CT_LABEL,
+                dst: hdr::CT_LABEL,
             },
         ];
         for a in acts {

@@ -110,7 +110,7 @@ fn default_packets() -> u32 {
 pub enum PolicyError {
     #[error("{0:?} is not a MAC address (expected aa:bb:cc:dd:ee:ff)")]
     BadMac(String),
-    #[error("new-sessions packets must be 1 to 1000, not {0}")]
+    #[error("new-sessions packets must be 1 to 128, not {0}")]
     BadPackets(u32),
 }
 
@@ -131,7 +131,8 @@ impl Policy {
         match self {
             Policy::Dns => Ok(()),
             Policy::NewSessions { packets, selector } => {
-                if *packets == 0 || *packets > 1000 {
+                // The per-session count is kept in the 128 bits of ct_label.
+                if *packets == 0 || *packets > 128 {
                     return Err(PolicyError::BadPackets(*packets));
                 }
                 selector
@@ -370,7 +371,14 @@ fn class(policy: &Policy) -> Vec<(u8, Vec<Field>)> {
 }
 
 /// Flows that steer `policies` to the service on OpenFlow port `svc_port`.
-pub fn service_flows(service_id: u32, svc_port: u32, policies: &[Policy]) -> Vec<Flow> {
+/// `fail_open` decides what happens to a session that reached its `new-sessions` packet budget
+/// without a verdict: forwarded (open) or dropped (closed).
+pub fn service_flows(
+    service_id: u32,
+    svc_port: u32,
+    policies: &[Policy],
+    fail_open: bool,
+) -> Vec<Flow> {
     let c = service_cookie(service_id, false);
     let vlan = Field::VlanVid(0x1000, Some(0x1000));
     let mut v = vec![
@@ -460,26 +468,66 @@ pub fn service_flows(service_id: u32, svc_port: u32, policies: &[Policy]) -> Vec
     for p in policies {
         for (table, m) in class(p) {
             match (p, table) {
-                (Policy::NewSessions { .. }, _) => {
+                (Policy::NewSessions { packets, .. }, _) => {
+                    // The session's packet count lives in conntrack, in ct_label[0..7]. One rule
+                    // per count value matches it exactly and commits the next value, so every
+                    // datapath flow cached from these rules is keyed on the count (a `move` that
+                    // shifted the label was frozen into a constant by the datapath cache). Once
+                    // N packets went to the service without a verdict, the next one follows the
+                    // failure mode.
+                    let n = (*packets).clamp(1, 128) as u64;
+                    let count = |k: u64| Action::Load {
+                        dst: hdr::CT_LABEL,
+                        ofs: 0,
+                        n_bits: 8,
+                        value: k,
+                    };
                     let mut new = m.clone();
                     new.push(ct_state(ct::TRK | ct::NEW, ct::TRK | ct::NEW));
+                    let first = Action::Ct {
+                        commit: true,
+                        zone: CT_ZONE,
+                        table: None,
+                        actions: vec![
+                            Action::SetField(Field::CtMark(MARK_INSPECT, None)),
+                            count(1),
+                        ],
+                    };
                     v.push(flow(
                         TABLE_POST_CT,
                         100,
                         c,
                         new,
-                        apply([vec![commit_mark(MARK_INSPECT)], to_service(svc_port)].concat()),
+                        apply([vec![first], to_service(svc_port)].concat()),
                     ));
                     let mut inspected = m;
                     inspected.push(ct_state(ct::TRK | ct::EST, ct::TRK | ct::EST | ct::RPL));
                     inspected.push(Field::CtMark(MARK_INSPECT, None));
-                    v.push(flow(
-                        TABLE_POST_CT,
-                        100,
-                        c,
-                        inspected,
-                        apply(to_service(svc_port)),
-                    ));
+                    for k in 1..n {
+                        let mut at_k = inspected.clone();
+                        at_k.push(Field::CtLabel(k as u128, Some(0xff)));
+                        let next = Action::Ct {
+                            commit: true,
+                            zone: CT_ZONE,
+                            table: None,
+                            actions: vec![count(k + 1)],
+                        };
+                        v.push(flow(
+                            TABLE_POST_CT,
+                            100,
+                            c,
+                            at_k,
+                            apply([vec![next], to_service(svc_port)].concat()),
+                        ));
+                    }
+                    let mut spent = inspected;
+                    spent.push(Field::CtLabel(n as u128, Some(0xff)));
+                    let after_budget = if fail_open {
+                        vec![commit_mark(MARK_ALLOW), Action::Output(port::NORMAL)]
+                    } else {
+                        vec![commit_mark(MARK_BLOCK)]
+                    };
+                    v.push(flow(TABLE_POST_CT, 110, c, spent, apply(after_budget)));
                 }
                 (
                     Policy::Match {
@@ -587,7 +635,7 @@ mod tests {
 
     #[test]
     fn dns_policy_steers_udp_and_tcp_port_53_before_conntrack() {
-        let f = service_flows(7, 3, &[Policy::Dns]);
+        let f = service_flows(7, 3, &[Policy::Dns], true);
         let steer: Vec<String> = f
             .iter()
             .filter(|f| f.table == TABLE_PRE_CT)
@@ -611,9 +659,13 @@ mod tests {
                 macs: vec!["02:00:00:00:00:01".into()],
             },
         };
-        let f = service_flows(1, 4, std::slice::from_ref(&p));
+        let f = service_flows(1, 4, std::slice::from_ref(&p), true);
         let post: Vec<_> = f.iter().filter(|f| f.table == TABLE_POST_CT).collect();
-        assert_eq!(post.len(), 4, "2 ports x (new, inspected)");
+        assert_eq!(
+            post.len(),
+            2 * (1 + 11 + 1),
+            "2 ports x (new, 11 counts, budget spent)"
+        );
         assert!(post
             .iter()
             .all(|f| f.matches.contains(&Field::EthSrc([2, 0, 0, 0, 0, 1]))));

@@ -529,3 +529,125 @@ fn verdict_api_allow_moves_a_session_to_the_fast_path() {
     l.ctl.deactivate(4).unwrap();
     assert!(!l.ctl.session_verdict(4, &session, true).unwrap());
 }
+
+/// A session the service never decides: N packets cross it, then the failure mode applies.
+fn silent_service_session(mode: FailureMode, n: u8) -> (u32, usize) {
+    const N: u32 = 4;
+    let mut l = lab(&format!("gvt-st{n}"), n);
+    let policy = Policy::NewSessions {
+        packets: N,
+        selector: flowbridge::steering::Selector {
+            protocol: Some(flowbridge::steering::Proto::Tcp),
+            ports: vec![5004],
+            macs: vec![],
+        },
+    };
+    l.ctl
+        .add_service(5, l.svc_port, vec![policy], mode)
+        .unwrap();
+    l.ctl.activate(5).unwrap();
+    let seen = Arc::new(AtomicU64::new(0));
+    let svc_stop = Arc::new(AtomicBool::new(false));
+    let service = {
+        let (stop, seen) = (svc_stop.clone(), seen.clone());
+        l.svc.spawn(move || {
+            run_raw_service(stop, move |_, _, proto| {
+                if proto == 6 {
+                    seen.fetch_add(1, Ordering::Relaxed);
+                }
+                0 // forward, never a verdict
+            })
+        })
+    };
+    let sink = l.wan.spawn(|| {
+        let lst = TcpListener::bind("10.99.0.1:5004").unwrap();
+        let (mut c, _) = lst.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let mut total = 0;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = c.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        total
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    l.lan
+        .spawn(|| {
+            let mut c = TcpStream::connect("10.99.0.1:5004").unwrap();
+            c.set_nodelay(true).unwrap();
+            for _ in 0..40 {
+                if c.write_all(&[3u8; 100]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+        .join()
+        .unwrap();
+    let received = sink.join().unwrap();
+    if std::env::var("GV_DEBUG").is_ok() {
+        let ct = Command::new("ovs-appctl")
+            .args([
+                "-t",
+                l.sw.ovs.vswitchd_ctl().to_str().unwrap(),
+                "dpctl/dump-conntrack",
+            ])
+            .output()
+            .unwrap();
+        eprintln!("{}", String::from_utf8_lossy(&ct.stdout));
+        for f in l.sw.dump_flows() {
+            eprintln!("{f}");
+        }
+        eprintln!(
+            "{}",
+            l.sw.ofctl(&[
+                "dump-flows",
+                &format!("unix:{}", l.sw.mgmt().display()),
+                "table=20"
+            ])
+        );
+    }
+    svc_stop.store(true, Ordering::Relaxed);
+    service.join().unwrap();
+    (seen.load(Ordering::Relaxed) as u32, received)
+}
+
+#[test]
+fn session_without_verdict_fails_open_after_its_packet_budget() {
+    if !need("session_without_verdict_fails_open_after_its_packet_budget") {
+        return;
+    }
+    let (seen, received) = silent_service_session(FailureMode::Open, 5);
+    // The userspace datapath looks up conntrack for a whole receive batch before any packet of
+    // it commits its count, so two packets of one session arriving together may both pass on
+    // the same count: N, or N+1 when they shared a batch.
+    assert!(
+        (4..=5).contains(&seen),
+        "{seen} packets crossed a service that gives no verdict (N = 4)"
+    );
+    assert_eq!(
+        received, 4000,
+        "fail-open: the session carries on without the service"
+    );
+}
+
+#[test]
+fn session_without_verdict_fails_closed_after_its_packet_budget() {
+    if !need("session_without_verdict_fails_closed_after_its_packet_budget") {
+        return;
+    }
+    let (seen, received) = silent_service_session(FailureMode::Closed, 6);
+    // N, or N+1 when two packets shared a receive batch (see the fail-open test).
+    assert!(
+        (4..=5).contains(&seen),
+        "{seen} packets crossed a service that gives no verdict (N = 4)"
+    );
+    assert!(
+        received < 4000,
+        "fail-closed: the rest of the session is dropped ({received} bytes arrived)"
+    );
+}
