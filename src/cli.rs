@@ -214,10 +214,23 @@ fn print_status(v: &Value) {
     println!("  interface:   {}", s(v, "interface"));
     if let Some(c) = v.pointer("/steering/counters").filter(|c| !c.is_null()) {
         println!(
-            "  steered:     {} packets, {} bytes to the service; {} returned with a verdict",
+            "  steered:     {} packets, {} bytes to the service; bridge fast path {} bytes",
             s(c, "steered_packets"),
             s(c, "steered_bytes"),
-            s(c, "returned_packets")
+            v.pointer("/steering/bridge_fast_path_bytes")
+                .map(|b| b.to_string())
+                .unwrap_or_default()
+        );
+        let vd = c.get("verdicts").cloned().unwrap_or_default();
+        println!(
+            "  verdicts:    {} forward, {} allow, {} block, {} reply (in band); {} over the API",
+            s(&vd, "forward"),
+            s(&vd, "allow"),
+            s(&vd, "block"),
+            s(&vd, "reply"),
+            v.pointer("/steering/api_verdicts")
+                .map(|b| b.to_string())
+                .unwrap_or_default()
         );
     }
     if let Some(e) = v.get("network_error").filter(|e| !e.is_null()) {

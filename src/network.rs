@@ -185,6 +185,11 @@ impl Network {
         Ok(self.ctl.counters(id)?)
     }
 
+    /// Bytes the base pipeline forwarded (the bridge's fast path).
+    pub fn fast_path_bytes(&mut self) -> Result<u64, NetworkError> {
+        Ok(self.ctl.fast_path_bytes()?)
+    }
+
     pub fn flows(&mut self) -> Result<Vec<flowbridge::ofp::FlowStats>, NetworkError> {
         Ok(self.ctl.dump()?)
     }
@@ -209,6 +214,32 @@ impl Network {
         db.wait_applied(Duration::from_secs(20))?;
         self.ctl.resync(Duration::from_secs(20))?;
         Ok(true)
+    }
+
+    /// Watches the bridge's interfaces on a thread of its own (its own OVSDB connection,
+    /// re-established if the database restarts) and reports ports that disappear or break.
+    pub fn spawn_port_monitor(
+        &self,
+        on_change: impl Fn(flowbridge::ovsdb::PortChange) -> bool + Send + 'static,
+    ) -> std::io::Result<()> {
+        let db = self.db_socket.clone();
+        std::thread::Builder::new()
+            .name("ovsdb-monitor".into())
+            .stack_size(256 * 1024)
+            .spawn(move || loop {
+                let mut stopped = false;
+                if let Ok(c) = Ovsdb::connect(&db) {
+                    let _ = c.monitor_interfaces(|change| {
+                        stopped = !on_change(change);
+                        !stopped
+                    });
+                }
+                if stopped {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            })
+            .map(|_| ())
     }
 
     /// Daemon exit: keep the private switch running when services keep running.

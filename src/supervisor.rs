@@ -53,6 +53,10 @@ pub enum Msg {
         name: String,
         generation: u64,
     },
+    /// Open vSwitch reports a port gone or broken.
+    PortLost {
+        port: String,
+    },
     /// A verdict from a service's verdict API.
     Verdict {
         name: String,
@@ -88,6 +92,11 @@ struct Live {
     retry_at: Option<Instant>,
     /// Why the service's port or flows could not be set up, if they could not.
     net_error: Option<String>,
+    /// When its port was last plugged again after vanishing (at most once per 5 s: a dying
+    /// container's interface vanishes too, and re-plugging it would only break again).
+    replugged_at: Option<Instant>,
+    /// Verdicts received over the verdict API.
+    api_verdicts: u64,
 }
 
 pub struct Supervisor {
@@ -276,6 +285,19 @@ impl Supervisor {
     /// Re-adopts what survived a daemon restart, then serves messages until shutdown.
     pub fn run(mut self, rx: Receiver<Msg>, notifier: Option<Notifier>) {
         self.adopt_all();
+        if let Some(net) = &self.net {
+            let tx = self.tx.clone();
+            let watched = net.spawn_port_monitor(move |change| {
+                let port = match change {
+                    flowbridge::ovsdb::PortChange::Gone(p)
+                    | flowbridge::ovsdb::PortChange::Broken(p) => p,
+                };
+                !port.starts_with("gv-") || tx.send(Msg::PortLost { port }).is_ok()
+            });
+            if let Err(e) = watched {
+                tracing::warn!("cannot monitor the bridge's ports: {e}");
+            }
+        }
         self.event(
             EventKind::DaemonStarted,
             None,
@@ -319,6 +341,7 @@ impl Supervisor {
                 }
                 Ok(Msg::Follow(tx)) => self.events.follow(tx),
                 Ok(Msg::MonitorExited { name, generation }) => self.on_exit(&name, generation),
+                Ok(Msg::PortLost { port }) => self.on_port_lost(&port),
                 Ok(Msg::Verdict {
                     name,
                     session,
@@ -369,6 +392,42 @@ impl Supervisor {
         if let Some(net) = self.net.take() {
             net.shutdown(services_left_running);
         }
+    }
+
+    /// A port vanished from the bridge (or broke): a running service gets it back.
+    fn on_port_lost(&mut self, port: &str) {
+        let Some(name) = self
+            .doc
+            .services
+            .values()
+            .find(|r| veth_name(&r.manifest.name) == port)
+            .map(|r| r.manifest.name.clone())
+        else {
+            return;
+        };
+        if self.doc.services.get(&name).map(|r| r.state) != Some(State::Running) {
+            return; // we removed it ourselves
+        }
+        let live = self.live.entry(name.clone()).or_default();
+        if live
+            .replugged_at
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+        {
+            return;
+        }
+        live.replugged_at = Some(Instant::now());
+        self.unplug(&name);
+        self.plug(&name);
+        let restored = self.live.get(&name).is_some_and(|l| l.net_error.is_none());
+        self.event(
+            EventKind::NetworkRestored,
+            Some(&name),
+            if restored {
+                format!("port {port} was removed from the bridge; plugged again")
+            } else {
+                format!("port {port} was removed from the bridge and could not be plugged again")
+            },
+        );
     }
 
     /// Restores flows after an Open vSwitch restart.
@@ -441,7 +500,10 @@ impl Supervisor {
             .ok_or("no such service")?;
         let net = self.net.as_mut().ok_or("no Open vSwitch")?;
         match net.session_verdict(id, session, allow) {
-            Ok(true) => Ok(()),
+            Ok(true) => {
+                self.live.entry(name.to_string()).or_default().api_verdicts += 1;
+                Ok(())
+            }
             Ok(false) => Err("the service is not active on the bridge".into()),
             Err(e) => Err(e.to_string()),
         }
@@ -1148,9 +1210,9 @@ impl Supervisor {
             let rec = self.record(name)?;
             (rec.id, !rec.manifest.network.steering.is_empty())
         };
-        let counters = match self.net.as_mut() {
-            Some(net) if has_steering => net.counters(id).ok(),
-            _ => None,
+        let (counters, fast_path_bytes) = match self.net.as_mut() {
+            Some(net) if has_steering => (net.counters(id).ok(), net.fast_path_bytes().ok()),
+            _ => (None, None),
         };
         let rec = self.record(name)?;
         let usage = if rec.state == State::Running {
@@ -1166,6 +1228,8 @@ impl Supervisor {
             "steering": has_steering.then(|| json!({
                 "policies": m.network.steering,
                 "counters": counters,
+                "api_verdicts": live.map(|l| l.api_verdicts).unwrap_or_default(),
+                "bridge_fast_path_bytes": fast_path_bytes,
             })),
             "network_error": live.and_then(|l| l.net_error.clone()),
             "name": name,

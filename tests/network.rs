@@ -259,6 +259,7 @@ fn verdict_socket_inside_the_container_turns_verdicts_into_session_flows() {
             && f.contains("set_field:0x2->ct_mark")),
         "{flows:?}"
     );
+    assert_eq!(d.status("t-vrd")["steering"]["api_verdicts"], 1);
     // Bad input gets an error reply; the connection stays usable.
     assert_eq!(ask(r#"{"op":"verdict","verdict":"maybe"}"#)["ok"], false);
     assert_eq!(ask("garbage")["ok"], false);
@@ -288,4 +289,44 @@ fn verdict_socket_inside_the_container_turns_verdicts_into_session_flows() {
     // An endless line closes the connection.
     let v = ask(&"x".repeat(5000));
     assert!(v["error"].as_str().unwrap().contains("longer than"), "{v}");
+}
+
+#[test]
+fn a_port_removed_behind_our_back_is_plugged_again() {
+    if !need_ovs("a_port_removed_behind_our_back_is_plugged_again") {
+        return;
+    }
+    let d = Daemon::start();
+    let m = d.manifest("dns.toml", &steering_manifest("t-dnsp", "open"));
+    d.json(&[
+        "service",
+        "install",
+        m.to_str().unwrap(),
+        "--start",
+        "--json",
+    ]);
+    assert!(ports(&d).contains("gv-t-dnsp"));
+    let out = std::process::Command::new("ovs-vsctl")
+        .arg(format!(
+            "--db=unix:{}",
+            d.state_dir().join("ovs/db.sock").display()
+        ))
+        .args(["del-port", &d.bridge(), "gv-t-dnsp"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let back = d.wait_for(Duration::from_secs(5), || {
+        (ports(&d).contains("gv-t-dnsp")
+            && owned(&d, "t-dnsp").iter().any(|f| f.contains("push_vlan")))
+        .then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "port not plugged again: {}\n{}",
+        ports(&d),
+        d.log()
+    );
+    let text = String::from_utf8_lossy(&d.cli(&["events", "--json"]).stdout).into_owned();
+    assert!(text.contains("plugged again"), "{text}");
+    assert!(d.status("t-dnsp")["network_error"].is_null());
 }

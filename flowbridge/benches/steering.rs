@@ -546,7 +546,7 @@ fn run() -> Result<Value, String> {
     // iperf3 on two cores through the userspace datapath is noisy: alternate runs without and
     // with the inspecting service and compare medians.
     let (mut without, mut with) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
+    for _ in 0..5 {
         ctl.deactivate(9).map_err(|e| e.to_string())?;
         without.push(iperf(&l)?);
         ctl.activate(9).map_err(|e| e.to_string())?;

@@ -40,6 +40,17 @@ pub struct Counters {
     pub steered_bytes: u64,
     /// Packets the service sent back with a verdict or as an answer.
     pub returned_packets: u64,
+    /// Of those, by verdict.
+    pub verdicts: VerdictCounts,
+}
+
+/// Packets a service returned, by the verdict they carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct VerdictCounts {
+    pub forward: u64,
+    pub allow: u64,
+    pub block: u64,
+    pub reply: u64,
 }
 
 pub struct Controller {
@@ -218,6 +229,18 @@ impl Controller {
                 c.steered_bytes += s.byte_count;
             } else if s.flow.table == steering::TABLE_VERDICT {
                 c.returned_packets += s.packet_count;
+                let pcp = s.flow.matches.iter().find_map(|m| match m {
+                    crate::ofp::Field::VlanPcp(p) => Some(*p),
+                    _ => None,
+                });
+                let slot = match pcp {
+                    Some(0) => &mut c.verdicts.forward,
+                    Some(1) => &mut c.verdicts.allow,
+                    Some(2) => &mut c.verdicts.block,
+                    Some(3) => &mut c.verdicts.reply,
+                    _ => continue,
+                };
+                *slot += s.packet_count;
             }
         }
         Ok(c)

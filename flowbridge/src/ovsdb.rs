@@ -281,6 +281,69 @@ impl Ovsdb {
     }
 }
 
+/// What the interface monitor reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortChange {
+    /// The interface row was deleted (someone removed the port).
+    Gone(String),
+    /// `ovs-vswitchd` could not open the interface (its `ofport` became -1).
+    Broken(String),
+}
+
+impl Ovsdb {
+    /// Monitors the Interface table (RFC 7047 `monitor`) and calls `on_change` for every port
+    /// that disappears or breaks, until `on_change` returns false or the connection ends.
+    pub fn monitor_interfaces(
+        mut self,
+        mut on_change: impl FnMut(PortChange) -> bool,
+    ) -> Result<()> {
+        // No timeout: updates come when they come.
+        self.stream.set_read_timeout(None)?;
+        let params = json!([DB, "gv-ports", {"Interface": {"columns": ["name", "ofport"]}}]);
+        self.call("monitor", params)?;
+        loop {
+            let v = match self.reader.next() {
+                Some(Ok(v)) => v,
+                Some(Err(e)) if e.is_io() => return Err(OvsdbError::Io(e.into())),
+                Some(Err(e)) => return Err(OvsdbError::Protocol(e.to_string())),
+                None => return Ok(()),
+            };
+            match v.get("method").and_then(Value::as_str) {
+                Some("echo") => {
+                    let reply = json!({"result": v["params"], "error": null, "id": v["id"]});
+                    self.stream
+                        .write_all(&serde_json::to_vec(&reply).expect("json"))?;
+                }
+                Some("update") => {
+                    let rows = v["params"][1]["Interface"]
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default();
+                    for (_uuid, change) in rows {
+                        let old_name = change["old"]["name"].as_str().map(str::to_string);
+                        let new = &change["new"];
+                        let event = if new.is_null() {
+                            old_name.map(PortChange::Gone)
+                        } else if new["ofport"].as_i64() == Some(-1) {
+                            new["name"]
+                                .as_str()
+                                .map(|n| PortChange::Broken(n.to_string()))
+                        } else {
+                            None
+                        };
+                        if let Some(e) = event {
+                            if !on_change(e) {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 /// OVSDB encodes a set of one element as the element itself, otherwise `["set", [...]]`.
 fn set_items(v: &Value) -> Vec<Value> {
     match v {

@@ -218,13 +218,21 @@ fn dns_service_answers_blocked_names_and_never_sees_bulk_tcp_then_fails_open() {
     // Datapath statistics reach the OpenFlow rules lazily (the revalidator runs every ~500 ms).
     let mut counters = l.ctl.counters(1).unwrap();
     for _ in 0..50 {
-        if counters.steered_packets >= 2 && l.ctl.fast_path_bytes().unwrap() > 4 << 20 {
+        if counters.steered_packets >= 2
+            && counters.returned_packets >= 2
+            && l.ctl.fast_path_bytes().unwrap() > 4 << 20
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
         counters = l.ctl.counters(1).unwrap();
     }
     assert_eq!(counters.steered_packets, 2, "{counters:?}");
+    assert_eq!(
+        (counters.verdicts.reply, counters.verdicts.forward),
+        (1, 1),
+        "{counters:?}"
+    );
     let fast = l.ctl.fast_path_bytes().unwrap();
     assert!(
         fast > 4 * 1024 * 1024,
