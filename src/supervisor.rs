@@ -53,6 +53,12 @@ pub enum Msg {
         name: String,
         generation: u64,
     },
+    /// The container's init died: its traffic fails over now, before the container's teardown
+    /// ends and its monitor exits.
+    InitExited {
+        name: String,
+        generation: u64,
+    },
     /// Open vSwitch reports a port gone or broken.
     PortLost {
         port: String,
@@ -341,6 +347,15 @@ impl Supervisor {
                 }
                 Ok(Msg::Follow(tx)) => self.events.follow(tx),
                 Ok(Msg::MonitorExited { name, generation }) => self.on_exit(&name, generation),
+                Ok(Msg::InitExited { name, generation }) => {
+                    let current = self
+                        .live
+                        .get(&name)
+                        .is_some_and(|l| l.generation == generation);
+                    if current && self.record(&name).is_ok_and(|r| r.state == State::Running) {
+                        self.unplug(&name);
+                    }
+                }
                 Ok(Msg::PortLost { port }) => self.on_port_lost(&port),
                 Ok(Msg::Verdict {
                     name,
@@ -909,7 +924,7 @@ impl Supervisor {
                 };
                 self.transition(name, Op::Started)?;
                 self.record_mut(name)?.running = Some(running);
-                self.watch(name, monitor_pid, Some(started.monitor));
+                self.watch(name, monitor_pid, started.init_pid, Some(started.monitor));
                 self.plug(name);
                 let _ = self.persist();
                 let kind = if op == Op::Retry {
@@ -934,7 +949,9 @@ impl Supervisor {
     }
 
     /// Starts a watcher thread for the monitor `pid`.
-    fn watch(&mut self, name: &str, pid: i32, child: Option<Child>) {
+    /// Watches the monitor `pid` (the service's lifecycle) and the container's `init_pid` (the
+    /// earliest sign of its death, for failing its traffic over).
+    fn watch(&mut self, name: &str, pid: i32, init_pid: i32, child: Option<Child>) {
         self.generation += 1;
         let generation = self.generation;
         let live = self.live.entry(name.to_string()).or_default();
@@ -954,6 +971,7 @@ impl Supervisor {
         };
         let watcher_fd = pidfd.try_clone();
         live.pidfd = Some(pidfd);
+        let init_fd = proc::pidfd_open(init_pid).ok();
         let tx = self.tx.clone();
         let name = name.to_string();
         let spawned = watcher_fd.map(|fd| {
@@ -961,6 +979,14 @@ impl Supervisor {
                 .name(format!("watch-{name}"))
                 .stack_size(64 * 1024)
                 .spawn(move || {
+                    if let Some(init_fd) = init_fd {
+                        if proc::wait_either(&init_fd, &fd) {
+                            let _ = tx.send(Msg::InitExited {
+                                name: name.clone(),
+                                generation,
+                            });
+                        }
+                    }
                     proc::wait_pidfd(&fd, None);
                     let _ = tx.send(Msg::MonitorExited { name, generation });
                 })
@@ -1163,7 +1189,7 @@ impl Supervisor {
                         started_at_ms,
                     });
                     rec.state = State::Running;
-                    self.watch(&name, monitor_pid, None);
+                    self.watch(&name, monitor_pid, init_pid, None);
                     self.plug(&name);
                     self.event(
                         EventKind::Adopted,
