@@ -30,27 +30,10 @@ fn run_service(stop: Arc<AtomicBool>, seen: Arc<Seen>) {
             seen.tcp.fetch_add(1, Ordering::Relaxed);
         }
         let dport = u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]);
-        if proto != 17 || dport != 53 {
-            return 0;
+        if proto == 17 && dport == 53 {
+            seen.dns.fetch_add(1, Ordering::Relaxed);
         }
-        seen.dns.fetch_add(1, Ordering::Relaxed);
-        if query_name(&f[l4 + 8..]) != "blocked.test" {
-            return 0;
-        }
-        // Turn the query into an NXDOMAIN answer back to the asker.
-        let (a, b) = f.split_at_mut(6);
-        a.swap_with_slice(&mut b[..6]);
-        for i in 0..4 {
-            f.swap(18 + 12 + i, 18 + 16 + i);
-        }
-        f.swap(l4, l4 + 2);
-        f.swap(l4 + 1, l4 + 3);
-        f[l4 + 6] = 0;
-        f[l4 + 7] = 0; // UDP checksum optional over IPv4
-        let dns = l4 + 8;
-        f[dns + 2] |= 0x80;
-        f[dns + 3] = 0x80 | 3;
-        3
+        nxdomain_for_blocked_test(f, l4, proto)
     })
 }
 

@@ -107,9 +107,13 @@ pub fn query_name(dns: &[u8]) -> String {
 
 /// Sends a query from the current namespace; returns the RCODE of the answer, or None.
 pub fn lookup(server: &str, name: &str) -> Option<u8> {
+    lookup_within(server, name, Duration::from_millis(700))
+}
+
+/// `lookup` with its own answer timeout.
+pub fn lookup_within(server: &str, name: &str, timeout: Duration) -> Option<u8> {
     let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(700)))
-        .unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
     s.send_to(&dns_query(name), server).unwrap();
     let mut buf = [0u8; 512];
     let (n, _) = s.recv_from(&mut buf).ok()?;
@@ -244,4 +248,29 @@ pub fn serve_packets(
         // SAFETY: f is a valid buffer of its length; the socket is bound to eth0.
         unsafe { libc::send(sock.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
     }
+}
+
+/// The DNS service's rule: a query for `blocked.test` becomes an NXDOMAIN answer sent back to
+/// the asker (verdict 3); every other frame is forwarded (verdict 0).
+pub fn nxdomain_for_blocked_test(f: &mut [u8], l4: usize, proto: u8) -> u8 {
+    if f.len() < l4 + 8 + 12 {
+        return 0;
+    }
+    let dport = u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]);
+    if proto != 17 || dport != 53 || query_name(&f[l4 + 8..]) != "blocked.test" {
+        return 0;
+    }
+    let (a, b) = f.split_at_mut(6);
+    a.swap_with_slice(&mut b[..6]);
+    for i in 0..4 {
+        f.swap(18 + 12 + i, 18 + 16 + i);
+    }
+    f.swap(l4, l4 + 2);
+    f.swap(l4 + 1, l4 + 3);
+    f[l4 + 6] = 0;
+    f[l4 + 7] = 0; // UDP checksum optional over IPv4
+    let dns = l4 + 8;
+    f[dns + 2] |= 0x80;
+    f[dns + 3] = 0x80 | 3;
+    3
 }
