@@ -4,7 +4,6 @@
 //! (verdict 0). It says hello on its verdict socket when it has one.
 
 #[path = "../tests/common/lab.rs"]
-#[allow(dead_code)]
 mod lab;
 
 use std::io::{BufRead, BufReader, Write};
