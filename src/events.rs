@@ -20,6 +20,8 @@ pub enum EventKind {
     DaemonStarted,
     DaemonStopping,
     NetworkRestored,
+    /// A service stopped sending its heartbeat.
+    Hung,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -109,6 +109,11 @@ pub struct Network {
     /// Steering policies (`kind = "dns" | "new-sessions" | "match"`).
     #[serde(default)]
     pub steering: Vec<flowbridge::steering::Policy>,
+    /// A steering service that can hang while alive would black-hole its class: with this set
+    /// it must send `{"op":"ping"}` on its verdict socket at least this often, or it is failed
+    /// over and restarted.
+    #[serde(default)]
+    pub heartbeat_timeout_ms: Option<u64>,
 }
 
 impl Default for Network {
@@ -116,6 +121,7 @@ impl Default for Network {
         Network {
             interface: true,
             steering: Vec::new(),
+            heartbeat_timeout_ms: None,
         }
     }
 }
@@ -272,6 +278,20 @@ impl Manifest {
         }
         if rs.max_retries > 1000 {
             return Err(bad("restart.max_retries", "must be at most 1000".into()));
+        }
+        if let Some(t) = self.network.heartbeat_timeout_ms {
+            if !(500..=600_000).contains(&t) {
+                return Err(bad(
+                    "network.heartbeat_timeout_ms",
+                    "must be 500 to 600000 (milliseconds)".into(),
+                ));
+            }
+            if self.network.steering.is_empty() {
+                return Err(bad(
+                    "network.heartbeat_timeout_ms",
+                    "needs network.steering (the heartbeat comes over the verdict socket)".into(),
+                ));
+            }
         }
         for (i, p) in self.network.steering.iter().enumerate() {
             p.validate()

@@ -59,6 +59,10 @@ pub enum Msg {
         name: String,
         generation: u64,
     },
+    /// A service spoke on its verdict socket (its heartbeat).
+    Alive {
+        name: String,
+    },
     /// Open vSwitch reports a port gone or broken.
     PortLost {
         port: String,
@@ -103,6 +107,8 @@ struct Live {
     replugged_at: Option<Instant>,
     /// Verdicts received over the verdict API.
     api_verdicts: u64,
+    /// When the service last spoke on its verdict socket (or was started).
+    last_alive: Option<Instant>,
 }
 
 pub struct Supervisor {
@@ -357,6 +363,11 @@ impl Supervisor {
                     }
                 }
                 Ok(Msg::PortLost { port }) => self.on_port_lost(&port),
+                Ok(Msg::Alive { name }) => {
+                    if let Some(l) = self.live.get_mut(&name) {
+                        l.last_alive = Some(Instant::now());
+                    }
+                }
                 Ok(Msg::Verdict {
                     name,
                     session,
@@ -372,6 +383,7 @@ impl Supervisor {
             if last_net_check.elapsed() >= NET_CHECK {
                 last_net_check = Instant::now();
                 self.check_network();
+                self.check_heartbeats();
             }
         }
         if let Some(n) = &notifier {
@@ -406,6 +418,38 @@ impl Supervisor {
             && self.doc.services.values().any(|r| r.state.is_active());
         if let Some(net) = self.net.take() {
             net.shutdown(services_left_running);
+        }
+    }
+
+    /// Running services with a heartbeat that went silent are hung: their traffic fails over
+    /// and they are killed, so their restart policy brings them back.
+    fn check_heartbeats(&mut self) {
+        let hung: Vec<(String, u64)> = self
+            .doc
+            .services
+            .values()
+            .filter(|r| r.state == State::Running)
+            .filter_map(|r| {
+                let timeout = r.manifest.network.heartbeat_timeout_ms?;
+                let last = self.live.get(&r.manifest.name)?.last_alive?;
+                (last.elapsed() > Duration::from_millis(timeout))
+                    .then(|| (r.manifest.name.clone(), timeout))
+            })
+            .collect();
+        for (name, timeout) in hung {
+            self.event(
+                EventKind::Hung,
+                Some(&name),
+                format!("no heartbeat on its verdict socket for {timeout} ms; failing over and restarting it"),
+            );
+            self.unplug(&name);
+            if let Some(l) = self.live.get_mut(&name) {
+                l.last_alive = None;
+            }
+            // Killing it ends in its monitor's exit, which applies the restart policy.
+            if let Err(e) = self.rt.stop(&name, Duration::ZERO) {
+                tracing::warn!("{name}: cannot kill the hung service: {e}");
+            }
         }
     }
 
@@ -925,6 +969,7 @@ impl Supervisor {
                 self.transition(name, Op::Started)?;
                 self.record_mut(name)?.running = Some(running);
                 self.watch(name, monitor_pid, started.init_pid, Some(started.monitor));
+                self.live.entry(name.to_string()).or_default().last_alive = Some(Instant::now());
                 self.plug(name);
                 let _ = self.persist();
                 let kind = if op == Op::Retry {
@@ -1190,6 +1235,7 @@ impl Supervisor {
                     });
                     rec.state = State::Running;
                     self.watch(&name, monitor_pid, init_pid, None);
+                    self.live.entry(name.clone()).or_default().last_alive = Some(Instant::now());
                     self.plug(&name);
                     self.event(
                         EventKind::Adopted,

@@ -152,7 +152,13 @@ fn serve_conn(
         let parsed = serde_json::from_slice::<Request>(&line);
         line.clear();
         let req = match parsed {
-            Ok(r) => r,
+            Ok(r) => {
+                // Any well-formed request shows the service is alive (its heartbeat).
+                let _ = tx.send(Msg::Alive {
+                    name: name.to_string(),
+                });
+                r
+            }
             Err(e) => {
                 reply(
                     &mut w,

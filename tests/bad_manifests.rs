@@ -31,6 +31,7 @@ fn cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
         ("backoff order", base() + "[restart]\npolicy = \"always\"\nmax_retries = 1\nbackoff_initial_ms = 500\nbackoff_max_ms = 100\nstable_after_s = 1\n", vec!["restart.backoff_initial_ms"]),
         ("not toml", "name = \"x\nversion".to_string(), vec!["bad.toml"]),
         ("microvm not built", base().replace("runtime = \"lxc\"", "runtime = \"microvm\""), vec!["`runtime`", "not available"]),
+        ("heartbeat without steering", base() + "[network]\nheartbeat_timeout_ms = 1000\n", vec!["network.heartbeat_timeout_ms", "needs network.steering"]),
         ("over memory budget", base().replace("memory_mib = 32", "memory_mib = 4000000"), vec!["resources.memory_mib", "budget"]),
     ]
 }

@@ -330,3 +330,51 @@ fn a_port_removed_behind_our_back_is_plugged_again() {
     assert!(text.contains("plugged again"), "{text}");
     assert!(d.status("t-dnsp")["network_error"].is_null());
 }
+
+#[test]
+fn a_service_whose_heartbeat_stops_is_failed_over_and_restarted() {
+    use std::io::Write;
+    if !need_ovs("a_service_whose_heartbeat_stops_is_failed_over_and_restarted") {
+        return;
+    }
+    let d = Daemon::start();
+    let text = steering_manifest("t-hb", "open").replace(
+        "steering = [{ kind = \"dns\" }]",
+        "steering = [{ kind = \"dns\" }]\nheartbeat_timeout_ms = 1000",
+    );
+    let m = d.manifest("hb.toml", &text);
+    d.json(&[
+        "service",
+        "install",
+        m.to_str().unwrap(),
+        "--start",
+        "--json",
+    ]);
+    let pid = d.status("t-hb")["init_pid"].as_i64().unwrap();
+
+    // While it pings, it lives.
+    let mut sock =
+        std::os::unix::net::UnixStream::connect(d.state_dir().join("run/t-hb/verdict.sock"))
+            .unwrap();
+    for _ in 0..12 {
+        sock.write_all(b"{\"op\":\"ping\"}\n").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let st = d.status("t-hb");
+    assert_eq!(
+        (st["init_pid"].as_i64(), st["restarts"].as_u64()),
+        (Some(pid), Some(0)),
+        "{st}"
+    );
+
+    // Silence: hung, failed over, restarted.
+    let restarted = d.wait_for(Duration::from_secs(6), || {
+        let st = d.status("t-hb");
+        (st["state"] == "running" && st["init_pid"].as_i64() != Some(pid)).then_some(st)
+    });
+    let st =
+        restarted.unwrap_or_else(|| panic!("hung service not restarted: {}", d.status("t-hb")));
+    assert_eq!(st["restarts"], 1);
+    let text = String::from_utf8_lossy(&d.cli(&["events", "--json"]).stdout).into_owned();
+    assert!(text.contains("\"kind\":\"hung\""), "{text}");
+}
