@@ -5,17 +5,6 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-fn need_ovs(test: &str) -> bool {
-    if !need_root(test) {
-        return false;
-    }
-    if gatevisor_board::ovs::find_sbin("ovs-vswitchd").is_none() {
-        eprintln!("skipped {test}: Open vSwitch is not installed");
-        return false;
-    }
-    true
-}
-
 /// The flow texts owned by `owner`.
 fn owned(d: &Daemon, owner: &str) -> Vec<String> {
     let v = d.json(&["flows", "--json"]);

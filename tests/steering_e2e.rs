@@ -106,12 +106,7 @@ steering = [{ kind = "dns" }]
     let bridge = d.bridge();
     vsctl(&d, &["add-port", &bridge, &lan.host_if]);
     vsctl(&d, &["add-port", &bridge, &wan.host_if]);
-    let reachable = (0..50).any(|_| {
-        Command::new("ip")
-            .args(["netns", "exec", &lan.ns, "ping", "-c1", "-W1", "10.97.0.1"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
+    let reachable = lab::wait_reachable(&lan.ns, "10.97.0.1");
     assert!(reachable, "LAN cannot reach WAN over the daemon's bridge");
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -104,13 +104,7 @@ fn lab() -> Result<Lab, String> {
     }
     db.wait_applied(Duration::from_secs(10))
         .map_err(|e| e.to_string())?;
-    let reachable = (0..50).any(|_| {
-        Command::new("ip")
-            .args(["netns", "exec", &lan.ns, "ping", "-c1", "-W1", "10.98.0.1"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    });
+    let reachable = wait_reachable(&lan.ns, "10.98.0.1");
     if !reachable {
         return Err("LAN cannot reach WAN through the bridge".into());
     }

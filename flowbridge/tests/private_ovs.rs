@@ -1,22 +1,12 @@
 //! Against a real, private Open vSwitch: bridge and port management through our OVSDB client,
 //! checked with `ovs-vsctl` as an independent reader. Needs root (veth) and OVS installed.
 
+mod common;
+use common::need;
 use flowbridge::ovsdb::{Ovsdb, OWNER_KEY, SERVICE_KEY};
 use flowbridge::private::PrivateOvs;
 use std::process::Command;
 use std::time::Duration;
-
-fn need(test: &str) -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped {test}: needs root");
-        return false;
-    }
-    if gatevisor_board::ovs::find_sbin("ovs-vswitchd").is_none() {
-        eprintln!("skipped {test}: Open vSwitch is not installed");
-        return false;
-    }
-    true
-}
 
 fn vsctl(ovs: &PrivateOvs, args: &[&str]) -> String {
     let out = Command::new("ovs-vsctl")

@@ -76,13 +76,7 @@ fn lab(bridge: &str, n: u8) -> Lab {
         std::thread::sleep(Duration::from_millis(10));
     };
     // Fresh ports: wait until the LAN host reaches the WAN host through the bridge.
-    let reachable = (0..50).any(|_| {
-        Command::new("ip")
-            .args(["netns", "exec", &lan.ns, "ping", "-c1", "-W1", "10.99.0.1"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    });
+    let reachable = wait_reachable(&lan.ns, "10.99.0.1");
     assert!(reachable, "LAN cannot reach WAN through the bridge");
     let ctl = Controller::connect(&sw.mgmt(), Duration::from_secs(10))
         .unwrap()

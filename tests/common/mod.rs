@@ -19,6 +19,18 @@ pub fn need_root(test: &str) -> bool {
     false
 }
 
+/// Tests that need root and Open vSwitch (the daemon starts its private switch).
+pub fn need_ovs(test: &str) -> bool {
+    if !need_root(test) {
+        return false;
+    }
+    if gatevisor_board::ovs::find_sbin("ovs-vswitchd").is_none() {
+        eprintln!("skipped {test}: Open vSwitch is not installed");
+        return false;
+    }
+    true
+}
+
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,

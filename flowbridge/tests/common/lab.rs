@@ -274,3 +274,14 @@ pub fn nxdomain_for_blocked_test(f: &mut [u8], l4: usize, proto: u8) -> u8 {
     f[dns + 3] = 0x80 | 3;
     3
 }
+
+/// Waits (up to ~50 pings) until the host in namespace `ns` reaches `ip`: fresh ports on a
+/// bridge take a moment to forward.
+pub fn wait_reachable(ns: &str, ip: &str) -> bool {
+    (0..50).any(|_| {
+        Command::new("ip")
+            .args(["netns", "exec", ns, "ping", "-c1", "-W1", ip])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
