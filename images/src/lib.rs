@@ -1,1 +1,14 @@
-//! Signed service packages and the image store (issue: images). Not implemented yet: empty placeholder.
+//! Signed service packages and the image store.
+//!
+//! - [`keys`]: ed25519 publisher keys and the gateway's trust store (trust, revoke, list).
+//! - [`package`]: the package format (a tar: signed manifest, then artifacts), built
+//!   reproducibly, read with the signature checked before anything is written and every
+//!   artifact's digest and size checked while it streams.
+//! - [`rootfs`]: root filesystem trees in packages, unpacked refusing anything unsafe.
+//! - [`store`]: the content-addressed store on the gateway, with atomic installs that a power
+//!   cut at any point leaves at the old or the new version, and garbage collection.
+
+pub mod keys;
+pub mod package;
+pub mod rootfs;
+pub mod store;

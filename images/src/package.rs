@@ -1,0 +1,375 @@
+//! The package format: one uncompressed tar holding, in this order,
+//! 1. `manifest.toml`: the package's name, version and the list of artifacts with their
+//!    SHA-256 and size;
+//! 2. `manifest.sig`: `ed25519 KEYID HEXSIG`, a detached signature over the exact bytes of
+//!    `manifest.toml`;
+//! 3. each artifact, in the order the manifest lists them.
+//!
+//! The order lets a gateway check the signature before it writes anything, then check every
+//! artifact's digest and size while streaming it to disk. Nothing after the listed artifacts is
+//! accepted. Building is reproducible: entries carry no timestamps, owners or host modes.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::keys::{self, SecretKey, TrustStore};
+
+pub const FORMAT: u32 = 1;
+pub const MANIFEST: &str = "manifest.toml";
+pub const SIGNATURE: &str = "manifest.sig";
+const MAX_MANIFEST: u64 = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ArtifactKind {
+    /// The service manifest (gatevisor's TOML), always present.
+    Service,
+    /// A root filesystem as a tar (LXC services).
+    Rootfs,
+    /// A guest kernel (microVM services).
+    Kernel,
+    /// A guest initramfs (microVM services).
+    Initramfs,
+    /// A raw disk image (microVM services).
+    Disk,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    pub name: String,
+    pub kind: ArtifactKind,
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageManifest {
+    pub format: u32,
+    pub name: String,
+    pub version: String,
+    #[serde(rename = "artifact")]
+    pub artifacts: Vec<Artifact>,
+}
+
+/// Limits a gateway puts on what it accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_total_bytes: u64,
+    pub max_files: u64,
+    pub max_path_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_total_bytes: 512 << 20,
+            max_files: 100_000,
+            max_path_len: 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PackageError {
+    #[error("cannot read the package")]
+    Io(#[from] std::io::Error),
+    #[error("the package is not a valid archive or is truncated: {0}")]
+    Archive(String),
+    #[error("the package does not start with {MANIFEST}")]
+    NoManifest,
+    #[error("the package is not signed (no {SIGNATURE} after {MANIFEST})")]
+    Unsigned,
+    #[error("{MANIFEST} is invalid: {0}")]
+    BadManifest(String),
+    #[error("{SIGNATURE} is malformed (expected `ed25519 KEYID HEXSIG`)")]
+    BadSignatureFormat,
+    #[error("the package is signed by key {id}, which this gateway does not trust")]
+    UntrustedKey { id: String },
+    #[error("the package is signed by key {id}, which was revoked")]
+    RevokedKey { id: String },
+    #[error("the signature does not match {MANIFEST} (tampered with, or signed by another key)")]
+    BadSignature,
+    #[error("artifact {name}: expected next in the package, found {found:?}")]
+    MissingArtifact { name: String, found: Option<String> },
+    #[error("artifact {name}: size {actual} bytes, the signed manifest says {expected}")]
+    SizeMismatch {
+        name: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("artifact {name}: SHA-256 {actual}, the signed manifest says {expected}")]
+    DigestMismatch {
+        name: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("unexpected entry {0:?} after the listed artifacts")]
+    Trailing(String),
+    #[error("the package is too large: more than {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("unsafe rootfs entry {path:?}: {why}")]
+    Unsafe { path: String, why: String },
+    #[error("the rootfs has more than {limit} entries")]
+    TooManyFiles { limit: u64 },
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+}
+
+fn archive(e: std::io::Error) -> PackageError {
+    PackageError::Archive(e.to_string())
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn is_safe_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        && !n.starts_with('.')
+}
+
+impl PackageManifest {
+    pub fn parse(bytes: &[u8]) -> Result<PackageManifest, PackageError> {
+        let text =
+            std::str::from_utf8(bytes).map_err(|e| PackageError::BadManifest(e.to_string()))?;
+        let m: PackageManifest =
+            toml::from_str(text).map_err(|e| PackageError::BadManifest(e.to_string()))?;
+        if m.format != FORMAT {
+            return Err(PackageError::BadManifest(format!(
+                "format {} is not supported (this gateway reads {FORMAT})",
+                m.format
+            )));
+        }
+        for a in &m.artifacts {
+            if !is_safe_name(&a.name) || a.name == MANIFEST || a.name == SIGNATURE {
+                return Err(PackageError::BadManifest(format!(
+                    "artifact name {:?} is not allowed",
+                    a.name
+                )));
+            }
+            if a.sha256.len() != 64 || hex::decode(&a.sha256).is_err() {
+                return Err(PackageError::BadManifest(format!(
+                    "artifact {}: sha256 must be 64 hex digits",
+                    a.name
+                )));
+            }
+        }
+        if m.artifacts
+            .iter()
+            .filter(|a| a.kind == ArtifactKind::Service)
+            .count()
+            != 1
+        {
+            return Err(PackageError::BadManifest(
+                "exactly one artifact of kind \"service\" is required".into(),
+            ));
+        }
+        Ok(m)
+    }
+
+    pub fn artifact(&self, kind: ArtifactKind) -> Option<&Artifact> {
+        self.artifacts.iter().find(|a| a.kind == kind)
+    }
+}
+
+/// Writes one tar entry with fixed metadata (reproducible).
+pub fn append(
+    tar: &mut tar::Builder<impl Write>,
+    name: &str,
+    data: &[u8],
+    mode: u32,
+) -> std::io::Result<()> {
+    let mut h = tar::Header::new_ustar();
+    h.set_size(data.len() as u64);
+    h.set_mode(mode);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut h, name, data)
+}
+
+/// Builds a package from named artifacts (their bytes), signed with `key`.
+pub fn build(
+    name: &str,
+    version: &str,
+    artifacts: &[(&str, ArtifactKind, &[u8])],
+    key: &SecretKey,
+    out: impl Write,
+) -> Result<PackageManifest, PackageError> {
+    let manifest = PackageManifest {
+        format: FORMAT,
+        name: name.into(),
+        version: version.into(),
+        artifacts: artifacts
+            .iter()
+            .map(|(n, kind, data)| Artifact {
+                name: n.to_string(),
+                kind: *kind,
+                sha256: sha256_hex(data),
+                size: data.len() as u64,
+            })
+            .collect(),
+    };
+    let text = toml::to_string(&manifest).map_err(|e| PackageError::BadManifest(e.to_string()))?;
+    PackageManifest::parse(text.as_bytes())?;
+    let sig = format!(
+        "ed25519 {} {}\n",
+        keys::key_id(&key.public()),
+        hex::encode(key.sign(text.as_bytes()))
+    );
+    let mut tar = tar::Builder::new(out);
+    append(&mut tar, MANIFEST, text.as_bytes(), 0o644)?;
+    append(&mut tar, SIGNATURE, sig.as_bytes(), 0o644)?;
+    for (n, _, data) in artifacts {
+        append(&mut tar, n, data, 0o644)?;
+    }
+    tar.into_inner()?.flush()?;
+    Ok(manifest)
+}
+
+/// Reads a package: checks the signature against `trust`, then streams each artifact into
+/// `dest/NAME` checking its size and digest. Returns the verified manifest. On error, files
+/// already written in `dest` are the caller's to remove.
+pub fn verify_into(
+    input: impl Read,
+    trust: &TrustStore,
+    limits: &Limits,
+    dest: &Path,
+    mut after_each: impl FnMut(&str),
+) -> Result<PackageManifest, PackageError> {
+    let mut ar = tar::Archive::new(input);
+    let mut entries = ar.entries().map_err(archive)?;
+    let next =
+        |entries: &mut tar::Entries<_>| -> Result<Option<(String, u64, Vec<u8>)>, PackageError> {
+            match entries.next() {
+                None => Ok(None),
+                Some(Err(e)) => Err(archive(e)),
+                Some(Ok(mut e)) => {
+                    let name = e.path().map_err(archive)?.to_string_lossy().into_owned();
+                    let size = e.size();
+                    if name == MANIFEST || name == SIGNATURE {
+                        if size > MAX_MANIFEST {
+                            return Err(PackageError::TooLarge {
+                                limit: MAX_MANIFEST,
+                            });
+                        }
+                        let mut buf = Vec::with_capacity(size as usize);
+                        e.read_to_end(&mut buf).map_err(archive)?;
+                        return Ok(Some((name, size, buf)));
+                    }
+                    Ok(Some((name, size, Vec::new())))
+                }
+            }
+        };
+    // 1. The manifest, 2. its signature: verified before anything is written.
+    let (name, _, manifest_bytes) = next(&mut entries)?.ok_or(PackageError::NoManifest)?;
+    if name != MANIFEST {
+        return Err(PackageError::NoManifest);
+    }
+    let sig = match next(&mut entries)? {
+        Some((n, _, bytes)) if n == SIGNATURE => bytes,
+        _ => return Err(PackageError::Unsigned),
+    };
+    let sig_text = String::from_utf8(sig).map_err(|_| PackageError::BadSignatureFormat)?;
+    let mut parts = sig_text.split_whitespace();
+    let (Some("ed25519"), Some(id), Some(hexsig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(PackageError::BadSignatureFormat);
+    };
+    let signature: [u8; 64] = hex::decode(hexsig)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or(PackageError::BadSignatureFormat)?;
+    let key = trust.get(id)?;
+    if !keys::verify(&key, &manifest_bytes, &signature) {
+        return Err(PackageError::BadSignature);
+    }
+    let manifest = PackageManifest::parse(&manifest_bytes)?;
+    std::fs::write(dest.join(MANIFEST), &manifest_bytes)?;
+    let total: u64 = manifest.artifacts.iter().map(|a| a.size).sum();
+    if total > limits.max_total_bytes {
+        return Err(PackageError::TooLarge {
+            limit: limits.max_total_bytes,
+        });
+    }
+    after_each(MANIFEST);
+    // 3. The artifacts, in order, each checked while it streams to disk.
+    for a in &manifest.artifacts {
+        let mut e = match entries.next() {
+            Some(Ok(e)) => e,
+            Some(Err(e)) => return Err(archive(e)),
+            None => {
+                return Err(PackageError::MissingArtifact {
+                    name: a.name.clone(),
+                    found: None,
+                })
+            }
+        };
+        let found = e.path().map_err(archive)?.to_string_lossy().into_owned();
+        if found != a.name || e.header().entry_type() != tar::EntryType::Regular {
+            return Err(PackageError::MissingArtifact {
+                name: a.name.clone(),
+                found: Some(found),
+            });
+        }
+        if e.size() != a.size {
+            return Err(PackageError::SizeMismatch {
+                name: a.name.clone(),
+                expected: a.size,
+                actual: e.size(),
+            });
+        }
+        let path = dest.join(&a.name);
+        let mut out = std::fs::File::create(&path)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut written = 0u64;
+        loop {
+            let n = e.read(&mut buf).map_err(archive)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+            written += n as u64;
+        }
+        if written != a.size {
+            return Err(PackageError::Archive(format!(
+                "artifact {} is truncated ({written} of {} bytes)",
+                a.name, a.size
+            )));
+        }
+        let actual = hex::encode(hasher.finalize());
+        if actual != a.sha256 {
+            return Err(PackageError::DigestMismatch {
+                name: a.name.clone(),
+                expected: a.sha256.clone(),
+                actual,
+            });
+        }
+        out.sync_all()?;
+        after_each(&a.name);
+    }
+    if let Some(extra) = entries.next() {
+        let name = extra
+            .ok()
+            .and_then(|e| e.path().ok().map(|p| p.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "?".into());
+        return Err(PackageError::Trailing(name));
+    }
+    Ok(manifest)
+}
+
+/// Where a verified package's artifacts were written.
+pub fn artifact_path(dir: &Path, a: &Artifact) -> PathBuf {
+    dir.join(&a.name)
+}

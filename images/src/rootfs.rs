@@ -1,0 +1,266 @@
+//! Root filesystem trees inside packages: packed reproducibly from a directory, and unpacked
+//! on the gateway refusing anything that could reach outside the tree or gain privileges:
+//! absolute paths, `..`, device nodes and FIFOs, setuid/setgid files, symlinks whose target
+//! climbs out of the root, entries that would be written through a symlink, and more entries
+//! or longer paths than the limits allow.
+
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use crate::package::{Limits, PackageError};
+
+fn unsafe_entry(path: &str, why: &str) -> PackageError {
+    PackageError::Unsafe {
+        path: path.into(),
+        why: why.into(),
+    }
+}
+
+/// Packs `dir` into a tar: sorted entries, no timestamps or owners (reproducible).
+pub fn pack(dir: &Path, out: impl Write) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut tar = tar::Builder::new(out);
+    tar.follow_symlinks(false);
+    let mut stack = vec![PathBuf::new()];
+    let mut all = Vec::new();
+    while let Some(rel) = stack.pop() {
+        let mut names: Vec<_> =
+            std::fs::read_dir(dir.join(&rel))?.collect::<Result<Vec<_>, _>>()?;
+        names.sort_by_key(|e| e.file_name());
+        for e in names {
+            let r = rel.join(e.file_name());
+            let ty = e.file_type()?;
+            if ty.is_dir() {
+                stack.push(r.clone());
+            }
+            all.push((r, ty));
+        }
+    }
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    for (rel, ty) in all {
+        let full = dir.join(&rel);
+        let meta = std::fs::symlink_metadata(&full)?;
+        let mut h = tar::Header::new_ustar();
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mode(meta.permissions().mode() & 0o777);
+        if ty.is_symlink() {
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            tar.append_link(&mut h, &rel, std::fs::read_link(&full)?)?;
+        } else if ty.is_dir() {
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_size(0);
+            tar.append_data(&mut h, &rel, std::io::empty())?;
+        } else if ty.is_file() {
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(meta.len());
+            tar.append_data(&mut h, &rel, std::fs::File::open(&full)?)?;
+        } else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{}: special files cannot go into a package", full.display()),
+            ));
+        }
+    }
+    tar.into_inner()?.flush()
+}
+
+/// The entry's path as safe relative components, or why not.
+fn relative(path: &str, limits: &Limits) -> Result<PathBuf, PackageError> {
+    if path.len() > limits.max_path_len {
+        return Err(unsafe_entry(path, "path too long"));
+    }
+    let mut out = PathBuf::new();
+    for c in Path::new(path).components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(unsafe_entry(path, "absolute path"))
+            }
+            Component::ParentDir => return Err(unsafe_entry(path, "`..` in the path")),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        return Err(unsafe_entry(path, "empty path"));
+    }
+    Ok(out)
+}
+
+/// Does a symlink at `link` (relative to the root) pointing to `target` stay inside the root?
+/// Absolute targets resolve inside the container's root, so they stay in; relative ones must
+/// not climb above it.
+fn symlink_stays_inside(link: &Path, target: &Path) -> bool {
+    if target.is_absolute() {
+        return true;
+    }
+    let mut depth = link.components().count() as i64 - 1;
+    for c in target.components() {
+        match c {
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            Component::Normal(_) => depth += 1,
+            _ => {}
+        }
+    }
+    true
+}
+
+/// Unpacks a rootfs tar into `dest` (created), refusing unsafe entries.
+pub fn unpack(input: impl Read, dest: &Path, limits: &Limits) -> Result<u64, PackageError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dest)?;
+    let mut ar = tar::Archive::new(input);
+    let mut count = 0u64;
+    for entry in ar
+        .entries()
+        .map_err(|e| PackageError::Archive(e.to_string()))?
+    {
+        let mut e = entry.map_err(|e| PackageError::Archive(e.to_string()))?;
+        count += 1;
+        if count > limits.max_files {
+            return Err(PackageError::TooManyFiles {
+                limit: limits.max_files,
+            });
+        }
+        let raw = e
+            .path()
+            .map_err(|err| PackageError::Archive(err.to_string()))?
+            .to_string_lossy()
+            .into_owned();
+        let rel = relative(&raw, limits)?;
+        let mode = e
+            .header()
+            .mode()
+            .map_err(|err| PackageError::Archive(err.to_string()))?;
+        if mode & 0o6000 != 0 {
+            return Err(unsafe_entry(&raw, "setuid or setgid bit"));
+        }
+        // Never write through a symlink: every parent must be a real directory we made.
+        let mut parent = dest.to_path_buf();
+        for c in rel.parent().into_iter().flat_map(|p| p.components()) {
+            parent.push(c);
+            match std::fs::symlink_metadata(&parent) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(unsafe_entry(&raw, "a parent directory is a symlink"))
+                }
+                Ok(m) if !m.is_dir() => {
+                    return Err(unsafe_entry(&raw, "a parent is not a directory"))
+                }
+                Ok(_) => {}
+                Err(_) => std::fs::create_dir(&parent)?,
+            }
+        }
+        let target = dest.join(&rel);
+        match e.header().entry_type() {
+            tar::EntryType::Directory => {
+                match std::fs::symlink_metadata(&target) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => return Err(unsafe_entry(&raw, "a directory over an existing entry")),
+                    Err(_) => std::fs::create_dir(&target)?,
+                }
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode & 0o777))?;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                if std::fs::symlink_metadata(&target).is_ok() {
+                    return Err(unsafe_entry(&raw, "duplicate entry"));
+                }
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&target)?;
+                std::io::copy(&mut e, &mut f)
+                    .map_err(|err| PackageError::Archive(err.to_string()))?;
+                f.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))?;
+            }
+            tar::EntryType::Symlink => {
+                let link = e
+                    .link_name()
+                    .map_err(|err| PackageError::Archive(err.to_string()))?
+                    .ok_or_else(|| unsafe_entry(&raw, "symlink without a target"))?;
+                if !symlink_stays_inside(&rel, &link) {
+                    return Err(unsafe_entry(&raw, "symlink target climbs out of the root"));
+                }
+                std::os::unix::fs::symlink(&link, &target)?;
+            }
+            tar::EntryType::Link => {
+                let link = e
+                    .link_name()
+                    .map_err(|err| PackageError::Archive(err.to_string()))?
+                    .ok_or_else(|| unsafe_entry(&raw, "hard link without a target"))?;
+                let src = dest.join(relative(&link.to_string_lossy(), limits)?);
+                let m = std::fs::symlink_metadata(&src)
+                    .map_err(|_| unsafe_entry(&raw, "hard link to a missing entry"))?;
+                if !m.is_file() {
+                    return Err(unsafe_entry(
+                        &raw,
+                        "hard link to something other than a regular file",
+                    ));
+                }
+                std::fs::hard_link(&src, &target)?;
+            }
+            other => {
+                return Err(unsafe_entry(
+                    &raw,
+                    &format!("{other:?} entries (device nodes, FIFOs) are not allowed"),
+                ))
+            }
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlink_escape_rules() {
+        assert!(symlink_stays_inside(
+            Path::new("bin/sh"),
+            Path::new("busybox")
+        ));
+        assert!(symlink_stays_inside(
+            Path::new("usr/bin/x"),
+            Path::new("../../bin/busybox")
+        ));
+        assert!(symlink_stays_inside(
+            Path::new("bin/sh"),
+            Path::new("/bin/busybox")
+        ));
+        assert!(!symlink_stays_inside(
+            Path::new("bin/sh"),
+            Path::new("../../etc/passwd")
+        ));
+        assert!(!symlink_stays_inside(Path::new("x"), Path::new("..")));
+    }
+
+    #[test]
+    fn pack_is_reproducible_and_unpack_restores_the_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(src.join("bin")).unwrap();
+        std::fs::write(src.join("bin/tool"), b"#!/bin/sh\necho hi\n").unwrap();
+        std::os::unix::fs::symlink("tool", src.join("bin/alias")).unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        pack(&src, &mut a).unwrap();
+        pack(&src, &mut b).unwrap();
+        assert_eq!(a, b);
+        let n = unpack(&a[..], &d.path().join("out"), &Limits::default()).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(
+            std::fs::read(d.path().join("out/bin/tool")).unwrap(),
+            b"#!/bin/sh\necho hi\n"
+        );
+        assert_eq!(
+            std::fs::read_link(d.path().join("out/bin/alias")).unwrap(),
+            Path::new("tool")
+        );
+    }
+}
