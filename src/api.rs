@@ -28,6 +28,16 @@ pub enum Request {
     Remove {
         name: String,
     },
+    /// Installs a new version from a signed package; rolls back by itself when the new version
+    /// does not pass its health check.
+    Update {
+        name: String,
+        package: PathBuf,
+    },
+    /// Goes back to the previous packaged version.
+    Rollback {
+        name: String,
+    },
     Freeze {
         name: String,
     },

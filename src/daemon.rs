@@ -31,6 +31,8 @@ pub struct ConfigFile {
     pub network: Option<bool>,
     /// Bridge to use instead of the board profile's.
     pub bridge: Option<String>,
+    /// Trusted publisher keys (default /etc/gatevisor/keys).
+    pub keys_dir: Option<PathBuf>,
 }
 
 impl ConfigFile {

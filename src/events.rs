@@ -22,6 +22,8 @@ pub enum EventKind {
     NetworkRestored,
     /// A service stopped sending its heartbeat.
     Hung,
+    Updated,
+    RolledBack,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

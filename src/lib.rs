@@ -14,6 +14,7 @@ pub mod lifecycle;
 pub mod manifest;
 pub mod network;
 pub mod notify;
+pub mod package;
 pub mod proc;
 pub mod state;
 pub mod supervisor;

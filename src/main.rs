@@ -36,6 +36,12 @@ enum Command {
     Board(cli::BoardArgs),
     /// Show the event log (started, exited, restarted, failed, ...).
     Events(cli::EventsArgs),
+    /// Publisher keys and the gateway's trust store.
+    #[command(subcommand)]
+    Key(cli::KeyCmd),
+    /// Build signed service packages.
+    #[command(subcommand)]
+    Image(cli::ImageCmd),
     /// Show the flows on the bridge, by owner, with packet and byte counters.
     Flows {
         #[arg(long)]
@@ -61,6 +67,8 @@ fn main() {
         Command::Board(args) => cli::board(args),
         Command::Events(args) => cli::events(&cli.socket, args),
         Command::Flows { json } => cli::flows(&cli.socket, json),
+        Command::Key(cmd) => cli::key(cmd),
+        Command::Image(cmd) => cli::image(cmd),
     };
     std::process::exit(code);
 }
@@ -112,6 +120,10 @@ fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()
             .unwrap_or_else(|| PathBuf::from("/bin/busybox")),
         network: !args.no_network && file.network.unwrap_or(true),
         bridge: args.bridge.or(file.bridge),
+        keys_dir: args
+            .keys_dir
+            .or(file.keys_dir)
+            .unwrap_or_else(|| PathBuf::from(cli::DEFAULT_KEYS_DIR)),
     };
     daemon::run(daemon::DaemonOptions {
         socket,

@@ -55,6 +55,37 @@ pub struct Manifest {
     pub restart: Restart,
     #[serde(default)]
     pub network: Network,
+    /// How an update proves the new version works (else it is rolled back).
+    #[serde(default)]
+    pub health: Health,
+}
+
+/// The health check after a start or update: the service must be running and, when set, the
+/// command must succeed inside it or the TCP port must accept, within `deadline_s`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    #[serde(default)]
+    pub exec: Option<Vec<String>>,
+    /// A TCP port inside the service's network namespace.
+    #[serde(default)]
+    pub tcp_port: Option<u16>,
+    #[serde(default = "default_deadline")]
+    pub deadline_s: u32,
+}
+
+impl Default for Health {
+    fn default() -> Health {
+        Health {
+            exec: None,
+            tcp_port: None,
+            deadline_s: default_deadline(),
+        }
+    }
+}
+
+fn default_deadline() -> u32 {
+    10
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -303,6 +334,20 @@ impl Manifest {
                 "must be true when network.steering is set (steered traffic reaches the service through it)".into(),
             ));
         }
+        if self.health.deadline_s == 0 || self.health.deadline_s > 3600 {
+            return Err(bad("health.deadline_s", "must be 1 to 3600 seconds".into()));
+        }
+        if self
+            .health
+            .exec
+            .as_ref()
+            .is_some_and(|c| c.is_empty() || c[0].is_empty())
+        {
+            return Err(bad(
+                "health.exec",
+                "must name a program to run inside the service".into(),
+            ));
+        }
         if self.stop_timeout_s > 600 {
             return Err(bad("stop_timeout_s", "must be at most 600 seconds".into()));
         }
@@ -319,9 +364,19 @@ impl Manifest {
         if self.image == "builtin:busybox" {
             return Ok(ImageRef::BuiltinBusybox);
         }
+        if self.image == "package" {
+            // Inside a package (and in the folder it is built from) the rootfs sits beside
+            // the service manifest.
+            let dir = file.parent().unwrap_or(Path::new(".")).join("rootfs");
+            return if dir.is_dir() {
+                Ok(ImageRef::Rootfs(dir))
+            } else {
+                Err(bad("\"package\" means the rootfs inside a signed package: install the package (.gvpkg), not its service manifest".into()))
+            };
+        }
         let Some(p) = self.image.strip_prefix("rootfs:") else {
             return Err(bad(format!(
-                "{:?} is not an image reference; use \"builtin:busybox\" or \"rootfs:DIR\"",
+                "{:?} is not an image reference; use \"builtin:busybox\", \"rootfs:DIR\" or \"package\"",
                 self.image
             )));
         };

@@ -51,8 +51,11 @@ pub struct ServiceRecord {
     #[serde(default)]
     pub id: u32,
     pub manifest: Manifest,
-    /// The manifest file it was installed from.
+    /// The manifest file (or package) it was installed from.
     pub source: PathBuf,
+    /// The package version in the image store, for services installed from a package.
+    #[serde(default)]
+    pub package_version: Option<String>,
     /// The runtime actually used (`auto` resolved at install).
     pub runtime: String,
     pub desired: Desired,

@@ -44,6 +44,8 @@ pub struct Settings {
     pub network: bool,
     /// Bridge to use instead of the board profile's.
     pub bridge: Option<String>,
+    /// Trusted publisher keys (`trusted/`, `revoked/`).
+    pub keys_dir: PathBuf,
 }
 
 pub enum Msg {
@@ -89,6 +91,8 @@ pub enum StartupError {
     State(#[from] crate::state::StateError),
     #[error(transparent)]
     Lxc(#[from] lxc::LxcError),
+    #[error(transparent)]
+    Images(#[from] gatevisor_images::store::StoreError),
 }
 
 /// What only this process knows about a service (not persisted).
@@ -126,6 +130,8 @@ pub struct Supervisor {
     net_problem: Option<String>,
     /// Verdict sockets of the services that steer traffic.
     verdict_servers: HashMap<String, crate::verdict::VerdictServer>,
+    /// Signed packages, verified and unpacked.
+    images: gatevisor_images::store::Store,
 }
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -166,6 +172,11 @@ impl Supervisor {
             settings.monitor.clone(),
         )?;
         let events = EventLog::new(&settings.state_dir, settings.events_max_bytes);
+        let images = gatevisor_images::store::Store::open(
+            &settings.state_dir.join("images"),
+            gatevisor_images::keys::TrustStore::new(&settings.keys_dir),
+            gatevisor_images::package::Limits::default(),
+        )?;
         let (net, net_problem) = if settings.network {
             let bridge = settings
                 .bridge
@@ -214,6 +225,7 @@ impl Supervisor {
             net,
             net_problem,
             verdict_servers: HashMap::new(),
+            images,
         })
     }
 
@@ -669,7 +681,12 @@ impl Supervisor {
     pub fn handle(&mut self, req: Request) -> Result<serde_json::Value> {
         match req {
             Request::Ping => Ok(json!({"pong": true, "version": env!("CARGO_PKG_VERSION")})),
-            Request::Install { manifest, start } => self.install(&manifest, start),
+            Request::Install { manifest, start } if is_package(&manifest) => {
+                self.install_package(&manifest, start)
+            }
+            Request::Install { manifest, start } => self.install(&manifest, start, None),
+            Request::Update { name, package } => self.update(&name, &package),
+            Request::Rollback { name } => self.rollback(&name),
             Request::Start { name } => {
                 let rec = self.record_mut(&name)?;
                 rec.desired = Desired::Running;
@@ -743,7 +760,217 @@ impl Supervisor {
         Ok(())
     }
 
-    fn install(&mut self, path: &Path, start: bool) -> Result<serde_json::Value> {
+    /// Replaces a packaged service with a new version from `pkg`; if the new version does not
+    /// pass its health check, the previous one is restored by itself.
+    fn update(&mut self, name: &str, pkg: &Path) -> Result<serde_json::Value> {
+        let invalid =
+            |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, format!("{}: {e}", pkg.display()));
+        let rec = self.record(name)?;
+        let old_version = rec.package_version.clone().ok_or_else(|| {
+            err(ErrorKind::Conflict, format!("service {name} was not installed from a package; remove and install the package instead"))
+        })?;
+        let peeked = std::fs::File::open(pkg)
+            .map_err(|e| invalid(&e))
+            .and_then(|f| {
+                gatevisor_images::package::peek(std::io::BufReader::new(f)).map_err(|e| invalid(&e))
+            })?;
+        if peeked.name != name {
+            return Err(invalid(&format!(
+                "the package is for service {:?}, not {name:?}",
+                peeked.name
+            )));
+        }
+        let inst = self
+            .images
+            .install(pkg, &mut |_| {})
+            .map_err(|e| invalid(&e))?;
+        if inst.version == old_version {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!("{name} already runs version {old_version}"),
+            ));
+        }
+        match self.switch_version(name, &inst) {
+            Ok(()) => {
+                self.record_mut(name)?.source = pkg.to_path_buf();
+                self.persist()?;
+                self.event(
+                    EventKind::Updated,
+                    Some(name),
+                    format!("updated from {old_version} to {}", inst.version),
+                );
+                self.status(name)
+            }
+            Err(why) => {
+                // Back to the version that worked.
+                let restored = self
+                    .images
+                    .rollback(name)
+                    .map_err(runtime_err)
+                    .and_then(|prev| {
+                        self.switch_version(name, &prev)
+                            .map_err(|e| err(ErrorKind::Runtime, e))
+                    });
+                let detail = format!(
+                    "update to {} failed: {why}; rolled back to {old_version}",
+                    inst.version
+                );
+                self.event(EventKind::RolledBack, Some(name), detail.clone());
+                let _ = self.persist();
+                match restored {
+                    Ok(()) => Err(err(ErrorKind::Runtime, detail)),
+                    Err(e) => Err(err(
+                        ErrorKind::Runtime,
+                        format!("{detail}, but the rollback failed too: {e}"),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Goes back to the previous packaged version by hand.
+    fn rollback(&mut self, name: &str) -> Result<serde_json::Value> {
+        self.record(name)?;
+        let prev = self
+            .images
+            .rollback(name)
+            .map_err(|e| err(ErrorKind::Conflict, e.to_string()))?;
+        let version = prev.version.clone();
+        self.switch_version(name, &prev)
+            .map_err(|e| err(ErrorKind::Runtime, e))?;
+        self.event(
+            EventKind::RolledBack,
+            Some(name),
+            format!("rolled back by hand to {version}"),
+        );
+        self.persist()?;
+        self.status(name)
+    }
+
+    /// Stops the service, rebuilds it from `inst` (its manifest and rootfs) and starts it; Ok
+    /// once it passes its health check.
+    fn switch_version(
+        &mut self,
+        name: &str,
+        inst: &gatevisor_images::store::Installed,
+    ) -> std::result::Result<(), String> {
+        let file = inst.service_manifest();
+        let m = Manifest::load(&file).map_err(|e| e.to_string())?;
+        if m.name != name {
+            return Err(format!(
+                "{}: the manifest is for {:?}",
+                file.display(),
+                m.name
+            ));
+        }
+        let image = m.image_ref(&file).map_err(|e| e.to_string())?;
+        let caps = m.capability_set(&file).map_err(|e| e.to_string())?;
+        self.stop_service(name, false).map_err(|e| e.message)?;
+        let dir = self.service_dir(name);
+        self.materialise(&m, &image, caps, &dir)
+            .map_err(|e| e.message)?;
+        {
+            let rec = self.record_mut(name).map_err(|e| e.message)?;
+            rec.manifest = m;
+            rec.package_version = Some(inst.version.clone());
+            rec.desired = Desired::Running;
+            rec.consecutive_failures = 0;
+            rec.failure_reason = None;
+        }
+        self.start_service(name, Op::Start).map_err(|e| e.message)?;
+        let _ = self.persist();
+        self.health_check(name)
+    }
+
+    /// Waits (up to the manifest's deadline) until the service runs and its check passes.
+    fn health_check(&mut self, name: &str) -> std::result::Result<(), String> {
+        let rec = self.record(name).map_err(|e| e.message)?;
+        let health = rec.manifest.health.clone();
+        let deadline = Instant::now() + Duration::from_secs(health.deadline_s as u64);
+        // Without a check, "healthy" means: still running a second after the start.
+        let settle = Instant::now() + Duration::from_secs(1);
+        let mut last = String::from("it did not start");
+        while Instant::now() < deadline {
+            let init = self.rt.init_pid(name).ok().flatten();
+            let Some(init) = init else {
+                last = "it is not running".into();
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            };
+            let passed = if let Some(cmd) = &health.exec {
+                match self.rt.exec(name, cmd) {
+                    Ok(0) => true,
+                    Ok(code) => {
+                        last = format!("health command exited with {code}");
+                        false
+                    }
+                    Err(e) => {
+                        last = e.to_string();
+                        false
+                    }
+                }
+            } else if let Some(port) = health.tcp_port {
+                let ok = tcp_in_netns(init, port);
+                if !ok {
+                    last = format!("nothing accepts on TCP port {port}");
+                }
+                ok
+            } else {
+                Instant::now() >= settle
+            };
+            if passed {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(format!(
+            "no healthy start within {} s ({last})",
+            health.deadline_s
+        ))
+    }
+
+    /// Installs a service from a signed package: verified into the image store first.
+    fn install_package(&mut self, pkg: &Path, start: bool) -> Result<serde_json::Value> {
+        let invalid =
+            |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, format!("{}: {e}", pkg.display()));
+        let peeked = std::fs::File::open(pkg)
+            .map_err(|e| invalid(&e))
+            .and_then(|f| {
+                gatevisor_images::package::peek(std::io::BufReader::new(f)).map_err(|e| invalid(&e))
+            })?;
+        if self.doc.services.contains_key(&peeked.name) {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!(
+                    "{}: a service named {:?} is already installed; use `gatevisor service update`",
+                    pkg.display(),
+                    peeked.name
+                ),
+            ));
+        }
+        let inst = self
+            .images
+            .install(pkg, &mut |_| {})
+            .map_err(|e| invalid(&e))?;
+        let res = self.install(
+            &inst.service_manifest(),
+            start,
+            Some((pkg.to_path_buf(), inst.version.clone())),
+        );
+        if res.is_err() && !self.doc.services.contains_key(&inst.name) {
+            let _ = self.images.remove(&inst.name);
+            let _ = self.images.gc();
+        }
+        res
+    }
+
+    /// `package`: the package file and version, when the manifest comes from the image store.
+    fn install(
+        &mut self,
+        path: &Path,
+        start: bool,
+        package: Option<(PathBuf, String)>,
+    ) -> Result<serde_json::Value> {
         let invalid = |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, e.to_string());
         let path = std::path::absolute(path).map_err(|e| invalid(&e))?;
         let m = Manifest::load(&path).map_err(|e| invalid(&e))?;
@@ -826,7 +1053,11 @@ impl Supervisor {
             ServiceRecord {
                 id,
                 manifest: m,
-                source: path.clone(),
+                source: package
+                    .as_ref()
+                    .map(|(p, _)| p.clone())
+                    .unwrap_or_else(|| path.clone()),
+                package_version: package.map(|(_, v)| v),
                 runtime: runtime.into(),
                 desired: if start {
                     Desired::Running
@@ -1306,6 +1537,7 @@ impl Supervisor {
             "network_error": live.and_then(|l| l.net_error.clone()),
             "name": name,
             "version": m.version,
+            "package_version": rec.package_version,
             "runtime": rec.runtime,
             "state": rec.state,
             "desired": rec.desired,
@@ -1352,6 +1584,31 @@ impl Supervisor {
         f.read_exact(&mut buf).map_err(runtime_err)?;
         Ok(json!({"data": String::from_utf8_lossy(&buf), "next_offset": from + want}))
     }
+}
+
+/// Packages are files ending in `.gvpkg`.
+fn is_package(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "gvpkg")
+}
+
+/// Does something accept TCP connections on `port` inside the network namespace of `pid`?
+fn tcp_in_netns(pid: i32, port: u16) -> bool {
+    let ns = format!("/proc/{pid}/ns/net");
+    std::thread::spawn(move || {
+        let Ok(f) = std::fs::File::open(&ns) else {
+            return false;
+        };
+        if nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+            return false;
+        }
+        std::net::TcpStream::connect_timeout(
+            &([127, 0, 0, 1], port).into(),
+            Duration::from_millis(300),
+        )
+        .is_ok()
+    })
+    .join()
+    .unwrap_or(false)
 }
 
 /// `initial * 2^(n-1)`, capped at `max`.

@@ -369,6 +369,23 @@ pub fn verify_into(
     Ok(manifest)
 }
 
+/// The package's manifest, read without checking anything: only to learn its name before the
+/// real, verified install.
+pub fn peek(input: impl Read) -> Result<PackageManifest, PackageError> {
+    let mut ar = tar::Archive::new(input);
+    let mut entries = ar.entries().map_err(archive)?;
+    let mut e = entries
+        .next()
+        .ok_or(PackageError::NoManifest)?
+        .map_err(archive)?;
+    if e.path().map_err(archive)?.to_string_lossy() != MANIFEST || e.size() > MAX_MANIFEST {
+        return Err(PackageError::NoManifest);
+    }
+    let mut buf = Vec::new();
+    e.read_to_end(&mut buf).map_err(archive)?;
+    PackageManifest::parse(&buf)
+}
+
 /// Where a verified package's artifacts were written.
 pub fn artifact_path(dir: &Path, a: &Artifact) -> PathBuf {
     dir.join(&a.name)

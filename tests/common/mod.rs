@@ -47,6 +47,23 @@ impl Daemon {
         Daemon::start_with(env, &[])
     }
 
+    /// A daemon whose trusted keys live in its own `DIR/keys`.
+    pub fn start_with_keys() -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("gv-test")
+            .tempdir()
+            .unwrap();
+        let keys = dir.path().join("keys").display().to_string();
+        let mut d = Daemon {
+            dir,
+            child: None,
+            env: Vec::new(),
+            args: vec!["--keys-dir".into(), keys],
+        };
+        d.spawn();
+        d
+    }
+
     /// A daemon with extra command-line arguments.
     pub fn start_with_args(args: &[&str]) -> Daemon {
         Daemon::start_with(&[], args)

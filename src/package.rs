@@ -1,0 +1,123 @@
+//! Building service packages from a service folder (the publisher's side of
+//! `gatevisor-images`): the service manifest is validated exactly as the gateway will, the
+//! rootfs is assembled and packed reproducibly, and the package is signed.
+
+use std::path::{Path, PathBuf};
+
+use gatevisor_images::keys::SecretKey;
+use gatevisor_images::package::{self, ArtifactKind, PackageManifest};
+
+use crate::manifest::{ImageRef, Manifest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{dir}: no service.toml")]
+    NoServiceManifest { dir: PathBuf },
+    #[error(transparent)]
+    Manifest(#[from] crate::manifest::ManifestError),
+    #[error("{file}: field `image` must be \"package\" in a packaged service")]
+    NotPackageImage { file: PathBuf },
+    #[error("cannot assemble the rootfs: {0}")]
+    Rootfs(String),
+    #[error("{0}")]
+    InvalidService(String),
+    #[error(transparent)]
+    Key(#[from] gatevisor_images::keys::KeyError),
+    #[error(transparent)]
+    Package(#[from] gatevisor_images::package::PackageError),
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Builds `dir` into a signed package at `out`.
+pub fn build(dir: &Path, out: &Path, key_file: &Path) -> Result<PackageManifest, BuildError> {
+    let service = dir.join("service.toml");
+    if !service.is_file() {
+        return Err(BuildError::NoServiceManifest { dir: dir.into() });
+    }
+    let key = SecretKey::load(key_file)?;
+    let staging = tempdir(out)?;
+    let res = (|| {
+        let rootfs = staging.join("rootfs");
+        if dir.join("rootfs").is_dir() {
+            crate::supervisor::copy_tree(&dir.join("rootfs"), &rootfs)
+                .map_err(|e| BuildError::Rootfs(e.to_string()))?;
+        } else {
+            let busybox =
+                gatevisor_board::ovs::find_sbin("busybox").unwrap_or_else(|| "/bin/busybox".into());
+            gatevisor_lxc::rootfs::build_busybox(&busybox, &rootfs)
+                .map_err(|e| BuildError::Rootfs(e.to_string()))?;
+            if dir.join("files").is_dir() {
+                crate::supervisor::copy_tree(&dir.join("files"), &rootfs)
+                    .map_err(|e| BuildError::Rootfs(e.to_string()))?;
+            }
+        }
+        let staged = staging.join("service.toml");
+        std::fs::copy(&service, &staged).map_err(|source| BuildError::Write {
+            path: staged.clone(),
+            source,
+        })?;
+        let m = Manifest::load(&staged).map_err(|e| rename_file(e, &staged, &service))?;
+        if !matches!(m.image_ref(&staged)?, ImageRef::Rootfs(_)) || m.image != "package" {
+            return Err(BuildError::NotPackageImage {
+                file: service.clone(),
+            });
+        }
+        let mut rootfs_tar = Vec::new();
+        gatevisor_images::rootfs::pack(&rootfs, &mut rootfs_tar)
+            .map_err(|e| BuildError::Rootfs(e.to_string()))?;
+        let service_bytes = std::fs::read(&service).map_err(|source| BuildError::Write {
+            path: service.clone(),
+            source,
+        })?;
+        let file = std::fs::File::create(out).map_err(|source| BuildError::Write {
+            path: out.into(),
+            source,
+        })?;
+        let mut w = std::io::BufWriter::new(file);
+        let manifest = package::build(
+            &m.name,
+            &m.version,
+            &[
+                ("service.toml", ArtifactKind::Service, &service_bytes),
+                ("rootfs.tar", ArtifactKind::Rootfs, &rootfs_tar),
+            ],
+            &key,
+            &mut w,
+        )?;
+        std::io::Write::flush(&mut w).map_err(|source| BuildError::Write {
+            path: out.into(),
+            source,
+        })?;
+        Ok(manifest)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    res
+}
+
+/// Errors about the staged copy name the publisher's file.
+fn rename_file(e: crate::manifest::ManifestError, staged: &Path, original: &Path) -> BuildError {
+    let text = e.to_string().replace(
+        &staged.display().to_string(),
+        &original.display().to_string(),
+    );
+    BuildError::InvalidService(text)
+}
+
+fn tempdir(near: &Path) -> Result<PathBuf, BuildError> {
+    let parent = near
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let p = parent.join(format!(".gvbuild-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).map_err(|source| BuildError::Write {
+        path: p.clone(),
+        source,
+    })?;
+    Ok(p)
+}

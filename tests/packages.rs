@@ -1,0 +1,177 @@
+//! Signed packages through the daemon: build with the CLI, install, refuse what is not trusted,
+//! update with an automatic rollback when the new version is unhealthy. Needs root (liblxc).
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+
+/// Publisher key, trusted by the daemon's key store (`DIR/keys`).
+fn publisher(d: &Daemon, name: &str, trust: bool) -> PathBuf {
+    let key = d.dir.path().join(format!("{name}.key"));
+    let out = d.cli(&["key", "gen", "--out", key.to_str().unwrap(), "--name", name]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if trust {
+        let keys = d.dir.path().join("keys");
+        let out = d.cli(&[
+            "key",
+            "trust",
+            key.with_extension("pub").to_str().unwrap(),
+            "--keys-dir",
+            keys.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    key
+}
+
+/// A service folder for version `version`, with an optional health check, built into a package.
+fn package(d: &Daemon, key: &Path, version: &str, health: &str) -> PathBuf {
+    let dir = d.dir.path().join(format!("src-{version}"));
+    std::fs::create_dir_all(dir.join("files/srv")).unwrap();
+    std::fs::write(dir.join("files/srv/version"), version).unwrap();
+    std::fs::write(
+        dir.join("service.toml"),
+        format!(
+            r#"name = "t-pkg"
+version = "{version}"
+runtime = "lxc"
+image = "package"
+command = ["/bin/sh", "-c", "while :; do sleep 1; done"]
+stop_timeout_s = 1
+[resources]
+memory_mib = 32
+{health}
+"#
+        ),
+    )
+    .unwrap();
+    let out_file = d.dir.path().join(format!("t-pkg-{version}.gvpkg"));
+    let out = d.cli(&[
+        "image",
+        "build",
+        dir.to_str().unwrap(),
+        "-o",
+        out_file.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out_file
+}
+
+fn in_container(d: &Daemon, cmd: &str) -> String {
+    let out = d.cli(&["service", "exec", "t-pkg", "--", "sh", "-c", cmd]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn signed_package_installs_and_untrusted_one_is_refused() {
+    if !need_root("signed_package_installs_and_untrusted_one_is_refused") {
+        return;
+    }
+    let d = Daemon::start_with_keys();
+    // Signed by a key the gateway does not trust: refused, nothing installed.
+    let stranger = publisher(&d, "stranger", false);
+    let bad = package(&d, &stranger, "1.0.0", "");
+    let out = d.cli(&["service", "install", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("does not trust") && err.contains("t-pkg-1.0.0.gvpkg"),
+        "{err}"
+    );
+    assert!(d.json(&["service", "list", "--json"])["services"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(
+        !d.state_dir().join("images/services/t-pkg").exists(),
+        "nothing in the image store"
+    );
+
+    let key = publisher(&d, "operator", true);
+    let good = package(&d, &key, "1.0.0", "");
+    let st = d.json(&[
+        "service",
+        "install",
+        good.to_str().unwrap(),
+        "--start",
+        "--json",
+    ]);
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(st["package_version"], "1.0.0");
+    assert_eq!(in_container(&d, "cat /srv/version"), "1.0.0");
+}
+
+#[test]
+fn unhealthy_update_rolls_back_by_itself_and_rollback_works_by_hand() {
+    if !need_root("unhealthy_update_rolls_back_by_itself_and_rollback_works_by_hand") {
+        return;
+    }
+    let d = Daemon::start_with_keys();
+    let key = publisher(&d, "operator", true);
+    let v1 = package(
+        &d,
+        &key,
+        "1.0.0",
+        "[health]\nexec = [\"test\", \"-f\", \"/srv/version\"]\ndeadline_s = 5",
+    );
+    let v2 = package(
+        &d,
+        &key,
+        "2.0.0",
+        "[health]\nexec = [\"/bin/sh\", \"-c\", \"exit 3\"]\ndeadline_s = 2",
+    );
+    let v3 = package(
+        &d,
+        &key,
+        "3.0.0",
+        "[health]\nexec = [\"test\", \"-f\", \"/srv/version\"]\ndeadline_s = 5",
+    );
+    d.json(&[
+        "service",
+        "install",
+        v1.to_str().unwrap(),
+        "--start",
+        "--json",
+    ]);
+
+    let out = d.cli(&["service", "update", "t-pkg", v2.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("rolled back to 1.0.0") && err.contains("exited with 3"),
+        "{err}"
+    );
+    let st = d.status("t-pkg");
+    assert_eq!(
+        (st["state"].as_str(), st["package_version"].as_str()),
+        (Some("running"), Some("1.0.0")),
+        "{st}"
+    );
+    assert_eq!(in_container(&d, "cat /srv/version"), "1.0.0");
+    let events = String::from_utf8_lossy(&d.cli(&["events", "--json"]).stdout).into_owned();
+    assert!(events.contains("\"kind\":\"rolled-back\""), "{events}");
+
+    let st = d.json(&["service", "update", "t-pkg", v3.to_str().unwrap(), "--json"]);
+    assert_eq!(st["package_version"], "3.0.0");
+    assert_eq!(in_container(&d, "cat /srv/version"), "3.0.0");
+    let st = d.json(&["service", "rollback", "t-pkg", "--json"]);
+    assert_eq!(
+        (st["package_version"].as_str(), st["state"].as_str()),
+        (Some("1.0.0"), Some("running"))
+    );
+    assert_eq!(in_container(&d, "cat /srv/version"), "1.0.0");
+}
