@@ -235,49 +235,60 @@ pub fn build(
     Ok(manifest)
 }
 
-/// Reads a package: checks the signature against `trust`, then streams each artifact into
-/// `dest/NAME` checking its size and digest. Returns the verified manifest. On error, files
-/// already written in `dest` are the caller's to remove.
-pub fn verify_into(
+/// Hashes and counts what is read through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+    read: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// Reads a package: checks the signature against `trust` before anything else, writes the
+/// signed `manifest.toml` into `manifest_dir`, then hands each artifact's stream to `sink`
+/// (which writes or unpacks it) while checking its size and digest. A digest mismatch is
+/// reported after `sink` consumed the stream: whatever `sink` wrote must stay in staging
+/// until this returns Ok.
+pub fn verify_with(
     input: impl Read,
     trust: &TrustStore,
     limits: &Limits,
-    dest: &Path,
+    manifest_dir: &Path,
+    mut sink: impl FnMut(&Artifact, &mut dyn Read) -> Result<(), PackageError>,
     mut after_each: impl FnMut(&str),
 ) -> Result<PackageManifest, PackageError> {
     let mut ar = tar::Archive::new(input);
     let mut entries = ar.entries().map_err(archive)?;
-    let next =
-        |entries: &mut tar::Entries<_>| -> Result<Option<(String, u64, Vec<u8>)>, PackageError> {
+    let small =
+        |entries: &mut tar::Entries<_>, want: &str| -> Result<Option<Vec<u8>>, PackageError> {
             match entries.next() {
                 None => Ok(None),
                 Some(Err(e)) => Err(archive(e)),
                 Some(Ok(mut e)) => {
-                    let name = e.path().map_err(archive)?.to_string_lossy().into_owned();
-                    let size = e.size();
-                    if name == MANIFEST || name == SIGNATURE {
-                        if size > MAX_MANIFEST {
-                            return Err(PackageError::TooLarge {
-                                limit: MAX_MANIFEST,
-                            });
-                        }
-                        let mut buf = Vec::with_capacity(size as usize);
-                        e.read_to_end(&mut buf).map_err(archive)?;
-                        return Ok(Some((name, size, buf)));
+                    if e.path().map_err(archive)?.to_string_lossy() != want {
+                        return Ok(None);
                     }
-                    Ok(Some((name, size, Vec::new())))
+                    if e.size() > MAX_MANIFEST {
+                        return Err(PackageError::TooLarge {
+                            limit: MAX_MANIFEST,
+                        });
+                    }
+                    let mut buf = Vec::with_capacity(e.size() as usize);
+                    e.read_to_end(&mut buf).map_err(archive)?;
+                    Ok(Some(buf))
                 }
             }
         };
     // 1. The manifest, 2. its signature: verified before anything is written.
-    let (name, _, manifest_bytes) = next(&mut entries)?.ok_or(PackageError::NoManifest)?;
-    if name != MANIFEST {
-        return Err(PackageError::NoManifest);
-    }
-    let sig = match next(&mut entries)? {
-        Some((n, _, bytes)) if n == SIGNATURE => bytes,
-        _ => return Err(PackageError::Unsigned),
-    };
+    let manifest_bytes = small(&mut entries, MANIFEST)?.ok_or(PackageError::NoManifest)?;
+    let sig = small(&mut entries, SIGNATURE)?.ok_or(PackageError::Unsigned)?;
     let sig_text = String::from_utf8(sig).map_err(|_| PackageError::BadSignatureFormat)?;
     let mut parts = sig_text.split_whitespace();
     let (Some("ed25519"), Some(id), Some(hexsig), None) =
@@ -294,17 +305,17 @@ pub fn verify_into(
         return Err(PackageError::BadSignature);
     }
     let manifest = PackageManifest::parse(&manifest_bytes)?;
-    std::fs::write(dest.join(MANIFEST), &manifest_bytes)?;
     let total: u64 = manifest.artifacts.iter().map(|a| a.size).sum();
     if total > limits.max_total_bytes {
         return Err(PackageError::TooLarge {
             limit: limits.max_total_bytes,
         });
     }
+    std::fs::write(manifest_dir.join(MANIFEST), &manifest_bytes)?;
     after_each(MANIFEST);
-    // 3. The artifacts, in order, each checked while it streams to disk.
+    // 3. The artifacts, in order, each checked while it streams.
     for a in &manifest.artifacts {
-        let mut e = match entries.next() {
+        let e = match entries.next() {
             Some(Ok(e)) => e,
             Some(Err(e)) => return Err(archive(e)),
             None => {
@@ -328,27 +339,21 @@ pub fn verify_into(
                 actual: e.size(),
             });
         }
-        let path = dest.join(&a.name);
-        let mut out = std::fs::File::create(&path)?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut written = 0u64;
-        loop {
-            let n = e.read(&mut buf).map_err(archive)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])?;
-            written += n as u64;
-        }
-        if written != a.size {
+        let mut r = Hashing {
+            inner: e,
+            hasher: Sha256::new(),
+            read: 0,
+        };
+        let res = sink(a, &mut r);
+        // What the sink did not read (a tar's end blocks, say) still counts for the digest.
+        std::io::copy(&mut r, &mut std::io::sink()).map_err(archive)?;
+        if r.read != a.size {
             return Err(PackageError::Archive(format!(
-                "artifact {} is truncated ({written} of {} bytes)",
-                a.name, a.size
+                "artifact {} is truncated ({} of {} bytes)",
+                a.name, r.read, a.size
             )));
         }
-        let actual = hex::encode(hasher.finalize());
+        let actual = hex::encode(r.hasher.finalize());
         if actual != a.sha256 {
             return Err(PackageError::DigestMismatch {
                 name: a.name.clone(),
@@ -356,7 +361,8 @@ pub fn verify_into(
                 actual,
             });
         }
-        out.sync_all()?;
+        // A digest mismatch explains a failed unpack better than the unpack error does.
+        res?;
         after_each(&a.name);
     }
     if let Some(extra) = entries.next() {
@@ -367,6 +373,28 @@ pub fn verify_into(
         return Err(PackageError::Trailing(name));
     }
     Ok(manifest)
+}
+
+/// `verify_with` writing every artifact as a file `dest/NAME`.
+pub fn verify_into(
+    input: impl Read,
+    trust: &TrustStore,
+    limits: &Limits,
+    dest: &Path,
+    after_each: impl FnMut(&str),
+) -> Result<PackageManifest, PackageError> {
+    verify_with(
+        input,
+        trust,
+        limits,
+        dest,
+        |a, r| {
+            let mut out = std::fs::File::create(dest.join(&a.name))?;
+            std::io::copy(r, &mut out).map_err(archive)?;
+            Ok(())
+        },
+        after_each,
+    )
 }
 
 /// The package's manifest, read without checking anything: only to learn its name before the
