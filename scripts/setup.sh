@@ -5,7 +5,7 @@ set -euo pipefail
 
 need_pkgs=(
   lxc lxc-dev libclang-dev pkg-config       # liblxc + bindgen for lxc-sys
-  busybox-static                            # container rootfs / initramfs
+  busybox-static e2fsprogs                  # container rootfs, disk-limited images
   openvswitch-switch                        # the switch flowbridge drives
   iproute2 iputils-ping bind9-dnsutils iperf3 tcpdump ethtool   # test traffic
 )

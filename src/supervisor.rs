@@ -1034,6 +1034,15 @@ impl Supervisor {
                 ),
             ));
         }
+        if m.resources.vcpus as usize > self.board.host.cpus {
+            return Err(err(
+                ErrorKind::Invalid,
+                format!(
+                    "{file}: field `resources.vcpus`: {} exceeds the board's {} CPUs",
+                    m.resources.vcpus, self.board.host.cpus
+                ),
+            ));
+        }
         let image = m.image_ref(&path).map_err(|e| invalid(&e))?;
         let caps = m.capability_set(&path).map_err(|e| invalid(&e))?;
 
@@ -1111,10 +1120,15 @@ impl Supervisor {
             ImageRef::Rootfs(src) => copy_tree(src, &rootfs).map_err(runtime_err)?,
         }
         let r = &m.resources;
+        let disk_image = match r.disk_mib {
+            Some(mib) => Some(make_disk_image(&rootfs, &dir.join("disk.img"), mib)?),
+            None => None,
+        };
         let spec = lxc::ContainerSpec {
             name: m.name.clone(),
             hostname: m.name.clone(),
             rootfs,
+            disk_image,
             env: m
                 .env
                 .iter()
@@ -1136,6 +1150,7 @@ impl Supervisor {
                     .cpu_quota_percent
                     .map(|p| p as u64 * lxc::config::CPU_PERIOD_US / 100),
                 pids: r.pids.map(u64::from),
+                cpus: Some(r.vcpus),
             },
             capabilities: caps,
             veth_host: m.network.interface.then(|| veth_name(&m.name)),
@@ -1584,6 +1599,43 @@ impl Supervisor {
         f.read_exact(&mut buf).map_err(runtime_err)?;
         Ok(json!({"data": String::from_utf8_lossy(&buf), "next_offset": from + want}))
     }
+}
+
+/// Builds `rootfs` into an ext4 image of `mib` MiB (the service's disk limit) and removes the
+/// directory: the container runs from the image through a loop device.
+fn make_disk_image(rootfs: &Path, img: &Path, mib: u32) -> Result<PathBuf> {
+    if !Path::new("/dev/loop-control").exists() {
+        return Err(err(
+            ErrorKind::Invalid,
+            "field `resources.disk_mib`: this board has no loop devices to enforce a disk limit; remove the field".to_string(),
+        ));
+    }
+    let f = std::fs::File::create(img).map_err(runtime_err)?;
+    f.set_len(mib as u64 * 1024 * 1024).map_err(runtime_err)?;
+    drop(f);
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+        .arg(rootfs)
+        .arg(img)
+        .output()
+        .map_err(|e| {
+            err(
+                ErrorKind::Runtime,
+                format!("cannot run mkfs.ext4 (e2fsprogs): {e}"),
+            )
+        })?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(img);
+        return Err(err(
+            ErrorKind::Invalid,
+            format!(
+                "field `resources.disk_mib`: the image does not fit in {mib} MiB ({})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    let _ = std::fs::remove_dir_all(rootfs);
+    Ok(img.to_path_buf())
 }
 
 /// Packages are files ending in `.gvpkg`.

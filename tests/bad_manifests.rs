@@ -23,6 +23,7 @@ fn cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
         ("bad image scheme", base().replace("builtin:busybox", "docker://x"), vec!["`image`", "builtin:busybox"]),
         ("empty command", base().replace(r#"command = ["/bin/sh", "-c", "sleep 100"]"#, "command = []"), vec!["`command`"]),
         ("unknown runtime", base().replace("runtime = \"lxc\"", "runtime = \"docker\""), vec!["runtime", "unknown variant"]),
+        ("more vcpus than the board", base().replace("[resources]", "[resources]\nvcpus = 64"), vec!["resources.vcpus", "exceeds the board"]),
         ("zero vcpus", base().replace("[resources]", "[resources]\nvcpus = 0"), vec!["resources.vcpus"]),
         ("cpu quota above vcpus", base().replace("[resources]", "[resources]\ncpu_quota_percent = 250"), vec!["resources.cpu_quota_percent", "1 to 100"]),
         ("unknown capability", base().replace("[resources]", "capabilities = [\"FLY\"]\n[resources]"), vec!["capabilities", "FLY"]),

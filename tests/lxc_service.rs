@@ -58,6 +58,56 @@ fn example_service_runs_and_reports_pid_and_cgroup_memory() {
     ]);
     assert_eq!(out.status.code(), Some(3));
 
+    // resources.disk_mib = 16: the root filesystem is that big, and writes stop there.
+    let out = d.cli(&[
+        "service",
+        "exec",
+        "hello",
+        "--",
+        "sh",
+        "-c",
+        "df -k / | tail -1",
+    ]);
+    let df = String::from_utf8_lossy(&out.stdout).into_owned();
+    let total_kib: u64 = df
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        (8_000..=16_384).contains(&total_kib),
+        "root filesystem size: {df}"
+    );
+    let out = d.cli(&[
+        "service",
+        "exec",
+        "hello",
+        "--",
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/big bs=1M count=40 2>/dev/null; rc=$?; rm -f /big; exit $rc",
+    ]);
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "a 40 MB write fits in a 16 MiB disk?"
+    );
+    // resources.vcpus = 1: one CPU allowed.
+    let out = d.cli(&[
+        "service",
+        "exec",
+        "hello",
+        "--",
+        "grep",
+        "Cpus_allowed_list",
+        "/proc/self/status",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim().ends_with("\t0"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
     // No capabilities were granted: the bounding set is empty, and no_new_privs is set.
     let out = d.cli(&[
         "service",

@@ -86,11 +86,13 @@ fn run() -> Result<String, String> {
         name: name.clone(),
         hostname: name.clone(),
         rootfs,
+        disk_image: None,
         env: vec![],
         limits: Limits {
             memory_bytes: Some(64 << 20),
             cpu_quota_us: Some(50_000),
             pids: Some(64),
+            cpus: None,
         },
         capabilities: vec![],
         veth_host: Some(format!("gv-{name}")),

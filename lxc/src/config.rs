@@ -16,6 +16,8 @@ pub struct Limits {
     /// CPU time per 100 ms period, in microseconds (100_000 = one full CPU).
     pub cpu_quota_us: Option<u64>,
     pub pids: Option<u64>,
+    /// CPUs the container may run on (the first N).
+    pub cpus: Option<u32>,
 }
 
 pub const CPU_PERIOD_US: u64 = 100_000;
@@ -26,6 +28,9 @@ pub struct ContainerSpec {
     pub name: String,
     pub hostname: String,
     pub rootfs: PathBuf,
+    /// When set, the rootfs is this ext4 image (mounted through a loop device), whose size is
+    /// the container's disk limit; `rootfs` is then unused.
+    pub disk_image: Option<PathBuf>,
     pub env: Vec<(String, String)>,
     pub limits: Limits,
     /// Capabilities the container keeps; all others are dropped.
@@ -44,7 +49,10 @@ pub fn items(spec: &ContainerSpec, cgroups: Cgroups, lxc_log: &Path) -> Vec<(Str
     let mut v: Vec<(String, String)> = Vec::new();
     let mut set = |k: &str, val: String| v.push((k.to_string(), val));
     set("lxc.uts.name", spec.hostname.clone());
-    set("lxc.rootfs.path", format!("dir:{}", spec.rootfs.display()));
+    match &spec.disk_image {
+        Some(img) => set("lxc.rootfs.path", format!("loop:{}", img.display())),
+        None => set("lxc.rootfs.path", format!("dir:{}", spec.rootfs.display())),
+    }
     // The program's stdout/stderr are the monitor's, which writes the service log.
     set("lxc.console.path", "none".into());
     set("lxc.tty.max", "0".into());
@@ -103,6 +111,9 @@ pub fn items(spec: &ContainerSpec, cgroups: Cgroups, lxc_log: &Path) -> Vec<(Str
             if let Some(p) = l.pids {
                 set("lxc.cgroup.pids.max", p.to_string());
             }
+            if let Some(n) = l.cpus {
+                set("lxc.cgroup.cpuset.cpus", cpu_list(n));
+            }
         }
         Cgroups::V2 => {
             if let Some(m) = l.memory_bytes {
@@ -114,9 +125,20 @@ pub fn items(spec: &ContainerSpec, cgroups: Cgroups, lxc_log: &Path) -> Vec<(Str
             if let Some(p) = l.pids {
                 set("lxc.cgroup2.pids.max", p.to_string());
             }
+            if let Some(n) = l.cpus {
+                set("lxc.cgroup2.cpuset.cpus", cpu_list(n));
+            }
         }
     }
     v
+}
+
+/// The first `n` CPUs, as a cpuset list.
+fn cpu_list(n: u32) -> String {
+    match n {
+        0 | 1 => "0".into(),
+        n => format!("0-{}", n - 1),
+    }
 }
 
 /// `CAP_NET_BIND_SERVICE` → `net_bind_service`, the spelling `lxc.cap.keep` takes.
@@ -135,11 +157,13 @@ mod tests {
             name: "svc".into(),
             hostname: "svc".into(),
             rootfs: "/r".into(),
+            disk_image: None,
             env: vec![("A".into(), "b c".into())],
             limits: Limits {
                 memory_bytes: Some(64 << 20),
                 cpu_quota_us: Some(50_000),
                 pids: Some(32),
+                cpus: Some(2),
             },
             capabilities: vec![],
             veth_host: Some("gv-svc".into()),
@@ -161,6 +185,8 @@ mod tests {
         assert_eq!(get(&v, "lxc.cgroup.memory.limit_in_bytes"), ["67108864"]);
         assert_eq!(get(&v, "lxc.cgroup.cpu.cfs_quota_us"), ["50000"]);
         assert_eq!(get(&v, "lxc.cgroup.pids.max"), ["32"]);
+        assert_eq!(get(&v, "lxc.cgroup.cpuset.cpus"), ["0-1"]);
+        assert_eq!(get(&v, "lxc.rootfs.path"), ["dir:/r"]);
         assert!(get(&v, "lxc.cgroup2.memory.max").is_empty());
     }
 
