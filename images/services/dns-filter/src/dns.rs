@@ -1,0 +1,272 @@
+//! DNS decisions: parse the question, pick the profile, build the answer.
+
+use gatevisor_service_sdk::Frame;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub name: String,
+    /// The devices (LAN MACs) this profile is for.
+    #[serde(default)]
+    pub macs: Vec<String>,
+    /// Names to block; `*.example.com` blocks every name under example.com (and itself).
+    #[serde(default)]
+    pub block: Vec<String>,
+    /// Answer blocked A queries with this address instead of NXDOMAIN.
+    #[serde(default)]
+    pub block_address: Option<std::net::Ipv4Addr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// For devices no profile lists.
+    pub default: Profile,
+    #[serde(default, rename = "profile")]
+    pub profiles: Vec<Profile>,
+}
+
+impl Config {
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        for p in c.profiles.iter().chain([&c.default]) {
+            for m in &p.macs {
+                parse_mac(m)
+                    .ok_or_else(|| format!("profile {}: {m:?} is not a MAC address", p.name))?;
+            }
+        }
+        Ok(c)
+    }
+
+    pub fn profile_for(&self, mac: [u8; 6]) -> &Profile {
+        self.profiles
+            .iter()
+            .find(|p| p.macs.iter().any(|m| parse_mac(m) == Some(mac)))
+            .unwrap_or(&self.default)
+    }
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).ok())
+        .collect::<Option<_>>()?;
+    v.try_into().ok()
+}
+
+pub fn mac_text(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl Profile {
+    pub fn blocks(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        self.block.iter().any(|rule| {
+            let rule = rule.trim_end_matches('.').to_ascii_lowercase();
+            match rule.strip_prefix("*.") {
+                Some(suffix) => name == suffix || name.ends_with(&format!(".{suffix}")),
+                None => name == rule,
+            }
+        })
+    }
+}
+
+/// The question of a DNS message: name, type, and where the question section ends.
+pub struct Question {
+    pub name: String,
+    pub qtype: u16,
+    pub end: usize,
+}
+
+/// Parses the first question of `msg` (a query); `None` for anything malformed or unusual
+/// (compressed names in a query, no question), which is then simply forwarded.
+pub fn question(msg: &[u8]) -> Option<Question> {
+    if msg.len() < 12 || msg[2] & 0x80 != 0 || u16::from_be_bytes([msg[4], msg[5]]) == 0 {
+        return None;
+    }
+    let mut i = 12;
+    let mut labels = Vec::new();
+    loop {
+        let n = *msg.get(i)? as usize;
+        if n == 0 {
+            i += 1;
+            break;
+        }
+        if n & 0xc0 != 0 || labels.len() > 127 {
+            return None;
+        }
+        labels.push(String::from_utf8_lossy(msg.get(i + 1..i + 1 + n)?).into_owned());
+        i += 1 + n;
+    }
+    let qtype = u16::from_be_bytes([*msg.get(i)?, *msg.get(i + 1)?]);
+    msg.get(i + 2..i + 4)?;
+    Some(Question {
+        name: labels.join("."),
+        qtype,
+        end: i + 4,
+    })
+}
+
+/// The answer to a blocked query: NXDOMAIN, or `addr` for A queries (NODATA for others).
+/// Header and question come from the query; its additional section (EDNS OPT) is kept.
+pub fn blocked_answer(query: &[u8], q: &Question, addr: Option<std::net::Ipv4Addr>) -> Vec<u8> {
+    let mut out = query[..q.end].to_vec();
+    out[2] = 0x80 | (query[2] & 0x79); // QR, keep opcode and RD
+    let (rcode, answer) = match addr {
+        None => (3u8, None),
+        Some(a) if q.qtype == 1 => (0, Some(a)),
+        Some(_) => (0, None),
+    };
+    out[3] = 0x80 | rcode; // RA
+    out[4..6].copy_from_slice(&1u16.to_be_bytes()); // one question
+    out[6..8].copy_from_slice(&(answer.is_some() as u16).to_be_bytes());
+    out[8..10].copy_from_slice(&0u16.to_be_bytes());
+    if let Some(a) = answer {
+        out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+        out.extend_from_slice(&a.octets());
+    }
+    // The additional section (an EDNS OPT record) follows the question in a query.
+    out.extend_from_slice(&query[q.end..]);
+    out
+}
+
+pub enum Decision {
+    Forward,
+    /// The answer frame to send back, and the blocked name.
+    Answer(Vec<u8>, String),
+    /// A blocked lookup over TCP: the session is dropped.
+    BlockSession(String),
+}
+
+pub fn decide(config: &Config, frame: &mut Frame, mac: [u8; 6]) -> Decision {
+    let profile = config.profile_for(mac);
+    match (frame.proto(), frame.dst_port()) {
+        (Some(17), Some(53)) => {
+            let Some(l4) = frame.l4() else {
+                return Decision::Forward;
+            };
+            let query = match frame.udp_payload() {
+                Some(p) => p.to_vec(),
+                None => return Decision::Forward,
+            };
+            let Some(q) = question(&query) else {
+                return Decision::Forward;
+            };
+            if !profile.blocks(&q.name) {
+                return Decision::Forward;
+            }
+            let answer = blocked_answer(&query, &q, profile.block_address);
+            let mut out = frame.bytes[..l4 + 8].to_vec();
+            out.extend_from_slice(&answer);
+            let mut f = Frame { bytes: &mut out };
+            if f.turn_udp_around().is_none() || f.set_udp_payload_len(answer.len()).is_none() {
+                return Decision::Forward;
+            }
+            Decision::Answer(out, q.name)
+        }
+        (Some(6), Some(53)) => {
+            // DNS over TCP: a 2-byte length, then the message.
+            match frame
+                .tcp_payload()
+                .filter(|p| p.len() > 2)
+                .and_then(|p| question(&p[2..]))
+            {
+                Some(q) if profile.blocks(&q.name) => Decision::BlockSession(q.name),
+                _ => Decision::Forward,
+            }
+        }
+        _ => Decision::Forward,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(name: &str, qtype: u16, edns: bool) -> Vec<u8> {
+        let mut q = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, edns as u8];
+        for l in name.split('.') {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&[0, 1]);
+        if edns {
+            q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0]); // OPT, 4096 bytes
+        }
+        q
+    }
+
+    const CONFIG: &str = r#"
+[default]
+name = "everyone"
+block = ["malware.test"]
+[[profile]]
+name = "kids"
+macs = ["02:00:00:00:00:0a"]
+block = ["blocked.test", "*.ads.test"]
+block_address = "0.0.0.0"
+"#;
+
+    #[test]
+    fn profiles_follow_the_device_and_wildcards_match_subdomains() {
+        let c = Config::parse(CONFIG).unwrap();
+        let kid = parse_mac("02:00:00:00:00:0a").unwrap();
+        assert_eq!(c.profile_for(kid).name, "kids");
+        assert_eq!(c.profile_for([2, 0, 0, 0, 0, 1]).name, "everyone");
+        let kids = c.profile_for(kid);
+        assert!(kids.blocks("Blocked.Test."));
+        assert!(kids.blocks("x.y.ads.test") && kids.blocks("ads.test"));
+        assert!(!kids.blocks("badads.test") && !kids.blocks("malware.test"));
+        assert!(Config::parse("[default]\nname=\"d\"\nmacs=[\"zz\"]").is_err());
+    }
+
+    #[test]
+    fn nxdomain_keeps_id_question_and_edns() {
+        let q = query("blocked.test", 1, true);
+        let parsed = question(&q).unwrap();
+        assert_eq!((parsed.name.as_str(), parsed.qtype), ("blocked.test", 1));
+        let a = blocked_answer(&q, &parsed, None);
+        assert_eq!(&a[..2], &[0xab, 0xcd]);
+        assert_eq!(a[2] & 0x80, 0x80, "QR");
+        assert_eq!(a[3] & 0x0f, 3, "NXDOMAIN");
+        assert_eq!(
+            u16::from_be_bytes([a[10], a[11]]),
+            1,
+            "the OPT record is kept"
+        );
+        assert_eq!(&a[a.len() - 11..a.len() - 8], &[0, 0, 41]);
+    }
+
+    #[test]
+    fn block_address_answers_a_and_nodata_for_aaaa() {
+        let q = query("blocked.test", 1, false);
+        let a = blocked_answer(&q, &question(&q).unwrap(), Some("0.0.0.0".parse().unwrap()));
+        assert_eq!((a[3] & 0x0f, u16::from_be_bytes([a[6], a[7]])), (0, 1));
+        assert_eq!(&a[a.len() - 4..], &[0, 0, 0, 0]);
+        let q = query("blocked.test", 28, false);
+        let a = blocked_answer(&q, &question(&q).unwrap(), Some("0.0.0.0".parse().unwrap()));
+        assert_eq!(
+            (a[3] & 0x0f, u16::from_be_bytes([a[6], a[7]])),
+            (0, 0),
+            "NODATA"
+        );
+    }
+
+    #[test]
+    fn malformed_messages_are_not_parsed() {
+        assert!(question(&[0; 5]).is_none());
+        let mut q = query("a.test", 1, false);
+        q[12] = 0xc0; // a compression pointer in a query
+        assert!(question(&q).is_none());
+        let q = query("a.test", 1, false);
+        for cut in 0..q.len() {
+            let _ = question(&q[..cut]);
+        }
+    }
+}

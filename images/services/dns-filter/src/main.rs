@@ -1,0 +1,76 @@
+//! dns-filter: parental control as a gatevisor service.
+//!
+//! Steered DNS queries (policy `dns`) arrive on `eth0`. For the device that asked (its LAN
+//! MAC picks a profile), a blocked name is answered here: NXDOMAIN, or with `block_address`
+//! for A queries (NODATA for other types); every other query is forwarded to the resolver it
+//! was sent to. Answers are built from the query itself, so an EDNS OPT record in the query is
+//! kept. Blocked lookups over TCP get their session blocked. Configuration:
+//! `/etc/dns-filter.toml` (or the path in `$DNS_FILTER_CONFIG`).
+
+mod dns;
+
+use gatevisor_service_sdk::{PacketPort, Verdict, VerdictClient};
+use std::time::{Duration, Instant};
+
+fn main() {
+    let path = std::env::var("DNS_FILTER_CONFIG").unwrap_or_else(|_| "/etc/dns-filter.toml".into());
+    let config = match std::fs::read_to_string(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| dns::Config::parse(&t))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dns-filter: {path}: {e}");
+            std::process::exit(2);
+        }
+    };
+    VerdictClient::spawn_heartbeat(
+        std::env::var("GATEVISOR_VERDICT_SOCKET").is_ok(),
+        Duration::from_secs(1),
+    );
+    let mut port = match PacketPort::open("eth0") {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("dns-filter: cannot open eth0 (needs CAP_NET_RAW): {e}");
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "dns-filter: {} profiles, serving on eth0",
+        config.profiles.len() + 1
+    );
+    let mut logged = (Instant::now(), 0u32);
+    loop {
+        let mut frame = match port.recv() {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("dns-filter: receive failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if !frame.is_tagged_ipv4() {
+            continue; // not steered to us
+        }
+        let mac = frame.src_mac().unwrap_or_default();
+        let decision = dns::decide(&config, &mut frame, mac);
+        let (mut out, verdict) = match decision {
+            dns::Decision::Forward => (frame.bytes.to_vec(), Verdict::Forward),
+            dns::Decision::BlockSession(_) => (frame.bytes.to_vec(), Verdict::Block),
+            dns::Decision::Answer(ref bytes, _) => (bytes.clone(), Verdict::Reply),
+        };
+        if let dns::Decision::Answer(_, name) | dns::Decision::BlockSession(name) = &decision {
+            // Logs a guest's traffic can trigger are rate-limited.
+            if logged.0.elapsed() > Duration::from_secs(1) {
+                logged = (Instant::now(), 0);
+            }
+            logged.1 += 1;
+            if logged.1 <= 10 {
+                println!("dns-filter: blocked {name} for {}", dns::mac_text(&mac));
+            }
+        }
+        if let Err(e) = port.send(&mut out, verdict) {
+            eprintln!("dns-filter: send failed: {e}");
+        }
+    }
+}

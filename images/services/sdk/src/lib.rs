@@ -1,0 +1,311 @@
+//! The service side of gatevisor steering.
+//!
+//! - [`PacketPort`]: the frames steered to the service on its interface, with their 802.1Q tag
+//!   restored (the kernel moves tags into metadata; `PACKET_AUXDATA` gives them back), and the
+//!   way to send them back with a verdict in the PCP.
+//! - [`Frame`]: bounds-checked access to the tagged Ethernet/IPv4/UDP/TCP frame.
+//! - [`VerdictClient`]: the verdict socket (`$GATEVISOR_VERDICT_SOCKET`): hello, heartbeat,
+//!   session verdicts.
+//!
+//! Everything read from the wire is untrusted: accessors return `None` instead of panicking.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+/// What to do with a steered packet, carried back in the PCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward this packet; keep inspecting the session.
+    Forward = 0,
+    /// Allow the session: the rest takes the fast path.
+    Allow = 1,
+    /// Block the session.
+    Block = 2,
+    /// This is an answer the service wrote: send it out of the original port.
+    Reply = 3,
+}
+
+/// A steered frame: `dst, src, 0x8100, TCI, ethertype, payload`.
+pub struct Frame<'a> {
+    pub bytes: &'a mut [u8],
+}
+
+impl Frame<'_> {
+    fn be16(&self, at: usize) -> Option<u16> {
+        Some(u16::from_be_bytes([
+            *self.bytes.get(at)?,
+            *self.bytes.get(at + 1)?,
+        ]))
+    }
+    /// Tagged IPv4 (what steering sends).
+    pub fn is_tagged_ipv4(&self) -> bool {
+        self.be16(12) == Some(0x8100)
+            && self.be16(16) == Some(0x0800)
+            && self.bytes.len() >= 18 + 20
+    }
+    pub fn src_mac(&self) -> Option<[u8; 6]> {
+        self.bytes.get(6..12)?.try_into().ok()
+    }
+    /// Start of the IPv4 header.
+    pub const L3: usize = 18;
+    pub fn ihl(&self) -> Option<usize> {
+        let ihl = (*self.bytes.get(Self::L3)? & 0x0f) as usize * 4;
+        (ihl >= 20 && Self::L3 + ihl <= self.bytes.len()).then_some(ihl)
+    }
+    pub fn proto(&self) -> Option<u8> {
+        self.bytes.get(Self::L3 + 9).copied()
+    }
+    pub fn src_ip(&self) -> Option<[u8; 4]> {
+        self.bytes
+            .get(Self::L3 + 12..Self::L3 + 16)?
+            .try_into()
+            .ok()
+    }
+    pub fn dst_ip(&self) -> Option<[u8; 4]> {
+        self.bytes
+            .get(Self::L3 + 16..Self::L3 + 20)?
+            .try_into()
+            .ok()
+    }
+    /// Start of the UDP/TCP header.
+    pub fn l4(&self) -> Option<usize> {
+        Some(Self::L3 + self.ihl()?).filter(|l4| l4 + 8 <= self.bytes.len())
+    }
+    pub fn src_port(&self) -> Option<u16> {
+        self.be16(self.l4()?)
+    }
+    pub fn dst_port(&self) -> Option<u16> {
+        self.be16(self.l4()? + 2)
+    }
+    /// UDP payload.
+    pub fn udp_payload(&mut self) -> Option<&mut [u8]> {
+        let start = self.l4()? + 8;
+        self.bytes.get_mut(start..)
+    }
+    /// TCP payload.
+    pub fn tcp_payload(&self) -> Option<&[u8]> {
+        let l4 = self.l4()?;
+        let off = (*self.bytes.get(l4 + 12)? >> 4) as usize * 4;
+        self.bytes.get(l4 + off..)
+    }
+    /// Turns a UDP frame around (MACs, IPs, ports) so it goes back to its sender; the UDP
+    /// checksum is cleared (optional over IPv4) since the caller changes the payload.
+    pub fn turn_udp_around(&mut self) -> Option<()> {
+        let l4 = self.l4()?;
+        let (a, b) = self.bytes.split_at_mut(6);
+        a.swap_with_slice(b.get_mut(..6)?);
+        for i in 0..4 {
+            self.bytes.swap(Self::L3 + 12 + i, Self::L3 + 16 + i);
+        }
+        self.bytes.swap(l4, l4 + 2);
+        self.bytes.swap(l4 + 1, l4 + 3);
+        self.bytes[l4 + 6] = 0;
+        self.bytes[l4 + 7] = 0;
+        Some(())
+    }
+    /// Fixes the IPv4 total length and UDP length after the payload changed size to `len`.
+    pub fn set_udp_payload_len(&mut self, len: usize) -> Option<()> {
+        let l4 = self.l4()?;
+        let ihl = self.ihl()?;
+        let udp_len = (8 + len) as u16;
+        let ip_len = (ihl + 8 + len) as u16;
+        self.bytes
+            .get_mut(l4 + 4..l4 + 6)?
+            .copy_from_slice(&udp_len.to_be_bytes());
+        self.bytes
+            .get_mut(Self::L3 + 2..Self::L3 + 4)?
+            .copy_from_slice(&ip_len.to_be_bytes());
+        // IPv4 header checksum over the (changed) header.
+        self.bytes[Self::L3 + 10] = 0;
+        self.bytes[Self::L3 + 11] = 0;
+        let mut sum = 0u32;
+        for c in self.bytes[Self::L3..Self::L3 + ihl].chunks(2) {
+            sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        let ck = !(sum as u16);
+        self.bytes[Self::L3 + 10..Self::L3 + 12].copy_from_slice(&ck.to_be_bytes());
+        Some(())
+    }
+}
+
+/// The service's end of steering: frames in, frames back out with a verdict.
+pub struct PacketPort {
+    sock: OwnedFd,
+    buf: Vec<u8>,
+}
+
+impl PacketPort {
+    /// Opens an AF_PACKET socket on `ifname` (the service's `eth0`). Needs CAP_NET_RAW.
+    pub fn open(ifname: &str) -> std::io::Result<PacketPort> {
+        // SAFETY: plain socket(2); the fd is owned right below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                (libc::ETH_P_ALL as u16).to_be() as i32,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd was just returned by socket(2) and nothing else owns it.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let ifindex = nix::net::if_::if_nametoindex(ifname).map_err(std::io::Error::from)?;
+        // SAFETY: a zeroed sockaddr_ll is valid; its fields are set before bind reads it.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: sll is a valid sockaddr_ll of the given size, alive for the call.
+        let rc = unsafe {
+            libc::bind(
+                sock.as_raw_fd(),
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let one: libc::c_int = 1;
+        // SAFETY: `one` is a valid int option, alive for the call.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_AUXDATA,
+                &one as *const _ as *const libc::c_void,
+                4,
+            )
+        };
+        Ok(PacketPort {
+            sock,
+            buf: vec![0u8; 9216 + 4],
+        })
+    }
+
+    /// The next frame received (not sent) on the port, its tag restored.
+    pub fn recv(&mut self) -> std::io::Result<Frame<'_>> {
+        loop {
+            // SAFETY: zeroed sockaddr_ll/msghdr are valid; every pointer below refers to a
+            // live buffer of the stated length for the duration of recvmsg.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut cbuf = [0u64; 32];
+            let mut iov = libc::iovec {
+                iov_base: self.buf[4..].as_mut_ptr().cast(),
+                iov_len: self.buf.len() - 4,
+            };
+            // SAFETY: as above.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_name = &mut from as *mut _ as *mut libc::c_void;
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cbuf.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&cbuf);
+            // SAFETY: msg's pointers are valid as described.
+            let n = unsafe { libc::recvmsg(self.sock.as_raw_fd(), &mut msg, 0) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if from.sll_pkttype == libc::PACKET_OUTGOING {
+                continue;
+            }
+            let mut n = n as usize;
+            let mut start = 4;
+            // SAFETY: CMSG_* walk the control buffer recvmsg filled, within msg_controllen.
+            let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+            while !cmsg.is_null() {
+                // SAFETY: cmsg points at a complete header inside cbuf.
+                let (level, ty) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type) };
+                if level == libc::SOL_PACKET && ty == libc::PACKET_AUXDATA {
+                    // SAFETY: this message carries a tpacket_auxdata; read it unaligned.
+                    let aux: libc::tpacket_auxdata =
+                        unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast()) };
+                    if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 && n >= 12 {
+                        self.buf.copy_within(4..16, 0);
+                        self.buf[12..14].copy_from_slice(&0x8100u16.to_be_bytes());
+                        self.buf[14..16].copy_from_slice(&aux.tp_vlan_tci.to_be_bytes());
+                        start = 0;
+                        n += 4;
+                    }
+                }
+                // SAFETY: walking the same control buffer.
+                cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+            }
+            return Ok(Frame {
+                bytes: &mut self.buf[start..start + n],
+            });
+        }
+    }
+
+    /// Sends `frame` back with `verdict` in its PCP.
+    pub fn send(&self, frame: &mut [u8], verdict: Verdict) -> std::io::Result<()> {
+        if frame.len() < 18 {
+            return Ok(());
+        }
+        frame[14] = (frame[14] & 0x1f) | (verdict as u8) << 5;
+        // SAFETY: frame is a valid buffer of its length; the socket is bound to the port.
+        let n = unsafe { libc::send(self.sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// The verdict socket.
+pub struct VerdictClient {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl VerdictClient {
+    /// Connects to `$GATEVISOR_VERDICT_SOCKET` and says hello; `None` without one.
+    pub fn from_env() -> Option<VerdictClient> {
+        let path = std::env::var("GATEVISOR_VERDICT_SOCKET").ok()?;
+        let s = UnixStream::connect(path).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let mut c = VerdictClient {
+            w: s.try_clone().ok()?,
+            r: BufReader::new(s),
+        };
+        c.ask("{\"op\":\"hello\"}").ok()?;
+        Some(c)
+    }
+
+    fn ask(&mut self, line: &str) -> std::io::Result<serde_json::Value> {
+        self.w.write_all(format!("{line}\n").as_bytes())?;
+        let mut resp = String::new();
+        self.r.read_line(&mut resp)?;
+        serde_json::from_str(&resp).map_err(std::io::Error::other)
+    }
+
+    pub fn ping(&mut self) -> bool {
+        self.ask("{\"op\":\"ping\"}").is_ok_and(|v| v["ok"] == true)
+    }
+
+    /// Pings every `every` on a thread of its own (the supervisor's heartbeat).
+    pub fn spawn_heartbeat(path_from_env: bool, every: Duration) {
+        if !path_from_env {
+            return;
+        }
+        std::thread::spawn(move || {
+            let Some(mut c) = VerdictClient::from_env() else {
+                return;
+            };
+            while c.ping() {
+                std::thread::sleep(every);
+            }
+        });
+    }
+}

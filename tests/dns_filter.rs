@@ -1,0 +1,289 @@
+//! dns-filter, the parental-control service, as a signed package in a real container on the
+//! daemon's bridge: per-device profiles, NXDOMAIN or a block address, EDNS kept, forwarding,
+//! and a blocked lookup over TCP. Needs root, liblxc, Open vSwitch; builds dns-filter
+//! statically.
+
+mod common;
+#[path = "../flowbridge/tests/common/lab.rs"]
+mod lab;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const WAN: &str = "10.96.0.1";
+const KIDS_MAC: &str = "02:00:00:00:00:0a";
+
+fn build_static(package: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(root)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args([
+            "build",
+            "-q",
+            "-p",
+            package,
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "--target-dir",
+            "target/static",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "static build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    root.join("target/static/x86_64-unknown-linux-gnu/debug")
+        .join(package)
+}
+
+/// A query for `name` of `qtype`, with an EDNS OPT record when `edns`.
+fn query(name: &str, qtype: u16, edns: bool) -> Vec<u8> {
+    let mut q = vec![0x42, 0x42, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, edns as u8];
+    for l in name.split('.') {
+        q.push(l.len() as u8);
+        q.extend_from_slice(l.as_bytes());
+    }
+    q.extend_from_slice(&[0, (qtype >> 8) as u8, qtype as u8, 0, 1]);
+    if edns {
+        q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0]);
+    }
+    q
+}
+
+/// (rcode, answers, additional records, last 4 bytes) of the reply, or None.
+fn ask(
+    lan: &lab::Host,
+    name: &'static str,
+    qtype: u16,
+    edns: bool,
+) -> Option<(u8, u16, u16, [u8; 4])> {
+    lan.spawn(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        s.send_to(&query(name, qtype, edns), (WAN, 53)).unwrap();
+        let mut b = [0u8; 512];
+        let (n, _) = s.recv_from(&mut b).ok()?;
+        let r = &b[..n];
+        Some((
+            r[3] & 0x0f,
+            u16::from_be_bytes([r[6], r[7]]),
+            u16::from_be_bytes([r[10], r[11]]),
+            r[n - 4..].try_into().ok()?,
+        ))
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn dns_filter_blocks_per_device_keeps_edns_and_forwards_the_rest() {
+    if !need_ovs("dns_filter_blocks_per_device_keeps_edns_and_forwards_the_rest") {
+        return;
+    }
+    let binary = build_static("dns-filter");
+    let d = Daemon::start_with_keys();
+    // The service folder, built into a signed package with the CLI.
+    let src = d.dir.path().join("dns-filter");
+    std::fs::create_dir_all(src.join("files/bin")).unwrap();
+    std::fs::create_dir_all(src.join("files/etc")).unwrap();
+    std::fs::copy(&binary, src.join("files/bin/dns-filter")).unwrap();
+    std::fs::write(
+        src.join("files/etc/dns-filter.toml"),
+        format!("[default]\nname = \"everyone\"\nblock = [\"malware.test\"]\n[[profile]]\nname = \"kids\"\nmacs = [\"{KIDS_MAC}\"]\nblock = [\"blocked.test\", \"*.ads.test\"]\nblock_address = \"0.0.0.0\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        src.join("service.toml"),
+        "name = \"t-dnsf\"\nversion = \"1.0.0\"\nruntime = \"auto\"\nimage = \"package\"\ncommand = [\"/bin/dns-filter\"]\ncapabilities = [\"NET_RAW\"]\nfailure_mode = \"open\"\n[resources]\nmemory_mib = 32\n[network]\nsteering = [{ kind = \"dns\" }]\nheartbeat_timeout_ms = 5000\n",
+    )
+    .unwrap();
+    let key = d.dir.path().join("op.key");
+    assert!(d
+        .cli(&[
+            "key",
+            "gen",
+            "--out",
+            key.to_str().unwrap(),
+            "--name",
+            "operator"
+        ])
+        .status
+        .success());
+    let keys = d.dir.path().join("keys");
+    assert!(d
+        .cli(&[
+            "key",
+            "trust",
+            key.with_extension("pub").to_str().unwrap(),
+            "--keys-dir",
+            keys.to_str().unwrap()
+        ])
+        .status
+        .success());
+    let pkg = d.dir.path().join("dns-filter.gvpkg");
+    let out = d.cli(&[
+        "image",
+        "build",
+        src.to_str().unwrap(),
+        "-o",
+        pkg.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // LAN and WAN on the daemon's bridge; a resolver (UDP and TCP) on the WAN.
+    let lan = lab::Host::new("fl", Some("10.96.0.2/24"));
+    let wan = lab::Host::new("fw", Some("10.96.0.1/24"));
+    for h in [&lan, &wan] {
+        let st = Command::new("ovs-vsctl")
+            .arg(format!(
+                "--db=unix:{}",
+                d.state_dir().join("ovs/db.sock").display()
+            ))
+            .args(["add-port", &d.bridge(), &h.host_if])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    assert!(lab::wait_reachable(&lan.ns, WAN));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let resolver = {
+        let stop = stop.clone();
+        wan.spawn(move || {
+            let u = UdpSocket::bind((WAN, 53)).unwrap();
+            u.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let t = TcpListener::bind((WAN, 53)).unwrap();
+            t.set_nonblocking(true).unwrap();
+            tx.send(()).unwrap();
+            let mut b = [0u8; 1024];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = u.recv_from(&mut b) {
+                    b[2] |= 0x80;
+                    b[3] = 0x80;
+                    let _ = u.send_to(&b[..n], from);
+                }
+                if let Ok((mut c, _)) = t.accept() {
+                    c.set_nonblocking(false).unwrap();
+                    c.set_read_timeout(Some(Duration::from_millis(500)))
+                        .unwrap();
+                    if let Ok(n) = c.read(&mut b) {
+                        if n > 4 {
+                            b[4] |= 0x80;
+                            b[5] = 0x80;
+                            let _ = c.write_all(&b[..n]);
+                        }
+                    }
+                }
+            }
+        })
+    };
+    rx.recv().unwrap();
+
+    let st = d.json(&[
+        "service",
+        "install",
+        pkg.to_str().unwrap(),
+        "--start",
+        "--json",
+    ]);
+    assert_eq!(st["runtime"], "lxc", "auto picks LXC on this board");
+    let ready = d.wait_for(Duration::from_secs(10), || {
+        (ask(&lan, "malware.test", 1, false).map(|r| r.0) == Some(3)).then_some(())
+    });
+    assert!(
+        ready.is_some(),
+        "dns-filter never answered; log:\n{}",
+        String::from_utf8_lossy(&d.cli(&["service", "logs", "t-dnsf"]).stdout)
+    );
+    // Default profile: malware.test blocked (NXDOMAIN), the kids' names are not.
+    assert_eq!(
+        ask(&lan, "blocked.test", 1, false).map(|r| (r.0, r.1)),
+        Some((0, 0)),
+        "forwarded: the resolver's empty answer"
+    );
+
+    // The same host as the kids' device: their profile applies.
+    assert!(Command::new("ip")
+        .args(["netns", "exec", &lan.ns, "ip", "link", "set", "eth0", "address", KIDS_MAC])
+        .status()
+        .unwrap()
+        .success());
+    // The resolver must not answer the old MAC.
+    let _ = Command::new("ip")
+        .args(["netns", "exec", &wan.ns, "ip", "neigh", "flush", "all"])
+        .status();
+    let a = ask(&lan, "blocked.test", 1, false).expect("an answer");
+    assert_eq!(
+        (a.0, a.1, a.3),
+        (0, 1, [0, 0, 0, 0]),
+        "A record with the block address"
+    );
+    assert_eq!(
+        ask(&lan, "x.ads.test", 1, false).map(|r| (r.1, r.3)),
+        Some((1, [0, 0, 0, 0])),
+        "wildcard"
+    );
+    assert_eq!(
+        ask(&lan, "blocked.test", 28, false).map(|r| (r.0, r.1)),
+        Some((0, 0)),
+        "AAAA: NODATA"
+    );
+    let e = ask(&lan, "blocked.test", 1, true).expect("an EDNS answer");
+    assert_eq!((e.1, e.2), (1, 1), "the OPT record survives");
+    assert_eq!(
+        ask(&lan, "ok.test", 1, false).map(|r| (r.0, r.1)),
+        Some((0, 0)),
+        "others are forwarded"
+    );
+
+    // Over TCP: an allowed lookup is answered by the resolver, a blocked one never is.
+    let tcp = |name: &'static str| {
+        lan.spawn(move || {
+            let mut c = TcpStream::connect_timeout(
+                &format!("{WAN}:53").parse().unwrap(),
+                Duration::from_secs(2),
+            )
+            .ok()?;
+            c.set_read_timeout(Some(Duration::from_millis(1000)))
+                .unwrap();
+            let q = query(name, 1, false);
+            let mut msg = (q.len() as u16).to_be_bytes().to_vec();
+            msg.extend_from_slice(&q);
+            c.write_all(&msg).ok()?;
+            let mut b = [0u8; 512];
+            c.read(&mut b).ok().filter(|n| *n > 0)
+        })
+        .join()
+        .unwrap()
+    };
+    assert!(tcp("ok.test").is_some(), "allowed lookup over TCP");
+    assert!(
+        tcp("blocked.test").is_none(),
+        "blocked lookup over TCP got an answer"
+    );
+
+    let logs = String::from_utf8_lossy(&d.cli(&["service", "logs", "t-dnsf"]).stdout).into_owned();
+    assert!(
+        logs.contains(&format!("blocked blocked.test for {KIDS_MAC}")),
+        "{logs}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    resolver.join().unwrap();
+}
