@@ -11,35 +11,11 @@ mod lab;
 
 use common::*;
 use std::net::UdpSocket;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Builds the test service as a static binary (it runs in a busybox rootfs with no libc).
-fn build_static_service() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(root)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .args(["build", "-q", "-p", "flowbridge", "--example", "steer-dns"])
-        .args([
-            "--target",
-            "x86_64-unknown-linux-gnu",
-            "--target-dir",
-            "target/static",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "static build failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    root.join("target/static/x86_64-unknown-linux-gnu/debug/examples/steer-dns")
-}
 
 fn vsctl(d: &Daemon, args: &[&str]) {
     let out = Command::new("ovs-vsctl")
@@ -74,7 +50,7 @@ fn containerized_dns_service_steers_fails_open_on_kill9_and_steers_again_after_r
         eprintln!("skipped: Open vSwitch is not installed");
         return;
     }
-    let binary = build_static_service();
+    let binary = build_static("steer-dns", true);
     let d = Daemon::start();
     let rootfs = d.dir.path().join("rootfs");
     gatevisor_lxc::rootfs::build_busybox(Path::new("/bin/busybox"), &rootfs).unwrap();

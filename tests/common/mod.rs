@@ -281,3 +281,96 @@ pids = 32
 pub fn is_alive(pid: i64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// Builds a workspace binary statically (services run in rootfs trees with no libc).
+pub fn build_static(package: &str, example: bool) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args([
+            "build",
+            "-q",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "--target-dir",
+            "target/static",
+        ]);
+    if example {
+        cmd.args(["-p", "flowbridge", "--example", package]);
+    } else {
+        cmd.args(["-p", package]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "static build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = root.join("target/static/x86_64-unknown-linux-gnu/debug");
+    if example {
+        dir.join("examples").join(package)
+    } else {
+        dir.join(package)
+    }
+}
+
+impl Daemon {
+    /// Generates a publisher key, trusts it in the daemon's `DIR/keys`, and builds the service
+    /// folder `src` into a signed package with the CLI.
+    pub fn signed_package(&self, src: &Path, out_name: &str) -> PathBuf {
+        let key = self.dir.path().join("op.key");
+        if !key.exists() {
+            assert!(self
+                .cli(&[
+                    "key",
+                    "gen",
+                    "--out",
+                    key.to_str().unwrap(),
+                    "--name",
+                    "operator"
+                ])
+                .status
+                .success());
+            let keys = self.dir.path().join("keys");
+            let out = self.cli(&[
+                "key",
+                "trust",
+                key.with_extension("pub").to_str().unwrap(),
+                "--keys-dir",
+                keys.to_str().unwrap(),
+            ]);
+            assert!(out.status.success());
+        }
+        let pkg = self.dir.path().join(out_name);
+        let out = self.cli(&[
+            "image",
+            "build",
+            src.to_str().unwrap(),
+            "-o",
+            pkg.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pkg
+    }
+
+    /// Plugs a test host's interface into the daemon's bridge.
+    pub fn plug_host(&self, host_if: &str) {
+        let st = Command::new("ovs-vsctl")
+            .arg(format!(
+                "--db=unix:{}",
+                self.state_dir().join("ovs/db.sock").display()
+            ))
+            .args(["add-port", &self.bridge(), host_if])
+            .status()
+            .unwrap();
+        assert!(st.success(), "cannot plug {host_if}");
+    }
+}

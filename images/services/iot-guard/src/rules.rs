@@ -1,0 +1,232 @@
+//! Per-device rules and the rate anomaly check.
+
+use serde::Deserialize;
+use std::collections::{HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Default {
+    Allow,
+    Block,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    pub name: String,
+    pub mac: String,
+    /// Destinations this device may reach: `IP`, `IP:PORT` or `IP:PORT/tcp|udp`.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Destination ports always blocked (telnet, say).
+    #[serde(default)]
+    pub deny_ports: Vec<u16>,
+    /// For destinations not on the allow list.
+    pub default: Default,
+    /// More new sessions than this within a minute is an anomaly: they are blocked.
+    #[serde(default)]
+    pub max_new_sessions_per_minute: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Unknown {
+    pub default: Default,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default, rename = "device")]
+    pub devices: Vec<Device>,
+    pub unknown_devices: Unknown,
+}
+
+/// A parsed allow-list entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Dest {
+    ip: Ipv4Addr,
+    port: Option<u16>,
+    proto: Option<u8>,
+}
+
+fn parse_dest(s: &str) -> Option<Dest> {
+    let (rest, proto) = match s.rsplit_once('/') {
+        Some((r, "tcp")) => (r, Some(6)),
+        Some((r, "udp")) => (r, Some(17)),
+        Some(_) => return None,
+        None => (s, None),
+    };
+    let (ip, port) = match rest.split_once(':') {
+        Some((ip, port)) => (ip, Some(port.parse().ok()?)),
+        None => (rest, None),
+    };
+    Some(Dest {
+        ip: ip.parse().ok()?,
+        port,
+        proto,
+    })
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).ok())
+        .collect::<Option<_>>()?;
+    v.try_into().ok()
+}
+
+pub fn mac_text(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl Config {
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        for d in &c.devices {
+            parse_mac(&d.mac).ok_or_else(|| {
+                format!("device {}: mac {:?} is not a MAC address", d.name, d.mac)
+            })?;
+            for a in &d.allow {
+                parse_dest(a).ok_or_else(|| {
+                    format!("device {}: allow {a:?} is not IP[:PORT][/tcp|udp]", d.name)
+                })?;
+            }
+        }
+        Ok(c)
+    }
+}
+
+pub struct Guard {
+    config: Config,
+    /// Recent new-session times per device.
+    recent: HashMap<[u8; 6], VecDeque<Instant>>,
+}
+
+impl Guard {
+    pub fn new(config: Config) -> Guard {
+        Guard {
+            config,
+            recent: HashMap::new(),
+        }
+    }
+
+    /// The verdict for a new session, and why.
+    pub fn decide(
+        &mut self,
+        mac: [u8; 6],
+        ip: [u8; 4],
+        proto: u8,
+        port: u16,
+        now: Instant,
+    ) -> (bool, String) {
+        let Some(d) = self
+            .config
+            .devices
+            .iter()
+            .find(|d| parse_mac(&d.mac) == Some(mac))
+        else {
+            return (
+                self.config.unknown_devices.default == Default::Allow,
+                "unknown device".into(),
+            );
+        };
+        if let Some(max) = d.max_new_sessions_per_minute {
+            let q = self.recent.entry(mac).or_default();
+            while q
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+            {
+                q.pop_front();
+            }
+            q.push_back(now);
+            if q.len() as u32 > max {
+                return (
+                    false,
+                    format!("{}: more than {max} new sessions a minute", d.name),
+                );
+            }
+        }
+        if d.deny_ports.contains(&port) {
+            return (false, format!("{}: port {port} is denied", d.name));
+        }
+        let ip = Ipv4Addr::from(ip);
+        let listed = d.allow.iter().filter_map(|a| parse_dest(a)).any(|a| {
+            a.ip == ip && a.port.is_none_or(|p| p == port) && a.proto.is_none_or(|p| p == proto)
+        });
+        match (listed, d.default) {
+            (true, _) => (true, format!("{}: on its allow list", d.name)),
+            (false, Default::Allow) => (true, format!("{}: allowed by default", d.name)),
+            (false, Default::Block) => (false, format!("{}: not on its allow list", d.name)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[unknown_devices]
+default = "allow"
+[[device]]
+name = "camera"
+mac = "02:00:00:00:00:0c"
+allow = ["10.0.0.1:443/tcp", "10.0.0.2"]
+deny_ports = [23]
+default = "block"
+max_new_sessions_per_minute = 3
+"#;
+
+    #[test]
+    fn allow_list_deny_ports_default_and_unknown_devices() {
+        let mut g = Guard::new(Config::parse(CONFIG).unwrap());
+        let cam = parse_mac("02:00:00:00:00:0c").unwrap();
+        let t = Instant::now();
+        assert!(g.decide(cam, [10, 0, 0, 1], 6, 443, t).0);
+        assert!(
+            !g.decide(cam, [10, 0, 0, 1], 17, 443, t).0,
+            "udp not listed"
+        );
+        assert!(
+            !g.decide(cam, [10, 0, 0, 2], 6, 23, t).0,
+            "denied port wins"
+        );
+        assert!(
+            g.decide([2, 0, 0, 0, 0, 1], [8, 8, 8, 8], 6, 23, t).0,
+            "unknown device: allow"
+        );
+    }
+
+    #[test]
+    fn too_many_new_sessions_a_minute_are_blocked_then_allowed_again() {
+        let mut g = Guard::new(Config::parse(CONFIG).unwrap());
+        let cam = parse_mac("02:00:00:00:00:0c").unwrap();
+        let t = Instant::now();
+        for i in 0..3 {
+            assert!(
+                g.decide(cam, [10, 0, 0, 2], 6, 80, t + Duration::from_secs(i))
+                    .0
+            );
+        }
+        let (ok, why) = g.decide(cam, [10, 0, 0, 2], 6, 80, t + Duration::from_secs(4));
+        assert!(!ok && why.contains("new sessions a minute"));
+        assert!(
+            g.decide(cam, [10, 0, 0, 2], 6, 80, t + Duration::from_secs(120))
+                .0,
+            "the window moves on"
+        );
+    }
+
+    #[test]
+    fn bad_config_is_named() {
+        let e = Config::parse("[unknown_devices]\ndefault=\"allow\"\n[[device]]\nname=\"c\"\nmac=\"x\"\ndefault=\"block\"").unwrap_err();
+        assert!(e.contains("device c"), "{e}");
+        assert!(parse_dest("10.0.0.1:80/icmp").is_none());
+    }
+}

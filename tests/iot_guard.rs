@@ -1,0 +1,130 @@
+//! iot-guard, the IoT protection service, as a signed package in a real container on the
+//! daemon's bridge: a camera's sessions are allowed or blocked by its rules (allow list, denied
+//! ports, rate anomaly); other devices pass. Needs root, liblxc, Open vSwitch.
+
+mod common;
+#[path = "../flowbridge/tests/common/lab.rs"]
+mod lab;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const WAN: &str = "10.95.0.1";
+const CAMERA_MAC: &str = "02:00:00:00:00:0c";
+
+/// Opens a session from `host` to WAN:`port` and echoes one message through it.
+fn session(host: &lab::Host, port: u16) -> bool {
+    host.spawn(move || {
+        let Ok(mut c) = TcpStream::connect_timeout(
+            &format!("{WAN}:{port}").parse().unwrap(),
+            Duration::from_millis(1500),
+        ) else {
+            return false;
+        };
+        c.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let mut b = [0u8; 5];
+        c.write_all(b"hello").is_ok() && c.read_exact(&mut b).is_ok() && &b == b"hello"
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn iot_guard_allows_and_blocks_camera_sessions_by_its_rules() {
+    if !need_ovs("iot_guard_allows_and_blocks_camera_sessions_by_its_rules") {
+        return;
+    }
+    let binary = build_static("iot-guard", false);
+    let d = Daemon::start_with_keys();
+    let src = d.dir.path().join("iot-guard");
+    std::fs::create_dir_all(src.join("files/bin")).unwrap();
+    std::fs::create_dir_all(src.join("files/etc")).unwrap();
+    std::fs::copy(&binary, src.join("files/bin/iot-guard")).unwrap();
+    std::fs::write(
+        src.join("files/etc/iot-guard.toml"),
+        format!("[unknown_devices]\ndefault = \"allow\"\n[[device]]\nname = \"camera\"\nmac = \"{CAMERA_MAC}\"\nallow = [\"{WAN}:443/tcp\"]\ndeny_ports = [23]\ndefault = \"block\"\nmax_new_sessions_per_minute = 4\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        src.join("service.toml"),
+        "name = \"t-iotg\"\nversion = \"1.0.0\"\nruntime = \"auto\"\nimage = \"package\"\ncommand = [\"/bin/iot-guard\"]\ncapabilities = [\"NET_RAW\"]\nfailure_mode = \"open\"\n[resources]\nmemory_mib = 32\n[network]\nsteering = [{ kind = \"new-sessions\", packets = 4, selector = { protocol = \"tcp\" } }]\n",
+    )
+    .unwrap();
+    let pkg = d.signed_package(&src, "iot-guard.gvpkg");
+
+    let camera = lab::Host::new("gc", Some("10.95.0.3/24"));
+    let laptop = lab::Host::new("gl", Some("10.95.0.2/24"));
+    let wan = lab::Host::new("gw", Some("10.95.0.1/24"));
+    assert!(std::process::Command::new("ip")
+        .args(["netns", "exec", &camera.ns, "ip", "link", "set", "eth0", "address", CAMERA_MAC])
+        .status()
+        .unwrap()
+        .success());
+    for h in [&camera, &laptop, &wan] {
+        d.plug_host(&h.host_if);
+    }
+    assert!(lab::wait_reachable(&camera.ns, WAN) && lab::wait_reachable(&laptop.ns, WAN));
+    // Echo servers on the WAN.
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers: Vec<_> = [443u16, 8080, 23]
+        .into_iter()
+        .map(|port| {
+            let stop = stop.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let h = wan.spawn(move || {
+                let l = TcpListener::bind((WAN, port)).unwrap();
+                l.set_nonblocking(true).unwrap();
+                tx.send(()).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((mut c, _)) = l.accept() {
+                        c.set_nonblocking(false).unwrap();
+                        let mut b = [0u8; 5];
+                        if c.read_exact(&mut b).is_ok() {
+                            let _ = c.write_all(&b);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+            rx.recv().unwrap();
+            h
+        })
+        .collect();
+
+    let st = d.json(&[
+        "service",
+        "install",
+        pkg.to_str().unwrap(),
+        "--start",
+        "--json",
+    ]);
+    assert_eq!(st["state"], "running", "{st}");
+    std::thread::sleep(Duration::from_millis(300));
+    // The laptop is not an IoT device: its sessions pass.
+    assert!(session(&laptop, 8080), "laptop to 8080");
+    // The camera: its allow list, its denied port, its default.
+    assert!(session(&camera, 443), "camera to 443 (allowed)");
+    assert!(!session(&camera, 8080), "camera to 8080 (not on its list)");
+    assert!(!session(&camera, 23), "camera to 23 (denied port)");
+    assert!(session(&camera, 443), "camera to 443 again");
+    // A fifth new session within the minute is an anomaly, even to an allowed destination.
+    assert!(!session(&camera, 443), "rate anomaly");
+
+    let logs = String::from_utf8_lossy(&d.cli(&["service", "logs", "t-iotg"]).stdout).into_owned();
+    assert!(
+        logs.contains(&format!(
+            "block {WAN}:23/tcp from {CAMERA_MAC}: camera: port 23 is denied"
+        )),
+        "{logs}"
+    );
+    assert!(logs.contains("more than 4 new sessions a minute"), "{logs}");
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().unwrap();
+    }
+}
