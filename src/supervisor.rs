@@ -479,6 +479,9 @@ impl Supervisor {
         if self.doc.services.get(&name).map(|r| r.state) != Some(State::Running) {
             return; // we removed it ourselves
         }
+        if self.rt.init_pid(&name).ok().flatten().is_none() {
+            return; // its container just died: its exit is being handled
+        }
         let live = self.live.entry(name.clone()).or_default();
         if live
             .replugged_at

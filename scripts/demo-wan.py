@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""The demo's WAN side: a DNS resolver that answers every A query with this host's address
+(10.90.0.1), and small web servers on ports 443 and 8080. Runs in the gvdemo-wan namespace;
+stops when killed."""
+import socket, struct, threading, http.server, socketserver, sys
+
+ADDR = "10.90.0.1"
+
+def dns():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((ADDR, 53))
+    while True:
+        q, peer = s.recvfrom(512)
+        if len(q) < 12:
+            continue
+        i = 12
+        while i < len(q) and q[i] != 0:
+            i += 1 + q[i]
+        end = i + 5
+        qtype = struct.unpack("!H", q[i + 1:i + 3])[0] if end <= len(q) else 0
+        header = q[:2] + b"\x81\x80" + q[4:6] + (b"\x00\x01" if qtype == 1 else b"\x00\x00") + b"\x00\x00\x00\x00"
+        answer = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + socket.inet_aton(ADDR) if qtype == 1 else b""
+        s.sendto(header + q[12:end] + answer, peer)
+
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        body = f"hello from the internet, port {self.server.server_address[1]}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+
+def web(port):
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    with socketserver.ThreadingTCPServer((ADDR, port), Quiet) as srv:
+        srv.serve_forever()
+
+for port in (443, 8080):
+    threading.Thread(target=web, args=(port,), daemon=True).start()
+print("demo WAN: DNS on 53, web on 443 and 8080", flush=True)
+dns()
