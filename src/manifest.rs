@@ -70,6 +70,9 @@ pub struct Health {
     /// A TCP port inside the service's network namespace.
     #[serde(default)]
     pub tcp_port: Option<u16>,
+    /// The service must speak on its verdict socket (hello or ping) after it starts.
+    #[serde(default)]
+    pub verdict_ping: bool,
     #[serde(default = "default_deadline")]
     pub deadline_s: u32,
 }
@@ -79,6 +82,7 @@ impl Default for Health {
         Health {
             exec: None,
             tcp_port: None,
+            verdict_ping: false,
             deadline_s: default_deadline(),
         }
     }
@@ -336,6 +340,12 @@ impl Manifest {
         }
         if self.health.deadline_s == 0 || self.health.deadline_s > 3600 {
             return Err(bad("health.deadline_s", "must be 1 to 3600 seconds".into()));
+        }
+        if self.health.verdict_ping && self.network.steering.is_empty() {
+            return Err(bad(
+                "health.verdict_ping",
+                "needs network.steering (only steering services have a verdict socket)".into(),
+            ));
         }
         if self
             .health

@@ -880,13 +880,15 @@ impl Supervisor {
             rec.consecutive_failures = 0;
             rec.failure_reason = None;
         }
+        let since_ms = now_ms();
         self.start_service(name, Op::Start).map_err(|e| e.message)?;
         let _ = self.persist();
-        self.health_check(name)
+        self.health_check(name, since_ms)
     }
 
     /// Waits (up to the manifest's deadline) until the service runs and its check passes.
-    fn health_check(&mut self, name: &str) -> std::result::Result<(), String> {
+    /// `since_ms`: just before the start (a service may say hello at once).
+    fn health_check(&mut self, name: &str, since_ms: u64) -> std::result::Result<(), String> {
         let rec = self.record(name).map_err(|e| e.message)?;
         let health = rec.manifest.health.clone();
         let deadline = Instant::now() + Duration::from_secs(health.deadline_s as u64);
@@ -912,6 +914,15 @@ impl Supervisor {
                         false
                     }
                 }
+            } else if health.verdict_ping {
+                let spoke = self
+                    .verdict_servers
+                    .get(name)
+                    .is_some_and(|v| v.last_seen_ms() >= since_ms);
+                if !spoke {
+                    last = "it did not speak on its verdict socket".into();
+                }
+                spoke
             } else if let Some(port) = health.tcp_port {
                 let ok = tcp_in_netns(init, port);
                 if !ok {

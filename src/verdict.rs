@@ -55,6 +55,15 @@ pub enum Request {
 pub struct VerdictServer {
     stop: Arc<AtomicBool>,
     path: PathBuf,
+    /// When the service last sent a well-formed request (ms since the epoch).
+    last_seen_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl VerdictServer {
+    /// When the service last spoke on its socket (ms since the epoch; 0: never).
+    pub fn last_seen_ms(&self) -> u64 {
+        self.last_seen_ms.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for VerdictServer {
@@ -73,15 +82,28 @@ pub fn serve(dir: &Path, name: &str, tx: Sender<Msg>) -> std::io::Result<Verdict
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let (stop2, name) = (stop.clone(), name.to_string());
+    let last_seen_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (stop2, seen2, name) = (stop.clone(), last_seen_ms.clone(), name.to_string());
     std::thread::Builder::new()
         .name(format!("verdict-{name}"))
         .stack_size(128 * 1024)
-        .spawn(move || accept_loop(listener, name, tx, stop2))?;
-    Ok(VerdictServer { stop, path })
+        .spawn(move || accept_loop(listener, name, tx, stop2, seen2))?;
+    Ok(VerdictServer {
+        stop,
+        path,
+        last_seen_ms,
+    })
 }
 
-fn accept_loop(listener: UnixListener, name: String, tx: Sender<Msg>, stop: Arc<AtomicBool>) {
+type Seen = Arc<std::sync::atomic::AtomicU64>;
+
+fn accept_loop(
+    listener: UnixListener,
+    name: String,
+    tx: Sender<Msg>,
+    stop: Arc<AtomicBool>,
+    seen: Seen,
+) {
     use std::os::fd::AsFd;
     while !stop.load(Ordering::Relaxed) {
         let mut fds = [nix::poll::PollFd::new(
@@ -91,12 +113,12 @@ fn accept_loop(listener: UnixListener, name: String, tx: Sender<Msg>, stop: Arc<
         let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(500u16));
         match listener.accept() {
             Ok((conn, _)) => {
-                let (name, tx, stop) = (name.clone(), tx.clone(), stop.clone());
+                let (name, tx, stop, seen) = (name.clone(), tx.clone(), stop.clone(), seen.clone());
                 let _ = std::thread::Builder::new()
                     .name(format!("verdict-{name}"))
                     .stack_size(128 * 1024)
                     .spawn(move || {
-                        let _ = serve_conn(conn, &name, &tx, &stop);
+                        let _ = serve_conn(conn, &name, &tx, &stop, &seen);
                     });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -116,6 +138,7 @@ fn serve_conn(
     name: &str,
     tx: &Sender<Msg>,
     stop: &AtomicBool,
+    seen: &Seen,
 ) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(Duration::from_millis(500)))?;
@@ -154,6 +177,7 @@ fn serve_conn(
         let req = match parsed {
             Ok(r) => {
                 // Any well-formed request shows the service is alive (its heartbeat).
+                seen.store(crate::state::now_ms(), Ordering::Relaxed);
                 let _ = tx.send(Msg::Alive {
                     name: name.to_string(),
                 });

@@ -33,6 +33,7 @@ fn cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
         ("not toml", "name = \"x\nversion".to_string(), vec!["bad.toml"]),
         ("microvm not built", base().replace("runtime = \"lxc\"", "runtime = \"microvm\""), vec!["`runtime`", "not available"]),
         ("heartbeat without steering", base() + "[network]\nheartbeat_timeout_ms = 1000\n", vec!["network.heartbeat_timeout_ms", "needs network.steering"]),
+        ("verdict ping without steering", base() + "[health]\nverdict_ping = true\n", vec!["health.verdict_ping", "needs network.steering"]),
         ("over memory budget", base().replace("memory_mib = 32", "memory_mib = 4000000"), vec!["resources.memory_mib", "budget"]),
     ]
 }

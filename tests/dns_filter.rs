@@ -279,6 +279,38 @@ fn dns_filter_blocks_per_device_keeps_edns_and_forwards_the_rest() {
         "blocked lookup over TCP got an answer"
     );
 
+    // Updates: one that speaks on its verdict socket passes `verdict_ping`; one that stays
+    // silent is rolled back.
+    let manifest = std::fs::read_to_string(src.join("service.toml")).unwrap();
+    let with_health = |version: &str, command: &str| {
+        std::fs::write(
+            src.join("service.toml"),
+            manifest
+                .replace("version = \"1.0.0\"", &format!("version = \"{version}\""))
+                .replace("command = [\"/bin/dns-filter\"]", command)
+                + "[health]\nverdict_ping = true\ndeadline_s = 3\n",
+        )
+        .unwrap();
+        d.signed_package(&src, &format!("dns-filter-{version}.gvpkg"))
+    };
+    let good = with_health("1.1.0", "command = [\"/bin/dns-filter\"]");
+    let st = d.json(&[
+        "service",
+        "update",
+        "t-dnsf",
+        good.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(st["package_version"], "1.1.0", "{st}");
+    let silent = with_health("1.2.0", "command = [\"/bin/sh\", \"-c\", \"sleep 1000\"]");
+    let out = d.cli(&["service", "update", "t-dnsf", silent.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains("did not speak on its verdict socket") && err.contains("rolled back to 1.1.0"),
+        "{err}"
+    );
+    assert_eq!(d.status("t-dnsf")["package_version"], "1.1.0");
+
     let logs = String::from_utf8_lossy(&d.cli(&["service", "logs", "t-dnsf"]).stdout).into_owned();
     assert!(
         logs.contains(&format!("blocked blocked.test for {KIDS_MAC}")),

@@ -1,6 +1,7 @@
 //! DNS decisions: parse the question, pick the profile, build the answer.
 
 use gatevisor_service_sdk::Frame;
+pub use gatevisor_service_sdk::{mac_text, parse_mac};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -45,21 +46,6 @@ impl Config {
             .find(|p| p.macs.iter().any(|m| parse_mac(m) == Some(mac)))
             .unwrap_or(&self.default)
     }
-}
-
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16).ok())
-        .collect::<Option<_>>()?;
-    v.try_into().ok()
-}
-
-pub fn mac_text(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 impl Profile {

@@ -1,5 +1,6 @@
 //! Per-device rules and the rate anomaly check.
 
+pub use gatevisor_service_sdk::{mac_text, parse_mac};
 use serde::Deserialize;
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
@@ -68,21 +69,6 @@ fn parse_dest(s: &str) -> Option<Dest> {
         port,
         proto,
     })
-}
-
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16).ok())
-        .collect::<Option<_>>()?;
-    v.try_into().ok()
-}
-
-pub fn mac_text(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 impl Config {

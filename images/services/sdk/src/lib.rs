@@ -14,6 +14,23 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+/// `aa:bb:cc:dd:ee:ff` → bytes.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).ok())
+        .collect::<Option<_>>()?;
+    v.try_into().ok()
+}
+
+/// Bytes → `aa:bb:cc:dd:ee:ff`.
+pub fn mac_text(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// What to do with a steered packet, carried back in the PCP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
