@@ -3,8 +3,9 @@
 //! to it with AF_PACKET, as a real service does.
 #![allow(dead_code)]
 
+use gatevisor_service_sdk::PacketPort;
 use std::net::UdpSocket;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -128,125 +129,29 @@ pub fn run_raw_service(stop: Arc<AtomicBool>, handler: impl FnMut(&mut [u8], usi
 
 /// An AF_PACKET socket bound to `ifname` in the calling thread's network namespace.
 pub fn open_packet_socket(ifname: &str) -> OwnedFd {
-    // SAFETY: plain socket(2) call; the returned fd is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            (libc::ETH_P_ALL as u16).to_be() as i32,
-        )
-    };
-    assert!(fd >= 0);
-    // SAFETY: fd was just returned by socket(2) and is owned by nothing else.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let ifindex = nix::net::if_::if_nametoindex(ifname).unwrap();
-    // SAFETY: zeroed sockaddr_ll is a valid value; fields are set before bind reads it.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-    sll.sll_ifindex = ifindex as i32;
-    // SAFETY: sll is a valid sockaddr_ll of the stated size, alive for the call.
-    let rc = unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            &sll as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(rc, 0);
-    sock
+    PacketPort::open(ifname).expect("packet socket").into_fd()
 }
 
-/// Serves frames arriving on `sock` until `stop`.
+/// Serves frames steered to `sock` until `stop`: `handler` may rewrite a tagged IPv4 frame and
+/// returns the verdict (PCP) it goes back with.
 pub fn serve_packets(
     sock: OwnedFd,
     stop: Arc<AtomicBool>,
     mut handler: impl FnMut(&mut [u8], usize, u8) -> u8,
 ) {
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 100_000,
-    };
-    // SAFETY: tv is a valid timeval for SO_RCVTIMEO, alive for the call.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    // The kernel moves 802.1Q tags into packet metadata before packet sockets see a frame;
-    // PACKET_AUXDATA hands the tag back so the frame can be rebuilt as it was on the wire.
-    let one: libc::c_int = 1;
-    // SAFETY: `one` is a valid int option value, alive for the call.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_AUXDATA,
-            &one as *const _ as *const libc::c_void,
-            4,
-        )
-    };
-    let mut buf = [0u8; 9216];
-    let mut cbuf = [0u64; 32]; // u64: cmsg headers need 8-byte alignment
+    let mut port = PacketPort::from_fd(sock);
+    port.set_read_timeout(Duration::from_millis(100)).unwrap();
     while !stop.load(Ordering::Relaxed) {
-        // SAFETY: zeroed sockaddr_ll and msghdr are valid values; the fields are set below.
-        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        let mut iov = libc::iovec {
-            iov_base: buf[4..].as_mut_ptr().cast(),
-            iov_len: buf.len() - 4,
+        let Ok(frame) = port.recv() else { continue };
+        if !frame.is_tagged_ipv4() {
+            continue;
+        }
+        let (Some(l4), Some(proto)) = (frame.l4(), frame.proto()) else {
+            continue;
         };
-        // SAFETY: as above.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_name = &mut from as *mut _ as *mut libc::c_void;
-        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&cbuf);
-        // SAFETY: every pointer in msg refers to a live buffer of the stated length.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) };
-        if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
-            continue;
-        }
-        let mut n = n as usize;
-        let mut start = 4;
-        // SAFETY: CMSG_* walk the control buffer recvmsg filled, within msg_controllen.
-        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-        while !cmsg.is_null() {
-            // SAFETY: cmsg points at a complete header inside cbuf (CMSG_FIRSTHDR/NXTHDR).
-            let (level, ty) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type) };
-            if level == libc::SOL_PACKET && ty == libc::PACKET_AUXDATA {
-                // SAFETY: the kernel put a tpacket_auxdata in this message's data; read it
-                // unaligned since cbuf gives no alignment guarantee.
-                let aux: libc::tpacket_auxdata =
-                    unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast()) };
-                if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 {
-                    buf.copy_within(4..16, 0);
-                    buf[12..14].copy_from_slice(&0x8100u16.to_be_bytes());
-                    buf[14..16].copy_from_slice(&aux.tp_vlan_tci.to_be_bytes());
-                    start = 0;
-                    n += 4;
-                }
-            }
-            // SAFETY: as above, walking within the same control buffer.
-            cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
-        }
-        let f = &mut buf[start..start + n];
-        // Only frames we were sent carry our tag: 802.1Q, then IPv4.
-        if f.len() < 18 + 20 + 8 || f[12..14] != [0x81, 0x00] || f[16..18] != [0x08, 0x00] {
-            continue;
-        }
-        let ihl = (f[18] & 0x0f) as usize * 4;
-        let proto = f[18 + 9];
-        let l4 = 18 + ihl;
-        let pcp = handler(f, l4, proto);
-        f[14] = (f[14] & 0x1f) | pcp << 5;
-        // SAFETY: f is a valid buffer of its length; the socket is bound to eth0.
-        unsafe { libc::send(sock.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+        let mut out = frame.bytes.to_vec();
+        let pcp = handler(&mut out, l4, proto);
+        let _ = port.send_pcp(&mut out, pcp);
     }
 }
 

@@ -9,32 +9,16 @@
 
 mod dns;
 
-use gatevisor_service_sdk::{PacketPort, Verdict, VerdictClient};
+use gatevisor_service_sdk::Verdict;
 use std::time::{Duration, Instant};
 
 fn main() {
-    let path = std::env::var("DNS_FILTER_CONFIG").unwrap_or_else(|_| "/etc/dns-filter.toml".into());
-    let config = match std::fs::read_to_string(&path)
-        .map_err(|e| e.to_string())
-        .and_then(|t| dns::Config::parse(&t))
-    {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("dns-filter: {path}: {e}");
-            std::process::exit(2);
-        }
-    };
-    VerdictClient::spawn_heartbeat(
-        std::env::var("GATEVISOR_VERDICT_SOCKET").is_ok(),
-        Duration::from_secs(1),
+    let (config, mut port) = gatevisor_service_sdk::start(
+        "dns-filter",
+        "DNS_FILTER_CONFIG",
+        "/etc/dns-filter.toml",
+        dns::Config::parse,
     );
-    let mut port = match PacketPort::open("eth0") {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("dns-filter: cannot open eth0 (needs CAP_NET_RAW): {e}");
-            std::process::exit(1);
-        }
-    };
     println!(
         "dns-filter: {} profiles, serving on eth0",
         config.profiles.len() + 1

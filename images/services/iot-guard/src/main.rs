@@ -9,32 +9,16 @@
 
 mod rules;
 
-use gatevisor_service_sdk::{PacketPort, Verdict, VerdictClient};
+use gatevisor_service_sdk::Verdict;
 use std::time::{Duration, Instant};
 
 fn main() {
-    let path = std::env::var("IOT_GUARD_CONFIG").unwrap_or_else(|_| "/etc/iot-guard.toml".into());
-    let config = match std::fs::read_to_string(&path)
-        .map_err(|e| e.to_string())
-        .and_then(|t| rules::Config::parse(&t))
-    {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("iot-guard: {path}: {e}");
-            std::process::exit(2);
-        }
-    };
-    VerdictClient::spawn_heartbeat(
-        std::env::var("GATEVISOR_VERDICT_SOCKET").is_ok(),
-        Duration::from_secs(1),
+    let (config, mut port) = gatevisor_service_sdk::start(
+        "iot-guard",
+        "IOT_GUARD_CONFIG",
+        "/etc/iot-guard.toml",
+        rules::Config::parse,
     );
-    let mut port = match PacketPort::open("eth0") {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("iot-guard: cannot open eth0 (needs CAP_NET_RAW): {e}");
-            std::process::exit(1);
-        }
-    };
     println!(
         "iot-guard: {} devices, serving on eth0",
         config.devices.len()

@@ -14,6 +14,39 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+/// How every service starts: read its configuration (`$ENV_VAR`, else `default_path`) with
+/// `parse`, start the heartbeat on its verdict socket, open `eth0`. Exits with a message
+/// naming what is wrong (2: configuration, 1: the port).
+pub fn start<C>(
+    service: &str,
+    env_var: &str,
+    default_path: &str,
+    parse: impl FnOnce(&str) -> Result<C, String>,
+) -> (C, PacketPort) {
+    let path = std::env::var(env_var).unwrap_or_else(|_| default_path.into());
+    let config = match std::fs::read_to_string(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| parse(&t))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{service}: {path}: {e}");
+            std::process::exit(2);
+        }
+    };
+    VerdictClient::spawn_heartbeat(
+        std::env::var("GATEVISOR_VERDICT_SOCKET").is_ok(),
+        Duration::from_secs(1),
+    );
+    match PacketPort::open("eth0") {
+        Ok(p) => (config, p),
+        Err(e) => {
+            eprintln!("{service}: cannot open eth0 (needs CAP_NET_RAW): {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// `aa:bb:cc:dd:ee:ff` → bytes.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let v: Vec<u8> = s
@@ -206,6 +239,52 @@ impl PacketPort {
         })
     }
 
+    /// A port over an AF_PACKET socket opened elsewhere (the supervisor side, say); it must be
+    /// bound to the interface already. `PACKET_AUXDATA` is switched on here.
+    pub fn from_fd(sock: OwnedFd) -> PacketPort {
+        let one: libc::c_int = 1;
+        // SAFETY: `one` is a valid int option, alive for the call; `sock` is an open socket.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_AUXDATA,
+                &one as *const _ as *const libc::c_void,
+                4,
+            )
+        };
+        PacketPort {
+            sock,
+            buf: vec![0u8; 9216 + 4],
+        }
+    }
+
+    pub fn into_fd(self) -> OwnedFd {
+        self.sock
+    }
+
+    /// Makes `recv` return `WouldBlock` after `timeout` without a frame.
+    pub fn set_read_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as _,
+            tv_usec: timeout.subsec_micros() as _,
+        };
+        // SAFETY: tv is a valid timeval for SO_RCVTIMEO, alive for the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// The next frame received (not sent) on the port, its tag restored.
     pub fn recv(&mut self) -> std::io::Result<Frame<'_>> {
         loop {
@@ -267,10 +346,15 @@ impl PacketPort {
 
     /// Sends `frame` back with `verdict` in its PCP.
     pub fn send(&self, frame: &mut [u8], verdict: Verdict) -> std::io::Result<()> {
+        self.send_pcp(frame, verdict as u8)
+    }
+
+    /// Sends `frame` back with `pcp` (0-7) in its tag.
+    pub fn send_pcp(&self, frame: &mut [u8], pcp: u8) -> std::io::Result<()> {
         if frame.len() < 18 {
             return Ok(());
         }
-        frame[14] = (frame[14] & 0x1f) | (verdict as u8) << 5;
+        frame[14] = (frame[14] & 0x1f) | (pcp & 7) << 5;
         // SAFETY: frame is a valid buffer of its length; the socket is bound to the port.
         let n = unsafe { libc::send(self.sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
         if n < 0 {
