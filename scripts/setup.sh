@@ -7,7 +7,7 @@ need_pkgs=(
   lxc lxc-dev libclang-dev pkg-config       # liblxc + bindgen for lxc-sys
   busybox-static e2fsprogs                  # container rootfs, disk-limited images
   openvswitch-switch                        # the switch flowbridge drives
-  iproute2 iputils-ping bind9-dnsutils iperf3 tcpdump ethtool   # test traffic
+  iproute2 iputils-ping bind9-dnsutils iperf3 tcpdump ethtool python3   # test traffic, the demo's WAN side
 )
 
 missing=()
