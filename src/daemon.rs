@@ -3,7 +3,7 @@
 //! The socket server only parses and forwards: each connection carries one request line and
 //! gets one reply line (or, for `events` with `follow`, a stream of event lines).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -182,5 +182,3 @@ fn serve_one(mut conn: UnixStream, tx: Sender<Msg>) -> std::io::Result<()> {
         }
     }
 }
-
-use std::io::Read as _;

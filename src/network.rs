@@ -38,8 +38,6 @@ pub struct Network {
     pub bridge: String,
     pub datapath_type: String,
     db_socket: PathBuf,
-    mgmt_socket: PathBuf,
-    vswitchd_ctl: Option<PathBuf>,
     private: Option<PrivateOvs>,
     ctl: Controller,
 }
@@ -83,15 +81,13 @@ impl Network {
         db.ensure_bridge(bridge, datapath_type)?;
         db.wait_applied(Duration::from_secs(20))?;
         let mut ctl = Controller::connect(&mgmt_socket, Duration::from_secs(20))?;
-        if let Some(c) = &vswitchd_ctl {
-            ctl = ctl.with_vswitchd_ctl(c.clone());
+        if let Some(c) = vswitchd_ctl {
+            ctl = ctl.with_vswitchd_ctl(c);
         }
         Ok(Network {
             bridge: bridge.into(),
             datapath_type: datapath_type.into(),
             db_socket,
-            mgmt_socket,
-            vswitchd_ctl,
             private,
             ctl,
         })
@@ -99,14 +95,6 @@ impl Network {
 
     pub fn is_private(&self) -> bool {
         self.private.is_some()
-    }
-
-    pub fn db_socket(&self) -> &Path {
-        &self.db_socket
-    }
-
-    pub fn mgmt_socket(&self) -> &Path {
-        &self.mgmt_socket
     }
 
     /// Records a service's policies and failure mode (a `closed` service's class is dropped
@@ -249,6 +237,5 @@ impl Network {
                 p.leave_running();
             }
         }
-        let _ = self.vswitchd_ctl;
     }
 }

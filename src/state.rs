@@ -38,9 +38,6 @@ pub struct LastExit {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Running {
     pub monitor_pid: i32,
-    /// Start time of the monitor (clock ticks since boot, /proc/PID/stat field 22): guards
-    /// against a recycled PID.
-    pub monitor_start_ticks: u64,
     pub init_pid: i32,
     pub started_at_ms: u64,
 }

@@ -1222,7 +1222,6 @@ impl Supervisor {
                 let monitor_pid = started.monitor.id() as i32;
                 let running = Running {
                     monitor_pid,
-                    monitor_start_ticks: proc::start_ticks(monitor_pid).unwrap_or(0),
                     init_pid: started.init_pid,
                     started_at_ms: now_ms(),
                 };
@@ -1480,7 +1479,6 @@ impl Supervisor {
                 Some(init_pid) => {
                     // The container's init is a child of its monitor.
                     let monitor_pid = proc::ppid(init_pid).unwrap_or(0);
-                    let ticks = proc::start_ticks(monitor_pid).unwrap_or(0);
                     let rec = self.record_mut(&name).expect("listed");
                     let started_at_ms = rec
                         .running
@@ -1489,7 +1487,6 @@ impl Supervisor {
                         .unwrap_or_else(now_ms);
                     rec.running = Some(Running {
                         monitor_pid,
-                        monitor_start_ticks: ticks,
                         init_pid,
                         started_at_ms,
                     });
