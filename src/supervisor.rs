@@ -61,10 +61,6 @@ pub enum Msg {
         name: String,
         generation: u64,
     },
-    /// A service spoke on its verdict socket (its heartbeat).
-    Alive {
-        name: String,
-    },
     /// Open vSwitch reports a port gone or broken.
     PortLost {
         port: String,
@@ -111,8 +107,10 @@ struct Live {
     replugged_at: Option<Instant>,
     /// Verdicts received over the verdict API.
     api_verdicts: u64,
-    /// When the service last spoke on its verdict socket (or was started).
-    last_alive: Option<Instant>,
+    /// Since when this daemon expects the service's heartbeat (it was started or adopted);
+    /// `None` once it was killed as hung. The heartbeat itself is the verdict server's
+    /// last-seen time.
+    heartbeat_since: Option<Instant>,
 }
 
 pub struct Supervisor {
@@ -375,11 +373,6 @@ impl Supervisor {
                     }
                 }
                 Ok(Msg::PortLost { port }) => self.on_port_lost(&port),
-                Ok(Msg::Alive { name }) => {
-                    if let Some(l) = self.live.get_mut(&name) {
-                        l.last_alive = Some(Instant::now());
-                    }
-                }
                 Ok(Msg::Verdict {
                     name,
                     session,
@@ -443,9 +436,14 @@ impl Supervisor {
             .filter(|r| r.state == State::Running)
             .filter_map(|r| {
                 let timeout = r.manifest.network.heartbeat_timeout_ms?;
-                let last = self.live.get(&r.manifest.name)?.last_alive?;
-                (last.elapsed() > Duration::from_millis(timeout))
-                    .then(|| (r.manifest.name.clone(), timeout))
+                let since = self.live.get(&r.manifest.name)?.heartbeat_since?;
+                let last_seen_ms = self
+                    .verdict_servers
+                    .get(&r.manifest.name)
+                    .map_or(0, |v| v.last_seen_ms());
+                let silent_ms =
+                    (since.elapsed().as_millis() as u64).min(now_ms().saturating_sub(last_seen_ms));
+                (silent_ms > timeout).then(|| (r.manifest.name.clone(), timeout))
             })
             .collect();
         for (name, timeout) in hung {
@@ -456,7 +454,7 @@ impl Supervisor {
             );
             self.unplug(&name);
             if let Some(l) = self.live.get_mut(&name) {
-                l.last_alive = None;
+                l.heartbeat_since = None;
             }
             // Killing it ends in its monitor's exit, which applies the restart policy.
             if let Err(e) = self.rt.stop(&name, Duration::ZERO) {
@@ -1228,7 +1226,6 @@ impl Supervisor {
                 self.transition(name, Op::Started)?;
                 self.record_mut(name)?.running = Some(running);
                 self.watch(name, monitor_pid, started.init_pid, Some(started.monitor));
-                self.live.entry(name.to_string()).or_default().last_alive = Some(Instant::now());
                 self.plug(name);
                 let _ = self.persist();
                 let kind = if op == Op::Retry {
@@ -1262,6 +1259,7 @@ impl Supervisor {
         live.generation = generation;
         live.child = child;
         live.retry_at = None;
+        live.heartbeat_since = Some(Instant::now());
         let pidfd = match proc::pidfd_open(pid) {
             Ok(fd) => fd,
             Err(e) => {
@@ -1492,7 +1490,6 @@ impl Supervisor {
                     });
                     rec.state = State::Running;
                     self.watch(&name, monitor_pid, init_pid, None);
-                    self.live.entry(name.clone()).or_default().last_alive = Some(Instant::now());
                     self.plug(&name);
                     self.event(
                         EventKind::Adopted,

@@ -178,9 +178,6 @@ fn serve_conn(
             Ok(r) => {
                 // Any well-formed request shows the service is alive (its heartbeat).
                 seen.store(crate::state::now_ms(), Ordering::Relaxed);
-                let _ = tx.send(Msg::Alive {
-                    name: name.to_string(),
-                });
                 r
             }
             Err(e) => {
