@@ -381,6 +381,19 @@ pub fn service_flows(
 ) -> Vec<Flow> {
     let c = service_cookie(service_id, false);
     let vlan = Field::VlanVid(0x1000, Some(0x1000));
+    // A packet the service returns with verdict `pcp` (IP only when the verdict commits to
+    // conntrack).
+    let verdict = |pcp: Verdict, ip_only: bool, actions: Vec<Action>| {
+        let mut m = vec![
+            Field::InPort(svc_port),
+            vlan.clone(),
+            Field::VlanPcp(pcp as u8),
+        ];
+        if ip_only {
+            m.push(ip());
+        }
+        flow(TABLE_VERDICT, 100, c, m, apply(actions))
+    };
     let mut v = vec![
         // Verdicts come back tagged; the service's own traffic is forwarded untouched.
         flow(
@@ -397,57 +410,30 @@ pub fn service_flows(
             vec![Field::InPort(svc_port)],
             apply(vec![Action::Output(port::NORMAL)]),
         ),
-        flow(
-            TABLE_VERDICT,
-            100,
-            c,
-            vec![
-                Field::InPort(svc_port),
-                vlan.clone(),
-                Field::VlanPcp(Verdict::Forward as u8),
-            ],
-            apply([restore_in_port(), vec![Action::Output(port::NORMAL)]].concat()),
+        verdict(
+            Verdict::Forward,
+            false,
+            [restore_in_port(), vec![Action::Output(port::NORMAL)]].concat(),
         ),
-        flow(
-            TABLE_VERDICT,
-            100,
-            c,
-            vec![
-                Field::InPort(svc_port),
-                vlan.clone(),
-                Field::VlanPcp(Verdict::Allow as u8),
-                ip(),
-            ],
-            apply(
-                [
-                    restore_in_port(),
-                    vec![commit_mark(MARK_ALLOW), Action::Output(port::NORMAL)],
-                ]
-                .concat(),
-            ),
+        verdict(
+            Verdict::Allow,
+            true,
+            [
+                restore_in_port(),
+                vec![commit_mark(MARK_ALLOW), Action::Output(port::NORMAL)],
+            ]
+            .concat(),
         ),
-        flow(
-            TABLE_VERDICT,
-            100,
-            c,
-            vec![
-                Field::InPort(svc_port),
-                vlan.clone(),
-                Field::VlanPcp(Verdict::Block as u8),
-                ip(),
-            ],
-            apply([restore_in_port(), vec![commit_mark(MARK_BLOCK)]].concat()),
+        verdict(
+            Verdict::Block,
+            true,
+            [restore_in_port(), vec![commit_mark(MARK_BLOCK)]].concat(),
         ),
-        flow(
-            TABLE_VERDICT,
-            100,
-            c,
+        // An answer goes back out of the original port, named by the VID.
+        verdict(
+            Verdict::Reply,
+            false,
             vec![
-                Field::InPort(svc_port),
-                vlan.clone(),
-                Field::VlanPcp(Verdict::Reply as u8),
-            ],
-            apply(vec![
                 Action::RegMove {
                     n_bits: 12,
                     src_ofs: 0,
@@ -461,7 +447,7 @@ pub fn service_flows(
                     ofs: 0,
                     n_bits: 16,
                 },
-            ]),
+            ],
         ),
         flow(TABLE_VERDICT, 0, c, vec![Field::InPort(svc_port)], vec![]),
     ];
