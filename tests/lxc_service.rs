@@ -157,11 +157,7 @@ fn restarts_killed_container_within_two_seconds() {
     assert_eq!(before["restarts"], 0);
 
     let t = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill9(pid);
     let after = d
         .wait_for(Duration::from_secs(2), || {
             let st = d.status("t-kill");
@@ -265,11 +261,7 @@ fn daemon_kill9_and_restart_readopts_container_without_restarting_it() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"kind\":\"adopted\""));
 
     // The adopted container is watched: killing it now is noticed and restarted.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill9(pid);
     let st = d.wait_for(Duration::from_secs(3), || {
         let st = d.status("t-adopt");
         (st["state"] == "running" && st["init_pid"].as_i64() != Some(pid)).then_some(st)
@@ -328,14 +320,7 @@ fn granted_capability_is_the_only_one_kept() {
         "[resources]",
         "capabilities = [\"NET_BIND_SERVICE\"]\n[resources]",
     );
-    let m = d.manifest("caps.toml", &text);
-    d.json(&[
-        "service",
-        "install",
-        m.to_str().unwrap(),
-        "--start",
-        "--json",
-    ]);
+    d.install_started("caps.toml", &text);
     let out = d.cli(&[
         "service",
         "exec",
@@ -379,14 +364,7 @@ fn events_follow_streams_new_events() {
         }
     });
     std::thread::sleep(Duration::from_millis(200));
-    let m = d.manifest("ev.toml", &manifest_text("t-ev", "sleep 100", ""));
-    d.json(&[
-        "service",
-        "install",
-        m.to_str().unwrap(),
-        "--start",
-        "--json",
-    ]);
+    d.install_started("ev.toml", &manifest_text("t-ev", "sleep 100", ""));
     let mut kinds = Vec::new();
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();

@@ -75,11 +75,7 @@ fn steering_flows_fail_closed_on_crash_and_return_on_restart() {
 
     // kill -9: the class is dropped at once (fail-closed), then steering returns with the restart.
     let pid = st["init_pid"].as_i64().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill9(pid);
     let back = d.wait_for(Duration::from_secs(5), || {
         let st = d.status("t-dnsc");
         (st["state"] == "running" && st["init_pid"].as_i64() != Some(pid)).then_some(())
@@ -106,14 +102,7 @@ fn fail_open_service_leaves_no_flows_when_stopped() {
         return;
     }
     let d = Daemon::start();
-    let m = d.manifest("dns.toml", &steering_manifest("t-dnso", "open"));
-    d.json(&[
-        "service",
-        "install",
-        m.to_str().unwrap(),
-        "--start",
-        "--json",
-    ]);
+    d.install_started("dns.toml", &steering_manifest("t-dnso", "open"));
     assert!(!owned(&d, "t-dnso").is_empty());
     d.json(&["service", "stop", "t-dnso", "--json"]);
     assert!(
@@ -129,14 +118,7 @@ fn flows_survive_daemon_kill9_and_vswitchd_death() {
         return;
     }
     let mut d = Daemon::start();
-    let m = d.manifest("dns.toml", &steering_manifest("t-dnsk", "open"));
-    d.json(&[
-        "service",
-        "install",
-        m.to_str().unwrap(),
-        "--start",
-        "--json",
-    ]);
+    d.install_started("dns.toml", &steering_manifest("t-dnsk", "open"));
     let before = owned(&d, "t-dnsk");
     let vswitchd_pid = std::fs::read_to_string(d.state_dir().join("ovs/ovs-vswitchd.pid")).unwrap();
 
@@ -199,14 +181,7 @@ fn verdict_socket_inside_the_container_turns_verdicts_into_session_flows() {
         "stop_timeout_s = 3",
         "stop_timeout_s = 3\n[network]\nsteering = [{ kind = \"new-sessions\", selector = { protocol = \"tcp\", ports = [80] } }]",
     );
-    let m = d.manifest("vrd.toml", &text);
-    d.json(&[
-        "service",
-        "install",
-        m.to_str().unwrap(),
-        "--start",
-        "--json",
-    ]);
+    d.install_started("vrd.toml", &text);
 
     // Inside the container: the socket, and the variable that names it.
     let out = d.cli(&["service", "exec", "t-vrd", "--", "sh", "-c",
@@ -287,14 +262,7 @@ fn a_port_removed_behind_our_back_is_plugged_again() {
         return;
     }
     let d = Daemon::start();
-    let m = d.manifest("dns.toml", &steering_manifest("t-dnsp", "open"));
-    d.json(&[
-        "service",
-        "install",
-        m.to_str().unwrap(),
-        "--start",
-        "--json",
-    ]);
+    d.install_started("dns.toml", &steering_manifest("t-dnsp", "open"));
     assert!(ports(&d).contains("gv-t-dnsp"));
     let out = std::process::Command::new("ovs-vsctl")
         .arg(format!(
@@ -332,14 +300,7 @@ fn a_service_whose_heartbeat_stops_is_failed_over_and_restarted() {
         "steering = [{ kind = \"dns\" }]",
         "steering = [{ kind = \"dns\" }]\nheartbeat_timeout_ms = 1000",
     );
-    let m = d.manifest("hb.toml", &text);
-    d.json(&[
-        "service",
-        "install",
-        m.to_str().unwrap(),
-        "--start",
-        "--json",
-    ]);
+    d.install_started("hb.toml", &text);
     let pid = d.status("t-hb")["init_pid"].as_i64().unwrap();
 
     // While it pings, it lives.

@@ -139,11 +139,7 @@ steering = [{ kind = "dns" }]
     // kill -9: fail-open, then the restart brings steering back.
     let pid = d.status("t-e2e")["init_pid"].as_i64().unwrap();
     let t = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill9(pid);
     // The restart waits 3 s (backoff): before it, lookups must reach the resolver.
     let opened = d.wait_for(Duration::from_millis(2500), || {
         (lookup_from(&lan, "blocked.test") == Some(0)).then_some(t.elapsed())

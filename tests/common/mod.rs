@@ -227,6 +227,18 @@ impl Daemon {
         }
     }
 
+    /// Writes the manifest `text` to `file`, installs and starts it; returns its status.
+    pub fn install_started(&self, file: &str, text: &str) -> serde_json::Value {
+        let m = self.manifest(file, text);
+        self.json(&[
+            "service",
+            "install",
+            m.to_str().unwrap(),
+            "--start",
+            "--json",
+        ])
+    }
+
     /// Writes a manifest file into the test directory and returns its path.
     pub fn manifest(&self, file: &str, text: &str) -> PathBuf {
         let p = self.dir.path().join(file);
@@ -276,6 +288,15 @@ pids = 32
 {restart}
 "#
     )
+}
+
+/// SIGKILL to `pid` (a service's init, in these tests).
+pub fn kill9(pid: i64) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
 }
 
 pub fn is_alive(pid: i64) -> bool {
