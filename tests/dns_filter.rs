@@ -92,7 +92,7 @@ fn dns_filter_blocks_per_device_keeps_edns_and_forwards_the_rest() {
         return;
     }
     let binary = build_static("dns-filter");
-    let d = Daemon::start_with_keys();
+    let mut d = Daemon::start_with_keys();
     // The service folder, built into a signed package with the CLI.
     let src = d.dir.path().join("dns-filter");
     std::fs::create_dir_all(src.join("files/bin")).unwrap();
@@ -310,6 +310,20 @@ fn dns_filter_blocks_per_device_keeps_edns_and_forwards_the_rest() {
         "{err}"
     );
     assert_eq!(d.status("t-dnsf")["package_version"], "1.1.0");
+
+    // The daemon restarts: the service keeps its heartbeat going to the new daemon, which
+    // re-adopts it and does not take it for hung (heartbeat_timeout_ms = 5000).
+    let pid = d.status("t-dnsf")["init_pid"].as_i64();
+    let restarts = d.status("t-dnsf")["restarts"].as_u64();
+    d.kill9();
+    d.spawn();
+    std::thread::sleep(Duration::from_secs(7));
+    let st = d.status("t-dnsf");
+    assert_eq!(
+        (st["init_pid"].as_i64(), st["restarts"].as_u64()),
+        (pid, restarts),
+        "{st}"
+    );
 
     let logs = String::from_utf8_lossy(&d.cli(&["service", "logs", "t-dnsf"]).stdout).into_owned();
     assert!(

@@ -400,13 +400,15 @@ impl VerdictClient {
         if !path_from_env {
             return;
         }
-        std::thread::spawn(move || {
-            let Some(mut c) = VerdictClient::from_env() else {
-                return;
-            };
-            while c.ping() {
-                std::thread::sleep(every);
+        // Reconnects when the socket goes away: a restarted supervisor binds it again and
+        // must keep hearing from a service it re-adopted.
+        std::thread::spawn(move || loop {
+            if let Some(mut c) = VerdictClient::from_env() {
+                while c.ping() {
+                    std::thread::sleep(every);
+                }
             }
+            std::thread::sleep(every);
         });
     }
 }
