@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """The demo's WAN side: a DNS resolver that answers every A query with this host's address
-(10.90.0.1), and small web servers on ports 443 and 8080. Runs in the gvdemo-wan namespace;
+(10.90.0.1, or the address given as its argument), and small web servers on ports 443 and 8080. Runs in the gvdemo-wan namespace;
 stops when killed."""
 import socket, struct, threading, http.server, socketserver, sys
 
-ADDR = "10.90.0.1"
+ADDR = sys.argv[1] if len(sys.argv) > 1 else "10.90.0.1"
 
 def dns():
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -55,6 +55,10 @@ const BUILTIN: &[(&str, &str)] = &[
         "boards/intel-puma7-gateway.toml",
         include_str!("../boards/intel-puma7-gateway.toml"),
     ),
+    (
+        "boards/emulated-gateway.toml",
+        include_str!("../boards/emulated-gateway.toml"),
+    ),
 ];
 
 pub const GENERIC: &str = "generic-x86_64";
@@ -160,6 +164,12 @@ mod tests {
         assert_eq!(
             select(&all, None, Some("Puma7")).unwrap().name,
             "intel-puma7-gateway"
+        );
+        assert_eq!(
+            select(&all, None, Some("gatevisor-emulated-gateway"))
+                .unwrap()
+                .name,
+            "emulated-gateway"
         );
         assert_eq!(select(&all, None, Some("Other")).unwrap().name, GENERIC);
         assert_eq!(select(&all, Some("auto"), None).unwrap().name, GENERIC);

@@ -1,0 +1,252 @@
+//! The gateway image, in two layers:
+//! - the **base** (`image/build-base.sh`): Debian with Open vSwitch, liblxc, QEMU and the cloud
+//!   kernel. Slow (a few minutes), so it is cached under [`crate::cache_dir`] in a folder named
+//!   after a hash of its recipe, and rebuilt only when the recipe changes;
+//! - the **gateway image** (target/qemu-tests/): a copy of the base with this build's gatevisor,
+//!   its systemd unit, `gateway-agent` and the board's files of `image/overlay/` added through a
+//!   loop mount. Named after a hash of everything added, so an unchanged build reuses it.
+//!
+//! Each boot runs on a qcow2 overlay of the gateway image, so scenarios never see each other's
+//! changes.
+
+use crate::{host, io, Error, Result};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const RECIPE: &str = include_str!("../image/build-base.sh");
+
+/// What a boot needs: a root disk image, a kernel and its initrd.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub disk: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub kernel_release: String,
+}
+
+fn short_hash(h: Sha256) -> String {
+    hex::encode(&h.finalize()[..8])
+}
+
+/// The cached base, built when missing. Concurrent callers wait for one build (a file lock).
+pub fn base() -> Result<PathBuf> {
+    let cache = crate::cache_dir();
+    std::fs::create_dir_all(&cache).map_err(io(format!("create {}", cache.display())))?;
+    let dir = cache.join(format!(
+        "gateway-base-{}",
+        short_hash(Sha256::new_with_prefix(RECIPE))
+    ));
+    if dir.join("base.img").is_file() {
+        return Ok(dir);
+    }
+    let _lock = FileLock::take(&cache.join("gateway-base.lock"))?;
+    if dir.join("base.img").is_file() {
+        return Ok(dir);
+    }
+    let script = crate::workspace().join("qemu-tests/image/build-base.sh");
+    eprintln!(
+        "qemu-tests: building the gateway base into {} (a few minutes, once per recipe)",
+        dir.display()
+    );
+    let started = std::time::Instant::now();
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(&dir)
+        .status()
+        .map_err(io(format!("run {}", script.display())))?;
+    if !status.success() {
+        return Err(Error::Command {
+            what: script.display().to_string(),
+            detail: status.to_string(),
+        });
+    }
+    eprintln!(
+        "qemu-tests: gateway base built in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    // Older bases are dead weight: their recipe changed.
+    if let Ok(entries) = std::fs::read_dir(&cache) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("gateway-base-") && p != dir && p.is_dir() {
+                let _ = std::fs::remove_dir_all(&p);
+            }
+        }
+    }
+    Ok(dir)
+}
+
+/// Builds (with cargo, release profile: what ships) the gatevisor binary and returns its path.
+pub fn gatevisor_binary() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    host(Command::new(cargo).current_dir(crate::workspace()).args([
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "gatevisor",
+        "--bin",
+        "gatevisor",
+    ]))?;
+    Ok(crate::target_dir().join("release/gatevisor"))
+}
+
+/// Files added to the base: (path in the image, mode, bytes).
+fn additions(gatevisor: &Path, agent: &Path) -> Result<Vec<(String, u32, Vec<u8>)>> {
+    let read = |p: &Path| std::fs::read(p).map_err(io(format!("read {}", p.display())));
+    let mut files = vec![
+        ("usr/sbin/gatevisor".to_string(), 0o755, read(gatevisor)?),
+        (
+            "usr/local/sbin/gateway-agent".to_string(),
+            0o755,
+            read(agent)?,
+        ),
+        (
+            "etc/systemd/system/gatevisor.service".to_string(),
+            0o644,
+            read(&crate::workspace().join("dist/systemd/gatevisor.service"))?,
+        ),
+    ];
+    let overlay = crate::workspace().join("qemu-tests/image/overlay");
+    let mut stack = vec![overlay.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(io(format!("read {}", d.display())))? {
+            let e = e.map_err(io(format!("read {}", d.display())))?;
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = e.metadata().map_err(io("stat"))?.permissions().mode() & 0o777;
+                let rel = p
+                    .strip_prefix(&overlay)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                files.push((rel, mode, read(&p)?));
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Units of `image/overlay` (and gatevisor's) that the image enables, with their target.
+const ENABLED: &[(&str, &str)] = &[
+    ("gatevisor.service", "multi-user.target"),
+    ("gateway-net.service", "multi-user.target"),
+    ("gateway-agent.service", "sysinit.target"),
+];
+
+/// The gateway image for this gatevisor and agent, built on the cached base when missing.
+pub fn gateway(gatevisor: &Path, agent: &Path) -> Result<Image> {
+    let base = base()?;
+    let files = additions(gatevisor, agent)?;
+    let mut h = Sha256::new();
+    h.update(base.file_name().unwrap().as_encoded_bytes());
+    for (path, mode, bytes) in &files {
+        h.update(path.as_bytes());
+        h.update(mode.to_le_bytes());
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    for (unit, target) in ENABLED {
+        h.update(unit.as_bytes());
+        h.update(target.as_bytes());
+    }
+    let out_dir = crate::target_dir().join("qemu-tests");
+    std::fs::create_dir_all(&out_dir).map_err(io(format!("create {}", out_dir.display())))?;
+    let disk = out_dir.join(format!("gateway-{}.img", short_hash(h)));
+    let kernel_release = std::fs::read_to_string(base.join("kernel-release"))
+        .map_err(io("read the base's kernel-release"))?
+        .trim()
+        .to_string();
+    let image = Image {
+        disk: disk.clone(),
+        kernel: base.join("vmlinuz"),
+        initrd: base.join("initrd.img"),
+        kernel_release,
+    };
+    if disk.is_file() {
+        return Ok(image);
+    }
+    let _lock = FileLock::take(&out_dir.join("gateway-image.lock"))?;
+    if disk.is_file() {
+        return Ok(image);
+    }
+    let tmp = disk.with_extension("img.tmp");
+    host(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(base.join("base.img"))
+            .arg(&tmp),
+    )?;
+    let mnt = out_dir.join("mnt");
+    std::fs::create_dir_all(&mnt).map_err(io("create the mount point"))?;
+    host(
+        Command::new("mount")
+            .arg("-o")
+            .arg("loop")
+            .arg(&tmp)
+            .arg(&mnt),
+    )?;
+    let filled = fill(&mnt, &files);
+    let unmounted = host(Command::new("umount").arg(&mnt));
+    filled?;
+    unmounted?;
+    std::fs::rename(&tmp, &disk).map_err(io("rename the gateway image"))?;
+    // Earlier builds' images are not used again.
+    if let Ok(entries) = std::fs::read_dir(&out_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("gateway-") && name.ends_with(".img") && e.path() != disk {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(image)
+}
+
+fn fill(root: &Path, files: &[(String, u32, Vec<u8>)]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for (rel, mode, bytes) in files {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).map_err(io(format!("mkdir for {rel}")))?;
+        std::fs::write(&p, bytes).map_err(io(format!("write {rel}")))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode))
+            .map_err(io(format!("chmod {rel}")))?;
+    }
+    for (unit, target) in ENABLED {
+        let wants = root.join(format!("etc/systemd/system/{target}.wants"));
+        std::fs::create_dir_all(&wants).map_err(io("mkdir .wants"))?;
+        let link = wants.join(unit);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(format!("/etc/systemd/system/{unit}"), &link)
+            .map_err(io(format!("enable {unit}")))?;
+    }
+    Ok(())
+}
+
+/// An exclusive `flock` on a file, released on drop.
+pub(crate) struct FileLock(#[allow(dead_code)] std::fs::File);
+
+impl FileLock {
+    pub(crate) fn take(path: &Path) -> Result<FileLock> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(io(format!("open {}", path.display())))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io(format!("lock {}", path.display()))(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(FileLock(f))
+    }
+}
