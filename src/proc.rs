@@ -3,6 +3,14 @@
 
 use std::os::fd::{FromRawFd, OwnedFd};
 
+/// This boot of the machine's id (`/proc/sys/kernel/random/boot_id`), if the kernel has one.
+pub fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
 /// `pidfd_open(2)`: a descriptor that becomes readable when `pid` exits.
 pub fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is shared.

@@ -40,6 +40,10 @@ pub struct Running {
     pub monitor_pid: i32,
     pub init_pid: i32,
     pub started_at_ms: u64,
+    /// The machine's boot (`/proc/sys/kernel/random/boot_id`) it was started in: a service
+    /// found gone under another boot id ended because the gateway restarted, not by itself.
+    #[serde(default)]
+    pub boot_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

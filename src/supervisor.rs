@@ -1167,6 +1167,7 @@ impl Supervisor {
             capabilities: caps,
             veth_host: m.network.interface.then(|| veth_name(&m.name)),
             seccomp_profile: lxc::default_seccomp_profile(),
+            apparmor_profile: lxc::apparmor_profile(),
             bind_dirs: if m.network.steering.is_empty() {
                 vec![]
             } else {
@@ -1222,6 +1223,7 @@ impl Supervisor {
                     monitor_pid,
                     init_pid: started.init_pid,
                     started_at_ms: now_ms(),
+                    boot_id: proc::boot_id(),
                 };
                 self.transition(name, Op::Started)?;
                 self.record_mut(name)?.running = Some(running);
@@ -1487,6 +1489,7 @@ impl Supervisor {
                         monitor_pid,
                         init_pid,
                         started_at_ms,
+                        boot_id: proc::boot_id(),
                     });
                     rec.state = State::Running;
                     self.watch(&name, monitor_pid, init_pid, None);
@@ -1498,6 +1501,26 @@ impl Supervisor {
                     );
                     if desired == Desired::Stopped {
                         let _ = self.stop_service(&name, false);
+                    }
+                }
+                None if state.is_active() && self.ended_with_previous_boot(&name) => {
+                    // The gateway restarted: the service did not fail, the machine went down
+                    // under it. It comes back as it was, whatever its restart policy says.
+                    let exit = self.read_exit(&name);
+                    let desc = exit.description.clone();
+                    if let Ok(rec) = self.record_mut(&name) {
+                        rec.running = None;
+                        rec.last_exit = Some(exit.clone());
+                        rec.state = State::Stopped;
+                    }
+                    self.event_exit(
+                        EventKind::Exited,
+                        Some(&name),
+                        Some(&exit),
+                        format!("{desc} (ended with the previous boot of the gateway)"),
+                    );
+                    if desired == Desired::Running {
+                        let _ = self.start_service(&name, Op::Start);
                     }
                 }
                 None if state.is_active() => {
@@ -1527,6 +1550,16 @@ impl Supervisor {
             }
         }
         let _ = self.persist();
+    }
+
+    /// Whether `name` was last started in another boot of this machine.
+    fn ended_with_previous_boot(&self, name: &str) -> bool {
+        let recorded = self
+            .record(name)
+            .ok()
+            .and_then(|r| r.running.as_ref())
+            .and_then(|r| r.boot_id.clone());
+        matches!((recorded, proc::boot_id()), (Some(then), Some(now)) if then != now)
     }
 
     // ---------------------------------------------------------------- views

@@ -97,6 +97,7 @@ fn run() -> Result<String, String> {
         capabilities: vec![],
         veth_host: Some(format!("gv-{name}")),
         seccomp_profile: gatevisor_lxc::default_seccomp_profile(),
+        apparmor_profile: gatevisor_lxc::apparmor_profile(),
         bind_dirs: vec![],
     };
     rt.define(&spec).map_err(|e| format!("define: {e}"))?;

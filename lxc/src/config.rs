@@ -39,6 +39,9 @@ pub struct ContainerSpec {
     pub veth_host: Option<String>,
     /// liblxc's seccomp policy file; `None` when this liblxc has none.
     pub seccomp_profile: Option<PathBuf>,
+    /// The AppArmor profile, when liblxc's default must be overridden (see
+    /// [`crate::apparmor_profile`]).
+    pub apparmor_profile: Option<String>,
     /// Host directories bind-mounted into the container: (host path, path inside, relative to
     /// the container's root, e.g. `run/gatevisor`).
     pub bind_dirs: Vec<(PathBuf, String)>,
@@ -65,6 +68,9 @@ pub fn items(spec: &ContainerSpec, cgroups: Cgroups, lxc_log: &Path) -> Vec<(Str
     set("lxc.log.level", "WARN".into());
     if let Some(p) = &spec.seccomp_profile {
         set("lxc.seccomp.profile", p.display().to_string());
+    }
+    if let Some(p) = &spec.apparmor_profile {
+        set("lxc.apparmor.profile", p.clone());
     }
     let keep = if spec.capabilities.is_empty() {
         "none".to_string()
@@ -168,6 +174,7 @@ mod tests {
             capabilities: vec![],
             veth_host: Some("gv-svc".into()),
             seccomp_profile: Some("/s.seccomp".into()),
+            apparmor_profile: None,
             bind_dirs: vec![("/var/lib/gv/run/svc".into(), "/run/gatevisor".into())],
         }
     }

@@ -393,6 +393,34 @@ pub fn version() -> String {
     sys::version()
 }
 
+/// The AppArmor profile to ask for, or `None` for liblxc's default
+/// (`lxc-container-default-cgns`). When the kernel enforces AppArmor but that profile is not
+/// loaded (the `apparmor` package is missing, as on a minimal gateway root), liblxc's default
+/// makes every start fail; the containers then run unconfined by AppArmor, still confined by
+/// namespaces, dropped capabilities, seccomp and cgroups, and a warning says so.
+pub fn apparmor_profile() -> Option<String> {
+    let enabled = std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+        .is_ok_and(|v| v.trim() == "Y");
+    if !enabled {
+        return None;
+    }
+    let loaded = std::fs::read_to_string("/sys/kernel/security/apparmor/profiles").is_ok_and(|p| {
+        p.lines()
+            .any(|l| l.starts_with("lxc-container-default-cgns "))
+    });
+    if loaded {
+        return None;
+    }
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(
+            "AppArmor is enforced but liblxc's profile lxc-container-default-cgns is not loaded \
+             (install the apparmor package): containers start without an AppArmor profile"
+        )
+    });
+    Some("unconfined".into())
+}
+
 /// liblxc's default seccomp policy, where the distribution ships it.
 pub fn default_seccomp_profile() -> Option<PathBuf> {
     ["/usr/share/lxc/config/common.seccomp"]

@@ -108,12 +108,34 @@ pub fn monitor_main(config_json: &str) -> i32 {
             cfg.exit_file.display()
         );
     }
+    // A start that fails half-way (an AppArmor or cgroup error) leaves liblxc's descriptors
+    // open in this process: its command socket, on which `lxc-info` and the supervisor would
+    // wait forever, and copies of the log pipe, which would keep the pump from ever seeing
+    // end-of-file. The container is gone: close everything but stdio.
+    // SAFETY: close_range on descriptors this process no longer uses; nothing runs after this
+    // but the lines below, which open what they need.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     // Let the log pump see end-of-file: the container's processes are gone, drop our copies.
     if let Ok(null) = std::fs::File::open("/dev/null") {
         let _ = nix::unistd::dup2_stdout(&null);
         let _ = nix::unistd::dup2_stderr(&null);
     }
-    let _ = nix::sys::wait::waitpid(pump, None);
+    // A container process that escaped into the background may still hold the pipe: give
+    // the pump a few seconds to drain, then end it rather than hang the monitor.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match nix::sys::wait::waitpid(pump, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                let _ = nix::sys::signal::kill(pump, nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(pump, None);
+                break;
+            }
+            _ => break,
+        }
+    }
     0
 }
 

@@ -17,7 +17,7 @@ root=$work/root
 packages=(
   systemd-sysv udev dbus kmod iproute2 procps iputils-ping   # the init system and the basics
   openvswitch-switch                                         # the gateway's switch (kernel datapath)
-  lxc busybox-static                                         # LXC services
+  lxc busybox-static apparmor                                # LXC services, confined by AppArmor
   linux-image-cloud-amd64 initramfs-tools                    # the gateway's and the microVMs' kernel
 )
 echo "build-base: debootstrap bookworm (${packages[*]})"

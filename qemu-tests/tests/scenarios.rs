@@ -5,6 +5,7 @@
 
 use qemu_tests::gateway::addr;
 use qemu_tests::Gateway;
+use std::time::Duration;
 
 /// Boots a gateway, or prints why the scenario is skipped and returns None.
 fn gateway() -> Option<Gateway> {
@@ -35,4 +36,242 @@ fn gatevisor_starts_from_systemd_and_sees_hardware_kvm() {
     gw.lan
         .sh(&format!("ping -c1 -W5 {}", addr::WAN_HOST))
         .expect("LAN → WAN through the gateway");
+}
+
+/// `gatevisor service status NAME --json` inside the gateway.
+fn status(gw: &Gateway, name: &str) -> serde_json::Value {
+    json(
+        &gw.ok(&format!("gatevisor service status {name} --json"))
+            .unwrap(),
+    )
+}
+
+/// Waits until service `name` runs under a container init other than `not_pid`; returns its
+/// status.
+fn wait_running(gw: &Gateway, name: &str, not_pid: Option<i64>) -> serde_json::Value {
+    gw.wait_until(
+        &format!("service {name} running"),
+        Duration::from_secs(180),
+        |gw| {
+            let out = gw.run(&format!("gatevisor service status {name} --json"))?;
+            if !out.success() {
+                return Ok(None);
+            }
+            let v = json(&out.stdout);
+            let pid = v["init_pid"].as_i64();
+            Ok((v["state"] == "running" && pid.is_some() && pid != not_pid).then_some(v))
+        },
+    )
+    .unwrap()
+}
+
+/// Installs and starts the busybox example service `hello` (examples/hello-lxc.toml).
+fn install_hello(gw: &Gateway) -> serde_json::Value {
+    gw.put(
+        &qemu_tests::workspace().join("examples/hello-lxc.toml"),
+        "/root/hello.toml",
+        0o644,
+    )
+    .unwrap();
+    gw.ok("gatevisor service install /root/hello.toml --start")
+        .unwrap();
+    wait_running(gw, "hello", None)
+}
+
+#[test]
+fn lxc_service_installs_through_the_cli_runs_and_shows_in_status() {
+    let Some(gw) = gateway() else { return };
+    let st = install_hello(&gw);
+    assert_eq!(st["runtime"], "lxc", "{st:#}");
+    let pid = st["init_pid"].as_i64().unwrap();
+    // Really running: its init is a live process of the gateway, in a cgroup v2 of its own.
+    let cgroup = gw.ok(&format!("cat /proc/{pid}/cgroup")).unwrap();
+    assert!(cgroup.starts_with("0::/"), "{cgroup}");
+    let list = gw.ok("gatevisor service list").unwrap();
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("hello") && l.contains("running")),
+        "{list}"
+    );
+    let logs = gw
+        .wait_until("hello's first log line", Duration::from_secs(60), |gw| {
+            let out = gw.run("gatevisor service logs hello")?;
+            Ok(out.stdout.contains("hello from").then_some(out.stdout))
+        })
+        .unwrap();
+    assert!(logs.contains("gatevisor says hi"), "{logs}");
+    gw.ok("gatevisor service remove hello").unwrap();
+    let list = gw.ok("gatevisor service list").unwrap();
+    assert!(!list.contains("hello"), "{list}");
+}
+
+#[test]
+fn gatevisor_restart_through_systemd_leaves_services_running() {
+    let Some(gw) = gateway() else { return };
+    let before = install_hello(&gw);
+    let pid = before["init_pid"].as_i64().unwrap();
+    gw.ok("systemctl restart gatevisor").unwrap();
+    assert_eq!(
+        gw.ok("systemctl is-active gatevisor").unwrap().trim(),
+        "active"
+    );
+    let after = status(&gw, "hello");
+    assert_eq!(after["state"], "running", "{after:#}");
+    assert_eq!(
+        after["init_pid"].as_i64(),
+        Some(pid),
+        "re-adopted, not restarted"
+    );
+    assert_eq!(after["restarts"], before["restarts"], "{after:#}");
+    gw.ok(&format!("kill -0 {pid}")).unwrap();
+}
+
+#[test]
+fn gateway_reboot_brings_gatevisor_and_its_services_back() {
+    let Some(mut gw) = gateway() else { return };
+    let before = install_hello(&gw);
+    let old_boot = gw.boot_id().to_string();
+    gw.reboot().expect("the gateway reboots");
+    assert_ne!(gw.boot_id(), old_boot);
+    assert_eq!(
+        gw.ok("systemctl is-active gatevisor").unwrap().trim(),
+        "active"
+    );
+    // The old init PID means nothing in a new boot; the service is simply running again.
+    let after = wait_running(&gw, "hello", None);
+    assert_eq!(after["desired"], before["desired"], "{after:#}");
+    let events = gw.ok("gatevisor events -n 20").unwrap();
+    assert!(events.contains("previous boot"), "{events}");
+}
+
+/// Builds dns-filter statically on the host and signs it into a package with a fresh key, as
+/// a publisher would. Its restart backoff is raised so that the window in which it is down is
+/// long enough to observe at TCG speed. Returns (package, public key).
+fn dns_filter_package(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let root = qemu_tests::workspace();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .current_dir(&root)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args(["build", "-q", "--release", "-p", "dns-filter"])
+        .args([
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "--target-dir",
+            "target/static",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = root.join("target/static/x86_64-unknown-linux-gnu/release/dns-filter");
+    let gatevisor = qemu_tests::image::gatevisor_binary().unwrap();
+    let pkg_src = dir.join("dns-filter");
+    let sh = |cmd: &str| {
+        let out = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh(&format!(
+        "rm -rf {d} && cp -r {src} {d} && mkdir -p {d}/files/bin && cp {bin} {d}/files/bin/ \
+         && sed -i -e 's/^backoff_initial_ms = .*/backoff_initial_ms = 30000/' \
+         -e 's/^backoff_max_ms = .*/backoff_max_ms = 60000/' {d}/service.toml",
+        d = pkg_src.display(),
+        src = root.join("images/services/dns-filter/package").display(),
+        bin = bin.display()
+    ));
+    let key = dir.join("op.key");
+    let pkg = dir.join("dns-filter.gvpkg");
+    sh(&format!(
+        "{g} key gen --out {k} --name operator >/dev/null && {g} image build {s} -o {p} --key {k} >/dev/null",
+        g = gatevisor.display(),
+        k = key.display(),
+        s = pkg_src.display(),
+        p = pkg.display()
+    ));
+    (pkg, key.with_extension("pub"))
+}
+
+/// The LAN client asks the WAN resolver for `name` through the gateway: the address, or
+/// "NXDOMAIN", or "no answer".
+fn lookup(gw: &Gateway, name: &str) -> String {
+    let out = gw.lan.try_sh(&format!(
+        "dig +time=5 +tries=1 @{} {name} A",
+        addr::WAN_HOST
+    ));
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("status: NXDOMAIN") {
+        return "NXDOMAIN".into();
+    }
+    text.lines()
+        .filter(|l| !l.starts_with(';'))
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 5 && f[3] == "A").then(|| f[4].to_string())
+        })
+        .unwrap_or_else(|| "no answer".into())
+}
+
+#[test]
+fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it_dies() {
+    let Some(gw) = gateway() else { return };
+    let (pkg, key) = dns_filter_package(&gw.dir);
+    gw.put(&pkg, "/root/dns-filter.gvpkg", 0o644).unwrap();
+    gw.put(&key, "/root/operator.pub", 0o644).unwrap();
+    gw.ok("gatevisor key trust /root/operator.pub").unwrap();
+    gw.ok("gatevisor service install /root/dns-filter.gvpkg --start")
+        .unwrap();
+    let st = wait_running(&gw, "dns-filter", None);
+    // runtime = "auto": the microVM runtime is not part of gatevisor yet, so auto stays on LXC.
+    assert_eq!(st["runtime"], "lxc", "{st:#}");
+    gw.wait_until("the filter answers", Duration::from_secs(120), |gw| {
+        Ok((lookup(gw, "games.test") == "0.0.0.0").then_some(()))
+    })
+    .unwrap();
+    // The kids' laptop (the LAN client's MAC) is filtered; allowed names resolve on the WAN.
+    assert_eq!(lookup(&gw, "x.ads.test"), "0.0.0.0");
+    assert_eq!(lookup(&gw, "example.test"), addr::WAN_HOST);
+    // Data traffic is routed through the bridge to the WAN and never visits the service.
+    let fetch = format!(
+        "python3 -c 'import urllib.request; print(urllib.request.urlopen(\"http://{}:8080/\", timeout=10).read().decode())'",
+        addr::WAN_HOST
+    );
+    let page = gw.lan.sh(&fetch).expect("LAN client fetches a WAN page");
+    assert!(page.contains("hello from the internet"), "{page}");
+    let flows = gw
+        .ok("ovs-appctl dpctl/dump-flows system@ovs-system")
+        .unwrap();
+    assert!(flows.contains("in_port"), "kernel datapath flows: {flows}");
+    let st = status(&gw, "dns-filter");
+    let steered = st
+        .pointer("/steering/counters/steered_packets")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    assert!(steered >= 3, "DNS queries were steered: {st:#}");
+
+    // Kill the service: DNS keeps working, unfiltered (fail-open), until it is back.
+    let pid = st["init_pid"].as_i64().unwrap();
+    gw.ok(&format!("kill -9 {pid}")).unwrap();
+    gw.wait_until("fail-open after the kill", Duration::from_secs(25), |gw| {
+        Ok((lookup(gw, "games.test") == addr::WAN_HOST).then_some(()))
+    })
+    .unwrap();
+    let events = gw.ok("gatevisor events -n 20").unwrap();
+    assert!(events.contains("killed by signal 9"), "{events}");
+    wait_running(&gw, "dns-filter", Some(pid));
+    gw.wait_until(
+        "filtering again after the restart",
+        Duration::from_secs(120),
+        |gw| Ok((lookup(gw, "games.test") == "0.0.0.0").then_some(())),
+    )
+    .unwrap();
 }
