@@ -69,10 +69,13 @@ struct AgentState {
     closed: bool,
 }
 
+/// The agent's state, shared with the reader thread.
+type Shared = Arc<(Mutex<AgentState>, Condvar)>;
+
 struct Channel {
     writer: UnixStream,
     replies: Receiver<Reply>,
-    state: Arc<(Mutex<AgentState>, Condvar)>,
+    state: Shared,
     next_id: u64,
 }
 
@@ -222,16 +225,12 @@ impl Gateway {
         Ok(gw)
     }
 
-    fn state(&self) -> Arc<(Mutex<AgentState>, Condvar)> {
+    fn state(&self) -> Shared {
         self.chan.lock().unwrap().state.clone()
     }
 
     /// Waits for the agent to greet from a boot other than `not`.
-    fn wait_hello(
-        &mut self,
-        state: &Arc<(Mutex<AgentState>, Condvar)>,
-        not: Option<&str>,
-    ) -> Result<String> {
+    fn wait_hello(&mut self, state: &Shared, not: Option<&str>) -> Result<String> {
         let deadline = Instant::now() + BOOT_TIMEOUT;
         let (lock, cv) = &**state;
         let mut s = lock.lock().unwrap();
@@ -461,7 +460,7 @@ fn agent_binary() -> Result<PathBuf> {
 static RUN_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 impl Channel {
-    fn start(stream: UnixStream) -> Result<(Channel, Arc<(Mutex<AgentState>, Condvar)>)> {
+    fn start(stream: UnixStream) -> Result<(Channel, Shared)> {
         let reader = stream.try_clone().map_err(io("dup the control socket"))?;
         let state = Arc::new((Mutex::new(AgentState::default()), Condvar::new()));
         let (tx, rx) = mpsc::channel();
