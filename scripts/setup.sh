@@ -8,6 +8,7 @@ need_pkgs=(
   busybox-static e2fsprogs                  # container rootfs, disk-limited images
   openvswitch-switch                        # the switch flowbridge drives
   iproute2 iputils-ping bind9-dnsutils iperf3 tcpdump ethtool python3   # test traffic, the demo's WAN side
+  debootstrap                               # the emulated gateway's root (qemu-tests)
 )
 
 missing=()
@@ -22,6 +23,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
   echo "setup: system packages present"
+fi
+
+# QEMU 10 for the emulated gateway (qemu-tests) comes from bookworm-backports: bookworm's own
+# qemu-system conflicts with the qemu-utils this machine kind has installed.
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+  echo "setup: installing qemu-system-x86 from bookworm-backports"
+  echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/bookworm-backports.list
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -142,7 +142,11 @@ const ENABLED: &[(&str, &str)] = &[
 
 /// The gateway image for this gatevisor and agent, built on the cached base when missing.
 pub fn gateway(gatevisor: &Path, agent: &Path) -> Result<Image> {
-    let base = base()?;
+    gateway_in(&base()?, gatevisor, agent, &crate::target_dir().join("qemu-tests"))
+}
+
+/// [`gateway`] on base folder `base`, the image kept in `out_dir`.
+pub fn gateway_in(base: &Path, gatevisor: &Path, agent: &Path, out_dir: &Path) -> Result<Image> {
     let files = additions(gatevisor, agent)?;
     let mut h = Sha256::new();
     h.update(base.file_name().unwrap().as_encoded_bytes());
@@ -156,8 +160,7 @@ pub fn gateway(gatevisor: &Path, agent: &Path) -> Result<Image> {
         h.update(unit.as_bytes());
         h.update(target.as_bytes());
     }
-    let out_dir = crate::target_dir().join("qemu-tests");
-    std::fs::create_dir_all(&out_dir).map_err(io(format!("create {}", out_dir.display())))?;
+    std::fs::create_dir_all(out_dir).map_err(io(format!("create {}", out_dir.display())))?;
     let disk = out_dir.join(format!("gateway-{}.img", short_hash(h)));
     let kernel_release = std::fs::read_to_string(base.join("kernel-release"))
         .map_err(io("read the base's kernel-release"))?
@@ -198,7 +201,7 @@ pub fn gateway(gatevisor: &Path, agent: &Path) -> Result<Image> {
     unmounted?;
     std::fs::rename(&tmp, &disk).map_err(io("rename the gateway image"))?;
     // Earlier builds' images are not used again.
-    if let Ok(entries) = std::fs::read_dir(&out_dir) {
+    if let Ok(entries) = std::fs::read_dir(out_dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with("gateway-") && name.ends_with(".img") && e.path() != disk {
