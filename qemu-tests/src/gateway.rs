@@ -370,15 +370,17 @@ impl Gateway {
     /// uptime and the unit's activation time (both on the guest's monotonic clock) place that
     /// moment on the host's clock.
     pub fn gatevisor_ready_secs(&self) -> Result<f64> {
-        let out = self
-            .ok("cat /proc/uptime; systemctl show -p ActiveEnterTimestampMonotonic --value gatevisor")?;
+        let out = self.ok(
+            "cat /proc/uptime; systemctl show -p ActiveEnterTimestampMonotonic --value gatevisor",
+        )?;
         let now = self.booted_at.elapsed().as_secs_f64();
         let mut lines = out.lines();
-        let parse = |s: Option<&str>| -> Option<f64> {
-            s?.split_whitespace().next()?.parse::<f64>().ok()
-        };
+        let parse =
+            |s: Option<&str>| -> Option<f64> { s?.split_whitespace().next()?.parse::<f64>().ok() };
         let (Some(uptime), Some(active_us)) = (parse(lines.next()), parse(lines.next())) else {
-            return Err(Error::Channel(format!("unexpected uptime/activation: {out}")));
+            return Err(Error::Channel(format!(
+                "unexpected uptime/activation: {out}"
+            )));
         };
         if active_us <= 0.0 {
             return Err(Error::Channel("gatevisor is not active".into()));

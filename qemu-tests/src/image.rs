@@ -142,7 +142,12 @@ const ENABLED: &[(&str, &str)] = &[
 
 /// The gateway image for this gatevisor and agent, built on the cached base when missing.
 pub fn gateway(gatevisor: &Path, agent: &Path) -> Result<Image> {
-    gateway_in(&base()?, gatevisor, agent, &crate::target_dir().join("qemu-tests"))
+    gateway_in(
+        &base()?,
+        gatevisor,
+        agent,
+        &crate::target_dir().join("qemu-tests"),
+    )
 }
 
 /// [`gateway`] on base folder `base`, the image kept in `out_dir`.

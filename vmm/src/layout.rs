@@ -1,0 +1,25 @@
+//! Guest physical memory layout (x86_64, below 4 GiB).
+
+/// The GDT the boot vCPU starts with.
+pub const GDT_START: u64 = 0x500;
+/// An empty IDT: the kernel installs its own before enabling interrupts.
+pub const IDT_START: u64 = 0x520;
+/// Top of the boot stack.
+pub const BOOT_STACK: u64 = 0x8ff0;
+/// The Linux zero page (`struct boot_params`).
+pub const ZERO_PAGE: u64 = 0x7000;
+/// Page tables identity-mapping the first GiB with 2 MiB pages: PML4, PDPT, PD.
+pub const PML4_START: u64 = 0x9000;
+pub const PDPTE_START: u64 = 0xa000;
+pub const PDE_START: u64 = 0xb000;
+/// The kernel command line.
+pub const CMDLINE_START: u64 = 0x20000;
+pub const CMDLINE_MAX: usize = 4096;
+/// End of the low RAM that the e820 map gives the guest (the EBDA starts here).
+pub const EBDA_START: u64 = 0x9fc00;
+/// Where kernels (and raw test images) are loaded: 1 MiB.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// KVM's three-page TSS region, just below the 4 GiB boundary's MMIO hole.
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+/// Guest RAM ends below this (the MMIO hole): guests are at most 3 GiB for now.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
