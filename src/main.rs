@@ -47,6 +47,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run one microVM in this process (the daemon starts one per microVM service; by hand,
+    /// a way to try a kernel). Exit status: 0 the guest ended its VM, 2 setup failed, 3 the
+    /// guest crashed, 4 the guest broke its machine.
+    Vmm {
+        /// The VM's TOML configuration (boot, memory_mib, vcpus, console_log).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Internal: the per-container monitor process started by the daemon.
     #[command(name = "__lxc-monitor", hide = true)]
     LxcMonitor { config: String },
@@ -56,6 +64,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::LxcMonitor { config } => gatevisor_lxc::monitor::monitor_main(&config),
+        Command::Vmm { config } => gatevisor_vmm::process::vmm_main(&config),
         Command::Daemon(args) => match daemon_main(args, cli.socket) {
             Ok(()) => 0,
             Err(e) => {

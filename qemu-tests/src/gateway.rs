@@ -178,9 +178,15 @@ impl Gateway {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("qemu.log")).map_err(io("create qemu.log"))?);
         let fds = [wan_tap.as_raw_fd(), lan_tap.as_raw_fd()];
-        // SAFETY: between fork and exec only dup2 and fcntl run, which are async-signal-safe.
+        // SAFETY: between fork and exec only prctl, dup2 and fcntl run, which are
+        // async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
+                // QEMU dies with the harness thread that started it, even on SIGKILL of the
+                // test process.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 for (i, fd) in fds.iter().enumerate() {
                     let target = 3 + i as i32;
                     // Move each above the targets first, so a source never sits on a target.

@@ -10,6 +10,7 @@
 //!   console and journal are printed when a test panics.
 
 pub mod gateway;
+pub mod guest;
 pub mod image;
 pub mod netns;
 pub mod proto;

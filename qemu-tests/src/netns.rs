@@ -41,13 +41,23 @@ impl Netns {
     pub fn spawn(&self, args: &[&str], log: &std::path::Path) -> Result<Child> {
         let out = std::fs::File::create(log).map_err(io(format!("create {}", log.display())))?;
         let err = out.try_clone().map_err(io("dup a log file"))?;
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name])
             .args(args)
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .spawn()
+            .stderr(err);
+        // SAFETY: only prctl runs between fork and exec; it is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                // The server ends with the harness thread that started it.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        cmd.spawn()
             .map_err(io(format!("start {args:?} in {}", self.name)))
     }
 

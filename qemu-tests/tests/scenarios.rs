@@ -275,3 +275,41 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
     )
     .unwrap();
 }
+
+#[test]
+fn microvm_boots_the_stock_debian_kernel_to_init_under_our_vmm() {
+    let Some(gw) = gateway() else { return };
+    let initrd = gw.dir.join("guest.cpio");
+    qemu_tests::guest::busybox_initramfs(
+        &initrd,
+        "echo guest-cpus $(grep -c ^processor /proc/cpuinfo)",
+    )
+    .unwrap();
+    gw.put(&initrd, "/root/guest.cpio", 0o644).unwrap();
+    let cfg = format!(
+        "memory_mib = 256\nconsole_log = \"/root/guest-console.log\"\n[boot]\nkind = \"linux\"\n\
+         kernel = \"/boot/vmlinuz-{}\"\ninitrd = \"/root/guest.cpio\"\n\
+         cmdline = \"console=ttyS0 reboot=k panic=-1 pci=off\"\n",
+        gw.image.kernel_release
+    );
+    gw.put_bytes(cfg.as_bytes(), "/root/vm.toml", 0o644)
+        .unwrap();
+    let out = gw
+        .run_for(
+            "gatevisor vmm --config /root/vm.toml",
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let console = gw.ok("cat /root/guest-console.log").unwrap();
+    assert_eq!(
+        out.code,
+        Some(0),
+        "vmm: {}\nconsole:\n{console}",
+        out.stderr
+    );
+    assert!(
+        console.contains(qemu_tests::guest::INIT_MARKER),
+        "console:\n{console}"
+    );
+    assert!(console.contains(&gw.image.kernel_release), "{console}");
+}

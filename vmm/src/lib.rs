@@ -19,6 +19,7 @@ pub mod cpio;
 pub mod cpu;
 pub mod devices;
 pub mod layout;
+pub mod process;
 pub mod vm;
 
 pub use vm::{Boot, VmConfig, VmEnd};

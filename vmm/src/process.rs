@@ -1,0 +1,63 @@
+//! `gatevisor vmm --config FILE`: one VM in this process, which ends with the VM. The exit
+//! status says how the VM ended, so the supervisor can tell a guest that ended itself from a
+//! broken one.
+
+use crate::{VmConfig, VmEnd};
+use std::path::Path;
+
+/// The guest ended its VM: Linux's `reboot` or power-off (the reset line).
+pub const EXIT_GUEST_ENDED: i32 = 0;
+/// The configuration or the host could not make the VM.
+pub const EXIT_SETUP: i32 = 2;
+/// The guest crashed (triple fault).
+pub const EXIT_GUEST_CRASHED: i32 = 3;
+/// The guest drove its machine into a state the VMM cannot continue (emulation failure,
+/// failed entry, an exit it has no device for).
+pub const EXIT_GUEST_BROKE: i32 = 4;
+/// Debug-exit status `n` is reported as `DEBUG_EXIT_BASE + n` (test guests only).
+pub const DEBUG_EXIT_BASE: i32 = 16;
+
+/// Reads a TOML [`VmConfig`].
+pub fn read_config(path: &Path) -> crate::Result<VmConfig> {
+    let text = std::fs::read_to_string(path).map_err(|source| crate::Error::File {
+        what: "read VM configuration",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let cfg: VmConfig = toml::from_str(&text)
+        .map_err(|e| crate::Error::Config(format!("{}: {e}", path.display())))?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+pub fn vmm_main(config: &Path) -> i32 {
+    let cfg = match read_config(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gatevisor vmm: {e}");
+            return EXIT_SETUP;
+        }
+    };
+    let mut vm = match crate::vm::Vm::new(&cfg) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("gatevisor vmm: {e}");
+            return EXIT_SETUP;
+        }
+    };
+    match vm.run() {
+        Ok(VmEnd::Reset) => {
+            eprintln!("gatevisor vmm: the guest ended its VM (reset)");
+            EXIT_GUEST_ENDED
+        }
+        Ok(VmEnd::TripleFault) => {
+            eprintln!("gatevisor vmm: the guest crashed (triple fault)");
+            EXIT_GUEST_CRASHED
+        }
+        Ok(VmEnd::DebugExit(n)) => DEBUG_EXIT_BASE + n as i32,
+        Err(e) => {
+            eprintln!("gatevisor vmm: {e}");
+            EXIT_GUEST_BROKE
+        }
+    }
+}
