@@ -1,7 +1,8 @@
 //! Boots an emulated gateway and runs each line read from stdin inside it, printing its output:
 //! a field engineer's console on the test board.
 //!   sudo cargo run -p qemu-tests --example gateway-shell
-//! The LAN host's commands start with `lan: `, the WAN host's with `wan: `.
+//! The LAN host's commands start with `lan: `, the WAN host's with `wan: `;
+//! `put: LOCAL REMOTE` copies a file in; `initramfs: PATH SCRIPT` puts a busybox microVM initramfs running SCRIPT at PATH.
 
 use std::io::BufRead;
 
@@ -19,6 +20,30 @@ fn main() {
         let Ok(line) = line else { break };
         let line = line.trim();
         if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("put: ") {
+            // put: LOCAL REMOTE — copies a host file into the gateway (mode 0755).
+            let (local, remote) = rest.split_once(' ').unwrap_or((rest, rest));
+            let r = gw.put(std::path::Path::new(local), remote, 0o755);
+            println!(
+                "{}",
+                r.map(|()| "[exit Some(0)]".to_string())
+                    .unwrap_or_else(|e| format!("error: {e}"))
+            );
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("initramfs: ") {
+            // initramfs: REMOTE-PATH SCRIPT — a busybox guest initramfs running SCRIPT.
+            let (remote, script) = rest.split_once(' ').unwrap_or((rest, ""));
+            let local = gw.dir.join("shell-guest.cpio");
+            let r = qemu_tests::guest::busybox_initramfs(&local, script)
+                .and_then(|()| gw.put(&local, remote, 0o644));
+            println!(
+                "{}",
+                r.map(|()| "[exit Some(0)]".to_string())
+                    .unwrap_or_else(|e| format!("error: {e}"))
+            );
             continue;
         }
         let out = if let Some(cmd) = line.strip_prefix("lan: ") {

@@ -289,7 +289,7 @@ fn microvm_boots_the_stock_debian_kernel_to_init_under_our_vmm() {
     let cfg = format!(
         "memory_mib = 256\nconsole_log = \"/root/guest-console.log\"\n[boot]\nkind = \"linux\"\n\
          kernel = \"/boot/vmlinuz-{}\"\ninitrd = \"/root/guest.cpio\"\n\
-         cmdline = \"console=ttyS0 reboot=k panic=-1 pci=off\"\n",
+         cmdline = \"console=ttyS0 reboot=k panic=-1 pci=off quiet\"\n",
         gw.image.kernel_release
     );
     gw.put_bytes(cfg.as_bytes(), "/root/vm.toml", 0o644)

@@ -3,7 +3,8 @@
 //! | ports        | device                                                     |
 //! |--------------|------------------------------------------------------------|
 //! | 0x3f8-0x3ff  | 8250 UART (vm-superio), IRQ 4, output to the service log   |
-//! | 0x60, 0x64   | i8042: only the reset line (0xfe to 0x64) — the guest ends its VM |
+//! | 0x60, 0x64   | i8042: enough of the controller for Linux's probe, and its reset line (0xfe to 0x64), by which the guest ends its VM |
+//! | 0x70, 0x71   | CMOS RTC: the host's UTC time, never "update in progress"  |
 //! | 0xf4         | debug exit: a byte written ends the VM with that status (test guests) |
 //! | anything else| reads all-ones (nothing there), writes ignored             |
 
@@ -18,6 +19,8 @@ pub const I8042_DATA: u16 = 0x60;
 pub const I8042_COMMAND: u16 = 0x64;
 pub const I8042_RESET: u8 = 0xfe;
 pub const DEBUG_EXIT: u16 = 0xf4;
+pub const CMOS_INDEX: u16 = 0x70;
+pub const CMOS_DATA: u16 = 0x71;
 
 /// What a port access asks of the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,29 +103,143 @@ impl<W: Write> Write for RateLimitedLog<W> {
     }
 }
 
+/// The i8042 keyboard controller, as much as Linux's probe needs: the command byte (CTR),
+/// self-test, and the reset line. No keyboard is attached. Without it, the kernel waits
+/// seconds for answers that never come.
+#[derive(Debug, Default)]
+pub struct I8042 {
+    ctr: u8,
+    out: Option<u8>,
+    /// The next data-port write is the command byte.
+    write_ctr: bool,
+}
+
+impl I8042 {
+    const STATUS_OBF: u8 = 0x01;
+    const STATUS_SYS: u8 = 0x04;
+
+    fn status(&self) -> u8 {
+        Self::STATUS_SYS
+            | if self.out.is_some() {
+                Self::STATUS_OBF
+            } else {
+                0
+            }
+    }
+
+    fn command(&mut self, cmd: u8) -> PortAction {
+        match cmd {
+            0x20 => self.out = Some(self.ctr),
+            0x60 => self.write_ctr = true,
+            0xaa => self.out = Some(0x55), // controller self-test passed
+            0xab | 0xa9 => self.out = Some(0x00), // port tests passed
+            0xa7 => self.ctr |= 0x20,      // disable the aux port
+            0xa8 => self.ctr &= !0x20,
+            0xad => self.ctr |= 0x10, // disable the keyboard port
+            0xae => self.ctr &= !0x10,
+            I8042_RESET => return PortAction::Reset,
+            _ => {}
+        }
+        PortAction::Continue
+    }
+
+    fn data_write(&mut self, v: u8) {
+        if std::mem::take(&mut self.write_ctr) {
+            self.ctr = v;
+        }
+    }
+
+    fn data_read(&mut self) -> u8 {
+        self.out.take().unwrap_or(0)
+    }
+}
+
+/// The CMOS real-time clock: reports the host's UTC time in BCD; other registers are plain
+/// storage. Linux's rtc_cmos waits while "update in progress" is set, so it never is.
+#[derive(Debug)]
+pub struct Cmos {
+    index: u8,
+    regs: [u8; 128],
+}
+
+impl Default for Cmos {
+    fn default() -> Self {
+        let mut regs = [0u8; 128];
+        regs[0x0a] = 0x26; // 32.768 kHz time base, 1024 Hz rate, UIP clear
+        regs[0x0b] = 0x02; // 24-hour, BCD
+        regs[0x0d] = 0x80; // valid RAM and time
+        Cmos { index: 0, regs }
+    }
+}
+
+impl Cmos {
+    fn bcd(v: i32) -> u8 {
+        let v = v.clamp(0, 99) as u8;
+        ((v / 10) << 4) | (v % 10)
+    }
+
+    fn read(&self) -> u8 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as libc::time_t)
+            .unwrap_or(0);
+        // SAFETY: a zeroed tm is valid; gmtime_r writes only into it.
+        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+        // SAFETY: both pointers are to live locals.
+        unsafe { libc::gmtime_r(&now, &mut tm) };
+        match self.index {
+            0x00 => Self::bcd(tm.tm_sec),
+            0x02 => Self::bcd(tm.tm_min),
+            0x04 => Self::bcd(tm.tm_hour),
+            0x06 => Self::bcd(tm.tm_wday + 1),
+            0x07 => Self::bcd(tm.tm_mday),
+            0x08 => Self::bcd(tm.tm_mon + 1),
+            0x09 => Self::bcd(tm.tm_year % 100),
+            0x32 => Self::bcd((tm.tm_year + 1900) / 100),
+            i => self.regs[i as usize & 0x7f],
+        }
+    }
+
+    fn write(&mut self, v: u8) {
+        match self.index {
+            // The clock is the host's; status registers A, C and D are read-only here.
+            0x00..=0x09 | 0x0a | 0x0c | 0x0d | 0x32 => {}
+            i => self.regs[i as usize & 0x7f] = v,
+        }
+    }
+}
+
 /// The legacy I/O port space of the VM.
 pub struct PortBus<W: Write> {
     pub serial: Serial<IrqTrigger, vm_superio::serial::NoEvents, W>,
+    pub i8042: I8042,
+    pub cmos: Cmos,
 }
 
 impl<W: Write> PortBus<W> {
     pub fn new(serial_irq: EventFd, console: W) -> Self {
         PortBus {
             serial: Serial::new(IrqTrigger(serial_irq), console),
+            i8042: I8042::default(),
+            cmos: Cmos::default(),
         }
     }
 
     /// A guest `in`: fills `data` (1, 2 or 4 bytes, as the guest asked).
     pub fn read(&mut self, port: u16, data: &mut [u8]) {
         data.fill(0xff);
+        if data.is_empty() {
+            return;
+        }
         match port {
             p if (COM1..COM1 + 8).contains(&p) => {
                 if let Some(b) = data.first_mut() {
                     *b = self.serial.read((p - COM1) as u8);
                 }
             }
-            // i8042 status: no data, input buffer empty (so the kernel's reset write proceeds).
-            I8042_COMMAND | I8042_DATA => data.fill(0),
+            I8042_COMMAND => data[0] = self.i8042.status(),
+            I8042_DATA => data[0] = self.i8042.data_read(),
+            CMOS_DATA => data[0] = self.cmos.read(),
             _ => {}
         }
     }
@@ -138,7 +255,19 @@ impl<W: Write> PortBus<W> {
                 let _ = self.serial.write((p - COM1) as u8, byte);
                 PortAction::Continue
             }
-            I8042_COMMAND if byte == I8042_RESET => PortAction::Reset,
+            I8042_COMMAND => self.i8042.command(byte),
+            I8042_DATA => {
+                self.i8042.data_write(byte);
+                PortAction::Continue
+            }
+            CMOS_INDEX => {
+                self.cmos.index = byte & 0x7f;
+                PortAction::Continue
+            }
+            CMOS_DATA => {
+                self.cmos.write(byte);
+                PortAction::Continue
+            }
             DEBUG_EXIT => PortAction::DebugExit(byte),
             _ => PortAction::Continue,
         }
@@ -174,5 +303,45 @@ mod tests {
         // Empty and oversized accesses from a hostile guest are harmless.
         assert_eq!(bus.write(COM1, &[]), PortAction::Continue);
         bus.read(COM1, &mut []);
+        bus.read(I8042_COMMAND, &mut []);
+    }
+
+    #[test]
+    fn i8042_answers_the_linux_probe() {
+        let mut bus = PortBus::new(EventFd::new(0).unwrap(), Vec::new());
+        let mut b = [0u8];
+        bus.write(I8042_COMMAND, &[0x60]);
+        bus.write(I8042_DATA, &[0x45]);
+        bus.write(I8042_COMMAND, &[0x20]);
+        bus.read(I8042_COMMAND, &mut b);
+        assert_eq!(b[0] & 1, 1, "output buffer full");
+        bus.read(I8042_DATA, &mut b);
+        assert_eq!(b[0], 0x45);
+        bus.read(I8042_COMMAND, &mut b);
+        assert_eq!(b[0] & 1, 0, "drained");
+        bus.write(I8042_COMMAND, &[0xa7]);
+        bus.write(I8042_COMMAND, &[0x20]);
+        bus.read(I8042_DATA, &mut b);
+        assert_eq!(b[0] & 0x20, 0x20, "aux port disabled");
+    }
+
+    #[test]
+    fn cmos_clock_reads_bcd_time_and_is_never_updating() {
+        let mut bus = PortBus::new(EventFd::new(0).unwrap(), Vec::new());
+        let mut b = [0u8];
+        bus.write(CMOS_INDEX, &[0x0a]);
+        bus.read(CMOS_DATA, &mut b);
+        assert_eq!(b[0] & 0x80, 0);
+        bus.write(CMOS_INDEX, &[0x08]);
+        bus.read(CMOS_DATA, &mut b);
+        assert!((0x01..=0x12).contains(&b[0]), "month {:#x}", b[0]);
+        bus.write(CMOS_INDEX, &[0x32]);
+        bus.read(CMOS_DATA, &mut b);
+        assert_eq!(b[0], 0x20, "century");
+        // Writes to the clock do not change it; scratch registers keep what is written.
+        bus.write(CMOS_INDEX, &[0x40]);
+        bus.write(CMOS_DATA, &[0x99]);
+        bus.read(CMOS_DATA, &mut b);
+        assert_eq!(b[0], 0x99);
     }
 }
