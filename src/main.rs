@@ -61,6 +61,14 @@ enum Command {
 }
 
 fn main() {
+    // The per-VM process runs for as long as its guest: it goes straight to the VMM without
+    // the argument parser, so that code it never needs is not paged into every VM's process.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let [_, cmd, flag, config] = args.as_slice() {
+        if cmd == "vmm" && flag == "--config" {
+            std::process::exit(gatevisor_vmm::process::vmm_main(std::path::Path::new(config)));
+        }
+    }
     let cli = Cli::parse();
     let code = match cli.command {
         Command::LxcMonitor { config } => gatevisor_lxc::monitor::monitor_main(&config),

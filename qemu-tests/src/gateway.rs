@@ -322,6 +322,23 @@ impl Gateway {
         Ok(out.stdout)
     }
 
+    /// Like [`Gateway::ok`] with a time limit of its own.
+    pub fn ok_for(&self, cmd: &str, timeout: Duration) -> Result<String> {
+        let out = self.run_for(cmd, timeout)?;
+        if !out.success() {
+            return Err(Error::Command {
+                what: format!("`{cmd}` in the gateway"),
+                detail: format!(
+                    "exit {:?}\nstdout: {}\nstderr: {}",
+                    out.code,
+                    out.stdout.trim(),
+                    out.stderr.trim()
+                ),
+            });
+        }
+        Ok(out.stdout)
+    }
+
     /// Copies a host file into the gateway.
     pub fn put(&self, local: &Path, remote: &str, mode: u32) -> Result<()> {
         let bytes = std::fs::read(local).map_err(io(format!("read {}", local.display())))?;

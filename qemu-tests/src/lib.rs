@@ -112,7 +112,8 @@ pub fn skip_reason() -> Option<String> {
     None
 }
 
-pub(crate) fn on_path(tool: &str) -> bool {
+/// Whether `tool` is on the PATH (or in /usr/sbin, /sbin).
+pub fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| {
         std::env::split_paths(&p)
             .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
