@@ -66,7 +66,9 @@ fn main() {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let [_, cmd, flag, config] = args.as_slice() {
         if cmd == "vmm" && flag == "--config" {
-            std::process::exit(gatevisor_vmm::process::vmm_main(std::path::Path::new(config)));
+            std::process::exit(gatevisor_vmm::process::vmm_main(std::path::Path::new(
+                config,
+            )));
         }
     }
     let cli = Cli::parse();

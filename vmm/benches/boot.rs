@@ -15,7 +15,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().into()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .into()
 }
 
 fn main() {
@@ -23,7 +26,15 @@ fn main() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = Command::new(&cargo)
         .current_dir(workspace())
-        .args(["build", "--release", "-q", "-p", "gatevisor", "--bin", "gatevisor"])
+        .args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "gatevisor",
+            "--bin",
+            "gatevisor",
+        ])
         .status()
         .unwrap();
     assert!(st.success());
@@ -32,7 +43,10 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
 
     let (rss, spawn) = if Path::new("/dev/kvm").exists() {
-        (Some(rss_overhead(&bin, dir.path())), Some(spawn_to_exit(&bin, dir.path())))
+        (
+            Some(rss_overhead(&bin, dir.path())),
+            Some(spawn_to_exit(&bin, dir.path())),
+        )
     } else {
         (None, None)
     };
@@ -77,7 +91,11 @@ fn write_guest(dir: &Path, name: &str, code: &[u8]) -> PathBuf {
 /// RSS of the VMM with a guest that prints one byte and spins.
 fn rss_overhead(bin: &Path, dir: &Path) -> u64 {
     // mov dx, 0x3f8; mov al, 'R'; out dx, al; jmp $
-    let cfg = write_guest(dir, "spin", &[0x66, 0xba, 0xf8, 0x03, 0xb0, b'R', 0xee, 0xeb, 0xfe]);
+    let cfg = write_guest(
+        dir,
+        "spin",
+        &[0x66, 0xba, 0xf8, 0x03, 0xb0, b'R', 0xee, 0xeb, 0xfe],
+    );
     let mut child = Command::new(bin)
         .args(["vmm", "--config"])
         .arg(&cfg)
@@ -87,7 +105,10 @@ fn rss_overhead(bin: &Path, dir: &Path) -> u64 {
     let log = dir.join("spin.log");
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::read_to_string(&log).unwrap_or_default() != "R" {
-        assert!(Instant::now() < deadline, "the spinning guest did not start");
+        assert!(
+            Instant::now() < deadline,
+            "the spinning guest did not start"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(200));
@@ -106,7 +127,12 @@ fn rss_overhead(bin: &Path, dir: &Path) -> u64 {
         if let Some(size) = l.strip_prefix("Size:") {
             in_guest = size.split_whitespace().next() == Some("131072");
         } else if let (true, Some(rss)) = (in_guest, l.strip_prefix("Rss:")) {
-            guest_rss += rss.split_whitespace().next().unwrap().parse::<u64>().unwrap();
+            guest_rss += rss
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap();
             in_guest = false;
         }
     }
@@ -137,7 +163,15 @@ fn spawn_to_exit(bin: &Path, dir: &Path) -> f64 {
 fn in_gateway(cargo: &str) -> serde_json::Value {
     let out = Command::new(cargo)
         .current_dir(workspace())
-        .args(["run", "--release", "-q", "-p", "qemu-tests", "--example", "microvm-boot"])
+        .args([
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "qemu-tests",
+            "--example",
+            "microvm-boot",
+        ])
         .stderr(Stdio::inherit())
         .output();
     let out = match out {
@@ -145,8 +179,14 @@ fn in_gateway(cargo: &str) -> serde_json::Value {
         Err(e) => return serde_json::json!({ "error": format!("cannot run the comparison: {e}") }),
     };
     let text = String::from_utf8_lossy(&out.stdout);
-    match text.lines().last().map(serde_json::from_str::<serde_json::Value>) {
+    match text
+        .lines()
+        .last()
+        .map(serde_json::from_str::<serde_json::Value>)
+    {
         Some(Ok(v)) => v,
-        _ => serde_json::json!({ "error": format!("the comparison printed no result ({}): {text}", out.status) }),
+        _ => {
+            serde_json::json!({ "error": format!("the comparison printed no result ({}): {text}", out.status) })
+        }
     }
 }

@@ -20,6 +20,7 @@ pub mod cpu;
 pub mod devices;
 pub mod layout;
 pub mod process;
+pub mod sandbox;
 pub mod vm;
 
 pub use vm::{Boot, VmConfig, VmEnd};

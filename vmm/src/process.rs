@@ -45,6 +45,10 @@ pub fn vmm_main(config: &Path) -> i32 {
             return EXIT_SETUP;
         }
     };
+    if let Err(e) = crate::sandbox::enter() {
+        eprintln!("gatevisor vmm: {e}");
+        return EXIT_SETUP;
+    }
     match vm.run() {
         Ok(VmEnd::Reset) => {
             eprintln!("gatevisor vmm: the guest ended its VM (reset)");

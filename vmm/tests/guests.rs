@@ -114,3 +114,68 @@ fn invalid_configuration_is_refused_before_kvm_is_touched() {
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("memory_mib"), "{e}");
 }
+
+/// In a re-executed copy of this test binary (the sandbox is for a whole process): builds a
+/// VM, enters the sandbox, then runs the guest (`run`) or tries to open a file (`open`).
+#[test]
+fn sandbox_child() {
+    let Ok(mode) = std::env::var("GV_SANDBOX_CHILD") else {
+        return; // only meaningful when re-executed by the tests below
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("guest.bin");
+    std::fs::write(&image, [print(b"sandboxed\n"), RESET.to_vec()].concat()).unwrap();
+    let cfg = VmConfig {
+        boot: Boot::Raw { image },
+        memory_mib: 64,
+        vcpus: 1,
+        console_log: None,
+        console_rate: 65536,
+    };
+    let mut vm = gatevisor_vmm::vm::Vm::new(&cfg).unwrap();
+    gatevisor_vmm::sandbox::enter().unwrap();
+    if mode == "open" {
+        let _ = std::fs::File::open("/etc/hostname");
+        std::process::exit(0); // not reached: openat is not allowed
+    }
+    let end = vm.run().unwrap();
+    std::process::exit(if end == VmEnd::Reset { 0 } else { 1 });
+}
+
+fn sandboxed(mode: &str) -> std::process::Output {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sandbox_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("GV_SANDBOX_CHILD", mode)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn sandboxed_vcpu_still_runs_its_guest() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let out = sandboxed("run");
+    assert!(
+        out.status.success(),
+        "{:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sandboxed"));
+}
+
+#[test]
+fn sandboxed_vmm_is_killed_when_it_opens_a_file() {
+    if !kvm_or_skip() {
+        return;
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let out = sandboxed("open");
+    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{:?}", out.status);
+}
