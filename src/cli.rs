@@ -244,6 +244,14 @@ fn print_status(v: &Value) {
         mib(mem.and_then(|m| m.get("limit_bytes")))
     );
     println!("  interface:   {}", s(v, "interface"));
+    if let Some(vm) = v.get("microvm").filter(|x| !x.is_null()) {
+        println!(
+            "  microvm:     guest {}, VMM resident {} ({})",
+            mib(vm.get("guest_memory_bytes")),
+            mib(vm.get("vmm_rss_bytes")),
+            s(vm, "config")
+        );
+    }
     if let Some(c) = v.pointer("/steering/counters").filter(|c| !c.is_null()) {
         println!(
             "  steered:     {} packets, {} bytes to the service; bridge fast path {} bytes",

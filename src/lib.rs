@@ -12,6 +12,7 @@ pub mod client;
 pub mod events;
 pub mod lifecycle;
 pub mod manifest;
+pub mod microvm;
 pub mod network;
 pub mod notify;
 pub mod package;

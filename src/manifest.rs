@@ -58,6 +58,22 @@ pub struct Manifest {
     /// How an update proves the new version works (else it is rolled back).
     #[serde(default)]
     pub health: Health,
+    /// The guest kernel of a `runtime = "microvm"` service.
+    #[serde(default)]
+    pub microvm: Microvm,
+}
+
+/// A microVM service's kernel: its `image` is the initramfs, its `command` the guest's init.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Microvm {
+    /// A bzImage on the gateway; by default the gateway's own kernel
+    /// (`/boot/vmlinuz-$(uname -r)`).
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// Extra kernel command line arguments (the console, reboot and init arguments are set).
+    #[serde(default)]
+    pub cmdline: String,
 }
 
 /// The health check after a start or update: the service must be running and, when set, the
@@ -181,6 +197,8 @@ pub enum ImageRef {
     BuiltinBusybox,
     /// A directory tree used as the root filesystem (copied at install).
     Rootfs(PathBuf),
+    /// A microVM's initramfs (newc cpio, copied at install).
+    Initramfs(PathBuf),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +274,40 @@ impl Manifest {
             ));
         }
         self.image_ref(file)?;
+        if self.runtime == RuntimeKind::Microvm {
+            let not_yet = |field: &str, what: &str| {
+                Err(bad(
+                    field,
+                    format!("{what} is not available for microVM services yet (no virtio devices in this VMM); use runtime = \"lxc\""),
+                ))
+            };
+            if self.network.interface || !self.network.steering.is_empty() {
+                return not_yet(
+                    "network",
+                    "networking (virtio-net; set [network] interface = false)",
+                );
+            }
+            if self.health.exec.is_some() || self.health.tcp_port.is_some() {
+                return not_yet("health", "a health check inside the guest (vsock)");
+            }
+            if self.resources.disk_mib.is_some() {
+                return not_yet("resources.disk_mib", "a disk (virtio-blk)");
+            }
+            if self.resources.vcpus > 1 {
+                return Err(bad(
+                    "resources.vcpus",
+                    "a microVM has one vCPU for now".into(),
+                ));
+            }
+            if self.microvm.cmdline.contains('\0') || self.microvm.cmdline.len() > 1024 {
+                return Err(bad(
+                    "microvm.cmdline",
+                    "must be at most 1024 characters, without NUL".into(),
+                ));
+            }
+        } else if self.microvm != Microvm::default() {
+            return Err(bad("microvm", "only for runtime = \"microvm\"".into()));
+        }
         for (k, v) in &self.env {
             let ok = !k.is_empty()
                 && !k.starts_with(|c: char| c.is_ascii_digit())
@@ -384,9 +436,27 @@ impl Manifest {
                 Err(bad("\"package\" means the rootfs inside a signed package: install the package (.gvpkg), not its service manifest".into()))
             };
         }
+        if let Some(p) = self.image.strip_prefix("initramfs:") {
+            if self.runtime != RuntimeKind::Microvm {
+                return Err(bad(
+                    "an initramfs is a microVM's image: set runtime = \"microvm\"".into(),
+                ));
+            }
+            let f = file.parent().unwrap_or(Path::new(".")).join(p);
+            if !f.is_file() {
+                return Err(bad(format!("initramfs {} does not exist", f.display())));
+            }
+            return Ok(ImageRef::Initramfs(f));
+        }
+        if self.runtime == RuntimeKind::Microvm {
+            return Err(bad(format!(
+                "{:?}: a microVM boots an initramfs: use \"initramfs:FILE\"",
+                self.image
+            )));
+        }
         let Some(p) = self.image.strip_prefix("rootfs:") else {
             return Err(bad(format!(
-                "{:?} is not an image reference; use \"builtin:busybox\", \"rootfs:DIR\" or \"package\"",
+                "{:?} is not an image reference; use \"builtin:busybox\", \"rootfs:DIR\", \"initramfs:FILE\" or \"package\"",
                 self.image
             )));
         };

@@ -119,6 +119,8 @@ pub struct Supervisor {
     doc: StateDoc,
     events: EventLog,
     rt: lxc::Runtime,
+    /// microVM services: one `gatevisor vmm` process each.
+    vms: crate::microvm::MicrovmRuntime,
     board: BoardReport,
     live: HashMap<String, Live>,
     tx: Sender<Msg>,
@@ -169,6 +171,14 @@ impl Supervisor {
             cgroups,
             settings.monitor.clone(),
         )?;
+        let vms = crate::microvm::MicrovmRuntime::new(
+            &settings.state_dir.join("vm"),
+            &settings.monitor.program,
+        )
+        .map_err(|source| StartupError::CreateDir {
+            path: settings.state_dir.join("vm"),
+            source,
+        })?;
         let events = EventLog::new(&settings.state_dir, settings.events_max_bytes);
         let images = gatevisor_images::store::Store::open(
             &settings.state_dir.join("images"),
@@ -216,6 +226,7 @@ impl Supervisor {
             doc,
             events,
             rt,
+            vms,
             board,
             live: HashMap::new(),
             tx,
@@ -723,12 +734,20 @@ impl Supervisor {
             Request::Remove { name } => self.remove(&name),
             Request::Freeze { name } => {
                 self.require_running(&name)?;
-                self.rt.freeze(&name).map_err(runtime_err)?;
+                if self.is_vm(&name) {
+                    self.vms.signal(&name, libc::SIGSTOP).map_err(runtime_err)?;
+                } else {
+                    self.rt.freeze(&name).map_err(runtime_err)?;
+                }
                 self.status(&name)
             }
             Request::Thaw { name } => {
                 self.require_running(&name)?;
-                self.rt.thaw(&name).map_err(runtime_err)?;
+                if self.is_vm(&name) {
+                    self.vms.signal(&name, libc::SIGCONT).map_err(runtime_err)?;
+                } else {
+                    self.rt.thaw(&name).map_err(runtime_err)?;
+                }
                 self.status(&name)
             }
             Request::List => {
@@ -894,7 +913,7 @@ impl Supervisor {
         let settle = Instant::now() + Duration::from_secs(1);
         let mut last = String::from("it did not start");
         while Instant::now() < deadline {
-            let init = self.rt.init_pid(name).ok().flatten();
+            let init = self.service_pid(name);
             let Some(init) = init else {
                 last = "it is not running".into();
                 std::thread::sleep(Duration::from_millis(100));
@@ -1003,12 +1022,16 @@ impl Supervisor {
                 // The microVM runtime is not part of this build yet: auto stays on LXC.
                 AutoRuntime::Microvm => "lxc",
             },
-            RuntimeKind::Microvm => {
+            RuntimeKind::Microvm if !self.board.kvm.microvm_capable => {
                 return Err(err(
                     ErrorKind::Invalid,
-                    format!("{file}: field `runtime`: \"microvm\" is not available in this build of gatevisor (no microVM runtime yet); use \"lxc\" or \"auto\""),
+                    format!(
+                        "{file}: field `runtime`: this board's KVM cannot run microVMs ({}); use \"lxc\" or \"auto\"",
+                        self.board.auto_runtime_reason
+                    ),
                 ))
             }
+            RuntimeKind::Microvm => "microvm",
         };
         let max = self.board.profile.max_services as usize;
         if self.doc.services.len() >= max {
@@ -1124,12 +1147,16 @@ impl Supervisor {
         let _ = std::fs::remove_dir_all(dir);
         let rootfs = dir.join("rootfs");
         std::fs::create_dir_all(dir).map_err(runtime_err)?;
+        if let ImageRef::Initramfs(src) = image {
+            return self.define_vm(m, src, dir);
+        }
         match image {
             ImageRef::BuiltinBusybox => {
                 check_static_busybox(&self.settings.busybox)?;
                 lxc::rootfs::build_busybox(&self.settings.busybox, &rootfs).map_err(runtime_err)?
             }
             ImageRef::Rootfs(src) => copy_tree(src, &rootfs).map_err(runtime_err)?,
+            ImageRef::Initramfs(_) => unreachable!("handled above"),
         }
         let r = &m.resources;
         let disk_image = match r.disk_mib {
@@ -1179,6 +1206,65 @@ impl Supervisor {
         self.rt.define(&spec).map_err(runtime_err)
     }
 
+    /// Copies the initramfs and writes the VM configuration of a microVM service.
+    fn define_vm(&mut self, m: &Manifest, initramfs: &Path, dir: &Path) -> Result<()> {
+        let initrd = dir.join("initramfs.cpio");
+        std::fs::copy(initramfs, &initrd).map_err(runtime_err)?;
+        let kernel = m
+            .microvm
+            .kernel
+            .clone()
+            .unwrap_or_else(crate::microvm::MicrovmRuntime::default_kernel);
+        if !kernel.is_file() {
+            return Err(err(
+                ErrorKind::Invalid,
+                format!(
+                    "field `microvm.kernel`: {} does not exist on this gateway",
+                    kernel.display()
+                ),
+            ));
+        }
+        let mut cmdline = format!(
+            "{} {} rdinit={}",
+            crate::microvm::BASE_CMDLINE,
+            m.microvm.cmdline,
+            m.command[0]
+        );
+        if m.command.len() > 1 {
+            cmdline.push_str(" -- ");
+            cmdline.push_str(&m.command[1..].join(" "));
+        }
+        let cfg = gatevisor_vmm::VmConfig {
+            boot: gatevisor_vmm::Boot::Linux {
+                kernel,
+                initrd: Some(initrd),
+                cmdline,
+            },
+            memory_mib: m.resources.memory_mib as u64,
+            vcpus: 1,
+            console_log: Some(self.log_file(&m.name)),
+            console_rate: crate::microvm::CONSOLE_RATE,
+            exit_file: Some(self.run_files(&m.name).exit_file),
+        };
+        self.vms.define(&m.name, &cfg).map_err(runtime_err)
+    }
+
+    fn is_vm(&self, name: &str) -> bool {
+        self.doc
+            .services
+            .get(name)
+            .is_some_and(|r| r.runtime == "microvm")
+    }
+
+    /// The process that is the running service: a container's init, or a VM's VMM.
+    fn service_pid(&self, name: &str) -> Option<i32> {
+        if self.is_vm(name) {
+            self.vms.pid(name)
+        } else {
+            self.rt.init_pid(name).ok().flatten()
+        }
+    }
+
     fn remove(&mut self, name: &str) -> Result<serde_json::Value> {
         self.record(name)?;
         self.stop_service(name, false)?;
@@ -1187,7 +1273,11 @@ impl Supervisor {
                 tracing::warn!("{name}: {e}");
             }
         }
-        self.rt.undefine(name).map_err(runtime_err)?;
+        if self.is_vm(name) {
+            self.vms.undefine(name);
+        } else {
+            self.rt.undefine(name).map_err(runtime_err)?;
+        }
         let rec = self.doc.services.remove(name);
         if let Err(e) = self.persist() {
             if let Some(rec) = rec {
@@ -1213,10 +1303,20 @@ impl Supervisor {
         let rec = self.record(name)?;
         let argv = rec.manifest.command.clone();
         let files = self.run_files(name);
-        match self
-            .rt
-            .start(name, &argv, &files, self.settings.start_timeout)
-        {
+        let started = if self.is_vm(name) {
+            self.vms
+                .start(name, &files.log_file)
+                .map(|child| lxc::Started {
+                    init_pid: child.id() as i32,
+                    monitor: child,
+                })
+                .map_err(|e| e.to_string())
+        } else {
+            self.rt
+                .start(name, &argv, &files, self.settings.start_timeout)
+                .map_err(|e| e.to_string())
+        };
+        match started {
             Ok(started) => {
                 let monitor_pid = started.monitor.id() as i32;
                 let running = Running {
@@ -1310,16 +1410,23 @@ impl Supervisor {
         }
         live.generation = 0;
         live.pidfd = None;
-        if let Some(mut child) = live.child.take() {
-            let _ = child.wait();
-        }
+        let status = live.child.take().and_then(|mut c| c.wait().ok());
         let Ok(rec) = self.record(name) else { return };
         if !rec.state.is_active() {
             return;
         }
         // Its traffic first: fail open (or closed) before anything else.
         self.unplug(name);
-        let exit = self.read_exit(name);
+        let mut exit = self.read_exit(name);
+        if let (None, None, Some(sig)) = (
+            exit.code,
+            exit.signal,
+            status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
+        ) {
+            // A VMM killed by a signal had no chance to write its record.
+            exit.signal = Some(sig);
+            exit.description = format!("killed by signal {sig}");
+        }
         let desc = exit.description.clone();
         self.after_end(name, Some(exit), desc, true);
         let _ = self.persist();
@@ -1429,7 +1536,15 @@ impl Supervisor {
                 self.unplug(name);
                 // The exit that follows is ours: the watcher's report is ignored.
                 let live = self.live.remove(name).unwrap_or_default();
-                let how = self.rt.stop(name, timeout).map_err(runtime_err)?;
+                let how = if self.is_vm(name) {
+                    if self.vms.stop(name, timeout) {
+                        lxc::Stopped::Killed
+                    } else {
+                        lxc::Stopped::WasNotRunning
+                    }
+                } else {
+                    self.rt.stop(name, timeout).map_err(runtime_err)?
+                };
                 if let Some(fd) = &live.pidfd {
                     proc::wait_pidfd(fd, Some(Duration::from_secs(10)));
                 }
@@ -1474,11 +1589,15 @@ impl Supervisor {
             };
             let desired = rec.desired;
             let state = rec.state;
-            let init = self.rt.init_pid(&name).ok().flatten();
+            let init = self.service_pid(&name);
             match init {
                 Some(init_pid) => {
-                    // The container's init is a child of its monitor.
-                    let monitor_pid = proc::ppid(init_pid).unwrap_or(0);
+                    // The container's init is a child of its monitor; a VMM is its own.
+                    let monitor_pid = if self.is_vm(&name) {
+                        init_pid
+                    } else {
+                        proc::ppid(init_pid).unwrap_or(0)
+                    };
                     let rec = self.record_mut(&name).expect("listed");
                     let started_at_ms = rec
                         .running
@@ -1574,10 +1693,16 @@ impl Supervisor {
             _ => (None, None),
         };
         let rec = self.record(name)?;
-        let usage = if rec.state == State::Running {
-            self.rt.usage(name).ok()
-        } else {
-            None
+        let vm = rec.runtime == "microvm";
+        let usage = match (rec.state == State::Running, vm) {
+            // A VM's memory: its VMM's resident set, guest pages it has touched included.
+            (true, true) => Some(lxc::Usage {
+                memory_bytes: self.vms.rss_bytes(name),
+                cpu_usec: None,
+                pids: None,
+            }),
+            (true, false) => self.rt.usage(name).ok(),
+            _ => None,
         };
         let running = rec.running.as_ref();
         let m = &rec.manifest;
@@ -1613,7 +1738,12 @@ impl Supervisor {
             "pids": usage.as_ref().and_then(|u| u.pids),
             "failure_mode": m.failure_mode,
             "interface": m.network.interface.then(|| veth_name(name)),
-            "container": { "lxcpath": self.rt.lxcpath(), "name": name },
+            "container": (!vm).then(|| json!({ "lxcpath": self.rt.lxcpath(), "name": name })),
+            "microvm": vm.then(|| json!({
+                "config": self.vms.config_path(name),
+                "guest_memory_bytes": m.resources.memory_mib as u64 * 1024 * 1024,
+                "vmm_rss_bytes": usage.as_ref().and_then(|u| u.memory_bytes),
+            })),
             "log_file": self.log_file(name),
             "source": rec.source,
         }))

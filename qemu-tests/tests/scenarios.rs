@@ -313,3 +313,85 @@ fn microvm_boots_the_stock_debian_kernel_to_init_under_our_vmm() {
     );
     assert!(console.contains(&gw.image.kernel_release), "{console}");
 }
+
+#[test]
+fn microvm_service_runs_restarts_and_is_readopted_under_the_supervisor() {
+    let Some(gw) = gateway() else { return };
+    let initrd = gw.dir.join("vm-hello.cpio");
+    qemu_tests::guest::busybox_initramfs(
+        &initrd,
+        "echo vm-hello up; while true; do sleep 2; echo tick; done",
+    )
+    .unwrap();
+    gw.put(&initrd, "/root/vm-hello/guest.cpio", 0o644).unwrap();
+    let manifest = r#"
+name = "vm-hello"
+version = "1.0.0"
+runtime = "microvm"
+image = "initramfs:guest.cpio"
+command = ["/init"]
+failure_mode = "open"
+stop_timeout_s = 2
+
+[resources]
+memory_mib = 128
+
+[restart]
+policy = "on-failure"
+max_retries = 5
+backoff_initial_ms = 500
+backoff_max_ms = 5000
+stable_after_s = 60
+
+[network]
+interface = false
+
+[microvm]
+cmdline = "quiet"
+"#;
+    gw.put_bytes(manifest.as_bytes(), "/root/vm-hello/service.toml", 0o644)
+        .unwrap();
+    gw.ok("gatevisor service install /root/vm-hello/service.toml --start")
+        .unwrap();
+    let st = wait_running(&gw, "vm-hello", None);
+    assert_eq!(st["runtime"], "microvm", "{st:#}");
+    let vmm = st["init_pid"].as_i64().unwrap();
+    let cmdline = gw
+        .ok(&format!("tr '\\0' ' ' < /proc/{vmm}/cmdline"))
+        .unwrap();
+    assert!(cmdline.contains("gatevisor vmm --config"), "{cmdline}");
+    // The guest's console is the service log.
+    gw.wait_until(
+        "the guest's init on its console",
+        Duration::from_secs(300),
+        |gw| {
+            let out = gw.run("gatevisor service logs vm-hello")?;
+            Ok(out.stdout.contains("vm-hello up").then_some(()))
+        },
+    )
+    .unwrap();
+    let st = status(&gw, "vm-hello");
+    let rss = st["microvm"]["vmm_rss_bytes"].as_u64().unwrap_or(0);
+    assert!(rss > 1 << 20, "VMM resident memory reported: {st:#}");
+    assert_eq!(st["microvm"]["guest_memory_bytes"], 128u64 << 20);
+
+    // The daemon restarts; the VM does not.
+    gw.ok("systemctl restart gatevisor").unwrap();
+    let st = status(&gw, "vm-hello");
+    assert_eq!(st["init_pid"].as_i64(), Some(vmm), "re-adopted: {st:#}");
+
+    // The VMM dies: the restart policy brings the service back in a new VM.
+    gw.ok(&format!("kill -9 {vmm}")).unwrap();
+    let st = wait_running(&gw, "vm-hello", Some(vmm));
+    assert_eq!(st["restarts"], 1, "{st:#}");
+    let events = gw.ok("gatevisor events -n 20").unwrap();
+    assert!(events.contains("killed by signal 9"), "{events}");
+
+    // Stop ends the VMM; the service is stopped, not failed.
+    let vmm = st["init_pid"].as_i64().unwrap();
+    gw.ok("gatevisor service stop vm-hello").unwrap();
+    let st = status(&gw, "vm-hello");
+    assert_eq!(st["state"], "stopped", "{st:#}");
+    assert!(!gw.run(&format!("kill -0 {vmm}")).unwrap().success());
+    gw.ok("gatevisor service remove vm-hello").unwrap();
+}

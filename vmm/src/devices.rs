@@ -179,23 +179,23 @@ impl Cmos {
     }
 
     fn read(&self) -> u8 {
-        let now = std::time::SystemTime::now()
+        let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as libc::time_t)
+            .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        // SAFETY: a zeroed tm is valid; gmtime_r writes only into it.
-        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-        // SAFETY: both pointers are to live locals.
-        unsafe { libc::gmtime_r(&now, &mut tm) };
+        // UTC by arithmetic: libc's gmtime opens /etc/localtime on first use, which the VMM's
+        // seccomp filter (rightly) does not allow.
+        let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+        let (year, month, day) = civil_from_days(days);
         match self.index {
-            0x00 => Self::bcd(tm.tm_sec),
-            0x02 => Self::bcd(tm.tm_min),
-            0x04 => Self::bcd(tm.tm_hour),
-            0x06 => Self::bcd(tm.tm_wday + 1),
-            0x07 => Self::bcd(tm.tm_mday),
-            0x08 => Self::bcd(tm.tm_mon + 1),
-            0x09 => Self::bcd(tm.tm_year % 100),
-            0x32 => Self::bcd((tm.tm_year + 1900) / 100),
+            0x00 => Self::bcd((rem % 60) as i32),
+            0x02 => Self::bcd((rem / 60 % 60) as i32),
+            0x04 => Self::bcd((rem / 3600) as i32),
+            0x06 => Self::bcd(((days + 4).rem_euclid(7) + 1) as i32), // 1970-01-01 was a Thursday
+            0x07 => Self::bcd(day as i32),
+            0x08 => Self::bcd(month as i32),
+            0x09 => Self::bcd((year % 100) as i32),
+            0x32 => Self::bcd((year / 100) as i32),
             i => self.regs[i as usize & 0x7f],
         }
     }
@@ -207,6 +207,20 @@ impl Cmos {
             i => self.regs[i as usize & 0x7f] = v,
         }
     }
+}
+
+/// (year, month 1-12, day 1-31) of a day count since 1970-01-01 (proleptic Gregorian).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 /// The legacy I/O port space of the VM.
@@ -323,6 +337,14 @@ mod tests {
         bus.write(I8042_COMMAND, &[0x20]);
         bus.read(I8042_DATA, &mut b);
         assert_eq!(b[0] & 0x20, 0x20, "aux port disabled");
+    }
+
+    #[test]
+    fn civil_dates_from_day_counts() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(20_781), (2026, 11, 24));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
     }
 
     #[test]

@@ -30,6 +30,15 @@ pub fn read_config(path: &Path) -> crate::Result<VmConfig> {
     Ok(cfg)
 }
 
+/// Writes the exit record into the file opened before the sandbox closed `open(2)`. The
+/// supervisor reads it only once this process has ended, so it never sees half a record.
+fn record(file: Option<std::fs::File>, code: i32, start_failed: bool) {
+    use std::io::Write;
+    let Some(mut f) = file else { return };
+    let text = format!("{{\"code\":{code},\"signal\":null,\"start_failed\":{start_failed}}}");
+    let _ = f.write_all(text.as_bytes());
+}
+
 pub fn vmm_main(config: &Path) -> i32 {
     let cfg = match read_config(config) {
         Ok(c) => c,
@@ -38,7 +47,18 @@ pub fn vmm_main(config: &Path) -> i32 {
             return EXIT_SETUP;
         }
     };
-    let mut vm = match crate::vm::Vm::new(&cfg) {
+    // Empty until the VM ends: an empty record means the process was killed.
+    let exit_file = cfg
+        .exit_file
+        .as_ref()
+        .and_then(|p| std::fs::File::create(p).ok());
+    let code = run(&cfg);
+    record(exit_file, code, code == EXIT_SETUP);
+    code
+}
+
+fn run(cfg: &VmConfig) -> i32 {
+    let mut vm = match crate::vm::Vm::new(cfg) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("gatevisor vmm: {e}");

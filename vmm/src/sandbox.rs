@@ -41,9 +41,24 @@ pub fn vcpu_filter() -> Result<BpfProgram> {
         libc::SYS_clock_gettime,
         libc::SYS_sched_yield,
         libc::SYS_getrandom,
+        // abort(): a panic (panic = "abort") ends as SIGABRT, not as a seccomp kill.
+        libc::SYS_getpid,
+        libc::SYS_gettid,
+        libc::SYS_rt_sigaction,
     ] {
         rules.insert(sc, vec![]);
     }
+    rules.insert(
+        libc::SYS_tgkill,
+        vec![SeccompRule::new(vec![SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::SIGABRT as u64,
+        )
+        .map_err(bad)?])
+        .map_err(bad)?],
+    );
     rules.insert(
         libc::SYS_ioctl,
         vec![SeccompRule::new(vec![SeccompCondition::new(

@@ -42,6 +42,10 @@ pub struct VmConfig {
     /// Console bytes per second kept in the log (burst: ten times that).
     #[serde(default = "default_console_rate")]
     pub console_rate: u64,
+    /// Where `gatevisor vmm` records how the VM ended (JSON: `code`, `signal`,
+    /// `start_failed`, the record the supervisor reads for containers too).
+    #[serde(default)]
+    pub exit_file: Option<PathBuf>,
 }
 
 fn one() -> u8 {

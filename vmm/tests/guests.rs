@@ -31,6 +31,7 @@ fn run(dir: &Path, code: &[u8]) -> (gatevisor_vmm::Result<VmEnd>, String) {
         vcpus: 1,
         console_log: Some(console.clone()),
         console_rate: 65536,
+        exit_file: None,
     };
     let end = gatevisor_vmm::vm::Vm::new(&cfg).and_then(|mut vm| vm.run());
     (end, std::fs::read_to_string(&console).unwrap_or_default())
@@ -110,6 +111,7 @@ fn invalid_configuration_is_refused_before_kvm_is_touched() {
         vcpus: 1,
         console_log: None,
         console_rate: 1,
+        exit_file: None,
     };
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("memory_mib"), "{e}");
@@ -131,6 +133,7 @@ fn sandbox_child() {
         vcpus: 1,
         console_log: None,
         console_rate: 65536,
+        exit_file: None,
     };
     let mut vm = gatevisor_vmm::vm::Vm::new(&cfg).unwrap();
     gatevisor_vmm::sandbox::enter().unwrap();
