@@ -423,19 +423,6 @@ impl Manifest {
             field: "image".into(),
             problem,
         };
-        if self.image == "builtin:busybox" {
-            return Ok(ImageRef::BuiltinBusybox);
-        }
-        if self.image == "package" {
-            // Inside a package (and in the folder it is built from) the rootfs sits beside
-            // the service manifest.
-            let dir = file.parent().unwrap_or(Path::new(".")).join("rootfs");
-            return if dir.is_dir() {
-                Ok(ImageRef::Rootfs(dir))
-            } else {
-                Err(bad("\"package\" means the rootfs inside a signed package: install the package (.gvpkg), not its service manifest".into()))
-            };
-        }
         if let Some(p) = self.image.strip_prefix("initramfs:") {
             if self.runtime != RuntimeKind::Microvm {
                 return Err(bad(
@@ -453,6 +440,19 @@ impl Manifest {
                 "{:?}: a microVM boots an initramfs: use \"initramfs:FILE\"",
                 self.image
             )));
+        }
+        if self.image == "builtin:busybox" {
+            return Ok(ImageRef::BuiltinBusybox);
+        }
+        if self.image == "package" {
+            // Inside a package (and in the folder it is built from) the rootfs sits beside
+            // the service manifest.
+            let dir = file.parent().unwrap_or(Path::new(".")).join("rootfs");
+            return if dir.is_dir() {
+                Ok(ImageRef::Rootfs(dir))
+            } else {
+                Err(bad("\"package\" means the rootfs inside a signed package: install the package (.gvpkg), not its service manifest".into()))
+            };
         }
         let Some(p) = self.image.strip_prefix("rootfs:") else {
             return Err(bad(format!(

@@ -382,7 +382,11 @@ cmdline = "quiet"
     let st = status(&gw, "vm-hello");
     let events = gw.ok("gatevisor events -n 20").unwrap();
     if st["restarts"] == before["restarts"] {
-        assert_eq!(st["init_pid"].as_i64(), Some(vmm), "re-adopted: {st:#}\n{events}");
+        assert_eq!(
+            st["init_pid"].as_i64(),
+            Some(vmm),
+            "re-adopted: {st:#}\n{events}"
+        );
         assert!(
             events.contains(&format!("re-adopted running container, init pid {vmm}")),
             "{events}"
