@@ -307,19 +307,7 @@ impl Gateway {
 
     /// Runs `cmd` and fails unless it exits 0; returns its stdout.
     pub fn ok(&self, cmd: &str) -> Result<String> {
-        let out = self.run(cmd)?;
-        if !out.success() {
-            return Err(Error::Command {
-                what: format!("`{cmd}` in the gateway"),
-                detail: format!(
-                    "exit {:?}\nstdout: {}\nstderr: {}",
-                    out.code,
-                    out.stdout.trim(),
-                    out.stderr.trim()
-                ),
-            });
-        }
-        Ok(out.stdout)
+        self.ok_for(cmd, RUN_TIMEOUT)
     }
 
     /// Like [`Gateway::ok`] with a time limit of its own.
