@@ -1440,6 +1440,14 @@ impl Supervisor {
                 at_ms: now_ms(),
                 description: r.describe(),
             },
+            // A VMM records its end as it exits; an empty record means it was killed (by a
+            // signal a restarted daemon, not being its parent, cannot learn).
+            None if self.is_vm(name) => LastExit {
+                code: None,
+                signal: None,
+                at_ms: now_ms(),
+                description: "killed (its VMM ended without recording how)".into(),
+            },
             None => LastExit {
                 code: None,
                 signal: None,

@@ -406,7 +406,9 @@ cmdline = "quiet"
     let st = wait_running(&gw, "vm-hello", Some(vmm));
     assert!(st["restarts"].as_u64().unwrap() > restarts, "{st:#}");
     let events = gw.ok("gatevisor events -n 20").unwrap();
-    assert!(events.contains("killed by signal 9"), "{events}");
+    // "killed by signal 9" when the daemon started the VMM itself; after a re-adoption the
+    // daemon is not its parent and only knows that it was killed.
+    assert!(events.contains("killed"), "{events}");
 
     // Stop ends the VMM; the service is stopped, not failed.
     let vmm = st["init_pid"].as_i64().unwrap();
