@@ -10,7 +10,6 @@ mod lab;
 use common::*;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,33 +17,6 @@ use std::time::Duration;
 
 const WAN: &str = "10.96.0.1";
 const KIDS_MAC: &str = "02:00:00:00:00:0a";
-
-fn build_static(package: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(root)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .args([
-            "build",
-            "-q",
-            "-p",
-            package,
-            "--target",
-            "x86_64-unknown-linux-gnu",
-            "--target-dir",
-            "target/static",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "static build failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    root.join("target/static/x86_64-unknown-linux-gnu/debug")
-        .join(package)
-}
 
 /// A query for `name` of `qtype`, with an EDNS OPT record when `edns`.
 fn query(name: &str, qtype: u16, edns: bool) -> Vec<u8> {
@@ -91,7 +63,7 @@ fn dns_filter_blocks_per_device_keeps_edns_and_forwards_the_rest() {
     if !need_ovs("dns_filter_blocks_per_device_keeps_edns_and_forwards_the_rest") {
         return;
     }
-    let binary = build_static("dns-filter");
+    let binary = build_static("dns-filter", false);
     let mut d = Daemon::start_with_keys();
     // The service folder, built into a signed package with the CLI.
     let src = d.dir.path().join("dns-filter");
@@ -108,58 +80,13 @@ fn dns_filter_blocks_per_device_keeps_edns_and_forwards_the_rest() {
         "name = \"t-dnsf\"\nversion = \"1.0.0\"\nruntime = \"auto\"\nimage = \"package\"\ncommand = [\"/bin/dns-filter\"]\ncapabilities = [\"NET_RAW\"]\nfailure_mode = \"open\"\n[resources]\nmemory_mib = 32\n[network]\nsteering = [{ kind = \"dns\" }]\nheartbeat_timeout_ms = 5000\n",
     )
     .unwrap();
-    let key = d.dir.path().join("op.key");
-    assert!(d
-        .cli(&[
-            "key",
-            "gen",
-            "--out",
-            key.to_str().unwrap(),
-            "--name",
-            "operator"
-        ])
-        .status
-        .success());
-    let keys = d.dir.path().join("keys");
-    assert!(d
-        .cli(&[
-            "key",
-            "trust",
-            key.with_extension("pub").to_str().unwrap(),
-            "--keys-dir",
-            keys.to_str().unwrap()
-        ])
-        .status
-        .success());
-    let pkg = d.dir.path().join("dns-filter.gvpkg");
-    let out = d.cli(&[
-        "image",
-        "build",
-        src.to_str().unwrap(),
-        "-o",
-        pkg.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pkg = d.signed_package(&src, "dns-filter.gvpkg");
 
     // LAN and WAN on the daemon's bridge; a resolver (UDP and TCP) on the WAN.
     let lan = lab::Host::new("fl", Some("10.96.0.2/24"));
     let wan = lab::Host::new("fw", Some("10.96.0.1/24"));
     for h in [&lan, &wan] {
-        let st = Command::new("ovs-vsctl")
-            .arg(format!(
-                "--db=unix:{}",
-                d.state_dir().join("ovs/db.sock").display()
-            ))
-            .args(["add-port", &d.bridge(), &h.host_if])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        d.plug_host(&h.host_if);
     }
     assert!(lab::wait_reachable(&lan.ns, WAN));
     let stop = Arc::new(AtomicBool::new(false));

@@ -53,22 +53,7 @@ memory_mib = 32
         ),
     )
     .unwrap();
-    let out_file = d.dir.path().join(format!("t-pkg-{version}.gvpkg"));
-    let out = d.cli(&[
-        "image",
-        "build",
-        dir.to_str().unwrap(),
-        "-o",
-        out_file.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out_file
+    d.build_package(&dir, key, &format!("t-pkg-{version}.gvpkg"))
 }
 
 fn in_container(d: &Daemon, cmd: &str) -> String {

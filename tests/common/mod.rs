@@ -364,6 +364,11 @@ impl Daemon {
             ]);
             assert!(out.status.success());
         }
+        self.build_package(src, &key, out_name)
+    }
+
+    /// Builds the service folder `src` into `DIR/out_name`, signed with `key`, with the CLI.
+    pub fn build_package(&self, src: &Path, key: &Path, out_name: &str) -> PathBuf {
         let pkg = self.dir.path().join(out_name);
         let out = self.cli(&[
             "image",
