@@ -222,21 +222,7 @@ impl PacketPort {
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let one: libc::c_int = 1;
-        // SAFETY: `one` is a valid int option, alive for the call.
-        unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_AUXDATA,
-                &one as *const _ as *const libc::c_void,
-                4,
-            )
-        };
-        Ok(PacketPort {
-            sock,
-            buf: vec![0u8; 9216 + 4],
-        })
+        Ok(Self::from_fd(sock))
     }
 
     /// A port over an AF_PACKET socket opened elsewhere (the supervisor side, say); it must be
