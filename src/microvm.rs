@@ -3,7 +3,6 @@
 //! its pidfile. The guest's serial console is the service log; the VMM records how the VM ended
 //! in the same exit file the LXC monitor writes.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -73,18 +72,8 @@ impl MicrovmRuntime {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err);
-        // SAFETY: between fork and exec only setsid and sigprocmask run (async-signal-safe).
-        unsafe {
-            cmd.pre_exec(|| {
-                // Its own session: a daemon restart (or its SIGTERM) leaves the VM running.
-                libc::setsid();
-                // The daemon blocks the signals it takes with sigwait; the VMM must not.
-                let mut none: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut none);
-                libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-                Ok(())
-            })
-        };
+        // Its own session: a daemon restart (or its SIGTERM) leaves the VM running.
+        gatevisor_lxc::detach(&mut cmd);
         let child = cmd.spawn()?;
         std::fs::write(self.pid_path(name), child.id().to_string())?;
         Ok(child)

@@ -212,24 +212,7 @@ impl Runtime {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        use std::os::unix::process::CommandExt;
-        // SAFETY: the closure runs in the forked child before exec and only calls setsid(2)
-        // and sigprocmask(2), both async-signal-safe; it touches no memory shared with the
-        // parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::unistd::setsid().map_err(std::io::Error::from)?;
-                // The caller may block signals it takes with sigwait; the container must not
-                // inherit that (its program would never see SIGTERM).
-                nix::sys::signal::sigprocmask(
-                    nix::sys::signal::SigmaskHow::SIG_SETMASK,
-                    Some(&nix::sys::signal::SigSet::empty()),
-                    None,
-                )
-                .map_err(std::io::Error::from)?;
-                Ok(())
-            });
-        }
+        detach(&mut cmd);
         let mut monitor = cmd.spawn().map_err(|source| LxcError::SpawnMonitor {
             program: self.monitor.program.clone(),
             source,
@@ -385,6 +368,27 @@ impl Runtime {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(LxcError::Io { path: dir, source }),
         }
+    }
+}
+
+/// Makes `cmd` start in a session of its own with no signals blocked: a service's monitor
+/// (or VMM) outlives the daemon, and does not inherit the mask of the signals the daemon
+/// takes with sigwait (its program would never see SIGTERM).
+pub fn detach(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2) and
+    // sigprocmask(2), both async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&nix::sys::signal::SigSet::empty()),
+                None,
+            )
+            .map_err(std::io::Error::from)?;
+            Ok(())
+        });
     }
 }
 
