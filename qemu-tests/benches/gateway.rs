@@ -24,12 +24,7 @@ fn main() {
         std::process::exit(1);
     }
     let gatevisor = image::gatevisor_binary().expect("gatevisor builds");
-    let agent = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("gateway-agent"))
-        .expect("gateway-agent next to the bench");
+    let agent = qemu_tests::gateway::agent_binary().expect("gateway-agent next to the bench");
 
     let image_build_s = if cold {
         let cache = qemu_tests::cache_dir().join("bench-cold");

@@ -75,7 +75,6 @@ type Shared = Arc<(Mutex<AgentState>, Condvar)>;
 struct Channel {
     writer: UnixStream,
     replies: Receiver<Reply>,
-    state: Shared,
     next_id: u64,
 }
 
@@ -84,6 +83,8 @@ pub struct Gateway {
     pub dir: PathBuf,
     qemu: Child,
     chan: Mutex<Channel>,
+    /// What the agent has said besides replies (its greetings), shared with the reader thread.
+    agent: Shared,
     boot_id: String,
     pub lan: Netns,
     pub wan: Netns,
@@ -205,12 +206,13 @@ impl Gateway {
             .map_err(io("write qemu.pid"))?;
 
         let stream = connect(&ctl, Duration::from_secs(30))?;
-        let (chan, state) = Channel::start(stream)?;
+        let (chan, agent) = Channel::start(stream)?;
         let mut gw = Gateway {
             image,
             dir,
             qemu,
             chan: Mutex::new(chan),
+            agent,
             boot_id: String::new(),
             lan,
             wan,
@@ -219,7 +221,7 @@ impl Gateway {
             boot_secs: 0.0,
             _turn: turn,
         };
-        gw.boot_id = gw.wait_hello(&state, None)?;
+        gw.boot_id = gw.wait_hello(None)?;
         gw.wait_running()?;
         gw.boot_secs = gw.booted_at.elapsed().as_secs_f64();
         eprintln!(
@@ -231,14 +233,10 @@ impl Gateway {
         Ok(gw)
     }
 
-    fn state(&self) -> Shared {
-        self.chan.lock().unwrap().state.clone()
-    }
-
     /// Waits for the agent to greet from a boot other than `not`.
-    fn wait_hello(&mut self, state: &Shared, not: Option<&str>) -> Result<String> {
+    fn wait_hello(&self, not: Option<&str>) -> Result<String> {
         let deadline = Instant::now() + BOOT_TIMEOUT;
-        let (lock, cv) = &**state;
+        let (lock, cv) = &*self.agent;
         let mut s = lock.lock().unwrap();
         loop {
             if let Some(id) = s.hellos.last().filter(|id| Some(id.as_str()) != not) {
@@ -372,8 +370,7 @@ impl Gateway {
         let old = self.boot_id.clone();
         // Detached: the agent is stopped by the reboot, the reply may never come.
         self.run("systemd-run --no-block systemctl reboot")?;
-        let state = self.state();
-        self.boot_id = self.wait_hello(&state, Some(&old))?;
+        self.boot_id = self.wait_hello(Some(&old))?;
         self.wait_running()
     }
 
@@ -475,7 +472,7 @@ impl Gateway {
 
 /// `gateway-agent`, which cargo builds next to the test or bench binaries that use this crate
 /// (they run from `target/PROFILE/deps/`).
-fn agent_binary() -> Result<PathBuf> {
+pub fn agent_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe().map_err(io("find the running executable"))?;
     let agent = exe
         .parent()
@@ -520,7 +517,6 @@ impl Channel {
             Channel {
                 writer: stream,
                 replies: rx,
-                state: state.clone(),
                 next_id: 0,
             },
             state,

@@ -80,16 +80,10 @@ pub fn base() -> Result<PathBuf> {
 
 /// Builds (with cargo, release profile: what ships) the gatevisor binary and returns its path.
 pub fn gatevisor_binary() -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    host(Command::new(cargo).current_dir(crate::workspace()).args([
-        "build",
-        "--release",
-        "-q",
-        "-p",
-        "gatevisor",
-        "--bin",
-        "gatevisor",
-    ]))?;
+    crate::cargo_build(
+        &["--release", "-p", "gatevisor", "--bin", "gatevisor"],
+        None,
+    )?;
     Ok(crate::target_dir().join("release/gatevisor"))
 }
 

@@ -59,6 +59,20 @@ pub(crate) fn host(cmd: &mut std::process::Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `cargo build -q ARGS` in the workspace (the cargo running these tests, when there is one),
+/// with `RUSTFLAGS` when given; fails with cargo's errors.
+pub fn cargo_build(args: &[&str], rustflags: Option<&str>) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(workspace())
+        .args(["build", "-q"])
+        .args(args);
+    if let Some(flags) = rustflags {
+        cmd.env("RUSTFLAGS", flags);
+    }
+    host(&mut cmd).map(|_| ())
+}
+
 /// The workspace root (this crate's parent folder).
 pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -149,24 +149,19 @@ fn gateway_reboot_brings_gatevisor_and_its_services_back() {
 /// long enough to observe at TCG speed. Returns (package, public key).
 fn dns_filter_package(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let root = qemu_tests::workspace();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = std::process::Command::new(cargo)
-        .current_dir(&root)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .args(["build", "-q", "--release", "-p", "dns-filter"])
-        .args([
+    qemu_tests::cargo_build(
+        &[
+            "--release",
+            "-p",
+            "dns-filter",
             "--target",
             "x86_64-unknown-linux-gnu",
             "--target-dir",
             "target/static",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        ],
+        Some("-C target-feature=+crt-static"),
+    )
+    .expect("dns-filter builds statically");
     let bin = root.join("target/static/x86_64-unknown-linux-gnu/release/dns-filter");
     let gatevisor = qemu_tests::image::gatevisor_binary().unwrap();
     let pkg_src = dir.join("dns-filter");
