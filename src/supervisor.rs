@@ -1245,6 +1245,8 @@ impl Supervisor {
             console_log: Some(self.log_file(&m.name)),
             console_rate: crate::microvm::CONSOLE_RATE,
             exit_file: Some(self.run_files(&m.name).exit_file),
+            net: vec![],
+            disk: vec![],
         };
         self.vms.define(&m.name, &cfg).map_err(runtime_err)
     }

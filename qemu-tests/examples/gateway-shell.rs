@@ -2,7 +2,8 @@
 //! a field engineer's console on the test board.
 //!   sudo cargo run -p qemu-tests --example gateway-shell
 //! The LAN host's commands start with `lan: `, the WAN host's with `wan: `;
-//! `put: LOCAL REMOTE` copies a file in; `initramfs: PATH SCRIPT` puts a busybox microVM initramfs running SCRIPT at PATH.
+//! `put: LOCAL REMOTE` copies a file in; `initramfs: PATH SCRIPT` puts a busybox microVM initramfs running SCRIPT at PATH
+//! (`initramfs+modules: PATH SCRIPT` loads the guest's virtio modules first).
 
 use std::io::BufRead;
 
@@ -33,12 +34,25 @@ fn main() {
             );
             continue;
         }
-        if let Some(rest) = line.strip_prefix("initramfs: ") {
-            // initramfs: REMOTE-PATH SCRIPT — a busybox guest initramfs running SCRIPT.
+        let with_modules = line.starts_with("initramfs+modules: ");
+        if let Some(rest) = line
+            .strip_prefix("initramfs: ")
+            .or_else(|| line.strip_prefix("initramfs+modules: "))
+        {
+            // initramfs: REMOTE-PATH SCRIPT — a busybox guest initramfs running SCRIPT
+            // (`initramfs+modules:` also loads the virtio modules first).
             let (remote, script) = rest.split_once(' ').unwrap_or((rest, ""));
             let local = gw.dir.join("shell-guest.cpio");
-            let r = qemu_tests::guest::busybox_initramfs(&local, script)
-                .and_then(|()| gw.put(&local, remote, 0o644));
+            let r = if with_modules {
+                qemu_tests::image::base()
+                    .and_then(|b| qemu_tests::image::guest_modules(&b))
+                    .and_then(|m| {
+                        qemu_tests::guest::busybox_initramfs_with_modules(&local, script, &m)
+                    })
+            } else {
+                qemu_tests::guest::busybox_initramfs(&local, script)
+            }
+            .and_then(|()| gw.put(&local, remote, 0o644));
             println!(
                 "{}",
                 r.map(|()| "[exit Some(0)]".to_string())

@@ -8,9 +8,48 @@ use std::path::Path;
 /// The marker a guest's `/init` prints once it runs.
 pub const INIT_MARKER: &str = "gatevisor-guest: init reached";
 
+/// The guest modules a microVM's devices need from Debian's cloud kernel, in load order
+/// (each after what it depends on): virtio-mmio found through ACPI, then net, block, vsock.
+pub const GUEST_MODULES: [&str; 10] = [
+    "virtio",
+    "virtio_ring",
+    "virtio_mmio",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "virtio_blk",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
+];
+
 /// An initramfs whose `/init` runs `script` (a busybox sh script) after mounting /proc, /sys
 /// and /dev, then reboots (which ends the VM).
 pub fn busybox_initramfs(out: &Path, script: &str) -> Result<()> {
+    initramfs(out, script, None)
+}
+
+/// [`busybox_initramfs`] that first loads [`GUEST_MODULES`] from `modules` (a folder of
+/// `<name>.ko`, see [`crate::image::guest_modules`]), so the guest has its virtio devices.
+pub fn busybox_initramfs_with_modules(out: &Path, script: &str, modules: &Path) -> Result<()> {
+    initramfs(out, script, Some(modules))
+}
+
+fn initramfs(out: &Path, script: &str, modules: Option<&Path>) -> Result<()> {
+    let mut kos = Vec::new();
+    if let Some(dir) = modules {
+        for name in GUEST_MODULES {
+            let p = dir.join(format!("{name}.ko"));
+            kos.push((
+                name,
+                std::fs::read(&p).map_err(io(format!("read {}", p.display())))?,
+            ));
+        }
+    }
+    let load: String = kos
+        .iter()
+        .map(|(n, _)| format!("insmod /lib/modules/{n}.ko\n"))
+        .collect();
     let busybox =
         std::fs::read("/bin/busybox").map_err(io("read /bin/busybox (busybox-static)"))?;
     let init = format!(
@@ -19,6 +58,7 @@ pub fn busybox_initramfs(out: &Path, script: &str) -> Result<()> {
          mount -t proc proc /proc\n\
          mount -t sysfs sys /sys\n\
          mount -t devtmpfs dev /dev 2>/dev/null\n\
+         {load}\
          echo \"{INIT_MARKER}, kernel $(uname -r)\"\n\
          {script}\n\
          reboot -f\n"
@@ -32,6 +72,13 @@ pub fn busybox_initramfs(out: &Path, script: &str) -> Result<()> {
         c.chardev("dev/console", 5, 1)?;
         c.file("bin/busybox", 0o755, &busybox)?;
         c.file("init", 0o755, init.as_bytes())?;
+        if !kos.is_empty() {
+            c.dir("lib")?;
+            c.dir("lib/modules")?;
+            for (name, bytes) in &kos {
+                c.file(&format!("lib/modules/{name}.ko"), 0o644, bytes)?;
+            }
+        }
         let mut out = c.finish()?;
         std::io::Write::flush(&mut out)
     })();

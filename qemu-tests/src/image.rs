@@ -78,6 +78,60 @@ pub fn base() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The guest kernel's modules a microVM needs (virtio-mmio, net, blk, vsock), copied out of
+/// the base's module tree into `<base>/guest-modules/` once. Returns that folder; the files
+/// are `<name>.ko` for each name of [`crate::guest::GUEST_MODULES`].
+pub fn guest_modules(base: &Path) -> Result<PathBuf> {
+    let dir = base.join("guest-modules");
+    let done = dir.join(".complete");
+    if done.is_file() {
+        return Ok(dir);
+    }
+    let _lock = FileLock::take(&base.join("guest-modules.lock"))?;
+    if done.is_file() {
+        return Ok(dir);
+    }
+    let release = std::fs::read_to_string(base.join("kernel-release"))
+        .map_err(io("read the base's kernel-release"))?;
+    let mnt = base.join("modules-mnt");
+    std::fs::create_dir_all(&mnt).map_err(io("create the mount point"))?;
+    std::fs::create_dir_all(&dir).map_err(io("create guest-modules"))?;
+    host(
+        Command::new("mount")
+            .args(["-o", "loop,ro"])
+            .arg(base.join("base.img"))
+            .arg(&mnt),
+    )?;
+    let copied = (|| -> Result<()> {
+        let tree = mnt.join(format!("lib/modules/{}", release.trim()));
+        let dep =
+            std::fs::read_to_string(tree.join("modules.dep")).map_err(io("read modules.dep"))?;
+        for name in crate::guest::GUEST_MODULES {
+            let file = format!("/{name}.ko:");
+            let rel = dep
+                .lines()
+                .find_map(|l| {
+                    let (path, _) = l.split_once(':')?;
+                    format!("/{path}:")
+                        .ends_with(&file)
+                        .then(|| path.to_string())
+                })
+                .ok_or_else(|| Error::Command {
+                    what: format!("find module {name}"),
+                    detail: "not in the base kernel's modules.dep".into(),
+                })?;
+            std::fs::copy(tree.join(&rel), dir.join(format!("{name}.ko")))
+                .map_err(io(format!("copy {rel}")))?;
+        }
+        Ok(())
+    })();
+    let unmounted = host(Command::new("umount").arg(&mnt));
+    copied?;
+    unmounted?;
+    std::fs::write(&done, b"").map_err(io("mark guest-modules complete"))?;
+    Ok(dir)
+}
+
 /// Builds (with cargo, release profile: what ships) the gatevisor binary and returns its path.
 pub fn gatevisor_binary() -> Result<PathBuf> {
     crate::cargo_build(

@@ -32,6 +32,7 @@ pub fn load_linux(
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    acpi_rsdp: u64,
 ) -> Result<u64> {
     let mut f = std::fs::File::open(kernel).map_err(|source| Error::File {
         what: "open kernel",
@@ -91,6 +92,7 @@ pub fn load_linux(
 
     let mut params = boot_params {
         hdr,
+        acpi_rsdp_addr: acpi_rsdp,
         ..Default::default()
     };
     let e820 = [(0, EBDA_START), (HIMEM_START, mem_end - HIMEM_START)];

@@ -6,6 +6,7 @@
 //! | 0x60, 0x64   | i8042: enough of the controller for Linux's probe, and its reset line (0xfe to 0x64), by which the guest ends its VM |
 //! | 0x70, 0x71   | CMOS RTC: the host's UTC time, never "update in progress"  |
 //! | 0xf4         | debug exit: a byte written ends the VM with that status (test guests) |
+//! | 0x3c0        | ACPI sleep control (hardware-reduced): S5 ends the VM as "power off" |
 //! | anything else| reads all-ones (nothing there), writes ignored             |
 
 use std::io::Write;
@@ -30,6 +31,8 @@ pub enum PortAction {
     Reset,
     /// The guest wrote its status to the debug-exit port.
     DebugExit(u8),
+    /// The guest entered ACPI S5 through the sleep control register: power off.
+    PowerOff,
 }
 
 /// Raises the serial interrupt through an irqfd.
@@ -283,6 +286,9 @@ impl<W: Write> PortBus<W> {
                 PortAction::Continue
             }
             DEBUG_EXIT => PortAction::DebugExit(byte),
+            crate::acpi::SLEEP_CONTROL_PORT if crate::acpi::is_s5_poweroff(byte) => {
+                PortAction::PowerOff
+            }
             _ => PortAction::Continue,
         }
     }

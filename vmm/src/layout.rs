@@ -23,3 +23,12 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 /// Guest RAM ends below this (the MMIO hole): guests are at most 3 GiB for now.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// The first virtio-mmio window; each device has [`crate::virtio::mmio::WINDOW`] bytes.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// At most this many virtio devices (windows and GSIs).
+pub const VIRTIO_MAX_DEVICES: usize = 8;
+/// The GSIs of virtio devices, in order (IOAPIC pins no legacy device uses).
+pub const VIRTIO_GSIS: [u32; VIRTIO_MAX_DEVICES] = [5, 6, 7, 9, 10, 11, 14, 15];
+/// The IOAPIC and the local APICs (the in-kernel irqchip's default addresses).
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+pub const LAPIC_START: u64 = 0xfee0_0000;

@@ -14,6 +14,7 @@
 //! Every address, length and port value comes from the guest and is treated as hostile: an
 //! access outside guest memory is an error of the VM (its VMM stops), never of the host.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpio;
 pub mod cpu;
@@ -21,6 +22,7 @@ pub mod devices;
 pub mod layout;
 pub mod process;
 pub mod sandbox;
+pub mod virtio;
 pub mod vm;
 
 pub use vm::{Boot, VmConfig, VmEnd};

@@ -5,7 +5,7 @@
 use crate::{VmConfig, VmEnd};
 use std::path::Path;
 
-/// The guest ended its VM: Linux's `reboot` or power-off (the reset line).
+/// The guest ended its VM: Linux's `reboot` (the reset line) or `poweroff` (ACPI S5).
 pub const EXIT_GUEST_ENDED: i32 = 0;
 /// The configuration or the host could not make the VM.
 pub const EXIT_SETUP: i32 = 2;
@@ -65,13 +65,25 @@ fn run(cfg: &VmConfig) -> i32 {
             return EXIT_SETUP;
         }
     };
-    if let Err(e) = crate::sandbox::enter() {
+    // Capabilities go first (threads inherit them), then each thread filters itself.
+    let sandboxed = crate::sandbox::drop_capabilities()
+        .and_then(|()| vm.start_io())
+        .and_then(|()| crate::sandbox::apply_filter());
+    if let Err(e) = sandboxed {
         eprintln!("gatevisor vmm: {e}");
         return EXIT_SETUP;
     }
-    match vm.run() {
+    let end = vm.run();
+    for broken in vm.broken_devices() {
+        eprintln!("gatevisor vmm: {broken}");
+    }
+    match end {
         Ok(VmEnd::Reset) => {
             eprintln!("gatevisor vmm: the guest ended its VM (reset)");
+            EXIT_GUEST_ENDED
+        }
+        Ok(VmEnd::PowerOff) => {
+            eprintln!("gatevisor vmm: the guest powered off");
             EXIT_GUEST_ENDED
         }
         Ok(VmEnd::TripleFault) => {

@@ -41,6 +41,13 @@ pub fn vcpu_filter() -> Result<BpfProgram> {
         libc::SYS_clock_gettime,
         libc::SYS_sched_yield,
         libc::SYS_getrandom,
+        // Devices: the I/O thread's poll, disk I/O and flush.
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_fdatasync,
+        libc::SYS_fsync,
         // abort(): a panic (panic = "abort") ends as SIGABRT, not as a seccomp kill.
         libc::SYS_getpid,
         libc::SYS_gettid,
@@ -108,9 +115,14 @@ pub fn drop_capabilities() -> Result<()> {
     Ok(())
 }
 
+/// Installs the seccomp filter on the calling thread (each VMM thread calls it for itself).
+pub fn apply_filter() -> Result<()> {
+    let prog = vcpu_filter()?;
+    seccompiler::apply_filter(&prog).map_err(|e| Error::Config(format!("seccomp: {e}")))
+}
+
 /// Enters the sandbox on the calling (vCPU) thread.
 pub fn enter() -> Result<()> {
     drop_capabilities()?;
-    let prog = vcpu_filter()?;
-    seccompiler::apply_filter(&prog).map_err(|e| Error::Config(format!("seccomp: {e}")))
+    apply_filter()
 }

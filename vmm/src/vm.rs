@@ -2,14 +2,21 @@
 
 use crate::devices::{PortAction, PortBus, RateLimitedLog, COM1_IRQ};
 use crate::layout::*;
-use crate::{boot, cpu, kvm, Error, Result};
+use crate::virtio::block::Block;
+use crate::virtio::mmio::{self, Interrupt, MmioTransport};
+use crate::virtio::net::Net;
+use crate::{acpi, boot, cpu, kvm, Error, Result};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
+use std::fs::File;
 use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -46,6 +53,59 @@ pub struct VmConfig {
     /// `start_failed`, the record the supervisor reads for containers too).
     #[serde(default)]
     pub exit_file: Option<PathBuf>,
+    /// Network interfaces (virtio-net), each on a tap.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
+    /// Disks (virtio-blk), each a raw image file.
+    #[serde(default)]
+    pub disk: Vec<DiskConfig>,
+}
+
+/// A virtio-net interface's backend: a tap the supervisor opened and handed over as an
+/// inherited descriptor (`tap_fd`), or one this process attaches by name (`tap`, which
+/// needs CAP_NET_ADMIN until the sandbox drops it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    #[serde(default)]
+    pub tap: Option<String>,
+    #[serde(default)]
+    pub tap_fd: Option<i32>,
+    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx`.
+    pub mac: String,
+}
+
+/// A virtio-blk disk: a raw image; the guest sees it as `/dev/vdX` in order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Parses `xx:xx:xx:xx:xx:xx`; a multicast address is refused (it cannot be a NIC's).
+pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let bad = || {
+        Error::Config(format!(
+            "MAC address {s:?}: expected six hex bytes xx:xx:xx:xx:xx:xx, unicast"
+        ))
+    };
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(bad());
+    }
+    Ok(mac)
 }
 
 fn one() -> u8 {
@@ -64,6 +124,8 @@ pub enum VmEnd {
     TripleFault,
     /// The guest wrote its status to the debug-exit port.
     DebugExit(u8),
+    /// The guest powered off (ACPI S5): Linux's `poweroff`.
+    PowerOff,
 }
 
 impl VmConfig {
@@ -84,6 +146,26 @@ impl VmConfig {
         if self.console_rate == 0 {
             return Err(Error::Config("console_rate must be positive".into()));
         }
+        if self.net.len() + self.disk.len() > VIRTIO_MAX_DEVICES {
+            return Err(Error::Config(format!(
+                "{} network interfaces and {} disks: at most {VIRTIO_MAX_DEVICES} devices",
+                self.net.len(),
+                self.disk.len()
+            )));
+        }
+        for n in &self.net {
+            parse_mac(&n.mac)?;
+            if n.tap.is_some() == n.tap_fd.is_some() {
+                return Err(Error::Config(
+                    "a network interface needs exactly one of tap (a name) and tap_fd".into(),
+                ));
+            }
+            if n.tap_fd.is_some_and(|fd| fd < 3) {
+                return Err(Error::Config(
+                    "tap_fd must be an inherited descriptor (3 or more)".into(),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -94,6 +176,69 @@ pub struct Vm {
     pub mem: GuestMemoryMmap,
     vcpu: VcpuFd,
     bus: PortBus<Box<dyn Write + Send>>,
+    /// The virtio-mmio windows, in address order from [`VIRTIO_MMIO_START`].
+    mmio: Vec<Arc<Mutex<MmioTransport>>>,
+    /// What the I/O thread polls: each network device's tap and its wake-up.
+    net_io: Vec<NetIo>,
+}
+
+struct NetIo {
+    transport: Arc<Mutex<MmioTransport>>,
+    tap: RawFd,
+    wake: EventFd,
+    /// Keeps `tap` open for as long as the thread polls it.
+    _tap: File,
+}
+
+fn file_err(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error::File { what, path, source }
+}
+
+/// Attaches to tap `name` (IFF_TAP | IFF_NO_PI), non-blocking.
+fn open_tap(name: &str) -> Result<File> {
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(Error::Config(format!("tap name {name:?}: 1 to 15 bytes")));
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(file_err("open", "/dev/net/tun"))?;
+    // struct ifreq: the name, then the flags (a short) in the union.
+    let mut ifr = [0u8; 40];
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as u16;
+    ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes a 40-byte struct ifreq, which `ifr` is, on a
+    // descriptor this function owns.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) };
+    if r < 0 {
+        return Err(file_err("attach to tap", name)(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(f)
+}
+
+/// Takes over inherited descriptor `fd` as the tap, non-blocking.
+fn adopt_tap(fd: RawFd) -> Result<File> {
+    let err = |e: std::io::Error| Error::Config(format!("tap_fd {fd}: {e}"));
+    // SAFETY: F_GETFL only reads the status flags of `fd`; an invalid descriptor fails with
+    // EBADF, checked below.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: as above; sets O_NONBLOCK on a descriptor known to be open.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: the supervisor handed this descriptor to this process for the tap alone;
+    // nothing else in the process owns it.
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 impl Vm {
@@ -137,12 +282,75 @@ impl Vm {
             unsafe { vm.set_user_memory_region(r) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
+        // The devices: one virtio-mmio window and GSI each, nets first, then disks.
+        let mut mmio = Vec::new();
+        let mut net_io = Vec::new();
+        let mut acpi_devices = Vec::new();
+        let irq_for = |index: usize| -> Result<(Interrupt, acpi::MmioDevice)> {
+            let gsi = VIRTIO_GSIS[index];
+            let evt =
+                EventFd::new(libc::EFD_NONBLOCK).map_err(file_err("eventfd", "virtio irq"))?;
+            vm.register_irqfd(&evt, gsi).map_err(kvm("KVM_IRQFD"))?;
+            Ok((
+                Interrupt::new(evt),
+                acpi::MmioDevice {
+                    base: VIRTIO_MMIO_START + index as u64 * mmio::WINDOW,
+                    len: mmio::WINDOW,
+                    gsi,
+                },
+            ))
+        };
+        for n in &cfg.net {
+            let tap = match (&n.tap, n.tap_fd) {
+                (Some(name), _) => open_tap(name)?,
+                (None, Some(fd)) => adopt_tap(fd)?,
+                (None, None) => unreachable!("validated"),
+            };
+            let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(file_err("eventfd", "net wake"))?;
+            let dev = Net::new(
+                tap.try_clone().map_err(file_err("dup", "tap"))?,
+                parse_mac(&n.mac)?,
+                wake.try_clone().map_err(file_err("dup", "eventfd"))?,
+            );
+            let (irq, desc) = irq_for(mmio.len())?;
+            let t = Arc::new(Mutex::new(MmioTransport::new(
+                Box::new(dev),
+                mem.clone(),
+                irq,
+            )));
+            net_io.push(NetIo {
+                transport: t.clone(),
+                tap: tap.as_raw_fd(),
+                wake,
+                _tap: tap,
+            });
+            mmio.push(t);
+            acpi_devices.push(desc);
+        }
+        for (i, d) in cfg.disk.iter().enumerate() {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(!d.read_only)
+                .open(&d.path)
+                .map_err(file_err("open disk", d.path.clone()))?;
+            let dev = Block::new(f, d.read_only, &format!("gatevisor-disk{i}"))
+                .map_err(file_err("disk", d.path.clone()))?;
+            let (irq, desc) = irq_for(mmio.len())?;
+            mmio.push(Arc::new(Mutex::new(MmioTransport::new(
+                Box::new(dev),
+                mem.clone(),
+                irq,
+            ))));
+            acpi_devices.push(desc);
+        }
+        let rsdp = acpi::write_tables(&mem, cfg.vcpus, &acpi_devices).map_err(Error::Config)?;
+
         let entry = match &cfg.boot {
             Boot::Linux {
                 kernel,
                 initrd,
                 cmdline,
-            } => boot::load_linux(&mem, kernel, initrd.as_deref(), cmdline)?,
+            } => boot::load_linux(&mem, kernel, initrd.as_deref(), cmdline, rsdp)?,
             Boot::Raw { image } => {
                 let bytes = std::fs::read(image).map_err(|source| Error::File {
                     what: "read raw image",
@@ -196,7 +404,32 @@ impl Vm {
             mem,
             vcpu,
             bus: PortBus::new(serial_irq, console),
+            mmio,
+            net_io,
         })
+    }
+
+    /// Starts the thread that moves frames from the taps into the guest. It enters the
+    /// sandbox's seccomp filter before it polls anything; an error here is the VMM's.
+    pub fn start_io(&mut self) -> Result<()> {
+        if self.net_io.is_empty() {
+            return Ok(());
+        }
+        let nets = std::mem::take(&mut self.net_io);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("vmm-io".into())
+            .spawn(move || {
+                let filtered = crate::sandbox::apply_filter();
+                let ok = filtered.is_ok();
+                let _ = tx.send(filtered);
+                if ok {
+                    io_loop(nets);
+                }
+            })
+            .map_err(file_err("spawn", "the I/O thread"))?;
+        rx.recv()
+            .map_err(|_| Error::Config("the I/O thread ended before its sandbox".into()))?
     }
 
     /// Runs the guest until it ends its machine.
@@ -208,11 +441,19 @@ impl Vm {
                     PortAction::Continue => {}
                     PortAction::Reset => return Ok(VmEnd::Reset),
                     PortAction::DebugExit(code) => return Ok(VmEnd::DebugExit(code)),
+                    PortAction::PowerOff => return Ok(VmEnd::PowerOff),
                 },
                 Ok(VcpuExit::IoIn(port, data)) => self.bus.read(port, data),
-                // No MMIO devices yet: reads of nothing see all ones, writes vanish.
-                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-                Ok(VcpuExit::MmioWrite(..)) => {}
+                // Outside the virtio windows: reads see all ones, writes vanish.
+                Ok(VcpuExit::MmioRead(addr, data)) => match mmio_device(&self.mmio, addr) {
+                    Some((dev, off)) => lock(dev).read(off, data),
+                    None => data.fill(0xff),
+                },
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if let Some((dev, off)) = mmio_device(&self.mmio, addr) {
+                        lock(dev).write(off, data);
+                    }
+                }
                 Ok(VcpuExit::Shutdown) => return Ok(VmEnd::TripleFault),
                 Ok(VcpuExit::Hlt) => return Err(Error::Guest("halted with interrupts off".into())),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
@@ -235,6 +476,18 @@ impl Vm {
         }
     }
 
+    /// The virtio devices that stopped serving their driver, and why (for the exit report).
+    pub fn broken_devices(&self) -> Vec<String> {
+        self.mmio
+            .iter()
+            .filter_map(|t| {
+                let t = lock(t);
+                t.broken()
+                    .map(|e| format!("virtio device {}: {e}", t.device_type()))
+            })
+            .collect()
+    }
+
     /// Bytes of guest memory the host has actually backed (pages the guest or the loader
     /// touched), from the mapping's resident set.
     pub fn guest_resident_bytes(&self) -> u64 {
@@ -254,5 +507,55 @@ impl Vm {
             }
         }
         total
+    }
+}
+
+/// A device lock: a panic while holding it aborts the process (panic = "abort"), so a
+/// poisoned lock is never seen; take the data either way.
+fn mmio_device(
+    devices: &[Arc<Mutex<MmioTransport>>],
+    addr: u64,
+) -> Option<(&Arc<Mutex<MmioTransport>>, u64)> {
+    let off = addr.checked_sub(VIRTIO_MMIO_START)?;
+    let dev = devices.get(usize::try_from(off / mmio::WINDOW).ok()?)?;
+    Some((dev, off % mmio::WINDOW))
+}
+
+fn lock(m: &Mutex<MmioTransport>) -> std::sync::MutexGuard<'_, MmioTransport> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The I/O thread: waits for frames on the taps that have somewhere to go, and for the
+/// wake-ups that say a device's receive buffers changed.
+fn io_loop(nets: Vec<NetIo>) {
+    loop {
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(nets.len() * 2);
+        for n in &nets {
+            fds.push(libc::pollfd {
+                fd: n.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            let poll_tap = lock(&n.transport).backend_wants_input();
+            fds.push(libc::pollfd {
+                // A negative descriptor is skipped by poll(2).
+                fd: if poll_tap { n.tap } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: `fds` is a live array of `fds.len()` pollfd structures.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if r < 0 {
+            continue; // EINTR
+        }
+        for (i, n) in nets.iter().enumerate() {
+            if fds[2 * i].revents != 0 {
+                let _ = n.wake.read();
+            }
+            if fds[2 * i + 1].revents != 0 {
+                lock(&n.transport).backend_ready();
+            }
+        }
     }
 }

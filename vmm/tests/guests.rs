@@ -32,6 +32,8 @@ fn run(dir: &Path, code: &[u8]) -> (gatevisor_vmm::Result<VmEnd>, String) {
         console_log: Some(console.clone()),
         console_rate: 65536,
         exit_file: None,
+        net: vec![],
+        disk: vec![],
     };
     let end = gatevisor_vmm::vm::Vm::new(&cfg).and_then(|mut vm| vm.run());
     (end, std::fs::read_to_string(&console).unwrap_or_default())
@@ -112,6 +114,8 @@ fn invalid_configuration_is_refused_before_kvm_is_touched() {
         console_log: None,
         console_rate: 1,
         exit_file: None,
+        net: vec![],
+        disk: vec![],
     };
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("memory_mib"), "{e}");
@@ -134,6 +138,8 @@ fn sandbox_child() {
         console_log: None,
         console_rate: 65536,
         exit_file: None,
+        net: vec![],
+        disk: vec![],
     };
     let mut vm = gatevisor_vmm::vm::Vm::new(&cfg).unwrap();
     gatevisor_vmm::sandbox::enter().unwrap();

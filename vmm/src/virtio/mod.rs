@@ -1,0 +1,87 @@
+//! Virtio devices over the virtio-mmio transport (version 2), with split queues from the
+//! rust-vmm `virtio-queue` crate.
+//!
+//! - [`mmio`]: the transport: the register window a driver programs, feature negotiation, the
+//!   device status state machine, queue set-up and the interrupt;
+//! - [`net`]: virtio-net on a tap device (the tap flowbridge plugs into the gateway's bridge);
+//! - [`block`]: virtio-blk on a raw image file, read-only or read-write.
+//!
+//! Everything a driver writes (register values, ring addresses, descriptor addresses and
+//! lengths, request headers) is hostile: it is checked against guest memory and the device's
+//! limits, and a driver that breaks the rules gets its device marked `DEVICE_NEEDS_RESET`;
+//! the VMM and the host carry on.
+
+pub mod block;
+pub mod mmio;
+pub mod net;
+#[cfg(test)]
+mod tests;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+/// Why a device stopped serving its driver until the driver resets it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeviceError {
+    #[error("descriptor chain {head}: {why}")]
+    Chain { head: u16, why: String },
+    #[error("queue {0} is not usable: {1}")]
+    Queue(usize, String),
+    #[error("backend: {0}")]
+    Backend(String),
+}
+
+/// One virtio device behind the MMIO transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device id (1 net, 2 block, ...).
+    fn device_type(&self) -> u32;
+    /// Feature bits offered to the driver (VIRTIO_F_VERSION_1 is added by the transport).
+    fn features(&self) -> u64;
+    /// The largest size of each queue; their count is the device's queue count.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Reads device configuration space at `offset` (out of range reads see zeros).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver set DRIVER_OK with these features: the device may use its queues.
+    fn activate(&mut self, _acked_features: u64) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// The driver notified queue `index`. Returns whether used buffers were returned (the
+    /// transport then interrupts the driver).
+    fn queue_notify(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+        index: usize,
+    ) -> Result<bool, DeviceError>;
+    /// The backend has work (a frame arrived on the tap). Returns as [`Self::queue_notify`].
+    fn backend_ready(
+        &mut self,
+        _mem: &GuestMemoryMmap,
+        _queues: &mut [Queue],
+    ) -> Result<bool, DeviceError> {
+        Ok(false)
+    }
+    /// Whether the backend should not be polled now (receive waits for buffers).
+    fn backend_paused(&self) -> bool {
+        false
+    }
+    /// The driver reset the device: forget negotiated state (the backend stays open).
+    fn reset(&mut self) {}
+}
+
+/// Reads `len` bytes the driver gave the device, from a chain's readable descriptors.
+pub(crate) fn checked_len(
+    head: u16,
+    total: usize,
+    add: u32,
+    limit: usize,
+) -> Result<usize, DeviceError> {
+    let next = total
+        .checked_add(add as usize)
+        .filter(|n| *n <= limit)
+        .ok_or_else(|| DeviceError::Chain {
+            head,
+            why: format!("more than {limit} bytes"),
+        })?;
+    Ok(next)
+}

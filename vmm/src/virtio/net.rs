@@ -1,0 +1,233 @@
+//! virtio-net on a tap device. Frames cross as they are (the tap has no vnet header): the
+//! device adds a zeroed `virtio_net_hdr_v1` on receive and strips the driver's on transmit,
+//! and offers no offloads, so the guest never hands the tap a frame it cannot take.
+//!
+//! Receive is driven by the VMM's I/O thread ([`Net::backend_ready`]) when the tap is
+//! readable; a frame that finds no receive buffer waits in the device (and the tap is not
+//! read again) until the driver adds buffers.
+
+use super::{checked_len, DeviceError, VirtioDevice};
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+/// `virtio_net_hdr_v1`: what VERSION_1 drivers put before every frame.
+pub const HDR_LEN: usize = 12;
+/// The largest frame that crosses: a 64 KiB frame plus its header (no device offers more).
+const MAX_FRAME: usize = 65536;
+const RX: usize = 0;
+const TX: usize = 1;
+const QUEUE_SIZES: [u16; 2] = [256, 256];
+
+/// Counters the VMM reports when it ends.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetStats {
+    pub rx_frames: u64,
+    pub tx_frames: u64,
+    /// Frames too big for the guest's buffer, or that the tap refused.
+    pub dropped: u64,
+}
+
+pub struct Net {
+    tap: File,
+    mac: [u8; 6],
+    /// A frame read from the tap that found no receive buffer yet (length in `pending_len`).
+    pending: Vec<u8>,
+    pending_len: usize,
+    /// True while receive waits for buffers: the I/O thread stops polling the tap.
+    rx_waiting: bool,
+    /// Wakes the I/O thread when the driver adds receive buffers.
+    rx_wake: EventFd,
+    tx_buf: Vec<u8>,
+    pub stats: NetStats,
+}
+
+impl Net {
+    /// `tap` must be a non-blocking tap (IFF_TAP | IFF_NO_PI) file.
+    pub fn new(tap: File, mac: [u8; 6], rx_wake: EventFd) -> Net {
+        Net {
+            tap,
+            mac,
+            pending: vec![0; MAX_FRAME],
+            pending_len: 0,
+            rx_waiting: false,
+            rx_wake,
+            tx_buf: vec![0; MAX_FRAME + HDR_LEN],
+            stats: NetStats::default(),
+        }
+    }
+
+    fn receive(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
+        let mut used = false;
+        loop {
+            if self.pending_len == 0 {
+                match self.tap.read(&mut self.pending) {
+                    Ok(0) => return Ok(used),
+                    Ok(n) => self.pending_len = n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        self.rx_waiting = false;
+                        return Ok(used);
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(DeviceError::Backend(format!("tap read: {e}"))),
+                }
+            }
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                self.rx_waiting = true;
+                return Ok(used);
+            };
+            let head = chain.head_index();
+            let frame = &self.pending[..self.pending_len];
+            let mut hdr = [0u8; HDR_LEN];
+            hdr[10] = 1; // num_buffers
+            let total = HDR_LEN + frame.len();
+            let mut written = 0usize;
+            for desc in chain {
+                if !desc.is_write_only() {
+                    return Err(DeviceError::Chain {
+                        head,
+                        why: "a receive buffer the device may not write".into(),
+                    });
+                }
+                if written == total {
+                    break;
+                }
+                let take = (desc.len() as usize).min(total - written);
+                let mut piece = Vec::with_capacity(take);
+                for i in written..written + take {
+                    piece.push(if i < HDR_LEN {
+                        hdr[i]
+                    } else {
+                        frame[i - HDR_LEN]
+                    });
+                }
+                mem.write_slice(&piece, desc.addr())
+                    .map_err(|e| DeviceError::Chain {
+                        head,
+                        why: format!("receive buffer: {e}"),
+                    })?;
+                written += take;
+            }
+            if written < total {
+                // The guest's buffer is too small for this frame: drop the frame, keep the
+                // buffer for the next one.
+                q.go_to_previous_position();
+                self.stats.dropped += 1;
+                self.pending_len = 0;
+                continue;
+            }
+            q.add_used(mem, head, total as u32)
+                .map_err(|e| DeviceError::Queue(RX, format!("used ring: {e}")))?;
+            self.stats.rx_frames += 1;
+            self.pending_len = 0;
+            used = true;
+        }
+    }
+
+    fn transmit(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
+        let mut used = false;
+        while let Some(chain) = q.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let mut len = 0usize;
+            for desc in chain {
+                if desc.is_write_only() {
+                    return Err(DeviceError::Chain {
+                        head,
+                        why: "a transmit buffer the driver marked device-writable".into(),
+                    });
+                }
+                let end = checked_len(head, len, desc.len(), self.tx_buf.len())?;
+                mem.read_slice(&mut self.tx_buf[len..end], desc.addr())
+                    .map_err(|e| DeviceError::Chain {
+                        head,
+                        why: format!("transmit buffer: {e}"),
+                    })?;
+                len = end;
+            }
+            if len < HDR_LEN {
+                return Err(DeviceError::Chain {
+                    head,
+                    why: format!("{len} bytes is shorter than the virtio-net header"),
+                });
+            }
+            match self.tap.write(&self.tx_buf[HDR_LEN..len]) {
+                Ok(_) => self.stats.tx_frames += 1,
+                // A full or downed tap drops the frame, like a congested wire.
+                Err(_) => self.stats.dropped += 1,
+            }
+            q.add_used(mem, head, 0)
+                .map_err(|e| DeviceError::Queue(TX, format!("used ring: {e}")))?;
+            used = true;
+        }
+        Ok(used)
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_NET_F_MAC
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_bytes(&self.mac, offset, data);
+    }
+
+    fn queue_notify(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+        index: usize,
+    ) -> Result<bool, DeviceError> {
+        match index {
+            RX => {
+                let used = self.receive(mem, &mut queues[RX])?;
+                // The I/O thread may be waiting for buffers rather than for the tap.
+                let _ = self.rx_wake.write(1);
+                Ok(used)
+            }
+            TX => self.transmit(mem, &mut queues[TX]),
+            _ => Ok(false),
+        }
+    }
+
+    fn backend_ready(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+    ) -> Result<bool, DeviceError> {
+        self.receive(mem, &mut queues[RX])
+    }
+
+    fn backend_paused(&self) -> bool {
+        self.rx_waiting
+    }
+
+    fn reset(&mut self) {
+        self.pending_len = 0;
+        self.rx_waiting = false;
+    }
+}
+
+/// Copies `src[offset..]` into `data`, zeros past its end.
+pub(crate) fn read_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|at| src.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}
