@@ -278,20 +278,19 @@ impl Manifest {
             let not_yet = |field: &str, what: &str| {
                 Err(bad(
                     field,
-                    format!("{what} is not available for microVM services yet (no virtio devices in this VMM); use runtime = \"lxc\""),
+                    format!(
+                        "{what} is not available for microVM services yet; use runtime = \"lxc\""
+                    ),
                 ))
             };
-            if self.network.interface || !self.network.steering.is_empty() {
+            if !self.network.steering.is_empty() {
                 return not_yet(
-                    "network",
-                    "networking (virtio-net; set [network] interface = false)",
+                    "network.steering",
+                    "steering to a microVM (its verdict channel needs vsock)",
                 );
             }
             if self.health.exec.is_some() || self.health.tcp_port.is_some() {
                 return not_yet("health", "a health check inside the guest (vsock)");
-            }
-            if self.resources.disk_mib.is_some() {
-                return not_yet("resources.disk_mib", "a disk (virtio-blk)");
             }
             if self.resources.vcpus > 1 {
                 return Err(bad(

@@ -11,6 +11,31 @@ use std::time::{Duration, Instant};
 /// ends the VM, a panic that ends it too, no PCI (the VMM has none).
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
 
+/// The descriptor a VMM finds its tap on.
+pub const TAP_FD: i32 = 3;
+
+/// Creates service `name`'s tap (named like a container's host-side veth) and sets it up.
+pub fn create_tap(ifname: &str) -> std::io::Result<std::fs::File> {
+    let err = |e: gatevisor_vmm::Error| std::io::Error::other(e.to_string());
+    let tap = gatevisor_vmm::tap::open(ifname).map_err(err)?;
+    gatevisor_vmm::tap::set_up(ifname).map_err(err)?;
+    Ok(tap)
+}
+
+/// A stable, locally administered MAC for service `name`'s guest: 02:47:56 ("GV") and three
+/// bytes of a hash of the name.
+pub fn guest_mac(name: &str) -> String {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    format!(
+        "02:47:56:{:02x}:{:02x}:{:02x}",
+        (h >> 16) as u8,
+        (h >> 8) as u8,
+        h as u8
+    )
+}
+
 /// Console bytes per second a guest may put in its log.
 pub const CONSOLE_RATE: u64 = 8192;
 
@@ -60,7 +85,13 @@ impl MicrovmRuntime {
     }
 
     /// Starts the VMM; its stderr goes to `log` (the console log the guest writes as well).
-    pub fn start(&self, name: &str, log: &Path) -> std::io::Result<Child> {
+    /// `tap`, when the service has an interface, becomes the VMM's descriptor [`TAP_FD`].
+    pub fn start(
+        &self,
+        name: &str,
+        log: &Path,
+        tap: Option<std::fs::File>,
+    ) -> std::io::Result<Child> {
         let err = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -74,7 +105,24 @@ impl MicrovmRuntime {
             .stderr(err);
         // Its own session: a daemon restart (or its SIGTERM) leaves the VM running.
         gatevisor_lxc::detach(&mut cmd);
+        if let Some(tap) = &tap {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let fd = tap.as_raw_fd();
+            // SAFETY: the closure runs in the forked child before exec and only calls dup2(2),
+            // which is async-signal-safe; the new descriptor has no close-on-exec flag.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::dup2(fd, TAP_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd.spawn()?;
+        // Only the VMM holds the tap now: it vanishes when the VMM ends.
+        drop(tap);
         std::fs::write(self.pid_path(name), child.id().to_string())?;
         Ok(child)
     }

@@ -1245,8 +1245,34 @@ impl Supervisor {
             console_log: Some(self.log_file(&m.name)),
             console_rate: crate::microvm::CONSOLE_RATE,
             exit_file: Some(self.run_files(&m.name).exit_file),
-            net: vec![],
-            disk: vec![],
+            // The tap is created at each start and handed over as TAP_FD.
+            net: if m.network.interface {
+                vec![gatevisor_vmm::vm::NetConfig {
+                    tap: None,
+                    tap_fd: Some(crate::microvm::TAP_FD),
+                    mac: crate::microvm::guest_mac(&m.name),
+                }]
+            } else {
+                vec![]
+            },
+            // `resources.disk_mib`: a sparse scratch disk (/dev/vda), kept across restarts.
+            disk: match m.resources.disk_mib {
+                Some(mib) => {
+                    let path = dir.join("disk.img");
+                    let f = std::fs::OpenOptions::new()
+                        .create(true)
+                        .truncate(false)
+                        .write(true)
+                        .open(&path)
+                        .map_err(runtime_err)?;
+                    f.set_len(mib as u64 * 1024 * 1024).map_err(runtime_err)?;
+                    vec![gatevisor_vmm::vm::DiskConfig {
+                        path,
+                        read_only: false,
+                    }]
+                }
+                None => vec![],
+            },
         };
         self.vms.define(&m.name, &cfg).map_err(runtime_err)
     }
@@ -1306,8 +1332,20 @@ impl Supervisor {
         let argv = rec.manifest.command.clone();
         let files = self.run_files(name);
         let started = if self.is_vm(name) {
+            let tap = if rec.manifest.network.interface {
+                match crate::microvm::create_tap(&veth_name(name)) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        let reason = format!("start failed: tap {}: {e}", veth_name(name));
+                        self.after_end(name, None, reason.clone(), false);
+                        return Err(err(ErrorKind::Runtime, reason));
+                    }
+                }
+            } else {
+                None
+            };
             self.vms
-                .start(name, &files.log_file)
+                .start(name, &files.log_file, tap)
                 .map(|child| lxc::Started {
                     init_pid: child.id() as i32,
                     monitor: child,

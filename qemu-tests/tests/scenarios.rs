@@ -315,12 +315,94 @@ fn microvm_boots_the_stock_debian_kernel_to_init_under_our_vmm() {
 }
 
 #[test]
+fn microvm_net_on_the_bridge_and_blk_root_work_and_poweroff_ends_the_vmm() {
+    let Some(gw) = gateway() else { return };
+    // The stock kernel finds virtio-mmio through our ACPI tables once the initramfs loads
+    // the virtio modules; the guest mounts its disk, joins the LAN on the bridge, answers a
+    // ping and a TCP message from the LAN host, then powers off.
+    const GUEST: &str = "10.77.0.50";
+    let modules = qemu_tests::image::guest_modules(&qemu_tests::image::base().unwrap()).unwrap();
+    let initrd = gw.dir.join("net-guest.cpio");
+    qemu_tests::guest::busybox_initramfs_with_modules(
+        &initrd,
+        &format!(
+            "mkdir -p /mnt; mount -o ro /dev/vda /mnt && echo \"disk says: $(cat /mnt/hello.txt)\"\n\
+             echo \"disk serial: $(cat /sys/block/vda/serial)\"\n\
+             ip link set eth0 up; ip addr add {GUEST}/24 dev eth0\n\
+             echo guest-net-up\n\
+             nc -l -p 7000 > /tmp/msg; echo \"guest got: $(cat /tmp/msg)\"\n\
+             poweroff -f"
+        ),
+        &modules,
+    )
+    .unwrap();
+    gw.put(&initrd, "/root/net-guest.cpio", 0o644).unwrap();
+    gw.ok(
+        "ip tuntap add gvt0 mode tap && ip link set gvt0 up && ovs-vsctl add-port br-lan gvt0 \
+         && truncate -s 16M /root/disk.img && mkfs.ext4 -q -F /root/disk.img \
+         && mkdir -p /tmp/m && mount -o loop /root/disk.img /tmp/m \
+         && echo hello-from-virtio-blk > /tmp/m/hello.txt && umount /tmp/m",
+    )
+    .unwrap();
+    let cfg = format!(
+        "memory_mib = 256\nconsole_log = \"/root/net-console.log\"\n\
+         [boot]\nkind = \"linux\"\nkernel = \"/boot/vmlinuz-{}\"\ninitrd = \"/root/net-guest.cpio\"\n\
+         cmdline = \"console=ttyS0 reboot=k panic=-1 pci=off quiet\"\n\
+         [[net]]\ntap = \"gvt0\"\nmac = \"02:47:56:00:00:32\"\n\
+         [[disk]]\npath = \"/root/disk.img\"\nread_only = true\n",
+        gw.image.kernel_release
+    );
+    gw.put_bytes(cfg.as_bytes(), "/root/vm-net.toml", 0o644)
+        .unwrap();
+    gw.ok("(gatevisor vmm --config /root/vm-net.toml > /root/vmm.out 2>&1; echo $? > /root/vmm.code) &")
+        .unwrap();
+    gw.wait_until("the guest's network up", Duration::from_secs(300), |gw| {
+        let c = gw.run("cat /root/net-console.log")?.stdout;
+        Ok(c.contains("guest-net-up").then_some(()))
+    })
+    .unwrap();
+    gw.lan
+        .sh(&format!("ping -c 3 -W 5 {GUEST}"))
+        .expect("the LAN host pings the microVM through the bridge");
+    gw.lan
+        .sh(&format!(
+            "bash -c 'echo hello-over-tcp > /dev/tcp/{GUEST}/7000'"
+        ))
+        .expect("TCP from the LAN host into the microVM");
+    let code = gw
+        .wait_until("the VMM to end", Duration::from_secs(120), |gw| {
+            let out = gw.run("cat /root/vmm.code")?;
+            Ok(out.success().then(|| out.stdout.trim().to_string()))
+        })
+        .unwrap();
+    let console = gw.ok("cat /root/net-console.log").unwrap();
+    let vmm = gw.ok("cat /root/vmm.out").unwrap();
+    assert_eq!(code, "0", "vmm: {vmm}\nconsole:\n{console}");
+    assert!(vmm.contains("powered off"), "{vmm}");
+    assert!(
+        console.contains("disk says: hello-from-virtio-blk"),
+        "{console}"
+    );
+    assert!(
+        console.contains("disk serial: gatevisor-disk0"),
+        "{console}"
+    );
+    assert!(console.contains("guest got: hello-over-tcp"), "{console}");
+}
+
+#[test]
 fn microvm_service_runs_restarts_and_is_readopted_under_the_supervisor() {
     let Some(gw) = gateway() else { return };
     let initrd = gw.dir.join("vm-hello.cpio");
-    qemu_tests::guest::busybox_initramfs(
+    let modules = qemu_tests::image::guest_modules(&qemu_tests::image::base().unwrap()).unwrap();
+    // The guest joins the LAN on its tap (plugged into br-lan by the supervisor) and sees
+    // its scratch disk (resources.disk_mib).
+    qemu_tests::guest::busybox_initramfs_with_modules(
         &initrd,
-        "echo vm-hello up; while true; do sleep 2; echo tick; done",
+        "ip link set eth0 up; ip addr add 10.77.0.60/24 dev eth0\n\
+         echo \"vda sectors $(cat /sys/block/vda/size)\"\n\
+         echo vm-hello up; while true; do sleep 2; echo tick; done",
+        &modules,
     )
     .unwrap();
     gw.put(&initrd, "/root/vm-hello/guest.cpio", 0o644).unwrap();
@@ -335,6 +417,7 @@ stop_timeout_s = 2
 
 [resources]
 memory_mib = 128
+disk_mib = 8
 
 [restart]
 policy = "on-failure"
@@ -342,9 +425,6 @@ max_retries = 5
 backoff_initial_ms = 500
 backoff_max_ms = 5000
 stable_after_s = 60
-
-[network]
-interface = false
 
 [microvm]
 cmdline = "quiet"
@@ -371,6 +451,12 @@ cmdline = "quiet"
     )
     .unwrap();
     let st = status(&gw, "vm-hello");
+    assert_eq!(st["interface"], "gv-vm-hello", "{st:#}");
+    gw.lan
+        .sh("ping -c 2 -W 5 10.77.0.60")
+        .expect("the LAN host reaches the microVM service on the bridge");
+    let logs = gw.ok("gatevisor service logs vm-hello").unwrap();
+    assert!(logs.contains("vda sectors 16384"), "{logs}");
     let rss = st["microvm"]["vmm_rss_bytes"].as_u64().unwrap_or(0);
     assert!(rss > 1 << 20, "VMM resident memory reported: {st:#}");
     assert_eq!(st["microvm"]["guest_memory_bytes"], 128u64 << 20);
@@ -405,6 +491,20 @@ cmdline = "quiet"
     gw.ok(&format!("kill -9 {vmm}")).unwrap();
     let st = wait_running(&gw, "vm-hello", Some(vmm));
     assert!(st["restarts"].as_u64().unwrap() > restarts, "{st:#}");
+    // The new VM has a new tap, plugged again.
+    gw.wait_until(
+        "the restarted guest on the LAN",
+        Duration::from_secs(300),
+        |gw| {
+            Ok(gw
+                .lan
+                .try_sh("ping -c 1 -W 3 10.77.0.60")
+                .status
+                .success()
+                .then_some(()))
+        },
+    )
+    .unwrap();
     let events = gw.ok("gatevisor events -n 20").unwrap();
     // "killed by signal 9" when the daemon started the VMM itself; after a re-adoption the
     // daemon is not its parent and only knows that it was killed.

@@ -22,6 +22,7 @@ pub mod devices;
 pub mod layout;
 pub mod process;
 pub mod sandbox;
+pub mod tap;
 pub mod virtio;
 pub mod vm;
 

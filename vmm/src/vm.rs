@@ -14,7 +14,6 @@ use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -195,34 +194,6 @@ fn file_err(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io
     move |source| Error::File { what, path, source }
 }
 
-/// Attaches to tap `name` (IFF_TAP | IFF_NO_PI), non-blocking.
-fn open_tap(name: &str) -> Result<File> {
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(Error::Config(format!("tap name {name:?}: 1 to 15 bytes")));
-    }
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open("/dev/net/tun")
-        .map_err(file_err("open", "/dev/net/tun"))?;
-    // struct ifreq: the name, then the flags (a short) in the union.
-    let mut ifr = [0u8; 40];
-    ifr[..name.len()].copy_from_slice(name.as_bytes());
-    let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as u16;
-    ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
-    // SAFETY: TUNSETIFF reads and writes a 40-byte struct ifreq, which `ifr` is, on a
-    // descriptor this function owns.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) };
-    if r < 0 {
-        return Err(file_err("attach to tap", name)(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(f)
-}
-
 /// Takes over inherited descriptor `fd` as the tap, non-blocking.
 fn adopt_tap(fd: RawFd) -> Result<File> {
     let err = |e: std::io::Error| Error::Config(format!("tap_fd {fd}: {e}"));
@@ -302,7 +273,7 @@ impl Vm {
         };
         for n in &cfg.net {
             let tap = match (&n.tap, n.tap_fd) {
-                (Some(name), _) => open_tap(name)?,
+                (Some(name), _) => crate::tap::open(name)?,
                 (None, Some(fd)) => adopt_tap(fd)?,
                 (None, None) => unreachable!("validated"),
             };
