@@ -1273,6 +1273,7 @@ impl Supervisor {
                 }
                 None => vec![],
             },
+            vsock: None,
         };
         self.vms.define(&m.name, &cfg).map_err(runtime_err)
     }

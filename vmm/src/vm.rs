@@ -5,6 +5,7 @@ use crate::layout::*;
 use crate::virtio::block::Block;
 use crate::virtio::mmio::{self, Interrupt, MmioTransport};
 use crate::virtio::net::Net;
+use crate::virtio::vsock::Vsock;
 use crate::{acpi, boot, cpu, kvm, Error, Result};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -58,6 +59,18 @@ pub struct VmConfig {
     /// Disks (virtio-blk), each a raw image file.
     #[serde(default)]
     pub disk: Vec<DiskConfig>,
+    /// A virtio-vsock device, its host side on Unix sockets.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+}
+
+/// virtio-vsock: the guest's context id, and the Unix socket host processes connect to
+/// (`CONNECT <port>`); guest connections to host port P go to `<uds_path>_<P>`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
 }
 
 /// A virtio-net interface's backend: a tap the supervisor opened and handed over as an
@@ -152,6 +165,19 @@ impl VmConfig {
                 self.disk.len()
             )));
         }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < 3 || v.guest_cid > u32::MAX as u64 {
+                return Err(Error::Config(format!(
+                    "vsock guest_cid {}: 3 to 2^32-1 (0-2 are reserved)",
+                    v.guest_cid
+                )));
+            }
+        }
+        if self.net.len() + self.disk.len() + self.vsock.is_some() as usize > VIRTIO_MAX_DEVICES {
+            return Err(Error::Config(format!(
+                "at most {VIRTIO_MAX_DEVICES} virtio devices"
+            )));
+        }
         for n in &self.net {
             parse_mac(&n.mac)?;
             if n.tap.is_some() == n.tap_fd.is_some() {
@@ -177,16 +203,14 @@ pub struct Vm {
     bus: PortBus<Box<dyn Write + Send>>,
     /// The virtio-mmio windows, in address order from [`VIRTIO_MMIO_START`].
     mmio: Vec<Arc<Mutex<MmioTransport>>>,
-    /// What the I/O thread polls: each network device's tap and its wake-up.
-    net_io: Vec<NetIo>,
+    /// What the I/O thread polls: devices with a backend (taps, vsock sockets) and their
+    /// wake-ups.
+    io: Vec<DeviceIo>,
 }
 
-struct NetIo {
+struct DeviceIo {
     transport: Arc<Mutex<MmioTransport>>,
-    tap: RawFd,
     wake: EventFd,
-    /// Keeps `tap` open for as long as the thread polls it.
-    _tap: File,
 }
 
 fn file_err(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
@@ -255,7 +279,7 @@ impl Vm {
 
         // The devices: one virtio-mmio window and GSI each, nets first, then disks.
         let mut mmio = Vec::new();
-        let mut net_io = Vec::new();
+        let mut io = Vec::new();
         let mut acpi_devices = Vec::new();
         let irq_for = |index: usize| -> Result<(Interrupt, acpi::MmioDevice)> {
             let gsi = VIRTIO_GSIS[index];
@@ -279,7 +303,7 @@ impl Vm {
             };
             let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(file_err("eventfd", "net wake"))?;
             let dev = Net::new(
-                tap.try_clone().map_err(file_err("dup", "tap"))?,
+                tap,
                 parse_mac(&n.mac)?,
                 wake.try_clone().map_err(file_err("dup", "eventfd"))?,
             );
@@ -289,11 +313,9 @@ impl Vm {
                 mem.clone(),
                 irq,
             )));
-            net_io.push(NetIo {
+            io.push(DeviceIo {
                 transport: t.clone(),
-                tap: tap.as_raw_fd(),
                 wake,
-                _tap: tap,
             });
             mmio.push(t);
             acpi_devices.push(desc);
@@ -312,6 +334,28 @@ impl Vm {
                 mem.clone(),
                 irq,
             ))));
+            acpi_devices.push(desc);
+        }
+        if let Some(v) = &cfg.vsock {
+            let wake =
+                EventFd::new(libc::EFD_NONBLOCK).map_err(file_err("eventfd", "vsock wake"))?;
+            let dev = Vsock::new(
+                v.guest_cid,
+                v.uds_path.clone(),
+                wake.try_clone().map_err(file_err("dup", "eventfd"))?,
+            )
+            .map_err(file_err("listen on", v.uds_path.clone()))?;
+            let (irq, desc) = irq_for(mmio.len())?;
+            let t = Arc::new(Mutex::new(MmioTransport::new(
+                Box::new(dev),
+                mem.clone(),
+                irq,
+            )));
+            io.push(DeviceIo {
+                transport: t.clone(),
+                wake,
+            });
+            mmio.push(t);
             acpi_devices.push(desc);
         }
         let rsdp = acpi::write_tables(&mem, cfg.vcpus, &acpi_devices).map_err(Error::Config)?;
@@ -376,17 +420,17 @@ impl Vm {
             vcpu,
             bus: PortBus::new(serial_irq, console),
             mmio,
-            net_io,
+            io,
         })
     }
 
     /// Starts the thread that moves frames from the taps into the guest. It enters the
     /// sandbox's seccomp filter before it polls anything; an error here is the VMM's.
     pub fn start_io(&mut self) -> Result<()> {
-        if self.net_io.is_empty() {
+        if self.io.is_empty() {
             return Ok(());
         }
-        let nets = std::mem::take(&mut self.net_io);
+        let devices = std::mem::take(&mut self.io);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("vmm-io".into())
@@ -395,7 +439,7 @@ impl Vm {
                 let ok = filtered.is_ok();
                 let _ = tx.send(filtered);
                 if ok {
-                    io_loop(nets);
+                    io_loop(devices);
                 }
             })
             .map_err(file_err("spawn", "the I/O thread"))?;
@@ -496,36 +540,48 @@ fn lock(m: &Mutex<MmioTransport>) -> std::sync::MutexGuard<'_, MmioTransport> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The I/O thread: waits for frames on the taps that have somewhere to go, and for the
-/// wake-ups that say a device's receive buffers changed.
-fn io_loop(nets: Vec<NetIo>) {
+/// The I/O thread: waits on what each device's backend asks for (a tap with frames that
+/// have somewhere to go, vsock sockets) and on the wake-ups that say a device's buffers
+/// changed.
+fn io_loop(devices: Vec<DeviceIo>) {
     loop {
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(nets.len() * 2);
-        for n in &nets {
+        let mut fds: Vec<libc::pollfd> = Vec::new();
+        let mut owner: Vec<usize> = Vec::new();
+        for (i, d) in devices.iter().enumerate() {
             fds.push(libc::pollfd {
-                fd: n.wake.as_raw_fd(),
+                fd: d.wake.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             });
-            let poll_tap = lock(&n.transport).backend_wants_input();
-            fds.push(libc::pollfd {
-                // A negative descriptor is skipped by poll(2).
-                fd: if poll_tap { n.tap } else { -1 },
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            owner.push(i);
+            for (fd, events) in lock(&d.transport).backend_fds() {
+                fds.push(libc::pollfd {
+                    fd,
+                    events,
+                    revents: 0,
+                });
+                owner.push(i);
+            }
         }
         // SAFETY: `fds` is a live array of `fds.len()` pollfd structures.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if r < 0 {
             continue; // EINTR
         }
-        for (i, n) in nets.iter().enumerate() {
-            if fds[2 * i].revents != 0 {
-                let _ = n.wake.read();
+        let mut ready = vec![false; devices.len()];
+        for (k, p) in fds.iter().enumerate() {
+            if p.revents == 0 {
+                continue;
             }
-            if fds[2 * i + 1].revents != 0 {
-                lock(&n.transport).backend_ready();
+            if p.fd == devices[owner[k]].wake.as_raw_fd() {
+                let _ = devices[owner[k]].wake.read();
+            } else {
+                ready[owner[k]] = true;
+            }
+        }
+        for (i, d) in devices.iter().enumerate() {
+            if ready[i] {
+                lock(&d.transport).backend_ready();
             }
         }
     }

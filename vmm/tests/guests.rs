@@ -34,6 +34,7 @@ fn run(dir: &Path, code: &[u8]) -> (gatevisor_vmm::Result<VmEnd>, String) {
         exit_file: None,
         net: vec![],
         disk: vec![],
+        vsock: None,
     };
     let end = gatevisor_vmm::vm::Vm::new(&cfg).and_then(|mut vm| vm.run());
     (end, std::fs::read_to_string(&console).unwrap_or_default())
@@ -116,6 +117,7 @@ fn invalid_configuration_is_refused_before_kvm_is_touched() {
         exit_file: None,
         net: vec![],
         disk: vec![],
+        vsock: None,
     };
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("memory_mib"), "{e}");
@@ -140,6 +142,7 @@ fn sandbox_child() {
         exit_file: None,
         net: vec![],
         disk: vec![],
+        vsock: None,
     };
     let mut vm = gatevisor_vmm::vm::Vm::new(&cfg).unwrap();
     gatevisor_vmm::sandbox::enter().unwrap();

@@ -310,10 +310,14 @@ impl MmioTransport {
         }
     }
 
-    /// Whether the I/O thread should poll the device's backend now: only for a live device
-    /// that has somewhere to put what it reads.
-    pub fn backend_wants_input(&self) -> bool {
-        self.active() && !self.device.backend_paused()
+    /// What the I/O thread should poll for the device's backend now: nothing unless the
+    /// device is live, then what the device asks for.
+    pub fn backend_fds(&self) -> Vec<(std::os::fd::RawFd, i16)> {
+        if self.active() {
+            self.device.backend_fds()
+        } else {
+            Vec::new()
+        }
     }
 
     /// The device's backend has work for the driver.

@@ -16,6 +16,7 @@ pub mod mmio;
 pub mod net;
 #[cfg(test)]
 mod tests;
+pub mod vsock;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -61,9 +62,10 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, DeviceError> {
         Ok(false)
     }
-    /// Whether the backend should not be polled now (receive waits for buffers).
-    fn backend_paused(&self) -> bool {
-        false
+    /// The descriptors the I/O thread should poll for this device now, with poll events
+    /// (none while receive waits for buffers, for instance).
+    fn backend_fds(&self) -> Vec<(std::os::fd::RawFd, i16)> {
+        Vec::new()
     }
     /// The driver reset the device: forget negotiated state (the backend stays open).
     fn reset(&mut self) {}

@@ -210,8 +210,13 @@ impl VirtioDevice for Net {
         self.receive(mem, &mut queues[RX])
     }
 
-    fn backend_paused(&self) -> bool {
-        self.rx_waiting
+    fn backend_fds(&self) -> Vec<(std::os::fd::RawFd, i16)> {
+        use std::os::fd::AsRawFd;
+        if self.rx_waiting {
+            Vec::new()
+        } else {
+            vec![(self.tap.as_raw_fd(), libc::POLLIN)]
+        }
     }
 
     fn reset(&mut self) {

@@ -345,7 +345,7 @@ fn net_delivers_a_frame_into_a_receive_buffer_with_a_header_and_waits_when_there
     peer.send(&frame).unwrap();
     // No buffers yet: the frame waits.
     d.t.backend_ready();
-    assert!(!d.t.backend_wants_input());
+    assert!(d.t.backend_fds().is_empty());
     assert_eq!(d.used(0).len(), 0);
     d.push(0, &[(0x8_0000, 1526, true)]);
     d.w(0x50, 0);
@@ -354,7 +354,7 @@ fn net_delivers_a_frame_into_a_receive_buffer_with_a_header_and_waits_when_there
     d.mem.read_slice(&mut got, GuestAddress(0x8_0000)).unwrap();
     assert_eq!(got[10], 1, "num_buffers");
     assert_eq!(&got[HDR_LEN..], &frame);
-    assert!(d.t.backend_wants_input());
+    assert!(!d.t.backend_fds().is_empty());
 }
 
 #[test]
@@ -416,5 +416,166 @@ mod hostile {
                 n.t.backend_ready();
             }
         }
+    }
+}
+
+mod vsock {
+    use super::*;
+    use crate::virtio::vsock::{Header, Vsock, BUF_ALLOC, HDR_LEN as VHDR};
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    const CID: u64 = 7;
+
+    fn device(dir: &std::path::Path) -> Driver {
+        let dev = Vsock::new(CID, dir.join("v.sock"), EventFd::new(0).unwrap()).unwrap();
+        let mut d = Driver::new(Box::new(dev));
+        assert_eq!(d.bring_up(3) & S_DRIVER_OK, S_DRIVER_OK);
+        d
+    }
+
+    /// Gives the device `n` receive buffers at 0x8_0000 + i * 0x1_0000.
+    fn rx_buffers(d: &mut Driver, n: u64) {
+        for i in 0..n {
+            d.push(0, &[(0x8_0000 + i * 0x1_0000, 0x1_0000, true)]);
+        }
+        d.w(0x50, 0);
+    }
+
+    /// The packets the device put in the receive queue so far.
+    fn received(d: &Driver) -> Vec<(Header, Vec<u8>)> {
+        d.used(0)
+            .iter()
+            .map(|(head, len)| {
+                let at = GuestAddress(0x8_0000 + *head as u64 * 0x1_0000);
+                let mut b = vec![0u8; *len as usize];
+                d.mem.read_slice(&mut b, at).unwrap();
+                let h = Header::parse(b[..VHDR].try_into().unwrap());
+                (h, b[VHDR..].to_vec())
+            })
+            .collect()
+    }
+
+    fn send(d: &mut Driver, h: Header, payload: &[u8]) {
+        d.mem
+            .write_slice(&h.bytes(), GuestAddress(0x6_0000))
+            .unwrap();
+        d.mem.write_slice(payload, GuestAddress(0x7_0000)).unwrap();
+        let mut chain = vec![(0x6_0000, VHDR as u32, false)];
+        if !payload.is_empty() {
+            chain.push((0x7_0000, payload.len() as u32, false));
+        }
+        d.push(1, &chain);
+        d.w(0x50, 1);
+    }
+
+    fn guest(op: u16, src_port: u32, dst_port: u32, len: u32) -> Header {
+        Header {
+            src_cid: CID,
+            dst_cid: 2,
+            src_port,
+            dst_port,
+            len,
+            kind: 1,
+            op,
+            flags: 0,
+            buf_alloc: 65536,
+            fwd_cnt: 0,
+        }
+    }
+
+    #[test]
+    fn a_host_connect_reaches_the_guest_and_bytes_flow_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = device(dir.path());
+        let mut cid = [0u8; 8];
+        d.t.read(0x100, &mut cid);
+        assert_eq!(u64::from_le_bytes(cid), CID);
+        rx_buffers(&mut d, 8);
+        let mut host = UnixStream::connect(dir.path().join("v.sock")).unwrap();
+        host.write_all(b"CONNECT 5000\nearly").unwrap();
+        // The I/O thread's part: accept, read the line, ask the guest.
+        for _ in 0..3 {
+            d.t.backend_ready();
+        }
+        let got = received(&d);
+        let (req, _) = &got[0];
+        assert_eq!(
+            (req.op, req.dst_port, req.dst_cid, req.src_cid),
+            (1, 5000, CID, 2)
+        );
+        let host_port = req.src_port;
+        // The guest accepts; the host is told OK and the early bytes reach the guest.
+        send(
+            &mut d,
+            Header {
+                op: 2,
+                ..guest(2, 5000, host_port, 0)
+            },
+            &[],
+        );
+        let mut line = String::new();
+        BufReader::new(host.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, format!("OK {host_port}\n"));
+        d.t.backend_ready();
+        let got = received(&d);
+        let (rw, data) = got.last().unwrap();
+        assert_eq!((rw.op, rw.len, rw.buf_alloc), (5, 5, BUF_ALLOC));
+        assert_eq!(data, b"early");
+        // Guest → host.
+        send(&mut d, guest(5, 5000, host_port, 5), b"hello");
+        let mut b = [0u8; 5];
+        host.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"hello");
+        // The host hangs up: the guest is told (SHUTDOWN both ways).
+        drop(host);
+        d.t.backend_ready();
+        let (last, _) = received(&d).pop().unwrap();
+        assert_eq!((last.op, last.flags), (4, 3));
+        assert!(d.t.broken().is_none());
+    }
+
+    #[test]
+    fn a_guest_connect_reaches_the_hosts_port_socket_or_is_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = device(dir.path());
+        rx_buffers(&mut d, 8);
+        let listener = UnixListener::bind(dir.path().join("v.sock_6000")).unwrap();
+        send(&mut d, guest(1, 1234, 6000, 0), &[]);
+        let (mut conn, _) = listener.accept().unwrap();
+        let (resp, _) = received(&d)[0].clone();
+        assert_eq!((resp.op, resp.src_port, resp.dst_port), (2, 6000, 1234));
+        send(&mut d, guest(5, 1234, 6000, 3), b"abc");
+        let mut b = [0u8; 3];
+        conn.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"abc");
+        // Nobody listens on 6001: RST.
+        send(&mut d, guest(1, 1235, 6001, 0), &[]);
+        let (rst, _) = received(&d).pop().unwrap();
+        assert_eq!((rst.op, rst.dst_port), (3, 1235));
+        // A packet for a connection that does not exist: RST, not a broken device.
+        send(&mut d, guest(5, 999, 6000, 1), b"x");
+        assert_eq!(received(&d).pop().unwrap().0.op, 3);
+        // A forged source CID is refused.
+        send(
+            &mut d,
+            Header {
+                src_cid: 99,
+                ..guest(1, 1, 6000, 0)
+            },
+            &[],
+        );
+        assert_eq!(received(&d).pop().unwrap().0.op, 3);
+        assert!(d.t.broken().is_none());
+    }
+
+    #[test]
+    fn a_length_that_disagrees_with_the_chain_breaks_the_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = device(dir.path());
+        send(&mut d, guest(5, 1, 2, 100), b"short");
+        assert!(d.t.broken().is_some());
     }
 }
