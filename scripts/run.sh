@@ -15,7 +15,7 @@ for a in "$@"; do
   case "$a" in
     --once) once=1 ;;
     --in-gateway)
-      echo "run.sh: --in-gateway needs the emulated gateway of qemu-tests and the microVM runtime, which are not built yet" >&2
+      echo "run.sh: --in-gateway needs steering to a microVM (its verdict channel over vsock), which is not wired yet" >&2
       exit 2 ;;
     *) echo "usage: $0 [--once]" >&2; exit 2 ;;
   esac
