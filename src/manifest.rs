@@ -165,6 +165,11 @@ pub struct Network {
     /// over and restarted.
     #[serde(default)]
     pub heartbeat_timeout_ms: Option<u64>,
+    /// The service's IPv4 address on its interface, `A.B.C.D/PREFIX` (set on eth0 by liblxc
+    /// for a container, by gatevisor's guest init for a microVM). Unset: the service
+    /// configures its interface itself.
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 impl Default for Network {
@@ -173,6 +178,7 @@ impl Default for Network {
             interface: true,
             steering: Vec::new(),
             heartbeat_timeout_ms: None,
+            address: None,
         }
     }
 }
@@ -376,6 +382,24 @@ impl Manifest {
                 return Err(bad(
                     "network.heartbeat_timeout_ms",
                     "needs network.steering (the heartbeat comes over the verdict socket)".into(),
+                ));
+            }
+        }
+        if let Some(a) = &self.network.address {
+            let ok = a.split_once('/').is_some_and(|(ip, p)| {
+                ip.parse::<std::net::Ipv4Addr>().is_ok()
+                    && p.parse::<u8>().is_ok_and(|p| (1..=32).contains(&p))
+            });
+            if !ok {
+                return Err(bad(
+                    "network.address",
+                    format!("{a:?}: expected an IPv4 address with its prefix, like 10.77.0.60/24"),
+                ));
+            }
+            if !self.network.interface {
+                return Err(bad(
+                    "network.address",
+                    "needs network.interface = true".into(),
                 ));
             }
         }

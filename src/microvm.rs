@@ -11,6 +11,120 @@ use std::time::{Duration, Instant};
 /// ends the VM, a panic that ends it too, no PCI (the VMM has none).
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
 
+/// Where gatevisor's guest init sits in a service guest, and the vsock port it serves.
+pub const GUEST_INIT_PATH: &str = "/gatevisor/init";
+pub const CONTROL_PORT: u32 = 1024;
+/// Each VMM has its own vsock device, so every guest can have the same context id.
+pub const GUEST_CID: u64 = 3;
+
+/// gatevisor's guest init binary (`gatevisor-guest-init`, static): `$GATEVISOR_GUEST_INIT`,
+/// or next to this executable, or `/usr/lib/gatevisor/`. None: services' guests run their
+/// command as init (no graceful stop, no address set by gatevisor).
+pub fn guest_init() -> Option<PathBuf> {
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf));
+    std::env::var_os("GATEVISOR_GUEST_INIT")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(exe_dir.map(|d| d.join("gatevisor-guest-init")))
+        .chain([PathBuf::from("/usr/lib/gatevisor/gatevisor-guest-init")])
+        .find(|p| is_static_elf(p))
+}
+
+/// Whether `path` is an ELF executable without a program interpreter: a guest initramfs has
+/// no dynamic loader or libraries, so only a static init can run there.
+pub fn is_static_elf(path: &Path) -> bool {
+    let Ok(b) = std::fs::read(path) else {
+        return false;
+    };
+    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
+        return false;
+    }
+    let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
+    let (Some(phentsize), Some(phnum)) = (u16_at(0x36), u16_at(0x38)) else {
+        return false;
+    };
+    let phoff = u64::from_le_bytes(b[0x20..0x28].try_into().unwrap()) as usize;
+    (0..phnum as usize).all(|i| {
+        let at = phoff + i * phentsize as usize;
+        // PT_INTERP = 3.
+        b.get(at..at + 4)
+            .is_some_and(|t| u32::from_le_bytes(t.try_into().unwrap()) != 3)
+    })
+}
+
+/// The module tree of the running kernel: the default guest kernel is the gateway's own.
+pub fn running_kernel_modules() -> PathBuf {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    PathBuf::from(format!("/lib/modules/{}", release.trim()))
+}
+
+/// Writes `out`: the service's initramfs `service`, padded to 4 bytes, followed by a second
+/// archive with the guest init at [`GUEST_INIT_PATH`] and, from module tree `modules`, the
+/// virtio modules with their load order in `/gatevisor/modules`. The kernel unpacks both.
+pub fn initramfs_with_init(
+    service: &Path,
+    init: &Path,
+    modules: Option<&Path>,
+    out: &Path,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut bytes = std::fs::read(service)?;
+    bytes.resize(bytes.len().next_multiple_of(4), 0);
+    let init_bytes = std::fs::read(init)?;
+    let mods = match modules {
+        Some(tree) => gatevisor_vmm::guest::find_modules(tree).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let mut c = gatevisor_vmm::cpio::Cpio::new(Vec::new());
+    c.dir("gatevisor")?;
+    c.file("gatevisor/init", 0o755, &init_bytes)?;
+    let mut list = String::new();
+    for (name, path) in &mods {
+        let ko = std::fs::read(path)?;
+        c.file(&format!("gatevisor/{name}.ko"), 0o644, &ko)?;
+        list.push_str(&format!("/gatevisor/{name}.ko\n"));
+    }
+    c.file("gatevisor/modules", 0o644, list.as_bytes())?;
+    bytes.extend_from_slice(&c.finish()?);
+    let tmp = out.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, out)
+}
+
+/// Asks the guest init to stop the service and power off, over the VM's vsock control port.
+/// Returns once the request was accepted ("ok"), or why not.
+pub fn request_poweroff(vsock: &Path, timeout: Duration) -> std::io::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(vsock)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut w = &s;
+    writeln!(w, "CONNECT {CONTROL_PORT}")?;
+    let mut r = BufReader::new(&s);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if !line.starts_with("OK ") {
+        return Err(std::io::Error::other(format!(
+            "the guest's control port did not answer ({})",
+            line.trim()
+        )));
+    }
+    writeln!(w, "poweroff")?;
+    line.clear();
+    r.read_line(&mut line)?;
+    if line.trim() != "ok" {
+        return Err(std::io::Error::other(format!(
+            "the guest init refused: {}",
+            line.trim()
+        )));
+    }
+    Ok(())
+}
+
 /// The descriptor a VMM finds its tap on.
 pub const TAP_FD: i32 = 3;
 
@@ -62,6 +176,11 @@ impl MicrovmRuntime {
         self.dir.join(format!("{name}.pid"))
     }
 
+    /// The Unix socket of the VM's vsock device (host side).
+    pub fn vsock_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.vsock"))
+    }
+
     /// The gateway's own kernel, the default guest kernel.
     pub fn default_kernel() -> PathBuf {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -80,6 +199,7 @@ impl MicrovmRuntime {
     }
 
     pub fn undefine(&self, name: &str) {
+        let _ = std::fs::remove_file(self.vsock_path(name));
         let _ = std::fs::remove_file(self.config_path(name));
         let _ = std::fs::remove_file(self.pid_path(name));
     }
@@ -146,14 +266,29 @@ impl MicrovmRuntime {
         (ours && !zombie).then_some(pid)
     }
 
-    /// Ends the VM: SIGTERM to the VMM, SIGKILL after `timeout`. (A guest-visible graceful
-    /// power-off needs ACPI or vsock, which this VMM does not have yet.) Returns whether it
-    /// was running.
+    /// Ends the VM: first gracefully (the guest init stops the service and powers off, asked
+    /// over vsock) when the guest has gatevisor's init, then SIGTERM to the VMM, then SIGKILL,
+    /// each within `timeout`. Returns whether it was running.
     pub fn stop(&self, name: &str, timeout: Duration) -> bool {
         let Some(pid) = self.pid(name) else {
             return false;
         };
         let pidfd = crate::proc::pidfd_open(pid).ok();
+        let vsock = self.vsock_path(name);
+        if let Some(fd) = &pidfd {
+            if vsock.exists() {
+                // The guest's grace period (gatevisor.grace_s) is `timeout` too: allow both.
+                match request_poweroff(&vsock, Duration::from_secs(5)) {
+                    Ok(()) => {
+                        if crate::proc::wait_pidfd(fd, Some(timeout + Duration::from_secs(5))) {
+                            return true;
+                        }
+                        tracing::warn!("{name}: the guest did not power off in time");
+                    }
+                    Err(e) => tracing::warn!("{name}: graceful power-off: {e}"),
+                }
+            }
+        }
         // SAFETY: kill(2) of the VMM this runtime started (checked through its command line).
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let deadline = Instant::now() + timeout.max(Duration::from_millis(100));
@@ -197,5 +332,66 @@ impl MicrovmRuntime {
             .parse()
             .ok()?;
         Some(kib * 1024)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_static_elf_can_be_the_guest_init() {
+        // This test binary is dynamically linked (it has a program interpreter).
+        let me = std::env::current_exe().unwrap();
+        assert!(!is_static_elf(&me));
+        let d = tempfile::tempdir().unwrap();
+        let text = d.path().join("script");
+        std::fs::write(&text, "#!/bin/sh\n").unwrap();
+        assert!(!is_static_elf(&text));
+        // A minimal ELF64 header with one PT_LOAD program header and no PT_INTERP.
+        let mut elf = vec![0u8; 64 + 56];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2;
+        elf[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        elf[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        elf[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+        elf[64..68].copy_from_slice(&1u32.to_le_bytes());
+        let f = d.path().join("static");
+        std::fs::write(&f, &elf).unwrap();
+        assert!(is_static_elf(&f));
+        elf[64..68].copy_from_slice(&3u32.to_le_bytes());
+        std::fs::write(&f, &elf).unwrap();
+        assert!(!is_static_elf(&f));
+    }
+
+    #[test]
+    fn the_init_archive_follows_the_services_aligned_with_its_module_list() {
+        let d = tempfile::tempdir().unwrap();
+        let service = d.path().join("svc.cpio");
+        std::fs::write(&service, b"SERVICE-ARCHIVE").unwrap(); // 15 bytes: padded to 16
+        let init = d.path().join("init");
+        std::fs::write(&init, b"INIT-BINARY").unwrap();
+        let tree = d.path().join("modules");
+        std::fs::create_dir_all(tree.join("kernel")).unwrap();
+        std::fs::write(
+            tree.join("modules.dep"),
+            "kernel/virtio.ko:\nkernel/virtio_net.ko: kernel/virtio.ko\n",
+        )
+        .unwrap();
+        std::fs::write(tree.join("kernel/virtio.ko"), b"KO1").unwrap();
+        std::fs::write(tree.join("kernel/virtio_net.ko"), b"KO2").unwrap();
+        let out = d.path().join("out.cpio");
+        initramfs_with_init(&service, &init, Some(&tree), &out).unwrap();
+        let b = std::fs::read(&out).unwrap();
+        assert_eq!(&b[..15], b"SERVICE-ARCHIVE");
+        assert_eq!(b[15], 0);
+        assert_eq!(
+            &b[16..22],
+            b"070701",
+            "a newc archive starts aligned after it"
+        );
+        let text = String::from_utf8_lossy(&b);
+        assert!(text.contains("gatevisor/init") && text.contains("INIT-BINARY"));
+        assert!(text.contains("/gatevisor/virtio.ko\n/gatevisor/virtio_net.ko\n"));
     }
 }

@@ -1193,6 +1193,7 @@ impl Supervisor {
             },
             capabilities: caps,
             veth_host: m.network.interface.then(|| veth_name(&m.name)),
+            ipv4_address: m.network.address.clone(),
             seccomp_profile: lxc::default_seccomp_profile(),
             apparmor_profile: lxc::apparmor_profile(),
             bind_dirs: if m.network.steering.is_empty() {
@@ -1209,7 +1210,6 @@ impl Supervisor {
     /// Copies the initramfs and writes the VM configuration of a microVM service.
     fn define_vm(&mut self, m: &Manifest, initramfs: &Path, dir: &Path) -> Result<()> {
         let initrd = dir.join("initramfs.cpio");
-        std::fs::copy(initramfs, &initrd).map_err(runtime_err)?;
         let kernel = m
             .microvm
             .kernel
@@ -1224,16 +1224,64 @@ impl Supervisor {
                 ),
             ));
         }
-        let mut cmdline = format!(
-            "{} {} rdinit={}",
-            crate::microvm::BASE_CMDLINE,
-            m.microvm.cmdline,
-            m.command[0]
-        );
-        if m.command.len() > 1 {
-            cmdline.push_str(" -- ");
-            cmdline.push_str(&m.command[1..].join(" "));
-        }
+        // With gatevisor's guest init (the usual case), the service's initramfs gets a second
+        // archive: the init, and the virtio modules of the gateway's kernel when the guest
+        // runs that kernel. The init runs the service, and answers the control port (vsock)
+        // through which stop powers the guest off gracefully.
+        let guest_init = crate::microvm::guest_init();
+        let modules_of = m
+            .microvm
+            .kernel
+            .is_none()
+            .then(crate::microvm::running_kernel_modules);
+        let (cmdline, vsock) = match &guest_init {
+            Some(init) => {
+                crate::microvm::initramfs_with_init(
+                    initramfs,
+                    init,
+                    modules_of.as_deref(),
+                    &initrd,
+                )
+                .map_err(runtime_err)?;
+                let mut c = format!(
+                    "{} {} rdinit={} gatevisor.grace_s={}",
+                    crate::microvm::BASE_CMDLINE,
+                    m.microvm.cmdline,
+                    crate::microvm::GUEST_INIT_PATH,
+                    m.stop_timeout_s
+                );
+                if let Some(a) = &m.network.address {
+                    c.push_str(&format!(" gatevisor.ip={a}"));
+                }
+                c.push_str(" -- ");
+                c.push_str(&m.command.join(" "));
+                let vsock = gatevisor_vmm::vm::VsockConfig {
+                    guest_cid: crate::microvm::GUEST_CID,
+                    uds_path: self.vms.vsock_path(&m.name),
+                };
+                (c, Some(vsock))
+            }
+            None => {
+                if m.network.address.is_some() {
+                    return Err(err(
+                        ErrorKind::Invalid,
+                        "field `network.address`: a microVM's address is set by gatevisor-guest-init, which is not installed on this gateway".to_string(),
+                    ));
+                }
+                std::fs::copy(initramfs, &initrd).map_err(runtime_err)?;
+                let mut c = format!(
+                    "{} {} rdinit={}",
+                    crate::microvm::BASE_CMDLINE,
+                    m.microvm.cmdline,
+                    m.command[0]
+                );
+                if m.command.len() > 1 {
+                    c.push_str(" -- ");
+                    c.push_str(&m.command[1..].join(" "));
+                }
+                (c, None)
+            }
+        };
         let cfg = gatevisor_vmm::VmConfig {
             boot: gatevisor_vmm::Boot::Linux {
                 kernel,
@@ -1273,7 +1321,7 @@ impl Supervisor {
                 }
                 None => vec![],
             },
-            vsock: None,
+            vsock,
         };
         self.vms.define(&m.name, &cfg).map_err(runtime_err)
     }

@@ -37,6 +37,8 @@ pub struct ContainerSpec {
     pub capabilities: Vec<caps::Capability>,
     /// Host-side name of the container's veth pair; `None` gives it only a loopback.
     pub veth_host: Option<String>,
+    /// The container's IPv4 address on eth0 (`A.B.C.D/PREFIX`), when gatevisor sets it.
+    pub ipv4_address: Option<String>,
     /// liblxc's seccomp policy file; `None` when this liblxc has none.
     pub seccomp_profile: Option<PathBuf>,
     /// The AppArmor profile, when liblxc's default must be overridden (see
@@ -91,6 +93,9 @@ pub fn items(spec: &ContainerSpec, cgroups: Cgroups, lxc_log: &Path) -> Vec<(Str
             set("lxc.net.0.veth.pair", host.clone());
             set("lxc.net.0.name", "eth0".into());
             set("lxc.net.0.flags", "up".into());
+            if let Some(a) = &spec.ipv4_address {
+                set("lxc.net.0.ipv4.address", a.clone());
+            }
         }
         None => set("lxc.net.0.type", "empty".into()),
     }
@@ -173,6 +178,7 @@ mod tests {
             },
             capabilities: vec![],
             veth_host: Some("gv-svc".into()),
+            ipv4_address: Some("10.77.0.9/24".into()),
             seccomp_profile: Some("/s.seccomp".into()),
             apparmor_profile: None,
             bind_dirs: vec![("/var/lib/gv/run/svc".into(), "/run/gatevisor".into())],
@@ -238,6 +244,7 @@ mod tests {
     fn veth_host_name_and_env_are_passed() {
         let v = items(&spec(), Cgroups::V1, Path::new("/l"));
         assert_eq!(get(&v, "lxc.net.0.veth.pair"), ["gv-svc"]);
+        assert_eq!(get(&v, "lxc.net.0.ipv4.address"), ["10.77.0.9/24"]);
         assert_eq!(get(&v, "lxc.environment"), ["A=b c"]);
         let mut s = spec();
         s.veth_host = None;

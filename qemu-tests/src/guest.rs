@@ -8,20 +8,8 @@ use std::path::Path;
 /// The marker a guest's `/init` prints once it runs.
 pub const INIT_MARKER: &str = "gatevisor-guest: init reached";
 
-/// The guest modules a microVM's devices need from Debian's cloud kernel, in load order
-/// (each after what it depends on): virtio-mmio found through ACPI, then net, block, vsock.
-pub const GUEST_MODULES: [&str; 10] = [
-    "virtio",
-    "virtio_ring",
-    "virtio_mmio",
-    "failover",
-    "net_failover",
-    "virtio_net",
-    "virtio_blk",
-    "vsock",
-    "vmw_vsock_virtio_transport_common",
-    "vmw_vsock_virtio_transport",
-];
+/// The guest modules a microVM's devices need, in load order (see gatevisor-vmm).
+pub use gatevisor_vmm::guest::MODULES as GUEST_MODULES;
 
 /// An initramfs whose `/init` runs `script` (a busybox sh script) after mounting /proc, /sys
 /// and /dev, then reboots (which ends the VM).

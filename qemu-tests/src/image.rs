@@ -104,24 +104,18 @@ pub fn guest_modules(base: &Path) -> Result<PathBuf> {
     )?;
     let copied = (|| -> Result<()> {
         let tree = mnt.join(format!("lib/modules/{}", release.trim()));
-        let dep =
-            std::fs::read_to_string(tree.join("modules.dep")).map_err(io("read modules.dep"))?;
+        let found = gatevisor_vmm::guest::find_modules(&tree).map_err(io("read modules.dep"))?;
         for name in crate::guest::GUEST_MODULES {
-            let file = format!("/{name}.ko:");
-            let rel = dep
-                .lines()
-                .find_map(|l| {
-                    let (path, _) = l.split_once(':')?;
-                    format!("/{path}:")
-                        .ends_with(&file)
-                        .then(|| path.to_string())
-                })
-                .ok_or_else(|| Error::Command {
-                    what: format!("find module {name}"),
-                    detail: "not in the base kernel's modules.dep".into(),
-                })?;
-            std::fs::copy(tree.join(&rel), dir.join(format!("{name}.ko")))
-                .map_err(io(format!("copy {rel}")))?;
+            let (_, path) =
+                found
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .ok_or_else(|| Error::Command {
+                        what: format!("find module {name}"),
+                        detail: "not in the base kernel's modules.dep".into(),
+                    })?;
+            std::fs::copy(path, dir.join(format!("{name}.ko")))
+                .map_err(io(format!("copy {}", path.display())))?;
         }
         Ok(())
     })();
@@ -141,6 +135,25 @@ pub fn gatevisor_binary() -> Result<PathBuf> {
     Ok(crate::target_dir().join("release/gatevisor"))
 }
 
+/// Builds gatevisor's guest init statically (it runs in service guests' initramfs, which has
+/// no C library) and returns its path.
+pub fn guest_init_binary() -> Result<PathBuf> {
+    let dir = crate::target_dir().join("static");
+    crate::cargo_build(
+        &[
+            "--release",
+            "-p",
+            "gatevisor-guest-init",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "--target-dir",
+            dir.to_str().expect("a UTF-8 target folder"),
+        ],
+        Some("-C target-feature=+crt-static"),
+    )?;
+    Ok(dir.join("x86_64-unknown-linux-gnu/release/gatevisor-guest-init"))
+}
+
 /// Files added to the base: (path in the image, mode, bytes).
 fn additions(gatevisor: &Path, agent: &Path) -> Result<Vec<(String, u32, Vec<u8>)>> {
     let read = |p: &Path| std::fs::read(p).map_err(io(format!("read {}", p.display())));
@@ -150,6 +163,11 @@ fn additions(gatevisor: &Path, agent: &Path) -> Result<Vec<(String, u32, Vec<u8>
             "usr/local/sbin/gateway-agent".to_string(),
             0o755,
             read(agent)?,
+        ),
+        (
+            "usr/lib/gatevisor/gatevisor-guest-init".to_string(),
+            0o755,
+            read(&guest_init_binary()?)?,
         ),
         (
             "etc/systemd/system/gatevisor.service".to_string(),

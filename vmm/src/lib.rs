@@ -19,6 +19,7 @@ pub mod boot;
 pub mod cpio;
 pub mod cpu;
 pub mod devices;
+pub mod guest;
 pub mod layout;
 pub mod process;
 pub mod sandbox;

@@ -48,6 +48,14 @@ pub fn vcpu_filter() -> Result<BpfProgram> {
         libc::SYS_pwrite64,
         libc::SYS_fdatasync,
         libc::SYS_fsync,
+        // vsock's host side: accepting host connections, connecting to `<uds_path>_<port>`.
+        libc::SYS_accept4,
+        libc::SYS_connect,
+        libc::SYS_shutdown,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
         // abort(): a panic (panic = "abort") ends as SIGABRT, not as a seccomp kill.
         libc::SYS_getpid,
         libc::SYS_gettid,
@@ -66,16 +74,32 @@ pub fn vcpu_filter() -> Result<BpfProgram> {
         .map_err(bad)?])
         .map_err(bad)?],
     );
+    // Sockets: Unix ones only (vsock's host side).
     rules.insert(
-        libc::SYS_ioctl,
+        libc::SYS_socket,
         vec![SeccompRule::new(vec![SeccompCondition::new(
-            1,
+            0,
             SeccompCmpArgLen::Dword,
             SeccompCmpOp::Eq,
-            KVM_RUN,
+            libc::AF_UNIX as u64,
         )
         .map_err(bad)?])
         .map_err(bad)?],
+    );
+    let ioctl_is = |req: u64| -> Result<SeccompRule> {
+        SeccompRule::new(vec![SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            req,
+        )
+        .map_err(bad)?])
+        .map_err(bad)
+    };
+    // KVM_RUN, and FIONBIO (a socket made non-blocking).
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![ioctl_is(KVM_RUN)?, ioctl_is(libc::FIONBIO)?],
     );
     let filter = SeccompFilter::new(
         rules,

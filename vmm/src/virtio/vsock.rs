@@ -112,8 +112,10 @@ struct Conn {
     /// Bytes written to the host stream, and the count last told to the guest.
     fwd_cnt: u32,
     fwd_told: u32,
-    /// Guest bytes the host has not read yet (at most BUF_ALLOC: the guest respects credit).
+    /// Bytes the host has not read yet: guest bytes (at most BUF_ALLOC, the guest respects
+    /// credit), after the first `to_host_ours` bytes, which are the VMM's own `OK` line.
     to_host: Vec<u8>,
+    to_host_ours: usize,
     /// The host closed its side: no more reads.
     host_eof: bool,
     /// Host bytes read with the `CONNECT` line, for the guest first.
@@ -131,6 +133,7 @@ impl Conn {
             fwd_cnt: 0,
             fwd_told: 0,
             to_host: Vec::new(),
+            to_host_ours: 0,
             host_eof: false,
             early: Vec::new(),
         }
@@ -148,7 +151,11 @@ impl Conn {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.to_host.drain(..n);
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                    // Only the guest's bytes count as forwarded: the guest computes its
+                    // credit from them.
+                    let ours = n.min(self.to_host_ours);
+                    self.to_host_ours -= ours;
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add((n - ours) as u32);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -326,13 +333,14 @@ impl Vsock {
                 c.state = State::Established;
                 let ok = format!("OK {}\n", key.0);
                 c.to_host.extend_from_slice(ok.as_bytes());
+                c.to_host_ours += ok.len();
                 if c.flush().is_err() {
                     self.close(key, true);
                 }
             }
             (OP_RW, State::Established) => {
                 // The guest must respect the credit we advertised.
-                if c.to_host.len() + payload.len() > BUF_ALLOC as usize {
+                if c.to_host.len() - c.to_host_ours + payload.len() > BUF_ALLOC as usize {
                     self.close(key, true);
                     return;
                 }

@@ -1,0 +1,318 @@
+//! `gatevisor-guest-init`: PID 1 of a microVM service guest, a static binary the supervisor
+//! adds to the service's initramfs (as `/gatevisor/init`, in a second cpio archive).
+//!
+//! 1. mounts /proc, /sys, /dev; loads the kernel modules listed in `/gatevisor/modules`
+//!    (one `.ko` path per line, in load order: the virtio drivers of the stock kernel);
+//! 2. brings up `lo`, and `eth0` with the address of `gatevisor.ip=ADDR/PREFIX` on the kernel
+//!    command line (when given);
+//! 3. runs the service: its argv is this program's arguments (what follows `--` on the
+//!    kernel command line);
+//! 4. serves the **control port** (vsock port [`CONTROL_PORT`]): one line per connection,
+//!    `ping` → `pong`, `poweroff` → the service gets SIGTERM, then SIGKILL after the grace
+//!    period in `gatevisor.grace_s=N` (default 5), then the VM powers off;
+//! 5. when the service ends, prints its status on the console and powers the VM off.
+
+use std::ffi::CString;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The vsock port the supervisor's control requests go to.
+pub const CONTROL_PORT: u32 = 1024;
+
+static SERVICE_PID: AtomicI32 = AtomicI32::new(0);
+
+fn log(msg: &str) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "gatevisor-guest-init: {msg}");
+    let _ = out.flush();
+}
+
+fn mount(source: &str, target: &str, fstype: &str) {
+    let _ = std::fs::create_dir_all(target);
+    let (s, t, f) = (
+        CString::new(source).unwrap(),
+        CString::new(target).unwrap(),
+        CString::new(fstype).unwrap(),
+    );
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call and no data.
+    let r = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            log(&format!("mount {fstype} on {target}: {e}"));
+        }
+    }
+}
+
+fn load_modules() {
+    let Ok(list) = std::fs::read_to_string("/gatevisor/modules") else {
+        return;
+    };
+    for path in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let f = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                log(&format!("module {path}: {e}"));
+                continue;
+            }
+        };
+        let params = CString::new("").unwrap();
+        // SAFETY: finit_module(2) on an open file with empty parameters.
+        let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                log(&format!("module {path}: {e}"));
+            }
+        }
+    }
+}
+
+/// One `key=value` of the kernel command line.
+fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
+    cmdline
+        .split_whitespace()
+        .take_while(|w| *w != "--")
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
+}
+
+fn ifreq(name: &str) -> [u8; 40] {
+    let mut r = [0u8; 40];
+    r[..name.len().min(15)].copy_from_slice(&name.as_bytes()[..name.len().min(15)]);
+    r
+}
+
+fn sockaddr_in(addr: [u8; 4]) -> [u8; 16] {
+    let mut s = [0u8; 16];
+    s[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+    s[4..8].copy_from_slice(&addr);
+    s
+}
+
+/// Sets `name` up, with IPv4 `addr`/`prefix` when given.
+fn configure(name: &str, addr: Option<([u8; 4], u8)>) -> std::io::Result<()> {
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned right below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let ioctl = |req: libc::c_ulong, r: &mut [u8; 40]| -> std::io::Result<()> {
+        // SAFETY: the interface ioctls read and write one 40-byte struct ifreq, which `r` is.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), req, r.as_mut_ptr()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    if let Some((ip, prefix)) = addr {
+        let mut r = ifreq(name);
+        r[16..32].copy_from_slice(&sockaddr_in(ip));
+        ioctl(libc::SIOCSIFADDR, &mut r)?;
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix as u32)
+        };
+        let mut r = ifreq(name);
+        r[16..32].copy_from_slice(&sockaddr_in(mask.to_be_bytes()));
+        ioctl(libc::SIOCSIFNETMASK, &mut r)?;
+    }
+    let mut r = ifreq(name);
+    ioctl(libc::SIOCGIFFLAGS, &mut r)?;
+    let flags = i16::from_ne_bytes([r[16], r[17]]) | libc::IFF_UP as i16;
+    r[16..18].copy_from_slice(&flags.to_ne_bytes());
+    ioctl(libc::SIOCSIFFLAGS, &mut r)
+}
+
+fn parse_cidr(s: &str) -> Option<([u8; 4], u8)> {
+    let (ip, prefix) = s.split_once('/')?;
+    let ip: std::net::Ipv4Addr = ip.parse().ok()?;
+    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
+    Some((ip.octets(), prefix))
+}
+
+fn power_off() -> ! {
+    // SAFETY: sync(2) and reboot(2) take no pointers; as PID 1 this ends the VM (ACPI S5).
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF);
+    }
+    std::process::exit(0)
+}
+
+/// Stops the service (SIGTERM to its process group, SIGKILL after `grace`), powers off.
+fn stop_and_power_off(grace: Duration) -> ! {
+    let pid = SERVICE_PID.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) of the service's process group, which this init created.
+        unsafe { libc::kill(-pid, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            // SAFETY: kill with signal 0 only checks that the process exists.
+            if unsafe { libc::kill(pid, 0) } != 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+    }
+    log("powering off on request");
+    power_off()
+}
+
+/// The control port: a vsock listener, one request line per connection.
+fn control(grace: Duration) {
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        log(&format!("no vsock: {}", std::io::Error::last_os_error()));
+        return;
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let listener = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid starting value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_port = CONTROL_PORT;
+    addr.svm_cid = libc::VMADDR_CID_ANY;
+    // SAFETY: bind/listen with a pointer to `addr` and its exact size.
+    let ok = unsafe {
+        libc::bind(
+            listener.as_raw_fd(),
+            &addr as *const libc::sockaddr_vm as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        ) == 0
+            && libc::listen(listener.as_raw_fd(), 4) == 0
+    };
+    if !ok {
+        log(&format!(
+            "control port: {}",
+            std::io::Error::last_os_error()
+        ));
+        return;
+    }
+    loop {
+        // SAFETY: accept(2) without an address buffer.
+        let c = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if c < 0 {
+            continue;
+        }
+        // SAFETY: a new descriptor nothing else owns.
+        let stream = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(c) });
+        let mut line = String::new();
+        let mut reader = BufReader::new(stream.try_clone().expect("dup"));
+        if reader.read_line(&mut line).is_err() {
+            continue;
+        }
+        let mut out = &stream;
+        match line.trim() {
+            "ping" => {
+                let _ = writeln!(out, "pong");
+            }
+            "poweroff" => {
+                let _ = writeln!(out, "ok");
+                stop_and_power_off(grace);
+            }
+            other => {
+                let _ = writeln!(out, "error: unknown request {other:?}");
+            }
+        }
+    }
+}
+
+fn main() {
+    mount("proc", "/proc", "proc");
+    mount("sysfs", "/sys", "sysfs");
+    mount("devtmpfs", "/dev", "devtmpfs");
+    load_modules();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let grace = Duration::from_secs(
+        cmdline_value(&cmdline, "gatevisor.grace_s")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5),
+    );
+    if let Err(e) = configure("lo", None) {
+        log(&format!("lo: {e}"));
+    }
+    if let Some(ip) = cmdline_value(&cmdline, "gatevisor.ip") {
+        match parse_cidr(&ip) {
+            Some(a) => {
+                if let Err(e) = configure("eth0", Some(a)) {
+                    log(&format!("eth0 {ip}: {e}"));
+                }
+            }
+            None => log(&format!("gatevisor.ip={ip}: expected ADDR/PREFIX")),
+        }
+    }
+    std::thread::spawn(move || control(grace));
+
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.is_empty() {
+        log("no service command (expected after -- on the kernel command line)");
+        power_off();
+    }
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            log(&format!("cannot start {}: {e}", argv[0]));
+            power_off();
+        }
+    };
+    let pid = child.id() as i32;
+    SERVICE_PID.store(pid, Ordering::SeqCst);
+    log(&format!("service {} started, pid {pid}", argv[0]));
+    // PID 1 reaps every orphan; the service's own end powers the VM off.
+    loop {
+        let mut status = 0;
+        // SAFETY: wait(2) for any child, with a pointer to a live int.
+        let r = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if r == pid {
+            let how = if libc::WIFEXITED(status) {
+                format!("exited with status {}", libc::WEXITSTATUS(status))
+            } else {
+                format!("killed by signal {}", libc::WTERMSIG(status))
+            };
+            log(&format!("service {how}; powering off"));
+            power_off();
+        }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_values_stop_at_the_service_arguments() {
+        let c = "console=ttyS0 gatevisor.ip=10.0.0.2/24 quiet -- /svc gatevisor.ip=x";
+        assert_eq!(
+            cmdline_value(c, "gatevisor.ip").as_deref(),
+            Some("10.0.0.2/24")
+        );
+        assert_eq!(cmdline_value(c, "gatevisor.grace_s"), None);
+    }
+
+    #[test]
+    fn cidr_parses_and_rejects_bad_prefixes() {
+        assert_eq!(parse_cidr("10.77.0.60/24"), Some(([10, 77, 0, 60], 24)));
+        assert_eq!(parse_cidr("10.77.0.60/33"), None);
+        assert_eq!(parse_cidr("10.77.0.60"), None);
+    }
+}
