@@ -281,23 +281,6 @@ impl Manifest {
         }
         self.image_ref(file)?;
         if self.runtime == RuntimeKind::Microvm {
-            let not_yet = |field: &str, what: &str| {
-                Err(bad(
-                    field,
-                    format!(
-                        "{what} is not available for microVM services yet; use runtime = \"lxc\""
-                    ),
-                ))
-            };
-            if !self.network.steering.is_empty() {
-                return not_yet(
-                    "network.steering",
-                    "steering to a microVM (its verdict channel needs vsock)",
-                );
-            }
-            if self.health.exec.is_some() || self.health.tcp_port.is_some() {
-                return not_yet("health", "a health check inside the guest (vsock)");
-            }
             if self.resources.vcpus > 1 {
                 return Err(bad(
                     "resources.vcpus",
@@ -459,8 +442,20 @@ impl Manifest {
             return Ok(ImageRef::Initramfs(f));
         }
         if self.runtime == RuntimeKind::Microvm {
+            if self.image == "package" {
+                // A package carries its tree as an initramfs too.
+                let f = file
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join("initramfs.cpio");
+                return if f.is_file() {
+                    Ok(ImageRef::Initramfs(f))
+                } else {
+                    Err(bad("\"package\" means the image inside a signed package, and this one has no initramfs.cpio for a microVM".into()))
+                };
+            }
             return Err(bad(format!(
-                "{:?}: a microVM boots an initramfs: use \"initramfs:FILE\"",
+                "{:?}: a microVM boots an initramfs: use \"initramfs:FILE\" or \"package\"",
                 self.image
             )));
         }

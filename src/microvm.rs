@@ -11,6 +11,14 @@ use std::time::{Duration, Instant};
 /// ends the VM, a panic that ends it too, no PCI (the VMM has none).
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
 
+/// How long a microVM's service may take to say its first word on the verdict socket (the
+/// guest boots a kernel first) before its heartbeat timeout applies.
+pub const BOOT_GRACE: Duration = Duration::from_secs(120);
+
+/// The least guest memory a microVM gets, whatever the service's `memory_mib`: room for the
+/// stock kernel, its modules and the initramfs.
+pub const MIN_GUEST_MIB: u64 = 128;
+
 /// Where gatevisor's guest init sits in a service guest, and the vsock port it serves.
 pub const GUEST_INIT_PATH: &str = "/gatevisor/init";
 pub const CONTROL_PORT: u32 = 1024;
@@ -67,6 +75,7 @@ pub fn initramfs_with_init(
     service: &Path,
     init: &Path,
     modules: Option<&Path>,
+    env: &[(String, String)],
     out: &Path,
 ) -> std::io::Result<()> {
     use std::io::Write;
@@ -87,6 +96,8 @@ pub fn initramfs_with_init(
         list.push_str(&format!("/gatevisor/{name}.ko\n"));
     }
     c.file("gatevisor/modules", 0o644, list.as_bytes())?;
+    let env: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    c.file("gatevisor/env", 0o644, env.as_bytes())?;
     bytes.extend_from_slice(&c.finish()?);
     let tmp = out.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
@@ -95,9 +106,12 @@ pub fn initramfs_with_init(
     std::fs::rename(&tmp, out)
 }
 
-/// Asks the guest init to stop the service and power off, over the VM's vsock control port.
-/// Returns once the request was accepted ("ok"), or why not.
-pub fn request_poweroff(vsock: &Path, timeout: Duration) -> std::io::Result<()> {
+/// The vsock port a guest's service reaches its verdict socket on (`vsock:2:1025`).
+pub const VERDICT_PORT: u32 = 1025;
+
+/// One request line to the guest init's control port over the VM's vsock; returns the
+/// answer line.
+pub fn control(vsock: &Path, request: &str, timeout: Duration) -> std::io::Result<String> {
     use std::io::{BufRead, BufReader, Write};
     let s = std::os::unix::net::UnixStream::connect(vsock)?;
     s.set_read_timeout(Some(timeout))?;
@@ -113,16 +127,43 @@ pub fn request_poweroff(vsock: &Path, timeout: Duration) -> std::io::Result<()> 
             line.trim()
         )));
     }
-    writeln!(w, "poweroff")?;
+    writeln!(w, "{request}")?;
     line.clear();
     r.read_line(&mut line)?;
-    if line.trim() != "ok" {
-        return Err(std::io::Error::other(format!(
-            "the guest init refused: {}",
-            line.trim()
-        )));
+    Ok(line.trim().to_string())
+}
+
+/// Asks the guest init to stop the service and power off; returns once it accepted.
+pub fn request_poweroff(vsock: &Path, timeout: Duration) -> std::io::Result<()> {
+    match control(vsock, "poweroff", timeout)?.as_str() {
+        "ok" => Ok(()),
+        other => Err(std::io::Error::other(format!(
+            "the guest init refused: {other}"
+        ))),
     }
-    Ok(())
+}
+
+/// A health command run by the guest init; its exit code.
+pub fn health_exec(vsock: &Path, argv: &[String]) -> std::io::Result<i32> {
+    if argv.iter().any(|a| a.contains(['\t', '\n'])) {
+        return Err(std::io::Error::other(
+            "health command arguments contain a tab or newline",
+        ));
+    }
+    let answer = control(
+        vsock,
+        &format!("exec\t{}", argv.join("\t")),
+        Duration::from_secs(35),
+    )?;
+    answer
+        .strip_prefix("exit ")
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(answer.clone()))
+}
+
+/// Whether something accepts on TCP `port` inside the guest.
+pub fn health_tcp(vsock: &Path, port: u16) -> std::io::Result<bool> {
+    Ok(control(vsock, &format!("tcp {port}"), Duration::from_secs(5))? == "ok")
 }
 
 /// The descriptor a VMM finds its tap on.
@@ -381,7 +422,8 @@ mod tests {
         std::fs::write(tree.join("kernel/virtio.ko"), b"KO1").unwrap();
         std::fs::write(tree.join("kernel/virtio_net.ko"), b"KO2").unwrap();
         let out = d.path().join("out.cpio");
-        initramfs_with_init(&service, &init, Some(&tree), &out).unwrap();
+        let env = [("MODE".to_string(), "strict".to_string())];
+        initramfs_with_init(&service, &init, Some(&tree), &env, &out).unwrap();
         let b = std::fs::read(&out).unwrap();
         assert_eq!(&b[..15], b"SERVICE-ARCHIVE");
         assert_eq!(b[15], 0);
@@ -393,5 +435,6 @@ mod tests {
         let text = String::from_utf8_lossy(&b);
         assert!(text.contains("gatevisor/init") && text.contains("INIT-BINARY"));
         assert!(text.contains("/gatevisor/virtio.ko\n/gatevisor/virtio_net.ko\n"));
+        assert!(text.contains("gatevisor/env") && text.contains("MODE=strict\n"));
     }
 }

@@ -56,13 +56,25 @@ pub fn build(dir: &Path, out: &Path, key_file: &Path) -> Result<PackageManifest,
                     .map_err(|e| BuildError::Rootfs(e.to_string()))?;
             }
         }
+        // The same tree as a microVM's initramfs: one package serves either runtime.
+        let initramfs = cpio_of(&rootfs).map_err(|e| BuildError::Rootfs(e.to_string()))?;
+        std::fs::write(staging.join("initramfs.cpio"), &initramfs).map_err(|source| {
+            BuildError::Write {
+                path: staging.join("initramfs.cpio"),
+                source,
+            }
+        })?;
         let staged = staging.join("service.toml");
         std::fs::copy(&service, &staged).map_err(|source| BuildError::Write {
             path: staged.clone(),
             source,
         })?;
         let m = Manifest::load(&staged).map_err(|e| rename_file(e, &staged, &service))?;
-        if !matches!(m.image_ref(&staged)?, ImageRef::Rootfs(_)) || m.image != "package" {
+        if !matches!(
+            m.image_ref(&staged)?,
+            ImageRef::Rootfs(_) | ImageRef::Initramfs(_)
+        ) || m.image != "package"
+        {
             return Err(BuildError::NotPackageImage {
                 file: service.clone(),
             });
@@ -85,6 +97,7 @@ pub fn build(dir: &Path, out: &Path, key_file: &Path) -> Result<PackageManifest,
             &[
                 ("service.toml", ArtifactKind::Service, &service_bytes),
                 ("rootfs.tar", ArtifactKind::Rootfs, &rootfs_tar),
+                ("initramfs.cpio", ArtifactKind::Initramfs, &initramfs),
             ],
             &key,
             &mut w,
@@ -120,4 +133,44 @@ fn tempdir(near: &Path) -> Result<PathBuf, BuildError> {
         source,
     })?;
     Ok(p)
+}
+
+/// The rootfs tree `dir` as a newc cpio archive (a microVM's initramfs), in name order with
+/// fixed metadata, so the same tree gives the same bytes.
+pub fn cpio_of(dir: &Path) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut all = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for e in std::fs::read_dir(dir.join(&rel))? {
+            let e = e?;
+            let r = rel.join(e.file_name());
+            if e.file_type()?.is_dir() {
+                stack.push(r.clone());
+            }
+            all.push(r);
+        }
+    }
+    all.sort();
+    let mut c = gatevisor_vmm::cpio::Cpio::new(Vec::new());
+    for rel in all {
+        let full = dir.join(&rel);
+        let name = rel.to_string_lossy();
+        let meta = std::fs::symlink_metadata(&full)?;
+        let ty = meta.file_type();
+        if ty.is_symlink() {
+            let target = std::fs::read_link(&full)?;
+            c.symlink(&name, &target.to_string_lossy())?;
+        } else if ty.is_dir() {
+            c.dir(&name)?;
+        } else if ty.is_file() {
+            c.file(
+                &name,
+                meta.permissions().mode() & 0o777,
+                &std::fs::read(&full)?,
+            )?;
+        }
+        // Device nodes, sockets and FIFOs are not part of a service image.
+    }
+    c.finish()
 }

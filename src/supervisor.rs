@@ -144,6 +144,23 @@ fn runtime_err(e: impl std::fmt::Display) -> ApiError {
     err(ErrorKind::Runtime, e.to_string())
 }
 
+/// What service `m` (manifest file `file`) boots under `runtime`: a package's initramfs for
+/// a microVM chosen by `auto`, else what its `image` names.
+fn image_for(m: &Manifest, file: &Path, runtime: &str) -> std::result::Result<ImageRef, String> {
+    if runtime == "microvm" && m.image == "package" {
+        let f = file.with_file_name("initramfs.cpio");
+        return if f.is_file() {
+            Ok(ImageRef::Initramfs(f))
+        } else {
+            Err(format!(
+                "{}: field `image`: the package has no initramfs.cpio for a microVM",
+                file.display()
+            ))
+        };
+    }
+    m.image_ref(file).map_err(|e| e.to_string())
+}
+
 /// Host-side interface name of a service's veth.
 pub fn veth_name(service: &str) -> String {
     format!("gv-{service}")
@@ -454,7 +471,14 @@ impl Supervisor {
                     .map_or(0, |v| v.last_seen_ms());
                 let silent_ms =
                     (since.elapsed().as_millis() as u64).min(now_ms().saturating_sub(last_seen_ms));
-                (silent_ms > timeout).then(|| (r.manifest.name.clone(), timeout))
+                // A microVM boots a kernel before its service can speak: its first word is
+                // awaited for up to MICROVM_BOOT_GRACE, then the heartbeat applies.
+                let booting = r.runtime == "microvm"
+                    && r.running
+                        .as_ref()
+                        .is_some_and(|run| last_seen_ms < run.started_at_ms)
+                    && since.elapsed() < crate::microvm::BOOT_GRACE;
+                (silent_ms > timeout && !booting).then(|| (r.manifest.name.clone(), timeout))
             })
             .collect();
         for (name, timeout) in hung {
@@ -883,7 +907,8 @@ impl Supervisor {
                 m.name
             ));
         }
-        let image = m.image_ref(&file).map_err(|e| e.to_string())?;
+        let runtime = self.record(name).map_err(|e| e.message)?.runtime.clone();
+        let image = image_for(&m, &file, &runtime).map_err(|e| e.to_string())?;
         let caps = m.capability_set(&file).map_err(|e| e.to_string())?;
         self.stop_service(name, false).map_err(|e| e.message)?;
         let dir = self.service_dir(name);
@@ -919,7 +944,28 @@ impl Supervisor {
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             };
-            let passed = if let Some(cmd) = &health.exec {
+            let vm = self.is_vm(name).then(|| self.vms.vsock_path(name));
+            let passed = if let (Some(cmd), Some(vsock)) = (&health.exec, &vm) {
+                match crate::microvm::health_exec(vsock, cmd) {
+                    Ok(0) => true,
+                    Ok(code) => {
+                        last = format!("health command exited with {code}");
+                        false
+                    }
+                    Err(e) => {
+                        last = e.to_string();
+                        false
+                    }
+                }
+            } else if let (Some(port), Some(vsock), false) =
+                (health.tcp_port, &vm, health.verdict_ping)
+            {
+                let ok = crate::microvm::health_tcp(vsock, port).unwrap_or(false);
+                if !ok {
+                    last = format!("nothing accepts on TCP port {port} in the guest");
+                }
+                ok
+            } else if let Some(cmd) = &health.exec {
                 match self.rt.exec(name, cmd) {
                     Ok(0) => true,
                     Ok(code) => {
@@ -1017,10 +1063,18 @@ impl Supervisor {
         }
         let runtime = match m.runtime {
             RuntimeKind::Lxc => "lxc",
+            // A microVM where the board runs them, for an image that can boot as one (a
+            // package carries an initramfs), with gatevisor's guest init present (it runs
+            // the service and its control channel); LXC otherwise.
             RuntimeKind::Auto => match self.board.auto_runtime {
-                AutoRuntime::Lxc => "lxc",
-                // The microVM runtime is not part of this build yet: auto stays on LXC.
-                AutoRuntime::Microvm => "lxc",
+                AutoRuntime::Microvm
+                    if m.image == "package"
+                        && path.with_file_name("initramfs.cpio").is_file()
+                        && crate::microvm::guest_init().is_some() =>
+                {
+                    "microvm"
+                }
+                _ => "lxc",
             },
             RuntimeKind::Microvm if !self.board.kvm.microvm_capable => {
                 return Err(err(
@@ -1078,7 +1132,7 @@ impl Supervisor {
                 ),
             ));
         }
-        let image = m.image_ref(&path).map_err(|e| invalid(&e))?;
+        let image = image_for(&m, &path, runtime).map_err(|e| invalid(&e))?;
         let caps = m.capability_set(&path).map_err(|e| invalid(&e))?;
 
         // Everything checked: now build. Any failure undoes what was made.
@@ -1236,10 +1290,31 @@ impl Supervisor {
             .then(crate::microvm::running_kernel_modules);
         let (cmdline, vsock) = match &guest_init {
             Some(init) => {
+                let mut env: Vec<(String, String)> =
+                    m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                if !m.network.steering.is_empty() {
+                    // The service reaches its verdict socket over vsock: the VMM maps guest
+                    // connections to host port P onto `<vsock>_P`, a link to the socket.
+                    env.push((
+                        "GATEVISOR_VERDICT_SOCKET".into(),
+                        format!("vsock:2:{}", crate::microvm::VERDICT_PORT),
+                    ));
+                    let link = PathBuf::from(format!(
+                        "{}_{}",
+                        self.vms.vsock_path(&m.name).display(),
+                        crate::microvm::VERDICT_PORT
+                    ));
+                    let _ = std::fs::remove_file(&link);
+                    let dir = self.service_run_dir(&m.name);
+                    std::fs::create_dir_all(&dir).map_err(runtime_err)?;
+                    std::os::unix::fs::symlink(dir.join(crate::verdict::SOCKET_NAME), &link)
+                        .map_err(runtime_err)?;
+                }
                 crate::microvm::initramfs_with_init(
                     initramfs,
                     init,
                     modules_of.as_deref(),
+                    &env,
                     &initrd,
                 )
                 .map_err(runtime_err)?;
@@ -1262,10 +1337,17 @@ impl Supervisor {
                 (c, Some(vsock))
             }
             None => {
-                if m.network.address.is_some() {
+                let needs_init = [
+                    ("network.address", m.network.address.is_some()),
+                    ("network.steering", !m.network.steering.is_empty()),
+                    ("health.exec", m.health.exec.is_some()),
+                    ("health.tcp_port", m.health.tcp_port.is_some()),
+                    ("env", !m.env.is_empty()),
+                ];
+                if let Some((field, _)) = needs_init.iter().find(|(_, set)| *set) {
                     return Err(err(
                         ErrorKind::Invalid,
-                        "field `network.address`: a microVM's address is set by gatevisor-guest-init, which is not installed on this gateway".to_string(),
+                        format!("field `{field}`: a microVM needs gatevisor-guest-init for it, which is not installed on this gateway"),
                     ));
                 }
                 std::fs::copy(initramfs, &initrd).map_err(runtime_err)?;
@@ -1288,7 +1370,8 @@ impl Supervisor {
                 initrd: Some(initrd),
                 cmdline,
             },
-            memory_mib: m.resources.memory_mib as u64,
+            // A Linux guest needs room for its own kernel beyond the service's budget.
+            memory_mib: (m.resources.memory_mib as u64).max(crate::microvm::MIN_GUEST_MIB),
             vcpus: 1,
             console_log: Some(self.log_file(&m.name)),
             console_rate: crate::microvm::CONSOLE_RATE,
@@ -1838,7 +1921,7 @@ impl Supervisor {
             "container": (!vm).then(|| json!({ "lxcpath": self.rt.lxcpath(), "name": name })),
             "microvm": vm.then(|| json!({
                 "config": self.vms.config_path(name),
-                "guest_memory_bytes": m.resources.memory_mib as u64 * 1024 * 1024,
+                "guest_memory_bytes": (m.resources.memory_mib as u64).max(crate::microvm::MIN_GUEST_MIB) * 1024 * 1024,
                 "vmm_rss_bytes": usage.as_ref().and_then(|u| u.memory_bytes),
             })),
             "log_file": self.log_file(name),

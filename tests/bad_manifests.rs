@@ -40,7 +40,6 @@ fn cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
         ("backoff order", base() + "[restart]\npolicy = \"always\"\nmax_retries = 1\nbackoff_initial_ms = 500\nbackoff_max_ms = 100\nstable_after_s = 1\n", vec!["restart.backoff_initial_ms"]),
         ("not toml", "name = \"x\nversion".to_string(), vec!["bad.toml"]),
         ("microvm with a container image", base().replace("runtime = \"lxc\"", "runtime = \"microvm\""), vec!["`image`", "initramfs"]),
-        ("microvm with steering", vm_base().replace("[network]\ninterface = false\n", "[network]\n[[network.steering]]\nkind = \"dns\"\n"), vec!["network.steering", "vsock"]),
         ("initramfs for a container", base().replace("builtin:busybox", "initramfs:guest.cpio"), vec!["`image`", "runtime = \"microvm\""]),
         ("microvm section for a container", base() + "[microvm]\ncmdline = \"quiet\"\n", vec!["`microvm`", "only for"]),
         ("heartbeat without steering", base() + "[network]\nheartbeat_timeout_ms = 1000\n", vec!["network.heartbeat_timeout_ms", "needs network.steering"]),

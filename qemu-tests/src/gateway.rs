@@ -451,7 +451,8 @@ impl Gateway {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
-    /// What helps to understand a failure: console, gatevisor's journal, its service list.
+    /// What helps to understand a failure: console, gatevisor's journal, its services and
+    /// their logs.
     pub fn dump(&self) {
         eprintln!(
             "---- gateway console (last 60 lines) ----\n{}",
@@ -459,7 +460,10 @@ impl Gateway {
         );
         let diag =
             "journalctl -b --no-pager -n 80 -u gatevisor -u gateway-net -u openvswitch-switch; \
-                    gatevisor service list; gatevisor events -n 20";
+                    gatevisor service list; gatevisor events -n 20; \
+                    for s in $(gatevisor service list | awk 'NR>1 {print $1}'); do \
+                    echo \"---- service log of $s (last 40 lines) ----\"; \
+                    gatevisor service logs $s | tail -n 40; done";
         match self.run_for(diag, Duration::from_secs(60)) {
             Ok(o) => eprintln!(
                 "---- gateway journal and services ----\n{}{}",

@@ -226,8 +226,9 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
     gw.ok("gatevisor service install /root/dns-filter.gvpkg --start")
         .unwrap();
     let st = wait_running(&gw, "dns-filter", None);
-    // runtime = "auto": the microVM runtime is not part of gatevisor yet, so auto stays on LXC.
-    assert_eq!(st["runtime"], "lxc", "{st:#}");
+    // runtime = "auto" on hardware KVM: dns-filter runs as a microVM (its package carries an
+    // initramfs; gatevisor's guest init runs it and bridges its verdict socket over vsock).
+    assert_eq!(st["runtime"], "microvm", "{st:#}");
     gw.wait_until("the filter answers", Duration::from_secs(120), |gw| {
         Ok((lookup(gw, "games.test") == "0.0.0.0").then_some(()))
     })
@@ -260,8 +261,8 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
         Ok((lookup(gw, "games.test") == addr::WAN_HOST).then_some(()))
     })
     .unwrap();
-    // Traffic fails over when the container's init dies; the exit is recorded when its monitor
-    // has finished, which under TCG can come seconds later.
+    // Traffic fails over when the VMM dies; the exit is recorded when the daemon has reaped
+    // it, which under TCG can come seconds later.
     gw.wait_until("the exit in the event log", Duration::from_secs(60), |gw| {
         let events = gw.ok("gatevisor events -n 20")?;
         Ok(events.contains("killed by signal 9").then_some(()))

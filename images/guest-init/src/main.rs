@@ -3,25 +3,35 @@
 //!
 //! 1. mounts /proc, /sys, /dev; loads the kernel modules listed in `/gatevisor/modules`
 //!    (one `.ko` path per line, in load order: the virtio drivers of the stock kernel);
-//! 2. brings up `lo`, and `eth0` with the address of `gatevisor.ip=ADDR/PREFIX` on the kernel
-//!    command line (when given);
+//! 2. brings up `lo` and `eth0` (with the address of `gatevisor.ip=ADDR/PREFIX` on the
+//!    kernel command line, when given);
 //! 3. runs the service: its argv is this program's arguments (what follows `--` on the
 //!    kernel command line);
+//!    with the environment in `/gatevisor/env` (`KEY=VALUE` lines);
 //! 4. serves the **control port** (vsock port [`CONTROL_PORT`]): one line per connection,
-//!    `ping` → `pong`, `poweroff` → the service gets SIGTERM, then SIGKILL after the grace
-//!    period in `gatevisor.grace_s=N` (default 5), then the VM powers off;
+//!    - `ping` → `pong`;
+//!    - `exec\tARG0\tARG1…` → `exit N` (a health command, run with the service's
+//!      environment, at most 30 s);
+//!    - `tcp PORT` → `ok` when something accepts on 127.0.0.1:PORT;
+//!    - `poweroff` → `ok`, the service gets SIGTERM, then SIGKILL after the grace period in
+//!      `gatevisor.grace_s=N` (default 5), then the VM powers off;
 //! 5. when the service ends, prints its status on the console and powers the VM off.
 
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The vsock port the supervisor's control requests go to.
 pub const CONTROL_PORT: u32 = 1024;
 
 static SERVICE_PID: AtomicI32 = AtomicI32::new(0);
+/// Health commands running, and their exit codes once PID 1's reaper collected them (it
+/// reaps every child, so it is the one that sees them end).
+static HEALTH: Mutex<BTreeMap<i32, Option<i32>>> = Mutex::new(BTreeMap::new());
 
 fn log(msg: &str) {
     let mut out = std::io::stdout();
@@ -220,6 +230,24 @@ fn control(grace: Duration) {
             "ping" => {
                 let _ = writeln!(out, "pong");
             }
+            req if req.starts_with("exec\t") => {
+                let argv: Vec<&str> = req.split('\t').skip(1).collect();
+                let _ = writeln!(out, "{}", health_exec(&argv));
+            }
+            req if req.starts_with("tcp ") => {
+                let ok = req[4..]
+                    .parse::<u16>()
+                    .ok()
+                    .and_then(|p| {
+                        std::net::TcpStream::connect_timeout(
+                            &std::net::SocketAddr::from(([127, 0, 0, 1], p)),
+                            Duration::from_secs(2),
+                        )
+                        .ok()
+                    })
+                    .is_some();
+                let _ = writeln!(out, "{}", if ok { "ok" } else { "error: nothing accepts" });
+            }
             "poweroff" => {
                 let _ = writeln!(out, "ok");
                 stop_and_power_off(grace);
@@ -228,6 +256,61 @@ fn control(grace: Duration) {
                 let _ = writeln!(out, "error: unknown request {other:?}");
             }
         }
+    }
+}
+
+/// The service's environment, from `/gatevisor/env`.
+fn service_env() -> Vec<(String, String)> {
+    std::fs::read_to_string("/gatevisor/env")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// Runs a health command; `exit N`, or `error: …`.
+fn health_exec(argv: &[&str]) -> String {
+    let Some((prog, args)) = argv.split_first() else {
+        return "error: empty command".into();
+    };
+    let pid = {
+        // Held across the spawn: the reaper records the child's end only once it is listed.
+        let mut running = HEALTH.lock().unwrap_or_else(|p| p.into_inner());
+        let child = std::process::Command::new(prog)
+            .args(args)
+            .envs(service_env())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        match child {
+            Ok(c) => {
+                let pid = c.id() as i32;
+                running.insert(pid, None);
+                pid
+            }
+            Err(e) => return format!("error: {prog}: {e}"),
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        {
+            let mut running = HEALTH.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(Some(code)) = running.get(&pid).copied() {
+                running.remove(&pid);
+                return format!("exit {code}");
+            }
+            if Instant::now() >= deadline {
+                running.remove(&pid);
+                // SAFETY: kill(2) of the health command this init started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                return "error: timed out".into();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -245,14 +328,18 @@ fn main() {
     if let Err(e) = configure("lo", None) {
         log(&format!("lo: {e}"));
     }
-    if let Some(ip) = cmdline_value(&cmdline, "gatevisor.ip") {
-        match parse_cidr(&ip) {
-            Some(a) => {
-                if let Err(e) = configure("eth0", Some(a)) {
-                    log(&format!("eth0 {ip}: {e}"));
-                }
-            }
-            None => log(&format!("gatevisor.ip={ip}: expected ADDR/PREFIX")),
+    // eth0 is up, like a container's (a service on raw packets needs no address).
+    let ip = cmdline_value(&cmdline, "gatevisor.ip");
+    let addr = ip.as_deref().and_then(|ip| {
+        let a = parse_cidr(ip);
+        if a.is_none() {
+            log(&format!("gatevisor.ip={ip}: expected ADDR/PREFIX"));
+        }
+        a
+    });
+    if std::path::Path::new("/sys/class/net/eth0").exists() {
+        if let Err(e) = configure("eth0", addr) {
+            log(&format!("eth0: {e}"));
         }
     }
     std::thread::spawn(move || control(grace));
@@ -263,7 +350,7 @@ fn main() {
         power_off();
     }
     let mut cmd = std::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..]);
+    cmd.args(&argv[1..]).envs(service_env());
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let child = match cmd.spawn() {
         Ok(c) => c,
@@ -280,6 +367,16 @@ fn main() {
         let mut status = 0;
         // SAFETY: wait(2) for any child, with a pointer to a live int.
         let r = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if r > 0 && r != pid {
+            let mut running = HEALTH.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(slot) = running.get_mut(&r) {
+                *slot = Some(if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    128 + libc::WTERMSIG(status)
+                });
+            }
+        }
         if r == pid {
             let how = if libc::WIFEXITED(status) {
                 format!("exited with status {}", libc::WEXITSTATUS(status))

@@ -350,6 +350,35 @@ impl PacketPort {
     }
 }
 
+/// A vsock stream to `cid`:`port`. It is returned as a `UnixStream`, which only reads,
+/// writes and sets timeouts on it: operations any connected stream socket supports.
+fn connect_vsock(cid: u32, port: u32) -> std::io::Result<UnixStream> {
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid starting value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    // SAFETY: connect(2) with a pointer to `addr` and its exact size.
+    let r = unsafe {
+        libc::connect(
+            owned.as_raw_fd(),
+            &addr as *const libc::sockaddr_vm as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(owned))
+}
+
 /// The verdict socket.
 pub struct VerdictClient {
     w: UnixStream,
@@ -357,10 +386,18 @@ pub struct VerdictClient {
 }
 
 impl VerdictClient {
-    /// Connects to `$GATEVISOR_VERDICT_SOCKET` and says hello; `None` without one.
+    /// Connects to `$GATEVISOR_VERDICT_SOCKET` and says hello; `None` without one. The
+    /// variable is a Unix socket path (a container), or `vsock:CID:PORT` (a microVM: the
+    /// supervisor's side is on the host, CID 2).
     pub fn from_env() -> Option<VerdictClient> {
-        let path = std::env::var("GATEVISOR_VERDICT_SOCKET").ok()?;
-        let s = UnixStream::connect(path).ok()?;
+        let addr = std::env::var("GATEVISOR_VERDICT_SOCKET").ok()?;
+        let s = match addr.strip_prefix("vsock:") {
+            Some(rest) => {
+                let (cid, port) = rest.split_once(':')?;
+                connect_vsock(cid.parse().ok()?, port.parse().ok()?).ok()?
+            }
+            None => UnixStream::connect(addr).ok()?,
+        };
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         let mut c = VerdictClient {
             w: s.try_clone().ok()?,
