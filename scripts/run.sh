@@ -10,14 +10,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-once=0
+once=0 in_gateway=0
 for a in "$@"; do
   case "$a" in
     --once) once=1 ;;
-    --in-gateway)
-      echo "run.sh: --in-gateway needs steering to a microVM (its verdict channel over vsock), which is not wired yet" >&2
-      exit 2 ;;
-    *) echo "usage: $0 [--once]" >&2; exit 2 ;;
+    --in-gateway) in_gateway=1 ;;
+    *) echo "usage: $0 [--once] [--in-gateway]" >&2; exit 2 ;;
   esac
 done
 if [ "$(id -u)" != 0 ]; then
@@ -26,6 +24,14 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 bash scripts/setup.sh
+if [ "$in_gateway" = 1 ]; then
+  # The same demo inside the emulated gateway (qemu-tests): hardware KVM there, so
+  # runtime = "auto" runs dns-filter and iot-guard as microVMs.
+  echo "== the demo inside the emulated gateway (building it and the gateway image first)"
+  cargo build --quiet --release -p qemu-tests --bin gateway-agent --example in-gateway-demo
+  exec env GATEVISOR_QEMU_TESTS=1 cargo run --quiet --release -p qemu-tests --example in-gateway-demo -- \
+    $([ "$once" = 1 ] && echo --once)
+fi
 echo "== building gatevisor and the services (dns-filter, iot-guard: static binaries)"
 cargo build --release --quiet
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet -p dns-filter -p iot-guard \
@@ -79,11 +85,6 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 save_state
 
-fails=0
-check() { # check "what" "expected" "actual"
-  if [ "$2" = "$3" ]; then echo "   ok: $1 -> $3"; else echo "   UNEXPECTED: $1 -> $3 (expected $2)"; fails=$((fails + 1)); fi
-}
-
 echo "== publisher key and signed packages"
 "$bin" key gen --out "$work/operator.key" --name operator
 "$bin" key trust "$work/operator.pub" --keys-dir "$work/keys"
@@ -105,84 +106,11 @@ daemon_pid=$!
 save_state
 for _ in $(seq 100); do "$bin" service list >/dev/null 2>&1 && break; sleep 0.1; done
 
-echo "== the home: gvdemo-laptop (kids' laptop), gvdemo-camera, gvdemo-wan (resolver + web)"
-mkhost() { # name address mac
-  local ns=gvdemo-$1 port=gvd-$1
-  ip netns add "$ns"
-  ip link add "$port" type veth peer name eth0 netns "$ns"
-  [ -n "$3" ] && ip netns exec "$ns" ip link set eth0 address "$3"
-  ip link set "$port" up
-  ip netns exec "$ns" ip link set lo up
-  ip netns exec "$ns" ip link set eth0 up
-  ip netns exec "$ns" ip addr add "$2/24" dev eth0
-  # The userspace datapath wants real checksums on what it forwards.
-  ethtool -K "$port" tx off >/dev/null 2>&1 || true
-  ip netns exec "$ns" ethtool -K eth0 tx off >/dev/null 2>&1 || true
-  ovs-vsctl --db="unix:$work/state/ovs/db.sock" add-port gvdemo-br "$port"
-}
-mkhost laptop 10.90.0.2 02:00:00:00:00:0a
-mkhost camera 10.90.0.3 02:00:00:00:00:0c
-mkhost wan 10.90.0.1 ""
-setsid ip netns exec gvdemo-wan python3 scripts/demo-wan.py >"$work/wan.log" 2>&1 &
-wan_pid=$!
-save_state
-for _ in $(seq 50); do ip netns exec gvdemo-laptop ping -c1 -W1 10.90.0.1 >/dev/null 2>&1 && break; done
-
-lookup() { # host name -> the address, NXDOMAIN, or "no answer"
-  local out
-  out=$(ip netns exec "gvdemo-$1" dig +time=1 +tries=1 @10.90.0.1 "$2" A 2>/dev/null || true)
-  if echo "$out" | grep -q "status: NXDOMAIN"; then echo NXDOMAIN; return; fi
-  local a
-  a=$(echo "$out" | awk '$4 == "A" {print $5; exit}')
-  echo "${a:-no answer}"
-}
-fetch() { # host port -> "reached" or "blocked"
-  if ip netns exec "gvdemo-$1" python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2).read()' \
-      "http://10.90.0.1:$2/" >/dev/null 2>&1; then echo reached; else echo blocked; fi
-}
-# The WAN side is up when it answers.
-for _ in $(seq 50); do [ "$(lookup laptop example.test)" = 10.90.0.1 ] && break; sleep 0.1; done
-
-echo "== before any service: everything passes"
-check "laptop looks up games.test" 10.90.0.1 "$(lookup laptop games.test)"
-
-echo "== installing the services from their signed packages (runtime = auto)"
-"$bin" service install "$work/dns-filter.gvpkg" --start >/dev/null
-"$bin" service install "$work/iot-guard.gvpkg" --start >/dev/null
-"$bin" service list
-runtime=$("$bin" service status dns-filter --json | sed -n 's/.*"runtime": "\([a-z]*\)".*/\1/p')
-if [ "$runtime" = lxc ]; then
-  echo "   (runtime auto chose LXC containers: this machine's KVM cannot boot Linux guests; see 'auto runtime' above)"
-fi
-for _ in $(seq 50); do [ "$(lookup laptop games.test)" = 0.0.0.0 ] && break; sleep 0.2; done
-
-echo "== the laptop (kids' profile) asks for names"
-check "games.test (blocked: kids' profile)" 0.0.0.0 "$(lookup laptop games.test)"
-check "x.ads.test (blocked: ads)" 0.0.0.0 "$(lookup laptop x.ads.test)"
-check "example.test (allowed)" 10.90.0.1 "$(lookup laptop example.test)"
-check "the camera asks for malware.test (everyone's profile)" NXDOMAIN "$(lookup camera malware.test)"
-check "the camera asks for games.test (not blocked for it)" 10.90.0.1 "$(lookup camera games.test)"
-
-echo "== the camera opens sessions (iot-guard)"
-check "camera to its cloud (port 443)" reached "$(fetch camera 443)"
-check "camera to port 8080 (not on its list)" blocked "$(fetch camera 8080)"
-check "laptop to port 8080 (not an IoT device)" reached "$(fetch laptop 8080)"
-
-echo "== twenty downloads on the laptop: only their first packets visit a service"
-for _ in $(seq 20); do fetch laptop 8080 >/dev/null; done
-sleep 1.5 # the switch's statistics reach its rules lazily
-"$bin" service status dns-filter | grep -E "steered|verdicts"
-"$bin" service status iot-guard | grep -E "steered|verdicts"
-echo "   flows on the bridge: $("$bin" flows --json | grep -c '"flow"')"
-
-echo "== kill -9 of dns-filter: its traffic fails open, then it is restarted"
-pid=$("$bin" service status dns-filter --json | sed -n 's/.*"init_pid": \([0-9]*\).*/\1/p')
-kill -9 "$pid"
-sleep 0.3
-check "games.test while dns-filter is down (fail-open)" 10.90.0.1 "$(lookup laptop games.test)"
-for _ in $(seq 50); do [ "$(lookup laptop games.test)" = 0.0.0.0 ] && break; sleep 0.2; done
-check "games.test after the restart" 0.0.0.0 "$(lookup laptop games.test)"
-"$bin" events -n 12
+add_port() { ovs-vsctl --db="unix:$work/state/ovs/db.sock" add-port gvdemo-br "$1"; }
+on_wan_started() { save_state; }
+pkgs=$work scripts=$PWD/scripts
+# shellcheck source=scripts/demo-home.sh
+. scripts/demo-home.sh
 
 if [ "$once" = 1 ]; then
   if [ "$fails" = 0 ]; then

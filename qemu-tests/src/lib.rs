@@ -13,6 +13,7 @@ pub mod gateway;
 pub mod guest;
 pub mod image;
 pub mod netns;
+pub mod packages;
 pub mod proto;
 
 pub use gateway::{Gateway, Output};

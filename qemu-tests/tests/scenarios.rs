@@ -148,52 +148,26 @@ fn gateway_reboot_brings_gatevisor_and_its_services_back() {
 /// a publisher would. Its restart backoff is raised so that the window in which it is down is
 /// long enough to observe at TCG speed. Returns (package, public key).
 fn dns_filter_package(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let root = qemu_tests::workspace();
-    qemu_tests::cargo_build(
-        &[
-            "--release",
-            "-p",
-            "dns-filter",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-            "--target-dir",
-            "target/static",
-        ],
-        Some("-C target-feature=+crt-static"),
-    )
-    .expect("dns-filter builds statically");
-    let bin = root.join("target/static/x86_64-unknown-linux-gnu/release/dns-filter");
-    let gatevisor = qemu_tests::image::gatevisor_binary().unwrap();
-    let pkg_src = dir.join("dns-filter");
-    let sh = |cmd: &str| {
-        let out = std::process::Command::new("sh")
-            .args(["-c", cmd])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    sh(&format!(
-        "rm -rf {d} && cp -r {src} {d} && mkdir -p {d}/files/bin && cp {bin} {d}/files/bin/ \
-         && sed -i -e 's/^backoff_initial_ms = .*/backoff_initial_ms = 30000/' \
-         -e 's/^backoff_max_ms = .*/backoff_max_ms = 60000/' {d}/service.toml",
-        d = pkg_src.display(),
-        src = root.join("images/services/dns-filter/package").display(),
-        bin = bin.display()
-    ));
-    let key = dir.join("op.key");
-    let pkg = dir.join("dns-filter.gvpkg");
-    sh(&format!(
-        "{g} key gen --out {k} --name operator >/dev/null && {g} image build {s} -o {p} --key {k} >/dev/null",
-        g = gatevisor.display(),
-        k = key.display(),
-        s = pkg_src.display(),
-        p = pkg.display()
-    ));
-    (pkg, key.with_extension("pub"))
+    let (pkgs, key) = qemu_tests::packages::signed(dir, &["dns-filter"], |src| {
+        let f = src.join("service.toml");
+        let text = std::fs::read_to_string(&f).unwrap();
+        let text: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("backoff_initial_ms = ") {
+                    "backoff_initial_ms = 30000".to_string()
+                } else if l.starts_with("backoff_max_ms = ") {
+                    "backoff_max_ms = 60000".to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .map(|l| l + "\n")
+            .collect();
+        std::fs::write(&f, text).unwrap();
+    })
+    .expect("the dns-filter package builds");
+    (pkgs[0].clone(), key)
 }
 
 /// The LAN client asks the WAN resolver for `name` through the gateway: the address, or
