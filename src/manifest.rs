@@ -281,10 +281,13 @@ impl Manifest {
         }
         self.image_ref(file)?;
         if self.runtime == RuntimeKind::Microvm {
-            if self.resources.vcpus > 1 {
+            if self.resources.vcpus > gatevisor_vmm::vm::MAX_VCPUS as u32 {
                 return Err(bad(
                     "resources.vcpus",
-                    "a microVM has one vCPU for now".into(),
+                    format!(
+                        "a microVM has at most {} vCPUs",
+                        gatevisor_vmm::vm::MAX_VCPUS
+                    ),
                 ));
             }
             if self.microvm.cmdline.contains('\0') || self.microvm.cmdline.len() > 1024 {

@@ -1372,7 +1372,7 @@ impl Supervisor {
             },
             // A Linux guest needs room for its own kernel beyond the service's budget.
             memory_mib: (m.resources.memory_mib as u64).max(crate::microvm::MIN_GUEST_MIB),
-            vcpus: 1,
+            vcpus: m.resources.vcpus as u8,
             console_log: Some(self.log_file(&m.name)),
             console_rate: crate::microvm::CONSOLE_RATE,
             exit_file: Some(self.run_files(&m.name).exit_file),

@@ -252,7 +252,7 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
 }
 
 #[test]
-fn microvm_boots_the_stock_debian_kernel_to_init_under_our_vmm() {
+fn microvm_boots_the_stock_debian_kernel_to_init_on_two_vcpus_under_our_vmm() {
     let Some(gw) = gateway() else { return };
     let initrd = gw.dir.join("guest.cpio");
     qemu_tests::guest::busybox_initramfs(
@@ -261,8 +261,9 @@ fn microvm_boots_the_stock_debian_kernel_to_init_under_our_vmm() {
     )
     .unwrap();
     gw.put(&initrd, "/root/guest.cpio", 0o644).unwrap();
+    // Two vCPUs: the guest brings up its second CPU (MADT, INIT/SIPI) on its own thread.
     let cfg = format!(
-        "memory_mib = 256\nconsole_log = \"/root/guest-console.log\"\n[boot]\nkind = \"linux\"\n\
+        "memory_mib = 256\nvcpus = 2\nconsole_log = \"/root/guest-console.log\"\n[boot]\nkind = \"linux\"\n\
          kernel = \"/boot/vmlinuz-{}\"\ninitrd = \"/root/guest.cpio\"\n\
          cmdline = \"console=ttyS0 reboot=k panic=-1 pci=off quiet\"\n",
         gw.image.kernel_release
@@ -287,6 +288,7 @@ fn microvm_boots_the_stock_debian_kernel_to_init_under_our_vmm() {
         "console:\n{console}"
     );
     assert!(console.contains(&gw.image.kernel_release), "{console}");
+    assert!(console.contains("guest-cpus 2"), "{console}");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 use crate::{VmConfig, VmEnd};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 /// The guest ended its VM: Linux's `reboot` (the reset line) or `poweroff` (ACPI S5).
 pub const EXIT_GUEST_ENDED: i32 = 0;
@@ -47,36 +48,56 @@ pub fn vmm_main(config: &Path) -> i32 {
             return EXIT_SETUP;
         }
     };
-    // Empty until the VM ends: an empty record means the process was killed.
-    let exit_file = cfg
-        .exit_file
-        .as_ref()
-        .and_then(|p| std::fs::File::create(p).ok());
-    let code = run(&cfg);
-    record(exit_file, code, code == EXIT_SETUP);
-    code
-}
-
-fn run(cfg: &VmConfig) -> i32 {
-    let mut vm = match crate::vm::Vm::new(cfg) {
+    // Empty until the VM ends: an empty record means the process was killed. Written once,
+    // by whichever vCPU saw the end.
+    let exit_file = Arc::new(Mutex::new(
+        cfg.exit_file
+            .as_ref()
+            .and_then(|p| std::fs::File::create(p).ok()),
+    ));
+    let record_once = move |code: i32, start_failed: bool| {
+        let f = exit_file.lock().unwrap_or_else(|p| p.into_inner()).take();
+        record(f, code, start_failed);
+    };
+    let mut vm = match crate::vm::Vm::new(&cfg) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("gatevisor vmm: {e}");
+            record_once(EXIT_SETUP, true);
             return EXIT_SETUP;
         }
+    };
+    let record_once = Arc::new(record_once);
+    // An application processor that ends the VM ends the process from its own thread.
+    let ap_end: Arc<dyn Fn(crate::Result<VmEnd>) + Send + Sync> = {
+        let record_once = record_once.clone();
+        Arc::new(move |end| {
+            let code = outcome(&end);
+            record_once(code, false);
+            std::process::exit(code)
+        })
     };
     // Capabilities go first (threads inherit them), then each thread filters itself.
     let sandboxed = crate::sandbox::drop_capabilities()
         .and_then(|()| vm.start_io())
+        .and_then(|()| vm.start_aps(true, ap_end))
         .and_then(|()| crate::sandbox::apply_filter());
     if let Err(e) = sandboxed {
         eprintln!("gatevisor vmm: {e}");
+        record_once(EXIT_SETUP, true);
         return EXIT_SETUP;
     }
     let end = vm.run();
     for broken in vm.broken_devices() {
         eprintln!("gatevisor vmm: {broken}");
     }
+    let code = outcome(&end);
+    record_once(code, false);
+    code
+}
+
+/// The exit status for how the VM ended, and what it says on the log.
+fn outcome(end: &crate::Result<VmEnd>) -> i32 {
     match end {
         Ok(VmEnd::Reset) => {
             eprintln!("gatevisor vmm: the guest ended its VM (reset)");
@@ -90,7 +111,7 @@ fn run(cfg: &VmConfig) -> i32 {
             eprintln!("gatevisor vmm: the guest crashed (triple fault)");
             EXIT_GUEST_CRASHED
         }
-        Ok(VmEnd::DebugExit(n)) => DEBUG_EXIT_BASE + n as i32,
+        Ok(VmEnd::DebugExit(n)) => DEBUG_EXIT_BASE + *n as i32,
         Err(e) => {
             eprintln!("gatevisor vmm: {e}");
             EXIT_GUEST_BROKE

@@ -149,9 +149,9 @@ impl VmConfig {
                 MMIO_GAP_START >> 20
             )));
         }
-        if self.vcpus != 1 {
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
             return Err(Error::Config(format!(
-                "vcpus {}: this VMM boots one vCPU (no MP tables or ACPI yet)",
+                "vcpus {}: 1 to {MAX_VCPUS}",
                 self.vcpus
             )));
         }
@@ -195,12 +195,20 @@ impl VmConfig {
     }
 }
 
+/// The most vCPUs a VM gets (one MADT entry and thread each).
+pub const MAX_VCPUS: u8 = 16;
+
+type Bus = Arc<Mutex<PortBus<Box<dyn Write + Send>>>>;
+
 pub struct Vm {
     _kvm: Kvm,
     _vm: VmFd,
     pub mem: GuestMemoryMmap,
+    /// The boot vCPU, run by [`Vm::run`] on the calling thread.
     vcpu: VcpuFd,
-    bus: PortBus<Box<dyn Write + Send>>,
+    /// The other vCPUs (waiting for the guest's INIT/SIPI), until [`Vm::start_aps`].
+    aps: Vec<VcpuFd>,
+    bus: Bus,
     /// The virtio-mmio windows, in address order from [`VIRTIO_MMIO_START`].
     mmio: Vec<Arc<Mutex<MmioTransport>>>,
     /// What the I/O thread polls: devices with a backend (taps, vsock sockets) and their
@@ -376,16 +384,25 @@ impl Vm {
             }
         };
 
-        let vcpu = vm.create_vcpu(0).map_err(kvm("KVM_CREATE_VCPU"))?;
         let cpuid = kvm_fd
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
-        cpu::setup_cpuid(&vcpu, cpuid, 0)?;
-        cpu::setup_msrs(&vcpu)?;
-        cpu::setup_fpu(&vcpu)?;
-        cpu::setup_sregs(&mem, &vcpu)?;
-        cpu::setup_regs(&vcpu, entry)?;
-        cpu::setup_lapic(&vcpu)?;
+        let mut vcpus = Vec::new();
+        for id in 0..cfg.vcpus {
+            let vcpu = vm.create_vcpu(id as u64).map_err(kvm("KVM_CREATE_VCPU"))?;
+            cpu::setup_cpuid(&vcpu, cpuid.clone(), id)?;
+            cpu::setup_msrs(&vcpu)?;
+            cpu::setup_fpu(&vcpu)?;
+            cpu::setup_lapic(&vcpu)?;
+            if id == 0 {
+                // The others start when the guest sends them INIT and SIPI (the in-kernel
+                // LAPIC keeps them waiting until then).
+                cpu::setup_sregs(&mem, &vcpu)?;
+                cpu::setup_regs(&vcpu, entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+        let vcpu = vcpus.remove(0);
 
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::File {
             what: "eventfd",
@@ -418,7 +435,8 @@ impl Vm {
             _vm: vm,
             mem,
             vcpu,
-            bus: PortBus::new(serial_irq, console),
+            aps: vcpus,
+            bus: Arc::new(Mutex::new(PortBus::new(serial_irq, console))),
             mmio,
             io,
         })
@@ -447,48 +465,41 @@ impl Vm {
             .map_err(|_| Error::Config("the I/O thread ended before its sandbox".into()))?
     }
 
-    /// Runs the guest until it ends its machine.
-    pub fn run(&mut self) -> Result<VmEnd> {
-        loop {
-            let exit = self.vcpu.run();
-            match exit {
-                Ok(VcpuExit::IoOut(port, data)) => match self.bus.write(port, data) {
-                    PortAction::Continue => {}
-                    PortAction::Reset => return Ok(VmEnd::Reset),
-                    PortAction::DebugExit(code) => return Ok(VmEnd::DebugExit(code)),
-                    PortAction::PowerOff => return Ok(VmEnd::PowerOff),
-                },
-                Ok(VcpuExit::IoIn(port, data)) => self.bus.read(port, data),
-                // Outside the virtio windows: reads see all ones, writes vanish.
-                Ok(VcpuExit::MmioRead(addr, data)) => match mmio_device(&self.mmio, addr) {
-                    Some((dev, off)) => lock(dev).read(off, data),
-                    None => data.fill(0xff),
-                },
-                Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    if let Some((dev, off)) = mmio_device(&self.mmio, addr) {
-                        lock(dev).write(off, data);
+    /// Starts a thread per application processor; each enters the seccomp filter (when
+    /// `sandbox`), then runs its vCPU. A vCPU whose guest ends the machine calls `end`, which
+    /// must end the process (the VM is over for every vCPU).
+    pub fn start_aps(
+        &mut self,
+        sandbox: bool,
+        end: Arc<dyn Fn(Result<VmEnd>) + Send + Sync>,
+    ) -> Result<()> {
+        for (i, mut vcpu) in std::mem::take(&mut self.aps).into_iter().enumerate() {
+            let (bus, mmio, end) = (self.bus.clone(), self.mmio.clone(), end.clone());
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name(format!("vcpu{}", i + 1))
+                .spawn(move || {
+                    let filtered = if sandbox {
+                        crate::sandbox::apply_filter()
+                    } else {
+                        Ok(())
+                    };
+                    let ok = filtered.is_ok();
+                    let _ = tx.send(filtered);
+                    if ok {
+                        end(run_vcpu(&mut vcpu, &bus, &mmio));
                     }
-                }
-                Ok(VcpuExit::Shutdown) => return Ok(VmEnd::TripleFault),
-                Ok(VcpuExit::Hlt) => return Err(Error::Guest("halted with interrupts off".into())),
-                Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    return Err(Error::Guest(format!(
-                        "KVM could not enter the vCPU {cpu}: hardware reason {reason:#x}"
-                    )))
-                }
-                Ok(VcpuExit::InternalError) => {
-                    return Err(Error::Guest(
-                        "KVM internal error (emulation failure)".into(),
-                    ))
-                }
-                Ok(VcpuExit::SystemEvent(kind, _)) => {
-                    return Err(Error::Guest(format!("system event {kind}")))
-                }
-                Ok(other) => return Err(Error::Guest(format!("unexpected exit {other:?}"))),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-                Err(e) => return Err(kvm("KVM_RUN")(e)),
-            }
+                })
+                .map_err(file_err("spawn", "a vCPU thread"))?;
+            rx.recv()
+                .map_err(|_| Error::Config("a vCPU thread ended before its sandbox".into()))??;
         }
+        Ok(())
+    }
+
+    /// Runs the boot vCPU until the guest ends its machine.
+    pub fn run(&mut self) -> Result<VmEnd> {
+        run_vcpu(&mut self.vcpu, &self.bus, &self.mmio)
     }
 
     /// The virtio devices that stopped serving their driver, and why (for the exit report).
@@ -527,6 +538,51 @@ impl Vm {
 
 /// A device lock: a panic while holding it aborts the process (panic = "abort"), so a
 /// poisoned lock is never seen; take the data either way.
+/// One vCPU's exit loop, until the guest ends the machine or breaks it.
+fn run_vcpu(vcpu: &mut VcpuFd, bus: &Bus, mmio: &[Arc<Mutex<MmioTransport>>]) -> Result<VmEnd> {
+    let lock_bus = || bus.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let exit = vcpu.run();
+        match exit {
+            Ok(VcpuExit::IoOut(port, data)) => match lock_bus().write(port, data) {
+                PortAction::Continue => {}
+                PortAction::Reset => return Ok(VmEnd::Reset),
+                PortAction::DebugExit(code) => return Ok(VmEnd::DebugExit(code)),
+                PortAction::PowerOff => return Ok(VmEnd::PowerOff),
+            },
+            Ok(VcpuExit::IoIn(port, data)) => lock_bus().read(port, data),
+            // Outside the virtio windows: reads see all ones, writes vanish.
+            Ok(VcpuExit::MmioRead(addr, data)) => match mmio_device(mmio, addr) {
+                Some((dev, off)) => lock(dev).read(off, data),
+                None => data.fill(0xff),
+            },
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if let Some((dev, off)) = mmio_device(mmio, addr) {
+                    lock(dev).write(off, data);
+                }
+            }
+            Ok(VcpuExit::Shutdown) => return Ok(VmEnd::TripleFault),
+            Ok(VcpuExit::Hlt) => return Err(Error::Guest("halted with interrupts off".into())),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Err(Error::Guest(format!(
+                    "KVM could not enter the vCPU {cpu}: hardware reason {reason:#x}"
+                )))
+            }
+            Ok(VcpuExit::InternalError) => {
+                return Err(Error::Guest(
+                    "KVM internal error (emulation failure)".into(),
+                ))
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                return Err(Error::Guest(format!("system event {kind}")))
+            }
+            Ok(other) => return Err(Error::Guest(format!("unexpected exit {other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Err(kvm("KVM_RUN")(e)),
+        }
+    }
+}
+
 fn mmio_device(
     devices: &[Arc<Mutex<MmioTransport>>],
     addr: u64,
