@@ -76,6 +76,14 @@ pub enum ServiceCmd {
         #[arg(long, default_value_t = 16 * 1024)]
         bytes: u64,
     },
+    /// Attach to a microVM service's serial console: its output appears here, what is typed
+    /// goes to the guest. Ctrl-] detaches (on a terminal); otherwise input ends at end of file.
+    Console {
+        name: String,
+        /// Detach after this many seconds.
+        #[arg(long = "for")]
+        for_s: Option<u64>,
+    },
     /// Run a command inside a running service.
     Exec {
         name: String,
@@ -205,6 +213,7 @@ pub fn service(socket: &Path, cmd: ServiceCmd) -> i32 {
             bytes,
         } => logs(socket, name, follow, bytes),
         ServiceCmd::Exec { name, command } => exec(socket, name, command),
+        ServiceCmd::Console { name, for_s } => console(socket, name, for_s),
     }
 }
 
@@ -334,6 +343,122 @@ fn logs(socket: &Path, name: String, follow: bool, bytes: u64) -> i32 {
         }
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
+}
+
+/// Restores the terminal's settings when the console detaches.
+struct RawTerminal(Option<nix::sys::termios::Termios>);
+
+impl RawTerminal {
+    fn enter() -> RawTerminal {
+        use nix::sys::termios;
+        let stdin = std::io::stdin();
+        let Ok(saved) = termios::tcgetattr(&stdin) else {
+            return RawTerminal(None); // not a terminal
+        };
+        let mut raw = saved.clone();
+        termios::cfmakeraw(&mut raw);
+        let _ = termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &raw);
+        RawTerminal(Some(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                saved,
+            );
+        }
+    }
+}
+
+fn console(socket: &Path, name: String, for_s: Option<u64>) -> i32 {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let status = match Client::new(socket).call(&Request::Status { name: name.clone() }) {
+        Ok(v) => v,
+        Err(e) => return fail(&e),
+    };
+    let Some(path) = status.pointer("/microvm/console").and_then(Value::as_str) else {
+        eprintln!("gatevisor: service {name} is not a microVM: it has no serial console (try `gatevisor service logs {name}`)");
+        return ErrorKind::Invalid.exit_code();
+    };
+    let stream = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("gatevisor: {name}'s console ({path}): {e} (is it running?)");
+            return ErrorKind::Runtime.exit_code();
+        }
+    };
+    let raw = RawTerminal::enter();
+    let tty = raw.0.is_some();
+    if tty {
+        eprint!("attached to {name}'s console; Ctrl-] detaches\r\n");
+    }
+    // Keystrokes to the guest; on a terminal Ctrl-] (0x1d) detaches, otherwise end of input
+    // does (after a moment for the guest's answer).
+    let mut to_guest = match stream.try_clone() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("gatevisor: {e}");
+            return ErrorKind::Runtime.exit_code();
+        }
+    };
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 256];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    if !tty {
+                        std::thread::sleep(Duration::from_secs(2));
+                    }
+                    break;
+                }
+                Ok(n) => {
+                    if tty && buf[..n].contains(&0x1d) {
+                        break;
+                    }
+                    if to_guest.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = done_tx.send(());
+    });
+    let deadline = for_s.map(|s| std::time::Instant::now() + Duration::from_secs(s));
+    let mut from_guest = stream;
+    let _ = from_guest.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut out = std::io::stdout();
+    let mut buf = [0u8; 4096];
+    loop {
+        match from_guest.read(&mut buf) {
+            Ok(0) => break, // the VM ended, or another console took over
+            Ok(n) => {
+                let _ = out.write_all(&buf[..n]);
+                let _ = out.flush();
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            break;
+        }
+        if for_s.is_none() && done_rx.try_recv().is_ok() {
+            break;
+        }
+    }
+    drop(raw);
+    if tty {
+        eprintln!("\ndetached from {name}'s console");
+    }
+    0
 }
 
 fn exec(socket: &Path, name: String, command: Vec<String>) -> i32 {

@@ -217,6 +217,11 @@ impl MicrovmRuntime {
         self.dir.join(format!("{name}.pid"))
     }
 
+    /// The Unix socket `gatevisor service console` attaches to.
+    pub fn console_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.console"))
+    }
+
     /// The Unix socket of the VM's vsock device (host side).
     pub fn vsock_path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.vsock"))
@@ -241,6 +246,7 @@ impl MicrovmRuntime {
 
     pub fn undefine(&self, name: &str) {
         let _ = std::fs::remove_file(self.vsock_path(name));
+        let _ = std::fs::remove_file(self.console_path(name));
         let _ = std::fs::remove_file(self.config_path(name));
         let _ = std::fs::remove_file(self.pid_path(name));
     }

@@ -1375,6 +1375,7 @@ impl Supervisor {
             vcpus: m.resources.vcpus as u8,
             console_log: Some(self.log_file(&m.name)),
             console_rate: crate::microvm::CONSOLE_RATE,
+            console_socket: Some(self.vms.console_path(&m.name)),
             exit_file: Some(self.run_files(&m.name).exit_file),
             // The tap is created at each start and handed over as TAP_FD.
             net: if m.network.interface {
@@ -1922,6 +1923,7 @@ impl Supervisor {
             "microvm": vm.then(|| json!({
                 "config": self.vms.config_path(name),
                 "guest_memory_bytes": (m.resources.memory_mib as u64).max(crate::microvm::MIN_GUEST_MIB) * 1024 * 1024,
+                "console": self.vms.console_path(name),
                 "vmm_rss_bytes": usage.as_ref().and_then(|u| u.memory_bytes),
             })),
             "log_file": self.log_file(name),

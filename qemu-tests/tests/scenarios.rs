@@ -378,6 +378,7 @@ fn microvm_service_runs_restarts_and_is_readopted_under_the_supervisor() {
         &initrd,
         "echo \"vda sectors $(cat /sys/block/vda/size)\"\n\
          trap 'echo vm-hello got SIGTERM; exit 0' TERM\n\
+         (while read l; do echo \"console got: $l\"; done) < /dev/console &\n\
          echo vm-hello up; while true; do sleep 2; echo tick; done",
     )
     .unwrap();
@@ -436,6 +437,11 @@ cmdline = "quiet"
         .expect("the LAN host reaches the microVM service on the bridge");
     let logs = gw.ok("gatevisor service logs vm-hello").unwrap();
     assert!(logs.contains("vda sectors 16384"), "{logs}");
+    // The serial console, both ways.
+    let out = gw
+        .ok("printf 'hello-console\\n' | gatevisor service console vm-hello --for 10")
+        .unwrap();
+    assert!(out.contains("console got: hello-console"), "{out}");
     let rss = st["microvm"]["vmm_rss_bytes"].as_u64().unwrap_or(0);
     assert!(rss > 1 << 20, "VMM resident memory reported: {st:#}");
     assert_eq!(st["microvm"]["guest_memory_bytes"], 128u64 << 20);

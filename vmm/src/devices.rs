@@ -10,6 +10,8 @@
 //! | anything else| reads all-ones (nothing there), writes ignored             |
 
 use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
@@ -103,6 +105,33 @@ impl<W: Write> Write for RateLimitedLog<W> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush()
+    }
+}
+
+/// Where the serial console goes: the service log (rate-limited), and a console client
+/// when one is attached (`gatevisor service console`). A client that cannot keep up loses
+/// output, never the guest's time; one that errors is dropped.
+pub struct ConsoleTee<W: Write> {
+    pub log: W,
+    pub client: Arc<Mutex<Option<UnixStream>>>,
+}
+
+impl<W: Write> Write for ConsoleTee<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = client.as_mut() {
+            match c.write(buf) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => *client = None,
+            }
+        }
+        drop(client);
+        self.log.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.log.flush()
     }
 }
 

@@ -1,6 +1,6 @@
 //! One microVM: guest memory, the in-kernel irqchip and PIT, the boot vCPU and its exit loop.
 
-use crate::devices::{PortAction, PortBus, RateLimitedLog, COM1_IRQ};
+use crate::devices::{ConsoleTee, PortAction, PortBus, RateLimitedLog, COM1_IRQ};
 use crate::layout::*;
 use crate::virtio::block::Block;
 use crate::virtio::mmio::{self, Interrupt, MmioTransport};
@@ -46,6 +46,11 @@ pub struct VmConfig {
     /// Where the serial console goes; standard output when unset.
     #[serde(default)]
     pub console_log: Option<PathBuf>,
+    /// A Unix socket a console client attaches to (`gatevisor service console`): it sees the
+    /// guest's serial output and types into its serial input. One client at a time; a new
+    /// one takes over.
+    #[serde(default)]
+    pub console_socket: Option<PathBuf>,
     /// Console bytes per second kept in the log (burst: ten times that).
     #[serde(default = "default_console_rate")]
     pub console_rate: u64,
@@ -214,7 +219,21 @@ pub struct Vm {
     /// What the I/O thread polls: devices with a backend (taps, vsock sockets) and their
     /// wake-ups.
     io: Vec<DeviceIo>,
+    /// The console socket and its attached client, polled by the I/O thread too.
+    console_io: Option<ConsoleIo>,
 }
+
+/// The console's part of the I/O loop: [`ConsoleIo`] and the bus its serial port is on.
+type ConsoleLoop = (
+    std::os::unix::net::UnixListener,
+    Arc<Mutex<Option<std::os::unix::net::UnixStream>>>,
+    Bus,
+);
+
+type ConsoleIo = (
+    std::os::unix::net::UnixListener,
+    Arc<Mutex<Option<std::os::unix::net::UnixStream>>>,
+);
 
 struct DeviceIo {
     transport: Arc<Mutex<MmioTransport>>,
@@ -425,11 +444,21 @@ impl Vm {
             ),
             None => Box::new(std::io::stdout()),
         };
-        let console: Box<dyn Write + Send> = Box::new(RateLimitedLog::new(
-            out,
-            cfg.console_rate,
-            cfg.console_rate * 10,
-        ));
+        let console_client = Arc::new(Mutex::new(None));
+        let console: Box<dyn Write + Send> = Box::new(ConsoleTee {
+            log: RateLimitedLog::new(out, cfg.console_rate, cfg.console_rate * 10),
+            client: console_client.clone(),
+        });
+        let console_io = match &cfg.console_socket {
+            Some(path) => {
+                let _ = std::fs::remove_file(path);
+                let listener = std::os::unix::net::UnixListener::bind(path)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(file_err("listen on", path.clone()))?;
+                Some((listener, console_client))
+            }
+            None => None,
+        };
         Ok(Vm {
             _kvm: kvm_fd,
             _vm: vm,
@@ -437,6 +466,7 @@ impl Vm {
             vcpu,
             aps: vcpus,
             bus: Arc::new(Mutex::new(PortBus::new(serial_irq, console))),
+            console_io,
             mmio,
             io,
         })
@@ -445,10 +475,14 @@ impl Vm {
     /// Starts the thread that moves frames from the taps into the guest. It enters the
     /// sandbox's seccomp filter before it polls anything; an error here is the VMM's.
     pub fn start_io(&mut self) -> Result<()> {
-        if self.io.is_empty() {
+        if self.io.is_empty() && self.console_io.is_none() {
             return Ok(());
         }
         let devices = std::mem::take(&mut self.io);
+        let console = self
+            .console_io
+            .take()
+            .map(|(l, c)| (l, c, self.bus.clone()));
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("vmm-io".into())
@@ -457,7 +491,7 @@ impl Vm {
                 let ok = filtered.is_ok();
                 let _ = tx.send(filtered);
                 if ok {
-                    io_loop(devices);
+                    io_loop(devices, console);
                 }
             })
             .map_err(file_err("spawn", "the I/O thread"))?;
@@ -538,6 +572,41 @@ impl Vm {
 
 /// A device lock: a panic while holding it aborts the process (panic = "abort"), so a
 /// poisoned lock is never seen; take the data either way.
+/// The console's turn in the I/O thread: a new client takes over, a client's keystrokes go
+/// to the serial input (what fits its FIFO), a client that hung up is dropped.
+fn console_ready(
+    listener: &std::os::unix::net::UnixListener,
+    client: &Mutex<Option<std::os::unix::net::UnixStream>>,
+    bus: &Bus,
+    fds: &[libc::pollfd],
+) {
+    use std::io::Read;
+    let mut client = client.lock().unwrap_or_else(|p| p.into_inner());
+    if fds.first().is_some_and(|p| p.revents != 0) {
+        if let Ok((c, _)) = listener.accept() {
+            if c.set_nonblocking(true).is_ok() {
+                *client = Some(c);
+            }
+        }
+        return;
+    }
+    if fds.get(1).is_none_or(|p| p.revents == 0) {
+        return;
+    }
+    let Some(c) = client.as_mut() else { return };
+    let mut buf = [0u8; 64];
+    match c.read(&mut buf) {
+        Ok(0) => *client = None,
+        Ok(n) => {
+            let mut bus = bus.lock().unwrap_or_else(|p| p.into_inner());
+            // Beyond the FIFO's room, keystrokes are lost, as on a real UART.
+            let _ = bus.serial.enqueue_raw_bytes(&buf[..n]);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Err(_) => *client = None,
+    }
+}
+
 /// One vCPU's exit loop, until the guest ends the machine or breaks it.
 fn run_vcpu(vcpu: &mut VcpuFd, bus: &Bus, mmio: &[Arc<Mutex<MmioTransport>>]) -> Result<VmEnd> {
     let lock_bus = || bus.lock().unwrap_or_else(|p| p.into_inner());
@@ -599,10 +668,28 @@ fn lock(m: &Mutex<MmioTransport>) -> std::sync::MutexGuard<'_, MmioTransport> {
 /// The I/O thread: waits on what each device's backend asks for (a tap with frames that
 /// have somewhere to go, vsock sockets) and on the wake-ups that say a device's buffers
 /// changed.
-fn io_loop(devices: Vec<DeviceIo>) {
+fn io_loop(devices: Vec<DeviceIo>, console: Option<ConsoleLoop>) {
     loop {
         let mut fds: Vec<libc::pollfd> = Vec::new();
         let mut owner: Vec<usize> = Vec::new();
+        // The console first: its listener, and its client when one is attached.
+        let mut console_fds = 0;
+        if let Some((listener, client, _)) = &console {
+            fds.push(libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            console_fds = 1;
+            if let Some(c) = client.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                fds.push(libc::pollfd {
+                    fd: c.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                console_fds = 2;
+            }
+        }
         for (i, d) in devices.iter().enumerate() {
             fds.push(libc::pollfd {
                 fd: d.wake.as_raw_fd(),
@@ -624,8 +711,12 @@ fn io_loop(devices: Vec<DeviceIo>) {
         if r < 0 {
             continue; // EINTR
         }
+        if let Some((listener, client, bus)) = &console {
+            console_ready(listener, client, bus, &fds[..console_fds]);
+        }
         let mut ready = vec![false; devices.len()];
-        for (k, p) in fds.iter().enumerate() {
+        for (k, p) in fds.iter().enumerate().skip(console_fds) {
+            let k = k - console_fds;
             if p.revents == 0 {
                 continue;
             }
