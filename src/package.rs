@@ -174,3 +174,38 @@ pub fn cpio_of(dir: &Path) -> std::io::Result<Vec<u8>> {
     }
     c.finish()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_initramfs_of_a_tree_is_reproducible_and_keeps_links_and_modes() {
+        let make = |root: &Path| {
+            std::fs::create_dir_all(root.join("bin")).unwrap();
+            std::fs::write(root.join("bin/svc"), b"ELF...").unwrap();
+            std::fs::set_permissions(
+                root.join("bin/svc"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .unwrap();
+            std::os::unix::fs::symlink("svc", root.join("bin/alias")).unwrap();
+            std::fs::create_dir_all(root.join("etc")).unwrap();
+            std::fs::write(root.join("etc/conf"), b"x = 1\n").unwrap();
+        };
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        make(a.path());
+        make(b.path());
+        let ca = cpio_of(a.path()).unwrap();
+        assert_eq!(ca, cpio_of(b.path()).unwrap(), "same tree, same bytes");
+        let text = String::from_utf8_lossy(&ca);
+        // Entries in name order: bin, bin/alias (a symlink to svc), bin/svc (0755), etc, ...
+        let order: Vec<usize> = ["bin\0", "bin/alias\0", "bin/svc\0", "etc\0", "etc/conf\0"]
+            .iter()
+            .map(|n| text.find(n).unwrap())
+            .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+        assert!(text.contains("000081ed"), "bin/svc keeps mode 0755");
+        assert!(text.contains("0000a1ff"), "bin/alias is a symlink");
+    }
+}
