@@ -19,7 +19,7 @@ mod tests;
 pub mod vsock;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 /// Why a device stopped serving its driver until the driver resets it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -71,19 +71,66 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) {}
 }
 
-/// Reads `len` bytes the driver gave the device, from a chain's readable descriptors.
-pub(crate) fn checked_len(
-    head: u16,
-    total: usize,
-    add: u32,
+/// The chains the devices pop from their queues.
+pub(crate) type Chain<'a> = virtio_queue::DescriptorChain<&'a GuestMemoryMmap>;
+
+/// Gathers what the driver gave the device, the chain's readable descriptors in order, into
+/// `out` (cleared first): at most `limit` bytes. A device-writable descriptor, more than
+/// `limit` bytes or an address outside guest memory breaks the chain.
+pub(crate) fn gather(
+    mem: &GuestMemoryMmap,
+    chain: Chain<'_>,
     limit: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), DeviceError> {
+    let head = chain.head_index();
+    let bad = |why: String| DeviceError::Chain { head, why };
+    out.clear();
+    for desc in chain {
+        if desc.is_write_only() {
+            return Err(bad(
+                "a transmit buffer the driver marked device-writable".into()
+            ));
+        }
+        let start = out.len();
+        let end = start
+            .checked_add(desc.len() as usize)
+            .filter(|n| *n <= limit)
+            .ok_or_else(|| bad(format!("more than {limit} bytes")))?;
+        out.resize(end, 0);
+        mem.read_slice(&mut out[start..], desc.addr())
+            .map_err(|e| bad(format!("transmit buffer: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Writes `parts`, one after the other, into the chain's device-writable descriptors in
+/// order; returns how many bytes fit (less than all of them when the buffers are too small).
+/// A descriptor the device may not write, or outside guest memory, breaks the chain.
+pub(crate) fn scatter(
+    mem: &GuestMemoryMmap,
+    chain: Chain<'_>,
+    parts: &[&[u8]],
 ) -> Result<usize, DeviceError> {
-    let next = total
-        .checked_add(add as usize)
-        .filter(|n| *n <= limit)
-        .ok_or_else(|| DeviceError::Chain {
-            head,
-            why: format!("more than {limit} bytes"),
-        })?;
-    Ok(next)
+    let head = chain.head_index();
+    let bad = |why: String| DeviceError::Chain { head, why };
+    let mut bytes = parts.iter().flat_map(|p| p.iter()).copied();
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut written = 0usize;
+    let mut piece = Vec::new();
+    for desc in chain {
+        if !desc.is_write_only() {
+            return Err(bad("a receive buffer the device may not write".into()));
+        }
+        if written == total {
+            break;
+        }
+        let take = (desc.len() as usize).min(total - written);
+        piece.clear();
+        piece.extend(bytes.by_ref().take(take));
+        mem.write_slice(&piece, desc.addr())
+            .map_err(|e| bad(format!("receive buffer: {e}")))?;
+        written += take;
+    }
+    Ok(written)
 }

@@ -6,13 +6,13 @@
 //! readable; a frame that finds no receive buffer waits in the device (and the tap is not
 //! read again) until the driver adds buffers.
 
-use super::{checked_len, DeviceError, VirtioDevice};
+use super::{gather, scatter, DeviceError, VirtioDevice};
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// `virtio_net_hdr_v1`: what VERSION_1 drivers put before every frame.
@@ -56,7 +56,7 @@ impl Net {
             pending_len: 0,
             rx_waiting: false,
             rx_wake,
-            tx_buf: vec![0; MAX_FRAME + HDR_LEN],
+            tx_buf: Vec::with_capacity(MAX_FRAME + HDR_LEN),
             stats: NetStats::default(),
         }
     }
@@ -81,37 +81,11 @@ impl Net {
                 return Ok(used);
             };
             let head = chain.head_index();
-            let frame = &self.pending[..self.pending_len];
             let mut hdr = [0u8; HDR_LEN];
             hdr[10] = 1; // num_buffers
+            let frame = &self.pending[..self.pending_len];
             let total = HDR_LEN + frame.len();
-            let mut written = 0usize;
-            for desc in chain {
-                if !desc.is_write_only() {
-                    return Err(DeviceError::Chain {
-                        head,
-                        why: "a receive buffer the device may not write".into(),
-                    });
-                }
-                if written == total {
-                    break;
-                }
-                let take = (desc.len() as usize).min(total - written);
-                let mut piece = Vec::with_capacity(take);
-                for i in written..written + take {
-                    piece.push(if i < HDR_LEN {
-                        hdr[i]
-                    } else {
-                        frame[i - HDR_LEN]
-                    });
-                }
-                mem.write_slice(&piece, desc.addr())
-                    .map_err(|e| DeviceError::Chain {
-                        head,
-                        why: format!("receive buffer: {e}"),
-                    })?;
-                written += take;
-            }
+            let written = scatter(mem, chain, &[&hdr, frame])?;
             if written < total {
                 // The guest's buffer is too small for this frame: drop the frame, keep the
                 // buffer for the next one.
@@ -132,22 +106,8 @@ impl Net {
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let mut len = 0usize;
-            for desc in chain {
-                if desc.is_write_only() {
-                    return Err(DeviceError::Chain {
-                        head,
-                        why: "a transmit buffer the driver marked device-writable".into(),
-                    });
-                }
-                let end = checked_len(head, len, desc.len(), self.tx_buf.len())?;
-                mem.read_slice(&mut self.tx_buf[len..end], desc.addr())
-                    .map_err(|e| DeviceError::Chain {
-                        head,
-                        why: format!("transmit buffer: {e}"),
-                    })?;
-                len = end;
-            }
+            gather(mem, chain, MAX_FRAME + HDR_LEN, &mut self.tx_buf)?;
+            let len = self.tx_buf.len();
             if len < HDR_LEN {
                 return Err(DeviceError::Chain {
                     head,

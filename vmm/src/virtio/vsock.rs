@@ -22,7 +22,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub const HOST_CID: u64 = 2;
@@ -204,21 +204,6 @@ impl Vsock {
         })
     }
 
-    fn reply(&self, to: &Header, op: u16, flags: u32, fwd_cnt: u32) -> Header {
-        Header {
-            src_cid: HOST_CID,
-            dst_cid: self.cid,
-            src_port: to.dst_port,
-            dst_port: to.src_port,
-            len: 0,
-            kind: TYPE_STREAM,
-            op,
-            flags,
-            buf_alloc: BUF_ALLOC,
-            fwd_cnt,
-        }
-    }
-
     fn packet(&self, key: Key, op: u16, flags: u32, len: u32, fwd_cnt: u32) -> Header {
         Header {
             src_cid: HOST_CID,
@@ -296,7 +281,7 @@ impl Vsock {
         let key = (h.dst_port, h.src_port);
         if h.dst_cid != HOST_CID || h.src_cid != self.cid || h.kind != TYPE_STREAM {
             if h.op != OP_RST {
-                let r = self.reply(h, OP_RST, 0, 0);
+                let r = self.packet((h.dst_port, h.src_port), OP_RST, 0, 0, 0);
                 self.control.push_back(r);
             }
             return;
@@ -313,7 +298,7 @@ impl Vsock {
                     c.peer_buf_alloc = h.buf_alloc;
                     c.peer_fwd_cnt = h.fwd_cnt;
                     self.conns.insert(key, c);
-                    let r = self.reply(h, OP_RESPONSE, 0, 0);
+                    let r = self.packet(key, OP_RESPONSE, 0, 0, 0);
                     self.control.push_back(r);
                 }
                 Err(_) => self.rst(key),
@@ -469,29 +454,9 @@ impl Vsock {
                 return Ok(used);
             };
             let head = chain.head_index();
-            let mut packet = h.bytes().to_vec();
-            packet.extend_from_slice(&self.buf[..len]);
-            let total = packet.len();
-            let mut written = 0usize;
-            for desc in chain {
-                if !desc.is_write_only() {
-                    return Err(DeviceError::Chain {
-                        head,
-                        why: "a receive buffer the device may not write".into(),
-                    });
-                }
-                if written == total {
-                    break;
-                }
-                let take = (desc.len() as usize).min(total - written);
-                let piece = &packet[written..written + take];
-                mem.write_slice(piece, desc.addr())
-                    .map_err(|e| DeviceError::Chain {
-                        head,
-                        why: format!("receive buffer: {e}"),
-                    })?;
-                written += take;
-            }
+            let hdr = h.bytes();
+            let total = HDR_LEN + len;
+            let written = super::scatter(mem, chain, &[&hdr, &self.buf[..len]])?;
             if written < total {
                 return Err(DeviceError::Chain {
                     head,
@@ -506,26 +471,10 @@ impl Vsock {
 
     fn transmit(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
         let mut used = false;
-        let mut payload = Vec::new();
+        let mut bytes = Vec::new();
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let mut bytes = Vec::new();
-            for desc in chain {
-                if desc.is_write_only() {
-                    return Err(DeviceError::Chain {
-                        head,
-                        why: "a transmit buffer marked device-writable".into(),
-                    });
-                }
-                let end = super::checked_len(head, bytes.len(), desc.len(), HDR_LEN + MAX_PAYLOAD)?;
-                let start = bytes.len();
-                bytes.resize(end, 0);
-                mem.read_slice(&mut bytes[start..], desc.addr())
-                    .map_err(|e| DeviceError::Chain {
-                        head,
-                        why: format!("transmit buffer: {e}"),
-                    })?;
-            }
+            super::gather(mem, chain, HDR_LEN + MAX_PAYLOAD, &mut bytes)?;
             if bytes.len() < HDR_LEN {
                 return Err(DeviceError::Chain {
                     head,
@@ -544,9 +493,7 @@ impl Vsock {
                     ),
                 });
             }
-            payload.clear();
-            payload.extend_from_slice(&body[..h.len as usize]);
-            self.handle_guest_packet(&h, &payload);
+            self.handle_guest_packet(&h, &body[..h.len as usize]);
             q.add_used(mem, head, 0)
                 .map_err(|e| DeviceError::Queue(TX, format!("used ring: {e}")))?;
             used = true;
