@@ -62,3 +62,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { op, source }
 }
+
+/// An I/O error about `path`, as [`Error::File`].
+pub(crate) fn file_err(
+    what: &'static str,
+    path: impl Into<std::path::PathBuf>,
+) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error::File { what, path, source }
+}

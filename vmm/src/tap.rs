@@ -2,16 +2,10 @@
 //! CAP_NET_ADMIN), brings it up, and hands the open descriptor to the VMM; the tap is not
 //! persistent, so it disappears with the VMM, as a container's veth does with the container.
 
-use crate::{Error, Result};
+use crate::{file_err, Error, Result};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
-
-fn file_err(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
-    let path = path.into();
-    move |source| Error::File { what, path, source }
-}
 
 /// Creates (or attaches to) tap `name` (IFF_TAP | IFF_NO_PI), non-blocking.
 pub fn open(name: &str) -> Result<File> {

@@ -6,7 +6,8 @@ use crate::virtio::block::Block;
 use crate::virtio::mmio::{self, Interrupt, MmioTransport};
 use crate::virtio::net::Net;
 use crate::virtio::vsock::Vsock;
-use crate::{acpi, boot, cpu, kvm, Error, Result};
+use crate::virtio::VirtioDevice;
+use crate::{acpi, boot, cpu, file_err, kvm, Error, Result};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -240,11 +241,6 @@ struct DeviceIo {
     wake: EventFd,
 }
 
-fn file_err(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
-    let path = path.into();
-    move |source| Error::File { what, path, source }
-}
-
 /// Takes over inherited descriptor `fd` as the tap, non-blocking.
 fn adopt_tap(fd: RawFd) -> Result<File> {
     let err = |e: std::io::Error| Error::Config(format!("tap_fd {fd}: {e}"));
@@ -304,23 +300,42 @@ impl Vm {
             unsafe { vm.set_user_memory_region(r) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
-        // The devices: one virtio-mmio window and GSI each, nets first, then disks.
+        // The devices: one virtio-mmio window and GSI each; nets first, then disks, then
+        // vsock. Those with a backend (`wake`: how the device wakes the I/O thread) are
+        // polled by the I/O thread too.
         let mut mmio = Vec::new();
         let mut io = Vec::new();
         let mut acpi_devices = Vec::new();
-        let irq_for = |index: usize| -> Result<(Interrupt, acpi::MmioDevice)> {
+        let mut add = |dev: Box<dyn VirtioDevice>, wake: Option<EventFd>| -> Result<()> {
+            let index = mmio.len();
             let gsi = VIRTIO_GSIS[index];
             let evt =
                 EventFd::new(libc::EFD_NONBLOCK).map_err(file_err("eventfd", "virtio irq"))?;
             vm.register_irqfd(&evt, gsi).map_err(kvm("KVM_IRQFD"))?;
-            Ok((
+            let t = Arc::new(Mutex::new(MmioTransport::new(
+                dev,
+                mem.clone(),
                 Interrupt::new(evt),
-                acpi::MmioDevice {
-                    base: VIRTIO_MMIO_START + index as u64 * mmio::WINDOW,
-                    len: mmio::WINDOW,
-                    gsi,
-                },
-            ))
+            )));
+            if let Some(wake) = wake {
+                io.push(DeviceIo {
+                    transport: t.clone(),
+                    wake,
+                });
+            }
+            mmio.push(t);
+            acpi_devices.push(acpi::MmioDevice {
+                base: VIRTIO_MMIO_START + index as u64 * mmio::WINDOW,
+                len: mmio::WINDOW,
+                gsi,
+            });
+            Ok(())
+        };
+        // A device's wake-up eventfd, and the copy the device keeps.
+        let wake_pair = |what: &'static str| -> Result<(EventFd, EventFd)> {
+            let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(file_err("eventfd", what))?;
+            let copy = wake.try_clone().map_err(file_err("dup", what))?;
+            Ok((wake, copy))
         };
         for n in &cfg.net {
             let tap = match (&n.tap, n.tap_fd) {
@@ -328,24 +343,11 @@ impl Vm {
                 (None, Some(fd)) => adopt_tap(fd)?,
                 (None, None) => unreachable!("validated"),
             };
-            let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(file_err("eventfd", "net wake"))?;
-            let dev = Net::new(
-                tap,
-                parse_mac(&n.mac)?,
-                wake.try_clone().map_err(file_err("dup", "eventfd"))?,
-            );
-            let (irq, desc) = irq_for(mmio.len())?;
-            let t = Arc::new(Mutex::new(MmioTransport::new(
-                Box::new(dev),
-                mem.clone(),
-                irq,
-            )));
-            io.push(DeviceIo {
-                transport: t.clone(),
-                wake,
-            });
-            mmio.push(t);
-            acpi_devices.push(desc);
+            let (wake, copy) = wake_pair("net wake")?;
+            add(
+                Box::new(Net::new(tap, parse_mac(&n.mac)?, copy)),
+                Some(wake),
+            )?;
         }
         for (i, d) in cfg.disk.iter().enumerate() {
             let f = std::fs::OpenOptions::new()
@@ -355,35 +357,13 @@ impl Vm {
                 .map_err(file_err("open disk", d.path.clone()))?;
             let dev = Block::new(f, d.read_only, &format!("gatevisor-disk{i}"))
                 .map_err(file_err("disk", d.path.clone()))?;
-            let (irq, desc) = irq_for(mmio.len())?;
-            mmio.push(Arc::new(Mutex::new(MmioTransport::new(
-                Box::new(dev),
-                mem.clone(),
-                irq,
-            ))));
-            acpi_devices.push(desc);
+            add(Box::new(dev), None)?;
         }
         if let Some(v) = &cfg.vsock {
-            let wake =
-                EventFd::new(libc::EFD_NONBLOCK).map_err(file_err("eventfd", "vsock wake"))?;
-            let dev = Vsock::new(
-                v.guest_cid,
-                v.uds_path.clone(),
-                wake.try_clone().map_err(file_err("dup", "eventfd"))?,
-            )
-            .map_err(file_err("listen on", v.uds_path.clone()))?;
-            let (irq, desc) = irq_for(mmio.len())?;
-            let t = Arc::new(Mutex::new(MmioTransport::new(
-                Box::new(dev),
-                mem.clone(),
-                irq,
-            )));
-            io.push(DeviceIo {
-                transport: t.clone(),
-                wake,
-            });
-            mmio.push(t);
-            acpi_devices.push(desc);
+            let (wake, copy) = wake_pair("vsock wake")?;
+            let dev = Vsock::new(v.guest_cid, v.uds_path.clone(), copy)
+                .map_err(file_err("listen on", v.uds_path.clone()))?;
+            add(Box::new(dev), Some(wake))?;
         }
         let rsdp = acpi::write_tables(&mem, cfg.vcpus, &acpi_devices).map_err(Error::Config)?;
 
@@ -394,11 +374,8 @@ impl Vm {
                 cmdline,
             } => boot::load_linux(&mem, kernel, initrd.as_deref(), cmdline, rsdp)?,
             Boot::Raw { image } => {
-                let bytes = std::fs::read(image).map_err(|source| Error::File {
-                    what: "read raw image",
-                    path: image.clone(),
-                    source,
-                })?;
+                let bytes =
+                    std::fs::read(image).map_err(file_err("read raw image", image.clone()))?;
                 boot::load_raw(&mem, &bytes)?
             }
         };
@@ -423,11 +400,8 @@ impl Vm {
         }
         let vcpu = vcpus.remove(0);
 
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::File {
-            what: "eventfd",
-            path: PathBuf::from("serial irq"),
-            source,
-        })?;
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(file_err("eventfd", "serial irq"))?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(kvm("KVM_IRQFD"))?;
         let out: Box<dyn Write + Send> = match &cfg.console_log {
@@ -436,11 +410,7 @@ impl Vm {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .map_err(|source| Error::File {
-                        what: "open console log",
-                        path: path.clone(),
-                        source,
-                    })?,
+                    .map_err(file_err("open console log", path.clone()))?,
             ),
             None => Box::new(std::io::stdout()),
         };
