@@ -427,6 +427,18 @@ impl Manifest {
 
     /// The image reference, resolved against the manifest's folder.
     pub fn image_ref(&self, file: &Path) -> Result<ImageRef, ManifestError> {
+        self.image_ref_as(file, self.runtime == RuntimeKind::Microvm)
+    }
+
+    /// Where a package keeps its tree as a microVM's initramfs: beside the service manifest
+    /// `file`.
+    pub fn package_initramfs(file: &Path) -> PathBuf {
+        file.with_file_name("initramfs.cpio")
+    }
+
+    /// [`Self::image_ref`] for the runtime the service really gets (`auto` resolved): what a
+    /// microVM (`microvm` true) or a container boots.
+    pub fn image_ref_as(&self, file: &Path, microvm: bool) -> Result<ImageRef, ManifestError> {
         let bad = |problem: String| ManifestError::Field {
             file: file.into(),
             field: "image".into(),
@@ -444,13 +456,10 @@ impl Manifest {
             }
             return Ok(ImageRef::Initramfs(f));
         }
-        if self.runtime == RuntimeKind::Microvm {
+        if microvm {
             if self.image == "package" {
                 // A package carries its tree as an initramfs too.
-                let f = file
-                    .parent()
-                    .unwrap_or(Path::new("."))
-                    .join("initramfs.cpio");
+                let f = Self::package_initramfs(file);
                 return if f.is_file() {
                     Ok(ImageRef::Initramfs(f))
                 } else {

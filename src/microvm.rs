@@ -19,6 +19,11 @@ pub const BOOT_GRACE: Duration = Duration::from_secs(120);
 /// stock kernel, its modules and the initramfs.
 pub const MIN_GUEST_MIB: u64 = 128;
 
+/// The guest memory of a microVM whose service asks for `memory_mib`.
+pub fn guest_memory_mib(memory_mib: u32) -> u64 {
+    (memory_mib as u64).max(MIN_GUEST_MIB)
+}
+
 /// Where gatevisor's guest init sits in a service guest, and the vsock port it serves.
 pub const GUEST_INIT_PATH: &str = "/gatevisor/init";
 pub const CONTROL_PORT: u32 = 1024;
@@ -217,6 +222,11 @@ impl MicrovmRuntime {
         self.dir.join(format!("{name}.pid"))
     }
 
+    /// Where the VMM sends the guest's connections to host vsock port `port`.
+    pub fn vsock_port_path(&self, name: &str, port: u32) -> PathBuf {
+        self.dir.join(format!("{name}.vsock_{port}"))
+    }
+
     /// The Unix socket `gatevisor service console` attaches to.
     pub fn console_path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.console"))
@@ -247,6 +257,7 @@ impl MicrovmRuntime {
     pub fn undefine(&self, name: &str) {
         let _ = std::fs::remove_file(self.vsock_path(name));
         let _ = std::fs::remove_file(self.console_path(name));
+        let _ = std::fs::remove_file(self.vsock_port_path(name, VERDICT_PORT));
         let _ = std::fs::remove_file(self.config_path(name));
         let _ = std::fs::remove_file(self.pid_path(name));
     }

@@ -144,23 +144,6 @@ fn runtime_err(e: impl std::fmt::Display) -> ApiError {
     err(ErrorKind::Runtime, e.to_string())
 }
 
-/// What service `m` (manifest file `file`) boots under `runtime`: a package's initramfs for
-/// a microVM chosen by `auto`, else what its `image` names.
-fn image_for(m: &Manifest, file: &Path, runtime: &str) -> std::result::Result<ImageRef, String> {
-    if runtime == "microvm" && m.image == "package" {
-        let f = file.with_file_name("initramfs.cpio");
-        return if f.is_file() {
-            Ok(ImageRef::Initramfs(f))
-        } else {
-            Err(format!(
-                "{}: field `image`: the package has no initramfs.cpio for a microVM",
-                file.display()
-            ))
-        };
-    }
-    m.image_ref(file).map_err(|e| e.to_string())
-}
-
 /// Host-side interface name of a service's veth.
 pub fn veth_name(service: &str) -> String {
     format!("gv-{service}")
@@ -908,7 +891,9 @@ impl Supervisor {
             ));
         }
         let runtime = self.record(name).map_err(|e| e.message)?.runtime.clone();
-        let image = image_for(&m, &file, &runtime).map_err(|e| e.to_string())?;
+        let image = m
+            .image_ref_as(&file, runtime == "microvm")
+            .map_err(|e| e.to_string())?;
         let caps = m.capability_set(&file).map_err(|e| e.to_string())?;
         self.stop_service(name, false).map_err(|e| e.message)?;
         let dir = self.service_dir(name);
@@ -945,15 +930,22 @@ impl Supervisor {
                 continue;
             };
             let vm = self.is_vm(name).then(|| self.vms.vsock_path(name));
-            let passed = if let (Some(cmd), Some(vsock)) = (&health.exec, &vm) {
-                match crate::microvm::health_exec(vsock, cmd) {
+            let passed = if let Some(cmd) = &health.exec {
+                // Inside the guest (its init runs it) or inside the container.
+                let ran = match &vm {
+                    Some(vsock) => {
+                        crate::microvm::health_exec(vsock, cmd).map_err(|e| e.to_string())
+                    }
+                    None => self.rt.exec(name, cmd).map_err(|e| e.to_string()),
+                };
+                match ran {
                     Ok(0) => true,
                     Ok(code) => {
                         last = format!("health command exited with {code}");
                         false
                     }
                     Err(e) => {
-                        last = e.to_string();
+                        last = e;
                         false
                     }
                 }
@@ -965,18 +957,6 @@ impl Supervisor {
                     last = format!("nothing accepts on TCP port {port} in the guest");
                 }
                 ok
-            } else if let Some(cmd) = &health.exec {
-                match self.rt.exec(name, cmd) {
-                    Ok(0) => true,
-                    Ok(code) => {
-                        last = format!("health command exited with {code}");
-                        false
-                    }
-                    Err(e) => {
-                        last = e.to_string();
-                        false
-                    }
-                }
             } else if health.verdict_ping {
                 let spoke = self
                     .verdict_servers
@@ -1069,7 +1049,7 @@ impl Supervisor {
             RuntimeKind::Auto => match self.board.auto_runtime {
                 AutoRuntime::Microvm
                     if m.image == "package"
-                        && path.with_file_name("initramfs.cpio").is_file()
+                        && Manifest::package_initramfs(&path).is_file()
                         && crate::microvm::guest_init().is_some() =>
                 {
                     "microvm"
@@ -1132,7 +1112,9 @@ impl Supervisor {
                 ),
             ));
         }
-        let image = image_for(&m, &path, runtime).map_err(|e| invalid(&e))?;
+        let image = m
+            .image_ref_as(&path, runtime == "microvm")
+            .map_err(|e| invalid(&e))?;
         let caps = m.capability_set(&path).map_err(|e| invalid(&e))?;
 
         // Everything checked: now build. Any failure undoes what was made.
@@ -1299,11 +1281,9 @@ impl Supervisor {
                         "GATEVISOR_VERDICT_SOCKET".into(),
                         format!("vsock:2:{}", crate::microvm::VERDICT_PORT),
                     ));
-                    let link = PathBuf::from(format!(
-                        "{}_{}",
-                        self.vms.vsock_path(&m.name).display(),
-                        crate::microvm::VERDICT_PORT
-                    ));
+                    let link = self
+                        .vms
+                        .vsock_port_path(&m.name, crate::microvm::VERDICT_PORT);
                     let _ = std::fs::remove_file(&link);
                     let dir = self.service_run_dir(&m.name);
                     std::fs::create_dir_all(&dir).map_err(runtime_err)?;
@@ -1371,7 +1351,7 @@ impl Supervisor {
                 cmdline,
             },
             // A Linux guest needs room for its own kernel beyond the service's budget.
-            memory_mib: (m.resources.memory_mib as u64).max(crate::microvm::MIN_GUEST_MIB),
+            memory_mib: crate::microvm::guest_memory_mib(m.resources.memory_mib),
             vcpus: m.resources.vcpus as u8,
             console_log: Some(self.log_file(&m.name)),
             console_rate: crate::microvm::CONSOLE_RATE,
@@ -1922,7 +1902,7 @@ impl Supervisor {
             "container": (!vm).then(|| json!({ "lxcpath": self.rt.lxcpath(), "name": name })),
             "microvm": vm.then(|| json!({
                 "config": self.vms.config_path(name),
-                "guest_memory_bytes": (m.resources.memory_mib as u64).max(crate::microvm::MIN_GUEST_MIB) * 1024 * 1024,
+                "guest_memory_bytes": crate::microvm::guest_memory_mib(m.resources.memory_mib) * 1024 * 1024,
                 "console": self.vms.console_path(name),
                 "vmm_rss_bytes": usage.as_ref().and_then(|u| u.memory_bytes),
             })),
