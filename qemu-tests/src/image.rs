@@ -138,20 +138,7 @@ pub fn gatevisor_binary() -> Result<PathBuf> {
 /// Builds gatevisor's guest init statically (it runs in service guests' initramfs, which has
 /// no C library) and returns its path.
 pub fn guest_init_binary() -> Result<PathBuf> {
-    let dir = crate::target_dir().join("static");
-    crate::cargo_build(
-        &[
-            "--release",
-            "-p",
-            "gatevisor-guest-init",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-            "--target-dir",
-            dir.to_str().expect("a UTF-8 target folder"),
-        ],
-        Some("-C target-feature=+crt-static"),
-    )?;
-    Ok(dir.join("x86_64-unknown-linux-gnu/release/gatevisor-guest-init"))
+    Ok(crate::build_static(&["gatevisor-guest-init"])?.join("gatevisor-guest-init"))
 }
 
 /// Files added to the base: (path in the image, mode, bytes).

@@ -74,6 +74,24 @@ pub fn cargo_build(args: &[&str], rustflags: Option<&str>) -> Result<()> {
     host(&mut cmd).map(|_| ())
 }
 
+/// Builds `packages` as static release binaries (they run where there is no C library: a
+/// service's rootfs or a guest's initramfs) and returns the folder they are in.
+pub fn build_static(packages: &[&str]) -> Result<PathBuf> {
+    let dir = target_dir().join("static");
+    let mut args = vec![
+        "--release",
+        "--target",
+        "x86_64-unknown-linux-gnu",
+        "--target-dir",
+        dir.to_str().expect("a UTF-8 target folder"),
+    ];
+    for p in packages {
+        args.extend(["-p", p]);
+    }
+    cargo_build(&args, Some("-C target-feature=+crt-static"))?;
+    Ok(dir.join("x86_64-unknown-linux-gnu/release"))
+}
+
 /// The workspace root (this crate's parent folder).
 pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

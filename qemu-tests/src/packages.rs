@@ -14,18 +14,7 @@ pub fn signed(
     tweak: impl Fn(&Path),
 ) -> Result<(Vec<PathBuf>, PathBuf)> {
     let root = crate::workspace();
-    let static_dir = crate::target_dir().join("static");
-    let mut args = vec![
-        "--release",
-        "--target",
-        "x86_64-unknown-linux-gnu",
-        "--target-dir",
-        static_dir.to_str().expect("a UTF-8 target folder"),
-    ];
-    for s in services {
-        args.extend(["-p", s]);
-    }
-    crate::cargo_build(&args, Some("-C target-feature=+crt-static"))?;
+    let static_dir = crate::build_static(services)?;
     let gatevisor = crate::image::gatevisor_binary()?;
     let key = dir.join("operator.key");
     let _ = std::fs::remove_file(&key);
@@ -46,11 +35,8 @@ pub fn signed(
                 .arg(&src),
         )?;
         std::fs::create_dir_all(src.join("files/bin")).map_err(crate::io("mkdir files/bin"))?;
-        std::fs::copy(
-            static_dir.join(format!("x86_64-unknown-linux-gnu/release/{s}")),
-            src.join(format!("files/bin/{s}")),
-        )
-        .map_err(crate::io(format!("copy the {s} binary")))?;
+        std::fs::copy(static_dir.join(s), src.join(format!("files/bin/{s}")))
+            .map_err(crate::io(format!("copy the {s} binary")))?;
         tweak(&src);
         let pkg = dir.join(format!("{s}.gvpkg"));
         host(
