@@ -58,10 +58,6 @@ impl Interrupt {
     fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
-
-    pub fn eventfd(&self) -> &EventFd {
-        &self.event
-    }
 }
 
 pub struct MmioTransport {
@@ -116,10 +112,6 @@ impl MmioTransport {
     /// Why the device is out of service, if it is.
     pub fn broken(&self) -> Option<&DeviceError> {
         self.broken.as_ref()
-    }
-
-    pub fn driver_status(&self) -> u32 {
-        self.status
     }
 
     fn offered_features(&self) -> u64 {

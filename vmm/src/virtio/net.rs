@@ -23,15 +23,6 @@ const RX: usize = 0;
 const TX: usize = 1;
 const QUEUE_SIZES: [u16; 2] = [256, 256];
 
-/// Counters the VMM reports when it ends.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct NetStats {
-    pub rx_frames: u64,
-    pub tx_frames: u64,
-    /// Frames too big for the guest's buffer, or that the tap refused.
-    pub dropped: u64,
-}
-
 pub struct Net {
     tap: File,
     mac: [u8; 6],
@@ -43,7 +34,6 @@ pub struct Net {
     /// Wakes the I/O thread when the driver adds receive buffers.
     rx_wake: EventFd,
     tx_buf: Vec<u8>,
-    pub stats: NetStats,
 }
 
 impl Net {
@@ -57,7 +47,6 @@ impl Net {
             rx_waiting: false,
             rx_wake,
             tx_buf: Vec::with_capacity(MAX_FRAME + HDR_LEN),
-            stats: NetStats::default(),
         }
     }
 
@@ -90,13 +79,11 @@ impl Net {
                 // The guest's buffer is too small for this frame: drop the frame, keep the
                 // buffer for the next one.
                 q.go_to_previous_position();
-                self.stats.dropped += 1;
                 self.pending_len = 0;
                 continue;
             }
             q.add_used(mem, head, total as u32)
                 .map_err(|e| DeviceError::Queue(RX, format!("used ring: {e}")))?;
-            self.stats.rx_frames += 1;
             self.pending_len = 0;
             used = true;
         }
@@ -114,11 +101,8 @@ impl Net {
                     why: format!("{len} bytes is shorter than the virtio-net header"),
                 });
             }
-            match self.tap.write(&self.tx_buf[HDR_LEN..len]) {
-                Ok(_) => self.stats.tx_frames += 1,
-                // A full or downed tap drops the frame, like a congested wire.
-                Err(_) => self.stats.dropped += 1,
-            }
+            // A full or downed tap drops the frame, like a congested wire.
+            let _ = self.tap.write(&self.tx_buf[HDR_LEN..len]);
             q.add_used(mem, head, 0)
                 .map_err(|e| DeviceError::Queue(TX, format!("used ring: {e}")))?;
             used = true;

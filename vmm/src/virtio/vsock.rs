@@ -500,11 +500,6 @@ impl Vsock {
         }
         Ok(used)
     }
-
-    /// Connections open now (for tests and reports).
-    pub fn connections(&self) -> usize {
-        self.conns.len()
-    }
 }
 
 impl VirtioDevice for Vsock {
