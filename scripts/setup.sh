@@ -8,7 +8,7 @@ need_pkgs=(
   busybox-static e2fsprogs                  # container rootfs, disk-limited images
   openvswitch-switch                        # the switch flowbridge drives
   iproute2 iputils-ping bind9-dnsutils iperf3 tcpdump ethtool python3   # test traffic, the demo's WAN side
-  debootstrap                               # the emulated gateway's root (qemu-tests)
+  debootstrap lz4                           # the emulated gateway's root, its kernel's ELF (qemu-tests)
 )
 
 missing=()

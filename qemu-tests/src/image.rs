@@ -141,10 +141,66 @@ pub fn guest_init_binary() -> Result<PathBuf> {
     Ok(crate::build_static(&["gatevisor-guest-init"])?.join("gatevisor-guest-init"))
 }
 
+/// The uncompressed ELF kernel inside a bzImage (what a PVH boot loads): the setup header's
+/// payload (offset and length at 0x248) is LZ4 in Debian's cloud kernel, unpacked with `lz4`.
+pub fn vmlinux_of(bzimage: &Path) -> Result<Vec<u8>> {
+    let bad = |detail: &str| Error::Command {
+        what: format!("extract the ELF kernel of {}", bzimage.display()),
+        detail: detail.into(),
+    };
+    let data = std::fs::read(bzimage).map_err(io(format!("read {}", bzimage.display())))?;
+    let u32_at = |at: usize| {
+        data.get(at..at + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
+    };
+    let setup_sects = match *data.get(0x1f1).ok_or_else(|| bad("too short"))? {
+        0 => 4,
+        n => n as usize,
+    };
+    let (off, len) = u32_at(0x248)
+        .zip(u32_at(0x24c))
+        .ok_or_else(|| bad("too short"))?;
+    let start = (setup_sects + 1) * 512 + off;
+    let payload = data
+        .get(start..start + len)
+        .ok_or_else(|| bad("payload outside the file"))?;
+    if !payload.starts_with(&[0x02, 0x21, 0x4c, 0x18]) {
+        return Err(bad("the payload is not LZ4 (legacy frame)"));
+    }
+    let mut child = Command::new("lz4")
+        .args(["-dc", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(io("run lz4 (scripts/setup.sh installs it)"))?;
+    // The kernel build appends the uncompressed size (le32) to the compressed stream.
+    let (stream, size) = payload.split_at(payload.len().saturating_sub(4));
+    let size = u32::from_le_bytes(size.try_into().map_err(|_| bad("payload too short"))?);
+    let mut stdin = child.stdin.take().unwrap();
+    let payload = stream.to_vec();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &payload));
+    let out = child.wait_with_output().map_err(io("run lz4"))?;
+    let _ = writer.join();
+    if !out.status.success()
+        || out.stdout.len() != size as usize
+        || !out.stdout.starts_with(b"\x7fELF")
+    {
+        return Err(bad("lz4 did not give an ELF kernel"));
+    }
+    Ok(out.stdout)
+}
+
 /// Files added to the base: (path in the image, mode, bytes).
-fn additions(gatevisor: &Path, agent: &Path) -> Result<Vec<(String, u32, Vec<u8>)>> {
+fn additions(base: &Path, gatevisor: &Path, agent: &Path) -> Result<Vec<(String, u32, Vec<u8>)>> {
     let read = |p: &Path| std::fs::read(p).map_err(io(format!("read {}", p.display())));
+    let release = std::fs::read_to_string(base.join("kernel-release"))
+        .map_err(io("read the base's kernel-release"))?;
     let mut files = vec![
+        (
+            format!("boot/vmlinux-{}", release.trim()),
+            0o644,
+            vmlinux_of(&base.join("vmlinuz"))?,
+        ),
         ("usr/sbin/gatevisor".to_string(), 0o755, read(gatevisor)?),
         (
             "usr/local/sbin/gateway-agent".to_string(),
@@ -205,7 +261,7 @@ pub fn gateway(gatevisor: &Path, agent: &Path) -> Result<Image> {
 
 /// [`gateway`] on base folder `base`, the image kept in `out_dir`.
 pub fn gateway_in(base: &Path, gatevisor: &Path, agent: &Path, out_dir: &Path) -> Result<Image> {
-    let files = additions(gatevisor, agent)?;
+    let files = additions(base, gatevisor, agent)?;
     let mut h = Sha256::new();
     h.update(base.file_name().unwrap().as_encoded_bytes());
     for (path, mode, bytes) in &files {

@@ -252,7 +252,7 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
 }
 
 #[test]
-fn microvm_boots_the_stock_debian_kernel_to_init_on_two_vcpus_under_our_vmm() {
+fn microvm_boots_the_stock_debian_kernel_through_pvh_to_init_on_two_vcpus_under_our_vmm() {
     let Some(gw) = gateway() else { return };
     let initrd = gw.dir.join("guest.cpio");
     qemu_tests::guest::busybox_initramfs(
@@ -261,10 +261,12 @@ fn microvm_boots_the_stock_debian_kernel_to_init_on_two_vcpus_under_our_vmm() {
     )
     .unwrap();
     gw.put(&initrd, "/root/guest.cpio", 0o644).unwrap();
+    // The ELF kernel inside the bzImage (the image carries it as /boot/vmlinux-RELEASE),
+    // entered through its PVH note; the other microVM scenarios boot the bzImage itself.
     // Two vCPUs: the guest brings up its second CPU (MADT, INIT/SIPI) on its own thread.
     let cfg = format!(
         "memory_mib = 256\nvcpus = 2\nconsole_log = \"/root/guest-console.log\"\n[boot]\nkind = \"linux\"\n\
-         kernel = \"/boot/vmlinuz-{}\"\ninitrd = \"/root/guest.cpio\"\n\
+         kernel = \"/boot/vmlinux-{}\"\ninitrd = \"/root/guest.cpio\"\n\
          cmdline = \"console=ttyS0 reboot=k panic=-1 pci=off quiet\"\n",
         gw.image.kernel_release
     );

@@ -1,6 +1,7 @@
 //! The boot vCPU: CPUID, MSRs, FPU, long mode, LAPIC — the state the Linux 64-bit boot
 //! protocol expects at its entry point (and that raw test guests use too).
 
+use crate::boot::Entry;
 use crate::layout::*;
 use crate::{kvm, Error, Result};
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
@@ -15,8 +16,10 @@ const X86_CR4_PAE: u64 = 0x20;
 const EFER_LME: u64 = 0x100;
 const EFER_LMA: u64 = 0x400;
 
-/// GDT selectors the 64-bit boot protocol requires: `__BOOT_CS` and `__BOOT_DS`.
+/// GDT selectors the 64-bit boot protocol requires: `__BOOT_CS` and `__BOOT_DS`; PVH's 32-bit
+/// entry gets its own code segment.
 pub const BOOT_CS: u16 = 0x10;
+const BOOT_CS32: u16 = 0x28;
 pub const BOOT_DS: u16 = 0x18;
 const BOOT_TSS: u16 = 0x20;
 
@@ -56,12 +59,13 @@ fn segment(entry: u64, sel: u16) -> kvm_segment {
     }
 }
 
-const GDT: [u64; 5] = [
+const GDT: [u64; 6] = [
     0,                             // null
     0,                             // unused
     gdt_entry(0xa09b, 0, 0xfffff), // 0x10: 64-bit code
     gdt_entry(0xc093, 0, 0xfffff), // 0x18: data
     gdt_entry(0x808b, 0, 0xfffff), // 0x20: TSS
+    gdt_entry(0xc09b, 0, 0xfffff), // 0x28: 32-bit code
 ];
 
 fn write_mem<T: vm_memory::ByteValued>(mem: &GuestMemoryMmap, v: T, at: u64) -> Result<()> {
@@ -138,24 +142,19 @@ pub fn setup_fpu(vcpu: &VcpuFd) -> Result<()> {
     vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))
 }
 
-/// Long mode, flat segments from [`GDT`], paging through an identity map of the first GiB.
-pub fn setup_sregs(mem: &GuestMemoryMmap, vcpu: &VcpuFd) -> Result<()> {
+/// The boot vCPU's registers for `entry`: flat segments from [`GDT`], then either long mode
+/// with paging through an identity map of the first GiB and `rsi` = the zero page (the 64-bit
+/// boot protocol), or 32-bit protected mode without paging and `ebx` = `hvm_start_info` (PVH).
+pub fn setup_boot_cpu(mem: &GuestMemoryMmap, vcpu: &VcpuFd, entry: Entry) -> Result<()> {
     for (i, e) in GDT.iter().enumerate() {
         write_mem(mem, *e, GDT_START + (i as u64) * 8)?;
     }
     write_mem(mem, 0u64, IDT_START)?;
-    // PML4[0] → PDPT, PDPT[0] → PD, PD[i] → 2 MiB page i (present, writable, huge).
-    write_mem(mem, PDPTE_START | 0x03, PML4_START)?;
-    write_mem(mem, PDE_START | 0x03, PDPTE_START)?;
-    for i in 0..512u64 {
-        write_mem(mem, (i << 21) | 0x83, PDE_START + i * 8)?;
-    }
     let mut sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     sregs.gdt.base = GDT_START;
     sregs.gdt.limit = (std::mem::size_of_val(&GDT) - 1) as u16;
     sregs.idt.base = IDT_START;
     sregs.idt.limit = 7;
-    sregs.cs = segment(GDT[(BOOT_CS >> 3) as usize], BOOT_CS);
     let data = segment(GDT[(BOOT_DS >> 3) as usize], BOOT_DS);
     sregs.ds = data;
     sregs.es = data;
@@ -163,23 +162,38 @@ pub fn setup_sregs(mem: &GuestMemoryMmap, vcpu: &VcpuFd) -> Result<()> {
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = segment(GDT[(BOOT_TSS >> 3) as usize], BOOT_TSS);
-    sregs.cr3 = PML4_START;
-    sregs.cr4 |= X86_CR4_PAE;
-    sregs.cr0 |= X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
-    sregs.efer |= EFER_LME | EFER_LMA;
-    vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))
-}
-
-/// Entry point, stack, and `rsi` = the zero page (the 64-bit boot protocol's convention).
-pub fn setup_regs(vcpu: &VcpuFd, entry: u64) -> Result<()> {
-    let regs = kvm_regs {
+    let mut regs = kvm_regs {
         rflags: 0x2,
-        rip: entry,
-        rsp: BOOT_STACK,
-        rbp: BOOT_STACK,
-        rsi: ZERO_PAGE,
         ..Default::default()
     };
+    match entry {
+        Entry::Long64(rip) => {
+            // PML4[0] → PDPT, PDPT[0] → PD, PD[i] → 2 MiB page i (present, writable, huge).
+            write_mem(mem, PDPTE_START | 0x03, PML4_START)?;
+            write_mem(mem, PDE_START | 0x03, PDPTE_START)?;
+            for i in 0..512u64 {
+                write_mem(mem, (i << 21) | 0x83, PDE_START + i * 8)?;
+            }
+            sregs.cs = segment(GDT[(BOOT_CS >> 3) as usize], BOOT_CS);
+            sregs.cr3 = PML4_START;
+            sregs.cr4 |= X86_CR4_PAE;
+            sregs.cr0 |= X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
+            sregs.efer |= EFER_LME | EFER_LMA;
+            regs.rip = rip;
+            regs.rsp = BOOT_STACK;
+            regs.rbp = BOOT_STACK;
+            regs.rsi = ZERO_PAGE;
+        }
+        Entry::Pvh32(rip) => {
+            sregs.cs = segment(GDT[(BOOT_CS32 >> 3) as usize], BOOT_CS32);
+            sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+            sregs.cr4 = 0;
+            sregs.efer = 0;
+            regs.rip = rip;
+            regs.rbx = PVH_INFO_START;
+        }
+    }
+    vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
     vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))
 }
 
@@ -216,5 +230,8 @@ mod tests {
         let ds = segment(GDT[3], BOOT_DS);
         assert_eq!((ds.l, ds.db, ds.type_), (0, 1, 3));
         assert_eq!(segment(0, 0).unusable, 1);
+        let cs32 = segment(GDT[5], BOOT_CS32);
+        assert_eq!((cs32.l, cs32.db, cs32.g, cs32.type_), (0, 1, 1, 0xb));
+        assert_eq!(cs32.limit, 0xffff_ffff);
     }
 }

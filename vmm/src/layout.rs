@@ -6,6 +6,10 @@ pub const GDT_START: u64 = 0x500;
 pub const IDT_START: u64 = 0x520;
 /// Top of the boot stack.
 pub const BOOT_STACK: u64 = 0x8ff0;
+/// PVH boot: `hvm_start_info`, the module list (the initramfs) and the memory map.
+pub const PVH_INFO_START: u64 = 0x6000;
+pub const PVH_MODLIST_START: u64 = 0x6040;
+pub const PVH_MEMMAP_START: u64 = 0x6080;
 /// The Linux zero page (`struct boot_params`).
 pub const ZERO_PAGE: u64 = 0x7000;
 /// Page tables identity-mapping the first GiB with 2 MiB pages: PML4, PDPT, PD.

@@ -25,7 +25,8 @@ use vmm_sys_util::eventfd::EventFd;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Boot {
-    /// A Linux bzImage, entered through the 64-bit boot protocol.
+    /// A Linux kernel: a bzImage, entered through the 64-bit boot protocol, or an ELF
+    /// `vmlinux` with a PVH note, entered through its 32-bit PVH entry.
     Linux {
         kernel: PathBuf,
         #[serde(default)]
@@ -393,8 +394,7 @@ impl Vm {
             if id == 0 {
                 // The others start when the guest sends them INIT and SIPI (the in-kernel
                 // LAPIC keeps them waiting until then).
-                cpu::setup_sregs(&mem, &vcpu)?;
-                cpu::setup_regs(&vcpu, entry)?;
+                cpu::setup_boot_cpu(&mem, &vcpu, entry)?;
             }
             vcpus.push(vcpu);
         }

@@ -105,6 +105,120 @@ fn crashing_guest_ends_its_vm_with_a_triple_fault() {
     assert_eq!(end.unwrap(), VmEnd::TripleFault);
 }
 
+/// A minimal ELF64 `vmlinux` stand-in: `code` loaded at 1 MiB and a PVH note
+/// (`XEN_ELFNOTE_PHYS32_ENTRY`) naming it as the entry, or no note at all.
+fn pvh_elf(code: &[u8], with_note: bool) -> Vec<u8> {
+    const LOAD: u64 = 0x10_0000;
+    let phnum: u16 = if with_note { 2 } else { 1 };
+    let mut elf = Vec::new();
+    elf.extend(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend(2u16.to_le_bytes()); // ET_EXEC
+    elf.extend(0x3eu16.to_le_bytes()); // x86-64
+    elf.extend(1u32.to_le_bytes());
+    elf.extend(LOAD.to_le_bytes()); // e_entry (the 64-bit one; PVH ignores it)
+    elf.extend(64u64.to_le_bytes()); // e_phoff
+    elf.extend(0u64.to_le_bytes()); // e_shoff
+    elf.extend(0u32.to_le_bytes());
+    for v in [64u16, 56, phnum, 64, 0, 0] {
+        elf.extend(v.to_le_bytes());
+    }
+    let note_at = 64 + 56 * phnum as u64;
+    let mut note = Vec::new();
+    for v in [4u32, 4, 18] {
+        note.extend(v.to_le_bytes()); // namesz, descsz, type
+    }
+    note.extend(b"Xen\0");
+    note.extend((LOAD as u32).to_le_bytes());
+    let code_at = 0x1000u64;
+    let phdr = |kind: u32, off: u64, addr: u64, size: u64| {
+        let mut p = Vec::new();
+        p.extend(kind.to_le_bytes());
+        p.extend(5u32.to_le_bytes()); // R+X
+        for v in [off, addr, addr, size, size, 4] {
+            p.extend(v.to_le_bytes());
+        }
+        p
+    };
+    elf.extend(phdr(1, code_at, LOAD, code.len() as u64));
+    if with_note {
+        elf.extend(phdr(4, note_at, 0, note.len() as u64));
+        elf.extend(&note);
+    }
+    elf.resize(code_at as usize, 0);
+    elf.extend(code);
+    elf
+}
+
+fn run_linux(
+    dir: &Path,
+    kernel: &[u8],
+    initrd: &[u8],
+    cmdline: &str,
+) -> (gatevisor_vmm::Result<VmEnd>, String) {
+    let image = dir.join("vmlinux");
+    std::fs::write(&image, kernel).unwrap();
+    let initrd_path = dir.join("initrd");
+    std::fs::write(&initrd_path, initrd).unwrap();
+    let console = dir.join("console.log");
+    let cfg = VmConfig {
+        boot: Boot::Linux {
+            kernel: image,
+            initrd: Some(initrd_path),
+            cmdline: cmdline.into(),
+        },
+        memory_mib: 128,
+        vcpus: 1,
+        console_log: Some(console.clone()),
+        console_rate: 65536,
+        console_socket: None,
+        exit_file: None,
+        net: vec![],
+        disk: vec![],
+        vsock: None,
+    };
+    let end = gatevisor_vmm::vm::Vm::new(&cfg).and_then(|mut vm| vm.run());
+    (end, std::fs::read_to_string(&console).unwrap_or_default())
+}
+
+#[test]
+fn elf_kernel_enters_through_pvh_with_its_start_info_command_line_and_initramfs() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // 32-bit code, ebx = hvm_start_info: check its magic, print the command line's first byte
+    // and the initramfs's first byte (module 0), then exit with nr_modules.
+    let code = [
+        &[0x8b, 0x03][..],               // mov eax, [ebx]
+        &[0x3d, 0x78, 0xc5, 0x6e, 0x33], // cmp eax, XEN_HVM_START_MAGIC
+        &[0x75, 0x17],                   // jne bad
+        &[0x66, 0xba, 0xf8, 0x03],       // mov dx, 0x3f8
+        &[0x8b, 0x73, 0x18],             // mov esi, [ebx + cmdline_paddr]
+        &[0x8a, 0x06, 0xee],             // mov al, [esi]; out dx, al
+        &[0x8b, 0x73, 0x10],             // mov esi, [ebx + modlist_paddr]
+        &[0x8b, 0x36],                   // mov esi, [esi] (module 0's paddr)
+        &[0x8a, 0x06, 0xee],             // mov al, [esi]; out dx, al
+        &[0x8b, 0x43, 0x0c],             // mov eax, [ebx + nr_modules]
+        &[0xe6, 0xf4],                   // out 0xf4, al
+        &[0xb0, 0xff, 0xe6, 0xf4],       // bad: mov al, 0xff; out 0xf4, al
+    ]
+    .concat();
+    let (end, console) = run_linux(dir.path(), &pvh_elf(&code, true), b"Initramfs", "quiet");
+    assert_eq!(end.unwrap(), VmEnd::DebugExit(1));
+    assert_eq!(console, "qI");
+}
+
+#[test]
+fn elf_kernel_without_a_pvh_note_is_refused() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (end, _) = run_linux(dir.path(), &pvh_elf(&[0xf4], false), b"", "");
+    let e = end.unwrap_err().to_string();
+    assert!(e.contains("PVH"), "{e}");
+}
+
 #[test]
 fn invalid_configuration_is_refused_before_kvm_is_touched() {
     let cfg = VmConfig {
