@@ -33,6 +33,8 @@ pub struct ConfigFile {
     pub bridge: Option<String>,
     /// Trusted publisher keys (default /etc/gatevisor/keys).
     pub keys_dir: Option<PathBuf>,
+    /// The embedded USP agent (remote control by the operator's launcher over MQTT).
+    pub usp: Option<gatevisor::usp::mqtt::MqttConfig>,
 }
 
 impl ConfigFile {
@@ -50,6 +52,26 @@ pub struct DaemonOptions {
     pub socket: PathBuf,
     pub settings: Settings,
     pub board: gatevisor_board::BoardReport,
+    pub usp: Option<gatevisor::usp::mqtt::MqttConfig>,
+}
+
+/// The USP model's way to the supervisor: the same requests the control socket carries.
+struct LoopBackend(std::sync::Mutex<Sender<Msg>>);
+
+impl gatevisor::usp::model::Backend for LoopBackend {
+    fn call(&self, req: Request) -> std::result::Result<serde_json::Value, ApiError> {
+        let (rtx, rrx) = mpsc::channel();
+        let gone = || ApiError::new(ErrorKind::Internal, "the daemon is shutting down");
+        self.0
+            .lock()
+            .unwrap()
+            .send(Msg::Request(req, rtx))
+            .map_err(|_| gone())?;
+        match rrx.recv().map_err(|_| gone())? {
+            Reply::Ok { result } => Ok(result),
+            Reply::Error { error } => Err(error),
+        }
+    }
 }
 
 /// Runs until SIGTERM or SIGINT.
@@ -61,7 +83,41 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     sigs.thread_block().context("cannot block signals")?;
 
     let (tx, rx) = mpsc::channel::<Msg>();
+    let microvm = opts.board.kvm.microvm_capable;
+    let state_dir = opts.settings.state_dir.clone();
     let supervisor = Supervisor::new(opts.settings, opts.board, tx.clone())?;
+    if let Some(cfg) = opts.usp {
+        let runtimes = if microvm {
+            vec!["lxc", "microvm"]
+        } else {
+            vec!["lxc"]
+        };
+        let (out_tx, out_rx) = mpsc::channel();
+        let backend = std::sync::Arc::new(LoopBackend(std::sync::Mutex::new(tx.clone())));
+        // The model asks the supervisor loop, which starts below: open it on its own thread.
+        std::thread::Builder::new()
+            .name("usp-start".into())
+            .spawn(move || {
+                let started =
+                    gatevisor::usp::model::Model::open(backend, &state_dir, runtimes, out_tx)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|model| {
+                            gatevisor::usp::mqtt::spawn(
+                                cfg.clone(),
+                                model,
+                                std::sync::Arc::new(gatevisor::usp::codec::Rusp),
+                                out_rx,
+                            )
+                            .map_err(anyhow::Error::from)
+                        });
+                match started {
+                    Ok(()) => {
+                        tracing::info!("usp: agent {} on broker {}", cfg.endpoint_id, cfg.broker)
+                    }
+                    Err(e) => tracing::error!("usp: the agent did not start: {e:#}"),
+                }
+            })?;
+    }
     let listener = bind(&opts.socket)?;
     tracing::info!("control socket {}", opts.socket.display());
 

@@ -19,4 +19,5 @@ pub mod package;
 pub mod proc;
 pub mod state;
 pub mod supervisor;
+pub mod usp;
 pub mod verdict;

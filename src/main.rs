@@ -148,5 +148,6 @@ fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()
         socket,
         settings,
         board: report.board,
+        usp: file.usp,
     })
 }

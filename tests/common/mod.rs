@@ -64,6 +64,24 @@ impl Daemon {
         d
     }
 
+    /// A daemon with its own key store (`DIR/keys`) and `config` as its configuration file.
+    pub fn start_with_config(config: &str) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("gv-test")
+            .tempdir()
+            .unwrap();
+        std::fs::write(dir.path().join("none.toml"), config).unwrap();
+        let keys = dir.path().join("keys").display().to_string();
+        let mut d = Daemon {
+            dir,
+            child: None,
+            env: Vec::new(),
+            args: vec!["--keys-dir".into(), keys],
+        };
+        d.spawn();
+        d
+    }
+
     /// A daemon with extra command-line arguments.
     pub fn start_with_args(args: &[&str]) -> Daemon {
         Daemon::start_with(&[], args)
@@ -399,4 +417,11 @@ impl Daemon {
             .unwrap();
         assert!(st.success(), "cannot plug {host_if}");
     }
+}
+
+/// Is `prog` an executable on PATH?
+pub fn on_path(prog: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+        .unwrap_or(false)
 }

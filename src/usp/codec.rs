@@ -1,0 +1,362 @@
+//! USP Records and Messages on the wire, behind a small trait: the data model and the
+//! transports see only [`Incoming`] and [`Outgoing`]; [`Rusp`] encodes them with `rusp-lib`.
+
+use std::collections::{BTreeMap, HashMap};
+
+#[derive(Debug, thiserror::Error)]
+#[error("USP encoding: {0}")]
+pub struct CodecError(pub String);
+
+fn cerr(e: impl std::fmt::Display) -> CodecError {
+    CodecError(e.to_string())
+}
+
+/// Who sent a Record to whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub from_id: String,
+    pub to_id: String,
+}
+
+/// A request (or a notification response) a Controller sent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    Get {
+        paths: Vec<String>,
+        max_depth: u32,
+    },
+    GetInstances {
+        paths: Vec<String>,
+        first_level_only: bool,
+    },
+    Add {
+        /// (object path, parameter settings)
+        objects: Vec<(String, BTreeMap<String, String>)>,
+    },
+    Delete {
+        paths: Vec<String>,
+    },
+    Operate {
+        command: String,
+        command_key: String,
+        send_resp: bool,
+        args: BTreeMap<String, String>,
+    },
+    NotifyResp {
+        subscription_id: String,
+    },
+    /// A message this agent does not serve (its type's name).
+    Unsupported(String),
+}
+
+/// A USP error: code and message.
+pub type Fault = (u32, String);
+
+/// One requested path's Get result: resolved objects with their parameters, or an error.
+pub type GetResult = Result<Vec<(String, BTreeMap<String, String>)>, Fault>;
+
+/// Per requested path: the paths it resolved to (instances, deleted objects), or an error.
+pub type PathsResult = Vec<(String, Result<Vec<String>, Fault>)>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum OperateOutcome {
+    /// An asynchronous command's Request object.
+    Started(String),
+    Done(BTreeMap<String, String>),
+    Failed(u32, String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum NotifyKind {
+    ValueChange {
+        path: String,
+        value: String,
+    },
+    Event {
+        obj_path: String,
+        name: String,
+        args: BTreeMap<String, String>,
+    },
+    ObjectCreation {
+        path: String,
+    },
+    ObjectDeletion {
+        path: String,
+    },
+    OperationComplete {
+        obj_path: String,
+        command: String,
+        command_key: String,
+        result: Result<BTreeMap<String, String>, (u32, String)>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    GetResp(Vec<(String, GetResult)>),
+    GetInstancesResp(PathsResult),
+    /// (requested path, created instance path or error)
+    AddResp(Vec<(String, Result<String, Fault>)>),
+    DeleteResp(PathsResult),
+    OperateResp(Vec<(String, OperateOutcome)>),
+    Error(u32, String),
+    Notify {
+        subscription_id: String,
+        send_resp: bool,
+        kind: NotifyKind,
+    },
+}
+
+/// Turns Records into requests and answers into Records.
+pub trait Codec: Send + Sync {
+    /// Decodes a Record carrying one unfragmented Message.
+    fn decode(&self, record: &[u8]) -> Result<(Envelope, String, Incoming), CodecError>;
+    fn encode(&self, env: &Envelope, msg_id: &str, out: &Outgoing) -> Result<Vec<u8>, CodecError>;
+}
+
+/// The `rusp-lib` codec (USP 1.3 Records, no session context).
+pub struct Rusp;
+
+fn hm(m: &BTreeMap<String, String>) -> HashMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+impl Codec for Rusp {
+    fn decode(&self, record: &[u8]) -> Result<(Envelope, String, Incoming), CodecError> {
+        use rusp_lib::usp::mod_Body::OneOfmsg_body;
+        use rusp_lib::usp::mod_Request::OneOfreq_type as R;
+        use rusp_lib::usp::mod_Response::OneOfresp_type;
+        use rusp_lib::usp_record::mod_Record::OneOfrecord_type;
+        let rec = rusp_lib::usp_decoder::try_decode_record(record).map_err(cerr)?;
+        let env = Envelope {
+            from_id: rec.from_id.clone(),
+            to_id: rec.to_id.clone(),
+        };
+        let OneOfrecord_type::no_session_context(nsc) = &rec.record_type else {
+            return Err(CodecError(
+                "only Records without a session context carry messages here".into(),
+            ));
+        };
+        let msg = rusp_lib::usp_decoder::try_decode_msg(&nsc.payload).map_err(cerr)?;
+        let msg_id = msg
+            .header
+            .as_ref()
+            .map(|h| h.msg_id.clone())
+            .unwrap_or_default();
+        let body = msg.body.map(|b| b.msg_body).unwrap_or(OneOfmsg_body::None);
+        let incoming = match body {
+            OneOfmsg_body::request(r) => match r.req_type {
+                R::get(g) => Incoming::Get {
+                    paths: g.param_paths,
+                    max_depth: g.max_depth,
+                },
+                R::get_instances(g) => Incoming::GetInstances {
+                    paths: g.obj_paths,
+                    first_level_only: g.first_level_only,
+                },
+                R::add(a) => Incoming::Add {
+                    objects: a
+                        .create_objs
+                        .into_iter()
+                        .map(|o| {
+                            let params = o
+                                .param_settings
+                                .into_iter()
+                                .map(|p| (p.param, p.value))
+                                .collect();
+                            (o.obj_path, params)
+                        })
+                        .collect(),
+                },
+                R::delete(d) => Incoming::Delete { paths: d.obj_paths },
+                R::operate(o) => Incoming::Operate {
+                    command: o.command,
+                    command_key: o.command_key,
+                    send_resp: o.send_resp,
+                    args: o.input_args.into_iter().collect(),
+                },
+                R::get_supported_dm(_) => Incoming::Unsupported("GetSupportedDM".into()),
+                R::get_supported_protocol(_) => {
+                    Incoming::Unsupported("GetSupportedProtocol".into())
+                }
+                R::set(_) => Incoming::Unsupported("Set".into()),
+                R::notify(_) => Incoming::Unsupported("Notify".into()),
+                R::register(_) => Incoming::Unsupported("Register".into()),
+                R::deregister(_) => Incoming::Unsupported("Deregister".into()),
+                R::None => Incoming::Unsupported("an empty request".into()),
+            },
+            OneOfmsg_body::response(r) => match r.resp_type {
+                OneOfresp_type::notify_resp(n) => Incoming::NotifyResp {
+                    subscription_id: n.subscription_id,
+                },
+                _ => Incoming::Unsupported("a response".into()),
+            },
+            OneOfmsg_body::error(_) => Incoming::Unsupported("Error".into()),
+            OneOfmsg_body::None => Incoming::Unsupported("an empty message".into()),
+        };
+        Ok((env, msg_id, incoming))
+    }
+
+    fn encode(&self, env: &Envelope, msg_id: &str, out: &Outgoing) -> Result<Vec<u8>, CodecError> {
+        use rusp_lib::usp_builder as b;
+        let body = match out {
+            Outgoing::GetResp(results) => {
+                let mut rs = Vec::new();
+                for (path, r) in results {
+                    let mut rp = b::GetReqPathResultBuilder::new(path.clone());
+                    match r {
+                        Ok(objs) => {
+                            let res = objs
+                                .iter()
+                                .map(|(obj, params)| {
+                                    b::ResolvedPathResultBuilder::new(obj.clone())
+                                        .with_result_params(
+                                            params
+                                                .iter()
+                                                .map(|(k, v)| (k.clone(), v.clone()))
+                                                .collect(),
+                                        )
+                                })
+                                .collect();
+                            rp = rp.with_res_path_results(res);
+                        }
+                        Err((code, m)) => rp = rp.set_err(*code, Some(m.clone())),
+                    }
+                    rs.push(rp);
+                }
+                b::GetRespBuilder::new().with_req_path_results(rs).build()
+            }
+            Outgoing::GetInstancesResp(results) => {
+                let rs = results
+                    .iter()
+                    .map(|(path, r)| {
+                        let rp = b::GetInstancesRespReqPathResultBuilder::new(path.clone());
+                        match r {
+                            Ok(insts) => rp.with_curr_insts(
+                                insts
+                                    .iter()
+                                    .map(|i| b::CurrInstanceBuilder::new(i.clone()))
+                                    .collect(),
+                            ),
+                            Err((code, m)) => rp.set_err(*code, Some(m.clone())),
+                        }
+                    })
+                    .collect();
+                b::GetInstancesRespBuilder::new()
+                    .with_req_path_results(rs)
+                    .build()
+            }
+            Outgoing::AddResp(results) => {
+                let rs = results
+                    .iter()
+                    .map(|(path, r)| {
+                        let st = match r {
+                            Ok(inst) => b::AddOperationStatus::new().set_success(
+                                inst.clone(),
+                                vec![],
+                                HashMap::new(),
+                            ),
+                            Err((code, m)) => {
+                                b::AddOperationStatus::new().set_failure(*code, Some(m.clone()))
+                            }
+                        };
+                        b::CreatedObjectResultsBuilder::new(path.clone(), st)
+                    })
+                    .collect();
+                b::AddRespBuilder::new()
+                    .with_created_obj_results(rs)
+                    .build()
+            }
+            Outgoing::DeleteResp(results) => {
+                let rs = results
+                    .iter()
+                    .map(|(path, r)| {
+                        let d = b::DeletedObjectResultsBuilder::new(path.clone());
+                        match r {
+                            Ok(affected) => d.set_success(affected.clone(), vec![]),
+                            Err((code, m)) => d.set_failure(*code, Some(m.clone())),
+                        }
+                    })
+                    .collect();
+                b::DeleteRespBuilder::new()
+                    .with_deleted_obj_results(rs)
+                    .build()
+            }
+            Outgoing::OperateResp(results) => {
+                let mut rs = Vec::new();
+                for (cmd, outcome) in results {
+                    let r = b::OperateRespResultBuilder::new(cmd.clone());
+                    rs.push(match outcome {
+                        OperateOutcome::Started(p) => r.set_path(p.clone()),
+                        OperateOutcome::Done(args) => r.set_output_args(
+                            args.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                        ),
+                        OperateOutcome::Failed(code, m) => r.set_failure(*code, Some(m.clone())),
+                    });
+                }
+                b::OperateRespBuilder::new()
+                    .with_operation_results(rs)
+                    .build()
+            }
+            Outgoing::Error(code, m) => b::ErrorBuilder::new()
+                .set_err(*code, Some(m.clone()))
+                .build(),
+            Outgoing::Notify {
+                subscription_id,
+                send_resp,
+                kind,
+            } => {
+                let n = b::NotifyBuilder::new(subscription_id.clone()).with_send_resp(*send_resp);
+                let n = match kind {
+                    NotifyKind::ValueChange { path, value } => {
+                        n.with_value_change(path.clone(), value.clone())
+                    }
+                    NotifyKind::Event {
+                        obj_path,
+                        name,
+                        args,
+                    } => n.with_event(obj_path.clone(), name.clone(), hm(args)),
+                    NotifyKind::ObjectCreation { path } => {
+                        n.with_object_creation(path.clone(), HashMap::new())
+                    }
+                    NotifyKind::ObjectDeletion { path } => n.with_object_deletion(path.clone()),
+                    NotifyKind::OperationComplete {
+                        obj_path,
+                        command,
+                        command_key,
+                        result,
+                    } => match result {
+                        Ok(args) => n.with_operation_complete_output_args(
+                            obj_path.clone(),
+                            command.clone(),
+                            command_key.clone(),
+                            hm(args),
+                        ),
+                        Err((code, m)) => n.with_operation_complete_cmd_failure(
+                            obj_path.clone(),
+                            command.clone(),
+                            command_key.clone(),
+                            *code,
+                            m.clone(),
+                        ),
+                    },
+                };
+                n.build()
+            }
+        }
+        .map_err(cerr)?;
+        let msg = b::MsgBuilder::new()
+            .with_msg_id(msg_id.to_string())
+            .with_body(body)
+            .build()
+            .map_err(cerr)?;
+        let rec = b::RecordBuilder::new()
+            .with_version("1.3".into())
+            .with_to_id(env.to_id.clone())
+            .with_from_id(env.from_id.clone())
+            .with_no_session_context_payload(&msg)
+            .build()
+            .map_err(cerr)?;
+        rec.to_vec().map_err(cerr)
+    }
+}

@@ -1,0 +1,1237 @@
+//! TR-181 `Device.SoftwareModules.` (and the agent's `Device.LocalAgent.Subscription.` and
+//! `.Request.` tables) over gatevisor's real state, transport-independent: a transport hands
+//! [`Model::handle`] each request from a trusted Controller and sends what the model puts in
+//! its outbox (notifications) to their recipients.
+//!
+//! Every Get builds the tree afresh from the supervisor (`List`), so it never disagrees with
+//! the CLI. Instance numbers, DU UUIDs and URLs, subscriptions and in-flight operations persist
+//! in `usp.json` under the state directory (written with fsync before an OperateResp leaves).
+
+use super::codec::{GetResult, Incoming, NotifyKind, OperateOutcome, Outgoing, PathsResult};
+use crate::api::{ApiError, ErrorKind, Request};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+pub const SM: &str = "Device.SoftwareModules.";
+const SUBS: &str = "Device.LocalAgent.Subscription.";
+const REQS: &str = "Device.LocalAgent.Request.";
+/// The vendor prefix of gatevisor's own parameters (TR-106: `X_<VENDOR>_`).
+pub const VENDOR: &str = "X_GATEVISOR-ORG_";
+
+// USP error codes (TR-369).
+pub const E_GENERAL: u32 = 7000;
+pub const E_NOT_SUPPORTED: u32 = 7001;
+pub const E_PERMISSION: u32 = 7006;
+pub const E_INVALID_ARGS: u32 = 7027;
+pub const E_INVALID_PATH: u32 = 7026;
+pub const E_COMMAND_FAILURE: u32 = 7022;
+// TR-181 software module faults.
+pub const F_BAD_SIGNATURE: u32 = 7036;
+pub const F_UNKNOWN_EE: u32 = 7223;
+pub const F_DUPLICATE_DU: u32 = 7226;
+pub const F_RESOURCES: u32 = 7227;
+pub const F_INVALID_DU_STATE: u32 = 7229;
+
+/// What the supervisor answers: the same requests the CLI sends.
+pub trait Backend: Send + Sync {
+    fn call(&self, req: Request) -> Result<Value, ApiError>;
+}
+
+/// What a Controller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The operator's launcher: everything.
+    Launcher,
+    /// Read and subscribe only.
+    Observer,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Unit {
+    instance: u32,
+    uuid: String,
+    url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Subscription {
+    instance: u32,
+    id: String,
+    recipient: String,
+    notif_type: String,
+    reference_list: Vec<String>,
+    notif_retry: bool,
+    enable: bool,
+    persistent: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum OpKind {
+    Install { url: String, uuid: String },
+    Update { name: String, url: String },
+    Uninstall { name: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct PendingOp {
+    instance: u32,
+    /// The command's full path, e.g. `Device.SoftwareModules.InstallDU()`.
+    command: String,
+    command_key: String,
+    originator: String,
+    kind: OpKind,
+    /// The service name once known (an install learns it from the package).
+    name: Option<String>,
+    started: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Persisted {
+    next_instance: u32,
+    units: BTreeMap<String, Unit>,
+    next_subscription: u32,
+    subscriptions: Vec<Subscription>,
+    next_request: u32,
+    requests: Vec<PendingOp>,
+}
+
+/// A notification for `recipient` (a Controller's endpoint id).
+pub type Notification = (String, Outgoing);
+
+pub struct Model {
+    backend: Arc<dyn Backend>,
+    state_file: PathBuf,
+    downloads: PathBuf,
+    /// The runtimes this board offers, in ExecEnv instance order.
+    runtimes: Vec<&'static str>,
+    st: Mutex<Persisted>,
+    outbox: Mutex<Sender<Notification>>,
+    cpu: Mutex<BTreeMap<String, (u64, std::time::Instant)>>,
+}
+
+fn now_iso() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn random_uuid() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Does `path` match `pattern` segment by segment (`*` matches one instance)? With
+/// `partial`, `pattern` names an object and `path` may lie anywhere below it.
+fn matches(pattern: &str, path: &str) -> bool {
+    let partial = pattern.ends_with('.');
+    let p: Vec<&str> = pattern.trim_end_matches('.').split('.').collect();
+    let s: Vec<&str> = path.trim_end_matches('.').split('.').collect();
+    if (partial && s.len() < p.len()) || (!partial && s.len() != p.len()) {
+        return false;
+    }
+    p.iter().zip(&s).all(|(a, b)| *a == "*" || a == b)
+}
+
+/// The object part of a parameter path (through its last dot).
+fn object_of(param: &str) -> &str {
+    match param.rfind('.') {
+        Some(i) => &param[..=i],
+        None => param,
+    }
+}
+
+/// A supervisor error as a TR-181 fault code.
+fn fault_of(e: &ApiError) -> u32 {
+    let m = e.message.to_lowercase();
+    if m.contains("signature") || m.contains("signed") || m.contains("revoked") {
+        F_BAD_SIGNATURE
+    } else if e.kind == ErrorKind::Conflict && m.contains("already installed") {
+        F_DUPLICATE_DU
+    } else if m.contains("too large") || m.contains("no room") || m.contains("exceed") {
+        F_RESOURCES
+    } else if e.kind == ErrorKind::Conflict {
+        F_INVALID_DU_STATE
+    } else {
+        E_COMMAND_FAILURE
+    }
+}
+
+impl Model {
+    /// The model for `backend`, its persistent state in `state_dir/usp.json`; `runtimes` are
+    /// the execution environments the board offers. Operations a previous daemon left
+    /// unfinished are settled now (their notifications wait in the outbox).
+    pub fn open(
+        backend: Arc<dyn Backend>,
+        state_dir: &Path,
+        runtimes: Vec<&'static str>,
+        outbox: Sender<Notification>,
+    ) -> std::io::Result<Arc<Model>> {
+        let state_file = state_dir.join("usp.json");
+        let st: Persisted = match std::fs::read(&state_file) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", state_file.display()),
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted::default(),
+            Err(e) => return Err(e),
+        };
+        let downloads = state_dir.join("usp-downloads");
+        std::fs::create_dir_all(&downloads)?;
+        let model = Arc::new(Model {
+            backend,
+            state_file,
+            downloads,
+            runtimes,
+            st: Mutex::new(st),
+            outbox: Mutex::new(outbox),
+            cpu: Mutex::new(BTreeMap::new()),
+        });
+        model.settle_interrupted();
+        Ok(model)
+    }
+
+    fn persist(&self, st: &Persisted) -> std::io::Result<()> {
+        let tmp = self.state_file.with_extension("json.tmp");
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(st)?)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.state_file)?;
+        if let Some(dir) = self.state_file.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    fn services(&self) -> Vec<Value> {
+        self.backend
+            .call(Request::List)
+            .ok()
+            .and_then(|v| v.get("services").and_then(|s| s.as_array().cloned()))
+            .unwrap_or_default()
+    }
+
+    /// Gives every installed service a DU/EU instance number (kept across restarts) and
+    /// forgets those that are gone. Returns the services by name.
+    fn sync_units(&self) -> BTreeMap<String, Value> {
+        let services: BTreeMap<String, Value> = self
+            .services()
+            .into_iter()
+            .filter_map(|s| Some((s.get("name")?.as_str()?.to_string(), s)))
+            .collect();
+        let mut st = self.st.lock().unwrap();
+        let mut changed = false;
+        for name in services.keys() {
+            if !st.units.contains_key(name) {
+                st.next_instance += 1;
+                let instance = st.next_instance;
+                st.units.insert(
+                    name.clone(),
+                    Unit {
+                        instance,
+                        uuid: random_uuid(),
+                        url: String::new(),
+                    },
+                );
+                changed = true;
+            }
+        }
+        let before = st.units.len();
+        st.units.retain(|n, _| services.contains_key(n));
+        changed |= st.units.len() != before;
+        if changed {
+            if let Err(e) = self.persist(&st) {
+                tracing::warn!("usp: cannot save {}: {e}", self.state_file.display());
+            }
+        }
+        services
+    }
+
+    /// Every parameter of the agent's data model, by full path.
+    pub fn parameters(&self) -> BTreeMap<String, String> {
+        let services = self.sync_units();
+        let st = self.st.lock().unwrap();
+        let mut p = BTreeMap::new();
+        let mut put = |k: String, v: String| {
+            p.insert(k, v);
+        };
+        put(
+            format!("{SM}ExecEnvNumberOfEntries"),
+            self.runtimes.len().to_string(),
+        );
+        let mem_avail = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemAvailable:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        for (i, rt) in self.runtimes.iter().enumerate() {
+            let ee = format!("{SM}ExecEnv.{}.", i + 1);
+            put(format!("{ee}Enable"), "true".into());
+            put(format!("{ee}Status"), "Up".into());
+            put(format!("{ee}Name"), rt.to_string());
+            put(
+                format!("{ee}Type"),
+                match *rt {
+                    "microvm" => "gatevisor KVM microVM",
+                    _ => "Linux Container (LXC)",
+                }
+                .into(),
+            );
+            put(format!("{ee}Vendor"), "gatevisor".into());
+            put(format!("{ee}Version"), env!("CARGO_PKG_VERSION").into());
+            put(format!("{ee}AvailableMemory"), mem_avail.to_string());
+            let eus: Vec<String> = services
+                .iter()
+                .filter(|(_, s)| s.get("runtime").and_then(|r| r.as_str()) == Some(rt))
+                .filter_map(|(n, _)| st.units.get(n))
+                .map(|u| format!("{SM}ExecutionUnit.{}", u.instance))
+                .collect();
+            put(format!("{ee}ActiveExecutionUnits"), eus.join(","));
+        }
+        put(
+            format!("{SM}DeploymentUnitNumberOfEntries"),
+            services.len().to_string(),
+        );
+        put(
+            format!("{SM}ExecutionUnitNumberOfEntries"),
+            services.len().to_string(),
+        );
+        let mut cpu = self.cpu.lock().unwrap();
+        for (name, s) in &services {
+            let Some(u) = st.units.get(name) else {
+                continue;
+            };
+            let str_of = |k: &str| {
+                s.get(k)
+                    .map(|v| match v {
+                        Value::String(s) => s.clone(),
+                        Value::Null => String::new(),
+                        v => v.to_string(),
+                    })
+                    .unwrap_or_default()
+            };
+            let runtime = str_of("runtime");
+            let ee_ref = self
+                .runtimes
+                .iter()
+                .position(|r| *r == runtime)
+                .map(|i| format!("{SM}ExecEnv.{}", i + 1))
+                .unwrap_or_default();
+            let version = {
+                let pv = str_of("package_version");
+                if pv.is_empty() {
+                    str_of("version")
+                } else {
+                    pv
+                }
+            };
+            let du = format!("{SM}DeploymentUnit.{}.", u.instance);
+            let eu = format!("{SM}ExecutionUnit.{}.", u.instance);
+            put(format!("{du}UUID"), u.uuid.clone());
+            put(format!("{du}DUID"), name.clone());
+            put(format!("{du}Name"), name.clone());
+            put(format!("{du}Status"), "Installed".into());
+            put(format!("{du}Resolved"), "true".into());
+            put(format!("{du}URL"), u.url.clone());
+            put(format!("{du}Vendor"), String::new());
+            put(format!("{du}Version"), version.clone());
+            put(
+                format!("{du}ExecutionUnitList"),
+                eu.trim_end_matches('.').into(),
+            );
+            put(format!("{du}ExecutionEnvRef"), ee_ref.clone());
+
+            let state = str_of("state");
+            let desired = str_of("desired");
+            let status = match state.as_str() {
+                "running" => "Active",
+                "starting" => "Starting",
+                "stopping" => "Stopping",
+                _ => "Idle",
+            };
+            let (fault_code, fault_msg) = match state.as_str() {
+                "failed" | "backoff" => ("FailureOnStart", str_of("failure_reason")),
+                _ => ("NoFault", String::new()),
+            };
+            put(format!("{eu}EUID"), name.clone());
+            put(format!("{eu}Name"), name.clone());
+            put(format!("{eu}ExecEnvLabel"), name.clone());
+            put(format!("{eu}Status"), status.into());
+            put(
+                format!("{eu}RequestedState"),
+                if desired == "running" {
+                    "Active"
+                } else {
+                    "Idle"
+                }
+                .into(),
+            );
+            put(format!("{eu}ExecutionFaultCode"), fault_code.into());
+            put(format!("{eu}ExecutionFaultMessage"), fault_msg);
+            put(format!("{eu}AutoStart"), (desired == "running").to_string());
+            put(format!("{eu}Vendor"), String::new());
+            put(format!("{eu}Version"), version);
+            put(format!("{eu}References"), du.trim_end_matches('.').into());
+            put(format!("{eu}ExecutionEnvRef"), ee_ref);
+            let mem = s
+                .pointer("/memory/usage_bytes")
+                .and_then(|v| v.as_u64())
+                .map(|b| (b / 1024).to_string())
+                .unwrap_or_else(|| "0".into());
+            put(format!("{eu}MemoryInUse"), mem);
+            // CPU: the share of one core used since the previous reading.
+            if let Some(usec) = s.get("cpu_usec").and_then(|v| v.as_u64()) {
+                let now = std::time::Instant::now();
+                if let Some((prev, at)) = cpu.get(name) {
+                    let wall = now.duration_since(*at).as_micros() as u64;
+                    if let Some(pct) = (usec.saturating_sub(*prev) * 100).checked_div(wall) {
+                        put(format!("{eu}CPUPercentInUse"), pct.min(100).to_string());
+                    }
+                }
+                cpu.insert(name.clone(), (usec, now));
+            }
+            put(
+                format!("{eu}AutoRestart.Enable"),
+                (desired == "running").to_string(),
+            );
+            put(
+                format!("{eu}AutoRestart.RetryCount"),
+                str_of("consecutive_failures"),
+            );
+            put(format!("{eu}{VENDOR}Restarts"), str_of("restarts"));
+            put(format!("{eu}{VENDOR}Runtime"), runtime);
+            if let Some(c) = s.pointer("/steering/counters").and_then(|c| c.as_object()) {
+                for (k, v) in c {
+                    let mut flat = Vec::new();
+                    flatten(&mut flat, &camel(k), v);
+                    for (k, v) in flat {
+                        put(format!("{eu}{VENDOR}Steering.{k}"), v);
+                    }
+                }
+            }
+        }
+        drop(cpu);
+        put(
+            "Device.LocalAgent.SubscriptionNumberOfEntries".into(),
+            st.subscriptions.len().to_string(),
+        );
+        for s in &st.subscriptions {
+            let o = format!("{SUBS}{}.", s.instance);
+            put(format!("{o}Enable"), s.enable.to_string());
+            put(format!("{o}ID"), s.id.clone());
+            put(format!("{o}Recipient"), s.recipient.clone());
+            put(format!("{o}NotifType"), s.notif_type.clone());
+            put(format!("{o}ReferenceList"), s.reference_list.join(","));
+            put(format!("{o}NotifRetry"), s.notif_retry.to_string());
+            put(format!("{o}Persistent"), s.persistent.to_string());
+        }
+        put(
+            "Device.LocalAgent.RequestNumberOfEntries".into(),
+            st.requests.len().to_string(),
+        );
+        for r in &st.requests {
+            let o = format!("{REQS}{}.", r.instance);
+            put(format!("{o}Originator"), r.originator.clone());
+            put(format!("{o}Command"), r.command.clone());
+            put(format!("{o}CommandKey"), r.command_key.clone());
+            put(format!("{o}Status"), "Active".into());
+        }
+        p
+    }
+
+    /// Answers one request from Controller `from` (trusted, with `role`); `None` for messages
+    /// that take no answer (a NotifyResp).
+    pub fn handle(self: &Arc<Self>, from: &str, role: Role, req: Incoming) -> Option<Outgoing> {
+        let writes = matches!(
+            req,
+            Incoming::Add { .. } | Incoming::Delete { .. } | Incoming::Operate { .. }
+        );
+        if writes && role == Role::Observer {
+            // Observers may manage their own subscriptions, nothing else.
+            let own_subs = match &req {
+                Incoming::Add { objects } => objects.iter().all(|(p, _)| p == SUBS),
+                Incoming::Delete { paths } => paths.iter().all(|p| p.starts_with(SUBS)),
+                _ => false,
+            };
+            if !own_subs {
+                return Some(Outgoing::Error(
+                    E_PERMISSION,
+                    format!("controller {from} may only read and subscribe"),
+                ));
+            }
+        }
+        Some(match req {
+            Incoming::Get { paths, .. } => Outgoing::GetResp(self.get(&paths)),
+            Incoming::GetInstances {
+                paths,
+                first_level_only,
+            } => Outgoing::GetInstancesResp(self.get_instances(&paths, first_level_only)),
+            Incoming::Add { objects } => Outgoing::AddResp(
+                objects
+                    .into_iter()
+                    .map(|(path, params)| {
+                        let r = self.add_subscription(from, &path, &params);
+                        (path, r)
+                    })
+                    .collect(),
+            ),
+            Incoming::Delete { paths } => Outgoing::DeleteResp(
+                paths
+                    .into_iter()
+                    .map(|p| {
+                        let r = self.delete_subscription(&p);
+                        (p, r)
+                    })
+                    .collect(),
+            ),
+            Incoming::Operate {
+                command,
+                command_key,
+                args,
+                send_resp,
+            } => {
+                let outcome = self.operate(from, &command, &command_key, &args);
+                if !send_resp {
+                    return None;
+                }
+                Outgoing::OperateResp(vec![(command, outcome)])
+            }
+            Incoming::NotifyResp { .. } => return None,
+            Incoming::Unsupported(what) => {
+                Outgoing::Error(E_NOT_SUPPORTED, format!("{what} is not supported here"))
+            }
+        })
+    }
+
+    fn check_path(path: &str) -> Result<(), (u32, String)> {
+        if path.contains('[') || path.contains('+') || path.contains('#') {
+            return Err((
+                E_INVALID_PATH,
+                format!("{path}: search expressions and references are not supported"),
+            ));
+        }
+        if !path.starts_with("Device.") {
+            return Err((E_INVALID_PATH, format!("{path}: not a Device. path")));
+        }
+        Ok(())
+    }
+
+    fn get(&self, paths: &[String]) -> Vec<(String, GetResult)> {
+        let params = self.parameters();
+        paths
+            .iter()
+            .map(|path| {
+                let r = Self::check_path(path).and_then(|()| {
+                    let mut by_obj: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+                    for (k, v) in params.iter().filter(|(k, _)| matches(path, k)) {
+                        let obj = object_of(k);
+                        by_obj
+                            .entry(obj.to_string())
+                            .or_default()
+                            .insert(k[obj.len()..].to_string(), v.clone());
+                    }
+                    let known_table = path.ends_with('.')
+                        && params.keys().any(|k| {
+                            k.starts_with(path.trim_end_matches('.'))
+                                && k[path.trim_end_matches('.').len()..]
+                                    .starts_with("NumberOfEntries")
+                        });
+                    if by_obj.is_empty() && !known_table && !is_table(path) {
+                        return Err((E_INVALID_PATH, format!("{path}: no such path")));
+                    }
+                    Ok(by_obj.into_iter().collect())
+                });
+                (path.clone(), r)
+            })
+            .collect()
+    }
+
+    fn get_instances(&self, paths: &[String], first_level_only: bool) -> PathsResult {
+        let params = self.parameters();
+        // Every instance object on the way to some parameter.
+        let objects: BTreeSet<String> = params
+            .keys()
+            .flat_map(|k| {
+                let segs: Vec<&str> = k.split('.').collect();
+                (0..segs.len())
+                    .filter(|i| segs[*i].parse::<u32>().is_ok())
+                    .map(|i| format!("{}.", segs[..=i].join(".")))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        paths
+            .iter()
+            .map(|path| {
+                let r = Self::check_path(path).and_then(|()| {
+                    if !path.ends_with('.') {
+                        return Err((E_INVALID_PATH, format!("{path}: not an object path")));
+                    }
+                    let depth = path.trim_end_matches('.').split('.').count();
+                    Ok(objects
+                        .iter()
+                        .filter(|o| matches(path, o) && o.as_str() != path.as_str())
+                        .filter(|o| {
+                            !first_level_only
+                                || o.trim_end_matches('.').split('.').count() == depth + 1
+                        })
+                        .cloned()
+                        .collect())
+                });
+                (path.clone(), r)
+            })
+            .collect()
+    }
+
+    fn add_subscription(
+        &self,
+        from: &str,
+        path: &str,
+        params: &BTreeMap<String, String>,
+    ) -> Result<String, (u32, String)> {
+        if path != SUBS {
+            return Err((
+                E_NOT_SUPPORTED,
+                format!("{path}: objects are created here only in {SUBS}"),
+            ));
+        }
+        let notif_type = params.get("NotifType").cloned().unwrap_or_default();
+        const TYPES: [&str; 5] = [
+            "ValueChange",
+            "ObjectCreation",
+            "ObjectDeletion",
+            "Event",
+            "OperationComplete",
+        ];
+        if !TYPES.contains(&notif_type.as_str()) {
+            return Err((
+                E_INVALID_ARGS,
+                format!("NotifType {notif_type:?} is not one of {TYPES:?}"),
+            ));
+        }
+        let reference_list: Vec<String> = params
+            .get("ReferenceList")
+            .map(|r| {
+                r.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if reference_list.is_empty() {
+            return Err((E_INVALID_ARGS, "ReferenceList is empty".into()));
+        }
+        let bool_of =
+            |k: &str, d: bool| params.get(k).map(|v| v == "true" || v == "1").unwrap_or(d);
+        let mut st = self.st.lock().unwrap();
+        st.next_subscription += 1;
+        let instance = st.next_subscription;
+        let id = params
+            .get("ID")
+            .cloned()
+            .unwrap_or_else(|| format!("gv-sub-{instance}"));
+        if st.subscriptions.iter().any(|s| s.id == id) {
+            return Err((E_INVALID_ARGS, format!("subscription ID {id:?} exists")));
+        }
+        st.subscriptions.push(Subscription {
+            instance,
+            id,
+            recipient: params
+                .get("Recipient")
+                .cloned()
+                .unwrap_or_else(|| from.to_string()),
+            notif_type,
+            reference_list,
+            notif_retry: bool_of("NotifRetry", false),
+            enable: bool_of("Enable", false),
+            persistent: bool_of("Persistent", true),
+        });
+        self.persist(&st)
+            .map_err(|e| (E_GENERAL, format!("cannot save the subscription: {e}")))?;
+        Ok(format!("{SUBS}{instance}."))
+    }
+
+    fn delete_subscription(&self, path: &str) -> Result<Vec<String>, (u32, String)> {
+        let mut st = self.st.lock().unwrap();
+        let gone: Vec<String> = st
+            .subscriptions
+            .iter()
+            .map(|s| format!("{SUBS}{}.", s.instance))
+            .filter(|p| matches(path, p))
+            .collect();
+        st.subscriptions
+            .retain(|s| !gone.contains(&format!("{SUBS}{}.", s.instance)));
+        self.persist(&st)
+            .map_err(|e| (E_GENERAL, format!("cannot save: {e}")))?;
+        Ok(gone)
+    }
+
+    /// The service behind `Device.SoftwareModules.{table}.{i}.`.
+    fn unit_name(&self, table: &str, rest: &str) -> Option<(String, String)> {
+        let rest = rest.strip_prefix(table)?.strip_prefix('.')?;
+        let (num, tail) = rest.split_once('.')?;
+        let n: u32 = num.parse().ok()?;
+        self.sync_units();
+        let st = self.st.lock().unwrap();
+        let name = st
+            .units
+            .iter()
+            .find(|(_, u)| u.instance == n)
+            .map(|(n, _)| n.clone())?;
+        Some((name, tail.to_string()))
+    }
+
+    fn operate(
+        self: &Arc<Self>,
+        from: &str,
+        command: &str,
+        command_key: &str,
+        args: &BTreeMap<String, String>,
+    ) -> OperateOutcome {
+        let Some(rest) = command.strip_prefix(SM) else {
+            return OperateOutcome::Failed(E_INVALID_PATH, format!("{command}: no such command"));
+        };
+        let call = |req| {
+            self.backend
+                .call(req)
+                .map(|_| BTreeMap::new())
+                .map_err(|e| (E_COMMAND_FAILURE, e.message))
+        };
+        let done = |r: Result<BTreeMap<String, String>, (u32, String)>| match r {
+            Ok(out) => OperateOutcome::Done(out),
+            Err((c, m)) => OperateOutcome::Failed(c, m),
+        };
+        if rest == "InstallDU()" {
+            let url = args.get("URL").cloned().unwrap_or_default();
+            if url.is_empty() {
+                return OperateOutcome::Failed(E_INVALID_ARGS, "InstallDU() needs a URL".into());
+            }
+            let uuid = args
+                .get("UUID")
+                .filter(|u| !u.is_empty())
+                .cloned()
+                .unwrap_or_else(random_uuid);
+            if let Some(ee) = args.get("ExecutionEnvRef").filter(|e| !e.is_empty()) {
+                let known = (1..=self.runtimes.len())
+                    .any(|i| ee.trim_end_matches('.') == format!("{SM}ExecEnv.{i}"));
+                if !known {
+                    // Reported like any other install failure: the operation ran, the DU
+                    // was not created.
+                    return self.start_op(
+                        from,
+                        command,
+                        command_key,
+                        OpKind::Install { url, uuid },
+                        Some((F_UNKNOWN_EE, format!("{ee}: no such execution environment"))),
+                    );
+                }
+            }
+            return self.start_op(
+                from,
+                command,
+                command_key,
+                OpKind::Install { url, uuid },
+                None,
+            );
+        }
+        if let Some((name, tail)) = self.unit_name("DeploymentUnit", rest) {
+            return match tail.as_str() {
+                "Update()" => {
+                    let url = match args.get("URL").filter(|u| !u.is_empty()) {
+                        Some(u) => u.clone(),
+                        None => {
+                            let st = self.st.lock().unwrap();
+                            st.units
+                                .get(&name)
+                                .map(|u| u.url.clone())
+                                .unwrap_or_default()
+                        }
+                    };
+                    if url.is_empty() {
+                        return OperateOutcome::Failed(
+                            E_INVALID_ARGS,
+                            "Update() needs a URL (the DU has none on record)".into(),
+                        );
+                    }
+                    self.start_op(
+                        from,
+                        command,
+                        command_key,
+                        OpKind::Update { name, url },
+                        None,
+                    )
+                }
+                "Uninstall()" => {
+                    self.start_op(from, command, command_key, OpKind::Uninstall { name }, None)
+                }
+                _ => OperateOutcome::Failed(E_INVALID_PATH, format!("{command}: no such command")),
+            };
+        }
+        if let Some((name, tail)) = self.unit_name("ExecutionUnit", rest) {
+            return match tail.as_str() {
+                "SetRequestedState()" => match args.get("RequestedState").map(|s| s.as_str()) {
+                    Some("Active") => done(call(Request::Start { name })),
+                    Some("Idle") => done(call(Request::Stop { name })),
+                    other => OperateOutcome::Failed(
+                        E_INVALID_ARGS,
+                        format!("RequestedState {other:?}: Idle or Active"),
+                    ),
+                },
+                "Restart()" => done(call(Request::Restart { name })),
+                _ => OperateOutcome::Failed(E_INVALID_PATH, format!("{command}: no such command")),
+            };
+        }
+        OperateOutcome::Failed(
+            E_INVALID_PATH,
+            format!("{command}: no such object or command"),
+        )
+    }
+
+    /// Journals an asynchronous operation (fsync'd before the OperateResp leaves), then runs
+    /// it on its own thread. `fail_now` completes it at once with that fault.
+    fn start_op(
+        self: &Arc<Self>,
+        from: &str,
+        command: &str,
+        command_key: &str,
+        kind: OpKind,
+        fail_now: Option<(u32, String)>,
+    ) -> OperateOutcome {
+        let op = {
+            let mut st = self.st.lock().unwrap();
+            st.next_request += 1;
+            let op = PendingOp {
+                instance: st.next_request,
+                command: command.to_string(),
+                command_key: command_key.to_string(),
+                originator: from.to_string(),
+                name: match &kind {
+                    OpKind::Update { name, .. } | OpKind::Uninstall { name } => Some(name.clone()),
+                    OpKind::Install { .. } => None,
+                },
+                kind,
+                started: now_iso(),
+            };
+            st.requests.push(op.clone());
+            if let Err(e) = self.persist(&st) {
+                st.requests.retain(|r| r.instance != op.instance);
+                return OperateOutcome::Failed(E_GENERAL, format!("cannot journal: {e}"));
+            }
+            op
+        };
+        let path = format!("{REQS}{}", op.instance);
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("usp-op".into())
+            .spawn(move || {
+                let result = match fail_now {
+                    Some(f) => Err(f),
+                    None => me.run_op(&op),
+                };
+                me.complete(&op, result);
+            })
+            .expect("spawn an operation thread");
+        OperateOutcome::Started(path)
+    }
+
+    /// Fetches a package (`file://` or `http://`) into the downloads folder.
+    fn fetch(&self, url: &str, instance: u32) -> Result<PathBuf, (u32, String)> {
+        let dest = self.downloads.join(format!("request-{instance}.gvpkg"));
+        super::fetch::fetch(url, &dest).map_err(|e| (E_COMMAND_FAILURE, format!("{url}: {e}")))?;
+        Ok(dest)
+    }
+
+    /// Runs an operation; Ok(service name) or a fault.
+    fn run_op(&self, op: &PendingOp) -> Result<String, (u32, String)> {
+        let fault = |e: ApiError| (fault_of(&e), e.message);
+        match &op.kind {
+            OpKind::Install { url, uuid } => {
+                let pkg = self.fetch(url, op.instance)?;
+                let r = self.backend.call(Request::Install {
+                    manifest: pkg.clone(),
+                    start: false,
+                });
+                let _ = std::fs::remove_file(&pkg);
+                let v = r.map_err(fault)?;
+                let name = v
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .unwrap_or_default()
+                    .to_string();
+                self.sync_units();
+                let mut st = self.st.lock().unwrap();
+                if let Some(u) = st.units.get_mut(&name) {
+                    u.uuid = uuid.clone();
+                    u.url = url.clone();
+                }
+                let _ = self.persist(&st);
+                Ok(name)
+            }
+            OpKind::Update { name, url } => {
+                let pkg = self.fetch(url, op.instance)?;
+                let r = self.backend.call(Request::Update {
+                    name: name.clone(),
+                    package: pkg.clone(),
+                });
+                let _ = std::fs::remove_file(&pkg);
+                r.map_err(fault)?;
+                let mut st = self.st.lock().unwrap();
+                if let Some(u) = st.units.get_mut(name) {
+                    u.url = url.clone();
+                }
+                let _ = self.persist(&st);
+                Ok(name.clone())
+            }
+            OpKind::Uninstall { name } => {
+                self.backend
+                    .call(Request::Remove { name: name.clone() })
+                    .map_err(fault)?;
+                Ok(name.clone())
+            }
+        }
+    }
+
+    /// Tells subscribers how an operation ended (`DUStateChange!`, `OperationComplete`) and
+    /// drops it from the journal.
+    fn complete(&self, op: &PendingOp, result: Result<String, (u32, String)>) {
+        let name = result.as_ref().ok().cloned().or(op.name.clone());
+        let params = self.parameters();
+        let unit = {
+            let st = self.st.lock().unwrap();
+            name.as_ref().and_then(|n| st.units.get(n).cloned())
+        };
+        let du_path = unit
+            .as_ref()
+            .map(|u| format!("{SM}DeploymentUnit.{}", u.instance))
+            .unwrap_or_default();
+        let get = |k: &str| {
+            params
+                .get(&format!("{du_path}.{k}"))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let (performed, ok_state, fail_state) = match op.kind {
+            OpKind::Install { .. } => ("Install", "Installed", "Failed"),
+            OpKind::Update { .. } => ("Update", "Installed", "Installed"),
+            OpKind::Uninstall { .. } => ("Uninstall", "Uninstalled", "Installed"),
+        };
+        let uuid = match (&op.kind, &unit) {
+            (_, Some(u)) => u.uuid.clone(),
+            (OpKind::Install { uuid, .. }, None) => uuid.clone(),
+            _ => String::new(),
+        };
+        let (fault_code, fault_string) = match &result {
+            Ok(_) => (0, String::new()),
+            Err((c, m)) => (*c, m.clone()),
+        };
+        let uninstalled = matches!(op.kind, OpKind::Uninstall { .. }) && result.is_ok();
+        let mut args = BTreeMap::new();
+        args.insert("UUID".into(), uuid);
+        args.insert(
+            "DeploymentUnitRef".into(),
+            if uninstalled {
+                String::new()
+            } else {
+                du_path.clone()
+            },
+        );
+        args.insert("Version".into(), get("Version"));
+        args.insert(
+            "CurrentState".into(),
+            if result.is_ok() {
+                ok_state
+            } else if unit.is_some() {
+                "Installed"
+            } else {
+                fail_state
+            }
+            .into(),
+        );
+        args.insert(
+            "Resolved".into(),
+            (result.is_ok() && !uninstalled).to_string(),
+        );
+        args.insert("ExecutionUnitRefList".into(), get("ExecutionUnitList"));
+        args.insert("StartTime".into(), op.started.clone());
+        args.insert("CompleteTime".into(), now_iso());
+        args.insert("OperationPerformed".into(), performed.into());
+        args.insert("Fault.FaultCode".into(), fault_code.to_string());
+        args.insert("Fault.FaultString".into(), fault_string.clone());
+        self.notify_event(SM, "DUStateChange!", &args);
+        let (obj, cmd) = match op.command.rfind('.') {
+            Some(i) => (
+                op.command[..=i].to_string(),
+                op.command[i + 1..].to_string(),
+            ),
+            None => (String::new(), op.command.clone()),
+        };
+        self.notify_complete(
+            &obj,
+            &cmd,
+            &op.command_key,
+            match result {
+                Ok(_) => Ok(BTreeMap::new()),
+                Err(e) => Err(e),
+            },
+        );
+        let mut st = self.st.lock().unwrap();
+        st.requests.retain(|r| r.instance != op.instance);
+        if let Err(e) = self.persist(&st) {
+            tracing::warn!("usp: cannot save {}: {e}", self.state_file.display());
+        }
+    }
+
+    /// Operations a previous daemon journaled but did not finish: an install or update whose
+    /// result is visible (the service exists at the package's name) is reported done, anything
+    /// else failed; either way the Controller hears of it.
+    fn settle_interrupted(&self) {
+        let pending = self.st.lock().unwrap().requests.clone();
+        if pending.is_empty() {
+            return;
+        }
+        let services = self.sync_units();
+        for op in pending {
+            let result = match (&op.kind, &op.name) {
+                (OpKind::Uninstall { name }, _) if !services.contains_key(name) => Ok(name.clone()),
+                _ => Err((
+                    E_COMMAND_FAILURE,
+                    "interrupted: the daemon restarted before the operation finished; nothing \
+                     was changed"
+                        .to_string(),
+                )),
+            };
+            tracing::info!("usp: settling {} left by a previous daemon", op.command);
+            self.complete(&op, result);
+        }
+    }
+
+    fn subscribers(&self, notif_type: &str, path: &str) -> Vec<Subscription> {
+        let st = self.st.lock().unwrap();
+        st.subscriptions
+            .iter()
+            .filter(|s| s.enable && s.notif_type == notif_type)
+            .filter(|s| {
+                s.reference_list
+                    .iter()
+                    .any(|r| r == "Device." || matches(r, path) || path.starts_with(r.as_str()))
+            })
+            .cloned()
+            .collect()
+    }
+
+    fn send(&self, subs: Vec<Subscription>, kind: NotifyKind) {
+        let outbox = self.outbox.lock().unwrap();
+        for s in subs {
+            let _ = outbox.send((
+                s.recipient.clone(),
+                Outgoing::Notify {
+                    subscription_id: s.id.clone(),
+                    send_resp: s.notif_retry,
+                    kind: kind.clone(),
+                },
+            ));
+        }
+    }
+
+    fn notify_event(&self, obj_path: &str, name: &str, args: &BTreeMap<String, String>) {
+        let subs = self.subscribers("Event", &format!("{obj_path}{name}"));
+        self.send(
+            subs,
+            NotifyKind::Event {
+                obj_path: obj_path.into(),
+                name: name.into(),
+                args: args.clone(),
+            },
+        );
+    }
+
+    fn notify_complete(
+        &self,
+        obj_path: &str,
+        command: &str,
+        command_key: &str,
+        result: Result<BTreeMap<String, String>, (u32, String)>,
+    ) {
+        let subs = self.subscribers("OperationComplete", &format!("{obj_path}{command}"));
+        self.send(
+            subs,
+            NotifyKind::OperationComplete {
+                obj_path: obj_path.into(),
+                command: command.into(),
+                command_key: command_key.into(),
+                result,
+            },
+        );
+    }
+
+    /// Compares the tree with the previous one and notifies ValueChange, ObjectCreation and
+    /// ObjectDeletion subscribers. Run every second by the transport.
+    pub fn watch(&self, prev: &mut Option<BTreeMap<String, String>>) {
+        let now = self.parameters();
+        if let Some(before) = prev.as_ref() {
+            for (k, v) in &now {
+                if before.get(k) != Some(v) && before.contains_key(k) {
+                    let subs = self.subscribers("ValueChange", k);
+                    self.send(
+                        subs,
+                        NotifyKind::ValueChange {
+                            path: k.clone(),
+                            value: v.clone(),
+                        },
+                    );
+                }
+            }
+            let objs = |m: &BTreeMap<String, String>| -> BTreeSet<String> {
+                m.keys()
+                    .filter_map(|k| {
+                        let segs: Vec<&str> = k.split('.').collect();
+                        let i = segs.iter().rposition(|s| s.parse::<u32>().is_ok())?;
+                        Some(format!("{}.", segs[..=i].join(".")))
+                    })
+                    .collect()
+            };
+            let (was, is) = (objs(before), objs(&now));
+            for o in is.difference(&was) {
+                let subs = self.subscribers("ObjectCreation", o);
+                self.send(subs, NotifyKind::ObjectCreation { path: o.clone() });
+            }
+            for o in was.difference(&is) {
+                let subs = self.subscribers("ObjectDeletion", o);
+                self.send(subs, NotifyKind::ObjectDeletion { path: o.clone() });
+            }
+        }
+        *prev = Some(now);
+    }
+}
+
+/// Multi-instance tables that exist even when empty.
+fn is_table(path: &str) -> bool {
+    [
+        "Device.SoftwareModules.ExecEnv.",
+        "Device.SoftwareModules.DeploymentUnit.",
+        "Device.SoftwareModules.ExecutionUnit.",
+        "Device.LocalAgent.Subscription.",
+        "Device.LocalAgent.Request.",
+        "Device.SoftwareModules.",
+        "Device.LocalAgent.",
+        "Device.",
+    ]
+    .contains(&path)
+}
+
+fn camel(k: &str) -> String {
+    k.split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_uppercase().chain(c).collect::<String>())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+fn flatten(out: &mut Vec<(String, String)>, prefix: &str, v: &Value) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                flatten(out, &format!("{prefix}.{}", camel(k)), v);
+            }
+        }
+        Value::Null => {}
+        Value::String(s) => out.push((prefix.into(), s.clone())),
+        v => out.push((prefix.into(), v.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_match_by_segment_with_instance_wildcards() {
+        assert!(matches(
+            "Device.SoftwareModules.DeploymentUnit.*.Status",
+            "Device.SoftwareModules.DeploymentUnit.3.Status"
+        ));
+        assert!(!matches(
+            "Device.SoftwareModules.DeploymentUnit.*.Status",
+            "Device.SoftwareModules.DeploymentUnit.3.Name"
+        ));
+        assert!(matches(
+            "Device.SoftwareModules.",
+            "Device.SoftwareModules.ExecEnv.1.Name"
+        ));
+        assert!(!matches(
+            "Device.SoftwareModules.ExecEnv.1.",
+            "Device.SoftwareModules.ExecEnv.10.Name"
+        ));
+    }
+
+    #[test]
+    fn timestamps_are_iso_8601_utc() {
+        let t = now_iso();
+        assert_eq!(t.len(), 20, "{t}");
+        assert!(t.starts_with("20") && t.ends_with('Z'), "{t}");
+    }
+
+    #[test]
+    fn supervisor_errors_map_to_software_module_faults() {
+        let e = |k, m: &str| ApiError::new(k, m);
+        assert_eq!(
+            fault_of(&e(
+                ErrorKind::Invalid,
+                "x.gvpkg: the signature does not match"
+            )),
+            F_BAD_SIGNATURE
+        );
+        assert_eq!(
+            fault_of(&e(
+                ErrorKind::Conflict,
+                "a service named \"a\" is already installed"
+            )),
+            F_DUPLICATE_DU
+        );
+    }
+}
