@@ -589,3 +589,76 @@ fn launcher_installs_starts_updates_and_uninstalls_a_service_over_usp_mqtt() {
     assert!(d.cli(&["service", "status", "remote-svc"]).status.code() != Some(0));
     let _ = c.nothing_for(0);
 }
+
+#[test]
+fn install_interrupted_by_a_daemon_crash_is_reported_failed_after_the_restart() {
+    if !need_root("install_interrupted_by_a_daemon_crash_is_reported_failed_after_the_restart") {
+        return;
+    }
+    if !on_path("mosquitto") {
+        eprintln!("skipped: mosquitto is not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (_broker, port) = mosquitto(work.path());
+    // A package server that accepts and never answers: the install stays in flight.
+    let stall = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stall_port = stall.local_addr().unwrap().port();
+    let _held = std::thread::spawn(move || {
+        let conns: Vec<_> = stall.incoming().take(4).collect();
+        std::thread::sleep(Duration::from_secs(300));
+        drop(conns);
+    });
+    let mut d = Daemon::start_with_config(&format!(
+        "[usp]\nendpoint_id = \"{AGENT}\"\nbroker = \"127.0.0.1:{port}\"\n\
+         [[usp.controllers]]\nendpoint_id = \"{LAUNCHER}\"\ntopic = \"{LAUNCHER_TOPIC}\"\nrole = \"launcher\"\n"
+    ));
+    let mut c = Controller::connect(port, LAUNCHER, LAUNCHER_TOPIC);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let id = c.send(
+            b::GetBuilder::new()
+                .with_params(vec![SM.into()])
+                .build()
+                .unwrap(),
+        );
+        match c.rx.recv_timeout(Duration::from_secs(2)) {
+            Ok(v) if v["msg"]["Header"]["msg_id"] == id => break,
+            _ => assert!(Instant::now() < deadline, "the agent never answered"),
+        }
+    }
+    subscribe(&mut c, "du", "Event", &format!("{SM}DUStateChange!"));
+    subscribe(&mut c, "oc", "OperationComplete", SM);
+    let r = operate(
+        &mut c,
+        &format!("{SM}InstallDU()"),
+        "k-crash",
+        &[("URL", &format!("http://127.0.0.1:{stall_port}/svc.gvpkg"))],
+    );
+    assert!(r["req_obj_path"].is_string(), "{r}");
+    // The OperateResp left after the journal was on disk: the daemon dies now.
+    d.kill9();
+    d.spawn();
+    let ev = du_state_change(&c);
+    assert_eq!(ev["OperationPerformed"], "Install", "{ev}");
+    assert_eq!(ev["CurrentState"], "Failed", "{ev}");
+    assert_ne!(ev["Fault.FaultCode"], "0", "{ev}");
+    assert!(
+        ev["Fault.FaultString"]
+            .as_str()
+            .unwrap()
+            .contains("restarted"),
+        "{ev}"
+    );
+    let oc = operation_complete(&c, "InstallDU()", "k-crash");
+    assert!(oc.to_string().contains("cmd_failure"), "{oc}");
+    let p = get(
+        &mut c,
+        &[
+            "Device.LocalAgent.RequestNumberOfEntries",
+            &format!("{SM}DeploymentUnitNumberOfEntries"),
+        ],
+    );
+    assert_eq!(p["Device.LocalAgent.RequestNumberOfEntries"], "0");
+    assert_eq!(p[&format!("{SM}DeploymentUnitNumberOfEntries")], "0");
+}
