@@ -35,6 +35,8 @@ pub struct ConfigFile {
     pub keys_dir: Option<PathBuf>,
     /// The embedded USP agent (remote control by the operator's launcher over MQTT).
     pub usp: Option<gatevisor::usp::mqtt::MqttConfig>,
+    /// Serve `Device.SoftwareModules.` to the gateway's USP Broker (a USP Service over UDS).
+    pub usp_service: Option<gatevisor::usp::uds::UdsConfig>,
 }
 
 impl ConfigFile {
@@ -53,6 +55,7 @@ pub struct DaemonOptions {
     pub settings: Settings,
     pub board: gatevisor_board::BoardReport,
     pub usp: Option<gatevisor::usp::mqtt::MqttConfig>,
+    pub usp_service: Option<gatevisor::usp::uds::UdsConfig>,
 }
 
 /// The USP model's way to the supervisor: the same requests the control socket carries.
@@ -86,35 +89,20 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     let microvm = opts.board.kvm.microvm_capable;
     let state_dir = opts.settings.state_dir.clone();
     let supervisor = Supervisor::new(opts.settings, opts.board, tx.clone())?;
-    if let Some(cfg) = opts.usp {
+    if opts.usp.is_some() || opts.usp_service.is_some() {
         let runtimes = if microvm {
             vec!["lxc", "microvm"]
         } else {
             vec!["lxc"]
         };
-        let (out_tx, out_rx) = mpsc::channel();
         let backend = std::sync::Arc::new(LoopBackend(std::sync::Mutex::new(tx.clone())));
+        let (mqtt, uds) = (opts.usp, opts.usp_service);
         // The model asks the supervisor loop, which starts below: open it on its own thread.
         std::thread::Builder::new()
             .name("usp-start".into())
             .spawn(move || {
-                let started =
-                    gatevisor::usp::model::Model::open(backend, &state_dir, runtimes, out_tx)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|model| {
-                            gatevisor::usp::mqtt::spawn(
-                                cfg.clone(),
-                                model,
-                                std::sync::Arc::new(gatevisor::usp::codec::Rusp),
-                                out_rx,
-                            )
-                            .map_err(anyhow::Error::from)
-                        });
-                match started {
-                    Ok(()) => {
-                        tracing::info!("usp: agent {} on broker {}", cfg.endpoint_id, cfg.broker)
-                    }
-                    Err(e) => tracing::error!("usp: the agent did not start: {e:#}"),
+                if let Err(e) = start_usp(backend, &state_dir, runtimes, mqtt, uds) {
+                    tracing::error!("usp: the agent did not start: {e:#}");
                 }
             })?;
     }
@@ -140,6 +128,66 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     let notifier = gatevisor::notify::Notifier::from_env();
     supervisor.run(rx, notifier);
     let _ = std::fs::remove_file(&opts.socket);
+    Ok(())
+}
+
+/// Opens the USP data model and starts its transports; notifications go to the transport
+/// that knows their recipient (a configured MQTT controller, else the Broker over UDS).
+fn start_usp(
+    backend: std::sync::Arc<LoopBackend>,
+    state_dir: &Path,
+    runtimes: Vec<&'static str>,
+    mqtt: Option<gatevisor::usp::mqtt::MqttConfig>,
+    uds: Option<gatevisor::usp::uds::UdsConfig>,
+) -> Result<()> {
+    use gatevisor::usp;
+    let (out_tx, out_rx) = mpsc::channel::<usp::model::Notification>();
+    let model = usp::model::Model::open(backend, state_dir, runtimes, out_tx)?;
+    let codec: std::sync::Arc<dyn usp::codec::Codec> = std::sync::Arc::new(usp::codec::Rusp);
+    let (mqtt_tx, mqtt_rx) = mpsc::channel();
+    let (uds_tx, uds_rx) = mpsc::channel();
+    let controllers: Vec<String> = mqtt
+        .iter()
+        .flat_map(|m| m.controllers.iter().map(|c| c.endpoint_id.clone()))
+        .collect();
+    let has_uds = uds.is_some();
+    std::thread::Builder::new()
+        .name("usp-route".into())
+        .spawn(move || {
+            for (recipient, out) in out_rx {
+                let to_mqtt = controllers.contains(&recipient) || !has_uds;
+                let _ = if to_mqtt {
+                    mqtt_tx.send((recipient, out))
+                } else {
+                    uds_tx.send((recipient, out))
+                };
+            }
+        })?;
+    // Value changes and object creation/deletion, checked once a second.
+    let watched = model.clone();
+    std::thread::Builder::new()
+        .name("usp-watch".into())
+        .spawn(move || {
+            let mut prev = None;
+            loop {
+                watched.watch(&mut prev);
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        })?;
+    if let Some(cfg) = mqtt {
+        let what = format!("agent {} on broker {}", cfg.endpoint_id, cfg.broker);
+        usp::mqtt::spawn(cfg, model.clone(), codec.clone(), mqtt_rx)?;
+        tracing::info!("usp: {what}");
+    }
+    if let Some(cfg) = uds {
+        let what = format!(
+            "service {} for the Broker at {}",
+            cfg.endpoint_id,
+            cfg.broker_path.display()
+        );
+        usp::uds::spawn(cfg, model, codec, uds_rx)?;
+        tracing::info!("usp: {what}");
+    }
     Ok(())
 }
 

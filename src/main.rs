@@ -149,5 +149,6 @@ fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()
         settings,
         board: report.board,
         usp: file.usp,
+        usp_service: file.usp_service,
     })
 }

@@ -45,6 +45,10 @@ pub enum Incoming {
     NotifyResp {
         subscription_id: String,
     },
+    /// A Broker's answer to our Register: the registered paths, or why not.
+    RegisterResp(Vec<(String, Result<(), Fault>)>),
+    /// A connect record (UDS, MQTT…): the peer says who it is, nothing to answer.
+    Connect,
     /// A message this agent does not serve (its type's name).
     Unsupported(String),
 }
@@ -100,6 +104,8 @@ pub enum Outgoing {
     DeleteResp(PathsResult),
     OperateResp(Vec<(String, OperateOutcome)>),
     Error(u32, String),
+    /// A USP Service registers the objects it serves with the Broker.
+    Register(Vec<String>),
     Notify {
         subscription_id: String,
         send_resp: bool,
@@ -112,6 +118,8 @@ pub trait Codec: Send + Sync {
     /// Decodes a Record carrying one unfragmented Message.
     fn decode(&self, record: &[u8]) -> Result<(Envelope, String, Incoming), CodecError>;
     fn encode(&self, env: &Envelope, msg_id: &str, out: &Outgoing) -> Result<Vec<u8>, CodecError>;
+    /// A UDS connect record (no message).
+    fn encode_uds_connect(&self, env: &Envelope) -> Result<Vec<u8>, CodecError>;
 }
 
 /// The `rusp-lib` codec (USP 1.3 Records, no session context).
@@ -132,10 +140,19 @@ impl Codec for Rusp {
             from_id: rec.from_id.clone(),
             to_id: rec.to_id.clone(),
         };
-        let OneOfrecord_type::no_session_context(nsc) = &rec.record_type else {
-            return Err(CodecError(
-                "only Records without a session context carry messages here".into(),
-            ));
+        let nsc = match &rec.record_type {
+            OneOfrecord_type::no_session_context(nsc) => nsc,
+            OneOfrecord_type::uds_connect(_)
+            | OneOfrecord_type::mqtt_connect(_)
+            | OneOfrecord_type::websocket_connect(_)
+            | OneOfrecord_type::stomp_connect(_) => {
+                return Ok((env, String::new(), Incoming::Connect))
+            }
+            _ => {
+                return Err(CodecError(
+                    "only Records without a session context carry messages here".into(),
+                ))
+            }
         };
         let msg = rusp_lib::usp_decoder::try_decode_msg(&nsc.payload).map_err(cerr)?;
         let msg_id = msg
@@ -189,6 +206,22 @@ impl Codec for Rusp {
                 OneOfresp_type::notify_resp(n) => Incoming::NotifyResp {
                     subscription_id: n.subscription_id,
                 },
+                OneOfresp_type::register_resp(r) => {
+                    use rusp_lib::usp::mod_RegisterResp::mod_RegisteredPathResult::mod_OperationStatus::OneOfoper_status as S;
+                    Incoming::RegisterResp(
+                        r.registered_path_results
+                            .into_iter()
+                            .map(|p| {
+                                let st = match p.oper_status.map(|o| o.oper_status) {
+                                    Some(S::oper_success(_)) => Ok(()),
+                                    Some(S::oper_failure(f)) => Err((f.err_code, f.err_msg)),
+                                    _ => Err((0, "no status".to_string())),
+                                };
+                                (p.requested_path, st)
+                            })
+                            .collect(),
+                    )
+                }
                 _ => Incoming::Unsupported("a response".into()),
             },
             OneOfmsg_body::error(_) => Incoming::Unsupported("Error".into()),
@@ -301,6 +334,10 @@ impl Codec for Rusp {
             Outgoing::Error(code, m) => b::ErrorBuilder::new()
                 .set_err(*code, Some(m.clone()))
                 .build(),
+            Outgoing::Register(paths) => b::RegisterBuilder::new()
+                .with_allow_partial(false)
+                .with_reg_paths(paths.clone())
+                .build(),
             Outgoing::Notify {
                 subscription_id,
                 send_resp,
@@ -358,5 +395,17 @@ impl Codec for Rusp {
             .build()
             .map_err(cerr)?;
         rec.to_vec().map_err(cerr)
+    }
+
+    fn encode_uds_connect(&self, env: &Envelope) -> Result<Vec<u8>, CodecError> {
+        rusp_lib::usp_builder::RecordBuilder::new()
+            .with_version("1.3".into())
+            .with_to_id(env.to_id.clone())
+            .with_from_id(env.from_id.clone())
+            .as_uds_connect_record()
+            .build()
+            .map_err(cerr)?
+            .to_vec()
+            .map_err(cerr)
     }
 }

@@ -6,3 +6,4 @@ pub mod codec;
 pub mod fetch;
 pub mod model;
 pub mod mqtt;
+pub mod uds;

@@ -539,7 +539,9 @@ impl Model {
                 }
                 Outgoing::OperateResp(vec![(command, outcome)])
             }
-            Incoming::NotifyResp { .. } => return None,
+            Incoming::NotifyResp { .. } | Incoming::Connect | Incoming::RegisterResp(_) => {
+                return None
+            }
             Incoming::Unsupported(what) => {
                 Outgoing::Error(E_NOT_SUPPORTED, format!("{what} is not supported here"))
             }

@@ -122,20 +122,6 @@ pub fn spawn(
             })?;
     }
 
-    // Watch for value changes and object creation/deletion, once a second.
-    {
-        let model = model.clone();
-        std::thread::Builder::new()
-            .name("usp-watch".into())
-            .spawn(move || {
-                let mut prev = None;
-                loop {
-                    model.watch(&mut prev);
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-            })?;
-    }
-
     std::thread::Builder::new()
         .name("usp-mqtt".into())
         .spawn(move || {

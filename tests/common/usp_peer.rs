@@ -1,0 +1,334 @@
+//! A USP Controller test peer (rusp-lib + rumqttc) and a private mosquitto, shared by the USP
+//! agent's tests and its benchmark.
+#![allow(dead_code)]
+
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{Client, Event, MqttOptions};
+use rusp_lib::usp_builder as b;
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const AGENT: &str = "os::gatevisor-test";
+pub const LAUNCHER: &str = "self::launcher";
+pub const LAUNCHER_TOPIC: &str = "usp/controller/launcher";
+pub const SM: &str = "Device.SoftwareModules.";
+
+pub struct Killed(pub Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A private mosquitto on a free loopback port.
+pub fn mosquitto(dir: &Path) -> (Killed, u16) {
+    let port = free_port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    )
+    .unwrap();
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("mosquitto.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Killed(child), port)
+}
+
+/// A plain HTTP server for the packages (python3's), on a free loopback port.
+pub fn http_server(dir: &Path) -> (Killed, u16) {
+    let port = free_port();
+    let child = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the HTTP server did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Killed(child), port)
+}
+
+/// The Controller test peer.
+pub struct Controller {
+    pub client: Client,
+    pub rx: mpsc::Receiver<Value>,
+    pub endpoint: String,
+    pub topic: String,
+    n: u32,
+}
+
+impl Controller {
+    pub fn connect(port: u16, endpoint: &str, topic: &str) -> Controller {
+        let mut opts = MqttOptions::new(
+            format!("peer-{}", endpoint.replace(':', "-")),
+            "127.0.0.1",
+            port,
+        );
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut conn) = Client::new(opts, 64);
+        let (tx, rx) = mpsc::channel();
+        let (sub_client, sub_topic) = (client.clone(), topic.to_string());
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        sub_client
+                            .subscribe(sub_topic.clone(), QoS::AtLeastOnce)
+                            .unwrap();
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let content_type =
+                            p.properties.as_ref().and_then(|pp| pp.content_type.clone());
+                        assert_eq!(content_type.as_deref(), Some("usp.msg"));
+                        let rec = rusp_lib::usp_decoder::try_decode_record(&p.payload).unwrap();
+                        let payload = match rec.record_type {
+                            rusp_lib::usp_record::mod_Record::OneOfrecord_type::no_session_context(n) => n.payload,
+                            _ => panic!("unexpected record type"),
+                        };
+                        let msg = rusp_lib::usp_decoder::try_decode_msg(&payload).unwrap();
+                        let v = serde_json::json!({
+                            "from_id": rec.from_id,
+                            "to_id": rec.to_id,
+                            "msg": serde_json::to_value(&msg).unwrap(),
+                        });
+                        if tx.send(v).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("subscribed");
+        Controller {
+            client,
+            rx,
+            endpoint: endpoint.into(),
+            topic: topic.to_string(),
+            n: 0,
+        }
+    }
+
+    /// Sends `body` to `to` from this peer's endpoint id; returns the msg id.
+    pub fn send_as(&mut self, from: &str, to: &str, body: rusp_lib::usp::Body) -> String {
+        self.n += 1;
+        let id = format!("m{}", self.n);
+        let msg = b::MsgBuilder::new()
+            .with_msg_id(id.clone())
+            .with_body(body)
+            .build()
+            .unwrap();
+        let rec = b::RecordBuilder::new()
+            .with_version("1.3".into())
+            .with_to_id(to.into())
+            .with_from_id(from.into())
+            .with_no_session_context_payload(&msg)
+            .build()
+            .unwrap();
+        let props = PublishProperties {
+            content_type: Some("usp.msg".into()),
+            response_topic: Some(self.topic.clone()),
+            ..Default::default()
+        };
+        self.client
+            .publish_with_properties(
+                format!("usp/agent/{AGENT}"),
+                QoS::AtLeastOnce,
+                false,
+                rec.to_vec().unwrap(),
+                props,
+            )
+            .unwrap();
+        id
+    }
+
+    pub fn send(&mut self, body: rusp_lib::usp::Body) -> String {
+        let from = self.endpoint.clone();
+        self.send_as(&from, AGENT, body)
+    }
+
+    /// The next message matching `pred` within `secs` (others are kept aside and dropped).
+    pub fn wait(&self, secs: u64, what: &str, mut pred: impl FnMut(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(v) if pred(&v) => return v,
+                Ok(v) => seen.push(v),
+                Err(_) => panic!("no {what} within {secs} s; got: {seen:#?}"),
+            }
+        }
+    }
+
+    pub fn reply(&self, id: &str) -> Value {
+        let v = self.wait(60, &format!("answer to {id}"), |v| {
+            v["msg"]["Header"]["msg_id"] == id
+        });
+        assert_eq!(v["from_id"], AGENT);
+        assert_eq!(v["to_id"], self.endpoint);
+        v["msg"]["Body"].clone()
+    }
+
+    pub fn nothing_for(&self, secs: u64) -> Option<Value> {
+        self.rx.recv_timeout(Duration::from_secs(secs)).ok()
+    }
+}
+
+/// Parameters of a GetResp as `path → value` (resolved path + relative name).
+pub fn params(body: &Value) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for rp in body["Response"]["GetResp"]["req_path_results"]
+        .as_array()
+        .unwrap()
+    {
+        assert_eq!(rp["err_code"], 0, "{rp}");
+        for res in rp["resolved_path_results"].as_array().unwrap() {
+            let base = res["resolved_path"].as_str().unwrap();
+            for (k, v) in res["result_params"].as_object().unwrap() {
+                out.insert(format!("{base}{k}"), v.as_str().unwrap().to_string());
+            }
+        }
+    }
+    out
+}
+
+pub fn get(c: &mut Controller, paths: &[&str]) -> std::collections::BTreeMap<String, String> {
+    let id = c.send(
+        b::GetBuilder::new()
+            .with_params(paths.iter().map(|p| p.to_string()).collect())
+            .build()
+            .unwrap(),
+    );
+    params(&c.reply(&id))
+}
+
+pub fn operate(c: &mut Controller, command: &str, key: &str, args: &[(&str, &str)]) -> Value {
+    let id = c.send(
+        b::OperateBuilder::new(command.into())
+            .with_command_key(key.into())
+            .with_send_resp(true)
+            .with_input_args(
+                args.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+            .build()
+            .unwrap(),
+    );
+    c.reply(&id)["Response"]["OperateResp"]["operation_results"][0].clone()
+}
+
+pub fn subscribe(c: &mut Controller, id: &str, notif_type: &str, refs: &str) {
+    let msg = c.send(
+        b::AddBuilder::new()
+            .with_create_objs(vec![b::CreateObjectBuilder::new(
+                "Device.LocalAgent.Subscription.".into(),
+            )
+            .with_param_settings(vec![
+                ("ID".into(), id.into(), true),
+                ("NotifType".into(), notif_type.into(), true),
+                ("ReferenceList".into(), refs.into(), true),
+                ("Enable".into(), "true".into(), true),
+            ])])
+            .build()
+            .unwrap(),
+    );
+    let r = c.reply(&msg);
+    let res = &r["Response"]["AddResp"]["created_obj_results"][0];
+    assert!(
+        res["oper_status"]
+            .to_string()
+            .contains("Device.LocalAgent.Subscription."),
+        "{r}"
+    );
+}
+
+/// The next `DUStateChange!` event's arguments.
+pub fn du_state_change(c: &Controller) -> Value {
+    let v = c.wait(120, "DUStateChange!", |v| {
+        v["msg"]["Body"]["Request"]["Notify"]["event"]["event_name"] == "DUStateChange!"
+    });
+    let n = &v["msg"]["Body"]["Request"]["Notify"];
+    assert_eq!(n["subscription_id"], "du");
+    assert_eq!(n["event"]["obj_path"], SM);
+    n["event"]["params"].clone()
+}
+
+pub fn operation_complete(c: &Controller, command: &str, key: &str) -> Value {
+    let v = c.wait(120, &format!("OperationComplete of {command}"), |v| {
+        v["msg"]["Body"]["Request"]["Notify"]["oper_complete"]["command_key"] == key
+    });
+    let oc = v["msg"]["Body"]["Request"]["Notify"]["oper_complete"].clone();
+    assert_eq!(
+        v["msg"]["Body"]["Request"]["Notify"]["subscription_id"],
+        "oc"
+    );
+    assert_eq!(oc["command_name"], command, "{oc}");
+    oc
+}
+
+/// The daemon configuration for an agent on broker `port`, obeying the launcher.
+pub fn agent_config(port: u16) -> String {
+    format!(
+        "[usp]\nendpoint_id = \"{AGENT}\"\nbroker = \"127.0.0.1:{port}\"\n\
+         [[usp.controllers]]\nendpoint_id = \"{LAUNCHER}\"\ntopic = \"{LAUNCHER_TOPIC}\"\nrole = \"launcher\"\n"
+    )
+}
+
+/// Waits until the agent answers a Get (it connects to the broker on its own).
+pub fn wait_for_agent(c: &mut Controller) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let id = c.send(
+            b::GetBuilder::new()
+                .with_params(vec![SM.into()])
+                .build()
+                .unwrap(),
+        );
+        match c.rx.recv_timeout(Duration::from_secs(2)) {
+            Ok(v) if v["msg"]["Header"]["msg_id"] == id => return,
+            _ => assert!(Instant::now() < deadline, "the agent never answered"),
+        }
+    }
+}
