@@ -46,23 +46,21 @@ impl Broker {
 
     /// The next USP Record's message as JSON (with `record_type` for connect records).
     fn recv(&mut self) -> Value {
-        loop {
-            let tlvs = read_frame(&mut self.conn).expect("a frame from the service");
-            for (t, v) in tlvs {
-                assert_eq!(t, TLV_RECORD, "only records after the handshake");
-                let rec = rusp_lib::usp_decoder::try_decode_record(&v).unwrap();
-                assert_eq!(rec.from_id, SERVICE);
-                assert_eq!(rec.to_id, BROKER);
-                use rusp_lib::usp_record::mod_Record::OneOfrecord_type as R;
-                return match rec.record_type {
-                    R::no_session_context(n) => serde_json::to_value(
-                        rusp_lib::usp_decoder::try_decode_msg(&n.payload).unwrap(),
-                    )
-                    .unwrap(),
-                    R::uds_connect(_) => serde_json::json!({"record_type": "uds_connect"}),
-                    _ => panic!("unexpected record type"),
-                };
+        let mut tlvs = read_frame(&mut self.conn).expect("a frame from the service");
+        assert_eq!(tlvs.len(), 1, "one record per frame");
+        let (t, v) = tlvs.remove(0);
+        assert_eq!(t, TLV_RECORD, "only records after the handshake");
+        let rec = rusp_lib::usp_decoder::try_decode_record(&v).unwrap();
+        assert_eq!(rec.from_id, SERVICE);
+        assert_eq!(rec.to_id, BROKER);
+        use rusp_lib::usp_record::mod_Record::OneOfrecord_type as R;
+        match rec.record_type {
+            R::no_session_context(n) => {
+                serde_json::to_value(rusp_lib::usp_decoder::try_decode_msg(&n.payload).unwrap())
+                    .unwrap()
             }
+            R::uds_connect(_) => serde_json::json!({"record_type": "uds_connect"}),
+            _ => panic!("unexpected record type"),
         }
     }
 
