@@ -138,6 +138,27 @@ fn launcher_installs_starts_updates_and_uninstalls_a_service_over_usp_mqtt() {
     subscribe(&mut c, "du", "Event", &format!("{SM}DUStateChange!"));
     subscribe(&mut c, "oc", "OperationComplete", SM);
 
+    // The supported data model: the commands and their kind.
+    let id = c.send(
+        b::GetSupportedDMBuilder::new()
+            .with_obj_paths(vec![SM.into()])
+            .with_return_commands(true)
+            .with_return_events(true)
+            .with_return_params(true)
+            .build()
+            .unwrap(),
+    );
+    let dm = c.reply(&id).to_string();
+    for needle in [
+        "Device.SoftwareModules.DeploymentUnit.{i}.",
+        "InstallDU()",
+        "SetRequestedState()",
+        "DUStateChange!",
+        "CMD_ASYNC",
+    ] {
+        assert!(dm.contains(needle), "{needle} missing: {dm}");
+    }
+
     // InstallDU over HTTP.
     let r = operate(
         &mut c,

@@ -36,6 +36,10 @@ pub enum Incoming {
     Delete {
         paths: Vec<String>,
     },
+    GetSupportedDM {
+        paths: Vec<String>,
+        first_level_only: bool,
+    },
     Operate {
         command: String,
         command_key: String,
@@ -61,6 +65,30 @@ pub type GetResult = Result<Vec<(String, BTreeMap<String, String>)>, Fault>;
 
 /// Per requested path: the paths it resolved to (instances, deleted objects), or an error.
 pub type PathsResult = Vec<(String, Result<Vec<String>, Fault>)>;
+
+/// A parameter's type, as GetSupportedDM reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamType {
+    String,
+    Boolean,
+    UnsignedInt,
+    DateTime,
+}
+
+/// One object of the supported data model (GetSupportedDM).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SupportedObject {
+    /// With `{i}` for multi-instance objects.
+    pub path: String,
+    pub multi_instance: bool,
+    /// Controllers may Add and Delete its instances.
+    pub add_delete: bool,
+    pub params: Vec<(String, ParamType, bool)>,
+    /// (name with `()`, input args, output args, asynchronous)
+    pub commands: Vec<(String, Vec<String>, Vec<String>, bool)>,
+    /// (name with `!`, args)
+    pub events: Vec<(String, Vec<String>)>,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum OperateOutcome {
@@ -102,6 +130,7 @@ pub enum Outgoing {
     /// (requested path, created instance path or error)
     AddResp(Vec<(String, Result<String, Fault>)>),
     DeleteResp(PathsResult),
+    GetSupportedDMResp(Vec<(String, Result<Vec<SupportedObject>, Fault>)>),
     OperateResp(Vec<(String, OperateOutcome)>),
     Error(u32, String),
     /// A USP Service registers the objects it serves with the Broker.
@@ -192,7 +221,10 @@ impl Codec for Rusp {
                     send_resp: o.send_resp,
                     args: o.input_args.into_iter().collect(),
                 },
-                R::get_supported_dm(_) => Incoming::Unsupported("GetSupportedDM".into()),
+                R::get_supported_dm(g) => Incoming::GetSupportedDM {
+                    paths: g.obj_paths,
+                    first_level_only: g.first_level_only,
+                },
                 R::get_supported_protocol(_) => {
                     Incoming::Unsupported("GetSupportedProtocol".into())
                 }
@@ -334,6 +366,82 @@ impl Codec for Rusp {
             Outgoing::Error(code, m) => b::ErrorBuilder::new()
                 .set_err(*code, Some(m.clone()))
                 .build(),
+            Outgoing::GetSupportedDMResp(results) => {
+                let rs = results
+                    .iter()
+                    .map(|(path, r)| {
+                        let rb = b::GSDMReqObjectResultBuilder::new(path.clone());
+                        match r {
+                            Err((code, m)) => rb.set_err(*code, Some(m.clone())),
+                            Ok(objs) => rb.with_supported_objs(
+                                objs.iter()
+                                    .map(|o| {
+                                        let ob = b::GSDMSupportedObjectResultBuilder::new(
+                                            o.path.clone(),
+                                        )
+                                        .with_is_multi_instance(o.multi_instance);
+                                        let ob = if o.add_delete {
+                                            ob.set_access_add_delete()
+                                        } else {
+                                            ob.set_access_read_only()
+                                        };
+                                        ob.with_supported_params(
+                                            o.params
+                                                .iter()
+                                                .map(|(n, t, w)| {
+                                                    let p = b::GSDMParamResult::new(n.clone());
+                                                    let p = match t {
+                                                        ParamType::String => p.set_type_string(),
+                                                        ParamType::Boolean => p.set_type_boolean(),
+                                                        ParamType::UnsignedInt => {
+                                                            p.set_type_unsigned_int()
+                                                        }
+                                                        ParamType::DateTime => {
+                                                            p.set_type_datetime()
+                                                        }
+                                                    };
+                                                    if *w {
+                                                        p.set_access_read_write()
+                                                    } else {
+                                                        p.set_access_read_only()
+                                                    }
+                                                })
+                                                .collect(),
+                                        )
+                                        .with_supported_commands(
+                                            o.commands
+                                                .iter()
+                                                .map(|(n, i, out, asy)| {
+                                                    let c = b::GSDMCommandResult::new(n.clone())
+                                                        .with_input_arg_names(i.clone())
+                                                        .with_output_arg_names(out.clone());
+                                                    if *asy {
+                                                        c.set_async()
+                                                    } else {
+                                                        c.set_sync()
+                                                    }
+                                                })
+                                                .collect(),
+                                        )
+                                        .with_supported_events(
+                                            o.events
+                                                .iter()
+                                                .map(|(n, a)| {
+                                                    b::GSDMEventResult::new(n.clone())
+                                                        .with_arg_names(a.clone())
+                                                })
+                                                .collect(),
+                                        )
+                                    })
+                                    .collect(),
+                            ),
+                        }
+                    })
+                    .collect();
+                b::GetSupportedDMRespBuilder::new()
+                    .with_req_obj_results(rs)
+                    .build()
+            }
             Outgoing::Register(paths) => b::RegisterBuilder::new()
                 .with_allow_partial(false)
                 .with_reg_paths(paths.clone())

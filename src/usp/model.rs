@@ -7,7 +7,10 @@
 //! the CLI. Instance numbers, DU UUIDs and URLs, subscriptions and in-flight operations persist
 //! in `usp.json` under the state directory (written with fsync before an OperateResp leaves).
 
-use super::codec::{GetResult, Incoming, NotifyKind, OperateOutcome, Outgoing, PathsResult};
+use super::codec::{
+    GetResult, Incoming, NotifyKind, OperateOutcome, Outgoing, ParamType, PathsResult,
+    SupportedObject,
+};
 use crate::api::{ApiError, ErrorKind, Request};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -509,6 +512,18 @@ impl Model {
                 paths,
                 first_level_only,
             } => Outgoing::GetInstancesResp(self.get_instances(&paths, first_level_only)),
+            Incoming::GetSupportedDM {
+                paths,
+                first_level_only,
+            } => Outgoing::GetSupportedDMResp(
+                paths
+                    .into_iter()
+                    .map(|p| {
+                        let r = supported(&p, first_level_only);
+                        (p, r)
+                    })
+                    .collect(),
+            ),
             Incoming::Add { objects } => Outgoing::AddResp(
                 objects
                     .into_iter()
@@ -1148,6 +1163,203 @@ impl Model {
     }
 }
 
+/// The objects this agent serves (its supported data model).
+pub fn schema() -> Vec<SupportedObject> {
+    use ParamType::*;
+    let strs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let params = |v: &[(&str, ParamType)]| {
+        v.iter()
+            .map(|(n, t)| (n.to_string(), *t, false))
+            .collect::<Vec<_>>()
+    };
+    let du_args = strs(&[
+        "UUID",
+        "DeploymentUnitRef",
+        "Version",
+        "CurrentState",
+        "Resolved",
+        "ExecutionUnitRefList",
+        "StartTime",
+        "CompleteTime",
+        "OperationPerformed",
+        "Fault.FaultCode",
+        "Fault.FaultString",
+    ]);
+    let obj = |path: &str, multi: bool| SupportedObject {
+        path: path.into(),
+        multi_instance: multi,
+        add_delete: false,
+        params: vec![],
+        commands: vec![],
+        events: vec![],
+    };
+    vec![
+        SupportedObject {
+            params: params(&[
+                ("ExecEnvNumberOfEntries", UnsignedInt),
+                ("DeploymentUnitNumberOfEntries", UnsignedInt),
+                ("ExecutionUnitNumberOfEntries", UnsignedInt),
+            ]),
+            commands: vec![(
+                "InstallDU()".into(),
+                strs(&["URL", "UUID", "Username", "Password", "ExecutionEnvRef"]),
+                vec![],
+                true,
+            )],
+            events: vec![("DUStateChange!".into(), du_args)],
+            ..obj(SM, false)
+        },
+        SupportedObject {
+            params: params(&[
+                ("Enable", Boolean),
+                ("Status", String),
+                ("Name", String),
+                ("Type", String),
+                ("Vendor", String),
+                ("Version", String),
+                ("AvailableMemory", UnsignedInt),
+                ("ActiveExecutionUnits", String),
+            ]),
+            ..obj(&format!("{SM}ExecEnv.{{i}}."), true)
+        },
+        SupportedObject {
+            params: params(&[
+                ("UUID", String),
+                ("DUID", String),
+                ("Name", String),
+                ("Status", String),
+                ("Resolved", Boolean),
+                ("URL", String),
+                ("Vendor", String),
+                ("Version", String),
+                ("ExecutionUnitList", String),
+                ("ExecutionEnvRef", String),
+            ]),
+            commands: vec![
+                (
+                    "Update()".into(),
+                    strs(&["URL", "Username", "Password"]),
+                    vec![],
+                    true,
+                ),
+                ("Uninstall()".into(), vec![], vec![], true),
+            ],
+            ..obj(&format!("{SM}DeploymentUnit.{{i}}."), true)
+        },
+        SupportedObject {
+            params: params(&[
+                ("EUID", String),
+                ("Name", String),
+                ("ExecEnvLabel", String),
+                ("Status", String),
+                ("RequestedState", String),
+                ("ExecutionFaultCode", String),
+                ("ExecutionFaultMessage", String),
+                ("AutoStart", Boolean),
+                ("Vendor", String),
+                ("Version", String),
+                ("References", String),
+                ("ExecutionEnvRef", String),
+                ("MemoryInUse", UnsignedInt),
+                ("CPUPercentInUse", UnsignedInt),
+                (&format!("{VENDOR}Restarts"), UnsignedInt),
+                (&format!("{VENDOR}Runtime"), String),
+            ]),
+            commands: vec![
+                (
+                    "SetRequestedState()".into(),
+                    strs(&["RequestedState"]),
+                    vec![],
+                    false,
+                ),
+                ("Restart()".into(), vec![], vec![], false),
+            ],
+            ..obj(&format!("{SM}ExecutionUnit.{{i}}."), true)
+        },
+        SupportedObject {
+            params: params(&[("Enable", Boolean), ("RetryCount", UnsignedInt)]),
+            ..obj(&format!("{SM}ExecutionUnit.{{i}}.AutoRestart."), false)
+        },
+        SupportedObject {
+            params: params(&[
+                ("SteeredPackets", UnsignedInt),
+                ("SteeredBytes", UnsignedInt),
+                ("ReturnedPackets", UnsignedInt),
+            ]),
+            ..obj(&format!("{SM}ExecutionUnit.{{i}}.{VENDOR}Steering."), false)
+        },
+        SupportedObject {
+            add_delete: true,
+            params: [
+                "Enable",
+                "ID",
+                "Recipient",
+                "NotifType",
+                "ReferenceList",
+                "NotifRetry",
+                "Persistent",
+            ]
+            .iter()
+            .map(|n| {
+                let t = if matches!(*n, "Enable" | "NotifRetry" | "Persistent") {
+                    Boolean
+                } else {
+                    String
+                };
+                (n.to_string(), t, true)
+            })
+            .collect(),
+            ..obj(&format!("{SUBS}{{i}}."), true)
+        },
+        SupportedObject {
+            params: params(&[
+                ("Originator", String),
+                ("Command", String),
+                ("CommandKey", String),
+                ("Status", String),
+            ]),
+            ..obj(&format!("{REQS}{{i}}."), true)
+        },
+    ]
+}
+
+/// The supported objects at or below `path` (`{i}` or instance numbers accepted).
+fn supported(path: &str, first_level_only: bool) -> Result<Vec<SupportedObject>, (u32, String)> {
+    // Instance numbers in the request name the same supported object as `{i}`.
+    let norm: String = path
+        .split('.')
+        .map(|s| if s.parse::<u32>().is_ok() { "{i}" } else { s })
+        .collect::<Vec<_>>()
+        .join(".");
+    let norm = if norm.ends_with('.') {
+        norm
+    } else {
+        format!("{norm}.")
+    };
+    let depth = norm.trim_end_matches('.').split('.').count();
+    let all = schema();
+    let found: Vec<SupportedObject> = all
+        .into_iter()
+        .filter(|o| {
+            let below = o.path.starts_with(&norm);
+            let d = o
+                .path
+                .trim_end_matches('.')
+                .trim_end_matches(".{i}")
+                .split('.')
+                .count();
+            below && (!first_level_only || d <= depth + 1)
+        })
+        .collect();
+    if found.is_empty() && !["Device.", "Device.LocalAgent."].contains(&norm.as_str()) {
+        return Err((
+            E_INVALID_PATH,
+            format!("{path}: not in the supported data model"),
+        ));
+    }
+    Ok(found)
+}
+
 /// Multi-instance tables that exist even when empty.
 fn is_table(path: &str) -> bool {
     [
@@ -1209,6 +1421,18 @@ mod tests {
             "Device.SoftwareModules.ExecEnv.1.",
             "Device.SoftwareModules.ExecEnv.10.Name"
         ));
+    }
+
+    #[test]
+    fn supported_data_model_lists_objects_below_a_path() {
+        let all = supported("Device.SoftwareModules.", false).unwrap();
+        assert!(all
+            .iter()
+            .any(|o| o.path == "Device.SoftwareModules.DeploymentUnit.{i}."
+                && o.commands.iter().any(|c| c.0 == "Uninstall()" && c.3)));
+        let eu = supported("Device.SoftwareModules.ExecutionUnit.3.", true).unwrap();
+        assert_eq!(eu[0].path, "Device.SoftwareModules.ExecutionUnit.{i}.");
+        assert!(supported("Device.Nothing.", false).is_err());
     }
 
     #[test]
