@@ -9,7 +9,7 @@ need_pkgs=(
   openvswitch-switch                        # the switch flowbridge drives
   iproute2 iputils-ping bind9-dnsutils iperf3 tcpdump ethtool python3   # test traffic, the demo's WAN side
   debootstrap lz4                           # the emulated gateway's root, its kernel's ELF (qemu-tests)
-  mosquitto                                 # the MQTT broker the USP agent tests run against
+  mosquitto openssl                         # the MQTT broker and the test PKI of the USP agent tests
 )
 
 missing=()

@@ -369,3 +369,50 @@ fn install_interrupted_by_a_daemon_crash_is_reported_failed_after_the_restart() 
     assert_eq!(p["Device.LocalAgent.RequestNumberOfEntries"], "0");
     assert_eq!(p[&format!("{SM}DeploymentUnitNumberOfEntries")], "0");
 }
+
+#[test]
+fn agent_speaks_mutual_tls_and_refuses_a_certificate_that_does_not_name_it() {
+    if !on_path("mosquitto") || !on_path("openssl") {
+        eprintln!("skipped: mosquitto and openssl are needed (scripts/setup.sh installs them)");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let pki = work.path();
+    test_ca(pki);
+    test_cert(pki, "broker", "IP:127.0.0.1,DNS:localhost");
+    test_cert(pki, "device", &format!("URI:urn:bbf:usp:id:{AGENT}"));
+    test_cert(pki, "stranger", "URI:urn:bbf:usp:id:os::someone-else");
+    test_cert(pki, "launcher", &format!("URI:urn:bbf:usp:id:{LAUNCHER}"));
+    let (_broker, port) = mosquitto_tls(pki);
+    let tls = |name: &str| {
+        format!(
+            "[usp.tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/{name}.pem\"\nkey = \"{0}/{name}.key\"\n",
+            pki.display()
+        )
+    };
+
+    // A device certificate for another endpoint: the agent refuses to start with it.
+    let d = Daemon::start_with_config(&format!("{}{}", agent_config(port), tls("stranger")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.log().contains("does not name endpoint") {
+        assert!(Instant::now() < deadline, "no refusal; log:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(d);
+
+    // The right certificate: the launcher, over TLS too, gets its answers.
+    let _d = Daemon::start_with_config(&format!("{}{}", agent_config(port), tls("device")));
+    let mut c = Controller::connect_with(
+        port,
+        LAUNCHER,
+        LAUNCHER_TOPIC,
+        Some((
+            &pki.join("ca.pem"),
+            &pki.join("launcher.pem"),
+            &pki.join("launcher.key"),
+        )),
+    );
+    wait_for_agent(&mut c);
+    let p = get(&mut c, &[&format!("{SM}ExecEnv.1.Name")]);
+    assert_eq!(p[&format!("{SM}ExecEnv.1.Name")], "lxc");
+}

@@ -11,6 +11,7 @@ use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{Client, Event, MqttOptions};
 use serde::Deserialize;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -44,6 +45,67 @@ pub struct MqttConfig {
     pub agent_topic: Option<String>,
     #[serde(default)]
     pub controllers: Vec<ControllerConfig>,
+    /// Mutual TLS to the broker (plain TCP without it).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The agent's TLS material (PEM files).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The CA(s) that signed the broker's certificate.
+    pub ca: PathBuf,
+    /// This gateway's certificate: it must name the agent's endpoint id (TR-369 puts it in a
+    /// subjectAltName URI `urn:bbf:usp:id:ENDPOINT_ID`).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn tls_err(what: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string())
+}
+
+/// The rustls client configuration for mutual TLS, after checking that the device
+/// certificate names `endpoint_id`.
+pub fn client_tls(tls: &TlsConfig, endpoint_id: &str) -> std::io::Result<rustls::ClientConfig> {
+    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| tls_err(format!("{}: {e}", p.display())));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &read(&tls.ca)?[..]) {
+        let c = c.map_err(|e| tls_err(format!("{}: {e}", tls.ca.display())))?;
+        roots
+            .add(c)
+            .map_err(|e| tls_err(format!("{}: {e}", tls.ca.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(tls_err(format!("{}: no CA certificate", tls.ca.display())));
+    }
+    let chain: Vec<_> = rustls_pemfile::certs(&mut &read(&tls.cert)?[..])
+        .collect::<Result<_, _>>()
+        .map_err(|e| tls_err(format!("{}: {e}", tls.cert.display())))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| tls_err(format!("{}: no certificate", tls.cert.display())))?;
+    // The endpoint id appears verbatim (IA5String/UTF8String) in the DER of a certificate
+    // that names it, in its subjectAltName URI or its subject.
+    let id = endpoint_id.as_bytes();
+    if !leaf.as_ref().windows(id.len()).any(|w| w == id) {
+        return Err(tls_err(format!(
+            "{}: the certificate does not name endpoint {endpoint_id} \
+             (expected subjectAltName URI urn:bbf:usp:id:{endpoint_id})",
+            tls.cert.display()
+        )));
+    }
+    let key = rustls_pemfile::private_key(&mut &read(&tls.key)?[..])
+        .map_err(|e| tls_err(format!("{}: {e}", tls.key.display())))?
+        .ok_or_else(|| tls_err(format!("{}: no private key", tls.key.display())))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(tls_err)?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(tls_err)
 }
 
 impl MqttConfig {
@@ -84,6 +146,12 @@ pub fn spawn(
     let mut opts = MqttOptions::new(cfg.endpoint_id.clone(), host, port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_clean_start(false);
+    if let Some(tls) = &cfg.tls {
+        let client = client_tls(tls, &cfg.endpoint_id)?;
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(client)),
+        ));
+    }
     let (client, mut connection) = Client::new(opts, 1024);
     let agent_topic = cfg.agent_topic();
     let cfg = Arc::new(cfg);

@@ -92,12 +92,36 @@ pub struct Controller {
 
 impl Controller {
     pub fn connect(port: u16, endpoint: &str, topic: &str) -> Controller {
+        Controller::connect_with(port, endpoint, topic, None)
+    }
+
+    /// With `tls`, over mutual TLS: (CA, certificate, key) PEM files.
+    pub fn connect_with(
+        port: u16,
+        endpoint: &str,
+        topic: &str,
+        tls: Option<(&Path, &Path, &Path)>,
+    ) -> Controller {
         let mut opts = MqttOptions::new(
             format!("peer-{}", endpoint.replace(':', "-")),
             "127.0.0.1",
             port,
         );
         opts.set_keep_alive(Duration::from_secs(30));
+        if let Some((ca, cert, key)) = tls {
+            let cfg = gatevisor::usp::mqtt::client_tls(
+                &gatevisor::usp::mqtt::TlsConfig {
+                    ca: ca.into(),
+                    cert: cert.into(),
+                    key: key.into(),
+                },
+                endpoint,
+            )
+            .unwrap();
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(cfg)),
+            ));
+        }
         let (client, mut conn) = Client::new(opts, 64);
         let (tx, rx) = mpsc::channel();
         let (sub_client, sub_topic) = (client.clone(), topic.to_string());
@@ -331,4 +355,128 @@ pub fn wait_for_agent(c: &mut Controller) {
             _ => assert!(Instant::now() < deadline, "the agent never answered"),
         }
     }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA in `dir` (`ca.pem`, `ca.key`) and certificates it signs: `NAME.pem`/`NAME.key`
+/// with `san` as their subjectAltName.
+pub fn test_ca(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=gatevisor test CA",
+        ],
+    );
+}
+
+pub fn test_cert(dir: &Path, name: &str, san: &str) {
+    std::fs::write(
+        dir.join(format!("{name}.ext")),
+        format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n"),
+    )
+    .unwrap();
+    let (key, csr, pem, ext) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}.ext"),
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ],
+    );
+}
+
+/// A private mosquitto that only speaks mutual TLS (client certificates from `ca.pem`).
+pub fn mosquitto_tls(dir: &Path) -> (Killed, u16) {
+    let port = free_port();
+    let conf = dir.join("mosquitto-tls.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+             cafile {0}/ca.pem\ncertfile {0}/broker.pem\nkeyfile {0}/broker.key\n\
+             require_certificate true\n{1}",
+            dir.display(),
+            // As root, mosquitto would switch to its own user, who cannot read the keys.
+            if nix::unistd::geteuid().is_root() {
+                "user root\n"
+            } else {
+                ""
+            }
+        ),
+    )
+    .unwrap();
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("mosquitto-tls.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto (TLS) did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Killed(child), port)
 }
