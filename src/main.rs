@@ -94,12 +94,19 @@ fn main() {
 
 fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()> {
     use anyhow::Context;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GATEVISOR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // GATEVISOR_LOG: a level or `target=level` pairs (`info,gatevisor::usp=debug`).
+    let filter: tracing_subscriber::filter::Targets = std::env::var("GATEVISOR_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new()
+                .with_default(tracing::Level::INFO)
+        });
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
     let file = daemon::ConfigFile::load(&args.config)?;
     let state_dir = args
