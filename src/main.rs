@@ -101,8 +101,7 @@ fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| {
-            tracing_subscriber::filter::Targets::new()
-                .with_default(tracing::Level::INFO)
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
         });
     tracing_subscriber::registry()
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
