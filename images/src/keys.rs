@@ -9,7 +9,6 @@
 //! 16 hex digits of the SHA-256 of the public key.
 
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +41,7 @@ pub enum KeyError {
 
 /// `KEYID` of a public key.
 pub fn key_id(public: &VerifyingKey) -> String {
-    hex::encode(&Sha256::digest(public.as_bytes())[..8])
+    hex::encode(&ring::digest::digest(&ring::digest::SHA256, public.as_bytes()).as_ref()[..8])
 }
 
 pub struct SecretKey(SigningKey);

@@ -10,7 +10,6 @@
 //! accepted. Building is reproducible: entries carry no timestamps, owners or host modes.
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -124,7 +123,7 @@ fn archive(e: std::io::Error) -> PackageError {
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, data))
 }
 
 fn is_safe_name(n: &str) -> bool {
@@ -235,10 +234,11 @@ pub fn build(
     Ok(manifest)
 }
 
-/// Hashes and counts what is read through it.
+/// Hashes and counts what is read through it (ring's SHA-256 uses the CPU's SHA extensions
+/// where it has them).
 struct Hashing<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: ring::digest::Context,
     read: u64,
 }
 
@@ -341,7 +341,7 @@ pub fn verify_with(
         }
         let mut r = Hashing {
             inner: e,
-            hasher: Sha256::new(),
+            hasher: ring::digest::Context::new(&ring::digest::SHA256),
             read: 0,
         };
         let res = sink(a, &mut r);
@@ -353,7 +353,7 @@ pub fn verify_with(
                 a.name, r.read, a.size
             )));
         }
-        let actual = hex::encode(r.hasher.finalize());
+        let actual = hex::encode(r.hasher.finish());
         if actual != a.sha256 {
             return Err(PackageError::DigestMismatch {
                 name: a.name.clone(),
