@@ -163,7 +163,8 @@ fn start_usp(
                 };
             }
         })?;
-    // Value changes and object creation/deletion, checked once a second.
+    // Value changes and object creation/deletion, checked once a second; overdue
+    // notifications (NotifRetry) sent again.
     let watched = model.clone();
     std::thread::Builder::new()
         .name("usp-watch".into())
@@ -171,6 +172,7 @@ fn start_usp(
             let mut prev = None;
             loop {
                 watched.watch(&mut prev);
+                watched.retry_due();
                 std::thread::sleep(std::time::Duration::from_secs(1));
             }
         })?;

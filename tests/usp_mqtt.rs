@@ -9,6 +9,7 @@ mod common;
 mod usp_peer;
 use common::*;
 use rusp_lib::usp_builder as b;
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use usp_peer::*;
@@ -415,4 +416,50 @@ fn agent_speaks_mutual_tls_and_refuses_a_certificate_that_does_not_name_it() {
     wait_for_agent(&mut c);
     let p = get(&mut c, &[&format!("{SM}ExecEnv.1.Name")]);
     assert_eq!(p[&format!("{SM}ExecEnv.1.Name")], "lxc");
+}
+
+#[test]
+fn unanswered_notifications_are_sent_again_until_the_controller_answers() {
+    if !on_path("mosquitto") {
+        eprintln!("skipped: mosquitto is not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (_broker, port) = mosquitto(work.path());
+    let _d = Daemon::start_with_config(&agent_config(port));
+    let mut c = Controller::connect(port, LAUNCHER, LAUNCHER_TOPIC);
+    wait_for_agent(&mut c);
+    subscribe_with(
+        &mut c,
+        "retry",
+        "Event",
+        &format!("{SM}DUStateChange!"),
+        true,
+    );
+    // An install that fails at once still changes a DU's state (to Failed).
+    operate(
+        &mut c,
+        &format!("{SM}InstallDU()"),
+        "k",
+        &[("URL", "file:///nonexistent/pkg.gvpkg")],
+    );
+    let is_retry = |v: &Value| v["msg"]["Body"]["Request"]["Notify"]["subscription_id"] == "retry";
+    let first = c.wait(30, "the notification", is_retry);
+    assert_eq!(
+        first["msg"]["Body"]["Request"]["Notify"]["send_resp"], true,
+        "{first}"
+    );
+    let again = c.wait(10, "the notification sent again", is_retry);
+    assert_eq!(
+        again["msg"]["Body"]["Request"]["Notify"]["event"],
+        first["msg"]["Body"]["Request"]["Notify"]["event"]
+    );
+    c.send(b::NotifyRespBuilder::new("retry".into()).build().unwrap());
+    // The next retry was due 10 s after the first: nothing comes once answered.
+    let deadline = Instant::now() + Duration::from_secs(13);
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        if let Ok(v) = c.rx.recv_timeout(left) {
+            assert!(!is_retry(&v), "sent again after the NotifyResp: {v}");
+        }
+    }
 }

@@ -107,6 +107,19 @@ struct Persisted {
 /// A notification for `recipient` (a Controller's endpoint id).
 pub type Notification = (String, Outgoing);
 
+/// NotifRetry: first retry after this, then twice as long each time (TR-181's defaults for
+/// `NotifRetryMinimumWaitInterval` and `NotifRetryIntervalMultiplier`).
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(5);
+const RETRY_MAX_ATTEMPTS: u32 = 10;
+
+struct Retry {
+    recipient: String,
+    subscription_id: String,
+    out: Outgoing,
+    attempts: u32,
+    next: std::time::Instant,
+}
+
 pub struct Model {
     backend: Arc<dyn Backend>,
     state_file: PathBuf,
@@ -115,6 +128,8 @@ pub struct Model {
     runtimes: Vec<&'static str>,
     st: Mutex<Persisted>,
     outbox: Mutex<Sender<Notification>>,
+    /// Notifications sent with `send_resp` whose NotifyResp has not come yet.
+    retries: Mutex<Vec<Retry>>,
     cpu: Mutex<BTreeMap<String, (u64, std::time::Instant)>>,
 }
 
@@ -226,6 +241,7 @@ impl Model {
             runtimes,
             st: Mutex::new(st),
             outbox: Mutex::new(outbox),
+            retries: Mutex::new(Vec::new()),
             cpu: Mutex::new(BTreeMap::new()),
         });
         model.settle_interrupted();
@@ -554,9 +570,18 @@ impl Model {
                 }
                 Outgoing::OperateResp(vec![(command, outcome)])
             }
-            Incoming::NotifyResp { .. } | Incoming::Connect | Incoming::RegisterResp(_) => {
-                return None
+            Incoming::NotifyResp { subscription_id } => {
+                // The oldest unanswered notification of that subscription is answered.
+                let mut r = self.retries.lock().unwrap();
+                if let Some(i) = r
+                    .iter()
+                    .position(|x| x.subscription_id == subscription_id && x.recipient == from)
+                {
+                    r.remove(i);
+                }
+                return None;
             }
+            Incoming::Connect | Incoming::RegisterResp(_) => return None,
             Incoming::Unsupported(what) => {
                 Outgoing::Error(E_NOT_SUPPORTED, format!("{what} is not supported here"))
             }
@@ -1081,14 +1106,52 @@ impl Model {
     fn send(&self, subs: Vec<Subscription>, kind: NotifyKind) {
         let outbox = self.outbox.lock().unwrap();
         for s in subs {
-            let _ = outbox.send((
-                s.recipient.clone(),
-                Outgoing::Notify {
+            let out = Outgoing::Notify {
+                subscription_id: s.id.clone(),
+                send_resp: s.notif_retry,
+                kind: kind.clone(),
+            };
+            if s.notif_retry {
+                self.retries.lock().unwrap().push(Retry {
+                    recipient: s.recipient.clone(),
                     subscription_id: s.id.clone(),
-                    send_resp: s.notif_retry,
-                    kind: kind.clone(),
-                },
-            ));
+                    out: out.clone(),
+                    attempts: 0,
+                    next: std::time::Instant::now() + RETRY_FIRST,
+                });
+            }
+            let _ = outbox.send((s.recipient.clone(), out));
+        }
+    }
+
+    /// Sends again the notifications whose NotifyResp is overdue (NotifRetry), waiting twice
+    /// as long each time; gives up after [`RETRY_MAX_ATTEMPTS`]. Called every second.
+    pub fn retry_due(&self) {
+        let now = std::time::Instant::now();
+        let mut due = Vec::new();
+        {
+            let mut r = self.retries.lock().unwrap();
+            r.retain_mut(|x| {
+                if x.next > now {
+                    return true;
+                }
+                if x.attempts >= RETRY_MAX_ATTEMPTS {
+                    tracing::warn!(
+                        "usp: {} never acknowledged a notification of {}; given up",
+                        x.recipient,
+                        x.subscription_id
+                    );
+                    return false;
+                }
+                x.attempts += 1;
+                x.next = now + RETRY_FIRST * 2u32.pow(x.attempts.min(16));
+                due.push((x.recipient.clone(), x.out.clone()));
+                true
+            });
+        }
+        let outbox = self.outbox.lock().unwrap();
+        for d in due {
+            let _ = outbox.send(d);
         }
     }
 

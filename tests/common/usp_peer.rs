@@ -284,6 +284,11 @@ pub fn operate(c: &mut Controller, command: &str, key: &str, args: &[(&str, &str
 }
 
 pub fn subscribe(c: &mut Controller, id: &str, notif_type: &str, refs: &str) {
+    subscribe_with(c, id, notif_type, refs, false)
+}
+
+/// A subscription; with `retry`, NotifRetry (the agent repeats until NotifyResp).
+pub fn subscribe_with(c: &mut Controller, id: &str, notif_type: &str, refs: &str, retry: bool) {
     let msg = c.send(
         b::AddBuilder::new()
             .with_create_objs(vec![b::CreateObjectBuilder::new(
@@ -294,6 +299,7 @@ pub fn subscribe(c: &mut Controller, id: &str, notif_type: &str, refs: &str) {
                 ("NotifType".into(), notif_type.into(), true),
                 ("ReferenceList".into(), refs.into(), true),
                 ("Enable".into(), "true".into(), true),
+                ("NotifRetry".into(), retry.to_string(), true),
             ])])
             .build()
             .unwrap(),
