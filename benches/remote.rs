@@ -11,20 +11,18 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../tests/common/home.rs"]
+mod home;
 #[path = "../flowbridge/tests/common/lab.rs"]
 mod lab;
 #[path = "../tests/common/usp_peer.rs"]
 mod usp_peer;
 
 use common::*;
-use std::net::UdpSocket;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use usp_peer::*;
 
 const ROUNDS: usize = 10;
-const WAN: &str = "10.97.0.1";
 
 fn now_ms() -> f64 {
     SystemTime::now()
@@ -32,20 +30,6 @@ fn now_ms() -> f64 {
         .unwrap()
         .as_secs_f64()
         * 1000.0
-}
-
-/// Is `malware.test` answered NXDOMAIN (by dns-filter, not the WAN resolver) within 50 ms?
-fn filtered(lan: &lab::Host) -> bool {
-    lan.spawn(|| {
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        s.send_to(&lab::dns_query("malware.test"), (WAN, 53))
-            .unwrap();
-        let mut b = [0u8; 512];
-        matches!(s.recv_from(&mut b), Ok((n, _)) if n > 3 && b[3] & 0x0f == 3)
-    })
-    .join()
-    .unwrap()
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -77,48 +61,9 @@ fn main() {
     let (_broker, port) = mosquitto(work.path());
     let d = Daemon::start_with_config(&agent_config(port));
 
-    let binary = build_static("dns-filter", false);
-    let src = d.dir.path().join("dns-filter");
-    std::fs::create_dir_all(src.join("files/bin")).unwrap();
-    std::fs::create_dir_all(src.join("files/etc")).unwrap();
-    std::fs::copy(&binary, src.join("files/bin/dns-filter")).unwrap();
-    std::fs::write(
-        src.join("files/etc/dns-filter.toml"),
-        "[default]\nname = \"everyone\"\nblock = [\"malware.test\"]\n",
-    )
-    .unwrap();
-    std::fs::write(
-        src.join("service.toml"),
-        "name = \"remote-dnsf\"\nversion = \"1.0.0\"\nruntime = \"auto\"\nimage = \"package\"\n\
-         command = [\"/bin/dns-filter\"]\ncapabilities = [\"NET_RAW\"]\nfailure_mode = \"open\"\n\
-         stop_timeout_s = 1\n[resources]\nmemory_mib = 32\n[network]\nsteering = [{ kind = \"dns\" }]\n",
-    )
-    .unwrap();
-    let pkg = d.signed_package(&src, "dns-filter.gvpkg");
+    let pkg = home::dns_filter_package(&d, "remote-dnsf");
     let url = format!("file://{}", pkg.display());
-
-    let lan = lab::Host::new("rl", Some("10.97.0.2/24"));
-    let wan = lab::Host::new("rw", Some("10.97.0.1/24"));
-    for h in [&lan, &wan] {
-        d.plug_host(&h.host_if);
-    }
-    assert!(lab::wait_reachable(&lan.ns, WAN));
-    let stop = Arc::new(AtomicBool::new(false));
-    let resolver = {
-        let stop = stop.clone();
-        wan.spawn(move || {
-            let u = UdpSocket::bind((WAN, 53)).unwrap();
-            u.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-            let mut b = [0u8; 1024];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = u.recv_from(&mut b) {
-                    b[2] |= 0x80;
-                    b[3] = 0x80; // NOERROR: only dns-filter says NXDOMAIN
-                    let _ = u.send_to(&b[..n], from);
-                }
-            }
-        })
-    };
+    let home = home::Home::new(&d, "r", "10.97.0");
 
     let mut c = Controller::connect(port, LAUNCHER, LAUNCHER_TOPIC);
     wait_for_agent(&mut c);
@@ -136,7 +81,7 @@ fn main() {
     let mut install = Vec::new();
     let mut notify = Vec::new();
     for round in 0..ROUNDS {
-        assert!(!filtered(&lan), "no service filters before the install");
+        assert!(!home.filtered(), "no service filters before the install");
         let t0 = Instant::now();
         let key = format!("i{round}");
         operate(&mut c, &format!("{SM}InstallDU()"), &key, &[("URL", &url)]);
@@ -151,7 +96,7 @@ fn main() {
             &[("RequestedState", "Active")],
         );
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !filtered(&lan) {
+        while !home.filtered() {
             assert!(Instant::now() < deadline, "the service never filtered");
         }
         install.push(t0.elapsed().as_secs_f64() * 1000.0);
@@ -171,8 +116,7 @@ fn main() {
             install[round]
         );
     }
-    stop.store(true, Ordering::Relaxed);
-    let _ = resolver.join();
+    drop(home);
     let notify_p50 = (!notify.is_empty()).then(|| percentile(&mut notify, 0.5));
     println!(
         "{}",

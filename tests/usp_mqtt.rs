@@ -5,12 +5,17 @@
 //! (liblxc) and mosquitto (scripts/setup.sh installs it).
 
 mod common;
+#[path = "common/home.rs"]
+mod home;
+#[path = "../flowbridge/tests/common/lab.rs"]
+mod lab;
 #[path = "common/usp_peer.rs"]
 mod usp_peer;
 use common::*;
 use rusp_lib::usp_builder as b;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use usp_peer::*;
 
@@ -462,4 +467,127 @@ fn unanswered_notifications_are_sent_again_until_the_controller_answers() {
             assert!(!is_retry(&v), "sent again after the NotifyResp: {v}");
         }
     }
+}
+
+#[test]
+fn remotely_installed_service_fetched_from_the_wan_steers_lan_traffic() {
+    if !need_ovs("remotely_installed_service_fetched_from_the_wan_steers_lan_traffic")
+        || !on_path("mosquitto")
+    {
+        eprintln!("skipped: needs Open vSwitch and mosquitto");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (_broker, port) = mosquitto(work.path());
+    let d = Daemon::start_with_config(&agent_config(port));
+    let pkg = home::dns_filter_package(&d, "wan-dnsf");
+    let home = home::Home::new(&d, "u", "10.98.0");
+    // The operator's package server lives on the WAN, reached over the gateway's uplink (a
+    // veth between this host and the WAN namespace).
+    let up = format!("gvup{}", std::process::id() % 10000);
+    let sh = |args: &[&str]| lab::sh(args);
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        &up,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth1",
+        "netns",
+        &home.wan.ns,
+    ]);
+    sh(&["ip", "addr", "add", "10.98.1.1/30", "dev", &up]);
+    sh(&["ip", "link", "set", &up, "up"]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &home.wan.ns,
+        "ip",
+        "addr",
+        "add",
+        "10.98.1.2/30",
+        "dev",
+        "eth1",
+    ]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &home.wan.ns,
+        "ip",
+        "link",
+        "set",
+        "eth1",
+        "up",
+    ]);
+    let www = work.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::copy(&pkg, www.join("wan-dnsf.gvpkg")).unwrap();
+    let _http = Killed(
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &home.wan.ns,
+                "python3",
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+                "10.98.1.2",
+            ])
+            .current_dir(&www)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("10.98.1.2", 8080)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the WAN package server did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let mut c = Controller::connect(port, LAUNCHER, LAUNCHER_TOPIC);
+    wait_for_agent(&mut c);
+    subscribe(&mut c, "du", "Event", &format!("{SM}DUStateChange!"));
+    assert!(!home.filtered(), "nothing filters before the install");
+    operate(
+        &mut c,
+        &format!("{SM}InstallDU()"),
+        "wan",
+        &[("URL", "http://10.98.1.2:8080/wan-dnsf.gvpkg")],
+    );
+    let ev = du_state_change(&c);
+    assert_eq!(ev["CurrentState"], "Installed", "{ev}");
+    let eu = ev["ExecutionUnitRefList"].as_str().unwrap().to_string();
+    let r = operate(
+        &mut c,
+        &format!("{eu}.SetRequestedState()"),
+        "go",
+        &[("RequestedState", "Active")],
+    );
+    assert!(r.to_string().contains("req_output_args"), "{r}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !home.filtered() {
+        assert!(
+            Instant::now() < deadline,
+            "the new service never filtered; log:\n{}",
+            d.log()
+        );
+    }
+    // Its steering counters are in the data model.
+    let p = get(&mut c, &[&format!("{eu}.")]);
+    let steered: u64 = p[&format!("{eu}.X_GATEVISOR-ORG_Steering.SteeredPackets")]
+        .parse()
+        .unwrap();
+    assert!(steered > 0, "{p:#?}");
+    let _ = Command::new("ip").args(["link", "del", &up]).output();
 }
