@@ -37,6 +37,8 @@ pub struct ConfigFile {
     pub usp: Option<gatevisor::usp::mqtt::MqttConfig>,
     /// Serve `Device.SoftwareModules.` to the gateway's USP Broker (a USP Service over UDS).
     pub usp_service: Option<gatevisor::usp::uds::UdsConfig>,
+    /// The CAs `https://` package URLs are checked against (default: the system's bundle).
+    pub package_ca: Option<PathBuf>,
 }
 
 impl ConfigFile {
@@ -56,6 +58,7 @@ pub struct DaemonOptions {
     pub board: gatevisor_board::BoardReport,
     pub usp: Option<gatevisor::usp::mqtt::MqttConfig>,
     pub usp_service: Option<gatevisor::usp::uds::UdsConfig>,
+    pub package_ca: PathBuf,
 }
 
 /// The USP model's way to the supervisor: the same requests the control socket carries.
@@ -96,12 +99,12 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
             vec!["lxc"]
         };
         let backend = std::sync::Arc::new(LoopBackend(std::sync::Mutex::new(tx.clone())));
-        let (mqtt, uds) = (opts.usp, opts.usp_service);
+        let (mqtt, uds, ca) = (opts.usp, opts.usp_service, opts.package_ca);
         // The model asks the supervisor loop, which starts below: open it on its own thread.
         std::thread::Builder::new()
             .name("usp-start".into())
             .spawn(move || {
-                if let Err(e) = start_usp(backend, &state_dir, runtimes, mqtt, uds) {
+                if let Err(e) = start_usp(backend, &state_dir, runtimes, mqtt, uds, &ca) {
                     tracing::error!("usp: the agent did not start: {e:#}");
                 }
             })?;
@@ -139,10 +142,11 @@ fn start_usp(
     runtimes: Vec<&'static str>,
     mqtt: Option<gatevisor::usp::mqtt::MqttConfig>,
     uds: Option<gatevisor::usp::uds::UdsConfig>,
+    package_ca: &Path,
 ) -> Result<()> {
     use gatevisor::usp;
     let (out_tx, out_rx) = mpsc::channel::<usp::model::Notification>();
-    let model = usp::model::Model::open(backend, state_dir, runtimes, out_tx)?;
+    let model = usp::model::Model::open(backend, state_dir, runtimes, out_tx, package_ca)?;
     let codec: std::sync::Arc<dyn usp::codec::Codec> = std::sync::Arc::new(usp::codec::Rusp);
     let (mqtt_tx, mqtt_rx) = mpsc::channel();
     let (uds_tx, uds_rx) = mpsc::channel();

@@ -156,5 +156,8 @@ fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()
         board: report.board,
         usp: file.usp,
         usp_service: file.usp_service,
+        package_ca: file
+            .package_ca
+            .unwrap_or_else(|| gatevisor::usp::fetch::SYSTEM_CA_BUNDLE.into()),
     })
 }

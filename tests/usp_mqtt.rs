@@ -407,7 +407,12 @@ fn agent_speaks_mutual_tls_and_refuses_a_certificate_that_does_not_name_it() {
     drop(d);
 
     // The right certificate: the launcher, over TLS too, gets its answers.
-    let _d = Daemon::start_with_config(&format!("{}{}", agent_config(port), tls("device")));
+    let d = Daemon::start_with_config(&format!(
+        "package_ca = \"{}/ca.pem\"\n{}{}",
+        pki.display(),
+        agent_config(port),
+        tls("device")
+    ));
     let mut c = Controller::connect_with(
         port,
         LAUNCHER,
@@ -421,6 +426,61 @@ fn agent_speaks_mutual_tls_and_refuses_a_certificate_that_does_not_name_it() {
     wait_for_agent(&mut c);
     let p = get(&mut c, &[&format!("{SM}ExecEnv.1.Name")]);
     assert_eq!(p[&format!("{SM}ExecEnv.1.Name")], "lxc");
+
+    // Packages over https, checked against package_ca: this one downloads, then fails its
+    // signature check (its publisher is not trusted); a missing one fails the download.
+    subscribe(&mut c, "du", "Event", &format!("{SM}DUStateChange!"));
+    let stranger = key(&d, "stranger-pub", false);
+    let www = pki.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let pkg = package(&d, &stranger, "https-svc", "1.0.0", "", &www);
+    let https_port = free_port();
+    let _https = Killed(
+        Command::new("openssl")
+            .args([
+                "s_server",
+                "-quiet",
+                "-accept",
+                &https_port.to_string(),
+                "-WWW",
+            ])
+            .arg("-cert")
+            .arg(pki.join("broker.pem"))
+            .arg("-key")
+            .arg(pki.join("broker.key"))
+            .current_dir(&www)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", https_port)).is_err() {
+        assert!(Instant::now() < deadline, "openssl s_server did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = |f: &str| format!("https://127.0.0.1:{https_port}/{f}");
+    let name = pkg.file_name().unwrap().to_str().unwrap().to_string();
+    operate(
+        &mut c,
+        &format!("{SM}InstallDU()"),
+        "h1",
+        &[("URL", &url(&name))],
+    );
+    let ev = du_state_change(&c);
+    assert_eq!(
+        ev["Fault.FaultCode"], "7036",
+        "downloaded, then refused: {ev}"
+    );
+    operate(
+        &mut c,
+        &format!("{SM}InstallDU()"),
+        "h2",
+        &[("URL", &url("missing.gvpkg"))],
+    );
+    let ev = du_state_change(&c);
+    assert_ne!(ev["Fault.FaultCode"], "0", "{ev}");
+    assert_ne!(ev["Fault.FaultCode"], "7036", "{ev}");
 }
 
 #[test]

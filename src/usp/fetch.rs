@@ -1,78 +1,76 @@
-//! Fetching a package a Controller names by URL: `file://PATH` or `http://HOST[:PORT]/PATH`
-//! (HTTP/1.1, no redirects), written to a temporary file then renamed, at most [`MAX_BYTES`].
-//! The package is verified afterwards exactly as a local install verifies it.
+//! Fetching a package a Controller names by URL: `file://PATH`, `http://HOST[:PORT]/PATH` or
+//! `https://HOST[:PORT]/PATH` (HTTP/1.1, no redirects; https verified against a CA bundle),
+//! written to a temporary file then renamed, at most [`MAX_BYTES`]. The package is verified
+//! afterwards exactly as a local install verifies it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const MAX_BYTES: u64 = 512 << 20;
+/// Where Debian keeps the system's trusted CAs.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-pub fn fetch(url: &str, dest: &Path) -> std::io::Result<()> {
-    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+fn bad(m: impl Into<String>) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, m.into())
+}
+
+/// The TLS client configuration for `https://` downloads: the CAs in `bundle` (PEM).
+pub fn https_config(bundle: &Path) -> std::io::Result<rustls::ClientConfig> {
+    let pem = std::fs::read(bundle).map_err(|e| bad(format!("{}: {e}", bundle.display())))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &pem[..]).flatten() {
+        let _ = roots.add(c);
+    }
+    if roots.is_empty() {
+        return Err(bad(format!("{}: no CA certificate", bundle.display())));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Fetches `url` into `dest`; `tls` is needed for `https://`.
+pub fn fetch(
+    url: &str,
+    dest: &Path,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> std::io::Result<()> {
     let tmp = dest.with_extension("part");
     let mut out = std::fs::File::create(&tmp)?;
     let copied = if let Some(path) = url.strip_prefix("file://") {
         std::io::copy(
             &mut std::fs::File::open(path)?.take(MAX_BYTES + 1),
             &mut out,
-        )?
+        )
     } else if let Some(rest) = url.strip_prefix("http://") {
-        let (hostport, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let addr = if hostport.contains(':') {
-            hostport.to_string()
-        } else {
-            format!("{hostport}:80")
-        };
-        let sock = std::net::ToSocketAddrs::to_socket_addrs(&addr)?
-            .next()
-            .ok_or_else(|| bad(format!("{hostport}: no address")))?;
-        let mut conn = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(10))?;
-        conn.set_read_timeout(Some(Duration::from_secs(60)))?;
-        write!(
-            conn,
-            "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nUser-Agent: gatevisor\r\n\r\n"
-        )?;
-        let mut r = BufReader::new(conn);
-        let mut status = String::new();
-        r.read_line(&mut status)?;
-        if status.split_whitespace().nth(1) != Some("200") {
-            return Err(bad(format!("HTTP answer {:?}", status.trim())));
-        }
-        let mut length = None;
-        let mut chunked = false;
-        loop {
-            let mut h = String::new();
-            r.read_line(&mut h)?;
-            let h = h.trim();
-            if h.is_empty() {
-                break;
-            }
-            let lower = h.to_ascii_lowercase();
-            if let Some(v) = lower.strip_prefix("content-length:") {
-                length = v.trim().parse::<u64>().ok();
-            }
-            if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
-                chunked = true;
-            }
-        }
-        if chunked {
-            return Err(bad("chunked HTTP bodies are not supported".into()));
-        }
-        let n = std::io::copy(&mut r.take(MAX_BYTES + 1), &mut out)?;
-        if let Some(l) = length {
-            if n != l {
-                return Err(bad(format!("truncated download: {n} of {l} bytes")));
-            }
-        }
-        n
+        let (host, port, path) = split(rest, 80)?;
+        let conn = connect(&host, port)?;
+        get(conn, &host, port, path, &mut out)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        let tls = tls.ok_or_else(|| bad("https:// needs a CA bundle"))?;
+        let (host, port, path) = split(rest, 443)?;
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| bad(format!("{host}: {e}")))?;
+        let session =
+            rustls::ClientConnection::new(tls.clone(), name).map_err(|e| bad(e.to_string()))?;
+        let conn = rustls::StreamOwned::new(session, connect(&host, port)?);
+        get(conn, &host, port, path, &mut out)
     } else {
-        return Err(bad(format!(
-            "{url}: only file:// and http:// URLs are fetched"
-        )));
+        Err(bad(format!(
+            "{url}: only file://, http:// and https:// URLs are fetched"
+        )))
+    };
+    let copied = match copied {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
     };
     if copied > MAX_BYTES {
         let _ = std::fs::remove_file(&tmp);
@@ -80,4 +78,101 @@ pub fn fetch(url: &str, dest: &Path) -> std::io::Result<()> {
     }
     out.sync_all()?;
     std::fs::rename(&tmp, dest)
+}
+
+/// `HOST[:PORT]/PATH` → (host, port, path).
+fn split(rest: &str, default_port: u16) -> std::io::Result<(String, u16, &str)> {
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    match hostport.rsplit_once(':') {
+        Some((h, p)) => Ok((
+            h.to_string(),
+            p.parse()
+                .map_err(|_| bad(format!("{hostport}: bad port")))?,
+            path,
+        )),
+        None => Ok((hostport.to_string(), default_port, path)),
+    }
+}
+
+fn connect(host: &str, port: u16) -> std::io::Result<std::net::TcpStream> {
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))?
+        .next()
+        .ok_or_else(|| bad(format!("{host}: no address")))?;
+    let conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(60)))?;
+    Ok(conn)
+}
+
+/// One HTTP/1.1 GET on `conn`; the body goes to `out`. Returns its length.
+fn get(
+    mut conn: impl Read + Write,
+    host: &str,
+    port: u16,
+    path: &str,
+    out: &mut std::fs::File,
+) -> std::io::Result<u64> {
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\nUser-Agent: gatevisor\r\n\r\n"
+    )?;
+    conn.flush()?;
+    let mut r = BufReader::new(conn);
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    if status.split_whitespace().nth(1) != Some("200") {
+        return Err(bad(format!("HTTP answer {:?}", status.trim())));
+    }
+    let mut length = None;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 {
+            return Err(bad("the HTTP headers were cut short"));
+        }
+        let h = h.trim();
+        if h.is_empty() {
+            break;
+        }
+        let lower = h.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse::<u64>().ok();
+        }
+        if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+            return Err(bad("chunked HTTP bodies are not supported"));
+        }
+    }
+    match length {
+        Some(l) if l > MAX_BYTES => Err(bad(format!("larger than {MAX_BYTES} bytes"))),
+        Some(l) => {
+            let n = std::io::copy(&mut r.take(l), out)?;
+            if n != l {
+                return Err(bad(format!("truncated download: {n} of {l} bytes")));
+            }
+            Ok(n)
+        }
+        // Without a length the body ends with the connection (a TLS peer that closes without
+        // close_notify ends it too).
+        None => {
+            let mut n = 0u64;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(k) => {
+                        out.write_all(&buf[..k])?;
+                        n += k as u64;
+                        if n > MAX_BYTES {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(n)
+        }
+    }
 }

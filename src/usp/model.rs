@@ -128,6 +128,8 @@ pub struct Model {
     runtimes: Vec<&'static str>,
     st: Mutex<Persisted>,
     outbox: Mutex<Sender<Notification>>,
+    /// TLS for `https://` package URLs (or why there is none).
+    https: Result<Arc<rustls::ClientConfig>, String>,
     /// Notifications sent with `send_resp` whose NotifyResp has not come yet.
     retries: Mutex<Vec<Retry>>,
     cpu: Mutex<BTreeMap<String, (u64, std::time::Instant)>>,
@@ -215,11 +217,13 @@ impl Model {
     /// The model for `backend`, its persistent state in `state_dir/usp.json`; `runtimes` are
     /// the execution environments the board offers. Operations a previous daemon left
     /// unfinished are settled now (their notifications wait in the outbox).
+    /// `package_ca` is the CA bundle that `https://` package URLs are verified against.
     pub fn open(
         backend: Arc<dyn Backend>,
         state_dir: &Path,
         runtimes: Vec<&'static str>,
         outbox: Sender<Notification>,
+        package_ca: &Path,
     ) -> std::io::Result<Arc<Model>> {
         let state_file = state_dir.join("usp.json");
         let st: Persisted = match std::fs::read(&state_file) {
@@ -241,6 +245,9 @@ impl Model {
             runtimes,
             st: Mutex::new(st),
             outbox: Mutex::new(outbox),
+            https: super::fetch::https_config(package_ca)
+                .map(Arc::new)
+                .map_err(|e| e.to_string()),
             retries: Mutex::new(Vec::new()),
             cpu: Mutex::new(BTreeMap::new()),
         });
@@ -918,10 +925,16 @@ impl Model {
         OperateOutcome::Started(path)
     }
 
-    /// Fetches a package (`file://` or `http://`) into the downloads folder.
+    /// Fetches a package (`file://`, `http://`, `https://`) into the downloads folder.
     fn fetch(&self, url: &str, instance: u32) -> Result<PathBuf, (u32, String)> {
         let dest = self.downloads.join(format!("request-{instance}.gvpkg"));
-        super::fetch::fetch(url, &dest).map_err(|e| (E_COMMAND_FAILURE, format!("{url}: {e}")))?;
+        let tls = match (url.starts_with("https://"), &self.https) {
+            (false, _) => None,
+            (true, Ok(cfg)) => Some(cfg),
+            (true, Err(e)) => return Err((E_COMMAND_FAILURE, format!("{url}: {e}"))),
+        };
+        super::fetch::fetch(url, &dest, tls)
+            .map_err(|e| (E_COMMAND_FAILURE, format!("{url}: {e}")))?;
         Ok(dest)
     }
 
