@@ -81,7 +81,10 @@ pub fn vmm_main(config: &Path) -> i32 {
     let sandboxed = crate::sandbox::drop_capabilities()
         .and_then(|()| vm.start_io())
         .and_then(|()| vm.start_aps(true, ap_end))
-        .and_then(|()| crate::sandbox::apply_filter());
+        .and_then(|()| {
+            release_setup_code();
+            crate::sandbox::apply_filter()
+        });
     if let Err(e) = sandboxed {
         eprintln!("gatevisor vmm: {e}");
         record_once(EXIT_SETUP, true);
@@ -94,6 +97,39 @@ pub fn vmm_main(config: &Path) -> i32 {
     let code = outcome(&end);
     record_once(code, false);
     code
+}
+
+/// Unmaps the code pages the set-up ran (configuration parsing, ACPI tables, kernel loading)
+/// from this process: one VMM process lives per VM for as long as its guest, and only the
+/// code of its run loop is needed from here on. Executable file mappings are never written,
+/// so this only drops page-table entries: whatever runs again is faulted back in from the
+/// page cache. Writable or relocated mappings are left alone. Best effort.
+fn release_setup_code() {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return;
+    };
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        // Private, read-only, executable, backed by a file (a path after the inode).
+        if perms != "r-xp" || !f.nth(3).is_some_and(|p| p.starts_with('/')) {
+            continue;
+        }
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
+            continue;
+        };
+        // SAFETY: the range is an existing read-only executable file mapping of this process,
+        // never written (no text relocations on x86_64 PIE); MADV_DONTNEED on it drops the
+        // page-table entries and later accesses read the same bytes from the file again.
+        unsafe {
+            libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_DONTNEED);
+        }
+    }
 }
 
 /// The exit status for how the VM ended, and what it says on the log.
