@@ -60,13 +60,30 @@ fn key(d: &Daemon, name: &str, trust: bool) -> PathBuf {
     key
 }
 
+/// A `DUStateChange!` for a failed `performed` operation that left the DU in `state`, its
+/// fault saying `says`.
+fn assert_failed(ev: &Value, performed: &str, state: &str, says: &str) {
+    assert_eq!(ev["OperationPerformed"], performed, "{ev}");
+    assert_eq!(ev["CurrentState"], state, "{ev}");
+    assert_ne!(ev["Fault.FaultCode"], "0", "{ev}");
+    let fault = ev["Fault.FaultString"].as_str().unwrap_or_default();
+    assert!(fault.contains(says), "{ev}");
+}
+
+/// Is mosquitto there (else the test is skipped, saying so)?
+fn has_mosquitto() -> bool {
+    let there = on_path("mosquitto");
+    if !there {
+        eprintln!("skipped: mosquitto is not installed (scripts/setup.sh installs it)");
+    }
+    there
+}
+
 #[test]
 fn launcher_installs_starts_updates_and_uninstalls_a_service_over_usp_mqtt() {
-    if !need_root("launcher_installs_starts_updates_and_uninstalls_a_service_over_usp_mqtt") {
-        return;
-    }
-    if !on_path("mosquitto") {
-        eprintln!("skipped: mosquitto is not installed (scripts/setup.sh installs it)");
+    if !need_root("launcher_installs_starts_updates_and_uninstalls_a_service_over_usp_mqtt")
+        || !has_mosquitto()
+    {
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -243,17 +260,8 @@ fn launcher_installs_starts_updates_and_uninstalls_a_service_over_usp_mqtt() {
     );
     assert!(r["req_obj_path"].is_string(), "{r}");
     let ev = du_state_change(&c);
-    assert_eq!(ev["OperationPerformed"], "Update");
-    assert_eq!(ev["CurrentState"], "Installed");
+    assert_failed(&ev, "Update", "Installed", "rolled back");
     assert_eq!(ev["Version"], "1.0.0", "{ev}");
-    assert_ne!(ev["Fault.FaultCode"], "0", "{ev}");
-    assert!(
-        ev["Fault.FaultString"]
-            .as_str()
-            .unwrap()
-            .contains("rolled back"),
-        "{ev}"
-    );
     let oc = operation_complete(&c, "Update()", "k-update");
     assert!(oc.to_string().contains("cmd_failure"), "{oc}");
 
@@ -320,11 +328,9 @@ fn launcher_installs_starts_updates_and_uninstalls_a_service_over_usp_mqtt() {
 
 #[test]
 fn install_interrupted_by_a_daemon_crash_is_reported_failed_after_the_restart() {
-    if !need_root("install_interrupted_by_a_daemon_crash_is_reported_failed_after_the_restart") {
-        return;
-    }
-    if !on_path("mosquitto") {
-        eprintln!("skipped: mosquitto is not installed (scripts/setup.sh installs it)");
+    if !need_root("install_interrupted_by_a_daemon_crash_is_reported_failed_after_the_restart")
+        || !has_mosquitto()
+    {
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -353,16 +359,7 @@ fn install_interrupted_by_a_daemon_crash_is_reported_failed_after_the_restart() 
     d.kill9();
     d.spawn();
     let ev = du_state_change(&c);
-    assert_eq!(ev["OperationPerformed"], "Install", "{ev}");
-    assert_eq!(ev["CurrentState"], "Failed", "{ev}");
-    assert_ne!(ev["Fault.FaultCode"], "0", "{ev}");
-    assert!(
-        ev["Fault.FaultString"]
-            .as_str()
-            .unwrap()
-            .contains("restarted"),
-        "{ev}"
-    );
+    assert_failed(&ev, "Install", "Failed", "restarted");
     let oc = operation_complete(&c, "InstallDU()", "k-crash");
     assert!(oc.to_string().contains("cmd_failure"), "{oc}");
     let p = get(
@@ -454,11 +451,7 @@ fn agent_speaks_mutual_tls_and_refuses_a_certificate_that_does_not_name_it() {
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", https_port)).is_err() {
-        assert!(Instant::now() < deadline, "openssl s_server did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_listening(https_port, "openssl s_server");
     let url = |f: &str| format!("https://127.0.0.1:{https_port}/{f}");
     let name = pkg.file_name().unwrap().to_str().unwrap().to_string();
     operate(
@@ -485,8 +478,7 @@ fn agent_speaks_mutual_tls_and_refuses_a_certificate_that_does_not_name_it() {
 
 #[test]
 fn unanswered_notifications_are_sent_again_until_the_controller_answers() {
-    if !on_path("mosquitto") {
-        eprintln!("skipped: mosquitto is not installed (scripts/setup.sh installs it)");
+    if !has_mosquitto() {
         return;
     }
     let work = tempfile::tempdir().unwrap();

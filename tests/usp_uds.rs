@@ -5,6 +5,8 @@
 //! with `send_resp` equal to NotifRetry. Needs root for the install (liblxc).
 
 mod common;
+#[path = "common/usp_peer.rs"]
+mod usp_peer;
 use common::*;
 use gatevisor::usp::uds::{frame, read_frame, TLV_HANDSHAKE, TLV_RECORD};
 use rusp_lib::usp_builder as b;
@@ -25,26 +27,17 @@ impl Broker {
     fn send(&mut self, body: rusp_lib::usp::Body) -> String {
         self.n += 1;
         let id = format!("b{}", self.n);
-        let msg = b::MsgBuilder::new()
-            .with_msg_id(id.clone())
-            .with_body(body)
-            .build()
-            .unwrap();
-        let rec = b::RecordBuilder::new()
-            .with_version("1.3".into())
-            .with_to_id(SERVICE.into())
-            .with_from_id(BROKER.into())
-            .with_no_session_context_payload(&msg)
-            .build()
-            .unwrap()
-            .to_vec()
-            .unwrap();
-        use std::io::Write;
-        self.conn.write_all(&frame(&[(TLV_RECORD, &rec)])).unwrap();
+        self.send_id(&id, body);
         id
     }
 
-    /// The next USP Record's message as JSON (with `record_type` for connect records).
+    /// Sends `body` as message `id` (a response carries its request's id).
+    fn send_id(&mut self, id: &str, body: rusp_lib::usp::Body) {
+        use std::io::Write;
+        let rec = usp_peer::record(BROKER, SERVICE, id, body);
+        self.conn.write_all(&frame(&[(TLV_RECORD, &rec)])).unwrap();
+    }
+
     fn recv(&mut self) -> Value {
         let mut tlvs = read_frame(&mut self.conn).expect("a frame from the service");
         assert_eq!(tlvs.len(), 1, "one record per frame");
@@ -115,26 +108,7 @@ fn service_registers_with_the_broker_and_serves_routed_requests_over_uds() {
         ])
         .build()
         .unwrap();
-    {
-        let msg = b::MsgBuilder::new()
-            .with_msg_id(reg_id)
-            .with_body(resp)
-            .build()
-            .unwrap();
-        let rec = b::RecordBuilder::new()
-            .with_version("1.3".into())
-            .with_to_id(SERVICE.into())
-            .with_from_id(BROKER.into())
-            .with_no_session_context_payload(&msg)
-            .build()
-            .unwrap()
-            .to_vec()
-            .unwrap();
-        broker
-            .conn
-            .write_all(&frame(&[(TLV_RECORD, &rec)]))
-            .unwrap();
-    }
+    broker.send_id(&reg_id, resp);
 
     // The Broker's own subscriptions, in the service's table.
     for (id, kind, refs) in [

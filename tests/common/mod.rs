@@ -49,19 +49,7 @@ impl Daemon {
 
     /// A daemon whose trusted keys live in its own `DIR/keys`.
     pub fn start_with_keys() -> Daemon {
-        let dir = tempfile::Builder::new()
-            .prefix("gv-test")
-            .tempdir()
-            .unwrap();
-        let keys = dir.path().join("keys").display().to_string();
-        let mut d = Daemon {
-            dir,
-            child: None,
-            env: Vec::new(),
-            args: vec!["--keys-dir".into(), keys],
-        };
-        d.spawn();
-        d
+        Daemon::start_with_config("")
     }
 
     /// A daemon with its own key store (`DIR/keys`) and `config` as its configuration file.

@@ -35,26 +35,37 @@ pub fn free_port() -> u16 {
 
 /// A private mosquitto on a free loopback port.
 pub fn mosquitto(dir: &Path) -> (Killed, u16) {
+    start_mosquitto(dir, "mosquitto", "")
+}
+
+/// Starts mosquitto with configuration `NAME.conf` in `dir` (a loopback listener on a free
+/// port, then `extra`), logging to `NAME.log`; waits until it listens.
+fn start_mosquitto(dir: &Path, name: &str, extra: &str) -> (Killed, u16) {
     let port = free_port();
-    let conf = dir.join("mosquitto.conf");
+    let conf = dir.join(format!("{name}.conf"));
     std::fs::write(
         &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}"),
     )
     .unwrap();
     let child = Command::new("mosquitto")
         .arg("-c")
         .arg(&conf)
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("mosquitto.log")).unwrap())
+        .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
         .spawn()
         .unwrap();
+    wait_listening(port, name);
+    (Killed(child), port)
+}
+
+/// Waits until something accepts TCP connections on loopback `port`.
+pub fn wait_listening(port: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "mosquitto did not listen");
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    (Killed(child), port)
 }
 
 /// A plain HTTP server for the packages (python3's), on a free loopback port.
@@ -73,11 +84,7 @@ pub fn http_server(dir: &Path) -> (Killed, u16) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the HTTP server did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(port, "the HTTP server");
     (Killed(child), port)
 }
 
@@ -177,18 +184,7 @@ impl Controller {
     pub fn send_as(&mut self, from: &str, to: &str, body: rusp_lib::usp::Body) -> String {
         self.n += 1;
         let id = format!("m{}", self.n);
-        let msg = b::MsgBuilder::new()
-            .with_msg_id(id.clone())
-            .with_body(body)
-            .build()
-            .unwrap();
-        let rec = b::RecordBuilder::new()
-            .with_version("1.3".into())
-            .with_to_id(to.into())
-            .with_from_id(from.into())
-            .with_no_session_context_payload(&msg)
-            .build()
-            .unwrap();
+        let rec = record(from, to, &id, body);
         let props = PublishProperties {
             content_type: Some("usp.msg".into()),
             response_topic: Some(self.topic.clone()),
@@ -199,7 +195,7 @@ impl Controller {
                 format!("usp/agent/{AGENT}"),
                 QoS::AtLeastOnce,
                 false,
-                rec.to_vec().unwrap(),
+                rec,
                 props,
             )
             .unwrap();
@@ -454,35 +450,34 @@ pub fn test_cert(dir: &Path, name: &str, san: &str) {
 
 /// A private mosquitto that only speaks mutual TLS (client certificates from `ca.pem`).
 pub fn mosquitto_tls(dir: &Path) -> (Killed, u16) {
-    let port = free_port();
-    let conf = dir.join("mosquitto-tls.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-             cafile {0}/ca.pem\ncertfile {0}/broker.pem\nkeyfile {0}/broker.key\n\
-             require_certificate true\n{1}",
-            dir.display(),
-            // As root, mosquitto would switch to its own user, who cannot read the keys.
-            if nix::unistd::geteuid().is_root() {
-                "user root\n"
-            } else {
-                ""
-            }
-        ),
-    )
-    .unwrap();
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("mosquitto-tls.log")).unwrap())
-        .spawn()
+    let extra = format!(
+        "cafile {0}/ca.pem\ncertfile {0}/broker.pem\nkeyfile {0}/broker.key\n\
+         require_certificate true\n{1}",
+        dir.display(),
+        // As root, mosquitto would switch to its own user, who cannot read the keys.
+        if nix::unistd::geteuid().is_root() {
+            "user root\n"
+        } else {
+            ""
+        }
+    );
+    start_mosquitto(dir, "mosquitto-tls", &extra)
+}
+
+/// A USP Record from `from` to `to` carrying message `id` with `body`, encoded.
+pub fn record(from: &str, to: &str, id: &str, body: rusp_lib::usp::Body) -> Vec<u8> {
+    let msg = b::MsgBuilder::new()
+        .with_msg_id(id.to_string())
+        .with_body(body)
+        .build()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "mosquitto (TLS) did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Killed(child), port)
+    b::RecordBuilder::new()
+        .with_version("1.3".into())
+        .with_to_id(to.into())
+        .with_from_id(from.into())
+        .with_no_session_context_payload(&msg)
+        .build()
+        .unwrap()
+        .to_vec()
+        .unwrap()
 }

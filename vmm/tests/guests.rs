@@ -24,9 +24,14 @@ fn kvm_or_skip() -> bool {
 fn run(dir: &Path, code: &[u8]) -> (gatevisor_vmm::Result<VmEnd>, String) {
     let image = dir.join("guest.bin");
     std::fs::write(&image, code).unwrap();
+    boot(dir, Boot::Raw { image })
+}
+
+/// Boots `boot` with 128 MiB and one vCPU; returns how it ended and its console output.
+fn boot(dir: &Path, boot: Boot) -> (gatevisor_vmm::Result<VmEnd>, String) {
     let console = dir.join("console.log");
     let cfg = VmConfig {
-        boot: Boot::Raw { image },
+        boot,
         memory_mib: 128,
         vcpus: 1,
         console_log: Some(console.clone()),
@@ -159,25 +164,14 @@ fn run_linux(
     std::fs::write(&image, kernel).unwrap();
     let initrd_path = dir.join("initrd");
     std::fs::write(&initrd_path, initrd).unwrap();
-    let console = dir.join("console.log");
-    let cfg = VmConfig {
-        boot: Boot::Linux {
+    boot(
+        dir,
+        Boot::Linux {
             kernel: image,
             initrd: Some(initrd_path),
             cmdline: cmdline.into(),
         },
-        memory_mib: 128,
-        vcpus: 1,
-        console_log: Some(console.clone()),
-        console_rate: 65536,
-        console_socket: None,
-        exit_file: None,
-        net: vec![],
-        disk: vec![],
-        vsock: None,
-    };
-    let end = gatevisor_vmm::vm::Vm::new(&cfg).and_then(|mut vm| vm.run());
-    (end, std::fs::read_to_string(&console).unwrap_or_default())
+    )
 }
 
 #[test]
