@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 pub const CONTROL_PORT: u32 = 1024;
 
 static SERVICE_PID: AtomicI32 = AtomicI32::new(0);
+/// Set once a poweroff was requested: the service's exit that follows is part of it.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 /// Health commands running, and their exit codes once PID 1's reaper collected them (it
 /// reaps every child, so it is the one that sees them end).
 static HEALTH: Mutex<BTreeMap<i32, Option<i32>>> = Mutex::new(BTreeMap::new());
@@ -155,6 +157,7 @@ fn power_off() -> ! {
 
 /// Stops the service (SIGTERM to its process group, SIGKILL after `grace`), powers off.
 fn stop_and_power_off(grace: Duration) -> ! {
+    STOP_REQUESTED.store(true, Ordering::SeqCst);
     let pid = SERVICE_PID.load(Ordering::SeqCst);
     if pid > 0 {
         // SAFETY: kill(2) of the service's process group, which this init created.
@@ -383,7 +386,13 @@ fn main() {
             } else {
                 format!("killed by signal {}", libc::WTERMSIG(status))
             };
-            log(&format!("service {how}; powering off"));
+            // The reaper may see the service end before the stop request logs: either way a
+            // requested stop says so.
+            if STOP_REQUESTED.load(Ordering::SeqCst) {
+                log(&format!("service {how}; powering off on request"));
+            } else {
+                log(&format!("service {how}; powering off"));
+            }
             power_off();
         }
         if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
