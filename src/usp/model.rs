@@ -1193,6 +1193,19 @@ impl Model {
     /// Compares the tree with the previous one and notifies ValueChange, ObjectCreation and
     /// ObjectDeletion subscribers. Run every second by the transport.
     pub fn watch(&self, prev: &mut Option<BTreeMap<String, String>>) {
+        // The tree costs the supervisor a List: build it only while someone subscribed to
+        // what a comparison finds.
+        let wanted = self.st.lock().unwrap().subscriptions.iter().any(|s| {
+            s.enable
+                && matches!(
+                    s.notif_type.as_str(),
+                    "ValueChange" | "ObjectCreation" | "ObjectDeletion"
+                )
+        });
+        if !wanted {
+            *prev = None;
+            return;
+        }
         let now = self.parameters();
         if let Some(before) = prev.as_ref() {
             for (k, v) in &now {
@@ -1429,17 +1442,10 @@ fn supported(path: &str, first_level_only: bool) -> Result<Vec<SupportedObject>,
 
 /// Multi-instance tables that exist even when empty.
 fn is_table(path: &str) -> bool {
-    [
-        "Device.SoftwareModules.ExecEnv.",
-        "Device.SoftwareModules.DeploymentUnit.",
-        "Device.SoftwareModules.ExecutionUnit.",
-        "Device.LocalAgent.Subscription.",
-        "Device.LocalAgent.Request.",
-        "Device.SoftwareModules.",
-        "Device.LocalAgent.",
-        "Device.",
-    ]
-    .contains(&path)
+    ["Device.", "Device.LocalAgent.", SM].contains(&path)
+        || schema()
+            .iter()
+            .any(|o| o.multi_instance && o.path.strip_suffix("{i}.") == Some(path))
 }
 
 fn camel(k: &str) -> String {
