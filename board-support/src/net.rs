@@ -2,8 +2,12 @@
 //!
 //! `unshare(CLONE_NEWNET)` affects only the calling thread, so a short-lived probe thread gets a
 //! fresh namespace, creates a tap (TUNSETIFF; the kernel refuses taps over rtnetlink) and a veth
-//! pair (rtnetlink) there, and everything vanishes with the thread. The host's namespace is never
-//! touched.
+//! pair (one RTM_NEWLINK request on a route netlink socket) there, and everything vanishes with
+//! the thread. The host's namespace is never touched.
+//!
+//! The veth request is built here rather than with `rtnetlink`: that crate and its
+//! `netlink-packet-route` parser cost ~450 KB of the stripped binary for this one message, and
+//! the binary must fit a gateway's flash (≤ 4 MiB).
 
 use serde::{Deserialize, Serialize};
 
@@ -88,21 +92,152 @@ pub fn tap_setiff(file: &std::fs::File, name: &str) -> std::io::Result<()> {
 }
 
 fn probe_veth() -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(|e| format!("tokio runtime: {e}"))?;
-    rt.block_on(async {
-        let (conn, handle, _) =
-            rtnetlink::new_connection().map_err(|e| format!("netlink socket: {e}"))?;
-        tokio::spawn(conn);
-        handle
-            .link()
-            .add(rtnetlink::LinkVeth::new("gvprobe-a", "gvprobe-b").build())
-            .execute()
-            .await
-            .map_err(|e| format!("RTM_NEWLINK veth: {e}"))
-    })
+    create_veth("gvprobe-a", "gvprobe-b").map_err(|e| format!("RTM_NEWLINK veth: {e}"))
+}
+
+/// Route-netlink constants the `libc` crate does not carry (linux/if_link.h, linux/veth.h).
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_INFO_DATA: u16 = 2;
+const VETH_INFO_PEER: u16 = 1;
+const NLA_F_NESTED: u16 = 1 << 15;
+const IFINFOMSG_LEN: usize = 16;
+
+/// A netlink message under construction: attributes are appended 4-byte aligned, nests are
+/// opened and closed by patching their length.
+struct NlBuf(Vec<u8>);
+
+impl NlBuf {
+    fn align(&mut self) {
+        while !self.0.len().is_multiple_of(4) {
+            self.0.push(0);
+        }
+    }
+    fn attr(&mut self, kind: u16, payload: &[u8]) {
+        let start = self.open(kind);
+        self.0.extend_from_slice(payload);
+        self.close(start);
+    }
+    fn attr_str(&mut self, kind: u16, s: &str) {
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        self.attr(kind, &v);
+    }
+    fn open(&mut self, kind: u16) -> usize {
+        self.align();
+        let start = self.0.len();
+        self.0.extend_from_slice(&[0, 0]);
+        self.0.extend_from_slice(&kind.to_ne_bytes());
+        start
+    }
+    fn close(&mut self, start: usize) {
+        let len = (self.0.len() - start) as u16;
+        self.0[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+        self.align();
+    }
+    /// An all-zero `struct ifinfomsg` (AF_UNSPEC, no index, no flags).
+    fn ifinfomsg(&mut self) {
+        self.align();
+        self.0.extend_from_slice(&[0; IFINFOMSG_LEN]);
+    }
+}
+
+/// Creates the veth pair `name`/`peer` in the calling thread's network namespace with one
+/// `RTM_NEWLINK` request, and returns the kernel's answer.
+pub fn create_veth(name: &str, peer: &str) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    for n in [name, peer] {
+        if n.is_empty() || n.len() >= libc::IFNAMSIZ {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "interface name must be 1 to 15 bytes",
+            ));
+        }
+    }
+    let mut m = NlBuf(vec![0; 16]); // struct nlmsghdr, filled in below
+    m.ifinfomsg();
+    m.attr_str(libc::IFLA_IFNAME, name);
+    let info = m.open(IFLA_LINKINFO | NLA_F_NESTED);
+    m.attr_str(IFLA_INFO_KIND, "veth");
+    let data = m.open(IFLA_INFO_DATA | NLA_F_NESTED);
+    let peer_attr = m.open(VETH_INFO_PEER | NLA_F_NESTED);
+    m.ifinfomsg();
+    m.attr_str(libc::IFLA_IFNAME, peer);
+    m.close(peer_attr);
+    m.close(data);
+    m.close(info);
+    let flags =
+        (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
+    let len = m.0.len() as u32;
+    m.0[0..4].copy_from_slice(&len.to_ne_bytes());
+    m.0[4..6].copy_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
+    m.0[6..8].copy_from_slice(&flags.to_ne_bytes());
+    m.0[8..12].copy_from_slice(&1u32.to_ne_bytes()); // sequence number
+
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: the kernel address is an all-zero sockaddr_nl with nl_family set, valid for
+    // the call; the buffer is `m.0`, alive and of the length given.
+    let sent = unsafe {
+        let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
+        kernel.nl_family = libc::AF_NETLINK as u16;
+        libc::sendto(
+            sock.as_raw_fd(),
+            m.0.as_ptr().cast(),
+            m.0.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if sent < 0 {
+        return Err(Error::last_os_error());
+    }
+    let mut answer = [0u8; 4096];
+    // SAFETY: `answer` is a live, writable buffer of the length passed.
+    let got = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            answer.as_mut_ptr().cast(),
+            answer.len(),
+            0,
+        )
+    };
+    if got < 0 {
+        return Err(Error::last_os_error());
+    }
+    ack_status(&answer[..got as usize])
+}
+
+/// Reads the kernel's `NLMSG_ERROR` acknowledgement: error 0 is success, anything else the
+/// errno of the refusal.
+fn ack_status(answer: &[u8]) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    let short = || Error::new(ErrorKind::InvalidData, "short netlink acknowledgement");
+    let kind = u16::from_ne_bytes(answer.get(4..6).ok_or_else(short)?.try_into().unwrap());
+    if kind != libc::NLMSG_ERROR as u16 {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("netlink answered with message type {kind}, not an acknowledgement"),
+        ));
+    }
+    let errno = i32::from_ne_bytes(answer.get(16..20).ok_or_else(short)?.try_into().unwrap());
+    match errno {
+        0 => Ok(()),
+        e => Err(Error::from_raw_os_error(-e)),
+    }
 }
 
 #[cfg(test)]
@@ -119,8 +254,37 @@ mod tests {
         if nix::unistd::geteuid().is_root() {
             assert!(r.netns.is_ok(), "root can create a netns: {:?}", r.netns);
             assert!(r.veth.is_ok(), "veth: {:?}", r.veth);
+            assert!(r.tap.is_ok(), "tap: {:?}", r.tap);
         } else {
             eprintln!("skipped the root part: not root");
         }
+    }
+
+    #[test]
+    fn veth_request_is_refused_with_the_kernels_errno_when_the_name_is_taken() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: creating a network namespace needs root");
+            return;
+        }
+        let r = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let first = create_veth("gvt-a", "gvt-b");
+            let again = create_veth("gvt-a", "gvt-c");
+            // /proc/net is the thread group leader's namespace; this thread has its own.
+            let links = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap();
+            (first, again, links)
+        })
+        .join()
+        .unwrap();
+        r.0.expect("first veth");
+        assert_eq!(r.1.unwrap_err().raw_os_error(), Some(libc::EEXIST));
+        assert!(r.2.contains("gvt-a") && r.2.contains("gvt-b"), "{}", r.2);
+        assert!(!r.2.contains("gvt-c"), "{}", r.2);
+    }
+
+    #[test]
+    fn interface_names_longer_than_the_kernel_allows_are_refused_before_sending() {
+        let e = create_veth("a-name-of-16-byte", "b").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
     }
 }
