@@ -39,6 +39,9 @@ pub struct ConfigFile {
     pub usp_service: Option<gatevisor::usp::uds::UdsConfig>,
     /// The CAs `https://` package URLs are checked against (default: the system's bundle).
     pub package_ca: Option<PathBuf>,
+    /// How long a remote InstallDU/Update/Uninstall may take before it is failed
+    /// (default 3600 s, at most 86400 s: TR-181's R-SMM.1).
+    pub usp_operation_deadline_s: Option<u64>,
 }
 
 impl ConfigFile {
@@ -59,6 +62,7 @@ pub struct DaemonOptions {
     pub usp: Option<gatevisor::usp::mqtt::MqttConfig>,
     pub usp_service: Option<gatevisor::usp::uds::UdsConfig>,
     pub package_ca: PathBuf,
+    pub usp_operation_deadline: std::time::Duration,
 }
 
 /// The USP model's way to the supervisor: the same requests the control socket carries.
@@ -99,12 +103,17 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
             vec!["lxc"]
         };
         let backend = std::sync::Arc::new(LoopBackend(std::sync::Mutex::new(tx.clone())));
-        let (mqtt, uds, ca) = (opts.usp, opts.usp_service, opts.package_ca);
+        let (mqtt, uds) = (opts.usp, opts.usp_service);
+        let model_opts = gatevisor::usp::model::ModelOptions {
+            runtimes,
+            package_ca: opts.package_ca,
+            operation_deadline: opts.usp_operation_deadline,
+        };
         // The model asks the supervisor loop, which starts below: open it on its own thread.
         std::thread::Builder::new()
             .name("usp-start".into())
             .spawn(move || {
-                if let Err(e) = start_usp(backend, &state_dir, runtimes, mqtt, uds, &ca) {
+                if let Err(e) = start_usp(backend, &state_dir, model_opts, mqtt, uds) {
                     tracing::error!("usp: the agent did not start: {e:#}");
                 }
             })?;
@@ -139,14 +148,13 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
 fn start_usp(
     backend: std::sync::Arc<LoopBackend>,
     state_dir: &Path,
-    runtimes: Vec<&'static str>,
+    model_opts: gatevisor::usp::model::ModelOptions,
     mqtt: Option<gatevisor::usp::mqtt::MqttConfig>,
     uds: Option<gatevisor::usp::uds::UdsConfig>,
-    package_ca: &Path,
 ) -> Result<()> {
     use gatevisor::usp;
     let (out_tx, out_rx) = mpsc::channel::<usp::model::Notification>();
-    let model = usp::model::Model::open(backend, state_dir, runtimes, out_tx, package_ca)?;
+    let model = usp::model::Model::open(backend, state_dir, model_opts, out_tx)?;
     let codec: std::sync::Arc<dyn usp::codec::Codec> = std::sync::Arc::new(usp::codec::Rusp);
     let (mqtt_tx, mqtt_rx) = mpsc::channel();
     let (uds_tx, uds_rx) = mpsc::channel();

@@ -150,6 +150,16 @@ fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()
             .or(file.keys_dir)
             .unwrap_or_else(|| PathBuf::from(cli::DEFAULT_KEYS_DIR)),
     };
+    let usp_operation_deadline =
+        std::time::Duration::from_secs(file.usp_operation_deadline_s.unwrap_or(3600));
+    let max = gatevisor::usp::model::MAX_OPERATION_DEADLINE;
+    if usp_operation_deadline.is_zero() || usp_operation_deadline > max {
+        anyhow::bail!(
+            "usp_operation_deadline_s must be 1 to {} (R-SMM.1), not {}",
+            max.as_secs(),
+            usp_operation_deadline.as_secs()
+        );
+    }
     daemon::run(daemon::DaemonOptions {
         socket,
         settings,
@@ -159,5 +169,6 @@ fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()
         package_ca: file
             .package_ca
             .unwrap_or_else(|| gatevisor::usp::fetch::SYSTEM_CA_BUNDLE.into()),
+        usp_operation_deadline,
     })
 }

@@ -521,6 +521,167 @@ fn unanswered_notifications_are_sent_again_until_the_controller_answers() {
     }
 }
 
+/// The daemon's USP state file (`usp.json`) as JSON.
+fn usp_state(d: &Daemon) -> Value {
+    serde_json::from_slice(&std::fs::read(d.state_dir().join("usp.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn notifications_outlive_a_broker_outage_and_a_daemon_restart() {
+    if !has_mosquitto() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (broker, port) = mosquitto(work.path());
+    // A package server that holds the request until told, then answers 404: the install
+    // ends while the broker is away.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let held_port = held.local_addr().unwrap().port();
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let (mut conn, _) = held.accept().unwrap();
+        let mut req = [0u8; 1024];
+        let _ = std::io::Read::read(&mut conn, &mut req);
+        accepted_tx.send(()).unwrap();
+        let _ = released.recv();
+        let _ = std::io::Write::write_all(
+            &mut conn,
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+        );
+    });
+    let mut d = Daemon::start_with_config(&agent_config(port));
+    let mut c = Controller::connect(port, LAUNCHER, LAUNCHER_TOPIC);
+    wait_for_agent(&mut c);
+    subscribe_with(&mut c, "du", "Event", &format!("{SM}DUStateChange!"), true);
+    let r = operate(
+        &mut c,
+        &format!("{SM}InstallDU()"),
+        "k-outage",
+        &[("URL", &format!("http://127.0.0.1:{held_port}/svc.gvpkg"))],
+    );
+    assert!(r["req_obj_path"].is_string(), "{r}");
+    accepted
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the agent fetches");
+
+    // The broker goes away; the install fails meanwhile; then the daemon dies too.
+    drop(broker);
+    release.send(()).unwrap();
+    let waiting = d
+        .wait_for(Duration::from_secs(30), || {
+            let st = usp_state(&d);
+            let done = st["requests"].as_array().is_some_and(|r| r.is_empty());
+            let unacked = st["unacked"].as_array().cloned().unwrap_or_default();
+            (done && !unacked.is_empty()).then_some(unacked)
+        })
+        .expect("the finished install's notification is kept on disk, unanswered");
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    assert_eq!(waiting[0]["subscription_id"], "du");
+    d.kill9();
+
+    // Broker and daemon come back: the controller hears how the install ended.
+    let _broker = mosquitto_on(work.path(), port);
+    d.spawn();
+    let is_du = |v: &Value| v["msg"]["Body"]["Request"]["Notify"]["subscription_id"] == "du";
+    let n = c.wait(60, "the DUStateChange! kept across the restart", is_du);
+    let ev = n["msg"]["Body"]["Request"]["Notify"]["event"]["params"].clone();
+    assert_eq!(ev["OperationPerformed"], "Install", "{n}");
+    assert_eq!(ev["CurrentState"], "Failed", "{n}");
+    assert!(
+        ev["Fault.FaultString"]
+            .as_str()
+            .unwrap_or("")
+            .contains("404"),
+        "{n}"
+    );
+    c.send(b::NotifyRespBuilder::new("du".into()).build().unwrap());
+    d.wait_for(Duration::from_secs(30), || {
+        usp_state(&d)["unacked"]
+            .as_array()
+            .is_some_and(|u| u.is_empty())
+            .then_some(())
+    })
+    .expect("the answered notification leaves the disk");
+}
+
+#[test]
+fn remote_install_that_outruns_its_deadline_fails_and_installs_nothing() {
+    if !has_mosquitto() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (_broker, port) = mosquitto(work.path());
+    // A server that promises a megabyte and sends a byte every half second: never idle long
+    // enough to look stalled, far too slow to finish.
+    let slow = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let slow_port = slow.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (mut conn, _) = slow.accept().unwrap();
+        let mut req = [0u8; 1024];
+        let _ = std::io::Read::read(&mut conn, &mut req);
+        let _ = std::io::Write::write_all(
+            &mut conn,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n",
+        );
+        while std::io::Write::write_all(&mut conn, b"x").is_ok() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let config = format!("usp_operation_deadline_s = 3\n{}", agent_config(port));
+    let d = Daemon::start_with_config(&config);
+    let mut c = Controller::connect(port, LAUNCHER, LAUNCHER_TOPIC);
+    wait_for_agent(&mut c);
+    subscribe(&mut c, "du", "Event", &format!("{SM}DUStateChange!"));
+    subscribe(&mut c, "oc", "OperationComplete", SM);
+    operate(
+        &mut c,
+        &format!("{SM}InstallDU()"),
+        "k-slow",
+        &[("URL", &format!("http://127.0.0.1:{slow_port}/svc.gvpkg"))],
+    );
+    let ev = du_state_change(&c);
+    assert_failed(&ev, "Install", "Failed", "deadline of 3 s");
+    operation_complete(&c, "InstallDU()", "k-slow");
+    let p = get(
+        &mut c,
+        &[
+            "Device.LocalAgent.RequestNumberOfEntries",
+            &format!("{SM}DeploymentUnitNumberOfEntries"),
+        ],
+    );
+    assert_eq!(p["Device.LocalAgent.RequestNumberOfEntries"], "0");
+    assert_eq!(p[&format!("{SM}DeploymentUnitNumberOfEntries")], "0");
+    let leftovers: Vec<_> = std::fs::read_dir(d.state_dir().join("usp-downloads"))
+        .unwrap()
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn a_daemon_configured_with_a_deadline_beyond_24_hours_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gatevisor.toml");
+    std::fs::write(&config, "usp_operation_deadline_s = 90000\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("daemon")
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(dir.path().join("sock"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--no-network")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("usp_operation_deadline_s must be 1 to 86400"),
+        "{err}"
+    );
+}
+
 #[test]
 fn remotely_installed_service_fetched_from_the_wan_steers_lan_traffic() {
     if !need_ovs("remotely_installed_service_fetched_from_the_wan_steers_lan_traffic")

@@ -98,7 +98,7 @@ pub enum OperateOutcome {
     Failed(u32, String),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum NotifyKind {
     ValueChange {
         path: String,

@@ -2,11 +2,19 @@
 //! `https://HOST[:PORT]/PATH` (HTTP/1.1, no redirects; https verified against a CA bundle),
 //! written to a temporary file then renamed, at most [`MAX_BYTES`]. The package is verified
 //! afterwards exactly as a local install verifies it.
+//!
+//! A fetch ends by its deadline, whatever the server does: every blocking call on the
+//! connection waits at most until then, and a stalled connection ([`IDLE`] without a byte)
+//! fails earlier.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// A connection that moves no byte for this long has failed.
+pub const IDLE: Duration = Duration::from_secs(60);
 
 pub const MAX_BYTES: u64 = 512 << 20;
 /// Where Debian keeps the system's trusted CAs.
@@ -34,23 +42,106 @@ pub fn https_config(bundle: &Path) -> std::io::Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
-/// Fetches `url` into `dest`; `tls` is needed for `https://`.
+fn overdue() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "its deadline passed")
+}
+
+/// A TCP connection whose reads and writes block at most until `deadline` (then they fail
+/// with `TimedOut`) and at most [`IDLE`] each.
+struct Bounded {
+    tcp: TcpStream,
+    deadline: Instant,
+}
+
+impl Bounded {
+    fn arm(&self) -> std::io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(overdue());
+        }
+        let wait = Some(left.min(IDLE));
+        self.tcp.set_read_timeout(wait)?;
+        self.tcp.set_write_timeout(wait)
+    }
+    /// A socket timeout (EAGAIN) is the deadline's if it has passed, else a stalled peer's.
+    fn timed_out(&self, e: std::io::Error) -> std::io::Error {
+        if !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            e
+        } else if Instant::now() >= self.deadline {
+            overdue()
+        } else {
+            bad(format!("no data for {} s", IDLE.as_secs()))
+        }
+    }
+}
+
+impl Read for Bounded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.tcp.read(buf).map_err(|e| self.timed_out(e))
+    }
+}
+
+impl Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.tcp.write(buf).map_err(|e| self.timed_out(e))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// Copies at most `limit` bytes from `r` to `out`, stopping at `deadline` (`TimedOut`).
+/// Returns the number of bytes copied; a body that ends with the connection (a TLS peer
+/// that closes without close_notify) ends the copy too.
+fn copy_until(
+    r: &mut impl Read,
+    out: &mut impl Write,
+    limit: u64,
+    deadline: Instant,
+) -> std::io::Result<u64> {
+    let mut n = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    while n < limit {
+        if Instant::now() >= deadline {
+            return Err(overdue());
+        }
+        let want = buf.len().min((limit - n) as usize);
+        match r.read(&mut buf[..want]) {
+            Ok(0) => break,
+            Ok(k) => {
+                out.write_all(&buf[..k])?;
+                n += k as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Fetches `url` into `dest`; `tls` is needed for `https://`. Fails with `TimedOut` once
+/// `deadline` has passed.
 pub fn fetch(
     url: &str,
     dest: &Path,
     tls: Option<&Arc<rustls::ClientConfig>>,
+    deadline: Instant,
 ) -> std::io::Result<()> {
     let tmp = dest.with_extension("part");
     let mut out = std::fs::File::create(&tmp)?;
     let copied = if let Some(path) = url.strip_prefix("file://") {
-        std::io::copy(
-            &mut std::fs::File::open(path)?.take(MAX_BYTES + 1),
-            &mut out,
-        )
+        std::fs::File::open(path)
+            .and_then(|mut f| copy_until(&mut f, &mut out, MAX_BYTES + 1, deadline))
     } else if let Some(rest) = url.strip_prefix("http://") {
         let (host, port, path) = split(rest, 80)?;
-        let conn = connect(&host, port)?;
-        get(conn, &host, port, path, &mut out)
+        connect(&host, port, deadline)
+            .and_then(|conn| get(conn, &host, port, path, &mut out, deadline))
     } else if let Some(rest) = url.strip_prefix("https://") {
         let tls = tls.ok_or_else(|| bad("https:// needs a CA bundle"))?;
         let (host, port, path) = split(rest, 443)?;
@@ -58,8 +149,10 @@ pub fn fetch(
             .map_err(|e| bad(format!("{host}: {e}")))?;
         let session =
             rustls::ClientConnection::new(tls.clone(), name).map_err(|e| bad(e.to_string()))?;
-        let conn = rustls::StreamOwned::new(session, connect(&host, port)?);
-        get(conn, &host, port, path, &mut out)
+        connect(&host, port, deadline).and_then(|conn| {
+            let conn = rustls::StreamOwned::new(session, conn);
+            get(conn, &host, port, path, &mut out, deadline)
+        })
     } else {
         Err(bad(format!(
             "{url}: only file://, http:// and https:// URLs are fetched"
@@ -97,14 +190,16 @@ fn split(rest: &str, default_port: u16) -> std::io::Result<(String, u16, &str)> 
     }
 }
 
-fn connect(host: &str, port: u16) -> std::io::Result<std::net::TcpStream> {
+fn connect(host: &str, port: u16, deadline: Instant) -> std::io::Result<Bounded> {
     let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))?
         .next()
         .ok_or_else(|| bad(format!("{host}: no address")))?;
-    let conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(60)))?;
-    Ok(conn)
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(overdue());
+    }
+    let tcp = TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(10)))?;
+    Ok(Bounded { tcp, deadline })
 }
 
 /// One HTTP/1.1 GET on `conn`; the body goes to `out`. Returns its length.
@@ -114,6 +209,7 @@ fn get(
     port: u16,
     path: &str,
     out: &mut std::fs::File,
+    deadline: Instant,
 ) -> std::io::Result<u64> {
     write!(
         conn,
@@ -147,32 +243,13 @@ fn get(
     match length {
         Some(l) if l > MAX_BYTES => Err(bad(format!("larger than {MAX_BYTES} bytes"))),
         Some(l) => {
-            let n = std::io::copy(&mut r.take(l), out)?;
+            let n = copy_until(&mut r, out, l, deadline)?;
             if n != l {
                 return Err(bad(format!("truncated download: {n} of {l} bytes")));
             }
             Ok(n)
         }
-        // Without a length the body ends with the connection (a TLS peer that closes without
-        // close_notify ends it too).
-        None => {
-            let mut n = 0u64;
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match r.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(k) => {
-                        out.write_all(&buf[..k])?;
-                        n += k as u64;
-                        if n > MAX_BYTES {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(n)
-        }
+        // Without a length the body ends with the connection.
+        None => copy_until(&mut r, out, MAX_BYTES + 1, deadline),
     }
 }

@@ -92,6 +92,14 @@ struct PendingOp {
     /// The service name once known (an install learns it from the package).
     name: Option<String>,
     started: String,
+    /// When it must have ended (seconds since the epoch; R-SMM.1). 0: journaled by a daemon
+    /// that kept no deadline.
+    #[serde(default)]
+    deadline: u64,
+    /// The supervisor's answer once it succeeded, journaled before anyone is told, so that a
+    /// daemon that dies in between reports the truth after its restart.
+    #[serde(default)]
+    outcome: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -102,6 +110,10 @@ struct Persisted {
     subscriptions: Vec<Subscription>,
     next_request: u32,
     requests: Vec<PendingOp>,
+    /// Notifications sent with `send_resp` whose NotifyResp has not come yet (NotifRetry):
+    /// kept on disk, so a restarted daemon sends them again.
+    #[serde(default)]
+    unacked: Vec<Unacked>,
 }
 
 /// A notification for `recipient` (a Controller's endpoint id).
@@ -112,12 +124,30 @@ pub type Notification = (String, Outgoing);
 const RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(5);
 const RETRY_MAX_ATTEMPTS: u32 = 10;
 
-struct Retry {
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Unacked {
     recipient: String,
     subscription_id: String,
-    out: Outgoing,
+    kind: NotifyKind,
     attempts: u32,
-    next: std::time::Instant,
+    /// When to send it again; `None` (as after a restart): at once.
+    #[serde(skip)]
+    next: Option<std::time::Instant>,
+}
+
+/// How long an asynchronous operation may take at most (R-SMM.1 allows 24 h).
+pub const MAX_OPERATION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// What the model is opened with, besides its backend and outbox.
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    /// The runtimes this board offers, in ExecEnv instance order.
+    pub runtimes: Vec<&'static str>,
+    /// The CA bundle that `https://` package URLs are verified against.
+    pub package_ca: PathBuf,
+    /// Every InstallDU/Update/Uninstall ends within this, failed if need be
+    /// (at most [`MAX_OPERATION_DEADLINE`]).
+    pub operation_deadline: std::time::Duration,
 }
 
 pub struct Model {
@@ -130,8 +160,7 @@ pub struct Model {
     outbox: Mutex<Sender<Notification>>,
     /// TLS for `https://` package URLs (or why there is none).
     https: Result<Arc<rustls::ClientConfig>, String>,
-    /// Notifications sent with `send_resp` whose NotifyResp has not come yet.
-    retries: Mutex<Vec<Retry>>,
+    operation_deadline: std::time::Duration,
     cpu: Mutex<BTreeMap<String, (u64, std::time::Instant)>>,
 }
 
@@ -205,17 +234,25 @@ fn fault_of(e: &ApiError) -> u32 {
 }
 
 impl Model {
-    /// The model for `backend`, its persistent state in `state_dir/usp.json`; `runtimes` are
-    /// the execution environments the board offers. Operations a previous daemon left
-    /// unfinished are settled now (their notifications wait in the outbox).
-    /// `package_ca` is the CA bundle that `https://` package URLs are verified against.
+    /// The model for `backend`, its persistent state in `state_dir/usp.json`. Operations a
+    /// previous daemon left unfinished are settled now, and notifications it left
+    /// unanswered are due again (their notifications wait in the outbox).
     pub fn open(
         backend: Arc<dyn Backend>,
         state_dir: &Path,
-        runtimes: Vec<&'static str>,
+        opts: ModelOptions,
         outbox: Sender<Notification>,
-        package_ca: &Path,
     ) -> std::io::Result<Arc<Model>> {
+        if opts.operation_deadline.is_zero() || opts.operation_deadline > MAX_OPERATION_DEADLINE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the operation deadline must be 1 s to {} s, not {} s",
+                    MAX_OPERATION_DEADLINE.as_secs(),
+                    opts.operation_deadline.as_secs()
+                ),
+            ));
+        }
         let state_file = state_dir.join("usp.json");
         let st: Persisted = match std::fs::read(&state_file) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
@@ -233,13 +270,13 @@ impl Model {
             backend,
             state_file,
             downloads,
-            runtimes,
+            runtimes: opts.runtimes,
             st: Mutex::new(st),
             outbox: Mutex::new(outbox),
-            https: super::fetch::https_config(package_ca)
+            https: super::fetch::https_config(&opts.package_ca)
                 .map(Arc::new)
                 .map_err(|e| e.to_string()),
-            retries: Mutex::new(Vec::new()),
+            operation_deadline: opts.operation_deadline,
             cpu: Mutex::new(BTreeMap::new()),
         });
         model.settle_interrupted();
@@ -570,12 +607,16 @@ impl Model {
             }
             Incoming::NotifyResp { subscription_id } => {
                 // The oldest unanswered notification of that subscription is answered.
-                let mut r = self.retries.lock().unwrap();
-                if let Some(i) = r
+                let mut st = self.st.lock().unwrap();
+                if let Some(i) = st
+                    .unacked
                     .iter()
                     .position(|x| x.subscription_id == subscription_id && x.recipient == from)
                 {
-                    r.remove(i);
+                    st.unacked.remove(i);
+                    if let Err(e) = self.persist(&st) {
+                        tracing::warn!("usp: cannot save {}: {e}", self.state_file.display());
+                    }
                 }
                 return None;
             }
@@ -893,6 +934,8 @@ impl Model {
                 },
                 kind,
                 started: now_iso(),
+                deadline: unix_now() + self.operation_deadline.as_secs(),
+                outcome: None,
             };
             st.requests.push(op.clone());
             if let Err(e) = self.persist(&st) {
@@ -902,13 +945,14 @@ impl Model {
             op
         };
         let path = format!("{REQS}{}", op.instance);
+        let deadline = std::time::Instant::now() + self.operation_deadline;
         let me = self.clone();
         std::thread::Builder::new()
             .name("usp-op".into())
             .spawn(move || {
                 let result = match fail_now {
                     Some(f) => Err(f),
-                    None => me.run_op(&op),
+                    None => me.run_op(&op, deadline),
                 };
                 me.complete(&op, result);
             })
@@ -916,25 +960,67 @@ impl Model {
         OperateOutcome::Started(path)
     }
 
-    /// Fetches a package (`file://`, `http://`, `https://`) into the downloads folder.
-    fn fetch(&self, url: &str, instance: u32) -> Result<PathBuf, (u32, String)> {
+    /// Fetches a package (`file://`, `http://`, `https://`) into the downloads folder, giving
+    /// up at `deadline`.
+    fn fetch(
+        &self,
+        url: &str,
+        instance: u32,
+        deadline: std::time::Instant,
+    ) -> Result<PathBuf, (u32, String)> {
         let dest = self.downloads.join(format!("request-{instance}.gvpkg"));
         let tls = match (url.starts_with("https://"), &self.https) {
             (false, _) => None,
             (true, Ok(cfg)) => Some(cfg),
             (true, Err(e)) => return Err((E_COMMAND_FAILURE, format!("{url}: {e}"))),
         };
-        super::fetch::fetch(url, &dest, tls)
-            .map_err(|e| (E_COMMAND_FAILURE, format!("{url}: {e}")))?;
+        super::fetch::fetch(url, &dest, tls, deadline).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                self.overdue(&format!("fetching {url}"))
+            } else {
+                (E_COMMAND_FAILURE, format!("{url}: {e}"))
+            }
+        })?;
+        if std::time::Instant::now() >= deadline {
+            let _ = std::fs::remove_file(&dest);
+            return Err(self.overdue(&format!("fetching {url}")));
+        }
         Ok(dest)
     }
 
-    /// Runs an operation; Ok(service name) or a fault.
-    fn run_op(&self, op: &PendingOp) -> Result<String, (u32, String)> {
+    /// The fault of an operation that ran out of time while `doing` (R-SMM.1).
+    fn overdue(&self, doing: &str) -> (u32, String) {
+        (
+            E_COMMAND_FAILURE,
+            format!(
+                "the operation's deadline of {} s passed while {doing}; nothing was changed",
+                self.operation_deadline.as_secs()
+            ),
+        )
+    }
+
+    /// Journals a successful operation's result (`name`) before anyone is told of it.
+    fn record_outcome(&self, st: &mut Persisted, instance: u32, name: &str) {
+        if let Some(r) = st.requests.iter_mut().find(|r| r.instance == instance) {
+            r.outcome = Some(name.to_string());
+        }
+        if let Err(e) = self.persist(st) {
+            tracing::warn!("usp: cannot save {}: {e}", self.state_file.display());
+        }
+    }
+
+    /// Runs an operation; Ok(service name) or a fault. Past `deadline` nothing more is
+    /// started: the fetch is the only step whose length the network decides; the install
+    /// itself is bounded by the package's limits and its health-check deadline.
+    fn run_op(
+        &self,
+        op: &PendingOp,
+        deadline: std::time::Instant,
+    ) -> Result<String, (u32, String)> {
         let fault = |e: ApiError| (fault_of(&e), e.message);
         match &op.kind {
             OpKind::Install { url, uuid } => {
-                let pkg = self.fetch(url, op.instance)?;
+                let pkg = self.fetch(url, op.instance, deadline)?;
                 let r = self.backend.call(Request::Install {
                     manifest: pkg.clone(),
                     start: false,
@@ -952,11 +1038,11 @@ impl Model {
                     u.uuid = uuid.clone();
                     u.url = url.clone();
                 }
-                let _ = self.persist(&st);
+                self.record_outcome(&mut st, op.instance, &name);
                 Ok(name)
             }
             OpKind::Update { name, url } => {
-                let pkg = self.fetch(url, op.instance)?;
+                let pkg = self.fetch(url, op.instance, deadline)?;
                 let r = self.backend.call(Request::Update {
                     name: name.clone(),
                     package: pkg.clone(),
@@ -967,13 +1053,14 @@ impl Model {
                 if let Some(u) = st.units.get_mut(name) {
                     u.url = url.clone();
                 }
-                let _ = self.persist(&st);
+                self.record_outcome(&mut st, op.instance, name);
                 Ok(name.clone())
             }
             OpKind::Uninstall { name } => {
                 self.backend
                     .call(Request::Remove { name: name.clone() })
                     .map_err(fault)?;
+                self.record_outcome(&mut self.st.lock().unwrap(), op.instance, name);
                 Ok(name.clone())
             }
         }
@@ -1045,7 +1132,11 @@ impl Model {
         args.insert("OperationPerformed".into(), performed.into());
         args.insert("Fault.FaultCode".into(), fault_code.to_string());
         args.insert("Fault.FaultString".into(), fault_string.clone());
-        self.notify_event(SM, "DUStateChange!", &args);
+        let event = NotifyKind::Event {
+            obj_path: SM.into(),
+            name: "DUStateChange!".into(),
+            args,
+        };
         let (obj, cmd) = match op.command.rfind('.') {
             Some(i) => (
                 op.command[..=i].to_string(),
@@ -1053,20 +1144,30 @@ impl Model {
             ),
             None => (String::new(), op.command.clone()),
         };
-        self.notify_complete(
-            &obj,
-            &cmd,
-            &op.command_key,
-            match result {
-                Ok(_) => Ok(BTreeMap::new()),
-                Err(e) => Err(e),
-            },
-        );
-        let mut st = self.st.lock().unwrap();
-        st.requests.retain(|r| r.instance != op.instance);
-        if let Err(e) = self.persist(&st) {
-            tracing::warn!("usp: cannot save {}: {e}", self.state_file.display());
-        }
+        let done = NotifyKind::OperationComplete {
+            obj_path: obj.clone(),
+            command: cmd.clone(),
+            command_key: op.command_key.clone(),
+            result: result.map(|_| BTreeMap::new()),
+        };
+        // The operation leaves the journal in the same write that keeps its notifications
+        // for NotifRetry: a crash reports it either again or never twice.
+        let out = {
+            let mut st = self.st.lock().unwrap();
+            let mut out = queue(&mut st, "Event", &format!("{SM}DUStateChange!"), &event);
+            out.extend(queue(
+                &mut st,
+                "OperationComplete",
+                &format!("{obj}{cmd}"),
+                &done,
+            ));
+            st.requests.retain(|r| r.instance != op.instance);
+            if let Err(e) = self.persist(&st) {
+                tracing::warn!("usp: cannot save {}: {e}", self.state_file.display());
+            }
+            out
+        };
+        self.dispatch(out);
     }
 
     /// Operations a previous daemon journaled but did not finish: an install or update whose
@@ -1079,7 +1180,8 @@ impl Model {
         }
         let services = self.sync_units();
         for op in pending {
-            let result = match (&op.kind, &op.name) {
+            let result = match (&op.kind, &op.outcome) {
+                (_, Some(name)) => Ok(name.clone()),
                 (OpKind::Uninstall { name }, _) if !services.contains_key(name) => Ok(name.clone()),
                 _ => Err((
                     E_COMMAND_FAILURE,
@@ -1093,53 +1195,48 @@ impl Model {
         }
     }
 
-    fn subscribers(&self, notif_type: &str, path: &str) -> Vec<Subscription> {
-        let st = self.st.lock().unwrap();
-        st.subscriptions
-            .iter()
-            .filter(|s| s.enable && s.notif_type == notif_type)
-            .filter(|s| {
-                s.reference_list
-                    .iter()
-                    .any(|r| r == "Device." || matches(r, path) || path.starts_with(r.as_str()))
-            })
-            .cloned()
-            .collect()
+    /// Queues `kind` for the subscribers of `notif_type` on `path` (see [`queue`]), saving
+    /// the state first when some of them want an answer.
+    fn notify(&self, notif_type: &str, path: &str, kind: NotifyKind) {
+        let out = {
+            let mut st = self.st.lock().unwrap();
+            let waiting = st.unacked.len();
+            let out = queue(&mut st, notif_type, path, &kind);
+            if st.unacked.len() != waiting {
+                if let Err(e) = self.persist(&st) {
+                    tracing::warn!("usp: cannot save {}: {e}", self.state_file.display());
+                }
+            }
+            out
+        };
+        self.dispatch(out);
     }
 
-    fn send(&self, subs: Vec<Subscription>, kind: NotifyKind) {
+    fn dispatch(&self, out: Vec<Notification>) {
         let outbox = self.outbox.lock().unwrap();
-        for s in subs {
-            let out = Outgoing::Notify {
-                subscription_id: s.id.clone(),
-                send_resp: s.notif_retry,
-                kind: kind.clone(),
-            };
-            if s.notif_retry {
-                self.retries.lock().unwrap().push(Retry {
-                    recipient: s.recipient.clone(),
-                    subscription_id: s.id.clone(),
-                    out: out.clone(),
-                    attempts: 0,
-                    next: std::time::Instant::now() + RETRY_FIRST,
-                });
-            }
-            let _ = outbox.send((s.recipient.clone(), out));
+        for n in out {
+            let _ = outbox.send(n);
         }
     }
 
     /// Sends again the notifications whose NotifyResp is overdue (NotifRetry), waiting twice
-    /// as long each time; gives up after [`RETRY_MAX_ATTEMPTS`]. Called every second.
+    /// as long each time; gives up after [`RETRY_MAX_ATTEMPTS`], or when the subscription is
+    /// gone. Those a previous daemon left are due at once. Called every second.
     pub fn retry_due(&self) {
         let now = std::time::Instant::now();
         let mut due = Vec::new();
         {
-            let mut r = self.retries.lock().unwrap();
-            r.retain_mut(|x| {
-                if x.next > now {
+            let mut st = self.st.lock().unwrap();
+            let waiting = st.unacked.len();
+            let subscriptions = std::mem::take(&mut st.subscriptions);
+            st.unacked.retain_mut(|x| {
+                if x.next.is_some_and(|n| n > now) {
                     return true;
                 }
-                if x.attempts >= RETRY_MAX_ATTEMPTS {
+                let live = subscriptions
+                    .iter()
+                    .any(|s| s.enable && s.id == x.subscription_id && s.recipient == x.recipient);
+                if !live || x.attempts >= RETRY_MAX_ATTEMPTS {
                     tracing::warn!(
                         "usp: {} never acknowledged a notification of {}; given up",
                         x.recipient,
@@ -1148,46 +1245,25 @@ impl Model {
                     return false;
                 }
                 x.attempts += 1;
-                x.next = now + RETRY_FIRST * 2u32.pow(x.attempts.min(16));
-                due.push((x.recipient.clone(), x.out.clone()));
+                x.next = Some(now + RETRY_FIRST * 2u32.pow(x.attempts.min(16)));
+                due.push((
+                    x.recipient.clone(),
+                    Outgoing::Notify {
+                        subscription_id: x.subscription_id.clone(),
+                        send_resp: true,
+                        kind: x.kind.clone(),
+                    },
+                ));
                 true
             });
+            st.subscriptions = subscriptions;
+            if st.unacked.len() != waiting {
+                if let Err(e) = self.persist(&st) {
+                    tracing::warn!("usp: cannot save {}: {e}", self.state_file.display());
+                }
+            }
         }
-        let outbox = self.outbox.lock().unwrap();
-        for d in due {
-            let _ = outbox.send(d);
-        }
-    }
-
-    fn notify_event(&self, obj_path: &str, name: &str, args: &BTreeMap<String, String>) {
-        let subs = self.subscribers("Event", &format!("{obj_path}{name}"));
-        self.send(
-            subs,
-            NotifyKind::Event {
-                obj_path: obj_path.into(),
-                name: name.into(),
-                args: args.clone(),
-            },
-        );
-    }
-
-    fn notify_complete(
-        &self,
-        obj_path: &str,
-        command: &str,
-        command_key: &str,
-        result: Result<BTreeMap<String, String>, (u32, String)>,
-    ) {
-        let subs = self.subscribers("OperationComplete", &format!("{obj_path}{command}"));
-        self.send(
-            subs,
-            NotifyKind::OperationComplete {
-                obj_path: obj_path.into(),
-                command: command.into(),
-                command_key: command_key.into(),
-                result,
-            },
-        );
+        self.dispatch(due);
     }
 
     /// Compares the tree with the previous one and notifies ValueChange, ObjectCreation and
@@ -1210,9 +1286,9 @@ impl Model {
         if let Some(before) = prev.as_ref() {
             for (k, v) in &now {
                 if before.get(k) != Some(v) && before.contains_key(k) {
-                    let subs = self.subscribers("ValueChange", k);
-                    self.send(
-                        subs,
+                    self.notify(
+                        "ValueChange",
+                        k,
                         NotifyKind::ValueChange {
                             path: k.clone(),
                             value: v.clone(),
@@ -1231,16 +1307,67 @@ impl Model {
             };
             let (was, is) = (objs(before), objs(&now));
             for o in is.difference(&was) {
-                let subs = self.subscribers("ObjectCreation", o);
-                self.send(subs, NotifyKind::ObjectCreation { path: o.clone() });
+                self.notify(
+                    "ObjectCreation",
+                    o,
+                    NotifyKind::ObjectCreation { path: o.clone() },
+                );
             }
             for o in was.difference(&is) {
-                let subs = self.subscribers("ObjectDeletion", o);
-                self.send(subs, NotifyKind::ObjectDeletion { path: o.clone() });
+                self.notify(
+                    "ObjectDeletion",
+                    o,
+                    NotifyKind::ObjectDeletion { path: o.clone() },
+                );
             }
         }
         *prev = Some(now);
     }
+}
+
+/// The notifications of `kind` for the enabled subscribers of `notif_type` on `path`; those
+/// with NotifRetry are kept in `st.unacked` until answered (the caller saves `st`).
+fn queue(st: &mut Persisted, notif_type: &str, path: &str, kind: &NotifyKind) -> Vec<Notification> {
+    let subs: Vec<Subscription> = st
+        .subscriptions
+        .iter()
+        .filter(|s| s.enable && s.notif_type == notif_type)
+        .filter(|s| {
+            s.reference_list
+                .iter()
+                .any(|r| r == "Device." || matches(r, path) || path.starts_with(r.as_str()))
+        })
+        .cloned()
+        .collect();
+    let next = std::time::Instant::now() + RETRY_FIRST;
+    subs.into_iter()
+        .map(|s| {
+            if s.notif_retry {
+                st.unacked.push(Unacked {
+                    recipient: s.recipient.clone(),
+                    subscription_id: s.id.clone(),
+                    kind: kind.clone(),
+                    attempts: 0,
+                    next: Some(next),
+                });
+            }
+            (
+                s.recipient,
+                Outgoing::Notify {
+                    subscription_id: s.id,
+                    send_resp: s.notif_retry,
+                    kind: kind.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }
 
 /// The objects this agent serves (its supported data model).

@@ -38,10 +38,19 @@ pub fn mosquitto(dir: &Path) -> (Killed, u16) {
     start_mosquitto(dir, "mosquitto", "")
 }
 
+/// A private mosquitto on loopback `port` (a broker coming back after an outage).
+pub fn mosquitto_on(dir: &Path, port: u16) -> Killed {
+    start_mosquitto_on(dir, "mosquitto-again", "", port)
+}
+
 /// Starts mosquitto with configuration `NAME.conf` in `dir` (a loopback listener on a free
 /// port, then `extra`), logging to `NAME.log`; waits until it listens.
 fn start_mosquitto(dir: &Path, name: &str, extra: &str) -> (Killed, u16) {
     let port = free_port();
+    (start_mosquitto_on(dir, name, extra, port), port)
+}
+
+fn start_mosquitto_on(dir: &Path, name: &str, extra: &str, port: u16) -> Killed {
     let conf = dir.join(format!("{name}.conf"));
     std::fs::write(
         &conf,
@@ -56,7 +65,7 @@ fn start_mosquitto(dir: &Path, name: &str, extra: &str) -> (Killed, u16) {
         .spawn()
         .unwrap();
     wait_listening(port, name);
-    (Killed(child), port)
+    Killed(child)
 }
 
 /// Waits until something accepts TCP connections on loopback `port`.
