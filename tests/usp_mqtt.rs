@@ -226,14 +226,30 @@ fn launcher_installs_starts_updates_and_uninstalls_a_service_over_usp_mqtt() {
         format!("{SM}ExecEnv.1")
     );
 
-    // Start it.
+    // Search expressions find the service by name; one that finds nothing is empty.
+    let p = get(
+        &mut c,
+        &[
+            &format!("{SM}DeploymentUnit.[Name==\"remote-svc\"&&Status==\"Installed\"].Version"),
+            &format!("{SM}DeploymentUnit.[Name==\"no-such-svc\"]."),
+        ],
+    );
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert_eq!(p[&format!("{du}.Version")], "1.0.0");
+
+    // Start it, named by a search expression.
     let r = operate(
         &mut c,
-        &format!("{eu}.SetRequestedState()"),
+        &format!("{SM}ExecutionUnit.[Name==\"remote-svc\"].SetRequestedState()"),
         "k-start",
         &[("RequestedState", "Active")],
     );
     assert!(r.to_string().contains("req_output_args"), "{r}");
+    assert_eq!(
+        r["executed_command"],
+        format!("{eu}.SetRequestedState()"),
+        "{r}"
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let p = get(

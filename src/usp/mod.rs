@@ -6,4 +6,5 @@ pub mod codec;
 pub mod fetch;
 pub mod model;
 pub mod mqtt;
+pub mod path;
 pub mod uds;

@@ -197,16 +197,23 @@ fn random_uuid() -> String {
     )
 }
 
-/// Does `path` match `pattern` segment by segment (`*` matches one instance)? With
-/// `partial`, `pattern` names an object and `path` may lie anywhere below it.
+/// Does `path` match `pattern` (no search expressions: a subscription's reference)?
 fn matches(pattern: &str, path: &str) -> bool {
-    let partial = pattern.ends_with('.');
-    let p: Vec<&str> = pattern.trim_end_matches('.').split('.').collect();
-    let s: Vec<&str> = path.trim_end_matches('.').split('.').collect();
-    if (partial && s.len() < p.len()) || (!partial && s.len() != p.len()) {
-        return false;
-    }
-    p.iter().zip(&s).all(|(a, b)| *a == "*" || a == b)
+    super::path::matches(pattern, path, &BTreeMap::new())
+}
+
+/// Every instance object on the way to some parameter of `params`.
+fn instance_objects(params: &BTreeMap<String, String>) -> BTreeSet<String> {
+    params
+        .keys()
+        .flat_map(|k| {
+            let segs: Vec<&str> = k.split('.').collect();
+            (0..segs.len())
+                .filter(|i| segs[*i].parse::<u32>().is_ok())
+                .map(|i| format!("{}.", segs[..=i].join(".")))
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// The object part of a parameter path (through its last dot).
@@ -599,11 +606,20 @@ impl Model {
                 args,
                 send_resp,
             } => {
-                let outcome = self.operate(from, &command, &command_key, &args);
+                let results = match self.expand_command(&command) {
+                    Ok(commands) => commands
+                        .into_iter()
+                        .map(|c| {
+                            let outcome = self.operate(from, &c, &command_key, &args);
+                            (c, outcome)
+                        })
+                        .collect(),
+                    Err((code, m)) => vec![(command, OperateOutcome::Failed(code, m))],
+                };
                 if !send_resp {
                     return None;
                 }
-                Outgoing::OperateResp(vec![(command, outcome)])
+                Outgoing::OperateResp(results)
             }
             Incoming::NotifyResp { subscription_id } => {
                 // The oldest unanswered notification of that subscription is answered.
@@ -628,12 +644,7 @@ impl Model {
     }
 
     fn check_path(path: &str) -> Result<(), (u32, String)> {
-        if path.contains('[') || path.contains('+') || path.contains('#') {
-            return Err((
-                E_INVALID_PATH,
-                format!("{path}: search expressions and references are not supported"),
-            ));
-        }
+        super::path::check(path).map_err(|e| (E_INVALID_PATH, e))?;
         if !path.starts_with("Device.") {
             return Err((E_INVALID_PATH, format!("{path}: not a Device. path")));
         }
@@ -647,7 +658,10 @@ impl Model {
             .map(|path| {
                 let r = Self::check_path(path).and_then(|()| {
                     let mut by_obj: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-                    for (k, v) in params.iter().filter(|(k, _)| matches(path, k)) {
+                    let hits = params
+                        .iter()
+                        .filter(|(k, _)| super::path::matches(path, k, &params));
+                    for (k, v) in hits {
                         let obj = object_of(k);
                         by_obj
                             .entry(obj.to_string())
@@ -660,7 +674,12 @@ impl Model {
                                 && k[path.trim_end_matches('.').len()..]
                                     .starts_with("NumberOfEntries")
                         });
-                    if by_obj.is_empty() && !known_table && !is_table(path) {
+                    // A search that finds nothing is an empty answer, not an error.
+                    if by_obj.is_empty()
+                        && !super::path::has_search(path)
+                        && !known_table
+                        && !is_table(path)
+                    {
                         return Err((E_INVALID_PATH, format!("{path}: no such path")));
                     }
                     Ok(by_obj.into_iter().collect())
@@ -672,17 +691,7 @@ impl Model {
 
     fn get_instances(&self, paths: &[String], first_level_only: bool) -> PathsResult {
         let params = self.parameters();
-        // Every instance object on the way to some parameter.
-        let objects: BTreeSet<String> = params
-            .keys()
-            .flat_map(|k| {
-                let segs: Vec<&str> = k.split('.').collect();
-                (0..segs.len())
-                    .filter(|i| segs[*i].parse::<u32>().is_ok())
-                    .map(|i| format!("{}.", segs[..=i].join(".")))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let objects = instance_objects(&params);
         paths
             .iter()
             .map(|path| {
@@ -690,10 +699,12 @@ impl Model {
                     if !path.ends_with('.') {
                         return Err((E_INVALID_PATH, format!("{path}: not an object path")));
                     }
-                    let depth = path.trim_end_matches('.').split('.').count();
+                    let depth = super::path::depth(path);
                     Ok(objects
                         .iter()
-                        .filter(|o| matches(path, o) && o.as_str() != path.as_str())
+                        .filter(|o| {
+                            super::path::matches(path, o, &params) && o.as_str() != path.as_str()
+                        })
                         .filter(|o| {
                             !first_level_only
                                 || o.trim_end_matches('.').split('.').count() == depth + 1
@@ -744,6 +755,15 @@ impl Model {
         if reference_list.is_empty() {
             return Err((E_INVALID_ARGS, "ReferenceList is empty".into()));
         }
+        for r in &reference_list {
+            Self::check_path(r).map_err(|(_, m)| (E_INVALID_ARGS, m))?;
+            if super::path::has_search(r) {
+                return Err((
+                    E_INVALID_ARGS,
+                    format!("{r}: search expressions in a ReferenceList are not supported"),
+                ));
+            }
+        }
         let bool_of =
             |k: &str, d: bool| params.get(k).map(|v| v == "true" || v == "1").unwrap_or(d);
         let mut st = self.st.lock().unwrap();
@@ -775,18 +795,44 @@ impl Model {
     }
 
     fn delete_subscription(&self, path: &str) -> Result<Vec<String>, (u32, String)> {
+        Self::check_path(path)?;
+        // A search (`Subscription.[ID=="x"].`) looks at the subscriptions' parameters.
+        let params = if super::path::has_search(path) {
+            self.parameters()
+        } else {
+            BTreeMap::new()
+        };
         let mut st = self.st.lock().unwrap();
         let gone: Vec<String> = st
             .subscriptions
             .iter()
             .map(|s| format!("{SUBS}{}.", s.instance))
-            .filter(|p| matches(path, p))
+            .filter(|p| super::path::matches(path, p, &params))
             .collect();
         st.subscriptions
             .retain(|s| !gone.contains(&format!("{SUBS}{}.", s.instance)));
         self.persist(&st)
             .map_err(|e| (E_GENERAL, format!("cannot save: {e}")))?;
         Ok(gone)
+    }
+
+    /// The commands a command path names: itself, or with a search expression
+    /// (`ExecutionUnit.[Name=="x"].Restart()`) one per instance that satisfies it (none is
+    /// an empty answer).
+    fn expand_command(&self, command: &str) -> Result<Vec<String>, (u32, String)> {
+        if !super::path::has_search(command) {
+            return Ok(vec![command.to_string()]);
+        }
+        Self::check_path(command)?;
+        let Some((object, name)) = command.rsplit_once('.') else {
+            return Err((E_INVALID_PATH, format!("{command}: no such command")));
+        };
+        let params = self.parameters();
+        Ok(instance_objects(&params)
+            .into_iter()
+            .filter(|o| super::path::matches(object, o.trim_end_matches('.'), &params))
+            .map(|o| format!("{o}{name}"))
+            .collect())
     }
 
     /// The service behind `Device.SoftwareModules.{table}.{i}.`.

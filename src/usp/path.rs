@@ -1,0 +1,288 @@
+//! USP path patterns (TR-369 "Path Names"): a path segment is a name, an instance number,
+//! `*` (every instance) or a search expression `[Param==value&&Other>3]` (the instances whose
+//! parameters satisfy it). Reference following (`+`, `#`) is not supported.
+
+use std::collections::BTreeMap;
+
+/// One comparison of a search expression: `rel` (a parameter path relative to the instance)
+/// `op` `value`.
+#[derive(Debug, Clone, PartialEq)]
+struct Clause {
+    rel: String,
+    op: Op,
+    value: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Op {
+    Eq,
+    Ne,
+    Lt,
+    Gt,
+    Le,
+    Ge,
+}
+
+/// Splits `path` at the dots that are not inside a search expression or a quoted value.
+fn segments(path: &str) -> Result<Vec<&str>, String> {
+    let (mut out, mut start, mut depth, mut quoted) = (Vec::new(), 0, 0u32, false);
+    for (i, c) in path.char_indices() {
+        match c {
+            '"' if depth > 0 => quoted = !quoted,
+            '[' if !quoted => {
+                if depth > 0 {
+                    return Err(format!("{path}: nested search expression"));
+                }
+                depth += 1;
+            }
+            ']' if !quoted => {
+                if depth == 0 {
+                    return Err(format!("{path}: unbalanced ']'"));
+                }
+                depth -= 1;
+            }
+            '.' if depth == 0 => {
+                out.push(&path[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if depth > 0 || quoted {
+        return Err(format!("{path}: unterminated search expression"));
+    }
+    out.push(&path[start..]);
+    Ok(out)
+}
+
+/// The clauses of a search segment `[…]` (`None` for any other segment).
+fn search(segment: &str) -> Result<Option<Vec<Clause>>, String> {
+    let Some(inner) = segment.strip_prefix('[').and_then(|s| s.strip_suffix(']')) else {
+        if segment.contains(['[', ']']) {
+            return Err(format!(
+                "{segment}: a search expression must be a whole segment"
+            ));
+        }
+        return Ok(None);
+    };
+    split_outside_quotes(inner, "&&")
+        .into_iter()
+        .map(clause)
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+fn split_outside_quotes<'a>(s: &'a str, sep: &str) -> Vec<&'a str> {
+    let (mut out, mut start, mut quoted) = (Vec::new(), 0, false);
+    let mut i = 0;
+    while i < s.len() {
+        if s.as_bytes()[i] == b'"' {
+            quoted = !quoted;
+        } else if !quoted && s[i..].starts_with(sep) {
+            out.push(&s[start..i]);
+            i += sep.len();
+            start = i;
+            continue;
+        }
+        i += 1;
+    }
+    out.push(&s[start..]);
+    out
+}
+
+fn clause(text: &str) -> Result<Clause, String> {
+    const OPS: [(&str, Op); 6] = [
+        ("==", Op::Eq),
+        ("!=", Op::Ne),
+        ("<=", Op::Le),
+        (">=", Op::Ge),
+        ("<", Op::Lt),
+        (">", Op::Gt),
+    ];
+    let bad = || format!("[{text}]: expected PARAM==VALUE (or !=, <, >, <=, >=)");
+    let at = text.find(['=', '!', '<', '>']).ok_or_else(bad)?;
+    let (op_text, op) = OPS
+        .iter()
+        .find(|(t, _)| text[at..].starts_with(t))
+        .ok_or_else(bad)?;
+    let rel = &text[..at];
+    let value = &text[at + op_text.len()..];
+    let name_ok = !rel.is_empty()
+        && rel
+            .split('.')
+            .all(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+    if !name_ok || value.is_empty() {
+        return Err(bad());
+    }
+    let value = match value.strip_prefix('"') {
+        Some(v) => v
+            .strip_suffix('"')
+            .filter(|v| !v.contains('"'))
+            .ok_or_else(bad)?,
+        None if value.contains(['"', '&', '|']) => return Err(bad()),
+        None => value,
+    };
+    Ok(Clause {
+        rel: rel.to_string(),
+        op: *op,
+        value: value.to_string(),
+    })
+}
+
+/// Is `path` well formed (its search expressions parse)? The error says what is wrong.
+pub fn check(path: &str) -> Result<(), String> {
+    if path.contains(['+', '#']) {
+        return Err(format!("{path}: reference following is not supported"));
+    }
+    for s in segments(path)? {
+        search(s)?;
+    }
+    Ok(())
+}
+
+/// How many segments `path` (an object path may end in `.`) has.
+pub fn depth(path: &str) -> usize {
+    segments(path.trim_end_matches('.')).map_or(0, |s| s.len())
+}
+
+pub fn has_search(path: &str) -> bool {
+    path.contains('[')
+}
+
+/// Does `path` match `pattern` segment by segment: `*` matches any instance, a search
+/// expression the instances of `params` that satisfy it? A `pattern` ending in `.` names an
+/// object, and `path` may lie anywhere below it.
+pub fn matches(pattern: &str, path: &str, params: &BTreeMap<String, String>) -> bool {
+    let partial = pattern.ends_with('.');
+    let (Ok(p), Ok(s)) = (
+        segments(pattern.trim_end_matches('.')),
+        segments(path.trim_end_matches('.')),
+    ) else {
+        return false;
+    };
+    if (partial && s.len() < p.len()) || (!partial && s.len() != p.len()) {
+        return false;
+    }
+    p.iter().zip(&s).enumerate().all(|(i, (a, b))| {
+        if *a == "*" {
+            return true;
+        }
+        match search(a) {
+            Ok(Some(clauses)) => {
+                b.parse::<u32>().is_ok() && {
+                    let object = format!("{}.", s[..=i].join("."));
+                    clauses.iter().all(|c| holds(c, &object, params))
+                }
+            }
+            Ok(None) => a == b,
+            Err(_) => false,
+        }
+    })
+}
+
+fn holds(c: &Clause, object: &str, params: &BTreeMap<String, String>) -> bool {
+    let Some(actual) = params.get(&format!("{object}{}", c.rel)) else {
+        return false;
+    };
+    let num = |s: &str| s.parse::<f64>().ok();
+    match c.op {
+        Op::Eq => *actual == c.value,
+        Op::Ne => *actual != c.value,
+        op => match (num(actual), num(&c.value)) {
+            (Some(a), Some(b)) => match op {
+                Op::Lt => a < b,
+                Op::Gt => a > b,
+                Op::Le => a <= b,
+                _ => a >= b,
+            },
+            _ => false,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree() -> BTreeMap<String, String> {
+        [
+            ("Device.SoftwareModules.ExecutionUnit.1.Name", "dns-filter"),
+            ("Device.SoftwareModules.ExecutionUnit.1.Status", "Active"),
+            ("Device.SoftwareModules.ExecutionUnit.1.MemoryInUse", "900"),
+            (
+                "Device.SoftwareModules.ExecutionUnit.1.AutoRestart.Enable",
+                "true",
+            ),
+            ("Device.SoftwareModules.ExecutionUnit.2.Name", "iot.guard"),
+            ("Device.SoftwareModules.ExecutionUnit.2.Status", "Idle"),
+            (
+                "Device.SoftwareModules.ExecutionUnit.2.MemoryInUse",
+                "12000",
+            ),
+            (
+                "Device.SoftwareModules.ExecutionUnit.2.AutoRestart.Enable",
+                "false",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    #[test]
+    fn search_expressions_select_instances_by_their_parameters() {
+        let t = tree();
+        let eu = "Device.SoftwareModules.ExecutionUnit.";
+        let hits = |pattern: &str| -> Vec<String> {
+            t.keys()
+                .filter(|k| matches(pattern, k, &t))
+                .filter(|k| k.ends_with(".Name"))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(
+            hits(&format!("{eu}[Name==\"dns-filter\"].")),
+            [format!("{eu}1.Name")]
+        );
+        // A dot inside a quoted value is not a path separator.
+        assert_eq!(
+            hits(&format!("{eu}[Name==\"iot.guard\"].Name")),
+            [format!("{eu}2.Name")]
+        );
+        assert_eq!(
+            hits(&format!("{eu}[MemoryInUse>1000].")),
+            [format!("{eu}2.Name")]
+        );
+        assert_eq!(
+            hits(&format!(
+                "{eu}[Status==\"Active\"&&AutoRestart.Enable==true]."
+            )),
+            [format!("{eu}1.Name")]
+        );
+        assert_eq!(hits(&format!("{eu}[Status!=\"Gone\"].")).len(), 2);
+        assert!(hits(&format!("{eu}[NoSuchParam==1].")).is_empty());
+        // Ordering needs numbers on both sides.
+        assert!(hits(&format!("{eu}[Name>3].")).is_empty());
+    }
+
+    #[test]
+    fn malformed_search_expressions_are_refused_with_a_reason() {
+        for bad in [
+            "Device.SoftwareModules.ExecutionUnit.[Name==\"x\".",
+            "Device.SoftwareModules.ExecutionUnit.[Name].",
+            "Device.SoftwareModules.ExecutionUnit.[==\"x\"].",
+            "Device.SoftwareModules.ExecutionUnit.[Name==].",
+            "Device.SoftwareModules.ExecutionUnit.[Name==\"x].",
+            "Device.SoftwareModules.ExecutionUnit.[[Name==1]].",
+            "Device.SoftwareModules.ExecutionUnit.x[Name==1].",
+            "Device.SoftwareModules.ExecutionUnit.1.ExecutionEnvRef+.Name",
+        ] {
+            assert!(check(bad).is_err(), "{bad} was accepted");
+        }
+        assert!(
+            check("Device.SoftwareModules.ExecutionUnit.[Name==\"a&&b\"&&Status==\"Idle\"].")
+                .is_ok()
+        );
+        assert!(check("Device.SoftwareModules.ExecutionUnit.*.Name").is_ok());
+    }
+}
