@@ -70,6 +70,19 @@ fn assert_failed(ev: &Value, performed: &str, state: &str, says: &str) {
     assert!(fault.contains(says), "{ev}");
 }
 
+/// No operation is in flight and no DU exists.
+fn assert_nothing_pending_or_installed(c: &mut Controller) {
+    let p = get(
+        c,
+        &[
+            "Device.LocalAgent.RequestNumberOfEntries",
+            &format!("{SM}DeploymentUnitNumberOfEntries"),
+        ],
+    );
+    assert_eq!(p["Device.LocalAgent.RequestNumberOfEntries"], "0");
+    assert_eq!(p[&format!("{SM}DeploymentUnitNumberOfEntries")], "0");
+}
+
 /// Is mosquitto there (else the test is skipped, saying so)?
 fn has_mosquitto() -> bool {
     let there = on_path("mosquitto");
@@ -378,15 +391,7 @@ fn install_interrupted_by_a_daemon_crash_is_reported_failed_after_the_restart() 
     assert_failed(&ev, "Install", "Failed", "restarted");
     let oc = operation_complete(&c, "InstallDU()", "k-crash");
     assert!(oc.to_string().contains("cmd_failure"), "{oc}");
-    let p = get(
-        &mut c,
-        &[
-            "Device.LocalAgent.RequestNumberOfEntries",
-            &format!("{SM}DeploymentUnitNumberOfEntries"),
-        ],
-    );
-    assert_eq!(p["Device.LocalAgent.RequestNumberOfEntries"], "0");
-    assert_eq!(p[&format!("{SM}DeploymentUnitNumberOfEntries")], "0");
+    assert_nothing_pending_or_installed(&mut c);
 }
 
 #[test]
@@ -537,6 +542,20 @@ fn unanswered_notifications_are_sent_again_until_the_controller_answers() {
     }
 }
 
+/// A loopback package server for one request: it reads the request, then `serve` answers on
+/// the connection. Returns its port.
+fn one_request_server(serve: impl FnOnce(std::net::TcpStream) + Send + 'static) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut req = [0u8; 1024];
+        let _ = std::io::Read::read(&mut conn, &mut req);
+        serve(conn);
+    });
+    port
+}
+
 /// The daemon's USP state file (`usp.json`) as JSON.
 fn usp_state(d: &Daemon) -> Value {
     serde_json::from_slice(&std::fs::read(d.state_dir().join("usp.json")).unwrap()).unwrap()
@@ -551,14 +570,9 @@ fn notifications_outlive_a_broker_outage_and_a_daemon_restart() {
     let (broker, port) = mosquitto(work.path());
     // A package server that holds the request until told, then answers 404: the install
     // ends while the broker is away.
-    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let held_port = held.local_addr().unwrap().port();
     let (accepted_tx, accepted) = std::sync::mpsc::channel();
     let (release, released) = std::sync::mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        let (mut conn, _) = held.accept().unwrap();
-        let mut req = [0u8; 1024];
-        let _ = std::io::Read::read(&mut conn, &mut req);
+    let held_port = one_request_server(move |mut conn| {
         accepted_tx.send(()).unwrap();
         let _ = released.recv();
         let _ = std::io::Write::write_all(
@@ -630,12 +644,7 @@ fn remote_install_that_outruns_its_deadline_fails_and_installs_nothing() {
     let (_broker, port) = mosquitto(work.path());
     // A server that promises a megabyte and sends a byte every half second: never idle long
     // enough to look stalled, far too slow to finish.
-    let slow = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let slow_port = slow.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let (mut conn, _) = slow.accept().unwrap();
-        let mut req = [0u8; 1024];
-        let _ = std::io::Read::read(&mut conn, &mut req);
+    let slow_port = one_request_server(|mut conn| {
         let _ = std::io::Write::write_all(
             &mut conn,
             b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n",
@@ -659,15 +668,7 @@ fn remote_install_that_outruns_its_deadline_fails_and_installs_nothing() {
     let ev = du_state_change(&c);
     assert_failed(&ev, "Install", "Failed", "deadline of 3 s");
     operation_complete(&c, "InstallDU()", "k-slow");
-    let p = get(
-        &mut c,
-        &[
-            "Device.LocalAgent.RequestNumberOfEntries",
-            &format!("{SM}DeploymentUnitNumberOfEntries"),
-        ],
-    );
-    assert_eq!(p["Device.LocalAgent.RequestNumberOfEntries"], "0");
-    assert_eq!(p[&format!("{SM}DeploymentUnitNumberOfEntries")], "0");
+    assert_nothing_pending_or_installed(&mut c);
     let leftovers: Vec<_> = std::fs::read_dir(d.state_dir().join("usp-downloads"))
         .unwrap()
         .collect();
