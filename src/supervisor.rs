@@ -1880,6 +1880,12 @@ impl Supervisor {
             "name": name,
             "version": m.version,
             "package_version": rec.package_version,
+            // The publisher key that signed the installed package.
+            "publisher": rec
+                .package_version
+                .as_ref()
+                .and_then(|v| self.images.version(name, v).ok())
+                .and_then(|i| i.publisher()),
             "runtime": rec.runtime,
             "state": rec.state,
             "desired": rec.desired,

@@ -231,6 +231,11 @@ fn launcher_installs_starts_updates_and_uninstalls_a_service_over_usp_mqtt() {
 
     let p = get(&mut c, &[&format!("{du}."), &format!("{eu}.")]);
     assert_eq!(p[&format!("{du}.Name")], "remote-svc");
+    assert_eq!(
+        p[&format!("{du}.Vendor")],
+        "operator",
+        "the key that signed it"
+    );
     assert_eq!(p[&format!("{du}.URL")], url(&v1));
     assert_eq!(p[&format!("{du}.Status")], "Installed");
     assert_eq!(p[&format!("{eu}.Status")], "Idle");

@@ -225,6 +225,13 @@ impl TrustStore {
     }
 
     /// The usable (trusted, not revoked) key with `id`.
+    /// The name a trusted key was given (`gatevisor key gen --name`).
+    pub fn publisher(&self, id: &str) -> Option<String> {
+        load_public(&self.trusted_path(id))
+            .ok()
+            .map(|(_, name)| name)
+    }
+
     pub fn get(&self, id: &str) -> Result<VerifyingKey, crate::package::PackageError> {
         use crate::package::PackageError;
         if self.revoked_path(id).exists() {

@@ -18,6 +18,8 @@ use crate::keys::{self, SecretKey, TrustStore};
 pub const FORMAT: u32 = 1;
 pub const MANIFEST: &str = "manifest.toml";
 pub const SIGNATURE: &str = "manifest.sig";
+/// Written next to an installed manifest: `KEY-ID NAME` of the publisher key that signed it.
+pub const SIGNER: &str = "signer";
 const MAX_MANIFEST: u64 = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -312,6 +314,8 @@ pub fn verify_with(
         });
     }
     std::fs::write(manifest_dir.join(MANIFEST), &manifest_bytes)?;
+    let publisher = trust.publisher(id).unwrap_or_default();
+    std::fs::write(manifest_dir.join(SIGNER), format!("{id} {publisher}\n"))?;
     after_each(MANIFEST);
     // 3. The artifacts, in order, each checked while it streams.
     for a in &manifest.artifacts {

@@ -63,6 +63,14 @@ pub struct Installed {
 }
 
 impl Installed {
+    /// The name of the publisher key that signed this version (`None` for a version
+    /// installed before the signer was recorded).
+    pub fn publisher(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.dir.join(package::SIGNER)).ok()?;
+        let name = text.trim().split_once(' ')?.1.trim();
+        (!name.is_empty()).then(|| name.to_string())
+    }
+
     pub fn service_manifest(&self) -> PathBuf {
         self.dir.join("service.toml")
     }

@@ -437,7 +437,8 @@ impl Model {
             put(format!("{du}Status"), "Installed".into());
             put(format!("{du}Resolved"), "true".into());
             put(format!("{du}URL"), u.url.clone());
-            put(format!("{du}Vendor"), String::new());
+            // The publisher key that signed the package (its name on this gateway).
+            put(format!("{du}Vendor"), str_of("publisher"));
             put(format!("{du}Version"), version.clone());
             put(
                 format!("{du}ExecutionUnitList"),
@@ -473,7 +474,7 @@ impl Model {
             put(format!("{eu}ExecutionFaultCode"), fault_code.into());
             put(format!("{eu}ExecutionFaultMessage"), fault_msg);
             put(format!("{eu}AutoStart"), (desired == "running").to_string());
-            put(format!("{eu}Vendor"), String::new());
+            put(format!("{eu}Vendor"), str_of("publisher"));
             put(format!("{eu}Version"), version);
             put(format!("{eu}References"), du.trim_end_matches('.').into());
             put(format!("{eu}ExecutionEnvRef"), ee_ref);
