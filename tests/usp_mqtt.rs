@@ -170,6 +170,10 @@ fn launcher_installs_starts_updates_and_uninstalls_a_service_over_usp_mqtt() {
         ee.get(&format!("{SM}ExecEnv.1.Status")).map(String::as_str),
         Some("Up")
     );
+    for k in ["AvailableMemory", "AvailableDiskSpace"] {
+        let v = &ee[&format!("{SM}ExecEnv.1.{k}")];
+        assert!(v.parse::<u64>().is_ok_and(|kib| kib > 0), "{k} = {v:?}");
+    }
 
     subscribe(&mut c, "du", "Event", &format!("{SM}DUStateChange!"));
     subscribe(&mut c, "oc", "OperationComplete", SM);

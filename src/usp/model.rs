@@ -368,6 +368,13 @@ impl Model {
                     .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
             })
             .unwrap_or(0);
+        // Packages and container roots live in the state directory: its free space (KiB).
+        let disk_avail = self
+            .state_file
+            .parent()
+            .and_then(|d| nix::sys::statvfs::statvfs(d).ok())
+            .map(|s| s.blocks_available() * s.fragment_size() / 1024)
+            .unwrap_or(0);
         for (i, rt) in self.runtimes.iter().enumerate() {
             let ee = format!("{SM}ExecEnv.{}.", i + 1);
             put(format!("{ee}Enable"), "true".into());
@@ -384,6 +391,7 @@ impl Model {
             put(format!("{ee}Vendor"), "gatevisor".into());
             put(format!("{ee}Version"), env!("CARGO_PKG_VERSION").into());
             put(format!("{ee}AvailableMemory"), mem_avail.to_string());
+            put(format!("{ee}AvailableDiskSpace"), disk_avail.to_string());
             let eus: Vec<String> = services
                 .iter()
                 .filter(|(_, s)| s.get("runtime").and_then(|r| r.as_str()) == Some(rt))
@@ -1472,6 +1480,7 @@ pub fn schema() -> Vec<SupportedObject> {
                 ("Vendor", String),
                 ("Version", String),
                 ("AvailableMemory", UnsignedInt),
+                ("AvailableDiskSpace", UnsignedInt),
                 ("ActiveExecutionUnits", String),
             ]),
             ..obj(&format!("{SM}ExecEnv.{{i}}."), true)
