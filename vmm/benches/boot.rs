@@ -71,6 +71,7 @@ fn main() {
             "bzimage_boot_to_init_ms_median": pick("bzimage_boot_to_init_ms_median"),
             "bzimage_qemu_microvm_boot_to_init_ms_median": pick("bzimage_qemu_microvm_boot_to_init_ms_median"),
             "bzimage_boot_ratio": pick("bzimage_boot_ratio"),
+            "runs_timed_out": pick("runs_timed_out"),
             "gateway_note": gateway.get("error").or(gateway.get("reason")).or(gateway.get("guest")).cloned(),
             "host_kvm": std::fs::read_dir("/sys/module/kvm_pvm").map(|_| "pvm").unwrap_or("hardware or none"),
         })
