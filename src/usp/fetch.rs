@@ -24,21 +24,40 @@ fn bad(m: impl Into<String>) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, m.into())
 }
 
-/// The TLS client configuration for `https://` downloads: the CAs in `bundle` (PEM).
-pub fn https_config(bundle: &Path) -> std::io::Result<rustls::ClientConfig> {
-    let pem = std::fs::read(bundle).map_err(|e| bad(format!("{}: {e}", bundle.display())))?;
+/// The CAs in the PEM file `path`. `lenient` skips certificates rustls refuses (a system
+/// bundle holds a few); otherwise any bad one is an error (an operator's CA file).
+pub fn ca_roots(path: &Path, lenient: bool) -> std::io::Result<rustls::RootCertStore> {
+    let at = |e: &dyn std::fmt::Display| bad(format!("{}: {e}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| at(&e))?;
     let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut &pem[..]).flatten() {
-        let _ = roots.add(c);
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        match c
+            .map_err(|e| at(&e))
+            .and_then(|c| roots.add(c).map_err(|e| at(&e)))
+        {
+            Err(_) if lenient => {}
+            r => r?,
+        }
     }
     if roots.is_empty() {
-        return Err(bad(format!("{}: no CA certificate", bundle.display())));
+        return Err(at(&"no CA certificate"));
     }
+    Ok(roots)
+}
+
+/// A rustls client configuration on ring with the safe default protocol versions.
+pub fn client_builder(
+) -> std::io::Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
+    rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| bad(e.to_string()))?
-        .with_root_certificates(roots)
+        .map_err(|e| bad(e.to_string()))
+}
+
+/// The TLS client configuration for `https://` downloads: the CAs in `bundle` (PEM).
+pub fn https_config(bundle: &Path) -> std::io::Result<rustls::ClientConfig> {
+    Ok(client_builder()?
+        .with_root_certificates(ca_roots(bundle, true)?)
         .with_no_client_auth())
 }
 

@@ -677,18 +677,9 @@ impl Model {
                             .or_default()
                             .insert(k[obj.len()..].to_string(), v.clone());
                     }
-                    let known_table = path.ends_with('.')
-                        && params.keys().any(|k| {
-                            k.starts_with(path.trim_end_matches('.'))
-                                && k[path.trim_end_matches('.').len()..]
-                                    .starts_with("NumberOfEntries")
-                        });
                     // A search that finds nothing is an empty answer, not an error.
-                    if by_obj.is_empty()
-                        && !super::path::has_search(path)
-                        && !known_table
-                        && !is_table(path)
-                    {
+                    // An empty table is an empty answer too.
+                    if by_obj.is_empty() && !super::path::has_search(path) && !is_table(path) {
                         return Err((E_INVALID_PATH, format!("{path}: no such path")));
                     }
                     Ok(by_obj.into_iter().collect())

@@ -70,16 +70,7 @@ fn tls_err(what: impl std::fmt::Display) -> std::io::Error {
 /// certificate names `endpoint_id`.
 pub fn client_tls(tls: &TlsConfig, endpoint_id: &str) -> std::io::Result<rustls::ClientConfig> {
     let read = |p: &PathBuf| std::fs::read(p).map_err(|e| tls_err(format!("{}: {e}", p.display())));
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut &read(&tls.ca)?[..]) {
-        let c = c.map_err(|e| tls_err(format!("{}: {e}", tls.ca.display())))?;
-        roots
-            .add(c)
-            .map_err(|e| tls_err(format!("{}: {e}", tls.ca.display())))?;
-    }
-    if roots.is_empty() {
-        return Err(tls_err(format!("{}: no CA certificate", tls.ca.display())));
-    }
+    let roots = super::fetch::ca_roots(&tls.ca, false)?;
     let chain: Vec<_> = rustls_pemfile::certs(&mut &read(&tls.cert)?[..])
         .collect::<Result<_, _>>()
         .map_err(|e| tls_err(format!("{}: {e}", tls.cert.display())))?;
@@ -99,10 +90,7 @@ pub fn client_tls(tls: &TlsConfig, endpoint_id: &str) -> std::io::Result<rustls:
     let key = rustls_pemfile::private_key(&mut &read(&tls.key)?[..])
         .map_err(|e| tls_err(format!("{}: {e}", tls.key.display())))?
         .ok_or_else(|| tls_err(format!("{}: no private key", tls.key.display())))?;
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(tls_err)?
+    super::fetch::client_builder()?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(tls_err)
