@@ -240,7 +240,7 @@ pub fn build(
 /// where it has them).
 struct Hashing<R> {
     inner: R,
-    hasher: ring::digest::Context,
+    hasher: BackgroundDigest,
     read: u64,
 }
 
@@ -250,6 +250,79 @@ impl<R: Read> Read for Hashing<R> {
         self.hasher.update(&buf[..n]);
         self.read += n as u64;
         Ok(n)
+    }
+}
+
+/// SHA-256 on a helper thread, so that hashing runs beside the unpacking on a second core:
+/// the bytes go over in [`BATCH`]-sized buffers that come back to be filled again (at most
+/// [`IN_FLIGHT`] of them, so memory stays bounded).
+struct BackgroundDigest {
+    batch: Vec<u8>,
+    full: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    empty: std::sync::mpsc::Receiver<Vec<u8>>,
+    worker: Option<std::thread::JoinHandle<ring::digest::Digest>>,
+}
+
+const BATCH: usize = 256 * 1024;
+const IN_FLIGHT: usize = 4;
+
+impl BackgroundDigest {
+    fn new() -> BackgroundDigest {
+        let (full, full_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT);
+        let (empty_tx, empty) = std::sync::mpsc::sync_channel(IN_FLIGHT + 1);
+        let worker = std::thread::Builder::new()
+            .name("gv-sha256".into())
+            .spawn(move || {
+                let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+                for mut b in full_rx {
+                    ctx.update(&b);
+                    b.clear();
+                    let _ = empty_tx.try_send(b);
+                }
+                ctx.finish()
+            })
+            .ok();
+        BackgroundDigest {
+            batch: Vec::with_capacity(BATCH),
+            full: Some(full),
+            empty,
+            worker,
+        }
+    }
+
+    fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let take = data.len().min(BATCH - self.batch.len());
+            self.batch.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.batch.len() == BATCH {
+                let next = self
+                    .empty
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(BATCH));
+                let full = std::mem::replace(&mut self.batch, next);
+                self.send(full);
+            }
+        }
+    }
+
+    fn send(&mut self, b: Vec<u8>) {
+        if let Some(full) = &self.full {
+            if full.send(b).is_err() {
+                // The worker is gone (it could not start): finish() reports no digest.
+                self.full = None;
+            }
+        }
+    }
+
+    /// The digest of everything given, or `None` if the helper thread failed.
+    fn finish(mut self) -> Option<ring::digest::Digest> {
+        let rest = std::mem::take(&mut self.batch);
+        if !rest.is_empty() {
+            self.send(rest);
+        }
+        self.full = None;
+        self.worker.take()?.join().ok()
     }
 }
 
@@ -345,7 +418,7 @@ pub fn verify_with(
         }
         let mut r = Hashing {
             inner: e,
-            hasher: ring::digest::Context::new(&ring::digest::SHA256),
+            hasher: BackgroundDigest::new(),
             read: 0,
         };
         let res = sink(a, &mut r);
@@ -357,7 +430,11 @@ pub fn verify_with(
                 a.name, r.read, a.size
             )));
         }
-        let actual = hex::encode(r.hasher.finish());
+        let actual = r
+            .hasher
+            .finish()
+            .map(hex::encode)
+            .ok_or_else(|| PackageError::Archive("the SHA-256 thread failed".into()))?;
         if actual != a.sha256 {
             return Err(PackageError::DigestMismatch {
                 name: a.name.clone(),
@@ -421,4 +498,30 @@ pub fn peek(input: impl Read) -> Result<PackageManifest, PackageError> {
 /// Where a verified package's artifacts were written.
 pub fn artifact_path(dir: &Path, a: &Artifact) -> PathBuf {
     dir.join(&a.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn background_digest_equals_sha256_of_everything_given_in_any_pieces() {
+        let data: Vec<u8> = (0..3 * BATCH + 12345)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let expected = ring::digest::digest(&ring::digest::SHA256, &data);
+        for piece in [1, 511, 4096, BATCH - 1, BATCH, BATCH + 7, data.len()] {
+            let mut d = BackgroundDigest::new();
+            for c in data.chunks(piece) {
+                d.update(c);
+            }
+            let got = d.finish().expect("a digest");
+            assert_eq!(got.as_ref(), expected.as_ref(), "pieces of {piece} bytes");
+        }
+        let empty = BackgroundDigest::new().finish().expect("a digest");
+        assert_eq!(
+            empty.as_ref(),
+            ring::digest::digest(&ring::digest::SHA256, b"").as_ref()
+        );
+    }
 }
