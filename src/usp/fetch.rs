@@ -177,17 +177,16 @@ pub fn fetch(
             "{url}: only file://, http:// and https:// URLs are fetched"
         )))
     };
-    let copied = match copied {
-        Ok(n) => n,
-        Err(e) => {
+    // A body that ended exactly as the deadline passed is late all the same.
+    copied
+        .and_then(|n| match n {
+            n if n > MAX_BYTES => Err(bad(format!("larger than {MAX_BYTES} bytes"))),
+            _ if Instant::now() >= deadline => Err(overdue()),
+            n => Ok(n),
+        })
+        .inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    if copied > MAX_BYTES {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(bad(format!("larger than {MAX_BYTES} bytes")));
-    }
+        })?;
     out.sync_all()?;
     std::fs::rename(&tmp, dest)
 }

@@ -92,10 +92,6 @@ struct PendingOp {
     /// The service name once known (an install learns it from the package).
     name: Option<String>,
     started: String,
-    /// When it must have ended (seconds since the epoch; R-SMM.1). 0: journaled by a daemon
-    /// that kept no deadline.
-    #[serde(default)]
-    deadline: u64,
     /// The supervisor's answer once it succeeded, journaled before anyone is told, so that a
     /// daemon that dies in between reports the truth after its restart.
     #[serde(default)]
@@ -250,16 +246,6 @@ impl Model {
         opts: ModelOptions,
         outbox: Sender<Notification>,
     ) -> std::io::Result<Arc<Model>> {
-        if opts.operation_deadline.is_zero() || opts.operation_deadline > MAX_OPERATION_DEADLINE {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "the operation deadline must be 1 s to {} s, not {} s",
-                    MAX_OPERATION_DEADLINE.as_secs(),
-                    opts.operation_deadline.as_secs()
-                ),
-            ));
-        }
         let state_file = state_dir.join("usp.json");
         let st: Persisted = match std::fs::read(&state_file) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
@@ -288,6 +274,14 @@ impl Model {
         });
         model.settle_interrupted();
         Ok(model)
+    }
+
+    /// Saves `st` where a failure cannot be answered to anyone: it is logged, and the next
+    /// save tries again.
+    fn persist_or_warn(&self, st: &Persisted) {
+        if let Err(e) = self.persist(st) {
+            tracing::warn!("usp: cannot save {}: {e}", self.state_file.display());
+        }
     }
 
     fn persist(&self, st: &Persisted) -> std::io::Result<()> {
@@ -341,9 +335,7 @@ impl Model {
         st.units.retain(|n, _| services.contains_key(n));
         changed |= st.units.len() != before;
         if changed {
-            if let Err(e) = self.persist(&st) {
-                tracing::warn!("usp: cannot save {}: {e}", self.state_file.display());
-            }
+            self.persist_or_warn(&st);
         }
         services
     }
@@ -639,9 +631,7 @@ impl Model {
                     .position(|x| x.subscription_id == subscription_id && x.recipient == from)
                 {
                     st.unacked.remove(i);
-                    if let Err(e) = self.persist(&st) {
-                        tracing::warn!("usp: cannot save {}: {e}", self.state_file.display());
-                    }
+                    self.persist_or_warn(&st);
                 }
                 return None;
             }
@@ -980,7 +970,6 @@ impl Model {
                 },
                 kind,
                 started: now_iso(),
-                deadline: unix_now() + self.operation_deadline.as_secs(),
                 outcome: None,
             };
             st.requests.push(op.clone());
@@ -1022,27 +1011,20 @@ impl Model {
         };
         super::fetch::fetch(url, &dest, tls, deadline).map_err(|e| {
             if e.kind() == std::io::ErrorKind::TimedOut {
-                self.overdue(&format!("fetching {url}"))
+                // R-SMM.1: the download is the step whose length the network decides.
+                (
+                    E_COMMAND_FAILURE,
+                    format!(
+                        "the operation's deadline of {} s passed while fetching {url}; nothing \
+                         was changed",
+                        self.operation_deadline.as_secs()
+                    ),
+                )
             } else {
                 (E_COMMAND_FAILURE, format!("{url}: {e}"))
             }
         })?;
-        if std::time::Instant::now() >= deadline {
-            let _ = std::fs::remove_file(&dest);
-            return Err(self.overdue(&format!("fetching {url}")));
-        }
         Ok(dest)
-    }
-
-    /// The fault of an operation that ran out of time while `doing` (R-SMM.1).
-    fn overdue(&self, doing: &str) -> (u32, String) {
-        (
-            E_COMMAND_FAILURE,
-            format!(
-                "the operation's deadline of {} s passed while {doing}; nothing was changed",
-                self.operation_deadline.as_secs()
-            ),
-        )
     }
 
     /// Journals a successful operation's result (`name`) before anyone is told of it.
@@ -1050,9 +1032,7 @@ impl Model {
         if let Some(r) = st.requests.iter_mut().find(|r| r.instance == instance) {
             r.outcome = Some(name.to_string());
         }
-        if let Err(e) = self.persist(st) {
-            tracing::warn!("usp: cannot save {}: {e}", self.state_file.display());
-        }
+        self.persist_or_warn(st);
     }
 
     /// Runs an operation; Ok(service name) or a fault. Past `deadline` nothing more is
@@ -1208,9 +1188,7 @@ impl Model {
                 &done,
             ));
             st.requests.retain(|r| r.instance != op.instance);
-            if let Err(e) = self.persist(&st) {
-                tracing::warn!("usp: cannot save {}: {e}", self.state_file.display());
-            }
+            self.persist_or_warn(&st);
             out
         };
         self.dispatch(out);
@@ -1249,9 +1227,7 @@ impl Model {
             let waiting = st.unacked.len();
             let out = queue(&mut st, notif_type, path, &kind);
             if st.unacked.len() != waiting {
-                if let Err(e) = self.persist(&st) {
-                    tracing::warn!("usp: cannot save {}: {e}", self.state_file.display());
-                }
+                self.persist_or_warn(&st);
             }
             out
         };
@@ -1272,9 +1248,10 @@ impl Model {
         let now = std::time::Instant::now();
         let mut due = Vec::new();
         {
-            let mut st = self.st.lock().unwrap();
+            let mut guard = self.st.lock().unwrap();
+            let st = &mut *guard;
             let waiting = st.unacked.len();
-            let subscriptions = std::mem::take(&mut st.subscriptions);
+            let subscriptions = &st.subscriptions;
             st.unacked.retain_mut(|x| {
                 if x.next.is_some_and(|n| n > now) {
                     return true;
@@ -1302,11 +1279,8 @@ impl Model {
                 ));
                 true
             });
-            st.subscriptions = subscriptions;
             if st.unacked.len() != waiting {
-                if let Err(e) = self.persist(&st) {
-                    tracing::warn!("usp: cannot save {}: {e}", self.state_file.display());
-                }
+                self.persist_or_warn(st);
             }
         }
         self.dispatch(due);
@@ -1407,13 +1381,6 @@ fn queue(st: &mut Persisted, notif_type: &str, path: &str, kind: &NotifyKind) ->
             )
         })
         .collect()
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 /// The objects this agent serves (its supported data model).
