@@ -224,21 +224,14 @@ impl TrustStore {
         v
     }
 
-    /// The usable (trusted, not revoked) key with `id`.
-    /// The name a trusted key was given (`gatevisor key gen --name`).
-    pub fn publisher(&self, id: &str) -> Option<String> {
-        load_public(&self.trusted_path(id))
-            .ok()
-            .map(|(_, name)| name)
-    }
-
-    pub fn get(&self, id: &str) -> Result<VerifyingKey, crate::package::PackageError> {
+    /// The usable (trusted, not revoked) key with `id`, and the name it was given
+    /// (`gatevisor key gen --name`): the publisher.
+    pub fn get(&self, id: &str) -> Result<(VerifyingKey, String), crate::package::PackageError> {
         use crate::package::PackageError;
         if self.revoked_path(id).exists() {
             return Err(PackageError::RevokedKey { id: id.into() });
         }
         load_public(&self.trusted_path(id))
-            .map(|(k, _)| k)
             .map_err(|_| PackageError::UntrustedKey { id: id.into() })
     }
 }

@@ -375,7 +375,7 @@ pub fn verify_with(
         .ok()
         .and_then(|b| b.try_into().ok())
         .ok_or(PackageError::BadSignatureFormat)?;
-    let key = trust.get(id)?;
+    let (key, publisher) = trust.get(id)?;
     if !keys::verify(&key, &manifest_bytes, &signature) {
         return Err(PackageError::BadSignature);
     }
@@ -387,7 +387,6 @@ pub fn verify_with(
         });
     }
     std::fs::write(manifest_dir.join(MANIFEST), &manifest_bytes)?;
-    let publisher = trust.publisher(id).unwrap_or_default();
     std::fs::write(manifest_dir.join(SIGNER), format!("{id} {publisher}\n"))?;
     after_each(MANIFEST);
     // 3. The artifacts, in order, each checked while it streams.
