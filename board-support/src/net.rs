@@ -174,51 +174,19 @@ pub fn create_veth(name: &str, peer: &str) -> std::io::Result<()> {
     m.0[6..8].copy_from_slice(&flags.to_ne_bytes());
     m.0[8..12].copy_from_slice(&1u32.to_ne_bytes()); // sequence number
 
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: the kernel address is an all-zero sockaddr_nl with nl_family set, valid for
-    // the call; the buffer is `m.0`, alive and of the length given.
-    let sent = unsafe {
-        let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
-        kernel.nl_family = libc::AF_NETLINK as u16;
-        libc::sendto(
-            sock.as_raw_fd(),
-            m.0.as_ptr().cast(),
-            m.0.len(),
-            0,
-            (&kernel as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if sent < 0 {
-        return Err(Error::last_os_error());
-    }
+    use nix::sys::socket::{self as so, AddressFamily, MsgFlags, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    let sock = so::socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        so::SockProtocol::NetlinkRoute,
+    )?;
+    let kernel = so::NetlinkAddr::new(0, 0);
+    so::sendto(sock.as_raw_fd(), &m.0, &kernel, MsgFlags::empty())?;
     let mut answer = [0u8; 4096];
-    // SAFETY: `answer` is a live, writable buffer of the length passed.
-    let got = unsafe {
-        libc::recv(
-            sock.as_raw_fd(),
-            answer.as_mut_ptr().cast(),
-            answer.len(),
-            0,
-        )
-    };
-    if got < 0 {
-        return Err(Error::last_os_error());
-    }
-    ack_status(&answer[..got as usize])
+    let got = so::recv(sock.as_raw_fd(), &mut answer, MsgFlags::empty())?;
+    ack_status(&answer[..got])
 }
 
 /// Reads the kernel's `NLMSG_ERROR` acknowledgement: error 0 is success, anything else the
