@@ -11,6 +11,7 @@ use super::codec::{
     GetResult, Incoming, NotifyKind, OperateOutcome, Outgoing, ParamType, PathsResult,
     SupportedObject,
 };
+use super::path::Pattern;
 use crate::api::{ApiError, ErrorKind, Request};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -642,12 +643,13 @@ impl Model {
         })
     }
 
-    fn check_path(path: &str) -> Result<(), (u32, String)> {
-        super::path::check(path).map_err(|e| (E_INVALID_PATH, e))?;
+    /// `path` parsed, if it is a well-formed `Device.` path.
+    fn check_path(path: &str) -> Result<Pattern, (u32, String)> {
+        let pattern = Pattern::parse(path).map_err(|e| (E_INVALID_PATH, e))?;
         if !path.starts_with("Device.") {
             return Err((E_INVALID_PATH, format!("{path}: not a Device. path")));
         }
-        Ok(())
+        Ok(pattern)
     }
 
     fn get(&self, paths: &[String]) -> Vec<(String, GetResult)> {
@@ -655,11 +657,9 @@ impl Model {
         paths
             .iter()
             .map(|path| {
-                let r = Self::check_path(path).and_then(|()| {
+                let r = Self::check_path(path).and_then(|pattern| {
                     let mut by_obj: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-                    let hits = params
-                        .iter()
-                        .filter(|(k, _)| super::path::matches(path, k, &params));
+                    let hits = params.iter().filter(|(k, _)| pattern.matches(k, &params));
                     for (k, v) in hits {
                         let obj = object_of(k);
                         by_obj
@@ -669,7 +669,7 @@ impl Model {
                     }
                     // A search that finds nothing is an empty answer, not an error.
                     // An empty table is an empty answer too.
-                    if by_obj.is_empty() && !super::path::has_search(path) && !is_table(path) {
+                    if by_obj.is_empty() && !pattern.has_search() && !is_table(path) {
                         return Err((E_INVALID_PATH, format!("{path}: no such path")));
                     }
                     Ok(by_obj.into_iter().collect())
@@ -685,16 +685,14 @@ impl Model {
         paths
             .iter()
             .map(|path| {
-                let r = Self::check_path(path).and_then(|()| {
+                let r = Self::check_path(path).and_then(|pattern| {
                     if !path.ends_with('.') {
                         return Err((E_INVALID_PATH, format!("{path}: not an object path")));
                     }
-                    let depth = super::path::depth(path);
+                    let depth = pattern.depth();
                     Ok(objects
                         .iter()
-                        .filter(|o| {
-                            super::path::matches(path, o, &params) && o.as_str() != path.as_str()
-                        })
+                        .filter(|o| pattern.matches(o, &params) && o.as_str() != path.as_str())
                         .filter(|o| {
                             !first_level_only
                                 || o.trim_end_matches('.').split('.').count() == depth + 1
@@ -746,8 +744,8 @@ impl Model {
             return Err((E_INVALID_ARGS, "ReferenceList is empty".into()));
         }
         for r in &reference_list {
-            Self::check_path(r).map_err(|(_, m)| (E_INVALID_ARGS, m))?;
-            if super::path::has_search(r) {
+            let pattern = Self::check_path(r).map_err(|(_, m)| (E_INVALID_ARGS, m))?;
+            if pattern.has_search() {
                 return Err((
                     E_INVALID_ARGS,
                     format!("{r}: search expressions in a ReferenceList are not supported"),
@@ -785,9 +783,9 @@ impl Model {
     }
 
     fn delete_subscription(&self, path: &str) -> Result<Vec<String>, (u32, String)> {
-        Self::check_path(path)?;
+        let pattern = Self::check_path(path)?;
         // A search (`Subscription.[ID=="x"].`) looks at the subscriptions' parameters.
-        let params = if super::path::has_search(path) {
+        let params = if pattern.has_search() {
             self.parameters()
         } else {
             BTreeMap::new()
@@ -797,7 +795,7 @@ impl Model {
             .subscriptions
             .iter()
             .map(|s| format!("{SUBS}{}.", s.instance))
-            .filter(|p| super::path::matches(path, p, &params))
+            .filter(|p| pattern.matches(p, &params))
             .collect();
         st.subscriptions
             .retain(|s| !gone.contains(&format!("{SUBS}{}.", s.instance)));
@@ -810,17 +808,15 @@ impl Model {
     /// (`ExecutionUnit.[Name=="x"].Restart()`) one per instance that satisfies it (none is
     /// an empty answer).
     fn expand_command(&self, command: &str) -> Result<Vec<String>, (u32, String)> {
-        if !super::path::has_search(command) {
-            return Ok(vec![command.to_string()]);
-        }
-        Self::check_path(command)?;
-        let Some((object, name)) = command.rsplit_once('.') else {
-            return Err((E_INVALID_PATH, format!("{command}: no such command")));
+        let (object, name) = match command.rsplit_once('.') {
+            Some(split) if command.contains('[') => split,
+            _ => return Ok(vec![command.to_string()]),
         };
+        let pattern = Self::check_path(object)?;
         let params = self.parameters();
         Ok(instance_objects(&params)
             .into_iter()
-            .filter(|o| super::path::matches(object, o.trim_end_matches('.'), &params))
+            .filter(|o| pattern.matches(o.trim_end_matches('.'), &params))
             .map(|o| format!("{o}{name}"))
             .collect())
     }

@@ -129,55 +129,79 @@ fn clause(text: &str) -> Result<Clause, String> {
     })
 }
 
-/// Is `path` well formed (its search expressions parse)? The error says what is wrong.
-pub fn check(path: &str) -> Result<(), String> {
-    if path.contains(['+', '#']) {
-        return Err(format!("{path}: reference following is not supported"));
-    }
-    for s in segments(path)? {
-        search(s)?;
-    }
-    Ok(())
+/// One segment of a parsed pattern.
+#[derive(Debug, Clone, PartialEq)]
+enum Seg {
+    Any,
+    Name(String),
+    Search(Vec<Clause>),
 }
 
-/// How many segments `path` (an object path may end in `.`) has.
-pub fn depth(path: &str) -> usize {
-    segments(path.trim_end_matches('.')).map_or(0, |s| s.len())
+/// A path pattern, parsed once and matched against many paths.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pattern {
+    /// Ends in `.`: names an object, and matches anything below it.
+    partial: bool,
+    segs: Vec<Seg>,
 }
 
-pub fn has_search(path: &str) -> bool {
-    path.contains('[')
-}
-
-/// Does `path` match `pattern` segment by segment: `*` matches any instance, a search
-/// expression the instances of `params` that satisfy it? A `pattern` ending in `.` names an
-/// object, and `path` may lie anywhere below it.
-pub fn matches(pattern: &str, path: &str, params: &BTreeMap<String, String>) -> bool {
-    let partial = pattern.ends_with('.');
-    let (Ok(p), Ok(s)) = (
-        segments(pattern.trim_end_matches('.')),
-        segments(path.trim_end_matches('.')),
-    ) else {
-        return false;
-    };
-    if (partial && s.len() < p.len()) || (!partial && s.len() != p.len()) {
-        return false;
-    }
-    p.iter().zip(&s).enumerate().all(|(i, (a, b))| {
-        if *a == "*" {
-            return true;
+impl Pattern {
+    /// Parses `path`; the error says what is wrong with it.
+    pub fn parse(path: &str) -> Result<Pattern, String> {
+        if path.contains(['+', '#']) {
+            return Err(format!("{path}: reference following is not supported"));
         }
-        match search(a) {
-            Ok(Some(clauses)) => {
+        let segs = segments(path.trim_end_matches('.'))?
+            .into_iter()
+            .map(|s| {
+                Ok(match search(s)? {
+                    Some(clauses) => Seg::Search(clauses),
+                    None if s == "*" => Seg::Any,
+                    None => Seg::Name(s.to_string()),
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Pattern {
+            partial: path.ends_with('.'),
+            segs,
+        })
+    }
+
+    /// How many segments it has.
+    pub fn depth(&self) -> usize {
+        self.segs.len()
+    }
+
+    pub fn has_search(&self) -> bool {
+        self.segs.iter().any(|s| matches!(s, Seg::Search(_)))
+    }
+
+    /// Does the concrete `path` match, segment by segment: `*` matches any instance, a search
+    /// expression the instances of `params` that satisfy it? A partial pattern matches
+    /// anything below its object too.
+    pub fn matches(&self, path: &str, params: &BTreeMap<String, String>) -> bool {
+        let s: Vec<&str> = path.trim_end_matches('.').split('.').collect();
+        let p = &self.segs;
+        if (self.partial && s.len() < p.len()) || (!self.partial && s.len() != p.len()) {
+            return false;
+        }
+        p.iter().zip(&s).enumerate().all(|(i, (a, b))| match a {
+            Seg::Any => true,
+            Seg::Name(n) => n == b,
+            Seg::Search(clauses) => {
                 b.parse::<u32>().is_ok() && {
                     let object = format!("{}.", s[..=i].join("."));
                     clauses.iter().all(|c| holds(c, &object, params))
                 }
             }
-            Ok(None) => a == b,
-            Err(_) => false,
-        }
-    })
+        })
+    }
+}
+
+/// Does `path` match `pattern` (see [`Pattern::matches`])? A malformed pattern matches
+/// nothing.
+pub fn matches(pattern: &str, path: &str, params: &BTreeMap<String, String>) -> bool {
+    Pattern::parse(pattern).is_ok_and(|p| p.matches(path, params))
 }
 
 fn holds(c: &Clause, object: &str, params: &BTreeMap<String, String>) -> bool {
@@ -277,12 +301,12 @@ mod tests {
             "Device.SoftwareModules.ExecutionUnit.x[Name==1].",
             "Device.SoftwareModules.ExecutionUnit.1.ExecutionEnvRef+.Name",
         ] {
-            assert!(check(bad).is_err(), "{bad} was accepted");
+            assert!(Pattern::parse(bad).is_err(), "{bad} was accepted");
         }
-        assert!(
-            check("Device.SoftwareModules.ExecutionUnit.[Name==\"a&&b\"&&Status==\"Idle\"].")
-                .is_ok()
-        );
-        assert!(check("Device.SoftwareModules.ExecutionUnit.*.Name").is_ok());
+        assert!(Pattern::parse(
+            "Device.SoftwareModules.ExecutionUnit.[Name==\"a&&b\"&&Status==\"Idle\"]."
+        )
+        .is_ok());
+        assert!(Pattern::parse("Device.SoftwareModules.ExecutionUnit.*.Name").is_ok());
     }
 }
