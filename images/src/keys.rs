@@ -37,6 +37,17 @@ pub enum KeyError {
     NotTrusted(String),
     #[error("key names are 1 to 32 characters of a-z, 0-9, '-' and '_'")]
     BadName,
+    #[error("{0:?} is not a key id (16 lowercase hex digits, as `gatevisor key gen` prints)")]
+    BadId(String),
+}
+
+/// Length of a key id in hex digits.
+pub const KEY_ID_LEN: usize = 16;
+
+/// Is `id` exactly of the form [`key_id`] makes (16 lowercase hex digits)? Only such ids ever
+/// become file names in the trust store.
+pub fn valid_key_id(id: &str) -> bool {
+    id.len() == KEY_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// `KEYID` of a public key.
@@ -169,11 +180,14 @@ impl TrustStore {
         TrustStore { dir: dir.into() }
     }
 
+    /// Only called with ids that passed [`valid_key_id`]: never a path from package data.
     fn trusted_path(&self, id: &str) -> PathBuf {
+        debug_assert!(valid_key_id(id));
         self.dir.join("trusted").join(format!("{id}.pub"))
     }
 
     fn revoked_path(&self, id: &str) -> PathBuf {
+        debug_assert!(valid_key_id(id));
         self.dir.join("revoked").join(id)
     }
 
@@ -193,6 +207,9 @@ impl TrustStore {
 
     /// Revokes key `id` (kept as revoked even if trusted again).
     pub fn revoke(&self, id: &str) -> Result<(), KeyError> {
+        if !valid_key_id(id) {
+            return Err(KeyError::BadId(id.into()));
+        }
         if !self.trusted_path(id).exists() {
             return Err(KeyError::NotTrusted(id.into()));
         }
@@ -226,13 +243,24 @@ impl TrustStore {
 
     /// The usable (trusted, not revoked) key with `id`, and the name it was given
     /// (`gatevisor key gen --name`): the publisher.
+    ///
+    /// `id` comes from a package: it is checked against the exact form of a key id before it
+    /// names a file, and the key found must itself have that id (a file under another name,
+    /// copied or renamed into `trusted/`, is not trusted).
     pub fn get(&self, id: &str) -> Result<(VerifyingKey, String), crate::package::PackageError> {
         use crate::package::PackageError;
+        if !valid_key_id(id) {
+            return Err(PackageError::BadKeyId);
+        }
         if self.revoked_path(id).exists() {
             return Err(PackageError::RevokedKey { id: id.into() });
         }
-        load_public(&self.trusted_path(id))
-            .map_err(|_| PackageError::UntrustedKey { id: id.into() })
+        let (key, name) = load_public(&self.trusted_path(id))
+            .map_err(|_| PackageError::UntrustedKey { id: id.into() })?;
+        if key_id(&key) != id {
+            return Err(PackageError::UntrustedKey { id: id.into() });
+        }
+        Ok((key, name))
     }
 }
 
@@ -272,6 +300,39 @@ mod tests {
             "re-trusting does not undo a revocation"
         );
         assert!(store.list()[0].revoked);
+    }
+
+    #[test]
+    fn key_ids_from_packages_never_become_paths() {
+        let d = tempfile::tempdir().unwrap();
+        let k = SecretKey::generate().unwrap();
+        let public = k.save(&d.path().join("op.key"), "operator").unwrap();
+        let store = TrustStore::new(&d.path().join("trust"));
+        let id = store.trust(&public).unwrap();
+        assert!(valid_key_id(&id), "{id}");
+        for bad in [
+            format!("../trusted/{id}"),
+            format!("../../op"),
+            id.to_uppercase(),
+            format!("{id}0"),
+            id[1..].to_string(),
+            String::new(),
+        ] {
+            assert!(
+                matches!(store.get(&bad), Err(crate::package::PackageError::BadKeyId)),
+                "{bad:?} accepted"
+            );
+        }
+        // A key file under another key's id is not that key.
+        let other = SecretKey::generate().unwrap();
+        let fake = "0123456789abcdef";
+        std::fs::write(
+            d.path().join("trust/trusted").join(format!("{fake}.pub")),
+            public_line(&other.public(), "fake"),
+        )
+        .unwrap();
+        assert!(store.get(fake).is_err());
+        assert!(store.revoke("../x").is_err());
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Signed service packages and the image store.
 //!
+//! - [`beneath`]: trees reached through directory fds (`openat2` beneath a root): unpacking
+//!   and copying that cannot leave the tree.
 //! - [`keys`]: ed25519 publisher keys and the gateway's trust store (trust, revoke, list).
 //! - [`package`]: the package format (a tar: signed manifest, then artifacts), built
 //!   reproducibly, read with the signature checked before anything is written and every
@@ -8,6 +10,7 @@
 //! - [`store`]: the content-addressed store on the gateway, with atomic installs that a power
 //!   cut at any point leaves at the old or the new version, and garbage collection.
 
+pub mod beneath;
 pub mod keys;
 pub mod package;
 pub mod rootfs;

@@ -88,6 +88,8 @@ pub enum PackageError {
     BadManifest(String),
     #[error("{SIGNATURE} is malformed (expected `ed25519 KEYID HEXSIG`)")]
     BadSignatureFormat,
+    #[error("the signature in {SIGNATURE} names a key id that is not 16 lowercase hex digits")]
+    BadKeyId,
     #[error("the package is signed by key {id}, which this gateway does not trust")]
     UntrustedKey { id: String },
     #[error("the package is signed by key {id}, which was revoked")]
@@ -475,6 +477,34 @@ pub fn verify_into(
         },
         after_each,
     )
+}
+
+/// Opens a file named from outside for reading only if it is a regular file: a FIFO, a device
+/// or a directory is refused at once (opened non-blocking, so a FIFO with no writer cannot
+/// hang the caller), with the kernel's answer as the error.
+pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let ty = f.metadata()?.file_type();
+    if !ty.is_file() {
+        let what = if ty.is_fifo() {
+            "a FIFO"
+        } else if ty.is_dir() {
+            "a directory"
+        } else if ty.is_block_device() || ty.is_char_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{what}, not a regular file"),
+        ));
+    }
+    Ok(f)
 }
 
 /// The package's manifest, read without checking anything: only to learn its name before the

@@ -5,6 +5,7 @@
 //! or longer paths than the limits allow.
 
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::package::{Limits, PackageError};
@@ -18,7 +19,6 @@ fn unsafe_entry(path: &str, why: &str) -> PackageError {
 
 /// Packs `dir` into a tar: sorted entries, no timestamps or owners (reproducible).
 pub fn pack(dir: &Path, out: impl Write) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     let mut tar = tar::Builder::new(out);
     tar.follow_symlinks(false);
     let mut stack = vec![PathBuf::new()];
@@ -89,30 +89,6 @@ fn relative(path: &str, limits: &Limits) -> Result<PathBuf, PackageError> {
     Ok(out)
 }
 
-/// Does a symlink at `link` (relative to the root) pointing to `target` stay inside the root?
-/// Absolute targets resolve inside the container's root, so they stay in; relative ones must
-/// not climb above it.
-fn symlink_stays_inside(link: &Path, target: &Path) -> bool {
-    if target.is_absolute() {
-        return true;
-    }
-    let mut depth = link.components().count() as i64 - 1;
-    for c in target.components() {
-        match c {
-            Component::ParentDir => {
-                depth -= 1;
-                if depth < 0 {
-                    return false;
-                }
-            }
-            Component::Normal(_) => depth += 1,
-            _ => {}
-        }
-    }
-    true
-}
-
-/// Unpacks a rootfs tar into `dest` (created), refusing unsafe entries.
 /// Starts writing `f`'s data to the device now, without waiting: the flush that makes the
 /// install durable then finds most of it already written, while unpacking went on.
 fn start_writeback(f: &std::fs::File) {
@@ -125,98 +101,97 @@ fn start_writeback(f: &std::fs::File) {
     }
 }
 
+/// Unpacks a rootfs tar into `dest` (created), refusing unsafe entries. Every entry is made
+/// relative to its parent directory's fd, found beneath `dest` through real directories only
+/// ([`crate::beneath`]), so no entry, hard link or later entry can reach outside through a
+/// symlink; symlinks are created as they are and then checked, chains included, not to climb
+/// out of the root.
 pub fn unpack(input: impl Read, dest: &Path, limits: &Limits) -> Result<u64, PackageError> {
-    use std::os::unix::fs::PermissionsExt;
+    use crate::beneath::{is_kind, split, BeneathError, Dir};
+    use nix::errno::Errno;
+    use nix::sys::stat::SFlag;
     std::fs::create_dir_all(dest)?;
+    let root = Dir::open(dest)?;
     let mut ar = tar::Archive::new(input);
     let mut count = 0u64;
-    for entry in ar
-        .entries()
-        .map_err(|e| PackageError::Archive(e.to_string()))?
-    {
-        let mut e = entry.map_err(|e| PackageError::Archive(e.to_string()))?;
+    let mut symlinks = Vec::new();
+    let archive = |e: std::io::Error| PackageError::Archive(e.to_string());
+    for entry in ar.entries().map_err(archive)? {
+        let mut e = entry.map_err(archive)?;
         count += 1;
         if count > limits.max_files {
             return Err(PackageError::TooManyFiles {
                 limit: limits.max_files,
             });
         }
-        let raw = e
-            .path()
-            .map_err(|err| PackageError::Archive(err.to_string()))?
-            .to_string_lossy()
-            .into_owned();
+        let raw = e.path().map_err(archive)?.to_string_lossy().into_owned();
         let rel = relative(&raw, limits)?;
-        let mode = e
-            .header()
-            .mode()
-            .map_err(|err| PackageError::Archive(err.to_string()))?;
+        let mode = e.header().mode().map_err(archive)?;
         if mode & 0o6000 != 0 {
             return Err(unsafe_entry(&raw, "setuid or setgid bit"));
         }
-        // Never write through a symlink: every parent must be a real directory we made.
-        let mut parent = dest.to_path_buf();
-        for c in rel.parent().into_iter().flat_map(|p| p.components()) {
-            parent.push(c);
-            match std::fs::symlink_metadata(&parent) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    return Err(unsafe_entry(&raw, "a parent directory is a symlink"))
-                }
-                Ok(m) if !m.is_dir() => {
-                    return Err(unsafe_entry(&raw, "a parent is not a directory"))
-                }
-                Ok(_) => {}
-                Err(_) => std::fs::create_dir(&parent)?,
-            }
-        }
-        let target = dest.join(&rel);
+        let (parent_rel, name) = split(&rel);
+        let beneath = |raw: &str, e: BeneathError| match e {
+            BeneathError::Escapes => unsafe_entry(raw, "a parent directory is a symlink"),
+            BeneathError::NotDirectory => unsafe_entry(raw, "a parent is not a directory"),
+            BeneathError::Io(e) => PackageError::Io(e),
+        };
+        let parent = root.make_dirs(parent_rel).map_err(|e| beneath(&raw, e))?;
+        let exists = |r: Result<_, Errno>| match r {
+            Err(Errno::EEXIST) => unsafe_entry(&raw, "duplicate entry"),
+            Err(e) => PackageError::Io(e.into()),
+            Ok(()) => unreachable!(),
+        };
         match e.header().entry_type() {
             tar::EntryType::Directory => {
-                match std::fs::symlink_metadata(&target) {
-                    Ok(m) if m.is_dir() => {}
+                match parent.stat(name) {
+                    Ok(st) if is_kind(&st, SFlag::S_IFDIR) => {}
                     Ok(_) => return Err(unsafe_entry(&raw, "a directory over an existing entry")),
-                    Err(_) => std::fs::create_dir(&target)?,
+                    Err(_) => parent.mkdir(name, 0o700).map_err(|e| exists(Err(e)))?,
                 }
-                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode & 0o777))?;
+                parent
+                    .chmod_dir(name, mode & 0o777)
+                    .map_err(|e| beneath(&raw, e))?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                if std::fs::symlink_metadata(&target).is_ok() {
-                    return Err(unsafe_entry(&raw, "duplicate entry"));
-                }
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&target)?;
-                std::io::copy(&mut e, &mut f)
-                    .map_err(|err| PackageError::Archive(err.to_string()))?;
+                let mut f = parent
+                    .create_file(name, 0o600)
+                    .map_err(|e| exists(Err(e)))?;
+                std::io::copy(&mut e, &mut f).map_err(archive)?;
                 f.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))?;
                 start_writeback(&f);
             }
             tar::EntryType::Symlink => {
                 let link = e
                     .link_name()
-                    .map_err(|err| PackageError::Archive(err.to_string()))?
+                    .map_err(archive)?
                     .ok_or_else(|| unsafe_entry(&raw, "symlink without a target"))?;
-                if !symlink_stays_inside(&rel, &link) {
-                    return Err(unsafe_entry(&raw, "symlink target climbs out of the root"));
+                if link.as_os_str().len() > limits.max_path_len {
+                    return Err(unsafe_entry(&raw, "symlink target too long"));
                 }
-                std::os::unix::fs::symlink(&link, &target)?;
+                parent.symlink(&link, name).map_err(|e| exists(Err(e)))?;
+                symlinks.push((raw, rel));
             }
             tar::EntryType::Link => {
                 let link = e
                     .link_name()
-                    .map_err(|err| PackageError::Archive(err.to_string()))?
+                    .map_err(archive)?
                     .ok_or_else(|| unsafe_entry(&raw, "hard link without a target"))?;
-                let src = dest.join(relative(&link.to_string_lossy(), limits)?);
-                let m = std::fs::symlink_metadata(&src)
-                    .map_err(|_| unsafe_entry(&raw, "hard link to a missing entry"))?;
-                if !m.is_file() {
+                let src_rel = relative(&link.to_string_lossy(), limits)?;
+                let (src_parent, src_name) = split(&src_rel);
+                let not_there =
+                    || unsafe_entry(&raw, "hard link to a missing entry, or through a symlink");
+                let src_dir = root.dir(src_parent).map_err(|_| not_there())?;
+                let st = src_dir.stat(src_name).map_err(|_| not_there())?;
+                if !is_kind(&st, SFlag::S_IFREG) {
                     return Err(unsafe_entry(
                         &raw,
                         "hard link to something other than a regular file",
                     ));
                 }
-                std::fs::hard_link(&src, &target)?;
+                parent
+                    .link_from(&src_dir, src_name, name)
+                    .map_err(|e| exists(Err(e)))?;
             }
             other => {
                 return Err(unsafe_entry(
@@ -226,33 +201,18 @@ pub fn unpack(input: impl Read, dest: &Path, limits: &Limits) -> Result<u64, Pac
             }
         }
     }
+    // Checked once the whole tree is there: a chain's links may come in any order.
+    for (raw, rel) in symlinks {
+        if crate::beneath::symlink_escapes(&root, &rel).map_err(|e| PackageError::Io(e.into()))? {
+            return Err(unsafe_entry(&raw, "symlink target climbs out of the root"));
+        }
+    }
     Ok(count)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn symlink_escape_rules() {
-        assert!(symlink_stays_inside(
-            Path::new("bin/sh"),
-            Path::new("busybox")
-        ));
-        assert!(symlink_stays_inside(
-            Path::new("usr/bin/x"),
-            Path::new("../../bin/busybox")
-        ));
-        assert!(symlink_stays_inside(
-            Path::new("bin/sh"),
-            Path::new("/bin/busybox")
-        ));
-        assert!(!symlink_stays_inside(
-            Path::new("bin/sh"),
-            Path::new("../../etc/passwd")
-        ));
-        assert!(!symlink_stays_inside(Path::new("x"), Path::new("..")));
-    }
 
     #[test]
     fn pack_is_reproducible_and_unpack_restores_the_tree() {

@@ -21,11 +21,19 @@ use crate::package::{self, ArtifactKind, Limits, PackageError, PackageManifest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("package {path}: {source}")]
+    #[error("package {path}")]
     Package {
         path: PathBuf,
         #[source]
         source: PackageError,
+    },
+    /// The gateway's own checks of the verified package (its service manifest, the privilege
+    /// policy) refused it before anything was committed.
+    #[error("package {path}")]
+    Rejected {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("image store I/O on {path}")]
     Io {
@@ -36,7 +44,7 @@ pub enum StoreError {
     #[error("no installed version {version} of {name}")]
     NoVersion { name: String, version: String },
     #[error(
-        "package names and versions are 1-64 characters of a-z, A-Z, 0-9, '.', '_', '-': {0:?}"
+        "package names and versions are 1-64 characters of a-z, A-Z, 0-9, '.', '_', '-', not starting with '.' and not \"current\" or \"previous\": {0:?}"
     )]
     BadName(String),
 }
@@ -79,6 +87,11 @@ impl Installed {
     }
 }
 
+/// The gateway's check of a verified package before it is committed (see
+/// [`Store::install_checked`]).
+pub type Check<'a> =
+    dyn FnMut(&Path, &PackageManifest) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + 'a;
+
 pub struct Store {
     root: PathBuf,
     trust: TrustStore,
@@ -92,10 +105,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
+/// Names the store itself uses inside a service's directory.
+const RESERVED: [&str; 2] = ["current", "previous"];
+
 fn check_name(n: &str) -> Result<(), StoreError> {
     let ok = !n.is_empty()
         && n.len() <= 64
         && !n.starts_with('.')
+        && !RESERVED.contains(&n)
         && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     ok.then_some(())
@@ -132,7 +149,11 @@ fn fsync_tree_dirs(dir: &Path) -> Result<(), StoreError> {
 
 /// Points `link` at `target` atomically (new symlink, then rename over the old one).
 fn swap_symlink(link: &Path, target: &str) -> Result<(), StoreError> {
-    let tmp = link.with_extension("tmp");
+    // A dot name: no version can have it (names never start with '.').
+    let tmp = link.with_file_name(format!(
+        ".{}.tmp",
+        link.file_name().unwrap_or_default().to_string_lossy()
+    ));
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(target, &tmp).map_err(io(&tmp))?;
     std::fs::rename(&tmp, link).map_err(io(link))?;
@@ -168,12 +189,24 @@ impl Store {
     /// Verifies and installs `pkg`, making it the current version of its service (the one
     /// before becomes `previous`). `hook` is called at each step (tests crash there).
     pub fn install(&self, pkg: &Path, hook: &mut dyn FnMut(Step)) -> Result<Installed, StoreError> {
+        self.install_checked(pkg, &mut |_, _| Ok(()), hook)
+    }
+
+    /// [`Self::install`] with the gateway's own check of the verified, unpacked package
+    /// (`check` gets the staged version directory and its manifest) before anything is
+    /// committed: a refusal leaves the store as it was.
+    pub fn install_checked(
+        &self,
+        pkg: &Path,
+        check: &mut Check,
+        hook: &mut dyn FnMut(Step),
+    ) -> Result<Installed, StoreError> {
         let staging =
             self.root
                 .join("tmp")
                 .join(format!("install-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(staging.join("artifacts")).map_err(io(&staging))?;
-        let res = self.install_staged(pkg, &staging, hook);
+        let res = self.install_staged(pkg, &staging, check, hook);
         let _ = std::fs::remove_dir_all(&staging);
         res
     }
@@ -182,13 +215,14 @@ impl Store {
         &self,
         pkg: &Path,
         staging: &Path,
+        check: &mut Check,
         hook: &mut dyn FnMut(Step),
     ) -> Result<Installed, StoreError> {
         let perr = |source| StoreError::Package {
             path: pkg.into(),
             source,
         };
-        let file = std::fs::File::open(pkg).map_err(io(pkg))?;
+        let file = package::open_regular(pkg).map_err(io(pkg))?;
         let arts = staging.join("artifacts");
         let tree = staging.join("tree");
         std::fs::create_dir_all(&tree).map_err(io(&tree))?;
@@ -222,6 +256,10 @@ impl Store {
         .map_err(perr)?;
         check_name(&manifest.name)?;
         check_name(&manifest.version)?;
+        check(&tree, &manifest).map_err(|source| StoreError::Rejected {
+            path: pkg.into(),
+            source,
+        })?;
         let svc = self.service_dir(&manifest.name);
         let final_dir = svc.join(&manifest.version);
         let blobs: Vec<_> = manifest
