@@ -312,7 +312,7 @@ mod tests {
         assert!(valid_key_id(&id), "{id}");
         for bad in [
             format!("../trusted/{id}"),
-            format!("../../op"),
+            "../../op".to_string(),
             id.to_uppercase(),
             format!("{id}0"),
             id[1..].to_string(),
