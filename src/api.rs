@@ -94,6 +94,9 @@ pub enum ErrorKind {
     Internal,
     /// The API version is not spoken here.
     Version,
+    /// The gateway's policy does not grant what the package or manifest asks for (a
+    /// capability, an image from a host path).
+    Denied,
 }
 
 impl ErrorKind {
@@ -105,6 +108,7 @@ impl ErrorKind {
             ErrorKind::Conflict => 6,
             ErrorKind::Runtime | ErrorKind::Internal => 1,
             ErrorKind::Version => 7,
+            ErrorKind::Denied => 8,
         }
     }
 }
@@ -123,6 +127,22 @@ impl ApiError {
             message: message.into(),
         }
     }
+}
+
+/// An error with its causes, `outer: cause: cause`, for the one line a reply carries (a
+/// cause already quoted by the message above it is not repeated).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !s.is_empty() && !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cur = c.source();
+    }
+    text
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -124,9 +124,10 @@ pub struct EventsArgs {
 
 /// Prints the error and returns the exit code for it.
 fn fail(e: &ClientError) -> i32 {
-    eprintln!("gatevisor: {e}");
+    eprintln!("gatevisor: {}", gatevisor::api::error_chain(e));
     match e {
         ClientError::NotRunning { .. } => EXIT_DAEMON_DOWN,
+        ClientError::PermissionDenied { .. } => ErrorKind::Denied.exit_code(),
         ClientError::Api(a) => a.kind.exit_code(),
         _ => ErrorKind::Internal.exit_code(),
     }

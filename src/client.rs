@@ -15,6 +15,12 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    #[error("permission denied on the daemon's socket {socket} (the control socket is root's: run as root or with sudo)")]
+    PermissionDenied {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("lost the connection to the daemon")]
     Io(#[from] std::io::Error),
     #[error("the daemon sent a reply this CLI does not understand: {0}")]
@@ -35,11 +41,19 @@ impl Client {
     }
 
     fn send(&self, req: &Request) -> Result<BufReader<UnixStream>, ClientError> {
-        let mut s =
-            UnixStream::connect(&self.socket).map_err(|source| ClientError::NotRunning {
-                socket: self.socket.clone(),
-                source,
-            })?;
+        let mut s = UnixStream::connect(&self.socket).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::PermissionDenied {
+                ClientError::PermissionDenied {
+                    socket: self.socket.clone(),
+                    source,
+                }
+            } else {
+                ClientError::NotRunning {
+                    socket: self.socket.clone(),
+                    source,
+                }
+            }
+        })?;
         let mut line = serde_json::to_vec(&Envelope {
             v: API_VERSION,
             body: req,

@@ -42,6 +42,11 @@ pub struct ConfigFile {
     /// How long a remote InstallDU/Update/Uninstall may take before it is failed
     /// (default 3600 s, at most 86400 s: TR-181's R-SMM.1).
     pub usp_operation_deadline_s: Option<u64>,
+    /// The privilege policy: which capabilities services may keep (see `gatevisor::policy`).
+    pub policy: Option<gatevisor::policy::PolicyConfig>,
+    /// Host directories under which local manifests may name `rootfs:DIR` images (default:
+    /// none; never `/`, never one that holds the state directory).
+    pub image_roots: Option<Vec<PathBuf>>,
 }
 
 impl ConfigFile {

@@ -24,6 +24,8 @@ pub enum EventKind {
     Hung,
     Updated,
     RolledBack,
+    /// An install or update was refused (the detail says why).
+    Refused,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,5 +1,5 @@
 //! gatevisor: runs third-party end-user services on a broadband gateway, each isolated in an
-//! LXC container (and, later, a KVM microVM), supervised from one daemon.
+//! LXC container or a KVM microVM, supervised from one daemon.
 //!
 //! The library holds everything but the command line: the control API ([`api`]), its client,
 //! the service manifest, the lifecycle table, the crash-safe state store, the event log, the
@@ -16,6 +16,7 @@ pub mod microvm;
 pub mod network;
 pub mod notify;
 pub mod package;
+pub mod policy;
 pub mod proc;
 pub mod state;
 pub mod supervisor;

@@ -72,6 +72,15 @@ fn main() {
         }
     }
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Daemon(_) | Command::LxcMonitor { .. }) {
+        // A CLI whose reader went away (`gatevisor events | head`) ends quietly, as other
+        // command-line tools do, instead of failing a write.
+        // SAFETY: resetting SIGPIPE to its default disposition before any thread exists;
+        // no handler of ours is replaced.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let code = match cli.command {
         Command::LxcMonitor { config } => gatevisor_lxc::monitor::monitor_main(&config),
         Command::Vmm { config } => gatevisor_vmm::process::vmm_main(&config),
@@ -107,7 +116,7 @@ fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .with(filter)
         .init();
-    let file = daemon::ConfigFile::load(&args.config)?;
+    let mut file = daemon::ConfigFile::load(&args.config)?;
     let state_dir = args
         .state_dir
         .or(file.state_dir)
@@ -129,6 +138,11 @@ fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()
         report.lxc_version
     );
     let exe = std::env::current_exe().context("cannot find my own executable")?;
+    let image_roots = gatevisor::supervisor::check_image_roots(
+        file.image_roots.take().unwrap_or_default(),
+        &state_dir,
+    )
+    .with_context(|| format!("invalid image_roots in {}", args.config.display()))?;
     let settings = gatevisor::supervisor::Settings {
         state_dir,
         stop_services_on_exit: args.stop_services_on_exit
@@ -149,6 +163,12 @@ fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()
             .keys_dir
             .or(file.keys_dir)
             .unwrap_or_else(|| PathBuf::from(cli::DEFAULT_KEYS_DIR)),
+        policy: gatevisor::policy::Policy::new(
+            &file.policy.unwrap_or_default(),
+            &report.board.profile.name,
+        )
+        .with_context(|| format!("invalid [policy] in {}", args.config.display()))?,
+        image_roots,
     };
     let usp_operation_deadline =
         std::time::Duration::from_secs(file.usp_operation_deadline_s.unwrap_or(3600));

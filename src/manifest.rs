@@ -217,6 +217,8 @@ pub enum ManifestError {
     },
     #[error("{file}: {message}")]
     Parse { file: PathBuf, message: String },
+    #[error("{file}: a manifest is at most {limit} bytes")]
+    TooLarge { file: PathBuf, limit: u64 },
     #[error("{file}: field `{field}`: {problem}")]
     Field {
         file: PathBuf,
@@ -227,6 +229,9 @@ pub enum ManifestError {
 
 /// The longest service name: it becomes part of interface names (15 bytes at most).
 pub const MAX_NAME_LEN: usize = 12;
+
+/// The largest manifest read (a real one is a few hundred bytes).
+pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 
 impl FailureMode {
     pub fn to_flowbridge(self) -> flowbridge::controller::FailureMode {
@@ -240,24 +245,58 @@ impl FailureMode {
 impl Manifest {
     /// Reads, parses and validates a manifest file.
     pub fn load(file: &Path) -> Result<Manifest, ManifestError> {
-        let text = std::fs::read_to_string(file).map_err(|source| ManifestError::Read {
-            file: file.into(),
-            source,
-        })?;
-        let m = Manifest::parse(file, &text)?;
+        let m = Manifest::parse(file, &read_bounded(file)?)?;
         m.validate(file)?;
         Ok(m)
     }
 
+    /// The service manifest inside a package (at `file`, staged): every value checked as for
+    /// [`Self::load`], and its image must be the package's own.
+    pub fn load_packaged(file: &Path) -> Result<Manifest, ManifestError> {
+        let m = Manifest::parse(file, &read_bounded(file)?)?;
+        m.validate_values(file)?;
+        if m.image != "package" {
+            return Err(ManifestError::Field {
+                file: file.into(),
+                field: "image".into(),
+                problem: format!(
+                    "{:?}: a packaged service runs the image inside its package only; use \"package\"",
+                    m.image
+                ),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Parses TOML; an error says where (line and column) and what, but never quotes the
+    /// text (the file may be anything, e.g. a secret someone named as a manifest).
     pub fn parse(file: &Path, text: &str) -> Result<Manifest, ManifestError> {
-        toml::from_str(text).map_err(|e| ManifestError::Parse {
-            file: file.into(),
-            message: e.to_string().trim_end().replace('\n', " "),
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let at = e
+                .span()
+                .map(|s| {
+                    let before = &text[..s.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!("line {line}, column {col}: ")
+                })
+                .unwrap_or_default();
+            ManifestError::Parse {
+                file: file.into(),
+                message: format!("{at}{}", e.message().trim_end().replace('\n', " ")),
+            }
         })
     }
 
     /// Checks every value; `file` is only used in messages.
     pub fn validate(&self, file: &Path) -> Result<(), ManifestError> {
+        self.validate_values(file)?;
+        self.image_ref(file)?;
+        Ok(())
+    }
+
+    /// [`Self::validate`] but for the image, which only the caller can resolve.
+    fn validate_values(&self, file: &Path) -> Result<(), ManifestError> {
         let bad = |field: &str, problem: String| ManifestError::Field {
             file: file.into(),
             field: field.into(),
@@ -279,7 +318,6 @@ impl Manifest {
                 "arguments must not contain NUL bytes".into(),
             ));
         }
-        self.image_ref(file)?;
         if self.runtime == RuntimeKind::Microvm {
             if self.resources.vcpus > gatevisor_vmm::vm::MAX_VCPUS as u32 {
                 return Err(bad(
@@ -521,6 +559,31 @@ impl Manifest {
             })
             .collect()
     }
+}
+
+/// A manifest file's text: a regular file only (a FIFO does not hang the reader), at most
+/// [`MAX_MANIFEST_BYTES`], UTF-8.
+fn read_bounded(file: &Path) -> Result<String, ManifestError> {
+    use std::io::Read;
+    let read = |source| ManifestError::Read {
+        file: file.into(),
+        source,
+    };
+    let f = gatevisor_images::package::open_regular(file).map_err(read)?;
+    let mut bytes = Vec::new();
+    f.take(MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read)?;
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(ManifestError::TooLarge {
+            file: file.into(),
+            limit: MAX_MANIFEST_BYTES,
+        });
+    }
+    String::from_utf8(bytes).map_err(|_| ManifestError::Parse {
+        file: file.into(),
+        message: "not UTF-8 text".into(),
+    })
 }
 
 /// Names are 1-12 characters of `a-z`, `0-9` and `-`, starting with a letter: they end up in

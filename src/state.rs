@@ -148,7 +148,19 @@ impl Store {
         };
         let bytes = serde_json::to_vec_pretty(doc).expect("state serialises");
         let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
+        // Services' `env` may hold secrets: only the daemon reads this file.
+        let mut f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(err)?
+        };
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(err)?;
         if self.torn_at == Some(n) {
             let _ = f.write_all(&bytes[..bytes.len() / 2]);
             let _ = f.sync_all();

@@ -18,7 +18,7 @@ use gatevisor_board::{AutoRuntime, BoardReport, CgroupVersion};
 use gatevisor_lxc as lxc;
 use serde_json::json;
 
-use crate::api::{ApiError, ErrorKind, Reply, Request};
+use crate::api::{error_chain, ApiError, ErrorKind, Reply, Request};
 use crate::events::{Event, EventKind, EventLog};
 use crate::lifecycle::{Op, State};
 use crate::manifest::{ImageRef, Manifest, RestartPolicy, RuntimeKind};
@@ -26,6 +26,7 @@ use crate::network::Network;
 use crate::notify::Notifier;
 use crate::proc;
 use crate::state::{now_ms, Desired, LastExit, Running, ServiceRecord, StateDoc, Store};
+use gatevisor_images::beneath::Dir;
 
 /// Daemon settings (from `/etc/gatevisor/gatevisor.toml` and flags).
 #[derive(Debug, Clone)]
@@ -46,6 +47,10 @@ pub struct Settings {
     pub bridge: Option<String>,
     /// Trusted publisher keys (`trusted/`, `revoked/`).
     pub keys_dir: PathBuf,
+    /// What services may keep (capabilities), by publisher and board.
+    pub policy: crate::policy::Policy,
+    /// Where local manifests' `rootfs:DIR` images may come from (checked at daemon start).
+    pub image_roots: Vec<PathBuf>,
 }
 
 pub enum Msg {
@@ -155,9 +160,24 @@ impl Supervisor {
         board: BoardReport,
         tx: Sender<Msg>,
     ) -> std::result::Result<Supervisor, StartupError> {
-        for d in ["services", "logs", "run", "lxc"] {
+        // Other local users may pass through the state directory (containers' roots live
+        // below it) but read nothing: configurations hold services' environments, logs what
+        // services print.
+        for (d, mode) in [
+            ("", 0o711),
+            ("services", 0o711),
+            ("logs", 0o700),
+            ("run", 0o711),
+            ("lxc", 0o700),
+        ] {
             let path = settings.state_dir.join(d);
             std::fs::create_dir_all(&path)
+                .and_then(|()| {
+                    std::fs::set_permissions(
+                        &path,
+                        std::os::unix::fs::PermissionsExt::from_mode(mode),
+                    )
+                })
                 .map_err(|source| StartupError::CreateDir { path, source })?;
         }
         let store = Store::new(&settings.state_dir);
@@ -366,7 +386,20 @@ impl Supervisor {
             }
             match msg {
                 Ok(Msg::Request(req, reply)) => {
-                    let r = match self.handle(req) {
+                    let refusable = matches!(req, Request::Install { .. } | Request::Update { .. });
+                    let what = match &req {
+                        Request::Install { manifest, .. } => manifest.display().to_string(),
+                        Request::Update { name, package } => {
+                            format!("{name} from {}", package.display())
+                        }
+                        _ => String::new(),
+                    };
+                    let res = self.handle(req);
+                    if let (true, Err(e)) = (refusable, &res) {
+                        // Every refusal is an event, with its reason.
+                        self.event(EventKind::Refused, None, format!("{what}: {}", e.message));
+                    }
+                    let r = match res {
                         Ok(result) => Reply::Ok { result },
                         Err(error) => Reply::Error { error },
                     };
@@ -796,7 +829,7 @@ impl Supervisor {
         let old_version = rec.package_version.clone().ok_or_else(|| {
             err(ErrorKind::Conflict, format!("service {name} was not installed from a package; remove and install the package instead"))
         })?;
-        let peeked = std::fs::File::open(pkg)
+        let peeked = gatevisor_images::package::open_regular(pkg)
             .map_err(|e| invalid(&e))
             .and_then(|f| {
                 gatevisor_images::package::peek(std::io::BufReader::new(f)).map_err(|e| invalid(&e))
@@ -807,10 +840,12 @@ impl Supervisor {
                 peeked.name
             )));
         }
-        let inst = self
-            .images
-            .install(pkg, &mut |_| {})
-            .map_err(|e| invalid(&e))?;
+        let inst = {
+            let mut check = self.package_check();
+            self.images
+                .install_checked(pkg, &mut check, &mut |_| {})
+                .map_err(|e| store_refusal(pkg, &e))?
+        };
         if inst.version == old_version {
             return Err(err(
                 ErrorKind::Conflict,
@@ -897,7 +932,7 @@ impl Supervisor {
         let caps = m.capability_set(&file).map_err(|e| e.to_string())?;
         self.stop_service(name, false).map_err(|e| e.message)?;
         let dir = self.service_dir(name);
-        self.materialise(&m, &image, caps, &dir)
+        self.materialise(&m, &image, caps, &dir, true)
             .map_err(|e| e.message)?;
         {
             let rec = self.record_mut(name).map_err(|e| e.message)?;
@@ -986,11 +1021,52 @@ impl Supervisor {
         ))
     }
 
+    /// The gateway's checks of a verified package before the image store commits it: its
+    /// service manifest is valid, names the same service and version as the package and uses
+    /// the package's image, and the privilege policy grants what it asks for its publisher.
+    fn package_check(
+        &self,
+    ) -> impl FnMut(
+        &Path,
+        &gatevisor_images::package::PackageManifest,
+    ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>
+           + '_ {
+        move |dir, pm| {
+            let file = dir.join("service.toml");
+            let m = Manifest::load_packaged(&file).map_err(|e| {
+                // The staging path means nothing to the user: name the file in the package.
+                error_chain(&e).replace(&file.display().to_string(), "service.toml")
+            })?;
+            if m.name != pm.name || m.version != pm.version {
+                return Err(format!(
+                    "service.toml: fields `name` and `version` ({:?} {:?}) must be the package's own ({:?} {:?})",
+                    m.name, m.version, pm.name, pm.version
+                )
+                .into());
+            }
+            let signer = std::fs::read_to_string(dir.join(gatevisor_images::package::SIGNER))?;
+            let (id, name) = signer.trim().split_once(' ').unwrap_or((signer.trim(), ""));
+            let who = crate::policy::Requester::Publisher {
+                id: id.into(),
+                name: name.into(),
+            };
+            let caps = m
+                .capability_set(Path::new("service.toml"))
+                .map_err(|e| e.to_string())?;
+            self.settings.policy.check(&who, &caps)?;
+            Ok(())
+        }
+    }
+
     /// Installs a service from a signed package: verified into the image store first.
     fn install_package(&mut self, pkg: &Path, start: bool) -> Result<serde_json::Value> {
-        let invalid =
-            |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, format!("{}: {e}", pkg.display()));
-        let peeked = std::fs::File::open(pkg)
+        let invalid = |e: &(dyn std::error::Error + 'static)| {
+            err(
+                ErrorKind::Invalid,
+                format!("{}: {}", pkg.display(), error_chain(e)),
+            )
+        };
+        let peeked = gatevisor_images::package::open_regular(pkg)
             .map_err(|e| invalid(&e))
             .and_then(|f| {
                 gatevisor_images::package::peek(std::io::BufReader::new(f)).map_err(|e| invalid(&e))
@@ -1005,16 +1081,20 @@ impl Supervisor {
                 ),
             ));
         }
-        let inst = self
-            .images
-            .install(pkg, &mut |_| {})
-            .map_err(|e| invalid(&e))?;
+        // Only what this install put into the store is taken out again when it fails.
+        let had_entry = self.images.current(&peeked.name).is_some();
+        let inst = {
+            let mut check = self.package_check();
+            self.images
+                .install_checked(pkg, &mut check, &mut |_| {})
+                .map_err(|e| store_refusal(pkg, &e))?
+        };
         let res = self.install(
             &inst.service_manifest(),
             start,
             Some((pkg.to_path_buf(), inst.version.clone())),
         );
-        if res.is_err() && !self.doc.services.contains_key(&inst.name) {
+        if res.is_err() && !had_entry && !self.doc.services.contains_key(&inst.name) {
             let _ = self.images.remove(&inst.name);
             let _ = self.images.gc();
         }
@@ -1030,7 +1110,16 @@ impl Supervisor {
     ) -> Result<serde_json::Value> {
         let invalid = |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, e.to_string());
         let path = std::path::absolute(path).map_err(|e| invalid(&e))?;
-        let m = Manifest::load(&path).map_err(|e| invalid(&e))?;
+        let m = Manifest::load(&path).map_err(|e| err(ErrorKind::Invalid, error_chain(&e)))?;
+        if package.is_none() {
+            // A local manifest: root on the gateway wrote it, but what it may keep is still
+            // the operator's policy.
+            let caps = m.capability_set(&path).map_err(|e| invalid(&e))?;
+            self.settings
+                .policy
+                .check(&crate::policy::Requester::Local, &caps)
+                .map_err(|e| err(ErrorKind::Denied, format!("{}: {e}", path.display())))?;
+        }
         let file = path.display();
         if self.doc.services.contains_key(&m.name) {
             return Err(err(
@@ -1119,7 +1208,7 @@ impl Supervisor {
 
         // Everything checked: now build. Any failure undoes what was made.
         let dir = self.service_dir(&m.name);
-        let made = self.materialise(&m, &image, caps, &dir);
+        let made = self.materialise(&m, &image, caps, &dir, package.is_some());
         if let Err(e) = made {
             let _ = self.rt.undefine(&m.name);
             let _ = std::fs::remove_dir_all(&dir);
@@ -1172,26 +1261,114 @@ impl Supervisor {
         self.status(&name)
     }
 
-    /// Builds the service's rootfs and defines its container.
+    /// Opens a local manifest's image (`rootfs:DIR`, `initramfs:FILE`, a folder's `package`
+    /// tree) beneath the configured image root that holds it: symlinks may not lead out of
+    /// that root, and a path under no root is refused.
+    fn local_image(&self, src: &Path) -> Result<(Dir, PathBuf)> {
+        let refused = |why: String| err(ErrorKind::Denied, format!("field `image`: {why}"));
+        let abs =
+            std::path::absolute(src).map_err(|e| refused(format!("{}: {e}", src.display())))?;
+        let Some(root) = self
+            .settings
+            .image_roots
+            .iter()
+            .find(|r| abs.starts_with(r))
+        else {
+            return Err(refused(format!(
+                "{} is not under a directory this gateway takes images from (image_roots in the daemon's configuration: {})",
+                abs.display(),
+                if self.settings.image_roots.is_empty() {
+                    "none configured".to_string()
+                } else {
+                    self.settings
+                        .image_roots
+                        .iter()
+                        .map(|r| r.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            )));
+        };
+        let rel = abs
+            .strip_prefix(root)
+            .unwrap_or(Path::new(""))
+            .to_path_buf();
+        let root_dir =
+            Dir::open(root).map_err(|e| refused(format!("image root {}: {e}", root.display())))?;
+        Ok((root_dir, rel))
+    }
+
+    /// Builds the service's rootfs and defines its container. `from_store`: the image comes
+    /// from the verified image store; otherwise from a local manifest, under `image_roots`.
     fn materialise(
         &mut self,
         m: &Manifest,
         image: &ImageRef,
         caps: Vec<caps::Capability>,
         dir: &Path,
+        from_store: bool,
     ) -> Result<()> {
         let _ = std::fs::remove_dir_all(dir);
         let rootfs = dir.join("rootfs");
         std::fs::create_dir_all(dir).map_err(runtime_err)?;
+        let escaped = |src: &Path, e: gatevisor_images::beneath::BeneathError| {
+            err(
+                ErrorKind::Denied,
+                format!("field `image`: {}: {e}", src.display()),
+            )
+        };
         if let ImageRef::Initramfs(src) = image {
-            return self.define_vm(m, src, dir);
+            if from_store {
+                return self.define_vm(m, src, dir);
+            }
+            // Opened beneath its image root, then read through the open file only.
+            let (root, rel) = self.local_image(src)?;
+            let (parent, name) = gatevisor_images::beneath::split(&rel);
+            let f = root
+                .dir_following(parent)
+                .map_err(|e| escaped(src, e))?
+                .open_file(name)
+                .map_err(|e| escaped(src, e.into()))?;
+            let via = PathBuf::from(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&f)
+            ));
+            return self.define_vm(m, &via, dir);
         }
         match image {
             ImageRef::BuiltinBusybox => {
                 check_static_busybox(&self.settings.busybox)?;
                 lxc::rootfs::build_busybox(&self.settings.busybox, &rootfs).map_err(runtime_err)?
             }
-            ImageRef::Rootfs(src) => copy_tree(src, &rootfs).map_err(runtime_err)?,
+            ImageRef::Rootfs(src) => {
+                let from = if from_store {
+                    Dir::open(src).map_err(runtime_err)?
+                } else {
+                    let (root, rel) = self.local_image(src)?;
+                    root.dir_following(&rel).map_err(|e| escaped(src, e))?
+                };
+                std::fs::create_dir(&rootfs).map_err(runtime_err)?;
+                let to = Dir::open(&rootfs).map_err(runtime_err)?;
+                let limits = gatevisor_images::package::Limits::default();
+                gatevisor_images::beneath::copy_tree(
+                    &from,
+                    &to,
+                    gatevisor_images::beneath::CopyLimits {
+                        max_files: limits.max_files,
+                        max_bytes: limits.max_total_bytes,
+                    },
+                )
+                .map_err(|e| {
+                    err(
+                        ErrorKind::Invalid,
+                        format!(
+                            "field `image`: cannot copy {}: {}",
+                            src.display(),
+                            crate::api::error_chain(&e)
+                        ),
+                    )
+                })?;
+            }
             ImageRef::Initramfs(_) => unreachable!("handled above"),
         }
         let r = &m.resources;
@@ -1431,6 +1608,17 @@ impl Supervisor {
         let _ = std::fs::remove_dir_all(self.service_run_dir(name));
         let _ = std::fs::remove_dir_all(self.service_dir(name));
         let _ = std::fs::remove_file(self.run_files(name).exit_file);
+        // Everything the service owned goes: its versions in the image store (so the same
+        // name and version installed again is that package's content, not the old one),
+        // their blobs, and its logs.
+        if let Err(e) = self.images.remove(name).and_then(|()| self.images.gc()) {
+            tracing::warn!("{name}: image store: {}", error_chain(&e));
+        }
+        let log = self.log_file(name);
+        let _ = std::fs::remove_file(&log);
+        for n in 1..=self.settings.log_keep.max(1) {
+            let _ = std::fs::remove_file(log.with_extension(format!("log.{n}")));
+        }
         self.event(EventKind::Removed, Some(name), "removed");
         Ok(json!({ "removed": name }))
     }
@@ -1975,6 +2163,70 @@ fn make_disk_image(rootfs: &Path, img: &Path, mib: u32) -> Result<PathBuf> {
     }
     let _ = std::fs::remove_dir_all(rootfs);
     Ok(img.to_path_buf())
+}
+
+/// A refused package as an API error: the policy's refusals are `denied`, the rest
+/// `invalid`; the message keeps every cause.
+fn store_refusal(pkg: &Path, e: &gatevisor_images::store::StoreError) -> ApiError {
+    let denied = matches!(e, gatevisor_images::store::StoreError::Rejected { source, .. }
+        if source.downcast_ref::<crate::policy::PolicyError>().is_some());
+    err(
+        if denied {
+            ErrorKind::Denied
+        } else {
+            ErrorKind::Invalid
+        },
+        format!("{}: {}", pkg.display(), error_chain(e)).replacen(
+            &format!("{}: package {}", pkg.display(), pkg.display()),
+            &format!("package {}", pkg.display()),
+            1,
+        ),
+    )
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageRootError {
+    #[error("{0}: an image root must be an absolute path")]
+    Relative(PathBuf),
+    #[error("{path}: cannot use it as an image root")]
+    Unusable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}: an image root must not be / or hold the state directory {1} (an install would copy the store into itself)")]
+    HoldsState(PathBuf, PathBuf),
+    #[error("{0}: an image root must not be inside the state directory {1}")]
+    InsideState(PathBuf, PathBuf),
+}
+
+/// The configured image roots, resolved (symlinks in the configuration are the operator's)
+/// and checked: never `/`, never one that holds the state directory or lies inside it.
+pub fn check_image_roots(
+    roots: Vec<PathBuf>,
+    state_dir: &Path,
+) -> std::result::Result<Vec<PathBuf>, ImageRootError> {
+    let _ = std::fs::create_dir_all(state_dir);
+    let state = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    roots
+        .into_iter()
+        .map(|r| {
+            if !r.is_absolute() {
+                return Err(ImageRootError::Relative(r));
+            }
+            let c = std::fs::canonicalize(&r).map_err(|source| ImageRootError::Unusable {
+                path: r.clone(),
+                source,
+            })?;
+            if state.starts_with(&c) {
+                return Err(ImageRootError::HoldsState(r, state.clone()));
+            }
+            if c.starts_with(&state) {
+                return Err(ImageRootError::InsideState(r, state.clone()));
+            }
+            Ok(c)
+        })
+        .collect()
 }
 
 /// Packages are files ending in `.gvpkg`.

@@ -10,7 +10,8 @@
 //!   → `{"ok":true}` once the verdict is on the switch.
 //!
 //! Everything a service sends is untrusted: lines are bounded, bad requests get an error reply
-//! (the connection stays usable), and verdicts are rate-limited per connection.
+//! (the connection stays usable), a service holds at most [`MAX_CONNECTIONS`] connections at
+//! once, and its verdicts are rate-limited per service (more connections do not buy more).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -32,8 +33,34 @@ pub const API_VERSION: u32 = 1;
 pub const CONTAINER_DIR: &str = "/run/gatevisor";
 pub const SOCKET_NAME: &str = "verdict.sock";
 const MAX_LINE: usize = 4096;
-/// Verdicts per second one connection may send.
+/// Verdicts per second one service may send, over all its connections.
 const MAX_VERDICTS_PER_S: u32 = 2000;
+/// Connections one service may hold open at once; one more is answered with an error and
+/// closed.
+pub const MAX_CONNECTIONS: usize = 8;
+
+/// What all of one service's connections share.
+struct Shared {
+    name: String,
+    tx: Sender<Msg>,
+    stop: Arc<AtomicBool>,
+    seen: Seen,
+    /// The rate window: its start and the verdicts counted in it.
+    window: std::sync::Mutex<(Instant, u32)>,
+    connections: std::sync::atomic::AtomicUsize,
+}
+
+impl Shared {
+    /// Counts one verdict against the service's budget; false when it is spent.
+    fn take_verdict(&self) -> bool {
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        if w.0.elapsed() >= Duration::from_secs(1) {
+            *w = (Instant::now(), 0);
+        }
+        w.1 += 1;
+        w.1 <= MAX_VERDICTS_PER_S
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -83,11 +110,18 @@ pub fn serve(dir: &Path, name: &str, tx: Sender<Msg>) -> std::io::Result<Verdict
     listener.set_nonblocking(true)?;
     let stop = Arc::new(AtomicBool::new(false));
     let last_seen_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (stop2, seen2, name) = (stop.clone(), last_seen_ms.clone(), name.to_string());
+    let shared = Arc::new(Shared {
+        name: name.to_string(),
+        tx,
+        stop: stop.clone(),
+        seen: last_seen_ms.clone(),
+        window: std::sync::Mutex::new((Instant::now(), 0)),
+        connections: std::sync::atomic::AtomicUsize::new(0),
+    });
     std::thread::Builder::new()
         .name(format!("verdict-{name}"))
         .stack_size(128 * 1024)
-        .spawn(move || accept_loop(listener, name, tx, stop2, seen2))?;
+        .spawn(move || accept_loop(listener, shared))?;
     Ok(VerdictServer {
         stop,
         path,
@@ -97,29 +131,46 @@ pub fn serve(dir: &Path, name: &str, tx: Sender<Msg>) -> std::io::Result<Verdict
 
 type Seen = Arc<std::sync::atomic::AtomicU64>;
 
-fn accept_loop(
-    listener: UnixListener,
-    name: String,
-    tx: Sender<Msg>,
-    stop: Arc<AtomicBool>,
-    seen: Seen,
-) {
+/// Gives a connection's place back when its thread ends.
+struct Place(Arc<Shared>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
     use std::os::fd::AsFd;
-    while !stop.load(Ordering::Relaxed) {
+    while !shared.stop.load(Ordering::Relaxed) {
         let mut fds = [nix::poll::PollFd::new(
             listener.as_fd(),
             nix::poll::PollFlags::POLLIN,
         )];
         let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(500u16));
         match listener.accept() {
-            Ok((conn, _)) => {
-                let (name, tx, stop, seen) = (name.clone(), tx.clone(), stop.clone(), seen.clone());
-                let _ = std::thread::Builder::new()
-                    .name(format!("verdict-{name}"))
+            Ok((mut conn, _)) => {
+                if shared.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    shared.connections.fetch_sub(1, Ordering::SeqCst);
+                    let _ = conn.set_write_timeout(Some(Duration::from_millis(100)));
+                    let _ = reply(
+                        &mut conn,
+                        json!({"ok": false, "error": format!("at most {MAX_CONNECTIONS} connections per service; closing")}),
+                    );
+                    continue;
+                }
+                let place = Place(shared.clone());
+                let spawned = std::thread::Builder::new()
+                    .name(format!("verdict-{}", shared.name))
                     .stack_size(128 * 1024)
                     .spawn(move || {
-                        let _ = serve_conn(conn, &name, &tx, &stop, &seen);
+                        let _ = serve_conn(conn, &place.0);
+                        drop(place);
                     });
+                if spawned.is_err() {
+                    // The closure (and its place) was dropped with the failed spawn.
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
@@ -133,18 +184,14 @@ fn reply(w: &mut UnixStream, v: serde_json::Value) -> std::io::Result<()> {
     w.write_all(line.as_bytes())
 }
 
-fn serve_conn(
-    conn: UnixStream,
-    name: &str,
-    tx: &Sender<Msg>,
-    stop: &AtomicBool,
-    seen: &Seen,
-) -> std::io::Result<()> {
+fn serve_conn(conn: UnixStream, shared: &Shared) -> std::io::Result<()> {
+    let (name, tx, stop, seen) = (&shared.name, &shared.tx, &shared.stop, &shared.seen);
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(Duration::from_millis(500)))?;
+    // A service that does not read its replies cannot hold the thread forever.
+    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut w = conn.try_clone()?;
     let mut r = BufReader::new(conn);
-    let mut window = (Instant::now(), 0u32);
     let mut line = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         // A read timeout keeps what arrived so far: the rest of the line comes later.
@@ -195,11 +242,7 @@ fn serve_conn(
             )?,
             Request::Ping {} => reply(&mut w, json!({"ok": true}))?,
             Request::Verdict { verdict, session } => {
-                if window.0.elapsed() >= Duration::from_secs(1) {
-                    window = (Instant::now(), 0);
-                }
-                window.1 += 1;
-                if window.1 > MAX_VERDICTS_PER_S {
+                if !shared.take_verdict() {
                     reply(
                         &mut w,
                         json!({"ok": false, "error": "rate limited: too many verdicts per second"}),

@@ -51,14 +51,19 @@ fn containerized_dns_service_steers_fails_open_on_kill9_and_steers_again_after_r
         return;
     }
     let binary = build_static("steer-dns", true);
-    let d = Daemon::start();
-    let rootfs = d.dir.path().join("rootfs");
+    // A local image comes only from a directory the configuration allows.
+    let images = tempfile::tempdir().unwrap();
+    let rootfs = images.path().join("rootfs");
     gatevisor_lxc::rootfs::build_busybox(Path::new("/bin/busybox"), &rootfs).unwrap();
     std::fs::copy(&binary, rootfs.join("bin/steer-dns")).unwrap();
+    let d = Daemon::start_with_config(&format!(
+        "image_roots = [{:?}]\n",
+        images.path().display().to_string()
+    ));
     let manifest = r#"name = "t-e2e"
 version = "1.0.0"
 runtime = "lxc"
-image = "rootfs:rootfs"
+image = "rootfs:ROOTFS"
 command = ["/bin/steer-dns"]
 capabilities = ["NET_RAW"]
 failure_mode = "open"
@@ -74,7 +79,10 @@ stable_after_s = 60
 [network]
 steering = [{ kind = "dns" }]
 "#;
-    let m = d.manifest("e2e.toml", manifest);
+    let m = d.manifest(
+        "e2e.toml",
+        &manifest.replace("ROOTFS", &rootfs.display().to_string()),
+    );
 
     // LAN and WAN hosts on the daemon's bridge.
     let lan = lab::Host::new("el", Some("10.97.0.2/24"));

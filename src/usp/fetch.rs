@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 /// A connection that moves no byte for this long has failed.
 pub const IDLE: Duration = Duration::from_secs(60);
 
+/// The longest HTTP header line accepted from a package server.
+const MAX_HEADER_LINE: usize = 8192;
+/// The most HTTP header lines accepted from a package server.
+const MAX_HEADERS: usize = 100;
 pub const MAX_BYTES: u64 = 512 << 20;
 /// Where Debian keeps the system's trusted CAs.
 pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -235,15 +239,31 @@ fn get(
     )?;
     conn.flush()?;
     let mut r = BufReader::new(conn);
-    let mut status = String::new();
-    r.read_line(&mut status)?;
+    // A server that never ends a line, or sends headers forever, is cut off: each line is at
+    // most MAX_HEADER_LINE bytes, and there are at most MAX_HEADERS of them.
+    let line = |r: &mut BufReader<_>| -> std::io::Result<String> {
+        let mut buf = Vec::new();
+        (&mut *r)
+            .take(MAX_HEADER_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)?;
+        if buf.len() > MAX_HEADER_LINE {
+            return Err(bad(format!(
+                "an HTTP header line is longer than {MAX_HEADER_LINE} bytes"
+            )));
+        }
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let status = line(&mut r)?;
     if status.split_whitespace().nth(1) != Some("200") {
         return Err(bad(format!("HTTP answer {:?}", status.trim())));
     }
     let mut length = None;
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h)? == 0 {
+    for n in 0.. {
+        if n == MAX_HEADERS {
+            return Err(bad(format!("more than {MAX_HEADERS} HTTP header lines")));
+        }
+        let h = line(&mut r)?;
+        if h.is_empty() {
             return Err(bad("the HTTP headers were cut short"));
         }
         let h = h.trim();

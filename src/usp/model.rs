@@ -978,16 +978,24 @@ impl Model {
         let path = format!("{REQS}{}", op.instance);
         let deadline = std::time::Instant::now() + self.operation_deadline;
         let me = self.clone();
-        std::thread::Builder::new()
+        let op2 = op.clone();
+        let spawned = std::thread::Builder::new()
             .name("usp-op".into())
             .spawn(move || {
                 let result = match fail_now {
                     Some(f) => Err(f),
-                    None => me.run_op(&op, deadline),
+                    None => me.run_op(&op2, deadline),
                 };
-                me.complete(&op, result);
-            })
-            .expect("spawn an operation thread");
+                me.complete(&op2, result);
+            });
+        if let Err(e) = spawned {
+            // No thread for it (the system is out of them): the operation fails, reported as
+            // any other failure, and the daemon goes on.
+            self.complete(
+                &op,
+                Err((E_GENERAL, format!("cannot start the operation: {e}"))),
+            );
+        }
         OperateOutcome::Started(path)
     }
 

@@ -1,0 +1,252 @@
+//! The privilege policy: which capabilities a service may keep, decided by the operator in
+//! the daemon's configuration, per publisher key and per board, and checked at install (a
+//! package or manifest that asks for more is refused there, with the reason), never at start.
+//!
+//! ```toml
+//! [policy]
+//! capabilities = ["NET_RAW", "NET_BIND_SERVICE"]   # any service (default: DEFAULT_CAPABILITIES)
+//! [policy.publishers.acme]                          # a publisher key, by name or key id
+//! capabilities = ["NET_ADMIN"]                      # granted on top of the default
+//! [policy.boards.emulated-gateway]                  # replaces the default on that board
+//! capabilities = ["NET_RAW"]
+//! [policy.local]                                    # manifests installed from a file
+//! capabilities = ["NET_ADMIN"]
+//! ```
+//! Capabilities that reach beyond a container on any board (`SYS_ADMIN`, `SYS_MODULE`,
+//! `SYS_RAWIO`, `DAC_READ_SEARCH`, ...) are never in the default; only a grant names them.
+
+use std::collections::BTreeMap;
+
+use caps::Capability;
+use serde::Deserialize;
+
+/// What any service may keep when the configuration says nothing: the set container runtimes
+/// give by default, less `MKNOD` (no device nodes in a service).
+pub const DEFAULT_CAPABILITIES: &[Capability] = &[
+    Capability::CAP_CHOWN,
+    Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_FOWNER,
+    Capability::CAP_FSETID,
+    Capability::CAP_KILL,
+    Capability::CAP_SETGID,
+    Capability::CAP_SETUID,
+    Capability::CAP_SETPCAP,
+    Capability::CAP_SETFCAP,
+    Capability::CAP_NET_BIND_SERVICE,
+    Capability::CAP_NET_RAW,
+    Capability::CAP_SYS_CHROOT,
+    Capability::CAP_AUDIT_WRITE,
+];
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+}
+
+/// `[policy]` of the configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Replaces [`DEFAULT_CAPABILITIES`].
+    #[serde(default)]
+    pub capabilities: Option<Vec<String>>,
+    #[serde(default)]
+    pub publishers: BTreeMap<String, Grant>,
+    #[serde(default)]
+    pub boards: BTreeMap<String, Grant>,
+    #[serde(default)]
+    pub local: Option<Grant>,
+}
+
+/// Who asks: the publisher key that signed a package, or a manifest installed from a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requester {
+    Publisher { id: String, name: String },
+    Local,
+}
+
+impl std::fmt::Display for Requester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Requester::Publisher { id, name } => write!(f, "publisher {name} (key {id})"),
+            Requester::Local => f.write_str("a local manifest"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("policy: {field}: {name:?} is not a Linux capability")]
+    Unknown { field: String, name: String },
+    #[error("field `capabilities`: {cap} is not granted to {requester} on board {board} (grant it under [policy.publishers.NAME] or [policy.local] in the daemon's configuration)")]
+    NotGranted {
+        cap: String,
+        requester: String,
+        board: String,
+    },
+}
+
+/// The policy, resolved for this board.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    base: Vec<Capability>,
+    publishers: BTreeMap<String, Vec<Capability>>,
+    local: Vec<Capability>,
+    board: String,
+}
+
+fn parse(field: &str, names: &[String]) -> Result<Vec<Capability>, PolicyError> {
+    names
+        .iter()
+        .map(|n| {
+            let full = if n.starts_with("CAP_") {
+                n.to_ascii_uppercase()
+            } else {
+                format!("CAP_{}", n.to_ascii_uppercase())
+            };
+            full.parse().map_err(|_| PolicyError::Unknown {
+                field: field.into(),
+                name: n.clone(),
+            })
+        })
+        .collect()
+}
+
+impl Policy {
+    /// Resolves `config` for the board profile `board`; unknown capability names are refused
+    /// (the daemon does not start with a policy it cannot read).
+    pub fn new(config: &PolicyConfig, board: &str) -> Result<Policy, PolicyError> {
+        let base = match (config.boards.get(board), &config.capabilities) {
+            (Some(g), _) => parse(&format!("policy.boards.{board}"), &g.capabilities)?,
+            (None, Some(c)) => parse("policy.capabilities", c)?,
+            (None, None) => DEFAULT_CAPABILITIES.to_vec(),
+        };
+        for (name, g) in &config.boards {
+            parse(&format!("policy.boards.{name}"), &g.capabilities)?;
+        }
+        let publishers = config
+            .publishers
+            .iter()
+            .map(|(k, g)| {
+                Ok((
+                    k.clone(),
+                    parse(&format!("policy.publishers.{k}"), &g.capabilities)?,
+                ))
+            })
+            .collect::<Result<_, PolicyError>>()?;
+        let local = match &config.local {
+            Some(g) => parse("policy.local", &g.capabilities)?,
+            None => Vec::new(),
+        };
+        Ok(Policy {
+            base,
+            publishers,
+            local,
+            board: board.into(),
+        })
+    }
+
+    /// Is every capability in `asked` granted to `who`?
+    pub fn check(&self, who: &Requester, asked: &[Capability]) -> Result<(), PolicyError> {
+        let extra: &[Capability] = match who {
+            Requester::Local => &self.local,
+            Requester::Publisher { id, name } => self
+                .publishers
+                .get(name)
+                .or_else(|| self.publishers.get(id))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]),
+        };
+        for c in asked {
+            if !self.base.contains(c) && !extra.contains(c) {
+                return Err(PolicyError::NotGranted {
+                    cap: c.to_string().trim_start_matches("CAP_").to_string(),
+                    requester: who.to_string(),
+                    board: self.board.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy::new(&PolicyConfig::default(), "default").expect("the default policy parses")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acme() -> Requester {
+        Requester::Publisher {
+            id: "0123456789abcdef".into(),
+            name: "acme".into(),
+        }
+    }
+
+    #[test]
+    fn the_default_refuses_what_reaches_beyond_a_container() {
+        let p = Policy::default();
+        assert!(p
+            .check(
+                &acme(),
+                &[Capability::CAP_NET_RAW, Capability::CAP_NET_BIND_SERVICE]
+            )
+            .is_ok());
+        for c in [
+            Capability::CAP_SYS_ADMIN,
+            Capability::CAP_SYS_MODULE,
+            Capability::CAP_SYS_RAWIO,
+            Capability::CAP_DAC_READ_SEARCH,
+            Capability::CAP_MKNOD,
+            Capability::CAP_NET_ADMIN,
+        ] {
+            let e = p.check(&acme(), &[c]).unwrap_err().to_string();
+            assert!(e.contains("acme") && e.contains("capabilities"), "{e}");
+            assert!(p.check(&Requester::Local, &[c]).is_err());
+        }
+    }
+
+    #[test]
+    fn grants_are_per_publisher_by_name_or_id_per_board_and_local() {
+        let cfg: PolicyConfig = toml::from_str(
+            r#"
+[publishers.acme]
+capabilities = ["NET_ADMIN"]
+[publishers.fedcba9876543210]
+capabilities = ["SYS_ADMIN"]
+[boards.tiny]
+capabilities = ["NET_RAW"]
+[local]
+capabilities = ["CAP_SYS_TIME"]
+"#,
+        )
+        .unwrap();
+        let p = Policy::new(&cfg, "other").unwrap();
+        assert!(p.check(&acme(), &[Capability::CAP_NET_ADMIN]).is_ok());
+        assert!(p.check(&acme(), &[Capability::CAP_SYS_ADMIN]).is_err());
+        let by_id = Requester::Publisher {
+            id: "fedcba9876543210".into(),
+            name: "someone".into(),
+        };
+        assert!(p.check(&by_id, &[Capability::CAP_SYS_ADMIN]).is_ok());
+        assert!(p
+            .check(&Requester::Local, &[Capability::CAP_SYS_TIME])
+            .is_ok());
+        let tiny = Policy::new(&cfg, "tiny").unwrap();
+        assert!(tiny.check(&acme(), &[Capability::CAP_NET_RAW]).is_ok());
+        assert!(tiny
+            .check(&acme(), &[Capability::CAP_NET_BIND_SERVICE])
+            .is_err());
+        let bad: PolicyConfig = toml::from_str("capabilities = [\"FLY\"]").unwrap();
+        assert!(matches!(
+            Policy::new(&bad, "x"),
+            Err(PolicyError::Unknown { .. })
+        ));
+    }
+}
