@@ -255,8 +255,14 @@ fn write_line<T: serde::Serialize>(w: &mut UnixStream, body: &T) -> std::io::Res
     w.write_all(&line)
 }
 
+/// How long a client may take to send its request line before the connection is closed.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn serve_one(mut conn: UnixStream, tx: Sender<Msg>) -> std::io::Result<()> {
     let mut line = String::new();
+    conn.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    // A client that does not read its reply cannot hold the connection's thread forever.
+    conn.set_write_timeout(Some(REQUEST_TIMEOUT))?;
     BufReader::new(conn.try_clone()?)
         .take(1 << 20)
         .read_line(&mut line)?;

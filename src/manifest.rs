@@ -230,6 +230,44 @@ pub enum ManifestError {
 /// The longest service name: it becomes part of interface names (15 bytes at most).
 pub const MAX_NAME_LEN: usize = 12;
 
+/// Every key of the manifest's schema (named in parse errors).
+const FIELDS: &[&str] = &[
+    "name",
+    "version",
+    "runtime",
+    "image",
+    "command",
+    "env",
+    "capabilities",
+    "failure_mode",
+    "stop_timeout_s",
+    "resources",
+    "restart",
+    "network",
+    "health",
+    "microvm",
+    "vcpus",
+    "memory_mib",
+    "cpu_quota_percent",
+    "pids",
+    "disk_mib",
+    "policy",
+    "max_retries",
+    "backoff_initial_ms",
+    "backoff_max_ms",
+    "stable_after_s",
+    "interface",
+    "steering",
+    "heartbeat_timeout_ms",
+    "address",
+    "exec",
+    "tcp_port",
+    "verdict_ping",
+    "deadline_s",
+    "kernel",
+    "cmdline",
+];
+
 /// The largest manifest read (a real one is a few hundred bytes).
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 
@@ -277,8 +315,19 @@ impl Manifest {
                 .map(|s| {
                     let before = &text[..s.start.min(text.len())];
                     let line = before.matches('\n').count() + 1;
-                    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                    format!("line {line}, column {col}: ")
+                    let start = before.rfind('\n').map_or(0, |i| i + 1);
+                    let col = before.len() - start + 1;
+                    // The field is named when it is one of the manifest's own: a key of the
+                    // schema says nothing of a file that is not a manifest.
+                    let key = text[start..]
+                        .split(['=', '\n'])
+                        .next()
+                        .map(str::trim)
+                        .filter(|k| FIELDS.contains(k));
+                    match key {
+                        Some(k) => format!("line {line}, column {col}: field `{k}`: "),
+                        None => format!("line {line}, column {col}: "),
+                    }
                 })
                 .unwrap_or_default();
             ManifestError::Parse {

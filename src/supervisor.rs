@@ -77,7 +77,25 @@ pub enum Msg {
         allow: bool,
         reply: Sender<std::result::Result<(), String>>,
     },
+    /// A package install's worker is done: verified into the image store and, for a
+    /// container, its rootfs copied (`prepared`), or refused.
+    PackageReady {
+        name: String,
+        start: bool,
+        pkg: PathBuf,
+        result: std::result::Result<Prepared, ApiError>,
+        reply: Sender<Reply>,
+    },
     Shutdown,
+}
+
+/// What a package install's worker made, off the supervisor loop.
+pub struct Prepared {
+    installed: gatevisor_images::store::Installed,
+    /// The container's rootfs, copied from the store (none for a microVM).
+    rootfs: Option<PathBuf>,
+    /// The store had no version of this service before.
+    new_entry: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +155,9 @@ pub struct Supervisor {
     verdict_servers: HashMap<String, crate::verdict::VerdictServer>,
     /// Signed packages, verified and unpacked.
     images: gatevisor_images::store::Store,
+    /// Services whose package a worker is installing now (no second install or update of
+    /// the same name meanwhile, and no store garbage collection under it).
+    installing: std::collections::HashSet<String>,
 }
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -255,6 +276,7 @@ impl Supervisor {
             net_problem,
             verdict_servers: HashMap::new(),
             images,
+            installing: Default::default(),
         })
     }
 
@@ -385,6 +407,32 @@ impl Supervisor {
                 }
             }
             match msg {
+                Ok(Msg::Request(Request::Install { manifest, start }, reply))
+                    if is_package(&manifest) =>
+                {
+                    self.begin_install_package(manifest, start, reply);
+                }
+                Ok(Msg::PackageReady {
+                    name,
+                    start,
+                    pkg,
+                    result,
+                    reply,
+                }) => {
+                    self.installing.remove(&name);
+                    let res = result.and_then(|p| self.finish_install_package(&pkg, start, p));
+                    if let Err(e) = &res {
+                        self.event(
+                            EventKind::Refused,
+                            None,
+                            format!("{}: {}", pkg.display(), e.message),
+                        );
+                    }
+                    let _ = reply.send(match res {
+                        Ok(result) => Reply::Ok { result },
+                        Err(error) => Reply::Error { error },
+                    });
+                }
                 Ok(Msg::Request(req, reply)) => {
                     let refusable = matches!(req, Request::Install { .. } | Request::Update { .. });
                     let what = match &req {
@@ -397,7 +445,12 @@ impl Supervisor {
                     let res = self.handle(req);
                     if let (true, Err(e)) = (refusable, &res) {
                         // Every refusal is an event, with its reason.
-                        self.event(EventKind::Refused, None, format!("{what}: {}", e.message));
+                        let detail = if e.message.starts_with(&what) {
+                            e.message.clone()
+                        } else {
+                            format!("{what}: {}", e.message)
+                        };
+                        self.event(EventKind::Refused, None, detail);
                     }
                     let r = match res {
                         Ok(result) => Reply::Ok { result },
@@ -734,7 +787,22 @@ impl Supervisor {
         match req {
             Request::Ping => Ok(json!({"pong": true, "version": env!("CARGO_PKG_VERSION")})),
             Request::Install { manifest, start } if is_package(&manifest) => {
-                self.install_package(&manifest, start)
+                // The loop hands package installs to a worker; this is the same, inline.
+                let name = gatevisor_images::package::open_regular(&manifest)
+                    .ok()
+                    .and_then(|f| gatevisor_images::package::peek(std::io::BufReader::new(f)).ok())
+                    .map(|m| m.name)
+                    .unwrap_or_default();
+                let services = self.settings.state_dir.join("services");
+                let p = prepare_package(
+                    &self.images,
+                    &self.settings.policy,
+                    &self.board,
+                    &manifest,
+                    &name,
+                    &services,
+                )?;
+                self.finish_install_package(&manifest, start, p)
             }
             Request::Install { manifest, start } => self.install(&manifest, start, None),
             Request::Update { name, package } => self.update(&name, &package),
@@ -825,6 +893,12 @@ impl Supervisor {
     fn update(&mut self, name: &str, pkg: &Path) -> Result<serde_json::Value> {
         let invalid =
             |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, format!("{}: {e}", pkg.display()));
+        if self.installing.contains(name) {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!("{name} is being installed; update it once that is done"),
+            ));
+        }
         let rec = self.record(name)?;
         let old_version = rec.package_version.clone().ok_or_else(|| {
             err(ErrorKind::Conflict, format!("service {name} was not installed from a package; remove and install the package instead"))
@@ -841,7 +915,7 @@ impl Supervisor {
             )));
         }
         let inst = {
-            let mut check = self.package_check();
+            let mut check = package_check(&self.settings.policy);
             self.images
                 .install_checked(pkg, &mut check, &mut |_| {})
                 .map_err(|e| store_refusal(pkg, &e))?
@@ -932,7 +1006,7 @@ impl Supervisor {
         let caps = m.capability_set(&file).map_err(|e| e.to_string())?;
         self.stop_service(name, false).map_err(|e| e.message)?;
         let dir = self.service_dir(name);
-        self.materialise(&m, &image, caps, &dir, true)
+        self.materialise(&m, &image, caps, &dir, true, None)
             .map_err(|e| e.message)?;
         {
             let rec = self.record_mut(name).map_err(|e| e.message)?;
@@ -1021,84 +1095,112 @@ impl Supervisor {
         ))
     }
 
-    /// The gateway's checks of a verified package before the image store commits it: its
-    /// service manifest is valid, names the same service and version as the package and uses
-    /// the package's image, and the privilege policy grants what it asks for its publisher.
-    fn package_check(
-        &self,
-    ) -> impl FnMut(
-        &Path,
-        &gatevisor_images::package::PackageManifest,
-    ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>
-           + '_ {
-        move |dir, pm| {
-            let file = dir.join("service.toml");
-            let m = Manifest::load_packaged(&file).map_err(|e| {
-                // The staging path means nothing to the user: name the file in the package.
-                error_chain(&e).replace(&file.display().to_string(), "service.toml")
-            })?;
-            if m.name != pm.name || m.version != pm.version {
-                return Err(format!(
-                    "service.toml: fields `name` and `version` ({:?} {:?}) must be the package's own ({:?} {:?})",
-                    m.name, m.version, pm.name, pm.version
-                )
-                .into());
-            }
-            let signer = std::fs::read_to_string(dir.join(gatevisor_images::package::SIGNER))?;
-            let (id, name) = signer.trim().split_once(' ').unwrap_or((signer.trim(), ""));
-            let who = crate::policy::Requester::Publisher {
-                id: id.into(),
-                name: name.into(),
-            };
-            let caps = m
-                .capability_set(Path::new("service.toml"))
-                .map_err(|e| e.to_string())?;
-            self.settings.policy.check(&who, &caps)?;
-            Ok(())
-        }
-    }
-
-    /// Installs a service from a signed package: verified into the image store first.
-    fn install_package(&mut self, pkg: &Path, start: bool) -> Result<serde_json::Value> {
+    /// Starts installing a package: the quick checks here, the verification, unpacking and
+    /// rootfs copy on a worker, which reports back with [`Msg::PackageReady`]; the loop goes
+    /// on meanwhile. The reply goes out when the worker is done.
+    fn begin_install_package(&mut self, pkg: PathBuf, start: bool, reply: Sender<Reply>) {
+        let refuse = |me: &mut Supervisor, e: ApiError| {
+            me.event(
+                EventKind::Refused,
+                None,
+                format!("{}: {}", pkg.display(), e.message),
+            );
+            let _ = reply.send(Reply::Error { error: e });
+        };
         let invalid = |e: &(dyn std::error::Error + 'static)| {
             err(
                 ErrorKind::Invalid,
                 format!("{}: {}", pkg.display(), error_chain(e)),
             )
         };
-        let peeked = gatevisor_images::package::open_regular(pkg)
+        let peeked = match gatevisor_images::package::open_regular(&pkg)
             .map_err(|e| invalid(&e))
             .and_then(|f| {
                 gatevisor_images::package::peek(std::io::BufReader::new(f)).map_err(|e| invalid(&e))
-            })?;
-        if self.doc.services.contains_key(&peeked.name) {
-            return Err(err(
+            }) {
+            Ok(p) => p,
+            Err(e) => return refuse(self, e),
+        };
+        let name = peeked.name;
+        if self.doc.services.contains_key(&name) || self.installing.contains(&name) {
+            let e = err(
                 ErrorKind::Conflict,
                 format!(
-                    "{}: a service named {:?} is already installed; use `gatevisor service update`",
-                    pkg.display(),
-                    peeked.name
+                    "{}: a service named {name:?} is already installed; use `gatevisor service update`",
+                    pkg.display()
                 ),
-            ));
+            );
+            return refuse(self, e);
+        }
+        self.installing.insert(name.clone());
+        let images = self.images.clone();
+        let policy = self.settings.policy.clone();
+        let board = self.board.clone();
+        let tx = self.tx.clone();
+        let services = self.settings.state_dir.join("services");
+        let (pkg2, name2) = (pkg.clone(), name.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("install-{name}"))
+            .spawn(move || {
+                let result = prepare_package(&images, &policy, &board, &pkg2, &name2, &services);
+                let _ = tx.send(Msg::PackageReady {
+                    name: name2,
+                    start,
+                    pkg: pkg2,
+                    result,
+                    reply,
+                });
+            });
+        if let Err(e) = spawned {
+            self.installing.remove(&name);
+            tracing::error!("cannot start an install worker: {e}");
+        }
+    }
+
+    /// The loop's part of a package install, once its worker verified and prepared it.
+    fn finish_install_package(
+        &mut self,
+        pkg: &Path,
+        start: bool,
+        p: Prepared,
+    ) -> Result<serde_json::Value> {
+        let inst = p.installed;
+        let res = if self.doc.services.contains_key(&inst.name) {
+            Err(err(
+                ErrorKind::Conflict,
+                format!(
+                    "{}: a service named {:?} is already installed",
+                    pkg.display(),
+                    inst.name
+                ),
+            ))
+        } else {
+            self.install_prepared(
+                &inst.service_manifest(),
+                start,
+                Some((pkg.to_path_buf(), inst.version.clone())),
+                p.rootfs.clone(),
+            )
+        };
+        if let Some(r) = &p.rootfs {
+            let _ = std::fs::remove_dir_all(r.parent().unwrap_or(r));
         }
         // Only what this install put into the store is taken out again when it fails.
-        let had_entry = self.images.current(&peeked.name).is_some();
-        let inst = {
-            let mut check = self.package_check();
-            self.images
-                .install_checked(pkg, &mut check, &mut |_| {})
-                .map_err(|e| store_refusal(pkg, &e))?
-        };
-        let res = self.install(
-            &inst.service_manifest(),
-            start,
-            Some((pkg.to_path_buf(), inst.version.clone())),
-        );
-        if res.is_err() && !had_entry && !self.doc.services.contains_key(&inst.name) {
+        if res.is_err() && p.new_entry && !self.doc.services.contains_key(&inst.name) {
             let _ = self.images.remove(&inst.name);
-            let _ = self.images.gc();
+            self.gc_images();
         }
         res
+    }
+
+    /// Removes unreferenced store entries, unless a worker is installing into the store now
+    /// (its blobs are referenced only once its version is committed).
+    fn gc_images(&mut self) {
+        if self.installing.is_empty() {
+            if let Err(e) = self.images.gc() {
+                tracing::warn!("image store: {}", error_chain(&e));
+            }
+        }
     }
 
     /// `package`: the package file and version, when the manifest comes from the image store.
@@ -1107,6 +1209,17 @@ impl Supervisor {
         path: &Path,
         start: bool,
         package: Option<(PathBuf, String)>,
+    ) -> Result<serde_json::Value> {
+        self.install_prepared(path, start, package, None)
+    }
+
+    /// [`Self::install`] with the container's rootfs already copied by a worker (`rootfs`).
+    fn install_prepared(
+        &mut self,
+        path: &Path,
+        start: bool,
+        package: Option<(PathBuf, String)>,
+        rootfs: Option<PathBuf>,
     ) -> Result<serde_json::Value> {
         let invalid = |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, e.to_string());
         let path = std::path::absolute(path).map_err(|e| invalid(&e))?;
@@ -1130,32 +1243,7 @@ impl Supervisor {
                 ),
             ));
         }
-        let runtime = match m.runtime {
-            RuntimeKind::Lxc => "lxc",
-            // A microVM where the board runs them, for an image that can boot as one (a
-            // package carries an initramfs), with gatevisor's guest init present (it runs
-            // the service and its control channel); LXC otherwise.
-            RuntimeKind::Auto => match self.board.auto_runtime {
-                AutoRuntime::Microvm
-                    if m.image == "package"
-                        && Manifest::package_initramfs(&path).is_file()
-                        && crate::microvm::guest_init().is_some() =>
-                {
-                    "microvm"
-                }
-                _ => "lxc",
-            },
-            RuntimeKind::Microvm if !self.board.kvm.microvm_capable => {
-                return Err(err(
-                    ErrorKind::Invalid,
-                    format!(
-                        "{file}: field `runtime`: this board's KVM cannot run microVMs ({}); use \"lxc\" or \"auto\"",
-                        self.board.auto_runtime_reason
-                    ),
-                ))
-            }
-            RuntimeKind::Microvm => "microvm",
-        };
+        let runtime = resolve_runtime(&self.board, &m, &path)?;
         let max = self.board.profile.max_services as usize;
         if self.doc.services.len() >= max {
             return Err(err(
@@ -1208,7 +1296,7 @@ impl Supervisor {
 
         // Everything checked: now build. Any failure undoes what was made.
         let dir = self.service_dir(&m.name);
-        let made = self.materialise(&m, &image, caps, &dir, package.is_some());
+        let made = self.materialise(&m, &image, caps, &dir, package.is_some(), rootfs);
         if let Err(e) = made {
             let _ = self.rt.undefine(&m.name);
             let _ = std::fs::remove_dir_all(&dir);
@@ -1307,6 +1395,7 @@ impl Supervisor {
         caps: Vec<caps::Capability>,
         dir: &Path,
         from_store: bool,
+        prepared: Option<PathBuf>,
     ) -> Result<()> {
         let _ = std::fs::remove_dir_all(dir);
         let rootfs = dir.join("rootfs");
@@ -1339,6 +1428,10 @@ impl Supervisor {
             ImageRef::BuiltinBusybox => {
                 check_static_busybox(&self.settings.busybox)?;
                 lxc::rootfs::build_busybox(&self.settings.busybox, &rootfs).map_err(runtime_err)?
+            }
+            ImageRef::Rootfs(_) if prepared.is_some() => {
+                let p = prepared.expect("checked");
+                std::fs::rename(&p, &rootfs).map_err(runtime_err)?;
             }
             ImageRef::Rootfs(src) => {
                 let from = if from_store {
@@ -1611,9 +1704,10 @@ impl Supervisor {
         // Everything the service owned goes: its versions in the image store (so the same
         // name and version installed again is that package's content, not the old one),
         // their blobs, and its logs.
-        if let Err(e) = self.images.remove(name).and_then(|()| self.images.gc()) {
+        if let Err(e) = self.images.remove(name) {
             tracing::warn!("{name}: image store: {}", error_chain(&e));
         }
+        self.gc_images();
         let log = self.log_file(name);
         let _ = std::fs::remove_file(&log);
         for n in 1..=self.settings.log_keep.max(1) {
@@ -2163,6 +2257,143 @@ fn make_disk_image(rootfs: &Path, img: &Path, mib: u32) -> Result<PathBuf> {
     }
     let _ = std::fs::remove_dir_all(rootfs);
     Ok(img.to_path_buf())
+}
+
+/// Which runtime the service really gets (`auto` resolved for this board).
+fn resolve_runtime(board: &BoardReport, m: &Manifest, path: &Path) -> Result<&'static str> {
+    Ok(match m.runtime {
+        RuntimeKind::Lxc => "lxc",
+        // A microVM where the board runs them, for an image that can boot as one (a
+        // package carries an initramfs), with gatevisor's guest init present (it runs
+        // the service and its control channel); LXC otherwise.
+        RuntimeKind::Auto => match board.auto_runtime {
+            AutoRuntime::Microvm
+                if m.image == "package"
+                    && Manifest::package_initramfs(path).is_file()
+                    && crate::microvm::guest_init().is_some() =>
+            {
+                "microvm"
+            }
+            _ => "lxc",
+        },
+        RuntimeKind::Microvm if !board.kvm.microvm_capable => {
+            return Err(err(
+                ErrorKind::Invalid,
+                format!(
+                    "{}: field `runtime`: this board's KVM cannot run microVMs ({}); use \"lxc\" or \"auto\"",
+                    path.display(),
+                    board.auto_runtime_reason
+                ),
+            ))
+        }
+        RuntimeKind::Microvm => "microvm",
+    })
+}
+
+/// The gateway's checks of a verified package before the image store commits it: its service
+/// manifest is valid, names the same service and version as the package and uses the
+/// package's image, and the privilege policy grants what it asks for its publisher.
+fn package_check(
+    policy: &crate::policy::Policy,
+) -> impl FnMut(
+    &Path,
+    &gatevisor_images::package::PackageManifest,
+) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>
+       + '_ {
+    move |dir, pm| {
+        let file = dir.join("service.toml");
+        let m = Manifest::load_packaged(&file).map_err(|e| {
+            // The staging path means nothing to the user: name the file in the package.
+            error_chain(&e).replace(&file.display().to_string(), "service.toml")
+        })?;
+        if m.name != pm.name || m.version != pm.version {
+            return Err(format!(
+                "service.toml: fields `name` and `version` ({:?} {:?}) must be the package's own ({:?} {:?})",
+                m.name, m.version, pm.name, pm.version
+            )
+            .into());
+        }
+        let signer = std::fs::read_to_string(dir.join(gatevisor_images::package::SIGNER))?;
+        let (id, name) = signer.trim().split_once(' ').unwrap_or((signer.trim(), ""));
+        let who = crate::policy::Requester::Publisher {
+            id: id.into(),
+            name: name.into(),
+        };
+        let caps = m
+            .capability_set(Path::new("service.toml"))
+            .map_err(|e| e.to_string())?;
+        policy.check(&who, &caps)?;
+        Ok(())
+    }
+}
+
+/// A package install's slow part, on a worker: verify and unpack into the image store (the
+/// gateway's checks run before it commits), then, for a container, copy its rootfs into
+/// `services/.NAME.prepared/rootfs` for the loop to move into place.
+fn prepare_package(
+    images: &gatevisor_images::store::Store,
+    policy: &crate::policy::Policy,
+    board: &BoardReport,
+    pkg: &Path,
+    name: &str,
+    services: &Path,
+) -> Result<Prepared> {
+    let new_entry = images.current(name).is_none();
+    let mut check = package_check(policy);
+    let installed = images
+        .install_checked(pkg, &mut check, &mut |_| {})
+        .map_err(|e| store_refusal(pkg, &e))?;
+    let res = prepare_rootfs(installed, board, services, new_entry);
+    if res.is_err() && new_entry {
+        let _ = images.remove(name);
+    }
+    res
+}
+
+fn prepare_rootfs(
+    installed: gatevisor_images::store::Installed,
+    board: &BoardReport,
+    services: &Path,
+    new_entry: bool,
+) -> Result<Prepared> {
+    let file = installed.service_manifest();
+    let m = Manifest::load(&file).map_err(|e| err(ErrorKind::Invalid, error_chain(&e)))?;
+    let rootfs = match (resolve_runtime(board, &m, &file)?, installed.rootfs()) {
+        ("lxc", Some(src)) => {
+            let staging = services.join(format!(".{}.prepared", installed.name));
+            let _ = std::fs::remove_dir_all(&staging);
+            let rootfs = staging.join("rootfs");
+            let copied = std::fs::create_dir_all(&rootfs)
+                .map_err(runtime_err)
+                .and_then(|()| {
+                    let (from, to) = (
+                        Dir::open(&src).map_err(runtime_err)?,
+                        Dir::open(&rootfs).map_err(runtime_err)?,
+                    );
+                    let limits = gatevisor_images::package::Limits::default();
+                    gatevisor_images::beneath::copy_tree(
+                        &from,
+                        &to,
+                        gatevisor_images::beneath::CopyLimits {
+                            max_files: limits.max_files,
+                            max_bytes: limits.max_total_bytes,
+                        },
+                    )
+                    .map_err(|e| runtime_err(error_chain(&e)))
+                });
+            if let Err(e) = copied {
+                let _ = std::fs::remove_dir_all(&staging);
+                return Err(e);
+            }
+            Some(rootfs)
+        }
+        _ => None,
+    };
+    Ok(Prepared {
+        installed,
+        rootfs,
+        new_entry,
+    })
 }
 
 /// A refused package as an API error: the policy's refusals are `denied`, the rest

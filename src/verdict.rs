@@ -276,6 +276,92 @@ fn serve_conn(conn: UnixStream, shared: &Shared) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
+
+    /// A supervisor that accepts every verdict at once.
+    fn accepting() -> Sender<Msg> {
+        let (tx, rx) = mpsc::channel::<Msg>();
+        std::thread::spawn(move || {
+            for m in rx {
+                if let Msg::Verdict { reply, .. } = m {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+        });
+        tx
+    }
+
+    fn line(c: &mut UnixStream) -> String {
+        let mut out = Vec::new();
+        let mut b = [0u8; 1];
+        while c.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+            out.push(b[0]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn a_service_gets_a_bounded_number_of_connections() {
+        let d = tempfile::tempdir().unwrap();
+        let _srv = serve(d.path(), "svc", accepting()).unwrap();
+        let path = d.path().join(SOCKET_NAME);
+        let mut held: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+            .map(|_| {
+                let mut c = UnixStream::connect(&path).unwrap();
+                c.write_all(b"{\"op\":\"ping\"}\n").unwrap();
+                assert_eq!(line(&mut c), r#"{"ok":true}"#);
+                c
+            })
+            .collect();
+        let mut extra = UnixStream::connect(&path).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let refused = line(&mut extra);
+        assert!(refused.contains("at most 8 connections"), "{refused}");
+        // A place freed is a place to be had again.
+        held.pop();
+        let again = (0..50).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            let mut c = UnixStream::connect(&path).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c.write_all(b"{\"op\":\"ping\"}\n").is_ok() && line(&mut c) == r#"{"ok":true}"#
+        });
+        assert!(again);
+    }
+
+    #[test]
+    fn the_verdict_rate_is_the_services_whatever_its_connections() {
+        let d = tempfile::tempdir().unwrap();
+        let _srv = serve(d.path(), "svc", accepting()).unwrap();
+        let path = d.path().join(SOCKET_NAME);
+        let verdict = b"{\"op\":\"verdict\",\"verdict\":\"allow\",\"session\":{\"proto\":\"tcp\",\"src\":\"10.0.0.2:1\",\"dst\":\"10.0.0.1:80\"}}\n";
+        let mut conns: Vec<UnixStream> = (0..4)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        let start = Instant::now();
+        let (mut ok, mut limited) = (0u32, 0u32);
+        // 4 connections, 1000 verdicts each, within one window: only the service's 2000 pass.
+        for round in 0..1000 {
+            let _ = round;
+            for c in conns.iter_mut() {
+                c.write_all(verdict).unwrap();
+                let r = line(c);
+                if r.contains("rate limited") {
+                    limited += 1;
+                } else {
+                    assert_eq!(r, r#"{"ok":true}"#);
+                    ok += 1;
+                }
+            }
+        }
+        if start.elapsed() < Duration::from_secs(1) {
+            assert_eq!(ok, MAX_VERDICTS_PER_S, "{ok} passed, {limited} limited");
+        } else {
+            // A slow machine crossed windows: still no window passed more than its share.
+            assert!(ok <= MAX_VERDICTS_PER_S * (start.elapsed().as_secs() as u32 + 1));
+        }
+    }
 
     #[test]
     fn requests_parse_and_bad_ones_are_rejected() {

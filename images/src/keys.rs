@@ -171,6 +171,7 @@ pub struct KeyInfo {
 }
 
 /// The gateway's trusted publisher keys.
+#[derive(Clone)]
 pub struct TrustStore {
     dir: PathBuf,
 }

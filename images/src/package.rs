@@ -68,7 +68,7 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             max_total_bytes: 512 << 20,
-            max_files: 100_000,
+            max_files: 262_144,
             max_path_len: 1024,
         }
     }

@@ -92,6 +92,7 @@ impl Installed {
 pub type Check<'a> =
     dyn FnMut(&Path, &PackageManifest) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + 'a;
 
+#[derive(Clone)]
 pub struct Store {
     root: PathBuf,
     trust: TrustStore,
