@@ -17,6 +17,10 @@ if [ "$(id -u)" = 0 ]; then
   export GATEVISOR_QEMU_TESTS=1
 fi
 
+# The fuzz targets (tests/fuzz.rs, vmm's hostile-driver proptests, dns-filter's parser): cases
+# per target in this run.
+export PROPTEST_CASES="${PROPTEST_CASES:-1000}"
+
 echo "== cargo test --workspace"
 cargo test --workspace 2>&1 | tee /tmp/gatevisor-test.log
 grep -q "test result: FAILED" /tmp/gatevisor-test.log && exit 1

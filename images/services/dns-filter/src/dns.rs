@@ -255,4 +255,41 @@ block_address = "0.0.0.0"
             let _ = question(&q[..cut]);
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256),
+            ..Default::default()
+        })]
+
+        /// Fuzz target: any query a LAN client sends, mutated from real ones (and from
+        /// arbitrary bytes), is parsed and answered without a panic, and an answer keeps the
+        /// query's id.
+        #[test]
+        fn any_query_is_parsed_and_answered_without_a_panic(
+            seed in 0usize..4,
+            flips in proptest::collection::vec((proptest::prelude::any::<u16>(), proptest::prelude::any::<u8>()), 0..6),
+            cut in proptest::prelude::any::<u16>(),
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let mut q = match seed {
+                0 => query("blocked.test", 1, true),
+                1 => query("www.example.test", 28, false),
+                2 => query(&"a".repeat(63), 1, false),
+                _ => raw,
+            };
+            for (at, v) in flips {
+                if !q.is_empty() {
+                    let i = at as usize % q.len();
+                    q[i] = v;
+                }
+            }
+            q.truncate(cut as usize % (q.len() + 1));
+            if let Some(parsed) = question(&q) {
+                let a = blocked_answer(&q, &parsed, Some("0.0.0.0".parse().unwrap()));
+                proptest::prop_assert_eq!(&a[..2], &q[..2]);
+                let _ = blocked_answer(&q, &parsed, None);
+            }
+        }
+    }
 }
