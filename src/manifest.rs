@@ -45,6 +45,10 @@ pub struct Manifest {
     /// Capabilities the service keeps (e.g. `NET_BIND_SERVICE`); all others are dropped.
     #[serde(default)]
     pub capabilities: Vec<String>,
+    /// Run the container without a user namespace (its root is the host's root). Only with a
+    /// grant in the gateway's policy; containers are unprivileged by default.
+    #[serde(default)]
+    pub privileged: bool,
     #[serde(default = "default_failure_mode")]
     pub failure_mode: FailureMode,
     /// Seconds between the polite stop request and the kill.
@@ -266,6 +270,7 @@ const FIELDS: &[&str] = &[
     "deadline_s",
     "kernel",
     "cmdline",
+    "privileged",
 ];
 
 /// The largest manifest read (a real one is a few hundred bytes).

@@ -12,6 +12,8 @@
 //! [policy.local]                                    # manifests installed from a file
 //! capabilities = ["NET_ADMIN"]
 //! ```
+//! Containers run in a user namespace of their own unless a grant says `privileged = true`
+//! for the publisher (or `[policy.local]`) and the manifest asks for `privileged = true`.
 //! Capabilities that reach beyond a container on any board (`SYS_ADMIN`, `SYS_MODULE`,
 //! `SYS_RAWIO`, `DAC_READ_SEARCH`, ...) are never in the default; only a grant names them.
 
@@ -43,6 +45,9 @@ pub const DEFAULT_CAPABILITIES: &[Capability] = &[
 pub struct Grant {
     #[serde(default)]
     pub capabilities: Vec<String>,
+    /// May run privileged containers (no user namespace: the container's root is the host's).
+    #[serde(default)]
+    pub privileged: bool,
 }
 
 /// `[policy]` of the configuration file.
@@ -80,6 +85,8 @@ impl std::fmt::Display for Requester {
 pub enum PolicyError {
     #[error("policy: {field}: {name:?} is not a Linux capability")]
     Unknown { field: String, name: String },
+    #[error("field `privileged`: privileged containers are not granted to {requester} on board {board} (grant privileged = true under [policy.publishers.NAME] or [policy.local] in the daemon's configuration)")]
+    NotPrivileged { requester: String, board: String },
     #[error("field `capabilities`: {cap} is not granted to {requester} on board {board} (grant it under [policy.publishers.NAME] or [policy.local] in the daemon's configuration)")]
     NotGranted {
         cap: String,
@@ -95,6 +102,8 @@ pub struct Policy {
     publishers: BTreeMap<String, Vec<Capability>>,
     local: Vec<Capability>,
     board: String,
+    /// Who may run privileged containers: publisher names or key ids, and "local".
+    privileged: Vec<String>,
 }
 
 fn parse(field: &str, names: &[String]) -> Result<Vec<Capability>, PolicyError> {
@@ -140,11 +149,25 @@ impl Policy {
             Some(g) => parse("policy.local", &g.capabilities)?,
             None => Vec::new(),
         };
+        let privileged = config
+            .publishers
+            .iter()
+            .filter(|(_, g)| g.privileged)
+            .map(|(k, _)| k.clone())
+            .chain(
+                config
+                    .local
+                    .as_ref()
+                    .filter(|g| g.privileged)
+                    .map(|_| "local".to_string()),
+            )
+            .collect();
         Ok(Policy {
             base,
             publishers,
             local,
             board: board.into(),
+            privileged,
         })
     }
 
@@ -169,6 +192,26 @@ impl Policy {
             }
         }
         Ok(())
+    }
+}
+
+impl Policy {
+    /// May `who` run a privileged container?
+    pub fn check_privileged(&self, who: &Requester) -> Result<(), PolicyError> {
+        let granted = match who {
+            Requester::Local => self.privileged.iter().any(|k| k == "local"),
+            Requester::Publisher { id, name } => {
+                self.privileged.iter().any(|k| k == id || k == name)
+            }
+        };
+        if granted {
+            Ok(())
+        } else {
+            Err(PolicyError::NotPrivileged {
+                requester: who.to_string(),
+                board: self.board.clone(),
+            })
+        }
     }
 }
 

@@ -59,6 +59,10 @@ pub struct ServiceRecord {
     pub package_version: Option<String>,
     /// The runtime actually used (`auto` resolved at install).
     pub runtime: String,
+    /// A container's user namespace starts at this host id (`None`: privileged, or a service
+    /// installed before containers had one).
+    #[serde(default)]
+    pub idmap_base: Option<u32>,
     pub desired: Desired,
     pub state: State,
     pub running: Option<Running>,

@@ -89,6 +89,17 @@ pub enum Msg {
     Shutdown,
 }
 
+/// Where a service's files come from and whom they belong to, for `materialise`.
+struct Source {
+    /// The image is in the verified image store (else: a local manifest's, under
+    /// `image_roots`).
+    from_store: bool,
+    /// A container rootfs a worker already copied.
+    prepared: Option<PathBuf>,
+    /// The container's user namespace (`None`: privileged).
+    idmap: Option<lxc::IdMap>,
+}
+
 /// What a package install's worker made, off the supervisor loop.
 pub struct Prepared {
     installed: gatevisor_images::store::Installed,
@@ -189,7 +200,7 @@ impl Supervisor {
             ("services", 0o711),
             ("logs", 0o700),
             ("run", 0o711),
-            ("lxc", 0o700),
+            ("lxc", 0o711),
         ] {
             let path = settings.state_dir.join(d);
             std::fs::create_dir_all(&path)
@@ -695,7 +706,8 @@ impl Supervisor {
             return;
         }
         if !self.verdict_servers.contains_key(name) {
-            match crate::verdict::serve(&self.service_run_dir(name), name, self.tx.clone()) {
+            let owner = rec.idmap_base;
+            match crate::verdict::serve(&self.service_run_dir(name), name, owner, self.tx.clone()) {
                 Ok(v) => {
                     self.verdict_servers.insert(name.to_string(), v);
                 }
@@ -1006,11 +1018,19 @@ impl Supervisor {
         let caps = m.capability_set(&file).map_err(|e| e.to_string())?;
         self.stop_service(name, false).map_err(|e| e.message)?;
         let dir = self.service_dir(name);
-        self.materialise(&m, &image, caps, &dir, true, None)
+        let idmap = (runtime == "lxc" && !m.privileged)
+            .then(|| idmap_for(self.record(name).map(|r| r.id).unwrap_or(0)));
+        let source = Source {
+            from_store: true,
+            prepared: None,
+            idmap,
+        };
+        self.materialise(&m, &image, caps, &dir, source)
             .map_err(|e| e.message)?;
         {
             let rec = self.record_mut(name).map_err(|e| e.message)?;
             rec.manifest = m;
+            rec.idmap_base = idmap.map(|m| m.host_base);
             rec.package_version = Some(inst.version.clone());
             rec.desired = Desired::Running;
             rec.consecutive_failures = 0;
@@ -1228,10 +1248,19 @@ impl Supervisor {
             // A local manifest: root on the gateway wrote it, but what it may keep is still
             // the operator's policy.
             let caps = m.capability_set(&path).map_err(|e| invalid(&e))?;
+            let denied = |e: crate::policy::PolicyError| {
+                err(ErrorKind::Denied, format!("{}: {e}", path.display()))
+            };
             self.settings
                 .policy
                 .check(&crate::policy::Requester::Local, &caps)
-                .map_err(|e| err(ErrorKind::Denied, format!("{}: {e}", path.display())))?;
+                .map_err(denied)?;
+            if m.privileged {
+                self.settings
+                    .policy
+                    .check_privileged(&crate::policy::Requester::Local)
+                    .map_err(denied)?;
+            }
         }
         let file = path.display();
         if self.doc.services.contains_key(&m.name) {
@@ -1295,8 +1324,15 @@ impl Supervisor {
         let caps = m.capability_set(&path).map_err(|e| invalid(&e))?;
 
         // Everything checked: now build. Any failure undoes what was made.
+        let id = self.doc.services.values().map(|r| r.id).max().unwrap_or(0) + 1;
+        let idmap = (runtime == "lxc" && !m.privileged).then(|| idmap_for(id));
         let dir = self.service_dir(&m.name);
-        let made = self.materialise(&m, &image, caps, &dir, package.is_some(), rootfs);
+        let source = Source {
+            from_store: package.is_some(),
+            prepared: rootfs,
+            idmap,
+        };
+        let made = self.materialise(&m, &image, caps, &dir, source);
         if let Err(e) = made {
             let _ = self.rt.undefine(&m.name);
             let _ = std::fs::remove_dir_all(&dir);
@@ -1304,7 +1340,6 @@ impl Supervisor {
         }
         let name = m.name.clone();
         let version = m.version.clone();
-        let id = self.doc.services.values().map(|r| r.id).max().unwrap_or(0) + 1;
         self.doc.services.insert(
             name.clone(),
             ServiceRecord {
@@ -1316,6 +1351,7 @@ impl Supervisor {
                     .unwrap_or_else(|| path.clone()),
                 package_version: package.map(|(_, v)| v),
                 runtime: runtime.into(),
+                idmap_base: idmap.map(|m| m.host_base),
                 desired: if start {
                     Desired::Running
                 } else {
@@ -1386,17 +1422,20 @@ impl Supervisor {
         Ok((root_dir, rel))
     }
 
-    /// Builds the service's rootfs and defines its container. `from_store`: the image comes
-    /// from the verified image store; otherwise from a local manifest, under `image_roots`.
+    /// Builds the service's rootfs (owned by its container's root) and defines its container.
     fn materialise(
         &mut self,
         m: &Manifest,
         image: &ImageRef,
         caps: Vec<caps::Capability>,
         dir: &Path,
-        from_store: bool,
-        prepared: Option<PathBuf>,
+        source: Source,
     ) -> Result<()> {
+        let Source {
+            from_store,
+            prepared,
+            idmap,
+        } = source;
         let _ = std::fs::remove_dir_all(dir);
         let rootfs = dir.join("rootfs");
         std::fs::create_dir_all(dir).map_err(runtime_err)?;
@@ -1442,16 +1481,7 @@ impl Supervisor {
                 };
                 std::fs::create_dir(&rootfs).map_err(runtime_err)?;
                 let to = Dir::open(&rootfs).map_err(runtime_err)?;
-                let limits = gatevisor_images::package::Limits::default();
-                gatevisor_images::beneath::copy_tree(
-                    &from,
-                    &to,
-                    gatevisor_images::beneath::CopyLimits {
-                        max_files: limits.max_files,
-                        max_bytes: limits.max_total_bytes,
-                    },
-                )
-                .map_err(|e| {
+                copy_rootfs(&from, &to).map_err(|e| {
                     err(
                         ErrorKind::Invalid,
                         format!(
@@ -1464,9 +1494,19 @@ impl Supervisor {
             }
             ImageRef::Initramfs(_) => unreachable!("handled above"),
         }
+        // An unprivileged container's root owns its tree.
+        if let Some(map) = idmap {
+            lxc::rootfs::shift_owner(&rootfs, map.host_base).map_err(runtime_err)?;
+        }
         let r = &m.resources;
+        let root_owner = idmap.map_or(0, |m| m.host_base);
         let disk_image = match r.disk_mib {
-            Some(mib) => Some(make_disk_image(&rootfs, &dir.join("disk.img"), mib)?),
+            Some(mib) => Some(make_disk_image(
+                &rootfs,
+                &dir.join("disk.img"),
+                mib,
+                root_owner,
+            )?),
             None => None,
         };
         let spec = lxc::ContainerSpec {
@@ -1507,8 +1547,13 @@ impl Supervisor {
             } else {
                 let dir = self.service_run_dir(&m.name);
                 std::fs::create_dir_all(&dir).map_err(runtime_err)?;
+                if let Some(map) = idmap {
+                    std::os::unix::fs::chown(&dir, Some(map.host_base), Some(map.host_base))
+                        .map_err(runtime_err)?;
+                }
                 vec![(dir, crate::verdict::CONTAINER_DIR.to_string())]
             },
+            idmap,
         };
         self.rt.define(&spec).map_err(runtime_err)
     }
@@ -2224,7 +2269,7 @@ impl Supervisor {
 
 /// Builds `rootfs` into an ext4 image of `mib` MiB (the service's disk limit) and removes the
 /// directory: the container runs from the image through a loop device.
-fn make_disk_image(rootfs: &Path, img: &Path, mib: u32) -> Result<PathBuf> {
+fn make_disk_image(rootfs: &Path, img: &Path, mib: u32, root_owner: u32) -> Result<PathBuf> {
     if !Path::new("/dev/loop-control").exists() {
         return Err(err(
             ErrorKind::Invalid,
@@ -2235,7 +2280,9 @@ fn make_disk_image(rootfs: &Path, img: &Path, mib: u32) -> Result<PathBuf> {
     f.set_len(mib as u64 * 1024 * 1024).map_err(runtime_err)?;
     drop(f);
     let out = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+        .args(["-q", "-F", "-E"])
+        .arg(format!("root_owner={root_owner}:{root_owner}"))
+        .arg("-d")
         .arg(rootfs)
         .arg(img)
         .output()
@@ -2257,6 +2304,33 @@ fn make_disk_image(rootfs: &Path, img: &Path, mib: u32) -> Result<PathBuf> {
     }
     let _ = std::fs::remove_dir_all(rootfs);
     Ok(img.to_path_buf())
+}
+
+/// Copies a rootfs tree within the package limits (files and bytes).
+fn copy_rootfs(
+    from: &Dir,
+    to: &Dir,
+) -> std::result::Result<(), gatevisor_images::beneath::CopyError> {
+    let limits = gatevisor_images::package::Limits::default();
+    gatevisor_images::beneath::copy_tree(
+        from,
+        to,
+        gatevisor_images::beneath::CopyLimits {
+            max_files: limits.max_files,
+            max_bytes: limits.max_total_bytes,
+        },
+    )
+}
+
+/// Host ids of service containers' user namespaces: service `id` gets 65,536 ids from
+/// `IDMAP_BASE + id * 65,536`, far above the ranges Debian gives users in /etc/subuid.
+const IDMAP_BASE: u32 = 0x1000_0000;
+
+fn idmap_for(id: u32) -> lxc::IdMap {
+    lxc::IdMap {
+        host_base: IDMAP_BASE + id * 65_536,
+        count: 65_536,
+    }
 }
 
 /// Which runtime the service really gets (`auto` resolved for this board).
@@ -2323,6 +2397,9 @@ fn package_check(
             .capability_set(Path::new("service.toml"))
             .map_err(|e| e.to_string())?;
         policy.check(&who, &caps)?;
+        if m.privileged {
+            policy.check_privileged(&who)?;
+        }
         Ok(())
     }
 }
@@ -2370,16 +2447,7 @@ fn prepare_rootfs(
                         Dir::open(&src).map_err(runtime_err)?,
                         Dir::open(&rootfs).map_err(runtime_err)?,
                     );
-                    let limits = gatevisor_images::package::Limits::default();
-                    gatevisor_images::beneath::copy_tree(
-                        &from,
-                        &to,
-                        gatevisor_images::beneath::CopyLimits {
-                            max_files: limits.max_files,
-                            max_bytes: limits.max_total_bytes,
-                        },
-                    )
-                    .map_err(|e| runtime_err(error_chain(&e)))
+                    copy_rootfs(&from, &to).map_err(|e| runtime_err(error_chain(&e)))
                 });
             if let Err(e) = copied {
                 let _ = std::fs::remove_dir_all(&staging);

@@ -101,12 +101,22 @@ impl Drop for VerdictServer {
 }
 
 /// Binds `dir/verdict.sock` for service `name` and serves it on its own threads.
-pub fn serve(dir: &Path, name: &str, tx: Sender<Msg>) -> std::io::Result<VerdictServer> {
+/// `owner`: the host uid of the container's root when it runs in a user namespace (the
+/// socket is its alone).
+pub fn serve(
+    dir: &Path,
+    name: &str,
+    owner: Option<u32>,
+    tx: Sender<Msg>,
+) -> std::io::Result<VerdictServer> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join(SOCKET_NAME);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(uid) = owner {
+        std::os::unix::fs::chown(&path, Some(uid), Some(uid))?;
+    }
     listener.set_nonblocking(true)?;
     let stop = Arc::new(AtomicBool::new(false));
     let last_seen_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -303,7 +313,7 @@ mod tests {
     #[test]
     fn a_service_gets_a_bounded_number_of_connections() {
         let d = tempfile::tempdir().unwrap();
-        let _srv = serve(d.path(), "svc", accepting()).unwrap();
+        let _srv = serve(d.path(), "svc", None, accepting()).unwrap();
         let path = d.path().join(SOCKET_NAME);
         let mut held: Vec<UnixStream> = (0..MAX_CONNECTIONS)
             .map(|_| {
@@ -333,7 +343,7 @@ mod tests {
     #[test]
     fn the_verdict_rate_is_the_services_whatever_its_connections() {
         let d = tempfile::tempdir().unwrap();
-        let _srv = serve(d.path(), "svc", accepting()).unwrap();
+        let _srv = serve(d.path(), "svc", None, accepting()).unwrap();
         let path = d.path().join(SOCKET_NAME);
         let verdict = b"{\"op\":\"verdict\",\"verdict\":\"allow\",\"session\":{\"proto\":\"tcp\",\"src\":\"10.0.0.2:1\",\"dst\":\"10.0.0.1:80\"}}\n";
         let mut conns: Vec<UnixStream> = (0..4)

@@ -63,20 +63,7 @@ fn crafted(
 /// A daemon with its own key store and `config`, without a switch (these tests steer
 /// nothing; several private switches starting at once only slow each other down).
 fn daemon(config: &str) -> Daemon {
-    let dir = tempfile::Builder::new()
-        .prefix("gv-test")
-        .tempdir()
-        .unwrap();
-    std::fs::write(dir.path().join("none.toml"), config).unwrap();
-    let keys = dir.path().join("keys").display().to_string();
-    let mut d = Daemon {
-        dir,
-        child: None,
-        env: Vec::new(),
-        args: vec!["--keys-dir".into(), keys, "--no-network".into()],
-    };
-    d.spawn();
-    d
+    Daemon::start_with_config_args(config, &["--no-network"])
 }
 
 fn unique() -> u64 {
@@ -426,10 +413,17 @@ fn secrets_stay_private_and_diagnostics_quote_nothing() {
     d.json(&["service", "install", m.to_str().unwrap(), "--json"]);
     let state = std::fs::metadata(d.state_dir().join("state.json")).unwrap();
     assert_eq!(state.mode() & 0o777, 0o600);
-    for dir in ["logs", "lxc"] {
+    // Others may pass through to a container's root, but list and read nothing.
+    for (dir, closed) in [("logs", 0o077), ("lxc", 0o066)] {
         let m = std::fs::metadata(d.state_dir().join(dir)).unwrap();
-        assert_eq!(m.mode() & 0o077, 0, "{dir} is readable by others");
+        assert_eq!(m.mode() & closed, 0, "{dir} is readable by others");
     }
+    let config = std::fs::metadata(d.state_dir().join("lxc/t-env/config")).unwrap();
+    assert_eq!(
+        config.mode() & 0o004,
+        0,
+        "the container's configuration holds its env"
+    );
     // A secret named as a manifest: the error says where it failed, not what the file says.
     let secret = d.dir.path().join("shadow");
     std::fs::write(&secret, "root:$6$VERYSECRETHASH:19000:0:99999:7:::\n").unwrap();
@@ -488,5 +482,64 @@ fn secrets_stay_private_and_diagnostics_quote_nothing() {
     assert!(
         status.success() || status.signal() == Some(libc::SIGPIPE),
         "{status:?}: {err}"
+    );
+}
+
+#[test]
+fn a_default_container_cannot_load_a_module_mount_or_read_a_host_file() {
+    if !need_ovs("a_default_container_cannot_load_a_module_mount_or_read_a_host_file") {
+        return;
+    }
+    // The operator grants SYS_MODULE to local manifests: inside a user namespace it is still
+    // no way to the host's kernel.
+    let d = Daemon::start_with_config("[policy.local]\ncapabilities = [\"SYS_MODULE\"]\n");
+    let svc = |name: &str, caps: &str| {
+        let text = manifest_text(name, "sleep 1000", "").replace(
+            "[resources]",
+            &format!("capabilities = [{caps}]\n[network]\nsteering = [{{ kind = \"dns\" }}]\n[resources]"),
+        );
+        d.install_started(&format!("{name}.toml"), &text)
+    };
+    svc("t-plain", "");
+    svc("t-mod", "\"SYS_MODULE\"");
+    // A host file in a directory the container sees (its verdict socket's, bind-mounted).
+    let secret = d.state_dir().join("run/t-plain/host-secret");
+    std::fs::write(&secret, "host only").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let inside = |name: &str, cmd: &str| {
+        let out = d.cli(&["service", "exec", name, "--", "sh", "-c", cmd]);
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (_, map) = inside("t-plain", "cat /proc/self/uid_map");
+    eprintln!("uid_map inside: {map}");
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    assert_eq!(fields.first(), Some(&"0"), "{map}");
+    assert_ne!(
+        fields.get(1),
+        Some(&"0"),
+        "root inside is root outside: {map}"
+    );
+    let (code, out) = inside("t-plain", "cat /run/gatevisor/host-secret");
+    assert_ne!(code, Some(0), "read a host file: {out}");
+    assert!(!out.contains("host only"));
+    let (code, out) = inside("t-plain", "mkdir -p /tmp/m && mount -t tmpfs none /tmp/m");
+    assert_ne!(code, Some(0), "mounted: {out}");
+    for name in ["t-plain", "t-mod"] {
+        let (code, out) = inside(name, "echo junk > /tmp/x.ko && insmod /tmp/x.ko");
+        assert_ne!(code, Some(0), "{name} loaded a module: {out}");
+        assert!(out.contains("not permitted"), "{name}: {out}");
+        eprintln!("{name}: insmod: {out}");
+    }
+    let (_, caps) = inside("t-mod", "grep CapEff /proc/self/status");
+    assert!(
+        !caps.contains("0000000000000000"),
+        "SYS_MODULE was kept inside: {caps}"
     );
 }

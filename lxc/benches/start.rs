@@ -100,6 +100,7 @@ fn run() -> Result<String, String> {
         seccomp_profile: gatevisor_lxc::default_seccomp_profile(),
         apparmor_profile: gatevisor_lxc::apparmor_profile(),
         bind_dirs: vec![],
+        idmap: None,
     };
     rt.define(&spec).map_err(|e| format!("define: {e}"))?;
     let argv: Vec<String> = [

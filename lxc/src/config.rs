@@ -22,6 +22,15 @@ pub struct Limits {
 
 pub const CPU_PERIOD_US: u64 = 100_000;
 
+/// A user namespace: ids 0..`count` inside are `host_base`.. on the host. The container's
+/// root is then an unprivileged user of the host, and its capabilities reach only what its
+/// own namespaces own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdMap {
+    pub host_base: u32,
+    pub count: u32,
+}
+
 /// Everything liblxc needs to define one service container.
 #[derive(Debug, Clone)]
 pub struct ContainerSpec {
@@ -47,6 +56,8 @@ pub struct ContainerSpec {
     /// Host directories bind-mounted into the container: (host path, path inside, relative to
     /// the container's root, e.g. `run/gatevisor`).
     pub bind_dirs: Vec<(PathBuf, String)>,
+    /// The container's user namespace; `None` runs it privileged (root is the host's root).
+    pub idmap: Option<IdMap>,
 }
 
 /// The config items, in the order they are set.
@@ -54,6 +65,10 @@ pub fn items(spec: &ContainerSpec, cgroups: Cgroups, lxc_log: &Path) -> Vec<(Str
     let mut v: Vec<(String, String)> = Vec::new();
     let mut set = |k: &str, val: String| v.push((k.to_string(), val));
     set("lxc.uts.name", spec.hostname.clone());
+    if let Some(m) = spec.idmap {
+        set("lxc.idmap", format!("u 0 {} {}", m.host_base, m.count));
+        set("lxc.idmap", format!("g 0 {} {}", m.host_base, m.count));
+    }
     match &spec.disk_image {
         Some(img) => set("lxc.rootfs.path", format!("loop:{}", img.display())),
         None => set("lxc.rootfs.path", format!("dir:{}", spec.rootfs.display())),
@@ -182,6 +197,7 @@ mod tests {
             seccomp_profile: Some("/s.seccomp".into()),
             apparmor_profile: None,
             bind_dirs: vec![("/var/lib/gv/run/svc".into(), "/run/gatevisor".into())],
+            idmap: None,
         }
     }
 
@@ -229,6 +245,20 @@ mod tests {
         ];
         let v = items(&s, Cgroups::V1, Path::new("/l"));
         assert_eq!(get(&v, "lxc.cap.keep"), ["net_bind_service net_raw"]);
+    }
+
+    #[test]
+    fn an_idmap_maps_users_and_groups() {
+        let mut s = spec();
+        assert!(get(&items(&s, Cgroups::V1, Path::new("/l")), "lxc.idmap").is_empty());
+        s.idmap = Some(IdMap {
+            host_base: 165536,
+            count: 65536,
+        });
+        assert_eq!(
+            get(&items(&s, Cgroups::V1, Path::new("/l")), "lxc.idmap"),
+            ["u 0 165536 65536", "g 0 165536 65536"]
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use config::{Cgroups, ContainerSpec, Limits};
+pub use config::{Cgroups, ContainerSpec, IdMap, Limits};
 pub use monitor::{ExitRecord, MonitorConfig};
 
 #[derive(Debug, thiserror::Error)]

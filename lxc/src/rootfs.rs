@@ -60,3 +60,23 @@ pub fn build_busybox(busybox: &Path, dest: &Path) -> Result<(), RootfsError> {
     }
     Ok(())
 }
+
+/// Gives the tree at `dest` to the container's root in a user namespace whose ids start at
+/// `host_base` on the host: every entry's owner and group `n` become `host_base + n`. Symlinks
+/// are changed themselves, never followed.
+pub fn shift_owner(dest: &Path, host_base: u32) -> Result<(), RootfsError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| RootfsError::Io { path, source }
+    };
+    let m = std::fs::symlink_metadata(dest).map_err(io(dest))?;
+    std::os::unix::fs::lchown(dest, Some(host_base + m.uid()), Some(host_base + m.gid()))
+        .map_err(io(dest))?;
+    if m.is_dir() {
+        for e in std::fs::read_dir(dest).map_err(io(dest))? {
+            shift_owner(&e.map_err(io(dest))?.path(), host_base)?;
+        }
+    }
+    Ok(())
+}

@@ -54,6 +54,11 @@ impl Daemon {
 
     /// A daemon with its own key store (`DIR/keys`) and `config` as its configuration file.
     pub fn start_with_config(config: &str) -> Daemon {
+        Daemon::start_with_config_args(config, &[])
+    }
+
+    /// [`Daemon::start_with_config`] with extra command-line arguments.
+    pub fn start_with_config_args(config: &str, args: &[&str]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("gv-test")
             .tempdir()
@@ -64,7 +69,11 @@ impl Daemon {
             dir,
             child: None,
             env: Vec::new(),
-            args: vec!["--keys-dir".into(), keys],
+            args: ["--keys-dir", &keys]
+                .iter()
+                .chain(args)
+                .map(|a| a.to_string())
+                .collect(),
         };
         d.spawn();
         d
