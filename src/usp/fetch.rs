@@ -291,3 +291,48 @@ fn get(
         None => copy_until(&mut r, out, MAX_BYTES + 1, deadline),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `get` makes of a server that answers `reply` (then closes).
+    fn answer(reply: Vec<u8>) -> std::io::Result<u64> {
+        let (mut ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut req = [0u8; 1024];
+            let _ = theirs.read(&mut req);
+            let _ = theirs.write_all(&reply);
+        });
+        ours.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut out = tempfile::tempfile().unwrap();
+        let res = get(
+            &mut ours,
+            "h",
+            80,
+            "/p",
+            &mut out,
+            Instant::now() + Duration::from_secs(10),
+        );
+        drop(ours);
+        let _ = server.join();
+        res
+    }
+
+    #[test]
+    fn a_server_that_sends_headers_without_end_is_cut_off() {
+        let mut endless = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..1000 {
+            endless.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
+        }
+        let e = answer(endless).unwrap_err().to_string();
+        assert!(e.contains("more than 100 HTTP header lines"), "{e}");
+        let mut long = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+        long.extend(std::iter::repeat_n(b'a', 100_000));
+        let e = answer(long).unwrap_err().to_string();
+        assert!(e.contains("longer than 8192 bytes"), "{e}");
+        let ok = answer(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc".to_vec());
+        assert_eq!(ok.unwrap(), 3);
+    }
+}
