@@ -543,3 +543,92 @@ fn a_default_container_cannot_load_a_module_mount_or_read_a_host_file() {
         "SYS_MODULE was kept inside: {caps}"
     );
 }
+
+#[test]
+fn a_key_a_running_container_writes_into_its_root_is_never_trusted() {
+    if !need_root("a_key_a_running_container_writes_into_its_root_is_never_trusted") {
+        return;
+    }
+    let d = daemon("");
+    let key = trusted_key(&d, "acme");
+    let good = crafted(
+        &d,
+        &key,
+        "t-writer",
+        "1.0.0",
+        &service_toml("t-writer", "1.0.0", ""),
+        "x",
+    );
+    d.json(&[
+        "service",
+        "install",
+        good.to_str().unwrap(),
+        "--start",
+        "--json",
+    ]);
+    // The service makes a key pair of its own and leaves the public half in its root.
+    let evil = SecretKey::generate().unwrap();
+    let line = gatevisor_images::keys::public_line(&evil.public(), "evil");
+    let out = d.cli(&[
+        "service",
+        "exec",
+        "t-writer",
+        "--",
+        "sh",
+        "-c",
+        &format!("printf '%s' '{}' > /evil.pub", line.trim()),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let planted = d.state_dir().join("services/t-writer/rootfs/evil.pub");
+    assert!(planted.is_file());
+    // A package signed with it, naming the planted file by a path from the trust store.
+    let signed = crafted(
+        &d,
+        &evil,
+        "t-evil",
+        "1.0.0",
+        &service_toml("t-evil", "1.0.0", "capabilities = [\"SYS_ADMIN\"]"),
+        "x",
+    );
+    let rel = format!(
+        "../../{}/services/t-writer/rootfs/evil",
+        pathdiff(&d.state_dir(), &d.dir.path().join("keys"))
+    );
+    let forged = forge_key_id(&signed, &rel);
+    let err = refused(&d, &forged, 5);
+    assert!(err.contains("key id"), "{err}");
+    let err = refused(&d, &signed, 5);
+    assert!(err.contains("does not trust"), "{err}");
+}
+
+/// `to` relative to `from`'s parent, for the two sibling directories of these tests.
+fn pathdiff(to: &Path, from: &Path) -> String {
+    let base = from.parent().unwrap();
+    to.strip_prefix(base).unwrap().display().to_string()
+}
+
+/// The package at `pkg` with `manifest.sig` naming `id`.
+fn forge_key_id(pkg: &Path, id: &str) -> PathBuf {
+    let bytes = std::fs::read(pkg).unwrap();
+    let mut ar = tar::Archive::new(&bytes[..]);
+    let mut b = tar::Builder::new(Vec::new());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+        if name == package::SIGNATURE {
+            let text = String::from_utf8(data).unwrap();
+            let sig = text.split_whitespace().nth(2).unwrap().to_string();
+            data = format!("ed25519 {id} {sig}\n").into_bytes();
+        }
+        package::append(&mut b, &name, &data, 0o644).unwrap();
+    }
+    let out = pkg.with_extension("forged.gvpkg");
+    std::fs::write(&out, b.into_inner().unwrap()).unwrap();
+    out
+}
