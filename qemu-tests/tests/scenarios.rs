@@ -384,7 +384,8 @@ fn microvm_service_runs_restarts_and_is_readopted_under_the_supervisor() {
          echo vm-hello up; while true; do sleep 2; echo tick; done",
     )
     .unwrap();
-    gw.put(&initrd, "/root/vm-hello/guest.cpio", 0o644).unwrap();
+    gw.put(&initrd, "/srv/gatevisor-images/vm-hello/guest.cpio", 0o644)
+        .unwrap();
     let manifest = r#"
 name = "vm-hello"
 version = "1.0.0"
@@ -411,9 +412,13 @@ address = "10.77.0.60/24"
 [microvm]
 cmdline = "quiet"
 "#;
-    gw.put_bytes(manifest.as_bytes(), "/root/vm-hello/service.toml", 0o644)
-        .unwrap();
-    gw.ok("gatevisor service install /root/vm-hello/service.toml --start")
+    gw.put_bytes(
+        manifest.as_bytes(),
+        "/srv/gatevisor-images/vm-hello/service.toml",
+        0o644,
+    )
+    .unwrap();
+    gw.ok("gatevisor service install /srv/gatevisor-images/vm-hello/service.toml --start")
         .unwrap();
     let st = wait_running(&gw, "vm-hello", None);
     assert_eq!(st["runtime"], "microvm", "{st:#}");
