@@ -71,6 +71,9 @@ if [ -f "$STATE_FILE" ]; then
 fi
 
 work=$(mktemp -d /tmp/gatevisor-demo.XXXXXX)
+# Containers run as unprivileged users of their own: they must be able to pass through
+# (not list) the directories above their roots.
+chmod 0711 "$work"
 export GATEVISOR_SOCKET=$work/gatevisor.sock
 daemon_pid="" wan_pid="" follow_pid=""
 save_state() { echo "$work $daemon_pid $wan_pid" > "$STATE_FILE"; }
