@@ -597,22 +597,24 @@ impl Manifest {
         self.capabilities
             .iter()
             .map(|c| {
-                let full = if c.starts_with("CAP_") {
-                    c.clone()
-                } else {
-                    format!("CAP_{c}")
-                };
-                full.parse::<caps::Capability>()
-                    .map_err(|_| ManifestError::Field {
-                        file: file.into(),
-                        field: "capabilities".into(),
-                        problem: format!(
-                            "{c:?} is not a Linux capability (e.g. \"NET_BIND_SERVICE\")"
-                        ),
-                    })
+                parse_capability(c).ok_or_else(|| ManifestError::Field {
+                    file: file.into(),
+                    field: "capabilities".into(),
+                    problem: format!("{c:?} is not a Linux capability (e.g. \"NET_BIND_SERVICE\")"),
+                })
             })
             .collect()
     }
+}
+
+/// A capability by its name, with or without `CAP_` (`NET_RAW`, `CAP_NET_RAW`).
+pub fn parse_capability(name: &str) -> Option<caps::Capability> {
+    let full = if name.starts_with("CAP_") {
+        name.to_string()
+    } else {
+        format!("CAP_{name}")
+    };
+    full.parse().ok()
 }
 
 /// A manifest file's text: a regular file only (a FIFO does not hang the reader), at most

@@ -110,14 +110,11 @@ fn parse(field: &str, names: &[String]) -> Result<Vec<Capability>, PolicyError> 
     names
         .iter()
         .map(|n| {
-            let full = if n.starts_with("CAP_") {
-                n.to_ascii_uppercase()
-            } else {
-                format!("CAP_{}", n.to_ascii_uppercase())
-            };
-            full.parse().map_err(|_| PolicyError::Unknown {
-                field: field.into(),
-                name: n.clone(),
+            crate::manifest::parse_capability(&n.to_ascii_uppercase()).ok_or_else(|| {
+                PolicyError::Unknown {
+                    field: field.into(),
+                    name: n.clone(),
+                }
             })
         })
         .collect()

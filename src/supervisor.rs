@@ -798,24 +798,12 @@ impl Supervisor {
     pub fn handle(&mut self, req: Request) -> Result<serde_json::Value> {
         match req {
             Request::Ping => Ok(json!({"pong": true, "version": env!("CARGO_PKG_VERSION")})),
-            Request::Install { manifest, start } if is_package(&manifest) => {
-                // The loop hands package installs to a worker; this is the same, inline.
-                let name = gatevisor_images::package::open_regular(&manifest)
-                    .ok()
-                    .and_then(|f| gatevisor_images::package::peek(std::io::BufReader::new(f)).ok())
-                    .map(|m| m.name)
-                    .unwrap_or_default();
-                let services = self.settings.state_dir.join("services");
-                let p = prepare_package(
-                    &self.images,
-                    &self.settings.policy,
-                    &self.board,
-                    &manifest,
-                    &name,
-                    &services,
-                )?;
-                self.finish_install_package(&manifest, start, p)
-            }
+            // The loop hands package installs to a worker (begin_install_package) before
+            // they get here.
+            Request::Install { manifest, .. } if is_package(&manifest) => Err(err(
+                ErrorKind::Internal,
+                "package installs run on a worker, not in handle()",
+            )),
             Request::Install { manifest, start } => self.install(&manifest, start, None),
             Request::Update { name, package } => self.update(&name, &package),
             Request::Rollback { name } => self.rollback(&name),

@@ -4,6 +4,8 @@
 
 mod common;
 use common::*;
+#[path = "../images/tests/common/forge.rs"]
+mod forge;
 use gatevisor_images::keys::{SecretKey, TrustStore};
 use gatevisor_images::package::{self, ArtifactKind};
 use std::os::unix::fs::MetadataExt;
@@ -64,6 +66,19 @@ fn crafted(
 /// nothing; several private switches starting at once only slow each other down).
 fn daemon(config: &str) -> Daemon {
     Daemon::start_with_config_args(config, &["--no-network"])
+}
+
+/// [`crafted`] for the usual case: one name for the package and its service, version 1.0.0,
+/// `extra` top-level lines in its service.toml.
+fn packaged(d: &Daemon, key: &SecretKey, name: &str, extra: &str, content: &str) -> PathBuf {
+    crafted(
+        d,
+        key,
+        name,
+        "1.0.0",
+        &service_toml(name, "1.0.0", extra),
+        content,
+    )
 }
 
 fn unique() -> u64 {
@@ -232,14 +247,7 @@ fn store_names_cannot_be_confused_and_remove_takes_what_the_service_owned() {
 
     // A running service, then a refused reinstall of the same package: the service and its
     // store entry stay.
-    let good = crafted(
-        &d,
-        &key,
-        "t-keep",
-        "1.0.0",
-        &service_toml("t-keep", "1.0.0", ""),
-        "first",
-    );
+    let good = packaged(&d, &key, "t-keep", "", "first");
     d.json(&[
         "service",
         "install",
@@ -278,14 +286,7 @@ fn store_names_cannot_be_confused_and_remove_takes_what_the_service_owned() {
         0
     );
     assert!(!d.state_dir().join("logs/t-keep.log").exists());
-    let again = crafted(
-        &d,
-        &key,
-        "t-keep",
-        "1.0.0",
-        &service_toml("t-keep", "1.0.0", ""),
-        "second",
-    );
+    let again = packaged(&d, &key, "t-keep", "", "second");
     d.json(&[
         "service",
         "install",
@@ -551,14 +552,7 @@ fn a_key_a_running_container_writes_into_its_root_is_never_trusted() {
     }
     let d = daemon("");
     let key = trusted_key(&d, "acme");
-    let good = crafted(
-        &d,
-        &key,
-        "t-writer",
-        "1.0.0",
-        &service_toml("t-writer", "1.0.0", ""),
-        "x",
-    );
+    let good = packaged(&d, &key, "t-writer", "", "x");
     d.json(&[
         "service",
         "install",
@@ -586,14 +580,7 @@ fn a_key_a_running_container_writes_into_its_root_is_never_trusted() {
     let planted = d.state_dir().join("services/t-writer/rootfs/evil.pub");
     assert!(planted.is_file());
     // A package signed with it, naming the planted file by a path from the trust store.
-    let signed = crafted(
-        &d,
-        &evil,
-        "t-evil",
-        "1.0.0",
-        &service_toml("t-evil", "1.0.0", "capabilities = [\"SYS_ADMIN\"]"),
-        "x",
-    );
+    let signed = packaged(&d, &evil, "t-evil", "capabilities = [\"SYS_ADMIN\"]", "x");
     let rel = format!(
         "../../{}/services/t-writer/rootfs/evil",
         pathdiff(&d.state_dir(), &d.dir.path().join("keys"))
@@ -613,22 +600,11 @@ fn pathdiff(to: &Path, from: &Path) -> String {
 
 /// The package at `pkg` with `manifest.sig` naming `id`.
 fn forge_key_id(pkg: &Path, id: &str) -> PathBuf {
-    let bytes = std::fs::read(pkg).unwrap();
-    let mut ar = tar::Archive::new(&bytes[..]);
-    let mut b = tar::Builder::new(Vec::new());
-    for e in ar.entries().unwrap() {
-        let mut e = e.unwrap();
-        let name = e.path().unwrap().to_string_lossy().into_owned();
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
-        if name == package::SIGNATURE {
-            let text = String::from_utf8(data).unwrap();
-            let sig = text.split_whitespace().nth(2).unwrap().to_string();
-            data = format!("ed25519 {id} {sig}\n").into_bytes();
-        }
-        package::append(&mut b, &name, &data, 0o644).unwrap();
-    }
     let out = pkg.with_extension("forged.gvpkg");
-    std::fs::write(&out, b.into_inner().unwrap()).unwrap();
+    std::fs::write(
+        &out,
+        forge::with_signature_id(&std::fs::read(pkg).unwrap(), id),
+    )
+    .unwrap();
     out
 }

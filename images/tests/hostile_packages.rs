@@ -1,6 +1,9 @@
 //! Packages made by an attacker who holds a trusted (or revoked, or no) key: each is refused
 //! with the entry or field named, and neither the store nor the host changes.
 
+#[path = "common/forge.rs"]
+mod forge;
+use forge::with_signature_id;
 use gatevisor_images::keys::{self, SecretKey, TrustStore};
 use gatevisor_images::package::{self, ArtifactKind, Limits, PackageError};
 use gatevisor_images::store::{Store, StoreError};
@@ -116,25 +119,6 @@ fn package_error(e: StoreError) -> PackageError {
         StoreError::Package { source, .. } => source,
         other => panic!("expected a package error, got {other:?}"),
     }
-}
-
-/// The package with its `manifest.sig` naming `id` instead of the real key id.
-fn with_signature_id(signed: &[u8], id: &str) -> Vec<u8> {
-    let mut ar = tar::Archive::new(signed);
-    let mut b = tar::Builder::new(Vec::new());
-    for e in ar.entries().unwrap() {
-        let mut e = e.unwrap();
-        let name = e.path().unwrap().to_string_lossy().into_owned();
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
-        if name == package::SIGNATURE {
-            let text = String::from_utf8(data).unwrap();
-            let sig = text.split_whitespace().nth(2).unwrap().to_string();
-            data = format!("ed25519 {id} {sig}\n").into_bytes();
-        }
-        package::append(&mut b, &name, &data, 0o644).unwrap();
-    }
-    b.into_inner().unwrap()
 }
 
 fn good_rootfs() -> Vec<u8> {
