@@ -1,0 +1,524 @@
+//! Starting, stopping, watching and re-adopting services, and the restart policy.
+
+use super::*;
+
+impl Supervisor {
+    pub(super) fn fire_timers(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.retry_at.is_some_and(|t| t <= now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            if let Some(l) = self.live.get_mut(&name) {
+                l.retry_at = None;
+            }
+            let still_wanted = self
+                .doc
+                .services
+                .get(&name)
+                .is_some_and(|r| r.desired == Desired::Running && r.state == State::Backoff);
+            if still_wanted {
+                if let Ok(rec) = self.record_mut(&name) {
+                    rec.restarts += 1;
+                }
+                let _ = self.start_service(&name, Op::Retry);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- requests
+
+    pub(super) fn is_vm(&self, name: &str) -> bool {
+        self.doc
+            .services
+            .get(name)
+            .is_some_and(|r| r.runtime == "microvm")
+    }
+
+    /// The process that is the running service: a container's init, or a VM's VMM.
+    pub(super) fn service_pid(&self, name: &str) -> Option<i32> {
+        if self.is_vm(name) {
+            self.vms.pid(name)
+        } else {
+            self.rt.init_pid(name).ok().flatten()
+        }
+    }
+
+    pub(super) fn remove(&mut self, name: &str) -> Result<serde_json::Value> {
+        self.record(name)?;
+        self.stop_service(name, false)?;
+        if let (Some(net), Some(rec)) = (self.net.as_mut(), self.doc.services.get(name)) {
+            if let Err(e) = net.forget(rec.id, &veth_name(name)) {
+                tracing::warn!("{name}: {e}");
+            }
+        }
+        if self.is_vm(name) {
+            self.vms.undefine(name);
+        } else {
+            self.rt.undefine(name).map_err(runtime_err)?;
+        }
+        let rec = self.doc.services.remove(name);
+        if let Err(e) = self.persist() {
+            if let Some(rec) = rec {
+                self.doc.services.insert(name.to_string(), rec);
+            }
+            return Err(e);
+        }
+        self.live.remove(name);
+        self.verdict_servers.remove(name);
+        let _ = std::fs::remove_dir_all(self.service_run_dir(name));
+        let _ = std::fs::remove_dir_all(self.service_dir(name));
+        let _ = std::fs::remove_file(self.run_files(name).exit_file);
+        // Everything the service owned goes: its versions in the image store (so the same
+        // name and version installed again is that package's content, not the old one),
+        // their blobs, and its logs.
+        if let Err(e) = self.images.remove(name) {
+            tracing::warn!("{name}: image store: {}", error_chain(&e));
+        }
+        self.gc_images();
+        let log = self.log_file(name);
+        let _ = std::fs::remove_file(&log);
+        for n in 1..=self.settings.log_keep.max(1) {
+            let _ = std::fs::remove_file(log.with_extension(format!("log.{n}")));
+        }
+        self.event(EventKind::Removed, Some(name), "removed");
+        Ok(json!({ "removed": name }))
+    }
+
+    // ---------------------------------------------------------------- lifecycle
+
+    /// Starts (or retries) a service; on failure applies its restart policy and returns the
+    /// error.
+    pub(super) fn start_service(&mut self, name: &str, op: Op) -> Result<()> {
+        self.transition(name, op)?;
+        let rec = self.record(name)?;
+        let argv = rec.manifest.command.clone();
+        let files = self.run_files(name);
+        let started = if self.is_vm(name) {
+            let tap = if rec.manifest.network.interface {
+                match crate::microvm::create_tap(&veth_name(name)) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        let reason = format!("start failed: tap {}: {e}", veth_name(name));
+                        self.after_end(name, None, reason.clone(), false);
+                        return Err(err(ErrorKind::Runtime, reason));
+                    }
+                }
+            } else {
+                None
+            };
+            self.vms
+                .start(name, &files.log_file, tap)
+                .map(|child| lxc::Started {
+                    init_pid: child.id() as i32,
+                    monitor: child,
+                })
+                .map_err(|e| e.to_string())
+        } else {
+            self.rt
+                .start(name, &argv, &files, self.settings.start_timeout)
+                .map_err(|e| e.to_string())
+        };
+        match started {
+            Ok(started) => {
+                let monitor_pid = started.monitor.id() as i32;
+                let running = Running {
+                    monitor_pid,
+                    init_pid: started.init_pid,
+                    started_at_ms: now_ms(),
+                    boot_id: proc::boot_id(),
+                };
+                self.transition(name, Op::Started)?;
+                self.record_mut(name)?.running = Some(running);
+                self.watch(name, monitor_pid, started.init_pid, Some(started.monitor));
+                self.plug(name);
+                let _ = self.persist();
+                let kind = if op == Op::Retry {
+                    EventKind::Restarted
+                } else {
+                    EventKind::Started
+                };
+                let restarts = self.record(name)?.restarts;
+                self.event(
+                    kind,
+                    Some(name),
+                    format!("init pid {}, restarts {restarts}", started.init_pid),
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let reason = format!("start failed: {e}");
+                self.after_end(name, None, reason.clone(), false);
+                Err(err(ErrorKind::Runtime, reason))
+            }
+        }
+    }
+
+    /// Starts a watcher thread for the monitor `pid`.
+    /// Watches the monitor `pid` (the service's lifecycle) and the container's `init_pid` (the
+    /// earliest sign of its death, for failing its traffic over).
+    pub(super) fn watch(&mut self, name: &str, pid: i32, init_pid: i32, child: Option<Child>) {
+        self.generation += 1;
+        let generation = self.generation;
+        let live = self.live.entry(name.to_string()).or_default();
+        live.generation = generation;
+        live.child = child;
+        live.retry_at = None;
+        live.heartbeat_since = Some(Instant::now());
+        let pidfd = match proc::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!("cannot watch monitor {pid} of {name}: {e}");
+                let _ = self.tx.send(Msg::MonitorExited {
+                    name: name.into(),
+                    generation,
+                });
+                return;
+            }
+        };
+        let watcher_fd = pidfd.try_clone();
+        live.pidfd = Some(pidfd);
+        let init_fd = proc::pidfd_open(init_pid).ok();
+        let tx = self.tx.clone();
+        let name = name.to_string();
+        let spawned = watcher_fd.map(|fd| {
+            std::thread::Builder::new()
+                .name(format!("watch-{name}"))
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    if let Some(init_fd) = init_fd {
+                        if proc::wait_either(&init_fd, &fd) {
+                            let _ = tx.send(Msg::InitExited {
+                                name: name.clone(),
+                                generation,
+                            });
+                        }
+                    }
+                    proc::wait_pidfd(&fd, None);
+                    let _ = tx.send(Msg::MonitorExited { name, generation });
+                })
+        });
+        if !matches!(spawned, Ok(Ok(_))) {
+            tracing::error!("cannot start a watcher thread; exits of this service will be missed");
+        }
+    }
+
+    /// The monitor of `name` exited without being asked to.
+    pub(super) fn on_exit(&mut self, name: &str, generation: u64) {
+        let Some(live) = self.live.get_mut(name) else {
+            return;
+        };
+        if live.generation != generation {
+            return;
+        }
+        live.generation = 0;
+        live.pidfd = None;
+        let status = live.child.take().and_then(|mut c| c.wait().ok());
+        let Ok(rec) = self.record(name) else { return };
+        if !rec.state.is_active() {
+            return;
+        }
+        // Its traffic first: fail open (or closed) before anything else.
+        self.unplug(name);
+        let mut exit = self.read_exit(name);
+        if let (None, None, Some(sig)) = (
+            exit.code,
+            exit.signal,
+            status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
+        ) {
+            // A VMM killed by a signal had no chance to write its record.
+            exit.signal = Some(sig);
+            exit.description = format!("killed by signal {sig}");
+        }
+        let desc = exit.description.clone();
+        self.after_end(name, Some(exit), desc, true);
+        let _ = self.persist();
+    }
+
+    pub(super) fn read_exit(&self, name: &str) -> LastExit {
+        match lxc::monitor::read_exit_record(&self.run_files(name).exit_file) {
+            Some(r) => LastExit {
+                code: r.code,
+                signal: r.signal,
+                at_ms: now_ms(),
+                description: r.describe(),
+            },
+            // A VMM records its end as it exits; an empty record means it was killed (by a
+            // signal a restarted daemon, not being its parent, cannot learn).
+            None if self.is_vm(name) => LastExit {
+                code: None,
+                signal: None,
+                at_ms: now_ms(),
+                description: "killed (its VMM ended without recording how)".into(),
+            },
+            None => LastExit {
+                code: None,
+                signal: None,
+                at_ms: now_ms(),
+                description: "its monitor process ended without an exit record".into(),
+            },
+        }
+    }
+
+    /// Applies the restart policy after the program ended (`exit`) or failed to start.
+    pub(super) fn after_end(
+        &mut self,
+        name: &str,
+        exit: Option<LastExit>,
+        reason: String,
+        was_running: bool,
+    ) {
+        let Ok(rec) = self.record_mut(name) else {
+            return;
+        };
+        let ran_ms = rec
+            .running
+            .as_ref()
+            .map(|r| now_ms().saturating_sub(r.started_at_ms))
+            .unwrap_or(0);
+        rec.running = None;
+        if exit.is_some() {
+            rec.last_exit = exit.clone();
+        }
+        let policy = rec.manifest.restart.clone();
+        if ran_ms >= policy.stable_after_s * 1000 {
+            rec.consecutive_failures = 0;
+        }
+        let clean = exit.as_ref().is_some_and(|e| e.code == Some(0));
+        let wanted = rec.desired == Desired::Running;
+        let retry = wanted
+            && match policy.policy {
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure => !clean,
+                RestartPolicy::Never => false,
+            };
+        if was_running {
+            self.event_exit(EventKind::Exited, Some(name), exit.as_ref(), reason.clone());
+        }
+        let Ok(rec) = self.record_mut(name) else {
+            return;
+        };
+        if !retry {
+            if clean || !wanted {
+                rec.desired = Desired::Stopped;
+                let _ = rec.state.apply(Op::Exited).map(|s| rec.state = s);
+                self.event(
+                    EventKind::Stopped,
+                    Some(name),
+                    "ended; restart policy does not restart it",
+                );
+            } else {
+                let why = format!("{reason}; restart policy is {:?}", policy.policy);
+                rec.failure_reason = Some(why.clone());
+                let _ = rec.state.apply(Op::GiveUp).map(|s| rec.state = s);
+                self.event(EventKind::Failed, Some(name), why);
+            }
+            return;
+        }
+        rec.consecutive_failures += 1;
+        let n = rec.consecutive_failures;
+        if n > policy.max_retries {
+            let why = format!(
+                "{reason}; gave up after {} restarts in a row",
+                policy.max_retries
+            );
+            rec.failure_reason = Some(why.clone());
+            let _ = rec.state.apply(Op::GiveUp).map(|s| rec.state = s);
+            self.event(EventKind::Failed, Some(name), why);
+            return;
+        }
+        let _ = rec.state.apply(Op::Crashed).map(|s| rec.state = s);
+        let delay = backoff(policy.backoff_initial_ms, policy.backoff_max_ms, n);
+        self.live.entry(name.to_string()).or_default().retry_at = Some(Instant::now() + delay);
+        tracing::info!("{name}: restart {n} of {} in {delay:?}", policy.max_retries);
+    }
+
+    /// Stops a service (if it runs). `by_request` records that the user wants it stopped.
+    pub(super) fn stop_service(&mut self, name: &str, by_request: bool) -> Result<()> {
+        let rec = self.record_mut(name)?;
+        if by_request {
+            rec.desired = Desired::Stopped;
+        }
+        let timeout = Duration::from_secs(rec.manifest.stop_timeout_s as u64);
+        match rec.state {
+            State::Backoff => {
+                self.transition(name, Op::Stop)?;
+                if let Some(l) = self.live.get_mut(name) {
+                    l.retry_at = None;
+                }
+            }
+            State::Starting | State::Running => {
+                self.transition(name, Op::Stop)?;
+                // Its traffic fails over before the service goes away.
+                self.unplug(name);
+                // The exit that follows is ours: the watcher's report is ignored.
+                let live = self.live.remove(name).unwrap_or_default();
+                let how = if self.is_vm(name) {
+                    if self.vms.stop(name, timeout) {
+                        lxc::Stopped::Killed
+                    } else {
+                        lxc::Stopped::WasNotRunning
+                    }
+                } else {
+                    self.rt.stop(name, timeout).map_err(runtime_err)?
+                };
+                if let Some(fd) = &live.pidfd {
+                    proc::wait_pidfd(fd, Some(Duration::from_secs(10)));
+                }
+                if let Some(mut child) = live.child {
+                    let _ = child.wait();
+                }
+                let exit = self.read_exit(name);
+                let rec = self.record_mut(name)?;
+                rec.running = None;
+                rec.last_exit = Some(exit.clone());
+                self.transition(name, Op::Exited)?;
+                self.event_exit(
+                    EventKind::Stopped,
+                    Some(name),
+                    Some(&exit),
+                    format!("stopped ({how:?}): {}", exit.description),
+                );
+            }
+            _ => {}
+        }
+        self.persist()
+    }
+
+    // ---------------------------------------------------------------- adoption
+
+    /// After a daemon (re)start: adopt running containers, account for exits that happened
+    /// while the daemon was away, and start what should run.
+    pub(super) fn adopt_all(&mut self) {
+        let names: Vec<String> = self.doc.services.keys().cloned().collect();
+        // Services from before ids existed get one.
+        let mut next_id = self.doc.services.values().map(|r| r.id).max().unwrap_or(0);
+        for rec in self.doc.services.values_mut().filter(|r| r.id == 0) {
+            next_id += 1;
+            rec.id = next_id;
+        }
+        for name in &names {
+            self.register_network(name);
+        }
+        for name in names {
+            let Ok(rec) = self.record(&name) else {
+                continue;
+            };
+            let desired = rec.desired;
+            let state = rec.state;
+            let init = self.service_pid(&name);
+            match init {
+                Some(init_pid) => {
+                    // The container's init is a child of its monitor; a VMM is its own.
+                    let monitor_pid = if self.is_vm(&name) {
+                        init_pid
+                    } else {
+                        proc::ppid(init_pid).unwrap_or(0)
+                    };
+                    let rec = self.record_mut(&name).expect("listed");
+                    let started_at_ms = rec
+                        .running
+                        .as_ref()
+                        .map(|r| r.started_at_ms)
+                        .unwrap_or_else(now_ms);
+                    rec.running = Some(Running {
+                        monitor_pid,
+                        init_pid,
+                        started_at_ms,
+                        boot_id: proc::boot_id(),
+                    });
+                    rec.state = State::Running;
+                    self.watch(&name, monitor_pid, init_pid, None);
+                    self.plug(&name);
+                    self.event(
+                        EventKind::Adopted,
+                        Some(&name),
+                        format!("re-adopted running container, init pid {init_pid}"),
+                    );
+                    if desired == Desired::Stopped {
+                        let _ = self.stop_service(&name, false);
+                    }
+                }
+                None if state.is_active() && self.ended_with_previous_boot(&name) => {
+                    // The gateway restarted: the service did not fail, the machine went down
+                    // under it. It comes back as it was, whatever its restart policy says.
+                    let exit = self.read_exit(&name);
+                    let desc = exit.description.clone();
+                    if let Ok(rec) = self.record_mut(&name) {
+                        rec.running = None;
+                        rec.last_exit = Some(exit.clone());
+                        rec.state = State::Stopped;
+                    }
+                    self.event_exit(
+                        EventKind::Exited,
+                        Some(&name),
+                        Some(&exit),
+                        format!("{desc} (ended with the previous boot of the gateway)"),
+                    );
+                    if desired == Desired::Running {
+                        let _ = self.start_service(&name, Op::Start);
+                    }
+                }
+                None if state.is_active() => {
+                    // It ended while we were away.
+                    let exit = self.read_exit(&name);
+                    let desc = exit.description.clone();
+                    if let Ok(rec) = self.record_mut(&name) {
+                        rec.state = State::Running;
+                    }
+                    self.after_end(
+                        &name,
+                        Some(exit),
+                        format!("{desc} (while the daemon was down)"),
+                        true,
+                    );
+                }
+                None if desired == Desired::Running && state == State::Backoff => {
+                    self.live.entry(name.clone()).or_default().retry_at = Some(Instant::now());
+                }
+                // Installed, or stopped by a daemon shutdown with stop_services_on_exit.
+                None if desired == Desired::Running
+                    && matches!(state, State::Installed | State::Stopped) =>
+                {
+                    let _ = self.start_service(&name, Op::Start);
+                }
+                None => {}
+            }
+        }
+        let _ = self.persist();
+    }
+
+    /// Whether `name` was last started in another boot of this machine.
+    pub(super) fn ended_with_previous_boot(&self, name: &str) -> bool {
+        let recorded = self
+            .record(name)
+            .ok()
+            .and_then(|r| r.running.as_ref())
+            .and_then(|r| r.boot_id.clone());
+        matches!((recorded, proc::boot_id()), (Some(then), Some(now)) if then != now)
+    }
+
+    // ---------------------------------------------------------------- views
+}
+/// `initial * 2^(n-1)`, capped at `max`.
+pub fn backoff(initial_ms: u64, max_ms: u64, n: u32) -> Duration {
+    let factor = 1u64.checked_shl(n.saturating_sub(1)).unwrap_or(u64::MAX);
+    Duration::from_millis(initial_ms.saturating_mul(factor).min(max_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_then_caps() {
+        let b: Vec<u64> = (1..=6)
+            .map(|n| backoff(200, 3000, n).as_millis() as u64)
+            .collect();
+        assert_eq!(b, [200, 400, 800, 1600, 3000, 3000]);
+        assert_eq!(backoff(200, 3000, 200).as_millis(), 3000);
+    }
+}

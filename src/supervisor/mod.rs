@@ -1,0 +1,639 @@
+//! The supervisor: owns the desired state, the runtime and the event log, handles every control
+//! request, and reconciles what runs with what should run.
+//!
+//! It is an actor: one thread owns all state and takes [`Msg`]s from a channel (requests from
+//! the API server, exits from watcher threads, timers from its own loop), so there are no locks
+//! around service records. Each running service's monitor process has a watcher thread blocked
+//! on its pidfd, so an exit is noticed at once whether the monitor is our child or was re-adopted
+//! after a daemon restart.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use gatevisor_board::{AutoRuntime, BoardReport, CgroupVersion};
+use gatevisor_lxc as lxc;
+use serde_json::json;
+
+use crate::api::{error_chain, ApiError, ErrorKind, Reply, Request};
+use crate::events::{Event, EventKind, EventLog};
+use crate::lifecycle::{Op, State};
+use crate::manifest::{ImageRef, Manifest, RestartPolicy, RuntimeKind};
+use crate::network::Network;
+use crate::notify::Notifier;
+use crate::proc;
+use crate::state::{now_ms, Desired, LastExit, Running, ServiceRecord, StateDoc, Store};
+use gatevisor_images::beneath::Dir;
+
+mod install;
+mod lifecycle;
+mod net;
+mod update;
+mod views;
+
+use install::*;
+pub use install::{check_image_roots, copy_tree, ImageRootError};
+pub use lifecycle::backoff;
+
+/// Daemon settings (from `/etc/gatevisor/gatevisor.toml` and flags).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub state_dir: PathBuf,
+    /// Stop services when the daemon stops on SIGTERM (default: leave them running).
+    pub stop_services_on_exit: bool,
+    pub log_max_bytes: u64,
+    pub log_keep: u32,
+    pub events_max_bytes: u64,
+    pub start_timeout: Duration,
+    /// How to run the per-container monitor (this binary's hidden subcommand).
+    pub monitor: lxc::MonitorCommand,
+    pub busybox: PathBuf,
+    /// Plug services into Open vSwitch and steer their traffic.
+    pub network: bool,
+    /// Bridge to use instead of the board profile's.
+    pub bridge: Option<String>,
+    /// Trusted publisher keys (`trusted/`, `revoked/`).
+    pub keys_dir: PathBuf,
+    /// What services may keep (capabilities), by publisher and board.
+    pub policy: crate::policy::Policy,
+    /// Where local manifests' `rootfs:DIR` images may come from (checked at daemon start).
+    pub image_roots: Vec<PathBuf>,
+}
+
+pub enum Msg {
+    Request(Request, Sender<Reply>),
+    Follow(Sender<Event>),
+    MonitorExited {
+        name: String,
+        generation: u64,
+    },
+    /// The container's init died: its traffic fails over now, before the container's teardown
+    /// ends and its monitor exits.
+    InitExited {
+        name: String,
+        generation: u64,
+    },
+    /// Open vSwitch reports a port gone or broken.
+    PortLost {
+        port: String,
+    },
+    /// A verdict from a service's verdict API.
+    Verdict {
+        name: String,
+        session: flowbridge::steering::Session,
+        allow: bool,
+        reply: Sender<std::result::Result<(), String>>,
+    },
+    /// A package install's worker is done: verified into the image store and, for a
+    /// container, its rootfs copied (`prepared`), or refused.
+    PackageReady {
+        name: String,
+        start: bool,
+        pkg: PathBuf,
+        result: std::result::Result<Prepared, ApiError>,
+        reply: Sender<Reply>,
+    },
+    Shutdown,
+}
+
+/// Where a service's files come from and whom they belong to, for `materialise`.
+struct Source {
+    /// The image is in the verified image store (else: a local manifest's, under
+    /// `image_roots`).
+    from_store: bool,
+    /// A container rootfs a worker already copied.
+    prepared: Option<PathBuf>,
+    /// The container's user namespace (`None`: privileged).
+    idmap: Option<lxc::IdMap>,
+}
+
+/// What a package install's worker made, off the supervisor loop.
+pub struct Prepared {
+    installed: gatevisor_images::store::Installed,
+    /// The container's rootfs, copied from the store (none for a microVM).
+    rootfs: Option<PathBuf>,
+    /// The store had no version of this service before.
+    new_entry: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot create {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Lxc(#[from] lxc::LxcError),
+    #[error(transparent)]
+    Images(#[from] gatevisor_images::store::StoreError),
+}
+
+/// What only this process knows about a service (not persisted).
+#[derive(Default)]
+struct Live {
+    /// The monitor, when this daemon spawned it (so it must reap it).
+    child: Option<Child>,
+    pidfd: Option<OwnedFd>,
+    /// Bumped whenever a watcher's report must be ignored (stop on request, restart).
+    generation: u64,
+    retry_at: Option<Instant>,
+    /// Why the service's port or flows could not be set up, if they could not.
+    net_error: Option<String>,
+    /// When its port was last plugged again after vanishing (at most once per 5 s: a dying
+    /// container's interface vanishes too, and re-plugging it would only break again).
+    replugged_at: Option<Instant>,
+    /// Verdicts received over the verdict API.
+    api_verdicts: u64,
+    /// Since when this daemon expects the service's heartbeat (it was started or adopted);
+    /// `None` once it was killed as hung. The heartbeat itself is the verdict server's
+    /// last-seen time.
+    heartbeat_since: Option<Instant>,
+}
+
+pub struct Supervisor {
+    settings: Settings,
+    store: Store,
+    doc: StateDoc,
+    events: EventLog,
+    rt: lxc::Runtime,
+    /// microVM services: one `gatevisor vmm` process each.
+    vms: crate::microvm::MicrovmRuntime,
+    board: BoardReport,
+    live: HashMap<String, Live>,
+    tx: Sender<Msg>,
+    generation: u64,
+    net: Option<Network>,
+    /// Why there is no network, when there is none.
+    net_problem: Option<String>,
+    /// Verdict sockets of the services that steer traffic.
+    verdict_servers: HashMap<String, crate::verdict::VerdictServer>,
+    /// Signed packages, verified and unpacked.
+    images: gatevisor_images::store::Store,
+    /// Services whose package a worker is installing now (no second install or update of
+    /// the same name meanwhile, and no store garbage collection under it).
+    installing: std::collections::HashSet<String>,
+}
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+fn err(kind: ErrorKind, msg: impl Into<String>) -> ApiError {
+    ApiError::new(kind, msg)
+}
+
+fn runtime_err(e: impl std::fmt::Display) -> ApiError {
+    err(ErrorKind::Runtime, e.to_string())
+}
+
+/// Host-side interface name of a service's veth.
+pub fn veth_name(service: &str) -> String {
+    format!("gv-{service}")
+}
+
+impl Supervisor {
+    pub fn new(
+        settings: Settings,
+        board: BoardReport,
+        tx: Sender<Msg>,
+    ) -> std::result::Result<Supervisor, StartupError> {
+        // Other local users may pass through the state directory (containers' roots live
+        // below it) but read nothing: configurations hold services' environments, logs what
+        // services print.
+        for (d, mode) in [
+            ("", 0o711),
+            ("services", 0o711),
+            ("logs", 0o700),
+            ("run", 0o711),
+            ("lxc", 0o711),
+        ] {
+            let path = settings.state_dir.join(d);
+            std::fs::create_dir_all(&path)
+                .and_then(|()| {
+                    std::fs::set_permissions(
+                        &path,
+                        std::os::unix::fs::PermissionsExt::from_mode(mode),
+                    )
+                })
+                .map_err(|source| StartupError::CreateDir { path, source })?;
+        }
+        let store = Store::new(&settings.state_dir);
+        let doc = store.load()?;
+        let cgroups = match board.cgroup.version {
+            CgroupVersion::V2 => lxc::Cgroups::V2,
+            _ => lxc::Cgroups::V1,
+        };
+        let rt = lxc::Runtime::new(
+            &settings.state_dir.join("lxc"),
+            cgroups,
+            settings.monitor.clone(),
+        )?;
+        let vms = crate::microvm::MicrovmRuntime::new(
+            &settings.state_dir.join("vm"),
+            &settings.monitor.program,
+        )
+        .map_err(|source| StartupError::CreateDir {
+            path: settings.state_dir.join("vm"),
+            source,
+        })?;
+        let events = EventLog::new(&settings.state_dir, settings.events_max_bytes);
+        let images = gatevisor_images::store::Store::open(
+            &settings.state_dir.join("images"),
+            gatevisor_images::keys::TrustStore::new(&settings.keys_dir),
+            gatevisor_images::package::Limits::default(),
+        )?;
+        let (net, net_problem) = if settings.network {
+            let bridge = settings
+                .bridge
+                .clone()
+                .unwrap_or_else(|| board.profile.bridge.clone());
+            let system = board.ovs.system_db_socket.as_ref().map(PathBuf::from);
+            match Network::start(
+                system.as_deref(),
+                &settings.state_dir.join("ovs"),
+                &bridge,
+                &board.profile.datapath_type,
+            ) {
+                Ok(n) => {
+                    tracing::info!(
+                        "bridge {bridge} on {} Open vSwitch ({} datapath)",
+                        if n.is_private() {
+                            "the private"
+                        } else {
+                            "the system"
+                        },
+                        board.profile.datapath_type
+                    );
+                    (Some(n), None)
+                }
+                Err(e) => {
+                    tracing::error!("no steering: {e}");
+                    (None, Some(e.to_string()))
+                }
+            }
+        } else {
+            (
+                None,
+                Some("networking disabled by configuration".to_string()),
+            )
+        };
+        Ok(Supervisor {
+            settings,
+            store,
+            doc,
+            events,
+            rt,
+            vms,
+            board,
+            live: HashMap::new(),
+            tx,
+            generation: 0,
+            net,
+            net_problem,
+            verdict_servers: HashMap::new(),
+            images,
+            installing: Default::default(),
+        })
+    }
+
+    fn event(&mut self, kind: EventKind, service: Option<&str>, detail: impl Into<String>) {
+        self.event_exit(kind, service, None, detail);
+    }
+
+    fn event_exit(
+        &mut self,
+        kind: EventKind,
+        service: Option<&str>,
+        exit: Option<&LastExit>,
+        detail: impl Into<String>,
+    ) {
+        self.events.record(Event {
+            at_ms: now_ms(),
+            kind,
+            service: service.map(str::to_string),
+            code: exit.and_then(|e| e.code),
+            signal: exit.and_then(|e| e.signal),
+            detail: detail.into(),
+        });
+    }
+
+    fn persist(&mut self) -> Result<()> {
+        self.store
+            .save(&self.doc)
+            .map_err(|e| err(ErrorKind::Internal, format!("{e}")))
+    }
+
+    fn record(&self, name: &str) -> Result<&ServiceRecord> {
+        self.doc
+            .services
+            .get(name)
+            .ok_or_else(|| err(ErrorKind::NotFound, format!("no service named {name:?}")))
+    }
+
+    fn record_mut(&mut self, name: &str) -> Result<&mut ServiceRecord> {
+        self.doc
+            .services
+            .get_mut(name)
+            .ok_or_else(|| err(ErrorKind::NotFound, format!("no service named {name:?}")))
+    }
+
+    fn transition(&mut self, name: &str, op: Op) -> Result<State> {
+        let rec = self.record_mut(name)?;
+        let next = rec
+            .state
+            .apply(op)
+            .map_err(|e| err(ErrorKind::Conflict, format!("service {name}: {e}")))?;
+        rec.state = next;
+        Ok(next)
+    }
+
+    fn service_dir(&self, name: &str) -> PathBuf {
+        self.settings.state_dir.join("services").join(name)
+    }
+
+    fn run_files(&self, name: &str) -> lxc::RunFiles {
+        lxc::RunFiles {
+            exit_file: self
+                .settings
+                .state_dir
+                .join("run")
+                .join(format!("{name}.exit")),
+            log_file: self.log_file(name),
+            log_max_bytes: self.settings.log_max_bytes,
+            log_keep: self.settings.log_keep,
+        }
+    }
+
+    fn log_file(&self, name: &str) -> PathBuf {
+        self.settings
+            .state_dir
+            .join("logs")
+            .join(format!("{name}.log"))
+    }
+
+    // ---------------------------------------------------------------- the actor loop
+
+    /// Re-adopts what survived a daemon restart, then serves messages until shutdown.
+    pub fn run(mut self, rx: Receiver<Msg>, notifier: Option<Notifier>) {
+        self.adopt_all();
+        if let Some(net) = &self.net {
+            let tx = self.tx.clone();
+            let watched = net.spawn_port_monitor(move |change| {
+                let port = match change {
+                    flowbridge::ovsdb::PortChange::Gone(p)
+                    | flowbridge::ovsdb::PortChange::Broken(p) => p,
+                };
+                !port.starts_with("gv-") || tx.send(Msg::PortLost { port }).is_ok()
+            });
+            if let Err(e) = watched {
+                tracing::warn!("cannot monitor the bridge's ports: {e}");
+            }
+        }
+        self.event(
+            EventKind::DaemonStarted,
+            None,
+            format!("gatevisor {} ready", env!("CARGO_PKG_VERSION")),
+        );
+        if let Some(n) = &notifier {
+            n.ready(&format!("{} services", self.doc.services.len()));
+        }
+        let ping_every = notifier
+            .as_ref()
+            .and_then(|n| n.watchdog)
+            .map(|w| w / 2)
+            .unwrap_or(Duration::from_secs(3600));
+        let mut last_ping = Instant::now();
+        let mut last_net_check = Instant::now();
+        const NET_CHECK: Duration = Duration::from_secs(1);
+        loop {
+            let now = Instant::now();
+            let next_timer = self.live.values().filter_map(|l| l.retry_at).min();
+            let mut wait = next_timer
+                .map(|t| t.saturating_duration_since(now))
+                .unwrap_or(ping_every)
+                .min(ping_every.saturating_sub(now - last_ping));
+            if self.net.is_some() {
+                wait = wait.min(NET_CHECK.saturating_sub(now - last_net_check));
+            }
+            let msg = rx.recv_timeout(wait);
+            if let Some(n) = &notifier {
+                if last_ping.elapsed() >= ping_every {
+                    n.watchdog_ping();
+                    last_ping = Instant::now();
+                }
+            }
+            match msg {
+                Ok(Msg::Request(Request::Install { manifest, start }, reply))
+                    if is_package(&manifest) =>
+                {
+                    self.begin_install_package(manifest, start, reply);
+                }
+                Ok(Msg::PackageReady {
+                    name,
+                    start,
+                    pkg,
+                    result,
+                    reply,
+                }) => {
+                    self.installing.remove(&name);
+                    let res = result.and_then(|p| self.finish_install_package(&pkg, start, p));
+                    if let Err(e) = &res {
+                        self.event(
+                            EventKind::Refused,
+                            None,
+                            format!("{}: {}", pkg.display(), e.message),
+                        );
+                    }
+                    let _ = reply.send(match res {
+                        Ok(result) => Reply::Ok { result },
+                        Err(error) => Reply::Error { error },
+                    });
+                }
+                Ok(Msg::Request(req, reply)) => {
+                    let refusable = matches!(req, Request::Install { .. } | Request::Update { .. });
+                    let what = match &req {
+                        Request::Install { manifest, .. } => manifest.display().to_string(),
+                        Request::Update { name, package } => {
+                            format!("{name} from {}", package.display())
+                        }
+                        _ => String::new(),
+                    };
+                    let res = self.handle(req);
+                    if let (true, Err(e)) = (refusable, &res) {
+                        // Every refusal is an event, with its reason.
+                        let detail = if e.message.starts_with(&what) {
+                            e.message.clone()
+                        } else {
+                            format!("{what}: {}", e.message)
+                        };
+                        self.event(EventKind::Refused, None, detail);
+                    }
+                    let r = match res {
+                        Ok(result) => Reply::Ok { result },
+                        Err(error) => Reply::Error { error },
+                    };
+                    let _ = reply.send(r);
+                }
+                Ok(Msg::Follow(tx)) => self.events.follow(tx),
+                Ok(Msg::MonitorExited { name, generation }) => self.on_exit(&name, generation),
+                Ok(Msg::InitExited { name, generation }) => {
+                    let current = self
+                        .live
+                        .get(&name)
+                        .is_some_and(|l| l.generation == generation);
+                    if current && self.record(&name).is_ok_and(|r| r.state == State::Running) {
+                        self.unplug(&name);
+                    }
+                }
+                Ok(Msg::PortLost { port }) => self.on_port_lost(&port),
+                Ok(Msg::Verdict {
+                    name,
+                    session,
+                    allow,
+                    reply,
+                }) => {
+                    let _ = reply.send(self.verdict(&name, &session, allow));
+                }
+                Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            self.fire_timers();
+            if last_net_check.elapsed() >= NET_CHECK {
+                last_net_check = Instant::now();
+                self.check_network();
+                self.check_heartbeats();
+            }
+        }
+        if let Some(n) = &notifier {
+            n.stopping();
+        }
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let names: Vec<String> = self.doc.services.keys().cloned().collect();
+        if self.settings.stop_services_on_exit {
+            for name in &names {
+                let _ = self.stop_service(name, false);
+            }
+            self.event(
+                EventKind::DaemonStopping,
+                None,
+                "stopping; services stopped",
+            );
+        } else {
+            self.event(
+                EventKind::DaemonStopping,
+                None,
+                "stopping; services left running",
+            );
+        }
+        // Reap our monitor children's zombies later: they keep running in their own sessions
+        // and are re-parented when we exit.
+        let _ = self.persist();
+        // The private switch stays up only while services it carries stay up.
+        let services_left_running = !self.settings.stop_services_on_exit
+            && self.doc.services.values().any(|r| r.state.is_active());
+        if let Some(net) = self.net.take() {
+            net.shutdown(services_left_running);
+        }
+    }
+
+    pub fn handle(&mut self, req: Request) -> Result<serde_json::Value> {
+        match req {
+            Request::Ping => Ok(json!({"pong": true, "version": env!("CARGO_PKG_VERSION")})),
+            // The loop hands package installs to a worker (begin_install_package) before
+            // they get here.
+            Request::Install { manifest, .. } if is_package(&manifest) => Err(err(
+                ErrorKind::Internal,
+                "package installs run on a worker, not in handle()",
+            )),
+            Request::Install { manifest, start } => self.install(&manifest, start, None),
+            Request::Update { name, package } => self.update(&name, &package),
+            Request::Rollback { name } => self.rollback(&name),
+            Request::Start { name } => {
+                let rec = self.record_mut(&name)?;
+                rec.desired = Desired::Running;
+                match rec.state {
+                    State::Running | State::Starting => {}
+                    State::Backoff => {
+                        rec.restarts += 1;
+                        self.start_service(&name, Op::Retry)?
+                    }
+                    _ => {
+                        rec.consecutive_failures = 0;
+                        rec.failure_reason = None;
+                        self.start_service(&name, Op::Start)?
+                    }
+                }
+                self.persist()?;
+                self.status(&name)
+            }
+            Request::Stop { name } => {
+                self.stop_service(&name, true)?;
+                self.status(&name)
+            }
+            Request::Restart { name } => {
+                self.stop_service(&name, true)?;
+                let rec = self.record_mut(&name)?;
+                rec.desired = Desired::Running;
+                rec.consecutive_failures = 0;
+                rec.failure_reason = None;
+                self.start_service(&name, Op::Start)?;
+                self.persist()?;
+                self.status(&name)
+            }
+            Request::Remove { name } => self.remove(&name),
+            Request::Freeze { name } => {
+                self.require_running(&name)?;
+                if self.is_vm(&name) {
+                    self.vms.signal(&name, libc::SIGSTOP).map_err(runtime_err)?;
+                } else {
+                    self.rt.freeze(&name).map_err(runtime_err)?;
+                }
+                self.status(&name)
+            }
+            Request::Thaw { name } => {
+                self.require_running(&name)?;
+                if self.is_vm(&name) {
+                    self.vms.signal(&name, libc::SIGCONT).map_err(runtime_err)?;
+                } else {
+                    self.rt.thaw(&name).map_err(runtime_err)?;
+                }
+                self.status(&name)
+            }
+            Request::List => {
+                let names: Vec<String> = self.doc.services.keys().cloned().collect();
+                let mut list = Vec::new();
+                for n in &names {
+                    list.extend(self.status(n).ok());
+                }
+                Ok(json!({ "services": list }))
+            }
+            Request::Status { name } => self.status(&name),
+            Request::Logs {
+                name,
+                offset,
+                tail_bytes,
+            } => self.logs(&name, offset, tail_bytes),
+            Request::Events { last, .. } => Ok(json!({ "events": self.events.last(last) })),
+            Request::Flows => self.flows(),
+        }
+    }
+
+    fn require_running(&self, name: &str) -> Result<()> {
+        let rec = self.record(name)?;
+        if rec.state != State::Running {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!("service {name} is {:?}, not running", rec.state),
+            ));
+        }
+        Ok(())
+    }
+}

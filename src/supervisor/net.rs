@@ -1,0 +1,238 @@
+//! The service's side of the bridge: its port, its flows, its verdicts and heartbeat.
+
+use super::*;
+
+impl Supervisor {
+    /// Running services with a heartbeat that went silent are hung: their traffic fails over
+    /// and they are killed, so their restart policy brings them back.
+    pub(super) fn check_heartbeats(&mut self) {
+        let hung: Vec<(String, u64)> = self
+            .doc
+            .services
+            .values()
+            .filter(|r| r.state == State::Running)
+            .filter_map(|r| {
+                let timeout = r.manifest.network.heartbeat_timeout_ms?;
+                let since = self.live.get(&r.manifest.name)?.heartbeat_since?;
+                let last_seen_ms = self
+                    .verdict_servers
+                    .get(&r.manifest.name)
+                    .map_or(0, |v| v.last_seen_ms());
+                let silent_ms =
+                    (since.elapsed().as_millis() as u64).min(now_ms().saturating_sub(last_seen_ms));
+                // A microVM boots a kernel before its service can speak: its first word is
+                // awaited for up to MICROVM_BOOT_GRACE, then the heartbeat applies.
+                let booting = r.runtime == "microvm"
+                    && r.running
+                        .as_ref()
+                        .is_some_and(|run| last_seen_ms < run.started_at_ms)
+                    && since.elapsed() < crate::microvm::BOOT_GRACE;
+                (silent_ms > timeout && !booting).then(|| (r.manifest.name.clone(), timeout))
+            })
+            .collect();
+        for (name, timeout) in hung {
+            self.event(
+                EventKind::Hung,
+                Some(&name),
+                format!("no heartbeat on its verdict socket for {timeout} ms; failing over and restarting it"),
+            );
+            self.unplug(&name);
+            if let Some(l) = self.live.get_mut(&name) {
+                l.heartbeat_since = None;
+            }
+            // Killing it ends in its monitor's exit, which applies the restart policy.
+            if let Err(e) = self.rt.stop(&name, Duration::ZERO) {
+                tracing::warn!("{name}: cannot kill the hung service: {e}");
+            }
+        }
+    }
+
+    /// A port vanished from the bridge (or broke): a running service gets it back.
+    pub(super) fn on_port_lost(&mut self, port: &str) {
+        let Some(name) = self
+            .doc
+            .services
+            .values()
+            .find(|r| veth_name(&r.manifest.name) == port)
+            .map(|r| r.manifest.name.clone())
+        else {
+            return;
+        };
+        if self.doc.services.get(&name).map(|r| r.state) != Some(State::Running) {
+            return; // we removed it ourselves
+        }
+        if self.rt.init_pid(&name).ok().flatten().is_none() {
+            return; // its container just died: its exit is being handled
+        }
+        let live = self.live.entry(name.clone()).or_default();
+        if live
+            .replugged_at
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+        {
+            return;
+        }
+        live.replugged_at = Some(Instant::now());
+        self.unplug(&name);
+        self.plug(&name);
+        let restored = self.live.get(&name).is_some_and(|l| l.net_error.is_none());
+        self.event(
+            EventKind::NetworkRestored,
+            Some(&name),
+            if restored {
+                format!("port {port} was removed from the bridge; plugged again")
+            } else {
+                format!("port {port} was removed from the bridge and could not be plugged again")
+            },
+        );
+    }
+
+    /// Restores flows after an Open vSwitch restart.
+    pub(super) fn check_network(&mut self) {
+        let Some(net) = self.net.as_mut() else { return };
+        match net.check() {
+            Ok(true) => self.event(
+                EventKind::NetworkRestored,
+                None,
+                "Open vSwitch came back; flows restored",
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("Open vSwitch check failed: {e}"),
+        }
+    }
+
+    /// Plugs a running service into the bridge and starts steering to it.
+    pub(super) fn plug(&mut self, name: &str) {
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(rec) = self.doc.services.get(name) else {
+            return;
+        };
+        if !rec.manifest.network.interface {
+            return;
+        }
+        let m = &rec.manifest;
+        let res = net.plug(
+            rec.id,
+            &veth_name(name),
+            name,
+            &m.network.steering,
+            m.failure_mode.to_flowbridge(),
+        );
+        let live = self.live.entry(name.to_string()).or_default();
+        live.net_error = res.err().map(|e| {
+            tracing::warn!("{name}: {e}");
+            e.to_string()
+        });
+    }
+
+    /// The service ended or is stopping: its traffic class fails open or closed now.
+    pub(super) fn unplug(&mut self, name: &str) {
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(rec) = self.doc.services.get(name) else {
+            return;
+        };
+        if rec.manifest.network.interface {
+            if let Err(e) = net.unplug(rec.id, &veth_name(name)) {
+                tracing::warn!("{name}: {e}");
+            }
+        }
+    }
+
+    /// Host directory bind-mounted into the service at `/run/gatevisor` (its verdict socket).
+    pub(super) fn service_run_dir(&self, name: &str) -> PathBuf {
+        self.settings.state_dir.join("run").join(name)
+    }
+
+    pub(super) fn verdict(
+        &mut self,
+        name: &str,
+        session: &flowbridge::steering::Session,
+        allow: bool,
+    ) -> std::result::Result<(), String> {
+        let id = self
+            .doc
+            .services
+            .get(name)
+            .map(|r| r.id)
+            .ok_or("no such service")?;
+        let net = self.net.as_mut().ok_or("no Open vSwitch")?;
+        match net.session_verdict(id, session, allow) {
+            Ok(true) => {
+                self.live.entry(name.to_string()).or_default().api_verdicts += 1;
+                Ok(())
+            }
+            Ok(false) => Err("the service is not active on the bridge".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Puts a service that is not running into its failure mode on the bridge, and opens its
+    /// verdict socket.
+    pub(super) fn register_network(&mut self, name: &str) {
+        let Some(rec) = self.doc.services.get(name) else {
+            return;
+        };
+        if rec.manifest.network.steering.is_empty() {
+            return;
+        }
+        if !self.verdict_servers.contains_key(name) {
+            let owner = rec.idmap_base;
+            match crate::verdict::serve(&self.service_run_dir(name), name, owner, self.tx.clone()) {
+                Ok(v) => {
+                    self.verdict_servers.insert(name.to_string(), v);
+                }
+                Err(e) => tracing::warn!("{name}: cannot open its verdict socket: {e}"),
+            }
+        }
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(rec) = self.doc.services.get(name) else {
+            return;
+        };
+        let m = &rec.manifest;
+        if let Err(e) = net.register(rec.id, &m.network.steering, m.failure_mode.to_flowbridge()) {
+            tracing::warn!("{name}: {e}");
+        }
+    }
+
+    pub(super) fn flows(&mut self) -> Result<serde_json::Value> {
+        let Some(net) = self.net.as_mut() else {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!(
+                    "no Open vSwitch: {}",
+                    self.net_problem.clone().unwrap_or_default()
+                ),
+            ));
+        };
+        let bridge = net.bridge.clone();
+        let flows = net.flows().map_err(runtime_err)?;
+        let owner = |cookie: u64| -> String {
+            if cookie == flowbridge::steering::BASE_COOKIE {
+                return "base".into();
+            }
+            self.doc
+                .services
+                .values()
+                .find(|r| {
+                    cookie == flowbridge::steering::service_cookie(r.id, false)
+                        || cookie == flowbridge::steering::service_cookie(r.id, true)
+                })
+                .map(|r| r.manifest.name.clone())
+                .unwrap_or_else(|| "other".into())
+        };
+        let list: Vec<serde_json::Value> = flows
+            .iter()
+            .map(|f| {
+                json!({
+                    "owner": owner(f.flow.cookie),
+                    "cookie": format!("{:#x}", f.flow.cookie),
+                    "table": f.flow.table,
+                    "priority": f.flow.priority,
+                    "packets": f.packet_count,
+                    "bytes": f.byte_count,
+                    "flow": f.flow.to_string(),
+                })
+            })
+            .collect();
+        Ok(json!({ "bridge": bridge, "flows": list }))
+    }
+}

@@ -1,0 +1,105 @@
+//! What requests read: a service's status and its log.
+
+use super::*;
+
+impl Supervisor {
+    pub(super) fn status(&mut self, name: &str) -> Result<serde_json::Value> {
+        let (id, has_steering) = {
+            let rec = self.record(name)?;
+            (rec.id, !rec.manifest.network.steering.is_empty())
+        };
+        let (counters, fast_path_bytes) = match self.net.as_mut() {
+            Some(net) if has_steering => (net.counters(id).ok(), net.fast_path_bytes().ok()),
+            _ => (None, None),
+        };
+        let rec = self.record(name)?;
+        let vm = rec.runtime == "microvm";
+        let usage = match (rec.state == State::Running, vm) {
+            // A VM's memory: its VMM's resident set, guest pages it has touched included.
+            (true, true) => Some(lxc::Usage {
+                memory_bytes: self.vms.rss_bytes(name),
+                cpu_usec: None,
+                pids: None,
+            }),
+            (true, false) => self.rt.usage(name).ok(),
+            _ => None,
+        };
+        let running = rec.running.as_ref();
+        let m = &rec.manifest;
+        let live = self.live.get(name);
+        Ok(json!({
+            "id": id,
+            "steering": has_steering.then(|| json!({
+                "policies": m.network.steering,
+                "counters": counters,
+                "api_verdicts": live.map(|l| l.api_verdicts).unwrap_or_default(),
+                "bridge_fast_path_bytes": fast_path_bytes,
+            })),
+            "network_error": live.and_then(|l| l.net_error.clone()),
+            "name": name,
+            "version": m.version,
+            "package_version": rec.package_version,
+            // The publisher key that signed the installed package.
+            "publisher": rec
+                .package_version
+                .as_ref()
+                .and_then(|v| self.images.version(name, v).ok())
+                .and_then(|i| i.publisher()),
+            "runtime": rec.runtime,
+            "state": rec.state,
+            "desired": rec.desired,
+            "init_pid": running.map(|r| r.init_pid),
+            "monitor_pid": running.map(|r| r.monitor_pid),
+            "started_at_ms": running.map(|r| r.started_at_ms),
+            "uptime_s": running.map(|r| now_ms().saturating_sub(r.started_at_ms) / 1000),
+            "restarts": rec.restarts,
+            "consecutive_failures": rec.consecutive_failures,
+            "last_exit": rec.last_exit,
+            "failure_reason": rec.failure_reason,
+            "memory": {
+                "usage_bytes": usage.as_ref().and_then(|u| u.memory_bytes),
+                "limit_bytes": m.resources.memory_mib as u64 * 1024 * 1024,
+            },
+            "cpu_usec": usage.as_ref().and_then(|u| u.cpu_usec),
+            "pids": usage.as_ref().and_then(|u| u.pids),
+            "failure_mode": m.failure_mode,
+            "interface": m.network.interface.then(|| veth_name(name)),
+            "container": (!vm).then(|| json!({ "lxcpath": self.rt.lxcpath(), "name": name })),
+            "microvm": vm.then(|| json!({
+                "config": self.vms.config_path(name),
+                "guest_memory_bytes": crate::microvm::guest_memory_mib(m.resources.memory_mib) * 1024 * 1024,
+                "console": self.vms.console_path(name),
+                "vmm_rss_bytes": usage.as_ref().and_then(|u| u.memory_bytes),
+            })),
+            "log_file": self.log_file(name),
+            "source": rec.source,
+        }))
+    }
+
+    pub(super) fn logs(
+        &self,
+        name: &str,
+        offset: Option<u64>,
+        tail_bytes: u64,
+    ) -> Result<serde_json::Value> {
+        use std::io::{Read, Seek, SeekFrom};
+        self.record(name)?;
+        let path = self.log_file(name);
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(_) => return Ok(json!({"data": "", "next_offset": 0})),
+        };
+        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let from = match offset {
+            // A smaller file than the offset means it was rotated: start over.
+            Some(o) if o <= size => o,
+            Some(_) => 0,
+            None => size.saturating_sub(tail_bytes),
+        };
+        let want = (size - from).min(1 << 20);
+        let mut buf = vec![0u8; want as usize];
+        f.seek(SeekFrom::Start(from)).map_err(runtime_err)?;
+        f.read_exact(&mut buf).map_err(runtime_err)?;
+        Ok(json!({"data": String::from_utf8_lossy(&buf), "next_offset": from + want}))
+    }
+}
