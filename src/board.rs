@@ -11,7 +11,7 @@ pub struct FullReport {
     pub board: BoardReport,
     pub lxc_version: String,
     /// Runtimes this build of gatevisor can run services with.
-    pub runtimes_available: Vec<&'static str>,
+    pub runtimes_available: Vec<crate::runtime::Kind>,
 }
 
 /// Picks the profile (`name`, or by DMI board name) and probes the board.
@@ -19,9 +19,10 @@ pub fn probe(name: Option<&str>, boards_dir: Option<&Path>) -> Result<FullReport
     let all = profile::load_all(boards_dir)?;
     let host = gatevisor_board::host::probe();
     let chosen = profile::select(&all, name, host.dmi_board_name.as_deref())?;
+    let board = BoardReport::probe(chosen);
     Ok(FullReport {
-        board: BoardReport::probe(chosen),
+        runtimes_available: crate::runtime::Kind::available(&board),
+        board,
         lxc_version: gatevisor_lxc::version(),
-        runtimes_available: vec!["lxc"],
     })
 }

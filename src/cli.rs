@@ -562,7 +562,8 @@ pub fn board(args: BoardArgs) -> i32 {
         "auto runtime:   {:?} — {}",
         b.auto_runtime, b.auto_runtime_reason
     );
-    println!("runtimes built: {}", report.runtimes_available.join(", "));
+    let runtimes: Vec<&str> = report.runtimes_available.iter().map(|k| k.name()).collect();
+    println!("runtimes available: {}", runtimes.join(", "));
     0
 }
 

@@ -98,15 +98,10 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     sigs.thread_block().context("cannot block signals")?;
 
     let (tx, rx) = mpsc::channel::<Msg>();
-    let microvm = opts.board.kvm.microvm_capable;
     let state_dir = opts.settings.state_dir.clone();
+    let runtimes = gatevisor::runtime::Kind::available(&opts.board);
     let supervisor = Supervisor::new(opts.settings, opts.board, tx.clone())?;
     if opts.usp.is_some() || opts.usp_service.is_some() {
-        let runtimes = if microvm {
-            vec!["lxc", "microvm"]
-        } else {
-            vec!["lxc"]
-        };
         let backend = std::sync::Arc::new(LoopBackend(std::sync::Mutex::new(tx.clone())));
         let (mqtt, uds) = (opts.usp, opts.usp_service);
         let model_opts = gatevisor::usp::model::ModelOptions {

@@ -3,7 +3,8 @@
 //!
 //! The library holds everything but the command line: the control API ([`api`]), its client,
 //! the service manifest, the lifecycle table, the crash-safe state store, the event log, the
-//! supervisor that reconciles desired and actual state, and the systemd notify protocol. The
+//! runtime backends ([`runtime`]: LXC, microVM), the supervisor that reconciles desired and
+//! actual state, and the systemd notify protocol. The
 //! binary (`src/main.rs`) is a thin CLI and the daemon's wiring.
 
 pub mod api;
@@ -18,6 +19,7 @@ pub mod notify;
 pub mod package;
 pub mod policy;
 pub mod proc;
+pub mod runtime;
 pub mod state;
 pub mod supervisor;
 pub mod usp;

@@ -199,6 +199,7 @@ pub fn guest_mac(name: &str) -> String {
 /// Console bytes per second a guest may put in its log.
 pub const CONSOLE_RATE: u64 = 8192;
 
+#[derive(Clone)]
 pub struct MicrovmRuntime {
     dir: PathBuf,
     exe: PathBuf,
@@ -326,10 +327,11 @@ impl MicrovmRuntime {
 
     /// Ends the VM: first gracefully (the guest init stops the service and powers off, asked
     /// over vsock) when the guest has gatevisor's init, then SIGTERM to the VMM, then SIGKILL,
-    /// each within `timeout`. Returns whether it was running.
-    pub fn stop(&self, name: &str, timeout: Duration) -> bool {
+    /// each within `timeout`.
+    pub fn stop(&self, name: &str, timeout: Duration) -> gatevisor_lxc::Stopped {
+        use gatevisor_lxc::Stopped;
         let Some(pid) = self.pid(name) else {
-            return false;
+            return Stopped::WasNotRunning;
         };
         let pidfd = crate::proc::pidfd_open(pid).ok();
         let vsock = self.vsock_path(name);
@@ -339,7 +341,7 @@ impl MicrovmRuntime {
                 match request_poweroff(&vsock, Duration::from_secs(5)) {
                     Ok(()) => {
                         if crate::proc::wait_pidfd(fd, Some(timeout + Duration::from_secs(5))) {
-                            return true;
+                            return Stopped::Gracefully;
                         }
                         tracing::warn!("{name}: the guest did not power off in time");
                     }
@@ -352,15 +354,16 @@ impl MicrovmRuntime {
         let deadline = Instant::now() + timeout.max(Duration::from_millis(100));
         match &pidfd {
             Some(fd) => {
-                if !crate::proc::wait_pidfd(fd, Some(deadline - Instant::now())) {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                    crate::proc::wait_pidfd(fd, Some(Duration::from_secs(5)));
+                if crate::proc::wait_pidfd(fd, Some(deadline - Instant::now())) {
+                    return Stopped::Gracefully;
                 }
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                crate::proc::wait_pidfd(fd, Some(Duration::from_secs(5)));
             }
             None => std::thread::sleep(Duration::from_millis(100)),
         }
-        true
+        Stopped::Killed
     }
 
     /// Pauses (SIGSTOP) or resumes (SIGCONT) the VMM, and with it the guest.

@@ -76,6 +76,17 @@ pub fn ppid(pid: i32) -> Option<i32> {
         .ok()
 }
 
+/// CPU time `pid` used (user and system), microseconds.
+pub fn cpu_usec(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14.
+    let rest: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+    let ticks: u64 = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf(3) reads a system constant; it has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks * 1_000_000 / hz as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +101,24 @@ mod tests {
         assert!(!wait_pidfd(&fd, Some(std::time::Duration::from_millis(10))));
         assert!(wait_pidfd(&fd, Some(std::time::Duration::from_secs(5))));
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn cpu_time_of_a_busy_child_grows() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"])
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let first = cpu_usec(pid).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let later = cpu_usec(pid);
+        child.wait().unwrap();
+        // The child may have ended by the second reading; if not, it used CPU meanwhile.
+        if let Some(later) = later {
+            assert!(later > first, "{first} -> {later}");
+        }
+        assert_eq!(cpu_usec(-1), None);
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub struct ServiceRecord {
     #[serde(default)]
     pub package_version: Option<String>,
     /// The runtime actually used (`auto` resolved at install).
-    pub runtime: String,
+    pub runtime: crate::runtime::Kind,
     /// A container's user namespace starts at this host id (`None`: privileged, or a service
     /// installed before containers had one).
     #[serde(default)]

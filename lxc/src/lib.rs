@@ -95,6 +95,7 @@ pub enum Stopped {
     WasNotRunning,
 }
 
+#[derive(Clone)]
 pub struct Runtime {
     lxcpath: PathBuf,
     cgroups: Cgroups,

@@ -212,13 +212,13 @@ impl Supervisor {
             ));
         }
         let image = m
-            .image_ref_as(&path, runtime == "microvm")
+            .image_ref_as(&path, runtime == Kind::Microvm)
             .map_err(|e| invalid(&e))?;
         let caps = m.capability_set(&path).map_err(|e| invalid(&e))?;
 
         // Everything checked: now build. Any failure undoes what was made.
         let id = self.doc.services.values().map(|r| r.id).max().unwrap_or(0) + 1;
-        let idmap = (runtime == "lxc" && !m.privileged).then(|| idmap_for(id));
+        let idmap = (runtime == Kind::Lxc && !m.privileged).then(|| idmap_for(id));
         let dir = self.service_dir(&m.name);
         let source = Source {
             from_store: package.is_some(),
@@ -227,7 +227,7 @@ impl Supervisor {
         };
         let made = self.materialise(&m, &image, caps, &dir, source);
         if let Err(e) = made {
-            let _ = self.rt.undefine(&m.name);
+            let _ = self.backends.get(runtime).undefine(&m.name);
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
@@ -243,7 +243,7 @@ impl Supervisor {
                     .map(|(p, _)| p.clone())
                     .unwrap_or_else(|| path.clone()),
                 package_version: package.map(|(_, v)| v),
-                runtime: runtime.into(),
+                runtime,
                 idmap_base: idmap.map(|m| m.host_base),
                 desired: if start {
                     Desired::Running
@@ -261,7 +261,7 @@ impl Supervisor {
         );
         if let Err(e) = self.persist() {
             self.doc.services.remove(&name);
-            let _ = self.rt.undefine(&name);
+            let _ = self.backends.get(runtime).undefine(&name);
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
@@ -670,13 +670,9 @@ pub(super) fn idmap_for(id: u32) -> lxc::IdMap {
 }
 
 /// Which runtime the service really gets (`auto` resolved for this board).
-pub(super) fn resolve_runtime(
-    board: &BoardReport,
-    m: &Manifest,
-    path: &Path,
-) -> Result<&'static str> {
+pub(super) fn resolve_runtime(board: &BoardReport, m: &Manifest, path: &Path) -> Result<Kind> {
     Ok(match m.runtime {
-        RuntimeKind::Lxc => "lxc",
+        RuntimeKind::Lxc => Kind::Lxc,
         // A microVM where the board runs them, for an image that can boot as one (a
         // package carries an initramfs), with gatevisor's guest init present (it runs
         // the service and its control channel); LXC otherwise.
@@ -686,9 +682,9 @@ pub(super) fn resolve_runtime(
                     && Manifest::package_initramfs(path).is_file()
                     && crate::microvm::guest_init().is_some() =>
             {
-                "microvm"
+                Kind::Microvm
             }
-            _ => "lxc",
+            _ => Kind::Lxc,
         },
         RuntimeKind::Microvm if !board.kvm.microvm_capable => {
             return Err(err(
@@ -700,7 +696,7 @@ pub(super) fn resolve_runtime(
                 ),
             ))
         }
-        RuntimeKind::Microvm => "microvm",
+        RuntimeKind::Microvm => Kind::Microvm,
     })
 }
 
@@ -776,7 +772,7 @@ pub(super) fn prepare_rootfs(
     let file = installed.service_manifest();
     let m = Manifest::load(&file).map_err(|e| err(ErrorKind::Invalid, error_chain(&e)))?;
     let rootfs = match (resolve_runtime(board, &m, &file)?, installed.rootfs()) {
-        ("lxc", Some(src)) => {
+        (Kind::Lxc, Some(src)) => {
             let staging = services.join(format!(".{}.prepared", installed.name));
             let _ = std::fs::remove_dir_all(&staging);
             let rootfs = staging.join("rootfs");

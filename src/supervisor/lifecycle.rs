@@ -31,20 +31,9 @@ impl Supervisor {
 
     // ---------------------------------------------------------------- requests
 
-    pub(super) fn is_vm(&self, name: &str) -> bool {
-        self.doc
-            .services
-            .get(name)
-            .is_some_and(|r| r.runtime == "microvm")
-    }
-
     /// The process that is the running service: a container's init, or a VM's VMM.
     pub(super) fn service_pid(&self, name: &str) -> Option<i32> {
-        if self.is_vm(name) {
-            self.vms.pid(name)
-        } else {
-            self.rt.init_pid(name).ok().flatten()
-        }
+        self.backend(name).ok()?.main_pid(name)
     }
 
     pub(super) fn remove(&mut self, name: &str) -> Result<serde_json::Value> {
@@ -55,11 +44,7 @@ impl Supervisor {
                 tracing::warn!("{name}: {e}");
             }
         }
-        if self.is_vm(name) {
-            self.vms.undefine(name);
-        } else {
-            self.rt.undefine(name).map_err(runtime_err)?;
-        }
+        self.backend(name)?.undefine(name).map_err(runtime_err)?;
         let rec = self.doc.services.remove(name);
         if let Err(e) = self.persist() {
             if let Some(rec) = rec {
@@ -95,45 +80,24 @@ impl Supervisor {
     pub(super) fn start_service(&mut self, name: &str, op: Op) -> Result<()> {
         self.transition(name, op)?;
         let rec = self.record(name)?;
-        let argv = rec.manifest.command.clone();
-        let files = self.run_files(name);
-        let started = if self.is_vm(name) {
-            let tap = if rec.manifest.network.interface {
-                match crate::microvm::create_tap(&veth_name(name)) {
-                    Ok(t) => Some(t),
-                    Err(e) => {
-                        let reason = format!("start failed: tap {}: {e}", veth_name(name));
-                        self.after_end(name, None, reason.clone(), false);
-                        return Err(err(ErrorKind::Runtime, reason));
-                    }
-                }
-            } else {
-                None
-            };
-            self.vms
-                .start(name, &files.log_file, tap)
-                .map(|child| lxc::Started {
-                    init_pid: child.id() as i32,
-                    monitor: child,
-                })
-                .map_err(|e| e.to_string())
-        } else {
-            self.rt
-                .start(name, &argv, &files, self.settings.start_timeout)
-                .map_err(|e| e.to_string())
+        let spec = StartSpec {
+            argv: rec.manifest.command.clone(),
+            files: self.run_files(name),
+            timeout: self.settings.start_timeout,
+            interface: rec.manifest.network.interface.then(|| veth_name(name)),
         };
-        match started {
+        let backend = self.backend(name)?;
+        match backend.start(name, &spec) {
             Ok(started) => {
-                let monitor_pid = started.monitor.id() as i32;
                 let running = Running {
-                    monitor_pid,
-                    init_pid: started.init_pid,
+                    monitor_pid: started.monitor_pid,
+                    init_pid: started.main_pid,
                     started_at_ms: now_ms(),
                     boot_id: proc::boot_id(),
                 };
                 self.transition(name, Op::Started)?;
                 self.record_mut(name)?.running = Some(running);
-                self.watch(name, monitor_pid, started.init_pid, Some(started.monitor));
+                self.watch(name, started.monitor_pid, started.main_pid, started.monitor);
                 self.plug(name);
                 let _ = self.persist();
                 let kind = if op == Op::Retry {
@@ -145,12 +109,12 @@ impl Supervisor {
                 self.event(
                     kind,
                     Some(name),
-                    format!("init pid {}, restarts {restarts}", started.init_pid),
+                    format!("init pid {}, restarts {restarts}", started.main_pid),
                 );
                 Ok(())
             }
             Err(e) => {
-                let reason = format!("start failed: {e}");
+                let reason = format!("start failed: {}", error_chain(&e));
                 self.after_end(name, None, reason.clone(), false);
                 Err(err(ErrorKind::Runtime, reason))
             }
@@ -246,19 +210,18 @@ impl Supervisor {
                 at_ms: now_ms(),
                 description: r.describe(),
             },
-            // A VMM records its end as it exits; an empty record means it was killed (by a
-            // signal a restarted daemon, not being its parent, cannot learn).
-            None if self.is_vm(name) => LastExit {
-                code: None,
-                signal: None,
-                at_ms: now_ms(),
-                description: "killed (its VMM ended without recording how)".into(),
-            },
+            // A monitor records the end as the service ends; no record means the monitor
+            // itself was killed (a VMM: by a signal a restarted daemon, not being its parent,
+            // cannot learn). The backend says how to tell it.
             None => LastExit {
                 code: None,
                 signal: None,
                 at_ms: now_ms(),
-                description: "its monitor process ended without an exit record".into(),
+                description: self
+                    .backend(name)
+                    .map(|b| b.unrecorded_end())
+                    .unwrap_or("its monitor process ended without an exit record")
+                    .into(),
             },
         }
     }
@@ -356,15 +319,10 @@ impl Supervisor {
                 self.unplug(name);
                 // The exit that follows is ours: the watcher's report is ignored.
                 let live = self.live.remove(name).unwrap_or_default();
-                let how = if self.is_vm(name) {
-                    if self.vms.stop(name, timeout) {
-                        lxc::Stopped::Killed
-                    } else {
-                        lxc::Stopped::WasNotRunning
-                    }
-                } else {
-                    self.rt.stop(name, timeout).map_err(runtime_err)?
-                };
+                let how = self
+                    .backend(name)?
+                    .stop(name, timeout)
+                    .map_err(runtime_err)?;
                 if let Some(fd) = &live.pidfd {
                     proc::wait_pidfd(fd, Some(Duration::from_secs(10)));
                 }
@@ -412,12 +370,12 @@ impl Supervisor {
             let init = self.service_pid(&name);
             match init {
                 Some(init_pid) => {
-                    // The container's init is a child of its monitor; a VMM is its own.
-                    let monitor_pid = if self.is_vm(&name) {
-                        init_pid
-                    } else {
-                        proc::ppid(init_pid).unwrap_or(0)
-                    };
+                    // A container's init is a child of its monitor; a VMM is its own.
+                    let monitor_pid = self
+                        .backend(&name)
+                        .ok()
+                        .and_then(|b| b.monitor_pid(&name, init_pid))
+                        .unwrap_or(0);
                     let rec = self.record_mut(&name).expect("listed");
                     let started_at_ms = rec
                         .running

@@ -25,6 +25,7 @@ use crate::manifest::{ImageRef, Manifest, RestartPolicy, RuntimeKind};
 use crate::network::Network;
 use crate::notify::Notifier;
 use crate::proc;
+use crate::runtime::{Backend, Backends, Kind, StartSpec};
 use crate::state::{now_ms, Desired, LastExit, Running, ServiceRecord, StateDoc, Store};
 use gatevisor_images::beneath::Dir;
 
@@ -33,6 +34,9 @@ mod lifecycle;
 mod net;
 mod update;
 mod views;
+
+#[cfg(test)]
+mod tests;
 
 use install::*;
 pub use install::{check_image_roots, copy_tree, ImageRootError};
@@ -162,9 +166,12 @@ pub struct Supervisor {
     store: Store,
     doc: StateDoc,
     events: EventLog,
+    /// liblxc: where container definitions are written at install.
     rt: lxc::Runtime,
-    /// microVM services: one `gatevisor vmm` process each.
+    /// microVM definitions (one `gatevisor vmm` process per running microVM).
     vms: crate::microvm::MicrovmRuntime,
+    /// What starts, stops and watches services, by runtime.
+    backends: Backends,
     board: BoardReport,
     live: HashMap<String, Live>,
     tx: Sender<Msg>,
@@ -282,6 +289,10 @@ impl Supervisor {
                 Some("networking disabled by configuration".to_string()),
             )
         };
+        let backends = Backends {
+            lxc: std::sync::Arc::new(crate::runtime::lxc::LxcBackend(rt.clone())),
+            microvm: std::sync::Arc::new(vms.clone()),
+        };
         Ok(Supervisor {
             settings,
             store,
@@ -289,6 +300,7 @@ impl Supervisor {
             events,
             rt,
             vms,
+            backends,
             board,
             live: HashMap::new(),
             tx,
@@ -340,6 +352,17 @@ impl Supervisor {
             .services
             .get_mut(name)
             .ok_or_else(|| err(ErrorKind::NotFound, format!("no service named {name:?}")))
+    }
+
+    /// The backend that runs `name`.
+    fn backend(&self, name: &str) -> Result<std::sync::Arc<dyn Backend>> {
+        Ok(self.backends.get(self.record(name)?.runtime).clone())
+    }
+
+    /// Runs services with other backends (tests: [`crate::runtime::fake`]).
+    #[cfg(test)]
+    pub(crate) fn set_backends(&mut self, backends: Backends) {
+        self.backends = backends;
     }
 
     fn transition(&mut self, name: &str, op: Op) -> Result<State> {
@@ -428,78 +451,12 @@ impl Supervisor {
                 }
             }
             match msg {
-                Ok(Msg::Request(Request::Install { manifest, start }, reply))
-                    if is_package(&manifest) =>
-                {
-                    self.begin_install_package(manifest, start, reply);
-                }
-                Ok(Msg::PackageReady {
-                    name,
-                    start,
-                    pkg,
-                    result,
-                    reply,
-                }) => {
-                    self.installing.remove(&name);
-                    let res = result.and_then(|p| self.finish_install_package(&pkg, start, p));
-                    if let Err(e) = &res {
-                        self.event(
-                            EventKind::Refused,
-                            None,
-                            format!("{}: {}", pkg.display(), e.message),
-                        );
-                    }
-                    let _ = reply.send(match res {
-                        Ok(result) => Reply::Ok { result },
-                        Err(error) => Reply::Error { error },
-                    });
-                }
-                Ok(Msg::Request(req, reply)) => {
-                    let refusable = matches!(req, Request::Install { .. } | Request::Update { .. });
-                    let what = match &req {
-                        Request::Install { manifest, .. } => manifest.display().to_string(),
-                        Request::Update { name, package } => {
-                            format!("{name} from {}", package.display())
-                        }
-                        _ => String::new(),
-                    };
-                    let res = self.handle(req);
-                    if let (true, Err(e)) = (refusable, &res) {
-                        // Every refusal is an event, with its reason.
-                        let detail = if e.message.starts_with(&what) {
-                            e.message.clone()
-                        } else {
-                            format!("{what}: {}", e.message)
-                        };
-                        self.event(EventKind::Refused, None, detail);
-                    }
-                    let r = match res {
-                        Ok(result) => Reply::Ok { result },
-                        Err(error) => Reply::Error { error },
-                    };
-                    let _ = reply.send(r);
-                }
-                Ok(Msg::Follow(tx)) => self.events.follow(tx),
-                Ok(Msg::MonitorExited { name, generation }) => self.on_exit(&name, generation),
-                Ok(Msg::InitExited { name, generation }) => {
-                    let current = self
-                        .live
-                        .get(&name)
-                        .is_some_and(|l| l.generation == generation);
-                    if current && self.record(&name).is_ok_and(|r| r.state == State::Running) {
-                        self.unplug(&name);
+                Ok(msg) => {
+                    if !self.dispatch(msg) {
+                        break;
                     }
                 }
-                Ok(Msg::PortLost { port }) => self.on_port_lost(&port),
-                Ok(Msg::Verdict {
-                    name,
-                    session,
-                    allow,
-                    reply,
-                }) => {
-                    let _ = reply.send(self.verdict(&name, &session, allow));
-                }
-                Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {}
             }
             self.fire_timers();
@@ -513,6 +470,83 @@ impl Supervisor {
             n.stopping();
         }
         self.shutdown();
+    }
+
+    /// Handles one message; `false` once the daemon must stop.
+    pub(crate) fn dispatch(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Request(Request::Install { manifest, start }, reply) if is_package(&manifest) => {
+                self.begin_install_package(manifest, start, reply);
+            }
+            Msg::PackageReady {
+                name,
+                start,
+                pkg,
+                result,
+                reply,
+            } => {
+                self.installing.remove(&name);
+                let res = result.and_then(|p| self.finish_install_package(&pkg, start, p));
+                if let Err(e) = &res {
+                    self.event(
+                        EventKind::Refused,
+                        None,
+                        format!("{}: {}", pkg.display(), e.message),
+                    );
+                }
+                let _ = reply.send(match res {
+                    Ok(result) => Reply::Ok { result },
+                    Err(error) => Reply::Error { error },
+                });
+            }
+            Msg::Request(req, reply) => {
+                let refusable = matches!(req, Request::Install { .. } | Request::Update { .. });
+                let what = match &req {
+                    Request::Install { manifest, .. } => manifest.display().to_string(),
+                    Request::Update { name, package } => {
+                        format!("{name} from {}", package.display())
+                    }
+                    _ => String::new(),
+                };
+                let res = self.handle(req);
+                if let (true, Err(e)) = (refusable, &res) {
+                    // Every refusal is an event, with its reason.
+                    let detail = if e.message.starts_with(&what) {
+                        e.message.clone()
+                    } else {
+                        format!("{what}: {}", e.message)
+                    };
+                    self.event(EventKind::Refused, None, detail);
+                }
+                let r = match res {
+                    Ok(result) => Reply::Ok { result },
+                    Err(error) => Reply::Error { error },
+                };
+                let _ = reply.send(r);
+            }
+            Msg::Follow(tx) => self.events.follow(tx),
+            Msg::MonitorExited { name, generation } => self.on_exit(&name, generation),
+            Msg::InitExited { name, generation } => {
+                let current = self
+                    .live
+                    .get(&name)
+                    .is_some_and(|l| l.generation == generation);
+                if current && self.record(&name).is_ok_and(|r| r.state == State::Running) {
+                    self.unplug(&name);
+                }
+            }
+            Msg::PortLost { port } => self.on_port_lost(&port),
+            Msg::Verdict {
+                name,
+                session,
+                allow,
+                reply,
+            } => {
+                let _ = reply.send(self.verdict(&name, &session, allow));
+            }
+            Msg::Shutdown => return false,
+        }
+        true
     }
 
     fn shutdown(&mut self) {
@@ -591,20 +625,12 @@ impl Supervisor {
             Request::Remove { name } => self.remove(&name),
             Request::Freeze { name } => {
                 self.require_running(&name)?;
-                if self.is_vm(&name) {
-                    self.vms.signal(&name, libc::SIGSTOP).map_err(runtime_err)?;
-                } else {
-                    self.rt.freeze(&name).map_err(runtime_err)?;
-                }
+                self.backend(&name)?.pause(&name).map_err(runtime_err)?;
                 self.status(&name)
             }
             Request::Thaw { name } => {
                 self.require_running(&name)?;
-                if self.is_vm(&name) {
-                    self.vms.signal(&name, libc::SIGCONT).map_err(runtime_err)?;
-                } else {
-                    self.rt.thaw(&name).map_err(runtime_err)?;
-                }
+                self.backend(&name)?.resume(&name).map_err(runtime_err)?;
                 self.status(&name)
             }
             Request::List => {

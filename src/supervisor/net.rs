@@ -22,7 +22,7 @@ impl Supervisor {
                     (since.elapsed().as_millis() as u64).min(now_ms().saturating_sub(last_seen_ms));
                 // A microVM boots a kernel before its service can speak: its first word is
                 // awaited for up to MICROVM_BOOT_GRACE, then the heartbeat applies.
-                let booting = r.runtime == "microvm"
+                let booting = r.runtime == Kind::Microvm
                     && r.running
                         .as_ref()
                         .is_some_and(|run| last_seen_ms < run.started_at_ms)
@@ -41,7 +41,10 @@ impl Supervisor {
                 l.heartbeat_since = None;
             }
             // Killing it ends in its monitor's exit, which applies the restart policy.
-            if let Err(e) = self.rt.stop(&name, Duration::ZERO) {
+            let killed = self
+                .backend(&name)
+                .and_then(|b| b.kill(&name).map_err(runtime_err));
+            if let Err(e) = killed {
                 tracing::warn!("{name}: cannot kill the hung service: {e}");
             }
         }
@@ -61,8 +64,8 @@ impl Supervisor {
         if self.doc.services.get(&name).map(|r| r.state) != Some(State::Running) {
             return; // we removed it ourselves
         }
-        if self.rt.init_pid(&name).ok().flatten().is_none() {
-            return; // its container just died: its exit is being handled
+        if self.service_pid(&name).is_none() {
+            return; // it just died: its exit is being handled
         }
         let live = self.live.entry(name.clone()).or_default();
         if live

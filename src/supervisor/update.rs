@@ -114,14 +114,14 @@ impl Supervisor {
                 m.name
             ));
         }
-        let runtime = self.record(name).map_err(|e| e.message)?.runtime.clone();
+        let runtime = self.record(name).map_err(|e| e.message)?.runtime;
         let image = m
-            .image_ref_as(&file, runtime == "microvm")
+            .image_ref_as(&file, runtime == Kind::Microvm)
             .map_err(|e| e.to_string())?;
         let caps = m.capability_set(&file).map_err(|e| e.to_string())?;
         self.stop_service(name, false).map_err(|e| e.message)?;
         let dir = self.service_dir(name);
-        let idmap = (runtime == "lxc" && !m.privileged)
+        let idmap = (runtime == Kind::Lxc && !m.privileged)
             .then(|| idmap_for(self.record(name).map(|r| r.id).unwrap_or(0)));
         let source = Source {
             from_store: true,
@@ -159,40 +159,27 @@ impl Supervisor {
         let settle = Instant::now() + Duration::from_secs(1);
         let mut last = String::from("it did not start");
         while Instant::now() < deadline {
-            let init = self.service_pid(name);
-            let Some(init) = init else {
+            if self.service_pid(name).is_none() {
                 last = "it is not running".into();
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
+            }
+            let Ok(backend) = self.backend(name) else {
+                return Err("it was removed".into());
             };
-            let vm = self.is_vm(name).then(|| self.vms.vsock_path(name));
             let passed = if let Some(cmd) = &health.exec {
-                // Inside the guest (its init runs it) or inside the container.
-                let ran = match &vm {
-                    Some(vsock) => {
-                        crate::microvm::health_exec(vsock, cmd).map_err(|e| e.to_string())
-                    }
-                    None => self.rt.exec(name, cmd).map_err(|e| e.to_string()),
-                };
-                match ran {
+                // Inside the service (a container's namespaces; a guest's init runs it).
+                match backend.exec(name, cmd) {
                     Ok(0) => true,
                     Ok(code) => {
                         last = format!("health command exited with {code}");
                         false
                     }
                     Err(e) => {
-                        last = e;
+                        last = error_chain(&e);
                         false
                     }
                 }
-            } else if let (Some(port), Some(vsock), false) =
-                (health.tcp_port, &vm, health.verdict_ping)
-            {
-                let ok = crate::microvm::health_tcp(vsock, port).unwrap_or(false);
-                if !ok {
-                    last = format!("nothing accepts on TCP port {port} in the guest");
-                }
-                ok
             } else if health.verdict_ping {
                 let spoke = self
                     .verdict_servers
@@ -203,9 +190,9 @@ impl Supervisor {
                 }
                 spoke
             } else if let Some(port) = health.tcp_port {
-                let ok = tcp_in_netns(init, port);
+                let ok = backend.tcp_listening(name, port);
                 if !ok {
-                    last = format!("nothing accepts on TCP port {port}");
+                    last = format!("nothing accepts on TCP port {port} inside it");
                 }
                 ok
             } else {
@@ -221,23 +208,4 @@ impl Supervisor {
             health.deadline_s
         ))
     }
-}
-/// Does something accept TCP connections on `port` inside the network namespace of `pid`?
-pub(super) fn tcp_in_netns(pid: i32, port: u16) -> bool {
-    let ns = format!("/proc/{pid}/ns/net");
-    std::thread::spawn(move || {
-        let Ok(f) = std::fs::File::open(&ns) else {
-            return false;
-        };
-        if nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
-            return false;
-        }
-        std::net::TcpStream::connect_timeout(
-            &([127, 0, 0, 1], port).into(),
-            Duration::from_millis(300),
-        )
-        .is_ok()
-    })
-    .join()
-    .unwrap_or(false)
 }

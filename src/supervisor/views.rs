@@ -13,16 +13,11 @@ impl Supervisor {
             _ => (None, None),
         };
         let rec = self.record(name)?;
-        let vm = rec.runtime == "microvm";
-        let usage = match (rec.state == State::Running, vm) {
-            // A VM's memory: its VMM's resident set, guest pages it has touched included.
-            (true, true) => Some(lxc::Usage {
-                memory_bytes: self.vms.rss_bytes(name),
-                cpu_usec: None,
-                pids: None,
-            }),
-            (true, false) => self.rt.usage(name).ok(),
-            _ => None,
+        let vm = rec.runtime == Kind::Microvm;
+        let usage = if rec.state == State::Running {
+            self.backends.get(rec.runtime).usage(name)
+        } else {
+            None
         };
         let running = rec.running.as_ref();
         let m = &rec.manifest;

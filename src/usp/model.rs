@@ -139,7 +139,7 @@ pub const MAX_OPERATION_DEADLINE: std::time::Duration = std::time::Duration::fro
 #[derive(Debug, Clone)]
 pub struct ModelOptions {
     /// The runtimes this board offers, in ExecEnv instance order.
-    pub runtimes: Vec<&'static str>,
+    pub runtimes: Vec<crate::runtime::Kind>,
     /// The CA bundle that `https://` package URLs are verified against.
     pub package_ca: PathBuf,
     /// Every InstallDU/Update/Uninstall ends within this, failed if need be
@@ -152,7 +152,7 @@ pub struct Model {
     state_file: PathBuf,
     downloads: PathBuf,
     /// The runtimes this board offers, in ExecEnv instance order.
-    runtimes: Vec<&'static str>,
+    runtimes: Vec<crate::runtime::Kind>,
     st: Mutex<Persisted>,
     outbox: Mutex<Sender<Notification>>,
     /// TLS for `https://` package URLs (or why there is none).
@@ -373,21 +373,14 @@ impl Model {
             put(format!("{ee}Enable"), "true".into());
             put(format!("{ee}Status"), "Up".into());
             put(format!("{ee}Name"), rt.to_string());
-            put(
-                format!("{ee}Type"),
-                match *rt {
-                    "microvm" => "gatevisor KVM microVM",
-                    _ => "Linux Container (LXC)",
-                }
-                .into(),
-            );
+            put(format!("{ee}Type"), rt.description().into());
             put(format!("{ee}Vendor"), "gatevisor".into());
             put(format!("{ee}Version"), env!("CARGO_PKG_VERSION").into());
             put(format!("{ee}AvailableMemory"), mem_avail.to_string());
             put(format!("{ee}AvailableDiskSpace"), disk_avail.to_string());
             let eus: Vec<String> = services
                 .iter()
-                .filter(|(_, s)| s.get("runtime").and_then(|r| r.as_str()) == Some(rt))
+                .filter(|(_, s)| s.get("runtime").and_then(|r| r.as_str()) == Some(rt.name()))
                 .filter_map(|(n, _)| st.units.get(n))
                 .map(|u| format!("{SM}ExecutionUnit.{}", u.instance))
                 .collect();
@@ -419,7 +412,7 @@ impl Model {
             let ee_ref = self
                 .runtimes
                 .iter()
-                .position(|r| *r == runtime)
+                .position(|r| r.name() == runtime)
                 .map(|i| format!("{SM}ExecEnv.{}", i + 1))
                 .unwrap_or_default();
             let version = {

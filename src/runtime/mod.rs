@@ -1,0 +1,169 @@
+//! Runtime backends: how a service's processes are started, stopped, watched and measured.
+//!
+//! The supervisor decides and a [`Backend`] does; the supervisor never asks which backend it
+//! talks to. A record holds its [`Kind`], and [`Backends`] hands out the backend for it.
+//! Backends are shared with worker threads (a start that waits for init, a stop's grace
+//! period, a health check), so they are `Send + Sync` and keep no per-call state of their own.
+//!
+//! - [`lxc`]: liblxc containers under a `gatevisor monitor` process each;
+//! - [`crate::microvm::MicrovmRuntime`]: one `gatevisor vmm` process per microVM;
+//! - [`fake`]: real child processes (`sleep`) that stand in for services in unit tests.
+
+use std::process::Child;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[cfg(test)]
+pub mod fake;
+pub mod lxc;
+mod microvm;
+
+/// The runtime a service was installed with (`auto` resolved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Lxc,
+    Microvm,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Lxc => "lxc",
+            Kind::Microvm => "microvm",
+        }
+    }
+
+    /// How TR-181 `ExecEnv.{i}.Type` names it.
+    pub fn description(self) -> &'static str {
+        match self {
+            Kind::Lxc => "Linux Container (LXC)",
+            Kind::Microvm => "gatevisor KVM microVM",
+        }
+    }
+
+    /// The runtimes a board can run services with.
+    pub fn available(board: &gatevisor_board::BoardReport) -> Vec<Kind> {
+        let mut v = vec![Kind::Lxc];
+        if board.kvm.microvm_capable {
+            v.push(Kind::Microvm);
+        }
+        v
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a start needs beyond the service's definition (written at install).
+#[derive(Debug, Clone)]
+pub struct StartSpec {
+    pub argv: Vec<String>,
+    /// Where the service's exit record and (rotated) log go.
+    pub files: gatevisor_lxc::RunFiles,
+    /// How long to wait until the service's first process runs.
+    pub timeout: Duration,
+    /// The host-side interface the backend creates for the service (a microVM's tap; a
+    /// container's veth is made by liblxc from its definition).
+    pub interface: Option<String>,
+}
+
+/// A service that runs.
+#[derive(Debug)]
+pub struct Started {
+    /// The process whose life is the service's: a container's init, a microVM's VMM.
+    pub main_pid: i32,
+    /// The process that records how the service ended (a container's monitor; the VMM).
+    pub monitor_pid: i32,
+    /// The monitor when it is this daemon's child (it must be reaped).
+    pub monitor: Option<Child>,
+}
+
+/// How a stop ended, and what a running service uses: the same for every runtime.
+pub use gatevisor_lxc::{Stopped, Usage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Lxc(#[from] gatevisor_lxc::LxcError),
+    #[error("microVM {name}: {what}")]
+    Vm {
+        name: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{name} is not running")]
+    NotRunning { name: String },
+    #[error("{name}: {reason}")]
+    Failed { name: String, reason: String },
+}
+
+/// A runtime. Every method may be called from any thread; `start` and `stop` may block for
+/// as long as their timeouts, so the supervisor calls them on workers.
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> Kind;
+    /// Starts the defined service and returns once its first process runs.
+    fn start(&self, name: &str, spec: &StartSpec) -> Result<Started, RuntimeError>;
+    /// Asks the service to end, and ends it after `grace`.
+    fn stop(&self, name: &str, grace: Duration) -> Result<Stopped, RuntimeError>;
+    /// Ends the service now (a hung service); its monitor records the end.
+    fn kill(&self, name: &str) -> Result<(), RuntimeError>;
+    fn pause(&self, name: &str) -> Result<(), RuntimeError>;
+    fn resume(&self, name: &str) -> Result<(), RuntimeError>;
+    /// The main process of the running service (see [`Started::main_pid`]).
+    fn main_pid(&self, name: &str) -> Option<i32>;
+    /// Its monitor, given the main process (for re-adoption after a daemon restart).
+    fn monitor_pid(&self, name: &str, main_pid: i32) -> Option<i32>;
+    fn usage(&self, name: &str) -> Option<Usage>;
+    /// Runs `argv` inside the running service; its exit code.
+    fn exec(&self, name: &str, argv: &[String]) -> Result<i32, RuntimeError>;
+    /// Whether something inside the service accepts on TCP `port`.
+    fn tcp_listening(&self, name: &str, port: u16) -> bool;
+    /// Forgets the service's definition (it must be stopped).
+    fn undefine(&self, name: &str) -> Result<(), RuntimeError>;
+    /// How the end of a service that left no exit record is told.
+    fn unrecorded_end(&self) -> &'static str;
+}
+
+/// One backend per runtime kind.
+#[derive(Clone)]
+pub struct Backends {
+    pub lxc: Arc<dyn Backend>,
+    pub microvm: Arc<dyn Backend>,
+}
+
+impl Backends {
+    pub fn get(&self, kind: Kind) -> &Arc<dyn Backend> {
+        match kind {
+            Kind::Lxc => &self.lxc,
+            Kind::Microvm => &self.microvm,
+        }
+    }
+}
+
+/// Does something accept TCP connections on `port` (loopback) inside the network namespace
+/// of `pid`? Asked from a short-lived thread that enters that namespace.
+pub fn tcp_accepts_in_netns(pid: i32, port: u16) -> bool {
+    let ns = format!("/proc/{pid}/ns/net");
+    std::thread::spawn(move || {
+        let Ok(f) = std::fs::File::open(&ns) else {
+            return false;
+        };
+        if nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+            return false;
+        }
+        std::net::TcpStream::connect_timeout(
+            &([127, 0, 0, 1], port).into(),
+            Duration::from_millis(300),
+        )
+        .is_ok()
+    })
+    .join()
+    .unwrap_or(false)
+}
