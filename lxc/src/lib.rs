@@ -260,9 +260,36 @@ impl Runtime {
         if !c.is_running()? {
             return Ok(Stopped::WasNotRunning);
         }
-        let secs = timeout.as_secs().clamp(0, i32::MAX as u64) as i32;
-        if secs > 0 && c.shutdown(secs)? {
-            return Ok(Stopped::Gracefully);
+        // liblxc's shutdown has init.lxc pass SIGTERM on and SIGKILL everything a second
+        // later, whatever the timeout: the program gets its whole grace period instead, as
+        // SIGTERM to init's children (the program), then the wait for the container to end.
+        if !timeout.is_zero() {
+            let init = c.init_pid()?;
+            let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
+                .unwrap_or_default();
+            let mut told = false;
+            for pid in children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) of a process of this container (a child of its init, read
+                // from /proc just now); it has no memory effects here.
+                told |= unsafe { libc::kill(pid, libc::SIGTERM) } == 0;
+            }
+            if told {
+                let deadline = Instant::now() + timeout;
+                while Instant::now() < deadline {
+                    if !c.is_running()? {
+                        return Ok(Stopped::Gracefully);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            } else {
+                let secs = timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
+                if c.shutdown(secs)? {
+                    return Ok(Stopped::Gracefully);
+                }
+            }
         }
         if c.stop()? || !c.is_running()? {
             Ok(Stopped::Killed)
