@@ -91,6 +91,11 @@ impl VerdictServer {
     pub fn last_seen_ms(&self) -> u64 {
         self.last_seen_ms.load(Ordering::Relaxed)
     }
+
+    /// The same time, for a worker that watches it (a health check).
+    pub fn seen(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.last_seen_ms.clone()
+    }
 }
 
 impl Drop for VerdictServer {

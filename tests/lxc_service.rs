@@ -412,7 +412,11 @@ fn sigterm_with_stop_services_on_exit_stops_them() {
         !is_alive(pid),
         "service left running although stop_services_on_exit = true"
     );
-    // Desired state is kept: the next daemon starts it again.
+    // Desired state is kept: the next daemon starts it again (on a worker: the daemon
+    // answers meanwhile).
     d.spawn();
-    assert_eq!(d.status("t-stop")["state"], "running");
+    let running = d.wait_for(Duration::from_secs(30), || {
+        (d.status("t-stop")["state"] == "running").then_some(())
+    });
+    assert!(running.is_some(), "{}", d.status("t-stop"));
 }

@@ -127,3 +127,202 @@ memory_mib = 32
     );
     drop(idle);
 }
+
+/// A service folder for `t-upd` at `version` whose health check is `health`.
+fn update_folder(d: &Daemon, version: &str, health: &str) -> std::path::PathBuf {
+    let dir = d.dir.path().join(format!("upd-{version}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("service.toml"),
+        format!(
+            r#"name = "t-upd"
+version = "{version}"
+runtime = "lxc"
+image = "package"
+command = ["/bin/sh", "-c", "while :; do sleep 1; done"]
+stop_timeout_s = 1
+[resources]
+memory_mib = 32
+[health]
+{health}
+"#
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn list_answers_and_the_watchdog_is_fed_during_a_stop_grace_an_update_check_and_an_install() {
+    let test =
+        "list_answers_and_the_watchdog_is_fed_during_a_stop_grace_an_update_check_and_an_install";
+    if !need_root(test) {
+        return;
+    }
+    use std::os::unix::net::UnixDatagram;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let mut d = Daemon::start_with_keys();
+    // systemd's side of the notify protocol, with a 2 s watchdog: the daemon must ping at
+    // least every second, whatever it is doing.
+    let notify = d.dir.path().join("notify.sock");
+    let sd = UnixDatagram::bind(&notify).unwrap();
+    sd.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    assert!(d.term().success());
+    d.set_env(&[
+        ("NOTIFY_SOCKET", notify.to_str().unwrap()),
+        ("WATCHDOG_USEC", "2000000"),
+    ]);
+    d.spawn();
+    let pings = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let listener = {
+        let (pings, done) = (pings.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !done.load(Ordering::Relaxed) {
+                if let Ok(n) = sd.recv(&mut buf) {
+                    if &buf[..n] == b"WATCHDOG=1" {
+                        pings.lock().unwrap().push(Instant::now());
+                    }
+                }
+            }
+        })
+    };
+
+    // Keys for the packages.
+    let key = SecretKey::generate().unwrap();
+    let key_file = d.dir.path().join("acme.key");
+    let public = key.save(&key_file, "acme").unwrap();
+    TrustStore::new(&d.dir.path().join("keys"))
+        .trust(&public)
+        .unwrap();
+
+    // 1. A service that ignores the polite stop: its stop takes the whole 30 s grace.
+    d.install_started(
+        "stub.toml",
+        r#"name = "t-stub"
+version = "1.0.0"
+runtime = "lxc"
+image = "builtin:busybox"
+command = ["/bin/sh", "-c", "trap '' TERM; while :; do sleep 1; done"]
+stop_timeout_s = 30
+[resources]
+memory_mib = 32
+"#,
+    );
+    // 2. A packaged service whose update's health check fails only after its 60 s deadline.
+    let v1 = d.dir.path().join("upd-1.gvpkg");
+    gatevisor::package::build(
+        &update_folder(&d, "1.0.0", "exec = [\"true\"]\ndeadline_s = 10"),
+        &v1,
+        &key_file,
+    )
+    .unwrap();
+    let v2 = d.dir.path().join("upd-2.gvpkg");
+    gatevisor::package::build(
+        &update_folder(&d, "2.0.0", "exec = [\"false\"]\ndeadline_s = 60"),
+        &v2,
+        &key_file,
+    )
+    .unwrap();
+    let st = d.json(&[
+        "service",
+        "install",
+        v1.to_str().unwrap(),
+        "--start",
+        "--json",
+    ]);
+    assert_eq!(st["state"], "running", "{st}");
+    // 3. A large package.
+    let big = d.dir.path().join("big.gvpkg");
+    package::build(
+        "t-big",
+        "1.0.0",
+        &[
+            (
+                "service.toml",
+                ArtifactKind::Service,
+                b"name = \"t-big\"\nversion = \"1.0.0\"\nruntime = \"lxc\"\nimage = \"package\"\ncommand = [\"/bin/sh\"]\n[resources]\nmemory_mib = 32\n",
+            ),
+            ("rootfs.tar", ArtifactKind::Rootfs, &many_files(100_000)),
+        ],
+        &key,
+        std::fs::File::create(&big).unwrap(),
+    )
+    .unwrap();
+
+    let call = |req: Request| {
+        let socket = d.socket();
+        std::thread::spawn(move || Client::new(&socket).call(&req))
+    };
+    let t0 = Instant::now();
+    let stop = call(Request::Stop {
+        name: "t-stub".into(),
+    });
+    let update = call(Request::Update {
+        name: "t-upd".into(),
+        package: v2.clone(),
+    });
+    let install = call(Request::Install {
+        manifest: big.clone(),
+        start: false,
+    });
+    let client = Client::new(&d.socket());
+    let mut times = Vec::new();
+    let (mut during_stop, mut during_update, mut during_install) = (0, 0, 0);
+    while t0.elapsed() < Duration::from_secs(25) {
+        let t = Instant::now();
+        let reply = client.call(&Request::List).expect("list answers");
+        times.push(t.elapsed());
+        assert!(reply["services"].is_array());
+        during_stop += usize::from(!stop.is_finished());
+        during_update += usize::from(!update.is_finished());
+        during_install += usize::from(!install.is_finished());
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    let worst = p99(times.clone());
+    eprintln!(
+        "list p99 {worst:?} over {} requests: {during_stop} during the stop, {during_update} during the update, {during_install} during the install",
+        times.len()
+    );
+    assert!(
+        during_stop >= 100 && during_update >= 100,
+        "the stop or the update ended too soon"
+    );
+    assert!(worst < Duration::from_millis(100), "list p99 {worst:?}");
+
+    let st = stop.join().unwrap().expect("the stop is answered");
+    assert_eq!(st["state"], "stopped", "{st}");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(25),
+        "it took its grace period"
+    );
+    let e = update
+        .join()
+        .unwrap()
+        .expect_err("the update fails its health check");
+    assert!(e.to_string().contains("rolled back to 1.0.0"), "{e}");
+    assert!(install.join().unwrap().is_ok());
+    assert_eq!(d.status("t-upd")["package_version"], "1.0.0");
+    assert_eq!(d.status("t-upd")["state"], "running");
+
+    done.store(true, Ordering::Relaxed);
+    listener.join().unwrap();
+    let pings = pings.lock().unwrap().clone();
+    let gaps: Vec<Duration> = pings
+        .windows(2)
+        .filter(|w| w[0] >= t0)
+        .map(|w| w[1] - w[0])
+        .collect();
+    let longest = gaps.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "{} watchdog pings since t0, longest gap {longest:?}",
+        gaps.len()
+    );
+    assert!(gaps.len() >= 50, "pings all along the 60 s: {}", gaps.len());
+    // systemd kills the daemon after 2 s without a ping.
+    assert!(longest < Duration::from_secs(2), "longest gap {longest:?}");
+}

@@ -271,10 +271,8 @@ impl Supervisor {
             format!("version {version}, runtime {runtime}"),
         );
         self.register_network(&name);
-        if start {
-            self.start_service(&name, Op::Start)?;
-            self.persist()?;
-        }
+        // A start asked for with the install is the loop's next step for the service
+        // (Step::Start): it runs on a worker.
         self.status(&name)
     }
 

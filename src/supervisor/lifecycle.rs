@@ -12,8 +12,13 @@ impl Supervisor {
             .map(|(n, _)| n.clone())
             .collect();
         for name in due {
-            if let Some(l) = self.live.get_mut(&name) {
-                l.retry_at = None;
+            let Some(l) = self.live.get_mut(&name) else {
+                continue;
+            };
+            l.retry_at = None;
+            if l.busy.is_some() {
+                // It ended during an update's health check: the check's verdict decides.
+                continue;
             }
             let still_wanted = self
                 .doc
@@ -37,8 +42,12 @@ impl Supervisor {
     }
 
     pub(super) fn remove(&mut self, name: &str) -> Result<serde_json::Value> {
-        self.record(name)?;
-        self.stop_service(name, false)?;
+        if self.record(name)?.state.is_active() {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!("service {name} runs; it is stopped before it is removed"),
+            ));
+        }
         if let (Some(net), Some(rec)) = (self.net.as_mut(), self.doc.services.get(name)) {
             if let Err(e) = net.forget(rec.id, &veth_name(name)) {
                 tracing::warn!("{name}: {e}");
@@ -75,9 +84,136 @@ impl Supervisor {
 
     // ---------------------------------------------------------------- lifecycle
 
-    /// Starts (or retries) a service; on failure applies its restart policy and returns the
-    /// error.
+    /// Queues `steps` for `name` (answering on `reply` after them, unless a step answers
+    /// itself) and runs what can run now. A start or stop runs on a worker; the steps after
+    /// it wait for its end, so requests for one service are served in order while the loop
+    /// stays free for everything else.
+    pub(super) fn enqueue(&mut self, name: &str, steps: Vec<Step>, reply: Option<Sender<Reply>>) {
+        if let Err(error) = self.record(name) {
+            if let Some(r) = reply {
+                let _ = r.send(Reply::Error { error });
+            }
+            return;
+        }
+        let live = self.live.entry(name.to_string()).or_default();
+        if live.busy.is_none() && live.queue.is_empty() {
+            live.error = None;
+        }
+        live.queue.extend(steps);
+        live.queue.extend(reply.map(Step::Reply));
+        self.settle(name);
+    }
+
+    /// Runs `name`'s queued steps until one must wait for a worker.
+    pub(super) fn settle(&mut self, name: &str) {
+        loop {
+            let Some(live) = self.live.get_mut(name) else {
+                return;
+            };
+            if live.busy.is_some() {
+                return;
+            }
+            let Some(step) = live.queue.pop_front() else {
+                return;
+            };
+            let failed = live.error.is_some();
+            match step {
+                Step::Reply(reply) => {
+                    let r = match live.error.take() {
+                        Some(error) => Err(error),
+                        None => self.status(name),
+                    };
+                    let _ = reply.send(match r {
+                        Ok(result) => Reply::Ok { result },
+                        Err(error) => Reply::Error { error },
+                    });
+                }
+                // After a failed step, what was asked with it is not done.
+                Step::Start | Step::Stop { .. } if failed => {}
+                Step::Switch(sw) | Step::Judge(sw) if failed => {
+                    let error = live.error.take().expect("failed");
+                    let _ = sw.reply.send(Reply::Error { error });
+                }
+                Step::Switch(sw) => self.switch_step(name, *sw),
+                Step::Check(sw, since_ms) => self.check_step(name, *sw, since_ms),
+                Step::Judge(sw) => {
+                    let result = live
+                        .checked
+                        .take()
+                        .unwrap_or_else(|| Err("its health check did not report".into()));
+                    self.judge(name, *sw, result);
+                }
+                Step::Start => {
+                    if let Err(e) = self.start_step(name) {
+                        self.live.entry(name.to_string()).or_default().error = Some(e);
+                    }
+                }
+                Step::Stop { by_request } => {
+                    if let Err(e) = self.stop_service(name, by_request) {
+                        self.live.entry(name.to_string()).or_default().error = Some(e);
+                    }
+                }
+                Step::Remove(reply) => {
+                    let rest = std::mem::take(&mut live.queue);
+                    let r = match live.error.take() {
+                        Some(e) => Err(e),
+                        None => self.remove(name),
+                    };
+                    let removed = r.is_ok();
+                    let _ = reply.send(match r {
+                        Ok(result) => Reply::Ok { result },
+                        Err(error) => Reply::Error { error },
+                    });
+                    if !removed {
+                        self.live.entry(name.to_string()).or_default().queue = rest;
+                    } else {
+                        // Whoever still waited on it learns that it is gone.
+                        for step in rest {
+                            let r = match step {
+                                Step::Reply(r) | Step::Remove(r) => r,
+                                Step::Switch(sw) | Step::Check(sw, _) | Step::Judge(sw) => sw.reply,
+                                Step::Start | Step::Stop { .. } => continue,
+                            };
+                            let _ = r.send(Reply::Error {
+                                error: err(ErrorKind::NotFound, format!("{name} was removed")),
+                            });
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A start asked for (`service start`, an install's `--start`): whatever state the
+    /// service is in, it is to run.
+    pub(super) fn start_step(&mut self, name: &str) -> Result<()> {
+        let rec = self.record_mut(name)?;
+        rec.desired = Desired::Running;
+        match rec.state {
+            State::Running | State::Starting => {}
+            State::Backoff => {
+                rec.restarts += 1;
+                self.start_service(name, Op::Retry)?
+            }
+            _ => {
+                rec.consecutive_failures = 0;
+                rec.failure_reason = None;
+                self.start_service(name, Op::Start)?
+            }
+        }
+        self.persist()
+    }
+
+    /// Starts (or retries) a service on a worker; [`Msg::StartDone`] tells how it went.
     pub(super) fn start_service(&mut self, name: &str, op: Op) -> Result<()> {
+        let tx = self.tx.clone();
+        self.start_service_to(name, op, tx)
+    }
+
+    /// [`Self::start_service`], its end reported on `tx`.
+    pub(super) fn start_service_to(&mut self, name: &str, op: Op, tx: Sender<Msg>) -> Result<()> {
+        let backend = self.backend(name)?;
         self.transition(name, op)?;
         let rec = self.record(name)?;
         let spec = StartSpec {
@@ -86,8 +222,58 @@ impl Supervisor {
             timeout: self.settings.start_timeout,
             interface: rec.manifest.network.interface.then(|| veth_name(name)),
         };
-        let backend = self.backend(name)?;
-        match backend.start(name, &spec) {
+        self.generation += 1;
+        let generation = self.generation;
+        let live = self.live.entry(name.to_string()).or_default();
+        live.busy = Some(Busy::Starting(generation));
+        live.started_as_retry = op == Op::Retry;
+        live.retry_at = None;
+        let n = name.to_string();
+        let spawned = spawn_worker(&format!("start-{name}"), move || {
+            let result = backend.start(&n, &spec);
+            let _ = tx.send(Msg::StartDone {
+                name: n,
+                generation,
+                result,
+            });
+        });
+        if let Err(e) = spawned {
+            self.live.entry(name.to_string()).or_default().busy = None;
+            let reason = format!("start failed: no worker thread: {e}");
+            self.after_end(name, None, reason.clone(), false);
+            return Err(err(ErrorKind::Runtime, reason));
+        }
+        Ok(())
+    }
+
+    /// A start's worker is done.
+    pub(super) fn on_start_done(
+        &mut self,
+        name: &str,
+        generation: u64,
+        result: std::result::Result<crate::runtime::Started, crate::runtime::RuntimeError>,
+    ) {
+        let ours = self
+            .live
+            .get(name)
+            .is_some_and(|l| l.busy == Some(Busy::Starting(generation)));
+        if !ours {
+            // Nobody waits for it (cannot happen while starts are queued); do not leave a
+            // service running that no record watches.
+            if let (Ok(started), Ok(b)) = (result, self.backend(name)) {
+                tracing::warn!("{name}: a start nobody waited for ended; stopping it");
+                let _ = b.kill(name);
+                if let Some(mut c) = started.monitor {
+                    let _ = c.wait();
+                }
+            }
+            return;
+        }
+        if let Some(l) = self.live.get_mut(name) {
+            l.busy = None;
+        }
+        let retry = self.record(name).map(|r| r.restarts).unwrap_or(0);
+        match result {
             Ok(started) => {
                 let running = Running {
                     monitor_pid: started.monitor_pid,
@@ -95,30 +281,34 @@ impl Supervisor {
                     started_at_ms: now_ms(),
                     boot_id: proc::boot_id(),
                 };
-                self.transition(name, Op::Started)?;
-                self.record_mut(name)?.running = Some(running);
-                self.watch(name, started.monitor_pid, started.main_pid, started.monitor);
-                self.plug(name);
-                let _ = self.persist();
-                let kind = if op == Op::Retry {
-                    EventKind::Restarted
-                } else {
-                    EventKind::Started
-                };
-                let restarts = self.record(name)?.restarts;
-                self.event(
-                    kind,
-                    Some(name),
-                    format!("init pid {}, restarts {restarts}", started.main_pid),
-                );
-                Ok(())
+                if self.transition(name, Op::Started).is_ok() {
+                    if let Ok(rec) = self.record_mut(name) {
+                        rec.running = Some(running);
+                    }
+                    self.watch(name, started.monitor_pid, started.main_pid, started.monitor);
+                    self.plug(name);
+                    let _ = self.persist();
+                    let restarted = self.live.get(name).is_some_and(|l| l.started_as_retry);
+                    self.event(
+                        if restarted {
+                            EventKind::Restarted
+                        } else {
+                            EventKind::Started
+                        },
+                        Some(name),
+                        format!("init pid {}, restarts {retry}", started.main_pid),
+                    );
+                }
             }
             Err(e) => {
                 let reason = format!("start failed: {}", error_chain(&e));
                 self.after_end(name, None, reason.clone(), false);
-                Err(err(ErrorKind::Runtime, reason))
+                let _ = self.persist();
+                self.live.entry(name.to_string()).or_default().error =
+                    Some(err(ErrorKind::Runtime, reason));
             }
         }
+        self.settle(name);
     }
 
     /// Starts a watcher thread for the monitor `pid`.
@@ -299,41 +489,109 @@ impl Supervisor {
         tracing::info!("{name}: restart {n} of {} in {delay:?}", policy.max_retries);
     }
 
-    /// Stops a service (if it runs). `by_request` records that the user wants it stopped.
+    /// Stops a service (if it runs) on a worker; [`Msg::StopDone`] tells when it ended.
+    /// `by_request` records that the user wants it stopped.
     pub(super) fn stop_service(&mut self, name: &str, by_request: bool) -> Result<()> {
+        let tx = self.tx.clone();
+        self.stop_service_to(name, by_request, tx)
+    }
+
+    /// [`Self::stop_service`], its end reported on `tx`.
+    pub(super) fn stop_service_to(
+        &mut self,
+        name: &str,
+        by_request: bool,
+        tx: Sender<Msg>,
+    ) -> Result<()> {
+        let backend = self.backend(name)?;
         let rec = self.record_mut(name)?;
         if by_request {
             rec.desired = Desired::Stopped;
         }
         let timeout = Duration::from_secs(rec.manifest.stop_timeout_s as u64);
-        match rec.state {
+        let state = rec.state;
+        match state {
             State::Backoff => {
                 self.transition(name, Op::Stop)?;
                 if let Some(l) = self.live.get_mut(name) {
                     l.retry_at = None;
                 }
             }
-            State::Starting | State::Running => {
-                self.transition(name, Op::Stop)?;
+            State::Starting | State::Stopping
+                if self.live.get(name).is_some_and(|l| l.busy.is_some()) =>
+            {
+                return Err(err(
+                    ErrorKind::Conflict,
+                    format!("service {name} is {:?}", self.record(name)?.state),
+                ));
+            }
+            State::Starting | State::Running | State::Stopping => {
+                if state != State::Stopping {
+                    self.transition(name, Op::Stop)?;
+                }
                 // Its traffic fails over before the service goes away.
                 self.unplug(name);
                 // The exit that follows is ours: the watcher's report is ignored.
-                let live = self.live.remove(name).unwrap_or_default();
-                let how = self
-                    .backend(name)?
-                    .stop(name, timeout)
-                    .map_err(runtime_err)?;
-                if let Some(fd) = &live.pidfd {
-                    proc::wait_pidfd(fd, Some(Duration::from_secs(10)));
+                self.generation += 1;
+                let generation = self.generation;
+                let live = self.live.entry(name.to_string()).or_default();
+                live.generation = generation;
+                live.busy = Some(Busy::Stopping(generation));
+                let pidfd = live.pidfd.take();
+                let child = live.child.take();
+                let n = name.to_string();
+                let spawned = spawn_worker(&format!("stop-{name}"), move || {
+                    let result = backend.stop(&n, timeout);
+                    if let Some(fd) = &pidfd {
+                        proc::wait_pidfd(fd, Some(Duration::from_secs(10)));
+                    }
+                    if let Some(mut child) = child {
+                        let _ = child.wait();
+                    }
+                    let _ = tx.send(Msg::StopDone {
+                        name: n,
+                        generation,
+                        result,
+                    });
+                });
+                if let Err(e) = spawned {
+                    self.live.entry(name.to_string()).or_default().busy = None;
+                    return Err(err(
+                        ErrorKind::Runtime,
+                        format!("cannot stop {name}: no worker thread: {e}"),
+                    ));
                 }
-                if let Some(mut child) = live.child {
-                    let _ = child.wait();
-                }
+            }
+            _ => {}
+        }
+        self.persist()
+    }
+
+    /// A stop's worker is done.
+    pub(super) fn on_stop_done(
+        &mut self,
+        name: &str,
+        generation: u64,
+        result: std::result::Result<crate::runtime::Stopped, crate::runtime::RuntimeError>,
+    ) {
+        let ours = self
+            .live
+            .get(name)
+            .is_some_and(|l| l.busy == Some(Busy::Stopping(generation)));
+        if !ours {
+            return;
+        }
+        if let Some(l) = self.live.get_mut(name) {
+            l.busy = None;
+        }
+        match result {
+            Ok(how) => {
                 let exit = self.read_exit(name);
-                let rec = self.record_mut(name)?;
-                rec.running = None;
-                rec.last_exit = Some(exit.clone());
-                self.transition(name, Op::Exited)?;
+                if let Ok(rec) = self.record_mut(name) {
+                    rec.running = None;
+                    rec.last_exit = Some(exit.clone());
+                }
+                let _ = self.transition(name, Op::Exited);
                 self.event_exit(
                     EventKind::Stopped,
                     Some(name),
@@ -341,9 +599,33 @@ impl Supervisor {
                     format!("stopped ({how:?}): {}", exit.description),
                 );
             }
-            _ => {}
+            Err(e) => {
+                // It still runs: watch it again as it is.
+                let why = format!("cannot stop {name}: {}", error_chain(&e));
+                tracing::warn!("{why}");
+                let main = self.service_pid(name);
+                if let Ok(rec) = self.record_mut(name) {
+                    rec.state = if main.is_some() {
+                        State::Running
+                    } else {
+                        State::Stopped
+                    };
+                }
+                if let Some(main) = main {
+                    let monitor = self
+                        .backend(name)
+                        .ok()
+                        .and_then(|b| b.monitor_pid(name, main))
+                        .unwrap_or(main);
+                    self.watch(name, monitor, main, None);
+                    self.plug(name);
+                }
+                self.live.entry(name.to_string()).or_default().error =
+                    Some(err(ErrorKind::Runtime, why));
+            }
         }
-        self.persist()
+        let _ = self.persist();
+        self.settle(name);
     }
 
     // ---------------------------------------------------------------- adoption
@@ -461,6 +743,45 @@ impl Supervisor {
 
     // ---------------------------------------------------------------- views
 }
+/// A step of a service's queue: it runs once the service is neither starting nor stopping.
+pub(super) enum Step {
+    Start,
+    Stop {
+        by_request: bool,
+    },
+    /// Answers with the service's status, or how the step before failed.
+    Reply(Sender<Reply>),
+    /// Removes the (stopped) service and answers.
+    Remove(Sender<Reply>),
+    /// Rebuilds the stopped service from another version and starts it.
+    Switch(Box<super::update::Switch>),
+    /// Checks the health of the version just started (the start's time with it).
+    Check(Box<super::update::Switch>, u64),
+    /// Keeps that version, or goes back.
+    Judge(Box<super::update::Switch>),
+}
+
+/// The start or stop a worker runs for a service; the number tells the worker's report from
+/// an older one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Busy {
+    Starting(u64),
+    Stopping(u64),
+    /// An update's health check.
+    Checking(u64),
+}
+
+/// Runs `f` on a thread of its own (a start, stop or check that may block for its timeout).
+pub(super) fn spawn_worker(
+    name: &str,
+    f: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.chars().take(15).collect())
+        .stack_size(256 * 1024)
+        .spawn(f)
+}
+
 /// `initial * 2^(n-1)`, capped at `max`.
 pub fn backoff(initial_ms: u64, max_ms: u64, n: u32) -> Duration {
     let factor = 1u64.checked_shl(n.saturating_sub(1)).unwrap_or(u64::MAX);

@@ -41,6 +41,7 @@ mod tests;
 use install::*;
 pub use install::{check_image_roots, copy_tree, ImageRootError};
 pub use lifecycle::backoff;
+use lifecycle::{spawn_worker, Busy, Step};
 
 /// Daemon settings (from `/etc/gatevisor/gatevisor.toml` and flags).
 #[derive(Debug, Clone)]
@@ -90,6 +91,24 @@ pub enum Msg {
         session: flowbridge::steering::Session,
         allow: bool,
         reply: Sender<std::result::Result<(), String>>,
+    },
+    /// A start's worker is done: the service runs, or could not be started.
+    StartDone {
+        name: String,
+        generation: u64,
+        result: std::result::Result<crate::runtime::Started, crate::runtime::RuntimeError>,
+    },
+    /// A stop's worker is done: the service (and its monitor) ended.
+    StopDone {
+        name: String,
+        generation: u64,
+        result: std::result::Result<crate::runtime::Stopped, crate::runtime::RuntimeError>,
+    },
+    /// An update's health check is done.
+    Checked {
+        name: String,
+        generation: u64,
+        result: std::result::Result<(), String>,
     },
     /// A package install's worker is done: verified into the image store and, for a
     /// container, its rootfs copied (`prepared`), or refused.
@@ -155,6 +174,16 @@ struct Live {
     replugged_at: Option<Instant>,
     /// Verdicts received over the verdict API.
     api_verdicts: u64,
+    /// The start or stop a worker runs for the service now; steps wait meanwhile.
+    busy: Option<Busy>,
+    /// What runs once the service is neither starting nor stopping, in order.
+    queue: std::collections::VecDeque<Step>,
+    /// How the last start or stop failed, for the next [`Step::Reply`].
+    error: Option<ApiError>,
+    /// The start in flight is a restart (its event says so).
+    started_as_retry: bool,
+    /// How an update's health check ended, for its [`Step::Judge`].
+    checked: Option<std::result::Result<(), String>>,
     /// Since when this daemon expects the service's heartbeat (it was started or adopted);
     /// `None` once it was killed as hung. The heartbeat itself is the verdict server's
     /// last-seen time.
@@ -469,7 +498,7 @@ impl Supervisor {
         if let Some(n) = &notifier {
             n.stopping();
         }
-        self.shutdown();
+        self.shutdown(&rx);
     }
 
     /// Handles one message; `false` once the daemon must stop.
@@ -494,22 +523,40 @@ impl Supervisor {
                         format!("{}: {}", pkg.display(), e.message),
                     );
                 }
-                let _ = reply.send(match res {
-                    Ok(result) => Reply::Ok { result },
-                    Err(error) => Reply::Error { error },
-                });
+                self.answer_install(res, start, reply);
             }
+            Msg::Request(Request::Start { name }, reply) => {
+                self.enqueue(&name, vec![Step::Start], Some(reply))
+            }
+            Msg::Request(Request::Stop { name }, reply) => {
+                // Wanted stopped from now on: a start in flight that fails is not retried.
+                if let Ok(rec) = self.record_mut(&name) {
+                    rec.desired = Desired::Stopped;
+                }
+                self.enqueue(&name, vec![Step::Stop { by_request: true }], Some(reply))
+            }
+            Msg::Request(Request::Restart { name }, reply) => self.enqueue(
+                &name,
+                vec![Step::Stop { by_request: true }, Step::Start],
+                Some(reply),
+            ),
+            Msg::Request(Request::Remove { name }, reply) => self.enqueue(
+                &name,
+                vec![Step::Stop { by_request: false }, Step::Remove(reply)],
+                None,
+            ),
+            Msg::Request(Request::Update { name, package }, reply) => {
+                self.begin_update(&name, &package, reply)
+            }
+            Msg::Request(Request::Rollback { name }, reply) => self.begin_rollback(&name, reply),
             Msg::Request(req, reply) => {
-                let refusable = matches!(req, Request::Install { .. } | Request::Update { .. });
+                let start = matches!(req, Request::Install { start: true, .. });
                 let what = match &req {
-                    Request::Install { manifest, .. } => manifest.display().to_string(),
-                    Request::Update { name, package } => {
-                        format!("{name} from {}", package.display())
-                    }
-                    _ => String::new(),
+                    Request::Install { manifest, .. } => Some(manifest.display().to_string()),
+                    _ => None,
                 };
                 let res = self.handle(req);
-                if let (true, Err(e)) = (refusable, &res) {
+                if let (Some(what), Err(e)) = (what, &res) {
                     // Every refusal is an event, with its reason.
                     let detail = if e.message.starts_with(&what) {
                         e.message.clone()
@@ -518,12 +565,23 @@ impl Supervisor {
                     };
                     self.event(EventKind::Refused, None, detail);
                 }
-                let r = match res {
-                    Ok(result) => Reply::Ok { result },
-                    Err(error) => Reply::Error { error },
-                };
-                let _ = reply.send(r);
+                self.answer_install(res, start, reply);
             }
+            Msg::StartDone {
+                name,
+                generation,
+                result,
+            } => self.on_start_done(&name, generation, result),
+            Msg::StopDone {
+                name,
+                generation,
+                result,
+            } => self.on_stop_done(&name, generation, result),
+            Msg::Checked {
+                name,
+                generation,
+                result,
+            } => self.on_checked(&name, generation, result),
             Msg::Follow(tx) => self.events.follow(tx),
             Msg::MonitorExited { name, generation } => self.on_exit(&name, generation),
             Msg::InitExited { name, generation } => {
@@ -549,12 +607,84 @@ impl Supervisor {
         true
     }
 
-    fn shutdown(&mut self) {
+    /// Answers a request; an install that asked for a start answers once the start ended.
+    fn answer_install(
+        &mut self,
+        res: Result<serde_json::Value>,
+        start: bool,
+        reply: Sender<Reply>,
+    ) {
+        let installed = res
+            .as_ref()
+            .ok()
+            .and_then(|v| v.get("name"))
+            .and_then(|n| n.as_str())
+            .map(str::to_string);
+        match (res, installed) {
+            (Ok(_), Some(name)) if start => self.enqueue(&name, vec![Step::Start], Some(reply)),
+            (res, _) => {
+                let _ = reply.send(match res {
+                    Ok(result) => Reply::Ok { result },
+                    Err(error) => Reply::Error { error },
+                });
+            }
+        }
+    }
+
+    /// Serves the workers' reports until no start or stop is in flight (or `within` passed);
+    /// requests meanwhile are refused.
+    fn drain(&mut self, rx: &Receiver<Msg>, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.live.values().any(|l| l.busy.is_some()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!("stopping with starts or stops still in flight");
+                return;
+            }
+            match rx.recv_timeout(left) {
+                Ok(Msg::Request(_, reply)) => {
+                    let _ = reply.send(Reply::Error {
+                        error: err(ErrorKind::Conflict, "the daemon is stopping"),
+                    });
+                }
+                Ok(
+                    m @ (Msg::StartDone { .. }
+                    | Msg::StopDone { .. }
+                    | Msg::Checked { .. }
+                    | Msg::MonitorExited { .. }
+                    | Msg::PackageReady { .. }),
+                ) => {
+                    self.dispatch(m);
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn shutdown(&mut self, rx: &Receiver<Msg>) {
+        // Starts in flight end first: what they start is then recorded (and stopped, or
+        // left running, with the rest).
+        let longest_stop = self
+            .doc
+            .services
+            .values()
+            .map(|r| Duration::from_secs(r.manifest.stop_timeout_s as u64))
+            .max()
+            .unwrap_or_default();
+        self.drain(
+            rx,
+            self.settings.start_timeout + longest_stop + Duration::from_secs(20),
+        );
         let names: Vec<String> = self.doc.services.keys().cloned().collect();
         if self.settings.stop_services_on_exit {
             for name in &names {
+                if let Some(l) = self.live.get_mut(name) {
+                    l.queue.clear();
+                }
                 let _ = self.stop_service(name, false);
             }
+            self.drain(rx, longest_stop + Duration::from_secs(20));
             self.event(
                 EventKind::DaemonStopping,
                 None,
@@ -588,41 +718,16 @@ impl Supervisor {
                 "package installs run on a worker, not in handle()",
             )),
             Request::Install { manifest, start } => self.install(&manifest, start, None),
-            Request::Update { name, package } => self.update(&name, &package),
-            Request::Rollback { name } => self.rollback(&name),
-            Request::Start { name } => {
-                let rec = self.record_mut(&name)?;
-                rec.desired = Desired::Running;
-                match rec.state {
-                    State::Running | State::Starting => {}
-                    State::Backoff => {
-                        rec.restarts += 1;
-                        self.start_service(&name, Op::Retry)?
-                    }
-                    _ => {
-                        rec.consecutive_failures = 0;
-                        rec.failure_reason = None;
-                        self.start_service(&name, Op::Start)?
-                    }
-                }
-                self.persist()?;
-                self.status(&name)
-            }
-            Request::Stop { name } => {
-                self.stop_service(&name, true)?;
-                self.status(&name)
-            }
-            Request::Restart { name } => {
-                self.stop_service(&name, true)?;
-                let rec = self.record_mut(&name)?;
-                rec.desired = Desired::Running;
-                rec.consecutive_failures = 0;
-                rec.failure_reason = None;
-                self.start_service(&name, Op::Start)?;
-                self.persist()?;
-                self.status(&name)
-            }
-            Request::Remove { name } => self.remove(&name),
+            // Starts and stops run on workers, their answers queued behind them (dispatch).
+            Request::Start { .. }
+            | Request::Stop { .. }
+            | Request::Restart { .. }
+            | Request::Remove { .. }
+            | Request::Update { .. }
+            | Request::Rollback { .. } => Err(err(
+                ErrorKind::Internal,
+                "starts and stops are queued by the loop, not run in handle()",
+            )),
             Request::Freeze { name } => {
                 self.require_running(&name)?;
                 self.backend(&name)?.pause(&name).map_err(runtime_err)?;

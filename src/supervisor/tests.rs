@@ -92,19 +92,51 @@ impl Harness {
             ),
         )
         .unwrap();
-        self.sup
-            .handle(Request::Install {
-                manifest: file,
-                start: false,
-            })
-            .unwrap();
+        self.request(Request::Install {
+            manifest: file,
+            start: false,
+        })
+        .unwrap();
         // A microVM's definition needs KVM and a kernel; what is tested here is what the
         // supervisor does with a record of that kind.
         self.sup.record_mut(name).unwrap().runtime = kind;
     }
 
+    /// Sends `req` as the API server does and serves the loop until it is answered.
     fn request(&mut self, req: Request) -> Result<serde_json::Value> {
-        self.sup.handle(req)
+        let reply = self.send(req);
+        self.answer(reply)
+    }
+
+    /// Sends `req` without waiting for its answer.
+    fn send(&mut self, req: Request) -> Receiver<Reply> {
+        let (tx, rx) = mpsc::channel();
+        assert!(self.sup.dispatch(Msg::Request(req, tx)));
+        rx
+    }
+
+    /// Serves the loop until `reply` is answered.
+    fn answer(&mut self, reply: Receiver<Reply>) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match reply.try_recv() {
+                Ok(Reply::Ok { result }) => return Ok(result),
+                Ok(Reply::Error { error }) => return Err(error),
+                Err(mpsc::TryRecvError::Disconnected) => panic!("the request was dropped"),
+                Err(mpsc::TryRecvError::Empty) => {}
+            }
+            assert!(Instant::now() < deadline, "no answer in 30 s");
+            self.serve_once();
+        }
+    }
+
+    /// One turn of the loop: a message (if one comes within 20 ms), then the timers.
+    fn serve_once(&mut self) {
+        if let Ok(msg) = self.rx.recv_timeout(Duration::from_millis(20)) {
+            assert!(self.sup.dispatch(msg));
+        }
+        self.sup.fire_timers();
+        self.sup.check_heartbeats();
     }
 
     fn rec(&self, name: &str) -> &ServiceRecord {
@@ -117,11 +149,7 @@ impl Harness {
         let deadline = Instant::now() + timeout;
         while !done(&self.sup) {
             assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-            if let Ok(msg) = self.rx.recv_timeout(Duration::from_millis(20)) {
-                assert!(self.sup.dispatch(msg));
-            }
-            self.sup.fire_timers();
-            self.sup.check_heartbeats();
+            self.serve_once();
         }
     }
 
@@ -176,7 +204,8 @@ fn a_crashed_service_is_restarted_by_its_own_backend() {
         h.request(Request::Start { name: name.clone() }).unwrap();
         assert_eq!(h.state(&name), State::Running);
         h.pump_until(Duration::from_secs(10), "a restart", |s| {
-            s.record(&name).unwrap().restarts >= 1
+            let r = s.record(&name).unwrap();
+            r.restarts >= 1 && r.state == State::Running
         });
         let rec = h.rec(&name);
         assert_eq!(rec.last_exit.as_ref().unwrap().code, Some(3), "{kind}");
@@ -215,7 +244,7 @@ fn a_service_that_cannot_start_backs_off_then_fails_with_the_reason() {
             .request(Request::Start { name: name.clone() })
             .unwrap_err();
         assert!(e.message.contains("no such kernel"), "{}", e.message);
-        assert_eq!(h.state(&name), State::Backoff);
+        assert!(matches!(h.state(&name), State::Backoff | State::Starting));
         h.pump_until(Duration::from_secs(10), "giving up", |s| {
             s.record(&name).unwrap().state == State::Failed
         });
@@ -256,7 +285,8 @@ fn a_hung_service_is_killed_through_its_backend_and_restarted() {
         h.sup.live.get_mut(&name).unwrap().heartbeat_since = Some(long_ago);
         let pid = h.rec(&name).running.as_ref().unwrap().init_pid;
         h.pump_until(Duration::from_secs(10), "a restart after the kill", |s| {
-            s.record(&name).unwrap().restarts >= 1
+            let r = s.record(&name).unwrap();
+            r.restarts >= 1 && r.state == State::Running
         });
         assert!(
             h.fake(kind).calls().contains(&format!("kill {name}")),
@@ -390,6 +420,131 @@ fn pause_and_resume_go_to_the_services_backend() {
         );
         let st = h.request(Request::Status { name: name.clone() }).unwrap();
         assert_eq!(st["runtime"], kind.name());
+        h.request(Request::Stop { name }).unwrap();
+    }
+}
+
+/// Time for one request that the loop answers at once.
+fn timed(h: &mut Harness, req: Request) -> Duration {
+    let t = Instant::now();
+    h.request(req).unwrap();
+    t.elapsed()
+}
+
+#[test]
+fn the_loop_answers_while_a_start_and_a_stop_take_their_time() {
+    let Some(mut h) = harness("the_loop_answers_while_a_start_and_a_stop_take_their_time") else {
+        return;
+    };
+    for kind in KINDS {
+        let slow = named("slow", kind);
+        let stub = named("stub", kind);
+        h.install(&slow, kind, "");
+        h.install(&stub, kind, "");
+        h.fake(kind).set(
+            &slow,
+            Behaviour {
+                start_takes: Duration::from_secs(2),
+                ..Default::default()
+            },
+        );
+        h.fake(kind).set(
+            &stub,
+            Behaviour {
+                ignores_term: true,
+                ..Default::default()
+            },
+        );
+        h.request(Request::Start { name: stub.clone() }).unwrap();
+        // A stop that needs its whole grace period (1 s) and a start that takes 2 s, both
+        // in flight: the loop still answers at once, and says what is going on.
+        let stopping = h.send(Request::Stop { name: stub.clone() });
+        let starting = h.send(Request::Start { name: slow.clone() });
+        assert_eq!(h.state(&stub), State::Stopping);
+        assert_eq!(h.state(&slow), State::Starting);
+        let mut worst = Duration::ZERO;
+        for _ in 0..20 {
+            worst = worst.max(timed(&mut h, Request::List));
+            worst = worst.max(timed(&mut h, Request::Status { name: slow.clone() }));
+        }
+        assert!(worst < Duration::from_millis(100), "{kind}: {worst:?}");
+        let st = h.answer(stopping).unwrap();
+        assert_eq!(st["state"], "stopped");
+        let st = h.answer(starting).unwrap();
+        assert_eq!(st["state"], "running", "{kind}: answered once it runs");
+        h.request(Request::Stop { name: slow }).unwrap();
+    }
+}
+
+#[test]
+fn a_stop_asked_for_during_a_start_runs_after_it_and_requests_are_answered_in_order() {
+    let Some(mut h) =
+        harness("a_stop_asked_for_during_a_start_runs_after_it_and_requests_are_answered_in_order")
+    else {
+        return;
+    };
+    for kind in KINDS {
+        let name = named("order", kind);
+        h.install(&name, kind, "");
+        h.fake(kind).set(
+            &name,
+            Behaviour {
+                start_takes: Duration::from_millis(500),
+                ..Default::default()
+            },
+        );
+        let start = h.send(Request::Start { name: name.clone() });
+        let stop = h.send(Request::Stop { name: name.clone() });
+        let restart = h.send(Request::Restart { name: name.clone() });
+        assert_eq!(h.answer(start).unwrap()["state"], "running");
+        assert_eq!(h.answer(stop).unwrap()["state"], "stopped");
+        assert_eq!(h.answer(restart).unwrap()["state"], "running");
+        assert_eq!(
+            h.fake(kind).calls(),
+            [
+                format!("start {name}"),
+                format!("stop {name}"),
+                // The restart's stop found it stopped: nothing to ask the runtime.
+                format!("start {name}"),
+            ]
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+        );
+        // Removing a running service stops it first; a request queued behind learns it is
+        // gone.
+        let removed = h.send(Request::Remove { name: name.clone() });
+        let late = h.send(Request::Start { name: name.clone() });
+        assert_eq!(h.answer(removed).unwrap()["removed"], name.as_str());
+        assert_eq!(h.answer(late).unwrap_err().kind, ErrorKind::NotFound);
+    }
+}
+
+#[test]
+fn a_failed_start_answers_the_request_with_the_reason() {
+    let Some(mut h) = harness("a_failed_start_answers_the_request_with_the_reason") else {
+        return;
+    };
+    for kind in KINDS {
+        let name = named("bad", kind);
+        h.install(&name, kind, "[restart]\npolicy = \"never\"\nmax_retries = 0\nbackoff_initial_ms = 50\nbackoff_max_ms = 50\nstable_after_s = 1\n");
+        h.fake(kind).set(
+            &name,
+            Behaviour {
+                start_error: Some("the tap is gone".into()),
+                ..Default::default()
+            },
+        );
+        let e = h
+            .request(Request::Start { name: name.clone() })
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Runtime);
+        assert!(e.message.contains("the tap is gone"), "{}", e.message);
+        assert_eq!(h.state(&name), State::Failed);
+        // The next request starts afresh: it is not answered with the old failure.
+        h.fake(kind).set(&name, Behaviour::default());
+        let st = h.request(Request::Start { name: name.clone() }).unwrap();
+        assert_eq!(st["state"], "running");
         h.request(Request::Stop { name }).unwrap();
     }
 }

@@ -1,11 +1,77 @@
 //! Updates and rollbacks of packaged services, and the health check that judges them.
+//!
+//! A switch of versions is a chain of the service's steps ([`Step`]): stop, switch (rebuild
+//! from the new version, start), check (its health check on a worker), judge (keep it, or
+//! go back to the version that worked, which is the same chain again). The stop, the start
+//! and the check run on workers: the loop serves everything else meanwhile, and requests for
+//! the same service queue behind the chain.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::*;
 
+/// Why a service switches versions: what is recorded and answered at the end.
+pub(super) enum Why {
+    Update {
+        old_version: String,
+        pkg: PathBuf,
+    },
+    Rollback,
+    /// Back to the version that worked, after an update failed (`detail` says how).
+    Restore {
+        detail: String,
+    },
+}
+
+/// A switch to `inst`, and who waits for its outcome.
+pub(super) struct Switch {
+    pub(super) inst: gatevisor_images::store::Installed,
+    pub(super) why: Why,
+    pub(super) reply: Sender<Reply>,
+}
+
 impl Supervisor {
     /// Replaces a packaged service with a new version from `pkg`; if the new version does not
-    /// pass its health check, the previous one is restored by itself.
-    pub(super) fn update(&mut self, name: &str, pkg: &Path) -> Result<serde_json::Value> {
+    /// pass its health check, the previous one is restored by itself. Answers on `reply`
+    /// once the chain ends.
+    pub(super) fn begin_update(&mut self, name: &str, pkg: &Path, reply: Sender<Reply>) {
+        match self.prepare_update(name, pkg) {
+            Ok((inst, old_version)) => {
+                let sw = Switch {
+                    inst,
+                    why: Why::Update {
+                        old_version,
+                        pkg: pkg.to_path_buf(),
+                    },
+                    reply,
+                };
+                self.enqueue(
+                    name,
+                    vec![Step::Stop { by_request: false }, Step::Switch(Box::new(sw))],
+                    None,
+                );
+            }
+            Err(e) => {
+                let what = format!("{name} from {}", pkg.display());
+                let detail = if e.message.starts_with(&what) {
+                    e.message.clone()
+                } else {
+                    format!("{what}: {}", e.message)
+                };
+                self.event(EventKind::Refused, None, detail);
+                let _ = reply.send(Reply::Error { error: e });
+            }
+        }
+    }
+
+    /// Checks and verifies an update of `name` from `pkg` into the image store: what the
+    /// switch to it needs.
+    fn prepare_update(
+        &mut self,
+        name: &str,
+        pkg: &Path,
+    ) -> Result<(gatevisor_images::store::Installed, String)> {
         let invalid =
             |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, format!("{}: {e}", pkg.display()));
         if self.installing.contains(name) {
@@ -41,66 +107,190 @@ impl Supervisor {
                 format!("{name} already runs version {old_version}"),
             ));
         }
-        match self.switch_version(name, &inst) {
-            Ok(()) => {
-                self.record_mut(name)?.source = pkg.to_path_buf();
-                self.persist()?;
+        Ok((inst, old_version))
+    }
+
+    /// Goes back to the previous packaged version by hand.
+    pub(super) fn begin_rollback(&mut self, name: &str, reply: Sender<Reply>) {
+        let prev = self.record(name).and_then(|_| {
+            self.images
+                .rollback(name)
+                .map_err(|e| err(ErrorKind::Conflict, e.to_string()))
+        });
+        match prev {
+            Ok(inst) => {
+                let sw = Switch {
+                    inst,
+                    why: Why::Rollback,
+                    reply,
+                };
+                self.enqueue(
+                    name,
+                    vec![Step::Stop { by_request: false }, Step::Switch(Box::new(sw))],
+                    None,
+                );
+            }
+            Err(error) => {
+                let _ = reply.send(Reply::Error { error });
+            }
+        }
+    }
+
+    /// The service is stopped: rebuild it from the version to switch to and start it; its
+    /// health check follows once it runs.
+    pub(super) fn switch_step(&mut self, name: &str, sw: Switch) {
+        if let Err(why) = self.rebuild(name, &sw.inst) {
+            return self.judge(name, sw, Err(why));
+        }
+        let since_ms = now_ms();
+        if let Err(e) = self.start_service(name, Op::Start) {
+            return self.judge(name, sw, Err(e.message));
+        }
+        let _ = self.persist();
+        self.live
+            .entry(name.to_string())
+            .or_default()
+            .queue
+            .push_front(Step::Check(Box::new(sw), since_ms));
+    }
+
+    /// The start ended: check the service's health on a worker (or judge a failed start).
+    pub(super) fn check_step(&mut self, name: &str, sw: Switch, since_ms: u64) {
+        if let Some(e) = self.live.get_mut(name).and_then(|l| l.error.take()) {
+            return self.judge(name, sw, Err(e.message));
+        }
+        let (Ok(backend), Ok(rec)) = (self.backend(name), self.record(name)) else {
+            return self.judge(name, sw, Err("it was removed".into()));
+        };
+        let health = rec.manifest.health.clone();
+        let seen = self.verdict_servers.get(name).map(|v| v.seen());
+        self.generation += 1;
+        let generation = self.generation;
+        let tx = self.tx.clone();
+        let n = name.to_string();
+        let spawned = spawn_worker(&format!("check-{name}"), move || {
+            let result = health_check(&*backend, &n, &health, seen, since_ms);
+            let _ = tx.send(Msg::Checked {
+                name: n,
+                generation,
+                result,
+            });
+        });
+        match spawned {
+            Ok(_) => {
+                let live = self.live.entry(name.to_string()).or_default();
+                live.busy = Some(Busy::Checking(generation));
+                live.queue.push_front(Step::Judge(Box::new(sw)));
+            }
+            Err(e) => self.judge(
+                name,
+                sw,
+                Err(format!("no worker thread for its check: {e}")),
+            ),
+        }
+    }
+
+    /// A health check's worker is done.
+    pub(super) fn on_checked(
+        &mut self,
+        name: &str,
+        generation: u64,
+        result: std::result::Result<(), String>,
+    ) {
+        let Some(live) = self.live.get_mut(name) else {
+            return;
+        };
+        if live.busy != Some(Busy::Checking(generation)) {
+            return;
+        }
+        live.busy = None;
+        live.checked = Some(result);
+        self.settle(name);
+    }
+
+    /// Keeps the version switched to, or goes back; answers whoever asked for the switch.
+    pub(super) fn judge(
+        &mut self,
+        name: &str,
+        sw: Switch,
+        result: std::result::Result<(), String>,
+    ) {
+        let Switch { inst, why, reply } = sw;
+        let answer = |me: &mut Supervisor, r: Result<()>| {
+            let _ = reply.send(match r.and_then(|()| me.status(name)) {
+                Ok(result) => Reply::Ok { result },
+                Err(error) => Reply::Error { error },
+            });
+        };
+        match (why, result) {
+            (Why::Update { old_version, pkg }, Ok(())) => {
+                if let Ok(rec) = self.record_mut(name) {
+                    rec.source = pkg;
+                }
+                let saved = self.persist();
                 self.event(
                     EventKind::Updated,
                     Some(name),
                     format!("updated from {old_version} to {}", inst.version),
                 );
-                self.status(name)
+                answer(self, saved);
             }
-            Err(why) => {
+            (Why::Update { old_version, .. }, Err(why)) => {
                 // Back to the version that worked.
-                let restored = self
-                    .images
-                    .rollback(name)
-                    .map_err(runtime_err)
-                    .and_then(|prev| {
-                        self.switch_version(name, &prev)
-                            .map_err(|e| err(ErrorKind::Runtime, e))
-                    });
                 let detail = format!(
                     "update to {} failed: {why}; rolled back to {old_version}",
                     inst.version
                 );
+                match self.images.rollback(name) {
+                    Ok(prev) => {
+                        let sw = Switch {
+                            inst: prev,
+                            why: Why::Restore { detail },
+                            reply,
+                        };
+                        let q = &mut self.live.entry(name.to_string()).or_default().queue;
+                        q.push_front(Step::Switch(Box::new(sw)));
+                        q.push_front(Step::Stop { by_request: false });
+                    }
+                    Err(e) => {
+                        self.event(EventKind::RolledBack, Some(name), detail.clone());
+                        answer(
+                            self,
+                            Err(err(
+                                ErrorKind::Runtime,
+                                format!("{detail}, but the rollback failed too: {e}"),
+                            )),
+                        );
+                    }
+                }
+            }
+            (Why::Rollback, Ok(())) => {
+                self.event(
+                    EventKind::RolledBack,
+                    Some(name),
+                    format!("rolled back by hand to {}", inst.version),
+                );
+                let saved = self.persist();
+                answer(self, saved);
+            }
+            (Why::Rollback, Err(why)) => {
+                let _ = self.persist();
+                answer(self, Err(err(ErrorKind::Runtime, why)));
+            }
+            (Why::Restore { detail }, result) => {
                 self.event(EventKind::RolledBack, Some(name), detail.clone());
                 let _ = self.persist();
-                match restored {
-                    Ok(()) => Err(err(ErrorKind::Runtime, detail)),
-                    Err(e) => Err(err(
-                        ErrorKind::Runtime,
-                        format!("{detail}, but the rollback failed too: {e}"),
-                    )),
-                }
+                let message = match result {
+                    Ok(()) => detail,
+                    Err(e) => format!("{detail}, but the rollback failed too: {e}"),
+                };
+                answer(self, Err(err(ErrorKind::Runtime, message)));
             }
         }
     }
 
-    /// Goes back to the previous packaged version by hand.
-    pub(super) fn rollback(&mut self, name: &str) -> Result<serde_json::Value> {
-        self.record(name)?;
-        let prev = self
-            .images
-            .rollback(name)
-            .map_err(|e| err(ErrorKind::Conflict, e.to_string()))?;
-        let version = prev.version.clone();
-        self.switch_version(name, &prev)
-            .map_err(|e| err(ErrorKind::Runtime, e))?;
-        self.event(
-            EventKind::RolledBack,
-            Some(name),
-            format!("rolled back by hand to {version}"),
-        );
-        self.persist()?;
-        self.status(name)
-    }
-
-    /// Stops the service, rebuilds it from `inst` (its manifest and rootfs) and starts it; Ok
-    /// once it passes its health check.
-    pub(super) fn switch_version(
+    /// Rebuilds the (stopped) service from `inst`: its manifest and rootfs or initramfs.
+    fn rebuild(
         &mut self,
         name: &str,
         inst: &gatevisor_images::store::Installed,
@@ -119,7 +309,6 @@ impl Supervisor {
             .image_ref_as(&file, runtime == Kind::Microvm)
             .map_err(|e| e.to_string())?;
         let caps = m.capability_set(&file).map_err(|e| e.to_string())?;
-        self.stop_service(name, false).map_err(|e| e.message)?;
         let dir = self.service_dir(name);
         let idmap = (runtime == Kind::Lxc && !m.privileged)
             .then(|| idmap_for(self.record(name).map(|r| r.id).unwrap_or(0)));
@@ -130,82 +319,74 @@ impl Supervisor {
         };
         self.materialise(&m, &image, caps, &dir, source)
             .map_err(|e| e.message)?;
-        {
-            let rec = self.record_mut(name).map_err(|e| e.message)?;
-            rec.manifest = m;
-            rec.idmap_base = idmap.map(|m| m.host_base);
-            rec.package_version = Some(inst.version.clone());
-            rec.desired = Desired::Running;
-            rec.consecutive_failures = 0;
-            rec.failure_reason = None;
-        }
-        let since_ms = now_ms();
-        self.start_service(name, Op::Start).map_err(|e| e.message)?;
-        let _ = self.persist();
-        self.health_check(name, since_ms)
+        let rec = self.record_mut(name).map_err(|e| e.message)?;
+        rec.manifest = m;
+        rec.idmap_base = idmap.map(|m| m.host_base);
+        rec.package_version = Some(inst.version.clone());
+        rec.desired = Desired::Running;
+        rec.consecutive_failures = 0;
+        rec.failure_reason = None;
+        Ok(())
     }
+}
 
-    /// Waits (up to the manifest's deadline) until the service runs and its check passes.
-    /// `since_ms`: just before the start (a service may say hello at once).
-    pub(super) fn health_check(
-        &mut self,
-        name: &str,
-        since_ms: u64,
-    ) -> std::result::Result<(), String> {
-        let rec = self.record(name).map_err(|e| e.message)?;
-        let health = rec.manifest.health.clone();
-        let deadline = Instant::now() + Duration::from_secs(health.deadline_s as u64);
-        // Without a check, "healthy" means: still running a second after the start.
-        let settle = Instant::now() + Duration::from_secs(1);
-        let mut last = String::from("it did not start");
-        while Instant::now() < deadline {
-            if self.service_pid(name).is_none() {
-                last = "it is not running".into();
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-            let Ok(backend) = self.backend(name) else {
-                return Err("it was removed".into());
-            };
-            let passed = if let Some(cmd) = &health.exec {
-                // Inside the service (a container's namespaces; a guest's init runs it).
-                match backend.exec(name, cmd) {
-                    Ok(0) => true,
-                    Ok(code) => {
-                        last = format!("health command exited with {code}");
-                        false
-                    }
-                    Err(e) => {
-                        last = error_chain(&e);
-                        false
-                    }
-                }
-            } else if health.verdict_ping {
-                let spoke = self
-                    .verdict_servers
-                    .get(name)
-                    .is_some_and(|v| v.last_seen_ms() >= since_ms);
-                if !spoke {
-                    last = "it did not speak on its verdict socket".into();
-                }
-                spoke
-            } else if let Some(port) = health.tcp_port {
-                let ok = backend.tcp_listening(name, port);
-                if !ok {
-                    last = format!("nothing accepts on TCP port {port} inside it");
-                }
-                ok
-            } else {
-                Instant::now() >= settle
-            };
-            if passed {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(200));
+/// Waits (up to the manifest's deadline) until the service runs and its check passes; runs
+/// on a worker. `since_ms`: just before the start (a service may say hello at once);
+/// `seen`: when the service last spoke on its verdict socket.
+fn health_check(
+    backend: &dyn crate::runtime::Backend,
+    name: &str,
+    health: &crate::manifest::Health,
+    seen: Option<Arc<AtomicU64>>,
+    since_ms: u64,
+) -> std::result::Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(health.deadline_s as u64);
+    // Without a check, "healthy" means: still running a second after the start.
+    let settle = Instant::now() + Duration::from_secs(1);
+    let mut last = String::from("it did not start");
+    while Instant::now() < deadline {
+        if backend.main_pid(name).is_none() {
+            last = "it is not running".into();
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
         }
-        Err(format!(
-            "no healthy start within {} s ({last})",
-            health.deadline_s
-        ))
+        let passed = if let Some(cmd) = &health.exec {
+            // Inside the service (a container's namespaces; a guest's init runs it).
+            match backend.exec(name, cmd) {
+                Ok(0) => true,
+                Ok(code) => {
+                    last = format!("health command exited with {code}");
+                    false
+                }
+                Err(e) => {
+                    last = error_chain(&e);
+                    false
+                }
+            }
+        } else if health.verdict_ping {
+            let spoke = seen
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed) >= since_ms);
+            if !spoke {
+                last = "it did not speak on its verdict socket".into();
+            }
+            spoke
+        } else if let Some(port) = health.tcp_port {
+            let ok = backend.tcp_listening(name, port);
+            if !ok {
+                last = format!("nothing accepts on TCP port {port} inside it");
+            }
+            ok
+        } else {
+            Instant::now() >= settle
+        };
+        if passed {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
+    Err(format!(
+        "no healthy start within {} s ({last})",
+        health.deadline_s
+    ))
 }
