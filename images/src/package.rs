@@ -507,6 +507,20 @@ pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
     Ok(f)
 }
 
+/// Whether `path` holds a package (by its content, not its name): a tar archive whose first
+/// member is the package manifest. Anything that cannot be read as one is not.
+pub fn is_package_file(path: &Path) -> bool {
+    let Ok(mut f) = open_regular(path) else {
+        return false;
+    };
+    let mut header = [0u8; 512];
+    if f.read_exact(&mut header).is_err() {
+        return false;
+    }
+    let name_end = header[..100].iter().position(|b| *b == 0).unwrap_or(100);
+    &header[257..262] == b"ustar" && &header[..name_end] == MANIFEST.as_bytes()
+}
+
 /// The package's manifest, read without checking anything: only to learn its name before the
 /// real, verified install.
 pub fn peek(input: impl Read) -> Result<PackageManifest, PackageError> {
@@ -532,6 +546,39 @@ pub fn artifact_path(dir: &Path, a: &Artifact) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_package_is_told_by_its_content_not_its_name() {
+        let d = tempfile::tempdir().unwrap();
+        let key = crate::keys::SecretKey::generate().unwrap();
+        let pkg = d.path().join("service.toml");
+        build(
+            "svc",
+            "1.0.0",
+            &[(
+                "service.toml",
+                ArtifactKind::Service,
+                &b"name = \"svc\"\n"[..],
+            )],
+            &key,
+            std::fs::File::create(&pkg).unwrap(),
+        )
+        .unwrap();
+        assert!(is_package_file(&pkg), "a package named like a manifest");
+        let text = d.path().join("x.gvpkg");
+        std::fs::write(&text, "name = \"svc\"\n").unwrap();
+        assert!(!is_package_file(&text), "a manifest named like a package");
+        let mut other = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(1);
+        h.set_mode(0o644);
+        other.append_data(&mut h, "readme", &b"x"[..]).unwrap();
+        let tar = d.path().join("other.tar");
+        std::fs::write(&tar, other.into_inner().unwrap()).unwrap();
+        assert!(!is_package_file(&tar), "a tar that is not a package");
+        assert!(!is_package_file(d.path()), "a directory");
+        assert!(!is_package_file(&d.path().join("absent")));
+    }
 
     #[test]
     fn background_digest_equals_sha256_of_everything_given_in_any_pieces() {
