@@ -65,9 +65,127 @@ impl State {
     }
 }
 
+/// How a service's run ended, as the restart policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ended {
+    /// Its desired state is running.
+    pub wanted: bool,
+    /// It exited with code 0 (a failed start or a signal is not clean).
+    pub clean: bool,
+    /// How long it ran (0 for a failed start).
+    pub ran: std::time::Duration,
+    /// Restarts in a row before this end.
+    pub failures_before: u32,
+}
+
+/// What the restart policy decides once a service ended or could not start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// It stays stopped: it ended cleanly where the policy lets it, or nobody wants it.
+    StayStopped,
+    /// The policy does not restart it after this failure (`never`).
+    Fail,
+    /// It failed more than `max_retries` times in a row.
+    GiveUp,
+    /// Started again after `delay`; `failures` in a row now.
+    Retry {
+        failures: u32,
+        delay: std::time::Duration,
+    },
+}
+
+/// The restart policy, as a pure function of the policy and how the run ended.
+pub fn decide(policy: &crate::manifest::Restart, e: Ended) -> Decision {
+    use crate::manifest::RestartPolicy;
+    let retry = e.wanted
+        && match policy.policy {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !e.clean,
+            RestartPolicy::Never => false,
+        };
+    if !retry {
+        return if e.clean || !e.wanted {
+            Decision::StayStopped
+        } else {
+            Decision::Fail
+        };
+    }
+    // A stable run forgives the failures before it.
+    let before = if e.ran.as_secs() >= policy.stable_after_s {
+        0
+    } else {
+        e.failures_before
+    };
+    let failures = before + 1;
+    if failures > policy.max_retries {
+        return Decision::GiveUp;
+    }
+    Decision::Retry {
+        failures,
+        delay: crate::supervisor::backoff(
+            policy.backoff_initial_ms,
+            policy.backoff_max_ms,
+            failures,
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Op::*, State::*, *};
+    use crate::manifest::{Restart, RestartPolicy};
+    use std::time::Duration;
+
+    #[test]
+    fn the_restart_policy_decides_as_this_table_says() {
+        let policy = |p: RestartPolicy| Restart {
+            policy: p,
+            max_retries: 3,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 1000,
+            stable_after_s: 60,
+        };
+        let ended = |wanted, clean, ran_s, failures_before| Ended {
+            wanted,
+            clean,
+            ran: Duration::from_secs(ran_s),
+            failures_before,
+        };
+        let retry = |failures, ms| Decision::Retry {
+            failures,
+            delay: Duration::from_millis(ms),
+        };
+        use Decision::*;
+        use RestartPolicy::*;
+        let table = [
+            // policy, wanted, clean, ran s, failures before -> decision
+            (OnFailure, true, false, 1, 0, retry(1, 100)),
+            (OnFailure, true, false, 1, 1, retry(2, 200)),
+            (OnFailure, true, false, 1, 2, retry(3, 400)),
+            (OnFailure, true, false, 1, 3, GiveUp),
+            // a stable run forgives: the count starts again
+            (OnFailure, true, false, 60, 3, retry(1, 100)),
+            (OnFailure, true, true, 1, 2, StayStopped),
+            (OnFailure, false, false, 1, 0, StayStopped),
+            (Always, true, true, 1, 0, retry(1, 100)),
+            (Always, true, false, 1, 3, GiveUp),
+            (Always, false, true, 1, 0, StayStopped),
+            (Never, true, false, 1, 0, Fail),
+            (Never, true, true, 1, 0, StayStopped),
+            (Never, false, false, 1, 0, StayStopped),
+        ];
+        for (p, wanted, clean, ran, before, want) in table {
+            assert_eq!(
+                decide(&policy(p), ended(wanted, clean, ran, before)),
+                want,
+                "{p:?} wanted={wanted} clean={clean} ran={ran}s before={before}"
+            );
+        }
+        // The delay is capped.
+        let mut p = policy(Always);
+        p.max_retries = 100;
+        assert_eq!(decide(&p, ended(true, false, 0, 20)), retry(21, 1000));
+    }
 
     const ALL_STATES: [State; 7] = [
         Installed, Starting, Running, Stopping, Stopped, Backoff, Failed,
