@@ -58,6 +58,13 @@ enum Command {
     /// Internal: the per-container monitor process started by the daemon.
     #[command(name = "__lxc-monitor", hide = true)]
     LxcMonitor { config: String },
+    /// Internal: copies a microVM's console (stdin) into its rotated log.
+    #[command(name = "__log-pump", hide = true)]
+    LogPump {
+        file: PathBuf,
+        max_bytes: u64,
+        keep: u32,
+    },
 }
 
 fn main() {
@@ -72,7 +79,10 @@ fn main() {
         }
     }
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Daemon(_) | Command::LxcMonitor { .. }) {
+    if !matches!(
+        cli.command,
+        Command::Daemon(_) | Command::LxcMonitor { .. } | Command::LogPump { .. }
+    ) {
         // A CLI whose reader went away (`gatevisor events | head`) ends quietly, as other
         // command-line tools do, instead of failing a write.
         // SAFETY: resetting SIGPIPE to its default disposition before any thread exists;
@@ -83,6 +93,11 @@ fn main() {
     }
     let code = match cli.command {
         Command::LxcMonitor { config } => gatevisor_lxc::monitor::monitor_main(&config),
+        Command::LogPump {
+            file,
+            max_bytes,
+            keep,
+        } => gatevisor_lxc::monitor::log_pump_main(&file, max_bytes, keep),
         Command::Vmm { config } => gatevisor_vmm::process::vmm_main(&config),
         Command::Daemon(args) => match daemon_main(args, cli.socket) {
             Ok(()) => 0,

@@ -203,15 +203,26 @@ pub const CONSOLE_RATE: u64 = 8192;
 pub struct MicrovmRuntime {
     dir: PathBuf,
     exe: PathBuf,
+    /// The hierarchy VMMs' cgroups are made in.
+    pub(crate) cgroups: gatevisor_lxc::Cgroups,
 }
+
+/// What a VMM process needs beyond its guest's memory (its code, page tables, device
+/// buffers), MiB: its cgroup's memory limit is guest + this.
+pub const VMM_OVERHEAD_MIB: u64 = 32;
 
 impl MicrovmRuntime {
     /// `dir`: where VM configurations and pidfiles live; `exe`: the gatevisor binary.
-    pub fn new(dir: &Path, exe: &Path) -> std::io::Result<MicrovmRuntime> {
+    pub fn new(
+        dir: &Path,
+        exe: &Path,
+        cgroups: gatevisor_lxc::Cgroups,
+    ) -> std::io::Result<MicrovmRuntime> {
         std::fs::create_dir_all(dir)?;
         Ok(MicrovmRuntime {
             dir: dir.into(),
             exe: exe.into(),
+            cgroups,
         })
     }
 
@@ -265,35 +276,56 @@ impl MicrovmRuntime {
 
     /// Starts the VMM; its stderr goes to `log` (the console log the guest writes as well).
     /// `tap`, when the service has an interface, becomes the VMM's descriptor [`TAP_FD`].
+    /// `cgroup`: the `cgroup.procs` files the VMM enters before it executes. Its console
+    /// and its own messages go to `log` through a log pump (`gatevisor __log-pump`), which
+    /// rotates it as a container's monitor does.
     pub fn start(
         &self,
         name: &str,
-        log: &Path,
+        log: &gatevisor_lxc::RunFiles,
         tap: Option<std::fs::File>,
+        cgroup: Vec<std::ffi::CString>,
     ) -> std::io::Result<Child> {
-        let err = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)?;
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let mut pump = Command::new(&self.exe);
+        pump.arg("__log-pump")
+            .arg(&log.log_file)
+            .arg(log.log_max_bytes.to_string())
+            .arg(log.log_keep.to_string())
+            .stdin(std::fs::File::from(r))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        gatevisor_lxc::detach(&mut pump);
+        let mut pump = pump.spawn()?;
+        // The pump ends when the VMM closes its end; it is reaped then.
+        let _ = std::thread::Builder::new()
+            .name(format!("pump-{name}"))
+            .stack_size(32 * 1024)
+            .spawn(move || pump.wait());
+        let w = std::fs::File::from(w);
         let mut cmd = Command::new(&self.exe);
         cmd.arg("vmm")
             .arg("--config")
             .arg(self.config_path(name))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err);
+            .stdout(w.try_clone()?)
+            .stderr(w);
         // Its own session: a daemon restart (or its SIGTERM) leaves the VM running.
         gatevisor_lxc::detach(&mut cmd);
-        if let Some(tap) = &tap {
+        {
             use std::os::fd::AsRawFd;
             use std::os::unix::process::CommandExt;
-            let fd = tap.as_raw_fd();
-            // SAFETY: the closure runs in the forked child before exec and only calls dup2(2),
-            // which is async-signal-safe; the new descriptor has no close-on-exec flag.
+            let fd = tap.as_ref().map(|t| t.as_raw_fd());
+            // SAFETY: the closure runs in the forked child before exec and only calls dup2(2)
+            // and the open/write/close of cgroup::enter, all async-signal-safe, on data made
+            // before the fork; the new descriptor has no close-on-exec flag.
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::dup2(fd, TAP_FD) < 0 {
-                        return Err(std::io::Error::last_os_error());
+                    crate::runtime::cgroup::enter(&cgroup)?;
+                    if let Some(fd) = fd {
+                        if libc::dup2(fd, TAP_FD) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
                     Ok(())
                 });

@@ -152,6 +152,24 @@ fn run_container(cfg: &MonitorConfig) -> ExitRecord {
     ExitRecord::from_error_num(c.error_num(), started)
 }
 
+/// `gatevisor __log-pump FILE MAX_BYTES KEEP`: copies its stdin into the rotated log `FILE`
+/// until the writer (a microVM's VMM) closes it. The pump is its own process, in its own
+/// session, so the log goes on across daemon restarts, as a container's monitor's does.
+pub fn log_pump_main(file: &Path, max_bytes: u64, keep: u32) -> i32 {
+    use std::os::fd::AsFd;
+    let stdin = match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(_) => return 1,
+    };
+    match RotatingLog::open(file, max_bytes, keep) {
+        Ok(mut log) => {
+            log.pump(stdin);
+            0
+        }
+        Err(_) => 1,
+    }
+}
+
 /// Writes the record atomically (temp file, fsync, rename).
 pub fn write_exit_record(path: &Path, record: &ExitRecord) -> std::io::Result<()> {
     use std::io::Write;

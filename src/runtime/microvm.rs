@@ -53,13 +53,19 @@ impl Backend for MicrovmRuntime {
             }
             None => None,
         };
-        let child =
-            MicrovmRuntime::start(self, name, &spec.files.log_file, tap).map_err(|source| {
-                RuntimeError::Vm {
-                    name: name.into(),
-                    what: "cannot start its VMM",
-                    source,
-                }
+        let cgroup = super::cgroup::VmCgroup::of(name, self.cgroups);
+        cgroup
+            .create(&vm_limits(&spec.limits))
+            .map_err(|source| RuntimeError::Vm {
+                name: name.into(),
+                what: "cannot make its cgroup",
+                source,
+            })?;
+        let child = MicrovmRuntime::start(self, name, &spec.files, tap, cgroup.procs_files())
+            .map_err(|source| RuntimeError::Vm {
+                name: name.into(),
+                what: "cannot start its VMM",
+                source,
             })?;
         let pid = child.id() as i32;
         Ok(Started {
@@ -94,14 +100,18 @@ impl Backend for MicrovmRuntime {
     }
 
     fn usage(&self, name: &str) -> Option<Usage> {
-        // The VMM's resident set (guest pages it touched included) and its CPU time (the
-        // vCPU threads' included).
+        // The VMM's cgroup: guest pages it touched, the VMM's own memory, all its threads'
+        // CPU time. Without one (a VMM started before cgroups were made), its process's.
         let pid = self.pid(name)?;
-        Some(Usage {
-            memory_bytes: self.rss_bytes(name),
-            cpu_usec: crate::proc::cpu_usec(pid),
-            pids: None,
-        })
+        super::cgroup::VmCgroup::of(name, self.cgroups)
+            .usage()
+            .or_else(|| {
+                Some(Usage {
+                    memory_bytes: self.rss_bytes(name),
+                    cpu_usec: crate::proc::cpu_usec(pid),
+                    pids: None,
+                })
+            })
     }
 
     fn exec(&self, name: &str, argv: &[String]) -> Result<i32, RuntimeError> {
@@ -128,10 +138,150 @@ impl Backend for MicrovmRuntime {
             });
         }
         MicrovmRuntime::undefine(self, name);
+        super::cgroup::VmCgroup::of(name, self.cgroups).remove();
         Ok(())
     }
 
     fn unrecorded_end(&self) -> &'static str {
         "killed (its VMM ended without recording how)"
+    }
+}
+
+/// A VMM's cgroup limits from the service's: memory is the guest's (at least
+/// [`crate::microvm::MIN_GUEST_MIB`]) plus the VMM's own; the task limit leaves room for the
+/// VMM's vCPU and I/O threads.
+pub fn vm_limits(service: &gatevisor_lxc::Limits) -> gatevisor_lxc::Limits {
+    const MIB: u64 = 1024 * 1024;
+    let vcpus = service.cpus.unwrap_or(1) as u64;
+    gatevisor_lxc::Limits {
+        memory_bytes: service.memory_bytes.map(|b| {
+            (crate::microvm::guest_memory_mib((b / MIB) as u32) + crate::microvm::VMM_OVERHEAD_MIB)
+                * MIB
+        }),
+        cpu_quota_us: service.cpu_quota_us,
+        pids: service.pids.map(|p| p.max(vcpus + 4)),
+        cpus: service.cpus,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_vmm_gets_its_guests_memory_and_room_for_its_threads() {
+        let service = gatevisor_lxc::Limits {
+            memory_bytes: Some(32 << 20),
+            cpu_quota_us: Some(50_000),
+            pids: Some(2),
+            cpus: Some(2),
+        };
+        let vm = vm_limits(&service);
+        assert_eq!(vm.memory_bytes, Some((128 + 32) << 20));
+        assert_eq!(vm.cpu_quota_us, Some(50_000));
+        assert_eq!(vm.pids, Some(6));
+        assert_eq!(vm.cpus, Some(2));
+        let big = gatevisor_lxc::Limits {
+            memory_bytes: Some(512 << 20),
+            ..Default::default()
+        };
+        assert_eq!(vm_limits(&big).memory_bytes, Some((512 + 32) << 20));
+        assert_eq!(vm_limits(&big).pids, None);
+    }
+
+    #[test]
+    fn a_vmm_runs_in_a_cgroup_of_its_own_and_logs_through_its_pump() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped a_vmm_runs_in_a_cgroup_of_its_own_and_logs_through_its_pump: needs root (cgroups)");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        // A stand-in for the VMM: the same start path, a process that only waits.
+        let exe = d.path().join("vmm");
+        // (and for the log pump, which it is too: a plain copy here).
+        std::fs::write(
+            &exe,
+            "#!/bin/sh\nif [ \"$1\" = __log-pump ]; then exec cat >> \"$2\"; fi\necho vmm-says-hello\nexec sleep 30\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let version = match gatevisor_board::cgroup::probe().version {
+            gatevisor_board::CgroupVersion::V2 => gatevisor_lxc::Cgroups::V2,
+            _ => gatevisor_lxc::Cgroups::V1,
+        };
+        let vms = MicrovmRuntime::new(&d.path().join("vm"), &exe, version).unwrap();
+        let name = format!("t{}", std::process::id());
+        let spec = StartSpec {
+            argv: vec![],
+            files: gatevisor_lxc::RunFiles {
+                exit_file: d.path().join("exit"),
+                log_file: d.path().join("log"),
+                log_max_bytes: 1 << 16,
+                log_keep: 1,
+            },
+            timeout: Duration::from_secs(5),
+            interface: None,
+            limits: gatevisor_lxc::Limits {
+                memory_bytes: Some(64 << 20),
+                cpu_quota_us: Some(25_000),
+                pids: Some(16),
+                cpus: Some(1),
+            },
+        };
+        let mut started = Backend::start(&vms, &name, &spec).unwrap();
+        // Its output reaches its log through the pump.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !std::fs::read_to_string(d.path().join("log"))
+            .unwrap_or_default()
+            .contains("vmm-says-hello")
+        {
+            assert!(std::time::Instant::now() < deadline, "nothing in the log");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let cg = super::super::cgroup::VmCgroup::of(&name, version);
+        let pids = cg.pids();
+        let mut child = started.monitor.take().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        std::thread::sleep(Duration::from_millis(50));
+        let usage = cg.usage();
+        let root = std::path::Path::new("/sys/fs/cgroup");
+        let leaf = format!("gatevisor.vm.{name}");
+        let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap().trim().to_string();
+        let limits = match version {
+            gatevisor_lxc::Cgroups::V2 => (
+                read(root.join(&leaf).join("memory.max")),
+                read(root.join(&leaf).join("cpu.max")),
+                read(root.join(&leaf).join("pids.max")),
+            ),
+            gatevisor_lxc::Cgroups::V1 => (
+                read(
+                    root.join("memory")
+                        .join(&leaf)
+                        .join("memory.limit_in_bytes"),
+                ),
+                read(root.join("cpu").join(&leaf).join("cpu.cfs_quota_us")),
+                read(root.join("pids").join(&leaf).join("pids.max")),
+            ),
+        };
+        Backend::undefine(&vms, &name).unwrap();
+        assert_eq!(
+            pids,
+            [started.main_pid],
+            "the VMM entered its cgroup before it ran"
+        );
+        assert!(usage.is_some());
+        let memory = ((128 + crate::microvm::VMM_OVERHEAD_MIB) << 20).to_string();
+        match version {
+            gatevisor_lxc::Cgroups::V2 => {
+                assert_eq!(limits, (memory, "25000 100000".into(), "16".into()))
+            }
+            gatevisor_lxc::Cgroups::V1 => {
+                assert_eq!(limits, (memory, "25000".into(), "16".into()))
+            }
+        }
+        assert!(!root.join("memory").join(&leaf).exists() && !root.join(&leaf).exists());
     }
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod cgroup;
 #[cfg(test)]
 pub mod fake;
 pub mod lxc;
@@ -71,6 +72,9 @@ pub struct StartSpec {
     /// The host-side interface the backend creates for the service (a microVM's tap; a
     /// container's veth is made by liblxc from its definition).
     pub interface: Option<String>,
+    /// The service's resource limits (a container's are in its definition too; a microVM's
+    /// VMM gets a cgroup with them at each start).
+    pub limits: gatevisor_lxc::Limits,
 }
 
 /// A service that runs.

@@ -181,13 +181,19 @@ impl Supervisor {
             .doc
             .services
             .values()
-            .map(|r| r.manifest.resources.memory_mib as u64)
+            .map(|r| memory_cost_mib(r.runtime, r.manifest.resources.memory_mib))
             .sum();
-        if used + m.resources.memory_mib as u64 > budget {
+        let need = memory_cost_mib(runtime, m.resources.memory_mib);
+        if used + need > budget {
+            let guest = if need > m.resources.memory_mib as u64 {
+                format!(" (as a microVM: {need} MiB, its kernel's share included)")
+            } else {
+                String::new()
+            };
             return Err(err(
                 ErrorKind::Conflict,
                 format!(
-                    "{file}: field `resources.memory_mib`: {} MiB does not fit the board's service memory budget ({} of {budget} MiB left)",
+                    "{file}: field `resources.memory_mib`: {} MiB{guest} does not fit the board's service memory budget ({} of {budget} MiB left)",
                     m.resources.memory_mib,
                     budget.saturating_sub(used)
                 ),
@@ -327,9 +333,19 @@ impl Supervisor {
             prepared,
             idmap,
         } = source;
+        // A microVM's scratch disk is the service's own data: kept across a rebuild (an
+        // update, a rollback), as across restarts.
+        let disk = dir.join("disk.img");
+        let kept = dir.with_file_name(format!(".{}.disk.img", m.name));
+        let keep_disk = matches!(image, ImageRef::Initramfs(_))
+            && m.resources.disk_mib.is_some()
+            && std::fs::rename(&disk, &kept).is_ok();
         let _ = std::fs::remove_dir_all(dir);
         let rootfs = dir.join("rootfs");
         std::fs::create_dir_all(dir).map_err(runtime_err)?;
+        if keep_disk {
+            std::fs::rename(&kept, &disk).map_err(runtime_err)?;
+        }
         let escaped = |src: &Path, e: gatevisor_images::beneath::BeneathError| {
             err(
                 ErrorKind::Denied,
@@ -420,14 +436,7 @@ impl Supervisor {
                     )
                 }))
                 .collect(),
-            limits: lxc::Limits {
-                memory_bytes: Some(r.memory_mib as u64 * 1024 * 1024),
-                cpu_quota_us: r
-                    .cpu_quota_percent
-                    .map(|p| p as u64 * lxc::config::CPU_PERIOD_US / 100),
-                pids: r.pids.map(u64::from),
-                cpus: Some(r.vcpus),
-            },
+            limits: limits_of(r),
             capabilities: caps,
             veth_host: m.network.interface.then(|| veth_name(&m.name)),
             ipv4_address: m.network.address.clone(),
@@ -559,7 +568,8 @@ impl Supervisor {
             // A Linux guest needs room for its own kernel beyond the service's budget.
             memory_mib: crate::microvm::guest_memory_mib(m.resources.memory_mib),
             vcpus: m.resources.vcpus as u8,
-            console_log: Some(self.log_file(&m.name)),
+            // The console goes to the VMM's stdout, which a log pump rotates into the log.
+            console_log: None,
             console_rate: crate::microvm::CONSOLE_RATE,
             console_socket: Some(self.vms.console_path(&m.name)),
             exit_file: Some(self.run_files(&m.name).exit_file),
@@ -863,8 +873,30 @@ pub fn check_image_roots(
 }
 
 /// Packages are files ending in `.gvpkg`.
+/// The limits a service's resources ask for (its runtime may add to them: a VMM's memory).
+pub(super) fn limits_of(r: &crate::manifest::Resources) -> lxc::Limits {
+    lxc::Limits {
+        memory_bytes: Some(r.memory_mib as u64 * 1024 * 1024),
+        cpu_quota_us: r
+            .cpu_quota_percent
+            .map(|p| p as u64 * lxc::config::CPU_PERIOD_US / 100),
+        pids: r.pids.map(u64::from),
+        cpus: Some(r.vcpus),
+    }
+}
+
+/// What a service takes from the board's memory budget: a container its limit, a microVM the
+/// guest memory it really gets.
+pub(super) fn memory_cost_mib(kind: Kind, memory_mib: u32) -> u64 {
+    match kind {
+        Kind::Lxc => memory_mib as u64,
+        Kind::Microvm => crate::microvm::guest_memory_mib(memory_mib),
+    }
+}
+
+/// A signed package (told by its content; anything else is read as a service manifest).
 pub(super) fn is_package(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e == "gvpkg")
+    gatevisor_images::package::is_package_file(path)
 }
 
 pub(super) fn check_static_busybox(path: &Path) -> Result<()> {

@@ -221,6 +221,7 @@ impl Supervisor {
             files: self.run_files(name),
             timeout: self.settings.start_timeout,
             interface: rec.manifest.network.interface.then(|| veth_name(name)),
+            limits: limits_of(&rec.manifest.resources),
         };
         self.generation += 1;
         let generation = self.generation;
@@ -416,7 +417,8 @@ impl Supervisor {
         }
     }
 
-    /// Applies the restart policy after the program ended (`exit`) or failed to start.
+    /// Applies the restart policy ([`crate::lifecycle::decide`]) after the program ended
+    /// (`exit`) or failed to start.
     pub(super) fn after_end(
         &mut self,
         name: &str,
@@ -424,6 +426,7 @@ impl Supervisor {
         reason: String,
         was_running: bool,
     ) {
+        use crate::lifecycle::{decide, Decision, Ended};
         let Ok(rec) = self.record_mut(name) else {
             return;
         };
@@ -437,25 +440,23 @@ impl Supervisor {
             rec.last_exit = exit.clone();
         }
         let policy = rec.manifest.restart.clone();
-        if ran_ms >= policy.stable_after_s * 1000 {
-            rec.consecutive_failures = 0;
-        }
-        let clean = exit.as_ref().is_some_and(|e| e.code == Some(0));
-        let wanted = rec.desired == Desired::Running;
-        let retry = wanted
-            && match policy.policy {
-                RestartPolicy::Always => true,
-                RestartPolicy::OnFailure => !clean,
-                RestartPolicy::Never => false,
-            };
+        let decision = decide(
+            &policy,
+            Ended {
+                wanted: rec.desired == Desired::Running,
+                clean: exit.as_ref().is_some_and(|e| e.code == Some(0)),
+                ran: Duration::from_millis(ran_ms),
+                failures_before: rec.consecutive_failures,
+            },
+        );
         if was_running {
             self.event_exit(EventKind::Exited, Some(name), exit.as_ref(), reason.clone());
         }
         let Ok(rec) = self.record_mut(name) else {
             return;
         };
-        if !retry {
-            if clean || !wanted {
+        match decision {
+            Decision::StayStopped => {
                 rec.desired = Desired::Stopped;
                 let _ = rec.state.apply(Op::Exited).map(|s| rec.state = s);
                 self.event(
@@ -463,30 +464,34 @@ impl Supervisor {
                     Some(name),
                     "ended; restart policy does not restart it",
                 );
-            } else {
-                let why = format!("{reason}; restart policy is {:?}", policy.policy);
+            }
+            Decision::Fail | Decision::GiveUp => {
+                let why = if decision == Decision::Fail {
+                    format!("{reason}; restart policy is {:?}", policy.policy)
+                } else {
+                    format!(
+                        "{reason}; gave up after {} restarts in a row",
+                        policy.max_retries
+                    )
+                };
+                if decision == Decision::GiveUp {
+                    rec.consecutive_failures += 1;
+                }
                 rec.failure_reason = Some(why.clone());
                 let _ = rec.state.apply(Op::GiveUp).map(|s| rec.state = s);
                 self.event(EventKind::Failed, Some(name), why);
             }
-            return;
+            Decision::Retry { failures, delay } => {
+                rec.consecutive_failures = failures;
+                let _ = rec.state.apply(Op::Crashed).map(|s| rec.state = s);
+                self.live.entry(name.to_string()).or_default().retry_at =
+                    Some(Instant::now() + delay);
+                tracing::info!(
+                    "{name}: restart {failures} of {} in {delay:?}",
+                    policy.max_retries
+                );
+            }
         }
-        rec.consecutive_failures += 1;
-        let n = rec.consecutive_failures;
-        if n > policy.max_retries {
-            let why = format!(
-                "{reason}; gave up after {} restarts in a row",
-                policy.max_retries
-            );
-            rec.failure_reason = Some(why.clone());
-            let _ = rec.state.apply(Op::GiveUp).map(|s| rec.state = s);
-            self.event(EventKind::Failed, Some(name), why);
-            return;
-        }
-        let _ = rec.state.apply(Op::Crashed).map(|s| rec.state = s);
-        let delay = backoff(policy.backoff_initial_ms, policy.backoff_max_ms, n);
-        self.live.entry(name.to_string()).or_default().retry_at = Some(Instant::now() + delay);
-        tracing::info!("{name}: restart {n} of {} in {delay:?}", policy.max_retries);
     }
 
     /// Stops a service (if it runs) on a worker; [`Msg::StopDone`] tells when it ended.

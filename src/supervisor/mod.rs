@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::api::{error_chain, ApiError, ErrorKind, Reply, Request};
 use crate::events::{Event, EventKind, EventLog};
 use crate::lifecycle::{Op, State};
-use crate::manifest::{ImageRef, Manifest, RestartPolicy, RuntimeKind};
+use crate::manifest::{ImageRef, Manifest, RuntimeKind};
 use crate::network::Network;
 use crate::notify::Notifier;
 use crate::proc;
@@ -272,6 +272,7 @@ impl Supervisor {
         let vms = crate::microvm::MicrovmRuntime::new(
             &settings.state_dir.join("vm"),
             &settings.monitor.program,
+            cgroups,
         )
         .map_err(|source| StartupError::CreateDir {
             path: settings.state_dir.join("vm"),

@@ -548,3 +548,13 @@ fn a_failed_start_answers_the_request_with_the_reason() {
         h.request(Request::Stop { name }).unwrap();
     }
 }
+
+#[test]
+fn a_microvm_takes_its_guest_memory_from_the_budget() {
+    assert_eq!(install::memory_cost_mib(Kind::Lxc, 32), 32);
+    assert_eq!(
+        install::memory_cost_mib(Kind::Microvm, 32),
+        crate::microvm::MIN_GUEST_MIB
+    );
+    assert_eq!(install::memory_cost_mib(Kind::Microvm, 512), 512);
+}

@@ -59,6 +59,15 @@ impl Daemon {
 
     /// [`Daemon::start_with_config`] with extra command-line arguments.
     pub fn start_with_config_args(config: &str, args: &[&str]) -> Daemon {
+        Daemon::start_with_config_args_env(config, args, &[])
+    }
+
+    /// A daemon with its own key store, `args` and `env` in its environment (systemd's, say).
+    pub fn start_with_keys_args_env(args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with_config_args_env("", args, env)
+    }
+
+    fn start_with_config_args_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("gv-test")
             .tempdir()
@@ -68,7 +77,10 @@ impl Daemon {
         let mut d = Daemon {
             dir,
             child: None,
-            env: Vec::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             args: ["--keys-dir", &keys]
                 .iter()
                 .chain(args)
