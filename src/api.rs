@@ -97,15 +97,24 @@ pub enum ErrorKind {
     /// The gateway's policy does not grant what the package or manifest asks for (a
     /// capability, an image from a host path).
     Denied,
+    /// A service of that name is installed already.
+    Duplicate,
+    /// The board has no room for it (its service count, its memory budget, the image store's
+    /// limits).
+    NoResources,
+    /// A package whose signature or content cannot be trusted (unsigned, signed by a key the
+    /// gateway does not trust or revoked, tampered with, an artifact that is not what its
+    /// signed manifest says).
+    Untrusted,
 }
 
 impl ErrorKind {
     /// The CLI's exit code for this kind (documented in the README).
     pub fn exit_code(self) -> i32 {
         match self {
-            ErrorKind::Invalid => 5,
+            ErrorKind::Invalid | ErrorKind::Untrusted => 5,
             ErrorKind::NotFound => 4,
-            ErrorKind::Conflict => 6,
+            ErrorKind::Conflict | ErrorKind::Duplicate | ErrorKind::NoResources => 6,
             ErrorKind::Runtime | ErrorKind::Internal => 1,
             ErrorKind::Version => 7,
             ErrorKind::Denied => 8,

@@ -37,7 +37,7 @@ impl Supervisor {
         let name = peeked.name;
         if self.doc.services.contains_key(&name) || self.installing.contains(&name) {
             let e = err(
-                ErrorKind::Conflict,
+                ErrorKind::Duplicate,
                 format!(
                     "{}: a service named {name:?} is already installed; use `gatevisor service update`",
                     pkg.display()
@@ -80,7 +80,7 @@ impl Supervisor {
         let inst = p.installed;
         let res = if self.doc.services.contains_key(&inst.name) {
             Err(err(
-                ErrorKind::Conflict,
+                ErrorKind::Duplicate,
                 format!(
                     "{}: a service named {:?} is already installed",
                     pkg.display(),
@@ -158,7 +158,7 @@ impl Supervisor {
         let file = path.display();
         if self.doc.services.contains_key(&m.name) {
             return Err(err(
-                ErrorKind::Conflict,
+                ErrorKind::Duplicate,
                 format!(
                     "{file}: field `name`: a service named {:?} is already installed (remove it first, or pick another name)",
                     m.name
@@ -169,7 +169,7 @@ impl Supervisor {
         let max = self.board.profile.max_services as usize;
         if self.doc.services.len() >= max {
             return Err(err(
-                ErrorKind::Conflict,
+                ErrorKind::NoResources,
                 format!(
                     "{file}: board profile {} allows {max} services and {max} are installed",
                     self.board.profile.name
@@ -191,7 +191,7 @@ impl Supervisor {
                 String::new()
             };
             return Err(err(
-                ErrorKind::Conflict,
+                ErrorKind::NoResources,
                 format!(
                     "{file}: field `resources.memory_mib`: {} MiB{guest} does not fit the board's service memory budget ({} of {budget} MiB left)",
                     m.resources.memory_mib,
@@ -811,14 +811,34 @@ pub(super) fn prepare_rootfs(
 /// A refused package as an API error: the policy's refusals are `denied`, the rest
 /// `invalid`; the message keeps every cause.
 pub(super) fn store_refusal(pkg: &Path, e: &gatevisor_images::store::StoreError) -> ApiError {
-    let denied = matches!(e, gatevisor_images::store::StoreError::Rejected { source, .. }
-        if source.downcast_ref::<crate::policy::PolicyError>().is_some());
-    err(
-        if denied {
+    use gatevisor_images::package::PackageError as P;
+    use gatevisor_images::store::StoreError as S;
+    let kind = match e {
+        S::Rejected { source, .. }
+            if source
+                .downcast_ref::<crate::policy::PolicyError>()
+                .is_some() =>
+        {
             ErrorKind::Denied
-        } else {
-            ErrorKind::Invalid
+        }
+        S::Package { source, .. } => match source {
+            P::Unsigned
+            | P::BadSignatureFormat
+            | P::BadKeyId
+            | P::UntrustedKey { .. }
+            | P::RevokedKey { .. }
+            | P::BadSignature
+            | P::MissingArtifact { .. }
+            | P::SizeMismatch { .. }
+            | P::DigestMismatch { .. }
+            | P::Trailing(_) => ErrorKind::Untrusted,
+            P::TooLarge { .. } | P::TooManyFiles { .. } => ErrorKind::NoResources,
+            _ => ErrorKind::Invalid,
         },
+        _ => ErrorKind::Invalid,
+    };
+    err(
+        kind,
         format!("{}: {}", pkg.display(), error_chain(e)).replacen(
             &format!("{}: package {}", pkg.display(), pkg.display()),
             &format!("package {}", pkg.display()),
@@ -894,9 +914,12 @@ pub(super) fn memory_cost_mib(kind: Kind, memory_mib: u32) -> u64 {
     }
 }
 
-/// A signed package (told by its content; anything else is read as a service manifest).
+/// A signed package: told by its content, so a package under any name is verified as one.
+/// A file named `.gvpkg` is always taken for a package (a corrupt or truncated download is
+/// refused by the verifier, never read as an unsigned service manifest).
 pub(super) fn is_package(path: &Path) -> bool {
-    gatevisor_images::package::is_package_file(path)
+    path.extension().is_some_and(|e| e == "gvpkg")
+        || gatevisor_images::package::is_package_file(path)
 }
 
 pub(super) fn check_static_busybox(path: &Path) -> Result<()> {

@@ -221,19 +221,14 @@ fn object_of(param: &str) -> &str {
     }
 }
 
-/// A supervisor error as a TR-181 fault code.
+/// A supervisor error as a TR-181 fault code, by its kind.
 fn fault_of(e: &ApiError) -> u32 {
-    let m = e.message.to_lowercase();
-    if m.contains("signature") || m.contains("signed") || m.contains("revoked") {
-        F_BAD_SIGNATURE
-    } else if e.kind == ErrorKind::Conflict && m.contains("already installed") {
-        F_DUPLICATE_DU
-    } else if m.contains("too large") || m.contains("no room") || m.contains("exceed") {
-        F_RESOURCES
-    } else if e.kind == ErrorKind::Conflict {
-        F_INVALID_DU_STATE
-    } else {
-        E_COMMAND_FAILURE
+    match e.kind {
+        ErrorKind::Untrusted => F_BAD_SIGNATURE,
+        ErrorKind::Duplicate => F_DUPLICATE_DU,
+        ErrorKind::NoResources => F_RESOURCES,
+        ErrorKind::Conflict => F_INVALID_DU_STATE,
+        _ => E_COMMAND_FAILURE,
     }
 }
 
@@ -1654,21 +1649,26 @@ mod tests {
     }
 
     #[test]
-    fn supervisor_errors_map_to_software_module_faults() {
-        let e = |k, m: &str| ApiError::new(k, m);
+    fn supervisor_errors_map_to_software_module_faults_by_kind_not_wording() {
+        let e = |k| ApiError::new(k, "whatever it says");
+        let table = [
+            (ErrorKind::Untrusted, F_BAD_SIGNATURE),
+            (ErrorKind::Duplicate, F_DUPLICATE_DU),
+            (ErrorKind::NoResources, F_RESOURCES),
+            (ErrorKind::Conflict, F_INVALID_DU_STATE),
+            (ErrorKind::Invalid, E_COMMAND_FAILURE),
+            (ErrorKind::Runtime, E_COMMAND_FAILURE),
+        ];
+        for (kind, fault) in table {
+            assert_eq!(fault_of(&e(kind)), fault, "{kind:?}");
+        }
+        // A message that mentions a signature does not make a full board a bad signature.
         assert_eq!(
-            fault_of(&e(
-                ErrorKind::Invalid,
-                "x.gvpkg: the signature does not match"
+            fault_of(&ApiError::new(
+                ErrorKind::NoResources,
+                "signed-svc: board allows 8 services"
             )),
-            F_BAD_SIGNATURE
-        );
-        assert_eq!(
-            fault_of(&e(
-                ErrorKind::Conflict,
-                "a service named \"a\" is already installed"
-            )),
-            F_DUPLICATE_DU
+            F_RESOURCES
         );
     }
 }
