@@ -558,3 +558,57 @@ fn a_microvm_takes_its_guest_memory_from_the_budget() {
     );
     assert_eq!(install::memory_cost_mib(Kind::Microvm, 512), 512);
 }
+
+#[test]
+fn a_daemon_restarted_in_the_middle_of_a_start_adopts_or_starts_again() {
+    let Some(mut h) = harness("a_daemon_restarted_in_the_middle_of_a_start_adopts_or_starts_again")
+    else {
+        return;
+    };
+    for kind in KINDS {
+        // The runtime had started it, but the daemon went away before it recorded that.
+        let started = named("midst", kind);
+        h.install(&started, kind, &on_failure(5));
+        let _never_answered = h.send(Request::Start {
+            name: started.clone(),
+        });
+        assert_eq!(h.state(&started), State::Starting);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while h.fake(kind).main_pid(&started).is_none() {
+            assert!(Instant::now() < deadline, "the fake never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let pid = h.fake(kind).main_pid(&started).unwrap();
+        // The daemon went away before the runtime did anything.
+        let before = named("before", kind);
+        h.install(&before, kind, &on_failure(5));
+        {
+            let rec = h.sup.record_mut(&before).unwrap();
+            rec.desired = Desired::Running;
+            rec.state = State::Starting;
+        }
+        h.sup.persist().unwrap();
+        h.restart_daemon();
+        // Adopted as it runs, not started twice.
+        assert_eq!(h.state(&started), State::Running);
+        assert_eq!(h.rec(&started).running.as_ref().unwrap().init_pid, pid);
+        let starts = |h: &Harness, n: &str| {
+            h.fake(kind)
+                .calls()
+                .iter()
+                .filter(|c| **c == format!("start {n}"))
+                .count()
+        };
+        assert_eq!(starts(&h, &started), 1, "{kind}");
+        // Started again, under its restart policy.
+        h.pump_until(
+            Duration::from_secs(10),
+            "the interrupted start redone",
+            |s| s.record(&before).unwrap().state == State::Running,
+        );
+        assert_eq!(starts(&h, &before), 1, "{kind}");
+        for n in [started, before] {
+            h.request(Request::Stop { name: n }).unwrap();
+        }
+    }
+}
