@@ -123,13 +123,7 @@ fn dns_filter_blocks_per_device_keeps_edns_and_forwards_the_rest() {
     };
     rx.recv().unwrap();
 
-    let st = d.json(&[
-        "service",
-        "install",
-        pkg.to_str().unwrap(),
-        "--start",
-        "--json",
-    ]);
+    let st = d.install_package_started(&pkg);
     assert_eq!(st["runtime"], "lxc", "auto picks LXC on this board");
     let ready = d.wait_for(Duration::from_secs(10), || {
         (ask(&lan, "malware.test", 1, false).map(|r| r.0) == Some(3)).then_some(())

@@ -96,14 +96,7 @@ fn iot_guard_allows_and_blocks_camera_sessions_by_its_rules() {
         })
         .collect();
 
-    let st = d.json(&[
-        "service",
-        "install",
-        pkg.to_str().unwrap(),
-        "--start",
-        "--json",
-    ]);
-    assert_eq!(st["state"], "running", "{st}");
+    d.install_package_started(&pkg);
     std::thread::sleep(Duration::from_millis(300));
     // The laptop is not an IoT device: its sessions pass.
     assert!(session(&laptop, 8080), "laptop to 8080");

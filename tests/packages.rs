@@ -88,14 +88,7 @@ fn signed_package_installs_and_untrusted_one_is_refused() {
 
     let key = publisher(&d, "operator", true);
     let good = package(&d, &key, "1.0.0", "");
-    let st = d.json(&[
-        "service",
-        "install",
-        good.to_str().unwrap(),
-        "--start",
-        "--json",
-    ]);
-    assert_eq!(st["state"], "running", "{st}");
+    let st = d.install_package_started(&good);
     assert_eq!(st["package_version"], "1.0.0");
     assert_eq!(in_container(&d, "cat /srv/version"), "1.0.0");
 }

@@ -7,31 +7,8 @@ use common::*;
 use gatevisor::api::Request;
 use gatevisor::client::Client;
 use gatevisor_images::keys::{SecretKey, TrustStore};
-use gatevisor_images::package::{self, ArtifactKind};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
-
-/// A rootfs tar of `n` empty files in directories of 1,000.
-fn many_files(n: usize) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::with_capacity(n * 1024 + (1 << 20)));
-    for d in 0..n.div_ceil(1000) {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(0o755);
-        h.set_size(0);
-        b.append_data(&mut h, format!("d{d}"), std::io::empty())
-            .unwrap();
-    }
-    for i in 0..n {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_mode(0o644);
-        h.set_size(0);
-        b.append_data(&mut h, format!("d{}/f{i}", i / 1000), std::io::empty())
-            .unwrap();
-    }
-    b.into_inner().unwrap()
-}
 
 fn p99(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -49,28 +26,7 @@ fn list_answers_within_100_ms_during_a_200000_file_install_and_1000_idle_clients
     TrustStore::new(&d.dir.path().join("keys"))
         .trust(&public)
         .unwrap();
-    let service = br#"name = "t-big"
-version = "1.0.0"
-runtime = "lxc"
-image = "package"
-command = ["/bin/sh"]
-[resources]
-memory_mib = 32
-"#;
-    let rootfs = many_files(200_000);
-    let pkg = d.dir.path().join("big.gvpkg");
-    package::build(
-        "t-big",
-        "1.0.0",
-        &[
-            ("service.toml", ArtifactKind::Service, service),
-            ("rootfs.tar", ArtifactKind::Rootfs, &rootfs),
-        ],
-        &key,
-        std::fs::File::create(&pkg).unwrap(),
-    )
-    .unwrap();
-    drop(rootfs);
+    let pkg = big_package("t-big", 200_000, &key, &d.dir.path().join("big.gvpkg"));
 
     // 1,000 clients that connect and say nothing.
     let idle: Vec<UnixStream> = (0..1000)
@@ -231,36 +187,11 @@ memory_mib = 32
         &key_file,
     )
     .unwrap();
-    let st = d.json(&[
-        "service",
-        "install",
-        v1.to_str().unwrap(),
-        "--start",
-        "--json",
-    ]);
-    assert_eq!(st["state"], "running", "{st}");
+    d.install_package_started(&v1);
     // 3. A large package.
-    let big = d.dir.path().join("big.gvpkg");
-    package::build(
-        "t-big",
-        "1.0.0",
-        &[
-            (
-                "service.toml",
-                ArtifactKind::Service,
-                b"name = \"t-big\"\nversion = \"1.0.0\"\nruntime = \"lxc\"\nimage = \"package\"\ncommand = [\"/bin/sh\"]\n[resources]\nmemory_mib = 32\n",
-            ),
-            ("rootfs.tar", ArtifactKind::Rootfs, &many_files(100_000)),
-        ],
-        &key,
-        std::fs::File::create(&big).unwrap(),
-    )
-    .unwrap();
+    let big = big_package("t-big", 100_000, &key, &d.dir.path().join("big.gvpkg"));
 
-    let call = |req: Request| {
-        let socket = d.socket();
-        std::thread::spawn(move || Client::new(&socket).call(&req))
-    };
+    let call = |req: Request| call_async(&d.socket(), req);
     let t0 = Instant::now();
     let stop = call(Request::Stop {
         name: "t-stub".into(),

@@ -266,6 +266,19 @@ impl Daemon {
         ])
     }
 
+    /// Installs and starts the package `pkg`; panics unless it answers with it running.
+    pub fn install_package_started(&self, pkg: &Path) -> serde_json::Value {
+        let st = self.json(&[
+            "service",
+            "install",
+            pkg.to_str().unwrap(),
+            "--start",
+            "--json",
+        ]);
+        assert_eq!(st["state"], "running", "{st}");
+        st
+    }
+
     /// Writes a manifest file into the test directory and returns its path.
     pub fn manifest(&self, file: &str, text: &str) -> PathBuf {
         let p = self.dir.path().join(file);
@@ -433,4 +446,61 @@ pub fn on_path(prog: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
         .unwrap_or(false)
+}
+
+/// A rootfs tar of `n` empty files in directories of 1,000.
+pub fn many_files(n: usize) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::with_capacity(n * 1024 + (1 << 20)));
+    for d in 0..n.div_ceil(1000) {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_data(&mut h, format!("d{d}"), std::io::empty())
+            .unwrap();
+    }
+    for i in 0..n {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(0);
+        b.append_data(&mut h, format!("d{}/f{i}", i / 1000), std::io::empty())
+            .unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// A signed package of service `name` (never started: `/bin/sh` of an empty rootfs) whose
+/// rootfs holds `files` empty files: a large install.
+pub fn big_package(
+    name: &str,
+    files: usize,
+    key: &gatevisor_images::keys::SecretKey,
+    out: &Path,
+) -> PathBuf {
+    use gatevisor_images::package::{self, ArtifactKind};
+    let service = format!(
+        "name = \"{name}\"\nversion = \"1.0.0\"\nruntime = \"lxc\"\nimage = \"package\"\ncommand = [\"/bin/sh\"]\n[resources]\nmemory_mib = 32\n"
+    );
+    package::build(
+        name,
+        "1.0.0",
+        &[
+            ("service.toml", ArtifactKind::Service, service.as_bytes()),
+            ("rootfs.tar", ArtifactKind::Rootfs, &many_files(files)),
+        ],
+        key,
+        std::fs::File::create(out).unwrap(),
+    )
+    .unwrap();
+    out.to_path_buf()
+}
+
+/// Sends `req` to the daemon at `socket` from a thread of its own; its answer when joined.
+pub fn call_async(
+    socket: &Path,
+    req: gatevisor::api::Request,
+) -> std::thread::JoinHandle<Result<serde_json::Value, gatevisor::client::ClientError>> {
+    let socket = socket.to_path_buf();
+    std::thread::spawn(move || gatevisor::client::Client::new(&socket).call(&req))
 }
