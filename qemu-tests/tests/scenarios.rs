@@ -398,6 +398,8 @@ stop_timeout_s = 2
 [resources]
 memory_mib = 128
 disk_mib = 8
+cpu_quota_percent = 50
+pids = 32
 
 [restart]
 policy = "on-failure"
@@ -452,6 +454,31 @@ cmdline = "quiet"
     let rss = st["microvm"]["vmm_rss_bytes"].as_u64().unwrap_or(0);
     assert!(rss > 1 << 20, "VMM resident memory reported: {st:#}");
     assert_eq!(st["microvm"]["guest_memory_bytes"], 128u64 << 20);
+    // The VMM runs in a cgroup of its own with the service's limits (memory: the guest's and
+    // the VMM's own), which the kernel enforces: the guest's boot under a 50% CPU quota was
+    // throttled.
+    let cg = st["microvm"]["cgroup"].as_str().unwrap().to_string();
+    assert_eq!(cg, "/sys/fs/cgroup/gatevisor.vm.vm-hello", "{st:#}");
+    let read = |f: &str| gw.ok(&format!("cat {cg}/{f}")).unwrap().trim().to_string();
+    assert_eq!(read("cpu.max"), "50000 100000");
+    assert_eq!(read("pids.max"), "32");
+    assert_eq!(read("memory.max"), ((128u64 + 32) << 20).to_string());
+    assert_eq!(st["memory"]["limit_bytes"], (128u64 + 32) << 20, "{st:#}");
+    assert!(
+        read("cgroup.procs").lines().any(|p| p == vmm.to_string()),
+        "the VMM is in it"
+    );
+    let throttled: u64 = read("cpu.stat")
+        .lines()
+        .find_map(|l| l.strip_prefix("nr_throttled "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(throttled > 0, "the CPU quota held the booting guest back");
+    assert!(
+        st["pids"].as_u64().unwrap_or(0) >= 2,
+        "its threads counted: {st:#}"
+    );
+    assert!(st["cpu_usec"].as_u64().unwrap_or(0) > 0, "{st:#}");
 
     // The daemon restarts; the VM does not.
     let before = status(&gw, "vm-hello");

@@ -157,6 +157,11 @@ impl VmCgroup {
             .collect()
     }
 
+    /// Its directory (v2), or its memory controller's (v1).
+    pub fn dir(&self) -> Option<&Path> {
+        self.dirs.first().map(PathBuf::as_path)
+    }
+
     /// The processes in it.
     pub fn pids(&self) -> Vec<i32> {
         self.dirs

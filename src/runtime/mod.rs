@@ -19,7 +19,7 @@ pub mod cgroup;
 #[cfg(test)]
 pub mod fake;
 pub mod lxc;
-mod microvm;
+pub mod microvm;
 
 /// The runtime a service was installed with (`auto` resolved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

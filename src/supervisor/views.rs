@@ -53,7 +53,12 @@ impl Supervisor {
             "failure_reason": rec.failure_reason,
             "memory": {
                 "usage_bytes": usage.as_ref().and_then(|u| u.memory_bytes),
-                "limit_bytes": m.resources.memory_mib as u64 * 1024 * 1024,
+                // A microVM's limit is its VMM's: the guest's memory and the VMM's own.
+                "limit_bytes": if vm {
+                    crate::runtime::microvm::vm_limits(&limits_of(&m.resources)).memory_bytes
+                } else {
+                    limits_of(&m.resources).memory_bytes
+                },
             },
             "cpu_usec": usage.as_ref().and_then(|u| u.cpu_usec),
             "pids": usage.as_ref().and_then(|u| u.pids),
@@ -65,6 +70,9 @@ impl Supervisor {
                 "guest_memory_bytes": crate::microvm::guest_memory_mib(m.resources.memory_mib) * 1024 * 1024,
                 "console": self.vms.console_path(name),
                 "vmm_rss_bytes": usage.as_ref().and_then(|u| u.memory_bytes),
+                "cgroup": crate::runtime::cgroup::VmCgroup::of(name, self.vms.cgroups)
+                    .dir()
+                    .map(Path::to_path_buf),
             })),
             "log_file": self.log_file(name),
             "source": rec.source,
