@@ -118,6 +118,13 @@ fn main() {
 
 fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()> {
     use anyhow::Context;
+    // The daemon is many small threads (watchers, workers, verdict sockets, connections) that
+    // allocate little: one malloc arena between them, not one each (each arena keeps pages
+    // resident that it once used).
+    // SAFETY: mallopt(3) before any other thread exists; it only sets an allocator parameter.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     // GATEVISOR_LOG: a level or `target=level` pairs (`info,gatevisor::usp=debug`).
