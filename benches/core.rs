@@ -115,6 +115,7 @@ fn main() {
     let install_big = call(Request::Install {
         manifest: big,
         start: false,
+        runtime: None,
     });
     let client = Client::new(&d.socket());
     let mut list = Vec::new();

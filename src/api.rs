@@ -10,11 +10,16 @@ pub const API_VERSION: u32 = 1;
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
     Ping,
-    /// Installs the service described by a manifest file on this gateway.
+    /// Installs the service described by a manifest file, or a signed package, on this
+    /// gateway.
     Install {
         manifest: PathBuf,
         #[serde(default)]
         start: bool,
+        /// Run it with this runtime (a USP `ExecutionEnvRef`, `--runtime`) instead of the one
+        /// its manifest resolves to; its manifest must say that runtime or `auto`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        runtime: Option<crate::runtime::Kind>,
     },
     Start {
         name: String,

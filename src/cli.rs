@@ -35,12 +35,16 @@ pub struct DaemonArgs {
 
 #[derive(Subcommand)]
 pub enum ServiceCmd {
-    /// Install a service from its manifest (TOML).
+    /// Install a service from its manifest (TOML) or a signed package.
     Install {
         manifest: PathBuf,
-        /// Start it right away.
+        /// Start it right away (the command answers once it runs).
         #[arg(long)]
         start: bool,
+        /// Run it with this runtime instead of what its manifest resolves to (a manifest
+        /// with `runtime = "auto"` can go on either).
+        #[arg(long, value_parser = ["lxc", "microvm"])]
+        runtime: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -152,10 +156,17 @@ pub fn service(socket: &Path, cmd: ServiceCmd) -> i32 {
         ServiceCmd::Install {
             manifest,
             start,
+            runtime,
             json,
         } => {
             let manifest = std::path::absolute(&manifest).unwrap_or(manifest);
-            run(socket, Request::Install { manifest, start }, json, |v| {
+            let runtime = runtime.as_deref().and_then(gatevisor::runtime::Kind::parse);
+            let req = Request::Install {
+                manifest,
+                start,
+                runtime,
+            };
+            run(socket, req, json, |v| {
                 println!("installed {} ({})", s(v, "name"), s(v, "state"))
             })
         }

@@ -41,6 +41,7 @@ fn list_answers_within_100_ms_during_a_200000_file_install_and_1000_idle_clients
             Client::new(&socket).call(&Request::Install {
                 manifest: pkg,
                 start: false,
+                runtime: None,
             })
         })
     };
@@ -203,6 +204,7 @@ memory_mib = 32
     let install = call(Request::Install {
         manifest: big.clone(),
         start: false,
+        runtime: None,
     });
     let client = Client::new(&d.socket());
     let mut times = Vec::new();

@@ -207,6 +207,8 @@ fn launcher_installs_starts_updates_and_uninstalls_a_service_over_usp_mqtt() {
         &[
             ("URL", &url(&v1)),
             ("UUID", "6f1c2a9e-0000-4000-8000-000000000001"),
+            // The unit goes to the environment asked for (its runtime).
+            ("ExecutionEnvRef", &format!("{SM}ExecEnv.1")),
         ],
     );
     assert!(

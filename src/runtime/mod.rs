@@ -37,6 +37,15 @@ impl Kind {
         }
     }
 
+    /// The kind named `s` (`lxc`, `microvm`).
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "lxc" => Some(Kind::Lxc),
+            "microvm" => Some(Kind::Microvm),
+            _ => None,
+        }
+    }
+
     /// How TR-181 `ExecEnv.{i}.Type` names it.
     pub fn description(self) -> &'static str {
         match self {

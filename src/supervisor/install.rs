@@ -10,6 +10,7 @@ impl Supervisor {
         &mut self,
         pkg: PathBuf,
         start: bool,
+        runtime: Option<Kind>,
         reply: Sender<Reply>,
     ) {
         let refuse = |me: &mut Supervisor, e: ApiError| {
@@ -55,10 +56,12 @@ impl Supervisor {
         let spawned = std::thread::Builder::new()
             .name(format!("install-{name}"))
             .spawn(move || {
-                let result = prepare_package(&images, &policy, &board, &pkg2, &name2, &services);
+                let result =
+                    prepare_package(&images, &policy, &board, &pkg2, &name2, &services, runtime);
                 let _ = tx.send(Msg::PackageReady {
                     name: name2,
                     start,
+                    runtime,
                     pkg: pkg2,
                     result,
                     reply,
@@ -75,6 +78,7 @@ impl Supervisor {
         &mut self,
         pkg: &Path,
         start: bool,
+        runtime: Option<Kind>,
         p: Prepared,
     ) -> Result<serde_json::Value> {
         let inst = p.installed;
@@ -93,6 +97,7 @@ impl Supervisor {
                 start,
                 Some((pkg.to_path_buf(), inst.version.clone())),
                 p.rootfs.clone(),
+                runtime,
             )
         };
         if let Some(r) = &p.rootfs {
@@ -122,8 +127,9 @@ impl Supervisor {
         path: &Path,
         start: bool,
         package: Option<(PathBuf, String)>,
+        runtime: Option<Kind>,
     ) -> Result<serde_json::Value> {
-        self.install_prepared(path, start, package, None)
+        self.install_prepared(path, start, package, None, runtime)
     }
 
     /// [`Self::install`] with the container's rootfs already copied by a worker (`rootfs`).
@@ -133,6 +139,7 @@ impl Supervisor {
         start: bool,
         package: Option<(PathBuf, String)>,
         rootfs: Option<PathBuf>,
+        wanted: Option<Kind>,
     ) -> Result<serde_json::Value> {
         let invalid = |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, e.to_string());
         let path = std::path::absolute(path).map_err(|e| invalid(&e))?;
@@ -165,7 +172,7 @@ impl Supervisor {
                 ),
             ));
         }
-        let runtime = resolve_runtime(&self.board, &m, &path)?;
+        let runtime = resolve_runtime(&self.board, &m, &path, wanted)?;
         let max = self.board.profile.max_services as usize;
         if self.doc.services.len() >= max {
             return Err(err(
@@ -677,8 +684,41 @@ pub(super) fn idmap_for(id: u32) -> lxc::IdMap {
     }
 }
 
-/// Which runtime the service really gets (`auto` resolved for this board).
-pub(super) fn resolve_runtime(board: &BoardReport, m: &Manifest, path: &Path) -> Result<Kind> {
+/// Which runtime the service really gets: `wanted` (asked for with the install) where the
+/// manifest allows it, else `auto` resolved for this board.
+pub(super) fn resolve_runtime(
+    board: &BoardReport,
+    m: &Manifest,
+    path: &Path,
+    wanted: Option<Kind>,
+) -> Result<Kind> {
+    if let Some(k) = wanted {
+        let said = match m.runtime {
+            RuntimeKind::Auto => None,
+            RuntimeKind::Lxc => Some(Kind::Lxc),
+            RuntimeKind::Microvm => Some(Kind::Microvm),
+        };
+        if let Some(said) = said.filter(|s| *s != k) {
+            return Err(err(
+                ErrorKind::Invalid,
+                format!(
+                    "{}: field `runtime`: the manifest says \"{said}\"; it cannot be installed as {k} (only runtime = \"auto\" can go on either)",
+                    path.display(),
+                ),
+            ));
+        }
+        if !Kind::available(board).contains(&k) {
+            return Err(err(
+                ErrorKind::Invalid,
+                format!(
+                    "{}: runtime {k} is not available on this board ({})",
+                    path.display(),
+                    board.auto_runtime_reason
+                ),
+            ));
+        }
+        return Ok(k);
+    }
     Ok(match m.runtime {
         RuntimeKind::Lxc => Kind::Lxc,
         // A microVM where the board runs them, for an image that can boot as one (a
@@ -758,13 +798,14 @@ pub(super) fn prepare_package(
     pkg: &Path,
     name: &str,
     services: &Path,
+    runtime: Option<Kind>,
 ) -> Result<Prepared> {
     let new_entry = images.current(name).is_none();
     let mut check = package_check(policy);
     let installed = images
         .install_checked(pkg, &mut check, &mut |_| {})
         .map_err(|e| store_refusal(pkg, &e))?;
-    let res = prepare_rootfs(installed, board, services, new_entry);
+    let res = prepare_rootfs(installed, board, services, new_entry, runtime);
     if res.is_err() && new_entry {
         let _ = images.remove(name);
     }
@@ -776,10 +817,14 @@ pub(super) fn prepare_rootfs(
     board: &BoardReport,
     services: &Path,
     new_entry: bool,
+    runtime: Option<Kind>,
 ) -> Result<Prepared> {
     let file = installed.service_manifest();
     let m = Manifest::load(&file).map_err(|e| err(ErrorKind::Invalid, error_chain(&e)))?;
-    let rootfs = match (resolve_runtime(board, &m, &file)?, installed.rootfs()) {
+    let rootfs = match (
+        resolve_runtime(board, &m, &file, runtime)?,
+        installed.rootfs(),
+    ) {
         (Kind::Lxc, Some(src)) => {
             let staging = services.join(format!(".{}.prepared", installed.name));
             let _ = std::fs::remove_dir_all(&staging);

@@ -115,6 +115,7 @@ pub enum Msg {
     PackageReady {
         name: String,
         start: bool,
+        runtime: Option<Kind>,
         pkg: PathBuf,
         result: std::result::Result<Prepared, ApiError>,
         reply: Sender<Reply>,
@@ -505,18 +506,26 @@ impl Supervisor {
     /// Handles one message; `false` once the daemon must stop.
     pub(crate) fn dispatch(&mut self, msg: Msg) -> bool {
         match msg {
-            Msg::Request(Request::Install { manifest, start }, reply) if is_package(&manifest) => {
-                self.begin_install_package(manifest, start, reply);
+            Msg::Request(
+                Request::Install {
+                    manifest,
+                    start,
+                    runtime,
+                },
+                reply,
+            ) if is_package(&manifest) => {
+                self.begin_install_package(manifest, start, runtime, reply);
             }
             Msg::PackageReady {
                 name,
                 start,
+                runtime,
                 pkg,
                 result,
                 reply,
             } => {
                 self.installing.remove(&name);
-                let res = result.and_then(|p| self.finish_install_package(&pkg, start, p));
+                let res = result.and_then(|p| self.finish_install_package(&pkg, start, runtime, p));
                 if let Err(e) = &res {
                     self.event(
                         EventKind::Refused,
@@ -718,7 +727,11 @@ impl Supervisor {
                 ErrorKind::Internal,
                 "package installs run on a worker, not in handle()",
             )),
-            Request::Install { manifest, start } => self.install(&manifest, start, None),
+            Request::Install {
+                manifest,
+                start,
+                runtime,
+            } => self.install(&manifest, start, None, runtime),
             // Starts and stops run on workers, their answers queued behind them (dispatch).
             Request::Start { .. }
             | Request::Stop { .. }

@@ -95,6 +95,7 @@ impl Harness {
         self.request(Request::Install {
             manifest: file,
             start: false,
+            runtime: None,
         })
         .unwrap();
         // A microVM's definition needs KVM and a kernel; what is tested here is what the
@@ -611,4 +612,53 @@ fn a_daemon_restarted_in_the_middle_of_a_start_adopts_or_starts_again() {
             h.request(Request::Stop { name: n }).unwrap();
         }
     }
+}
+
+#[test]
+fn an_install_takes_the_runtime_asked_for_where_the_manifest_and_the_board_allow_it() {
+    let Some(mut h) =
+        harness("an_install_takes_the_runtime_asked_for_where_the_manifest_and_the_board_allow_it")
+    else {
+        return;
+    };
+    let manifest = |h: &Harness, name: &str, runtime: &str| {
+        let file = h.dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "name = \"{name}\"\nversion = \"1.0.0\"\nruntime = \"{runtime}\"\nimage = \"builtin:busybox\"\n\
+                 command = [\"/bin/sh\"]\n[resources]\nmemory_mib = 16\n"
+            ),
+        )
+        .unwrap();
+        file
+    };
+    let install = |h: &mut Harness, file: PathBuf, runtime| {
+        h.request(Request::Install {
+            manifest: file,
+            start: false,
+            runtime,
+        })
+    };
+    let auto = manifest(&h, "anywhere", "auto");
+    let st = install(&mut h, auto, Some(Kind::Lxc)).unwrap();
+    assert_eq!(st["runtime"], "lxc");
+    let fixed = manifest(&h, "fixed", "lxc");
+    let e = install(&mut h, fixed, Some(Kind::Microvm)).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Invalid);
+    assert!(
+        e.message.contains("field `runtime`") && e.message.contains("\"lxc\""),
+        "{}",
+        e.message
+    );
+    if !Kind::available(&h.sup.board).contains(&Kind::Microvm) {
+        let elsewhere = manifest(&h, "elsewhere", "auto");
+        let e = install(&mut h, elsewhere, Some(Kind::Microvm)).unwrap_err();
+        assert!(
+            e.message.contains("not available on this board"),
+            "{}",
+            e.message
+        );
+    }
+    assert!(h.sup.record("fixed").is_err() && h.sup.record("elsewhere").is_err());
 }

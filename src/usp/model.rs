@@ -77,9 +77,20 @@ struct Subscription {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "op", rename_all = "lowercase")]
 enum OpKind {
-    Install { url: String, uuid: String },
-    Update { name: String, url: String },
-    Uninstall { name: String },
+    Install {
+        url: String,
+        uuid: String,
+        /// The execution environment asked for (`ExecutionEnvRef`), as a runtime.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        runtime: Option<crate::runtime::Kind>,
+    },
+    Update {
+        name: String,
+        url: String,
+    },
+    Uninstall {
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -854,17 +865,20 @@ impl Model {
                 .filter(|u| !u.is_empty())
                 .cloned()
                 .unwrap_or_else(random_uuid);
+            // The unit goes to the execution environment asked for: its runtime.
+            let mut runtime = None;
             if let Some(ee) = args.get("ExecutionEnvRef").filter(|e| !e.is_empty()) {
-                let known = (1..=self.runtimes.len())
-                    .any(|i| ee.trim_end_matches('.') == format!("{SM}ExecEnv.{i}"));
-                if !known {
+                runtime = (1..=self.runtimes.len())
+                    .find(|i| ee.trim_end_matches('.') == format!("{SM}ExecEnv.{i}"))
+                    .map(|i| self.runtimes[i - 1]);
+                if runtime.is_none() {
                     // Reported like any other install failure: the operation ran, the DU
                     // was not created.
                     return self.start_op(
                         from,
                         command,
                         command_key,
-                        OpKind::Install { url, uuid },
+                        OpKind::Install { url, uuid, runtime },
                         Some((F_UNKNOWN_EE, format!("{ee}: no such execution environment"))),
                     );
                 }
@@ -873,7 +887,7 @@ impl Model {
                 from,
                 command,
                 command_key,
-                OpKind::Install { url, uuid },
+                OpKind::Install { url, uuid, runtime },
                 None,
             );
         }
@@ -1037,11 +1051,12 @@ impl Model {
     ) -> Result<String, (u32, String)> {
         let fault = |e: ApiError| (fault_of(&e), e.message);
         match &op.kind {
-            OpKind::Install { url, uuid } => {
+            OpKind::Install { url, uuid, runtime } => {
                 let pkg = self.fetch(url, op.instance, deadline)?;
                 let r = self.backend.call(Request::Install {
                     manifest: pkg.clone(),
                     start: false,
+                    runtime: *runtime,
                 });
                 let _ = std::fs::remove_file(&pkg);
                 let v = r.map_err(fault)?;
