@@ -7,7 +7,7 @@
 //!
 //! - [`lxc`]: liblxc containers under a `gatevisor monitor` process each;
 //! - [`crate::microvm::MicrovmRuntime`]: one `gatevisor vmm` process per microVM;
-//! - [`fake`]: real child processes (`sleep`) that stand in for services in unit tests.
+//! - `fake` (tests only): real child processes (`sleep`) that stand in for services in unit tests.
 
 use std::process::Child;
 use std::sync::Arc;

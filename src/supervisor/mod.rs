@@ -1,11 +1,20 @@
-//! The supervisor: owns the desired state, the runtime and the event log, handles every control
-//! request, and reconciles what runs with what should run.
+//! The supervisor: owns the desired state, the runtimes and the event log, handles every
+//! control request, and reconciles what runs with what should run.
 //!
 //! It is an actor: one thread owns all state and takes [`Msg`]s from a channel (requests from
-//! the API server, exits from watcher threads, timers from its own loop), so there are no locks
-//! around service records. Each running service's monitor process has a watcher thread blocked
-//! on its pidfd, so an exit is noticed at once whether the monitor is our child or was re-adopted
-//! after a daemon restart.
+//! the API server, exits from watcher threads, reports from workers, timers from its own
+//! loop), so there are no locks around service records, and it never waits on a service:
+//! starts, stops, health checks and package unpacking run on worker threads that report back
+//! with a generation number ([`Msg::StartDone`], [`Msg::StopDone`], [`Msg::Checked`],
+//! [`Msg::PackageReady`]). Requests for one service queue behind its start or stop
+//! (`queue`). Each running service's monitor process has a watcher thread blocked on its
+//! pidfd, so an exit is noticed at once whether the monitor is our child or was re-adopted
+//! after a daemon restart (`adopt`).
+//!
+//! - `install`: admission, runtime choice and package installs; `build`: materialising
+//!   images and defining containers and VMs; `lifecycle`: starts, stops, exits, restart
+//!   policy; `update`: version switches and health checks; `net`: ports, flows, verdicts,
+//!   heartbeats; `views`: status and logs.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -29,19 +38,24 @@ use crate::runtime::{Backend, Backends, Kind, StartSpec};
 use crate::state::{now_ms, Desired, LastExit, Running, ServiceRecord, StateDoc, Store};
 use gatevisor_images::beneath::Dir;
 
+mod adopt;
+mod build;
 mod install;
 mod lifecycle;
 mod net;
+mod queue;
 mod update;
 mod views;
 
 #[cfg(test)]
 mod tests;
 
+use build::*;
 use install::*;
 pub use install::{check_image_roots, copy_tree, ImageRootError};
 pub use lifecycle::backoff;
-use lifecycle::{spawn_worker, Busy, Step};
+use lifecycle::{spawn_worker, Busy};
+use queue::Step;
 
 /// Daemon settings (from `/etc/gatevisor/gatevisor.toml` and flags).
 #[derive(Debug, Clone)]

@@ -1,0 +1,401 @@
+//! Building what a service runs from: its image opened beneath its root, its rootfs or
+//! initramfs materialised in its service directory, and its definition for liblxc or the VMM.
+
+use super::*;
+
+impl Supervisor {
+    /// Opens a local manifest's image (`rootfs:DIR`, `initramfs:FILE`, a folder's `package`
+    /// tree) beneath the configured image root that holds it: symlinks may not lead out of
+    /// that root, and a path under no root is refused.
+    pub(super) fn local_image(&self, src: &Path) -> Result<(Dir, PathBuf)> {
+        let refused = |why: String| err(ErrorKind::Denied, format!("field `image`: {why}"));
+        let abs =
+            std::path::absolute(src).map_err(|e| refused(format!("{}: {e}", src.display())))?;
+        let Some(root) = self
+            .settings
+            .image_roots
+            .iter()
+            .find(|r| abs.starts_with(r))
+        else {
+            return Err(refused(format!(
+                "{} is not under a directory this gateway takes images from (image_roots in the daemon's configuration: {})",
+                abs.display(),
+                if self.settings.image_roots.is_empty() {
+                    "none configured".to_string()
+                } else {
+                    self.settings
+                        .image_roots
+                        .iter()
+                        .map(|r| r.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            )));
+        };
+        let rel = abs
+            .strip_prefix(root)
+            .unwrap_or(Path::new(""))
+            .to_path_buf();
+        let root_dir =
+            Dir::open(root).map_err(|e| refused(format!("image root {}: {e}", root.display())))?;
+        Ok((root_dir, rel))
+    }
+
+    /// Builds the service's rootfs (owned by its container's root) and defines its container.
+    pub(super) fn materialise(
+        &mut self,
+        m: &Manifest,
+        image: &ImageRef,
+        caps: Vec<caps::Capability>,
+        dir: &Path,
+        source: Source,
+    ) -> Result<()> {
+        let Source {
+            from_store,
+            prepared,
+            idmap,
+        } = source;
+        // A microVM's scratch disk is the service's own data: kept across a rebuild (an
+        // update, a rollback), as across restarts.
+        let disk = dir.join("disk.img");
+        let kept = dir.with_file_name(format!(".{}.disk.img", m.name));
+        let keep_disk = matches!(image, ImageRef::Initramfs(_))
+            && m.resources.disk_mib.is_some()
+            && std::fs::rename(&disk, &kept).is_ok();
+        let _ = std::fs::remove_dir_all(dir);
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(dir).map_err(runtime_err)?;
+        if keep_disk {
+            std::fs::rename(&kept, &disk).map_err(runtime_err)?;
+        }
+        let escaped = |src: &Path, e: gatevisor_images::beneath::BeneathError| {
+            err(
+                ErrorKind::Denied,
+                format!("field `image`: {}: {e}", src.display()),
+            )
+        };
+        if let ImageRef::Initramfs(src) = image {
+            if from_store {
+                return self.define_vm(m, src, dir);
+            }
+            // Opened beneath its image root, then read through the open file only.
+            let (root, rel) = self.local_image(src)?;
+            let (parent, name) = gatevisor_images::beneath::split(&rel);
+            let f = root
+                .dir_following(parent)
+                .map_err(|e| escaped(src, e))?
+                .open_file(name)
+                .map_err(|e| escaped(src, e.into()))?;
+            let via = PathBuf::from(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&f)
+            ));
+            return self.define_vm(m, &via, dir);
+        }
+        match image {
+            ImageRef::BuiltinBusybox => {
+                check_static_busybox(&self.settings.busybox)?;
+                lxc::rootfs::build_busybox(&self.settings.busybox, &rootfs).map_err(runtime_err)?
+            }
+            ImageRef::Rootfs(_) if prepared.is_some() => {
+                let p = prepared.expect("checked");
+                std::fs::rename(&p, &rootfs).map_err(runtime_err)?;
+            }
+            ImageRef::Rootfs(src) => {
+                let from = if from_store {
+                    Dir::open(src).map_err(runtime_err)?
+                } else {
+                    let (root, rel) = self.local_image(src)?;
+                    root.dir_following(&rel).map_err(|e| escaped(src, e))?
+                };
+                std::fs::create_dir(&rootfs).map_err(runtime_err)?;
+                let to = Dir::open(&rootfs).map_err(runtime_err)?;
+                copy_rootfs(&from, &to).map_err(|e| {
+                    err(
+                        ErrorKind::Invalid,
+                        format!(
+                            "field `image`: cannot copy {}: {}",
+                            src.display(),
+                            crate::api::error_chain(&e)
+                        ),
+                    )
+                })?;
+            }
+            ImageRef::Initramfs(_) => unreachable!("handled above"),
+        }
+        // An unprivileged container's root owns its tree.
+        if let Some(map) = idmap {
+            lxc::rootfs::shift_owner(&rootfs, map.host_base).map_err(runtime_err)?;
+        }
+        let r = &m.resources;
+        let root_owner = idmap.map_or(0, |m| m.host_base);
+        let disk_image = match r.disk_mib {
+            Some(mib) => Some(make_disk_image(
+                &rootfs,
+                &dir.join("disk.img"),
+                mib,
+                root_owner,
+            )?),
+            None => None,
+        };
+        let spec = lxc::ContainerSpec {
+            name: m.name.clone(),
+            hostname: m.name.clone(),
+            rootfs,
+            disk_image,
+            env: m
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .chain((!m.network.steering.is_empty()).then(|| {
+                    (
+                        "GATEVISOR_VERDICT_SOCKET".to_string(),
+                        format!(
+                            "{}/{}",
+                            crate::verdict::CONTAINER_DIR,
+                            crate::verdict::SOCKET_NAME
+                        ),
+                    )
+                }))
+                .collect(),
+            limits: limits_of(r),
+            capabilities: caps,
+            veth_host: m.network.interface.then(|| veth_name(&m.name)),
+            ipv4_address: m.network.address.clone(),
+            seccomp_profile: lxc::default_seccomp_profile(),
+            apparmor_profile: lxc::apparmor_profile(),
+            bind_dirs: if m.network.steering.is_empty() {
+                vec![]
+            } else {
+                let dir = self.service_run_dir(&m.name);
+                std::fs::create_dir_all(&dir).map_err(runtime_err)?;
+                if let Some(map) = idmap {
+                    std::os::unix::fs::chown(&dir, Some(map.host_base), Some(map.host_base))
+                        .map_err(runtime_err)?;
+                }
+                vec![(dir, crate::verdict::CONTAINER_DIR.to_string())]
+            },
+            idmap,
+        };
+        self.rt.define(&spec).map_err(runtime_err)
+    }
+
+    /// Copies the initramfs and writes the VM configuration of a microVM service.
+    pub(super) fn define_vm(&mut self, m: &Manifest, initramfs: &Path, dir: &Path) -> Result<()> {
+        let initrd = dir.join("initramfs.cpio");
+        let kernel = m
+            .microvm
+            .kernel
+            .clone()
+            .unwrap_or_else(crate::microvm::MicrovmRuntime::default_kernel);
+        if !kernel.is_file() {
+            return Err(err(
+                ErrorKind::Invalid,
+                format!(
+                    "field `microvm.kernel`: {} does not exist on this gateway",
+                    kernel.display()
+                ),
+            ));
+        }
+        // With gatevisor's guest init (the usual case), the service's initramfs gets a second
+        // archive: the init, and the virtio modules of the gateway's kernel when the guest
+        // runs that kernel. The init runs the service, and answers the control port (vsock)
+        // through which stop powers the guest off gracefully.
+        let guest_init = crate::microvm::guest_init();
+        let modules_of = m
+            .microvm
+            .kernel
+            .is_none()
+            .then(crate::microvm::running_kernel_modules);
+        let (cmdline, vsock) = match &guest_init {
+            Some(init) => {
+                let mut env: Vec<(String, String)> =
+                    m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                if !m.network.steering.is_empty() {
+                    // The service reaches its verdict socket over vsock: the VMM maps guest
+                    // connections to host port P onto `<vsock>_P`, a link to the socket.
+                    env.push((
+                        "GATEVISOR_VERDICT_SOCKET".into(),
+                        format!("vsock:2:{}", crate::microvm::VERDICT_PORT),
+                    ));
+                    let link = self
+                        .vms
+                        .vsock_port_path(&m.name, crate::microvm::VERDICT_PORT);
+                    let _ = std::fs::remove_file(&link);
+                    let dir = self.service_run_dir(&m.name);
+                    std::fs::create_dir_all(&dir).map_err(runtime_err)?;
+                    std::os::unix::fs::symlink(dir.join(crate::verdict::SOCKET_NAME), &link)
+                        .map_err(runtime_err)?;
+                }
+                crate::microvm::initramfs_with_init(
+                    initramfs,
+                    init,
+                    modules_of.as_deref(),
+                    &env,
+                    &initrd,
+                )
+                .map_err(runtime_err)?;
+                let mut c = format!(
+                    "{} {} rdinit={} gatevisor.grace_s={}",
+                    crate::microvm::BASE_CMDLINE,
+                    m.microvm.cmdline,
+                    crate::microvm::GUEST_INIT_PATH,
+                    m.stop_timeout_s
+                );
+                if let Some(a) = &m.network.address {
+                    c.push_str(&format!(" gatevisor.ip={a}"));
+                }
+                c.push_str(" -- ");
+                c.push_str(&m.command.join(" "));
+                let vsock = gatevisor_vmm::vm::VsockConfig {
+                    guest_cid: crate::microvm::GUEST_CID,
+                    uds_path: self.vms.vsock_path(&m.name),
+                };
+                (c, Some(vsock))
+            }
+            None => {
+                let needs_init = [
+                    ("network.address", m.network.address.is_some()),
+                    ("network.steering", !m.network.steering.is_empty()),
+                    ("health.exec", m.health.exec.is_some()),
+                    ("health.tcp_port", m.health.tcp_port.is_some()),
+                    ("env", !m.env.is_empty()),
+                ];
+                if let Some((field, _)) = needs_init.iter().find(|(_, set)| *set) {
+                    return Err(err(
+                        ErrorKind::Invalid,
+                        format!("field `{field}`: a microVM needs gatevisor-guest-init for it, which is not installed on this gateway"),
+                    ));
+                }
+                std::fs::copy(initramfs, &initrd).map_err(runtime_err)?;
+                let mut c = format!(
+                    "{} {} rdinit={}",
+                    crate::microvm::BASE_CMDLINE,
+                    m.microvm.cmdline,
+                    m.command[0]
+                );
+                if m.command.len() > 1 {
+                    c.push_str(" -- ");
+                    c.push_str(&m.command[1..].join(" "));
+                }
+                (c, None)
+            }
+        };
+        let cfg = gatevisor_vmm::VmConfig {
+            boot: gatevisor_vmm::Boot::Linux {
+                kernel,
+                initrd: Some(initrd),
+                cmdline,
+            },
+            // A Linux guest needs room for its own kernel beyond the service's budget.
+            memory_mib: crate::microvm::guest_memory_mib(m.resources.memory_mib),
+            vcpus: m.resources.vcpus as u8,
+            // The console goes to the VMM's stdout, which a log pump rotates into the log.
+            console_log: None,
+            console_rate: crate::microvm::CONSOLE_RATE,
+            console_socket: Some(self.vms.console_path(&m.name)),
+            exit_file: Some(self.run_files(&m.name).exit_file),
+            // The tap is created at each start and handed over as TAP_FD.
+            net: if m.network.interface {
+                vec![gatevisor_vmm::vm::NetConfig {
+                    tap: None,
+                    tap_fd: Some(crate::microvm::TAP_FD),
+                    mac: crate::microvm::guest_mac(&m.name),
+                }]
+            } else {
+                vec![]
+            },
+            // `resources.disk_mib`: a sparse scratch disk (/dev/vda), kept across restarts.
+            disk: match m.resources.disk_mib {
+                Some(mib) => {
+                    let path = dir.join("disk.img");
+                    let f = std::fs::OpenOptions::new()
+                        .create(true)
+                        .truncate(false)
+                        .write(true)
+                        .open(&path)
+                        .map_err(runtime_err)?;
+                    f.set_len(mib as u64 * 1024 * 1024).map_err(runtime_err)?;
+                    vec![gatevisor_vmm::vm::DiskConfig {
+                        path,
+                        read_only: false,
+                    }]
+                }
+                None => vec![],
+            },
+            vsock,
+        };
+        self.vms.define(&m.name, &cfg).map_err(runtime_err)
+    }
+}
+
+/// Builds `rootfs` into an ext4 image of `mib` MiB (the service's disk limit) and removes the
+/// directory: the container runs from the image through a loop device.
+pub(super) fn make_disk_image(
+    rootfs: &Path,
+    img: &Path,
+    mib: u32,
+    root_owner: u32,
+) -> Result<PathBuf> {
+    if !Path::new("/dev/loop-control").exists() {
+        return Err(err(
+            ErrorKind::Invalid,
+            "field `resources.disk_mib`: this board has no loop devices to enforce a disk limit; remove the field".to_string(),
+        ));
+    }
+    let f = std::fs::File::create(img).map_err(runtime_err)?;
+    f.set_len(mib as u64 * 1024 * 1024).map_err(runtime_err)?;
+    drop(f);
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E"])
+        .arg(format!("root_owner={root_owner}:{root_owner}"))
+        .arg("-d")
+        .arg(rootfs)
+        .arg(img)
+        .output()
+        .map_err(|e| {
+            err(
+                ErrorKind::Runtime,
+                format!("cannot run mkfs.ext4 (e2fsprogs): {e}"),
+            )
+        })?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(img);
+        return Err(err(
+            ErrorKind::Invalid,
+            format!(
+                "field `resources.disk_mib`: the image does not fit in {mib} MiB ({})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    let _ = std::fs::remove_dir_all(rootfs);
+    Ok(img.to_path_buf())
+}
+
+/// Copies a rootfs tree within the package limits (files and bytes).
+pub(super) fn copy_rootfs(
+    from: &Dir,
+    to: &Dir,
+) -> std::result::Result<(), gatevisor_images::beneath::CopyError> {
+    let limits = gatevisor_images::package::Limits::default();
+    gatevisor_images::beneath::copy_tree(
+        from,
+        to,
+        gatevisor_images::beneath::CopyLimits {
+            max_files: limits.max_files,
+            max_bytes: limits.max_total_bytes,
+        },
+    )
+}
+
+/// Host ids of service containers' user namespaces: service `id` gets 65,536 ids from
+/// `IDMAP_BASE + id * 65,536`, far above the ranges Debian gives users in /etc/subuid.
+pub(super) const IDMAP_BASE: u32 = 0x1000_0000;
+
+pub(super) fn idmap_for(id: u32) -> lxc::IdMap {
+    lxc::IdMap {
+        host_base: IDMAP_BASE + id * 65_536,
+        count: 65_536,
+    }
+}
