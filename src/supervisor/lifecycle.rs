@@ -87,11 +87,6 @@ impl Supervisor {
     /// Starts (or retries) a service on a worker; [`Msg::StartDone`] tells how it went.
     pub(super) fn start_service(&mut self, name: &str, op: Op) -> Result<()> {
         let tx = self.tx.clone();
-        self.start_service_to(name, op, tx)
-    }
-
-    /// [`Self::start_service`], its end reported on `tx`.
-    pub(super) fn start_service_to(&mut self, name: &str, op: Op, tx: Sender<Msg>) -> Result<()> {
         let backend = self.backend(name)?;
         self.transition(name, op)?;
         let rec = self.record(name)?;
@@ -377,16 +372,6 @@ impl Supervisor {
     /// `by_request` records that the user wants it stopped.
     pub(super) fn stop_service(&mut self, name: &str, by_request: bool) -> Result<()> {
         let tx = self.tx.clone();
-        self.stop_service_to(name, by_request, tx)
-    }
-
-    /// [`Self::stop_service`], its end reported on `tx`.
-    pub(super) fn stop_service_to(
-        &mut self,
-        name: &str,
-        by_request: bool,
-        tx: Sender<Msg>,
-    ) -> Result<()> {
         let backend = self.backend(name)?;
         let rec = self.record_mut(name)?;
         if by_request {
