@@ -152,4 +152,11 @@ fn unhealthy_update_rolls_back_by_itself_and_rollback_works_by_hand() {
         (Some("1.0.0"), Some("running"))
     );
     assert_eq!(in_container(&d, "cat /srv/version"), "1.0.0");
+    // What the update workers prepared was used or cleaned up.
+    let left: Vec<_> = std::fs::read_dir(d.state_dir().join("services"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

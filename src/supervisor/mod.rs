@@ -124,6 +124,15 @@ pub enum Msg {
         generation: u64,
         result: std::result::Result<(), String>,
     },
+    /// An update's worker verified the package into the image store and prepared its rootfs
+    /// (or refused it).
+    UpdateReady {
+        name: String,
+        pkg: PathBuf,
+        old_version: String,
+        result: std::result::Result<Prepared, ApiError>,
+        reply: Sender<Reply>,
+    },
     /// A package install's worker is done: verified into the image store and, for a
     /// container, its rootfs copied (`prepared`), or refused.
     PackageReady {
@@ -606,6 +615,13 @@ impl Supervisor {
                 generation,
                 result,
             } => self.on_checked(&name, generation, result),
+            Msg::UpdateReady {
+                name,
+                pkg,
+                old_version,
+                result,
+                reply,
+            } => self.on_update_ready(&name, &pkg, old_version, result, reply),
             Msg::Follow(tx) => self.events.follow(tx),
             Msg::MonitorExited { name, generation } => self.on_exit(&name, generation),
             Msg::InitExited { name, generation } => {
@@ -675,6 +691,7 @@ impl Supervisor {
                     m @ (Msg::StartDone { .. }
                     | Msg::StopDone { .. }
                     | Msg::Checked { .. }
+                    | Msg::UpdateReady { .. }
                     | Msg::MonitorExited { .. }
                     | Msg::PackageReady { .. }),
                 ) => {

@@ -68,7 +68,8 @@ impl Supervisor {
                 }
                 // After a failed step, what was asked with it is not done.
                 Step::Start | Step::Stop { .. } if failed => {}
-                Step::Switch(sw) | Step::Judge(sw) if failed => {
+                Step::Switch(mut sw) | Step::Judge(mut sw) if failed => {
+                    sw.discard_prepared();
                     let error = live.error.take().expect("failed");
                     let _ = sw.reply.send(Reply::Error { error });
                 }
@@ -109,7 +110,12 @@ impl Supervisor {
                         for step in rest {
                             let r = match step {
                                 Step::Reply(r) | Step::Remove(r) => r,
-                                Step::Switch(sw) | Step::Check(sw, _) | Step::Judge(sw) => sw.reply,
+                                Step::Switch(mut sw)
+                                | Step::Check(mut sw, _)
+                                | Step::Judge(mut sw) => {
+                                    sw.discard_prepared();
+                                    sw.reply
+                                }
                                 Step::Start | Step::Stop { .. } => continue,
                             };
                             let _ = r.send(Reply::Error {

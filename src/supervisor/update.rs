@@ -27,57 +27,115 @@ pub(super) enum Why {
 /// A switch to `inst`, and who waits for its outcome.
 pub(super) struct Switch {
     pub(super) inst: gatevisor_images::store::Installed,
+    /// The container's rootfs a worker already copied out of the store (an update's).
+    pub(super) rootfs: Option<PathBuf>,
     pub(super) why: Why,
     pub(super) reply: Sender<Reply>,
 }
 
+impl Switch {
+    /// Removes the rootfs a worker prepared, if the switch did not use it.
+    pub(super) fn discard_prepared(&mut self) {
+        if let Some(r) = self.rootfs.take() {
+            let _ = std::fs::remove_dir_all(r.parent().unwrap_or(&r));
+        }
+    }
+}
+
 impl Supervisor {
     /// Replaces a packaged service with a new version from `pkg`; if the new version does not
-    /// pass its health check, the previous one is restored by itself. Answers on `reply`
-    /// once the chain ends.
+    /// pass its health check, the previous one is restored by itself. The package is verified
+    /// and its rootfs prepared on a worker ([`Msg::UpdateReady`]); the switch then runs as the
+    /// service's steps. Answers on `reply` once the chain ends.
     pub(super) fn begin_update(&mut self, name: &str, pkg: &Path, reply: Sender<Reply>) {
-        match self.prepare_update(name, pkg) {
-            Ok((inst, old_version)) => {
-                let sw = Switch {
-                    inst,
-                    why: Why::Update {
-                        old_version,
-                        pkg: pkg.to_path_buf(),
-                    },
-                    reply,
-                };
-                self.enqueue(
-                    name,
-                    vec![Step::Stop { by_request: false }, Step::Switch(Box::new(sw))],
-                    None,
-                );
-            }
-            Err(e) => {
-                let what = format!("{name} from {}", pkg.display());
-                let detail = if e.message.starts_with(&what) {
-                    e.message.clone()
-                } else {
-                    format!("{what}: {}", e.message)
-                };
-                self.event(EventKind::Refused, None, detail);
-                let _ = reply.send(Reply::Error { error: e });
-            }
+        let old_version = match self.check_update(name, pkg) {
+            Ok(v) => v,
+            Err(e) => return self.refuse_update(name, pkg, e, reply),
+        };
+        let Ok(runtime) = self.record(name).map(|r| r.runtime) else {
+            return;
+        };
+        self.installing.insert(name.to_string());
+        let images = self.images.clone();
+        let policy = self.settings.policy.clone();
+        let board = self.board.clone();
+        let services = self.settings.state_dir.join("services");
+        let tx = self.tx.clone();
+        let (n, p) = (name.to_string(), pkg.to_path_buf());
+        let spawned = spawn_worker(&format!("update-{name}"), move || {
+            let result =
+                prepare_package(&images, &policy, &board, &p, &n, &services, Some(runtime));
+            let _ = tx.send(Msg::UpdateReady {
+                name: n,
+                pkg: p,
+                old_version,
+                result,
+                reply,
+            });
+        });
+        if let Err(e) = spawned {
+            self.installing.remove(name);
+            tracing::error!("cannot start an update worker: {e}");
         }
     }
 
-    /// Checks and verifies an update of `name` from `pkg` into the image store: what the
-    /// switch to it needs.
-    fn prepare_update(
+    /// An update's worker is done: switch to the verified version, or answer why not.
+    pub(super) fn on_update_ready(
         &mut self,
         name: &str,
         pkg: &Path,
-    ) -> Result<(gatevisor_images::store::Installed, String)> {
+        old_version: String,
+        result: Result<Prepared>,
+        reply: Sender<Reply>,
+    ) {
+        self.installing.remove(name);
+        let prepared = match result {
+            Ok(p) => p,
+            Err(e) => return self.refuse_update(name, pkg, e, reply),
+        };
+        let mut sw = Switch {
+            inst: prepared.installed,
+            rootfs: prepared.rootfs,
+            why: Why::Update {
+                old_version: old_version.clone(),
+                pkg: pkg.to_path_buf(),
+            },
+            reply,
+        };
+        if sw.inst.version == old_version {
+            sw.discard_prepared();
+            let e = err(
+                ErrorKind::Conflict,
+                format!("{name} already runs version {old_version}"),
+            );
+            return self.refuse_update(name, pkg, e, sw.reply);
+        }
+        self.enqueue(
+            name,
+            vec![Step::Stop { by_request: false }, Step::Switch(Box::new(sw))],
+            None,
+        );
+    }
+
+    fn refuse_update(&mut self, name: &str, pkg: &Path, e: ApiError, reply: Sender<Reply>) {
+        let what = format!("{name} from {}", pkg.display());
+        let detail = if e.message.starts_with(&what) {
+            e.message.clone()
+        } else {
+            format!("{what}: {}", e.message)
+        };
+        self.event(EventKind::Refused, None, detail);
+        let _ = reply.send(Reply::Error { error: e });
+    }
+
+    /// The checks of an update that need no unpacking; the version it replaces.
+    fn check_update(&mut self, name: &str, pkg: &Path) -> Result<String> {
         let invalid =
             |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, format!("{}: {e}", pkg.display()));
         if self.installing.contains(name) {
             return Err(err(
                 ErrorKind::Conflict,
-                format!("{name} is being installed; update it once that is done"),
+                format!("{name} is being installed or updated; update it once that is done"),
             ));
         }
         let rec = self.record(name)?;
@@ -95,19 +153,7 @@ impl Supervisor {
                 peeked.name
             )));
         }
-        let inst = {
-            let mut check = package_check(&self.settings.policy);
-            self.images
-                .install_checked(pkg, &mut check, &mut |_| {})
-                .map_err(|e| store_refusal(pkg, &e))?
-        };
-        if inst.version == old_version {
-            return Err(err(
-                ErrorKind::Conflict,
-                format!("{name} already runs version {old_version}"),
-            ));
-        }
-        Ok((inst, old_version))
+        Ok(old_version)
     }
 
     /// Goes back to the previous packaged version by hand.
@@ -121,6 +167,7 @@ impl Supervisor {
             Ok(inst) => {
                 let sw = Switch {
                     inst,
+                    rootfs: None,
                     why: Why::Rollback,
                     reply,
                 };
@@ -138,8 +185,10 @@ impl Supervisor {
 
     /// The service is stopped: rebuild it from the version to switch to and start it; its
     /// health check follows once it runs.
-    pub(super) fn switch_step(&mut self, name: &str, sw: Switch) {
-        if let Err(why) = self.rebuild(name, &sw.inst) {
+    pub(super) fn switch_step(&mut self, name: &str, mut sw: Switch) {
+        let rebuilt = self.rebuild(name, &sw.inst, sw.rootfs.clone());
+        sw.discard_prepared();
+        if let Err(why) = rebuilt {
             return self.judge(name, sw, Err(why));
         }
         let since_ms = now_ms();
@@ -215,7 +264,9 @@ impl Supervisor {
         sw: Switch,
         result: std::result::Result<(), String>,
     ) {
-        let Switch { inst, why, reply } = sw;
+        let Switch {
+            inst, why, reply, ..
+        } = sw;
         let answer = |me: &mut Supervisor, r: Result<()>| {
             let _ = reply.send(match r.and_then(|()| me.status(name)) {
                 Ok(result) => Reply::Ok { result },
@@ -245,6 +296,7 @@ impl Supervisor {
                     Ok(prev) => {
                         let sw = Switch {
                             inst: prev,
+                            rootfs: None,
                             why: Why::Restore { detail },
                             reply,
                         };
@@ -294,6 +346,7 @@ impl Supervisor {
         &mut self,
         name: &str,
         inst: &gatevisor_images::store::Installed,
+        prepared: Option<PathBuf>,
     ) -> std::result::Result<(), String> {
         let file = inst.service_manifest();
         let m = Manifest::load(&file).map_err(|e| e.to_string())?;
@@ -314,7 +367,7 @@ impl Supervisor {
             .then(|| idmap_for(self.record(name).map(|r| r.id).unwrap_or(0)));
         let source = Source {
             from_store: true,
-            prepared: None,
+            prepared,
             idmap,
         };
         self.materialise(&m, &image, caps, &dir, source)
