@@ -398,21 +398,6 @@ impl MicrovmRuntime {
         Stopped::Killed
     }
 
-    /// Pauses (SIGSTOP) or resumes (SIGCONT) the VMM, and with it the guest.
-    pub fn signal(&self, name: &str, sig: i32) -> std::io::Result<()> {
-        let pid = self.pid(name).ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{name} is not running"),
-            )
-        })?;
-        // SAFETY: kill(2) of the VMM this runtime started.
-        if unsafe { libc::kill(pid, sig) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
     /// The VMM process's resident memory (guest pages it has touched included), bytes.
     pub fn rss_bytes(&self, name: &str) -> Option<u64> {
         let pid = self.pid(name)?;

@@ -124,43 +124,50 @@ pub fn items(spec: &ContainerSpec, cgroups: Cgroups, lxc_log: &Path) -> Vec<(Str
             ),
         );
     }
-    let l = &spec.limits;
+    let prefix = match cgroups {
+        Cgroups::V1 => "lxc.cgroup",
+        Cgroups::V2 => "lxc.cgroup2",
+    };
+    for (file, value) in cgroup_limits(&spec.limits, cgroups) {
+        set(&format!("{prefix}.{file}"), value);
+    }
+    v
+}
+
+/// The cgroup files (`controller.key`) and values that carry `l` on `cgroups`: what liblxc
+/// writes for a container, and what gatevisor writes for a VMM's cgroup.
+pub fn cgroup_limits(l: &Limits, cgroups: Cgroups) -> Vec<(&'static str, String)> {
+    let mut v = Vec::new();
     match cgroups {
         Cgroups::V1 => {
             if let Some(m) = l.memory_bytes {
-                set("lxc.cgroup.memory.limit_in_bytes", m.to_string());
+                v.push(("memory.limit_in_bytes", m.to_string()));
             }
             if let Some(q) = l.cpu_quota_us {
-                set("lxc.cgroup.cpu.cfs_period_us", CPU_PERIOD_US.to_string());
-                set("lxc.cgroup.cpu.cfs_quota_us", q.to_string());
-            }
-            if let Some(p) = l.pids {
-                set("lxc.cgroup.pids.max", p.to_string());
-            }
-            if let Some(n) = l.cpus {
-                set("lxc.cgroup.cpuset.cpus", cpu_list(n));
+                v.push(("cpu.cfs_period_us", CPU_PERIOD_US.to_string()));
+                v.push(("cpu.cfs_quota_us", q.to_string()));
             }
         }
         Cgroups::V2 => {
             if let Some(m) = l.memory_bytes {
-                set("lxc.cgroup2.memory.max", m.to_string());
+                v.push(("memory.max", m.to_string()));
             }
             if let Some(q) = l.cpu_quota_us {
-                set("lxc.cgroup2.cpu.max", format!("{q} {CPU_PERIOD_US}"));
-            }
-            if let Some(p) = l.pids {
-                set("lxc.cgroup2.pids.max", p.to_string());
-            }
-            if let Some(n) = l.cpus {
-                set("lxc.cgroup2.cpuset.cpus", cpu_list(n));
+                v.push(("cpu.max", format!("{q} {CPU_PERIOD_US}")));
             }
         }
+    }
+    if let Some(p) = l.pids {
+        v.push(("pids.max", p.to_string()));
+    }
+    if let Some(n) = l.cpus {
+        v.push(("cpuset.cpus", cpu_list(n)));
     }
     v
 }
 
 /// The first `n` CPUs, as a cpuset list.
-fn cpu_list(n: u32) -> String {
+pub fn cpu_list(n: u32) -> String {
     match n {
         0 | 1 => "0".into(),
         n => format!("0-{}", n - 1),

@@ -342,27 +342,35 @@ impl Runtime {
     /// Memory, CPU time and task count from the container's cgroup.
     pub fn usage(&self, name: &str) -> Result<Usage, LxcError> {
         let c = self.running(name)?;
-        let num = |key: &str| -> Result<Option<u64>, LxcError> {
-            Ok(c.cgroup_item(key)?.and_then(|s| s.trim().parse().ok()))
-        };
-        Ok(match self.cgroups {
-            Cgroups::V1 => Usage {
-                memory_bytes: num("memory.usage_in_bytes")?,
-                cpu_usec: num("cpuacct.usage")?.map(|ns| ns / 1000),
-                pids: num("pids.current")?,
-            },
-            Cgroups::V2 => Usage {
-                memory_bytes: num("memory.current")?,
-                cpu_usec: c.cgroup_item("cpu.stat")?.and_then(|s| {
-                    s.lines()
-                        .find_map(|l| l.strip_prefix("usage_usec "))
-                        .and_then(|v| v.trim().parse().ok())
-                }),
-                pids: num("pids.current")?,
-            },
-        })
+        Ok(usage_from(self.cgroups, |key| {
+            c.cgroup_item(key).ok().flatten()
+        }))
     }
+}
 
+/// Memory, CPU time and task count of a cgroup on `cgroups`, its files read with `read`
+/// (`controller.key` → contents): a container's through liblxc, a VMM's from its directory.
+pub fn usage_from(cgroups: Cgroups, read: impl Fn(&str) -> Option<String>) -> Usage {
+    let num = |key: &str| read(key).and_then(|s| s.trim().parse::<u64>().ok());
+    match cgroups {
+        Cgroups::V1 => Usage {
+            memory_bytes: num("memory.usage_in_bytes"),
+            cpu_usec: num("cpuacct.usage").map(|ns| ns / 1000),
+            pids: num("pids.current"),
+        },
+        Cgroups::V2 => Usage {
+            memory_bytes: num("memory.current"),
+            cpu_usec: read("cpu.stat").and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))
+                    .and_then(|v| v.trim().parse().ok())
+            }),
+            pids: num("pids.current"),
+        },
+    }
+}
+
+impl Runtime {
     /// Runs `argv` inside the running container with this process's stdio; returns the exit
     /// code (128 + signal when killed by a signal).
     pub fn exec(&self, name: &str, argv: &[String]) -> Result<i32, LxcError> {

@@ -6,7 +6,8 @@
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
-use gatevisor_lxc::{config::CPU_PERIOD_US, Cgroups, Limits};
+use gatevisor_lxc::config::cgroup_limits;
+use gatevisor_lxc::{Cgroups, Limits};
 
 use super::Usage;
 
@@ -31,15 +32,6 @@ fn write(dir: &Path, file: &str, value: &str) -> std::io::Result<()> {
             ),
         )
     })
-}
-
-/// `0-N` for the first `n` CPUs.
-fn cpu_list(n: u32) -> String {
-    if n <= 1 {
-        "0".into()
-    } else {
-        format!("0-{}", n - 1)
-    }
 }
 
 impl VmCgroup {
@@ -81,69 +73,51 @@ impl VmCgroup {
                 std::io::Error::new(e.kind(), format!("cannot create {}: {e}", d.display()))
             })?;
         }
-        match self.version {
-            Cgroups::V2 => {
-                let d = &self.dirs[0];
-                if let Some(m) = limits.memory_bytes {
-                    write(d, "memory.max", &m.to_string())?;
-                    // No swap: a guest's memory counts once, as resident.
-                    let _ = write(d, "memory.swap.max", "0");
-                }
-                if let Some(q) = limits.cpu_quota_us {
-                    write(d, "cpu.max", &format!("{q} {CPU_PERIOD_US}"))?;
-                }
-                if let Some(p) = limits.pids {
-                    write(d, "pids.max", &p.to_string())?;
-                }
-                // Pinning is best effort (the cpuset controller may be off); the limits above
-                // are not.
-                if let (Some(n), true) = (limits.cpus, d.join("cpuset.cpus").exists()) {
-                    write(d, "cpuset.cpus", &cpu_list(n))?;
-                }
-            }
-            Cgroups::V1 => {
-                for d in &self.dirs {
-                    let controller = d
-                        .parent()
-                        .and_then(|p| p.file_name())
-                        .and_then(|c| c.to_str())
-                        .unwrap_or_default();
-                    match controller {
-                        "memory" => {
-                            if let Some(m) = limits.memory_bytes {
-                                write(d, "memory.limit_in_bytes", &m.to_string())?;
-                            }
-                        }
-                        "cpu" => {
-                            if let Some(q) = limits.cpu_quota_us {
-                                write(d, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
-                                write(d, "cpu.cfs_quota_us", &q.to_string())?;
-                            }
-                        }
-                        "pids" => {
-                            if let Some(p) = limits.pids {
-                                write(d, "pids.max", &p.to_string())?;
-                            }
-                        }
-                        "cpuset" => {
-                            // A v1 cpuset takes no task before it has CPUs and memory nodes.
-                            let parent = d.parent().expect("under a controller");
-                            let mems = std::fs::read_to_string(parent.join("cpuset.mems"))?;
-                            write(d, "cpuset.mems", mems.trim())?;
-                            let cpus = match limits.cpus {
-                                Some(n) => cpu_list(n),
-                                None => std::fs::read_to_string(parent.join("cpuset.cpus"))?
-                                    .trim()
-                                    .to_string(),
-                            };
-                            write(d, "cpuset.cpus", &cpus)?;
-                        }
-                        _ => {}
-                    }
-                }
+        if self.version == Cgroups::V2 {
+            // No swap: a guest's memory counts once, as resident.
+            let _ = write(&self.dirs[0], "memory.swap.max", "0");
+        }
+        // A v1 cpuset takes no task before it has CPUs and memory nodes.
+        if let Some(d) = self
+            .controller_dir("cpuset")
+            .filter(|_| self.version == Cgroups::V1)
+        {
+            let parent = d.parent().expect("under a controller");
+            write(
+                d,
+                "cpuset.mems",
+                std::fs::read_to_string(parent.join("cpuset.mems"))?.trim(),
+            )?;
+            if limits.cpus.is_none() {
+                let cpus = std::fs::read_to_string(parent.join("cpuset.cpus"))?;
+                write(d, "cpuset.cpus", cpus.trim())?;
             }
         }
+        for (file, value) in cgroup_limits(limits, self.version) {
+            let controller = file.split('.').next().unwrap_or_default();
+            let Some(d) = self.controller_dir(controller) else {
+                continue;
+            };
+            // Pinning is best effort (the cpuset controller may be off); the limits are not.
+            if controller == "cpuset" && !d.join(file).exists() {
+                continue;
+            }
+            write(d, file, &value)?;
+        }
         Ok(())
+    }
+
+    /// Where `controller`'s files are: the one directory on v2, the controller's on v1.
+    fn controller_dir(&self, controller: &str) -> Option<&Path> {
+        match self.version {
+            Cgroups::V2 => self.dirs.first(),
+            Cgroups::V1 => self.dirs.iter().find(|d| {
+                d.parent()
+                    .and_then(|p| p.file_name())
+                    .is_some_and(|c| c == controller)
+            }),
+        }
+        .map(PathBuf::as_path)
     }
 
     /// The `cgroup.procs` files a process writes `0` to in order to enter the cgroup (what
@@ -173,31 +147,13 @@ impl VmCgroup {
 
     /// What the VMM (its guest's memory included) uses, when the cgroup exists.
     pub fn usage(&self) -> Option<Usage> {
-        let read = |file: &str| -> Option<String> {
-            self.dirs
-                .iter()
-                .find_map(|d| std::fs::read_to_string(d.join(file)).ok())
-        };
-        let num = |file: &str| read(file).and_then(|s| s.trim().parse::<u64>().ok());
         if !self.dirs.first().is_some_and(|d| d.is_dir()) {
             return None;
         }
-        Some(match self.version {
-            Cgroups::V2 => Usage {
-                memory_bytes: num("memory.current"),
-                cpu_usec: read("cpu.stat").and_then(|s| {
-                    s.lines()
-                        .find_map(|l| l.strip_prefix("usage_usec "))
-                        .and_then(|v| v.trim().parse().ok())
-                }),
-                pids: num("pids.current"),
-            },
-            Cgroups::V1 => Usage {
-                memory_bytes: num("memory.usage_in_bytes"),
-                cpu_usec: num("cpuacct.usage").map(|ns| ns / 1000),
-                pids: num("pids.current"),
-            },
-        })
+        Some(gatevisor_lxc::usage_from(self.version, |file| {
+            let d = self.controller_dir(file.split('.').next().unwrap_or_default())?;
+            std::fs::read_to_string(d.join(file)).ok()
+        }))
     }
 
     /// Removes the (empty) cgroup.
@@ -247,7 +203,5 @@ mod tests {
         );
         let v2 = VmCgroup::under(d.path(), "dns", Cgroups::V2);
         assert_eq!(v2.dirs, [d.path().join("gatevisor.vm.dns")]);
-        assert_eq!(cpu_list(1), "0");
-        assert_eq!(cpu_list(3), "0-2");
     }
 }

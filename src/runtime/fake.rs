@@ -182,10 +182,6 @@ impl Backend for Fake {
         self.pid(name)
     }
 
-    fn monitor_pid(&self, _name: &str, main_pid: i32) -> Option<i32> {
-        Some(main_pid)
-    }
-
     fn usage(&self, name: &str) -> Option<Usage> {
         let pid = self.pid(name)?;
         Some(Usage {

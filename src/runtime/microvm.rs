@@ -95,10 +95,6 @@ impl Backend for MicrovmRuntime {
         self.pid(name)
     }
 
-    fn monitor_pid(&self, _name: &str, main_pid: i32) -> Option<i32> {
-        Some(main_pid)
-    }
-
     fn usage(&self, name: &str) -> Option<Usage> {
         // The VMM's cgroup: guest pages it touched, the VMM's own memory, all its threads'
         // CPU time. Without one (a VMM started before cgroups were made), its process's.

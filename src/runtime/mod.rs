@@ -131,8 +131,11 @@ pub trait Backend: Send + Sync {
     fn resume(&self, name: &str) -> Result<(), RuntimeError>;
     /// The main process of the running service (see [`Started::main_pid`]).
     fn main_pid(&self, name: &str) -> Option<i32>;
-    /// Its monitor, given the main process (for re-adoption after a daemon restart).
-    fn monitor_pid(&self, name: &str, main_pid: i32) -> Option<i32>;
+    /// Its monitor, given the main process (for re-adoption after a daemon restart); the
+    /// main process records its own end unless the backend says otherwise.
+    fn monitor_pid(&self, _name: &str, main_pid: i32) -> Option<i32> {
+        Some(main_pid)
+    }
     fn usage(&self, name: &str) -> Option<Usage>;
     /// Runs `argv` inside the running service; its exit code.
     fn exec(&self, name: &str, argv: &[String]) -> Result<i32, RuntimeError>;

@@ -15,11 +15,7 @@ impl Supervisor {
         reply: Sender<Reply>,
     ) {
         let refuse = |me: &mut Supervisor, e: ApiError| {
-            me.event(
-                EventKind::Refused,
-                None,
-                format!("{}: {}", pkg.display(), e.message),
-            );
+            me.refused(&pkg.display().to_string(), &e);
             let _ = reply.send(Reply::Error { error: e });
         };
         let invalid = |e: &(dyn std::error::Error + 'static)| {

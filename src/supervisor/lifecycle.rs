@@ -100,8 +100,10 @@ impl Supervisor {
         self.generation += 1;
         let generation = self.generation;
         let live = self.live.entry(name.to_string()).or_default();
-        live.busy = Some(Busy::Starting(generation));
-        live.started_as_retry = op == Op::Retry;
+        live.busy = Some(Busy::Starting {
+            generation,
+            retry: op == Op::Retry,
+        });
         live.retry_at = None;
         let n = name.to_string();
         let spawned = spawn_worker(&format!("start-{name}"), move || {
@@ -121,6 +123,15 @@ impl Supervisor {
         Ok(())
     }
 
+    /// The worker `name` is busy with, if the report of `generation` is the one awaited;
+    /// the service is no longer busy then.
+    pub(super) fn take_busy(&mut self, name: &str, generation: u64) -> Option<Busy> {
+        let live = self.live.get_mut(name)?;
+        let busy = live.busy.filter(|b| b.generation() == generation)?;
+        live.busy = None;
+        Some(busy)
+    }
+
     /// A start's worker is done.
     pub(super) fn on_start_done(
         &mut self,
@@ -128,11 +139,10 @@ impl Supervisor {
         generation: u64,
         result: std::result::Result<crate::runtime::Started, crate::runtime::RuntimeError>,
     ) {
-        let ours = self
-            .live
-            .get(name)
-            .is_some_and(|l| l.busy == Some(Busy::Starting(generation)));
-        if !ours {
+        let Some(Busy::Starting {
+            retry: restarted, ..
+        }) = self.take_busy(name, generation)
+        else {
             // Nobody waits for it (cannot happen while starts are queued); do not leave a
             // service running that no record watches.
             if let (Ok(started), Ok(b)) = (result, self.backend(name)) {
@@ -143,11 +153,8 @@ impl Supervisor {
                 }
             }
             return;
-        }
-        if let Some(l) = self.live.get_mut(name) {
-            l.busy = None;
-        }
-        let retry = self.record(name).map(|r| r.restarts).unwrap_or(0);
+        };
+        let restarts = self.record(name).map(|r| r.restarts).unwrap_or(0);
         match result {
             Ok(started) => {
                 let running = Running {
@@ -163,7 +170,6 @@ impl Supervisor {
                     self.watch(name, started.monitor_pid, started.main_pid, started.monitor);
                     self.plug(name);
                     let _ = self.persist();
-                    let restarted = self.live.get(name).is_some_and(|l| l.started_as_retry);
                     self.event(
                         if restarted {
                             EventKind::Restarted
@@ -171,7 +177,7 @@ impl Supervisor {
                             EventKind::Started
                         },
                         Some(name),
-                        format!("init pid {}, restarts {retry}", started.main_pid),
+                        format!("init pid {}, restarts {restarts}", started.main_pid),
                     );
                 }
             }
@@ -443,15 +449,8 @@ impl Supervisor {
         generation: u64,
         result: std::result::Result<crate::runtime::Stopped, crate::runtime::RuntimeError>,
     ) {
-        let ours = self
-            .live
-            .get(name)
-            .is_some_and(|l| l.busy == Some(Busy::Stopping(generation)));
-        if !ours {
+        if self.take_busy(name, generation).is_none() {
             return;
-        }
-        if let Some(l) = self.live.get_mut(name) {
-            l.busy = None;
         }
         match result {
             Ok(how) => {
@@ -502,7 +501,11 @@ impl Supervisor {
 /// an older one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Busy {
-    Starting(u64),
+    /// `retry`: a restart under the restart policy (its event says so).
+    Starting {
+        generation: u64,
+        retry: bool,
+    },
     Stopping(u64),
     /// An update's health check.
     Checking(u64),
@@ -517,6 +520,17 @@ pub(super) fn spawn_worker(
         .name(name.chars().take(15).collect())
         .stack_size(256 * 1024)
         .spawn(f)
+}
+
+impl Busy {
+    /// The number of the worker's report (unique across all workers).
+    fn generation(self) -> u64 {
+        match self {
+            Busy::Starting { generation, .. }
+            | Busy::Stopping(generation)
+            | Busy::Checking(generation) => generation,
+        }
+    }
 }
 
 /// `initial * 2^(n-1)`, capped at `max`.

@@ -204,8 +204,6 @@ struct Live {
     queue: std::collections::VecDeque<Step>,
     /// How the last start or stop failed, for the next [`Step::Reply`].
     error: Option<ApiError>,
-    /// The start in flight is a restart (its event says so).
-    started_as_retry: bool,
     /// How an update's health check ended, for its [`Step::Judge`].
     checked: Option<std::result::Result<(), String>>,
     /// Since when this daemon expects the service's heartbeat (it was started or adopted);
@@ -550,11 +548,7 @@ impl Supervisor {
                 self.installing.remove(&name);
                 let res = result.and_then(|p| self.finish_install_package(&pkg, start, runtime, p));
                 if let Err(e) = &res {
-                    self.event(
-                        EventKind::Refused,
-                        None,
-                        format!("{}: {}", pkg.display(), e.message),
-                    );
+                    self.refused(&pkg.display().to_string(), e);
                 }
                 self.answer_install(res, start, reply);
             }
@@ -590,13 +584,7 @@ impl Supervisor {
                 };
                 let res = self.handle(req);
                 if let (Some(what), Err(e)) = (what, &res) {
-                    // Every refusal is an event, with its reason.
-                    let detail = if e.message.starts_with(&what) {
-                        e.message.clone()
-                    } else {
-                        format!("{what}: {}", e.message)
-                    };
-                    self.event(EventKind::Refused, None, detail);
+                    self.refused(&what, e);
                 }
                 self.answer_install(res, start, reply);
             }
@@ -645,6 +633,17 @@ impl Supervisor {
             Msg::Shutdown => return false,
         }
         true
+    }
+
+    /// Every refused install or update is an event: what it was, and why (the reason names
+    /// it already, or is prefixed with it).
+    fn refused(&mut self, what: &str, e: &ApiError) {
+        let detail = if e.message.starts_with(what) {
+            e.message.clone()
+        } else {
+            format!("{what}: {}", e.message)
+        };
+        self.event(EventKind::Refused, None, detail);
     }
 
     /// Answers a request; an install that asked for a start answers once the start ended.

@@ -118,18 +118,12 @@ impl Supervisor {
     }
 
     fn refuse_update(&mut self, name: &str, pkg: &Path, e: ApiError, reply: Sender<Reply>) {
-        let what = format!("{name} from {}", pkg.display());
-        let detail = if e.message.starts_with(&what) {
-            e.message.clone()
-        } else {
-            format!("{what}: {}", e.message)
-        };
-        self.event(EventKind::Refused, None, detail);
+        self.refused(&format!("{name} from {}", pkg.display()), &e);
         let _ = reply.send(Reply::Error { error: e });
     }
 
     /// The checks of an update that need no unpacking; the version it replaces.
-    fn check_update(&mut self, name: &str, pkg: &Path) -> Result<String> {
+    fn check_update(&self, name: &str, pkg: &Path) -> Result<String> {
         let invalid =
             |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, format!("{}: {e}", pkg.display()));
         if self.installing.contains(name) {
@@ -246,14 +240,10 @@ impl Supervisor {
         generation: u64,
         result: std::result::Result<(), String>,
     ) {
-        let Some(live) = self.live.get_mut(name) else {
-            return;
-        };
-        if live.busy != Some(Busy::Checking(generation)) {
+        if self.take_busy(name, generation).is_none() {
             return;
         }
-        live.busy = None;
-        live.checked = Some(result);
+        self.live.entry(name.to_string()).or_default().checked = Some(result);
         self.settle(name);
     }
 
