@@ -40,17 +40,7 @@ fn example_package(d: &Daemon, svc: &str) -> PathBuf {
 
 /// A packaged busybox service `name` at `version` whose health check is `health`.
 fn health_package(d: &Daemon, name: &str, version: &str, health: &str) -> PathBuf {
-    let src = d.dir.path().join(format!("src-{name}-{version}"));
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(
-        src.join("service.toml"),
-        format!(
-            "name = \"{name}\"\nversion = \"{version}\"\nruntime = \"lxc\"\nimage = \"package\"\n\
-             command = [\"/bin/sh\", \"-c\", \"while :; do sleep 1; done\"]\nstop_timeout_s = 1\n\
-             [resources]\nmemory_mib = 16\n[health]\n{health}\n"
-        ),
-    )
-    .unwrap();
+    let src = d.looping_service(name, version, &format!("[health]\n{health}"));
     d.signed_package(&src, &format!("{name}-{version}.gvpkg"))
 }
 

@@ -34,25 +34,9 @@ fn publisher(d: &Daemon, name: &str, trust: bool) -> PathBuf {
 
 /// A service folder for version `version`, with an optional health check, built into a package.
 fn package(d: &Daemon, key: &Path, version: &str, health: &str) -> PathBuf {
-    let dir = d.dir.path().join(format!("src-{version}"));
+    let dir = d.looping_service("t-pkg", version, health);
     std::fs::create_dir_all(dir.join("files/srv")).unwrap();
     std::fs::write(dir.join("files/srv/version"), version).unwrap();
-    std::fs::write(
-        dir.join("service.toml"),
-        format!(
-            r#"name = "t-pkg"
-version = "{version}"
-runtime = "lxc"
-image = "package"
-command = ["/bin/sh", "-c", "while :; do sleep 1; done"]
-stop_timeout_s = 1
-[resources]
-memory_mib = 32
-{health}
-"#
-        ),
-    )
-    .unwrap();
     d.build_package(&dir, key, &format!("t-pkg-{version}.gvpkg"))
 }
 

@@ -87,26 +87,7 @@ fn list_answers_within_100_ms_during_a_200000_file_install_and_1000_idle_clients
 
 /// A service folder for `t-upd` at `version` whose health check is `health`.
 fn update_folder(d: &Daemon, version: &str, health: &str) -> std::path::PathBuf {
-    let dir = d.dir.path().join(format!("upd-{version}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("service.toml"),
-        format!(
-            r#"name = "t-upd"
-version = "{version}"
-runtime = "lxc"
-image = "package"
-command = ["/bin/sh", "-c", "while :; do sleep 1; done"]
-stop_timeout_s = 1
-[resources]
-memory_mib = 32
-[health]
-{health}
-"#
-        ),
-    )
-    .unwrap();
-    dir
+    d.looping_service("t-upd", version, &format!("[health]\n{health}"))
 }
 
 #[test]

@@ -87,21 +87,6 @@ fn unique() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
-fn service_toml(name: &str, version: &str, extra: &str) -> String {
-    format!(
-        r#"name = "{name}"
-version = "{version}"
-runtime = "lxc"
-image = "package"
-command = ["/bin/sh", "-c", "while :; do sleep 1; done"]
-stop_timeout_s = 1
-{extra}
-[resources]
-memory_mib = 32
-"#
-    )
-}
-
 /// Every path under `root` with its size, mode and content digest: what must not change.
 fn fingerprint(root: &Path) -> Vec<(String, u64, u32, String)> {
     let mut v = Vec::new();
@@ -326,6 +311,28 @@ fn a_fifo_and_a_huge_manifest_are_refused_at_once() {
         t.elapsed()
     );
     assert!(d.cli(&["service", "list"]).status.success());
+}
+
+#[test]
+fn a_file_is_a_package_by_its_content_and_a_gvpkg_is_never_read_as_a_manifest() {
+    if !need_root("a_file_is_a_package_by_its_content_and_a_gvpkg_is_never_read_as_a_manifest") {
+        return;
+    }
+    let d = daemon("");
+    // An unsigned manifest dressed as a package: verified as one, so refused.
+    let sneaky = d.dir.path().join("sneaky.gvpkg");
+    std::fs::write(&sneaky, manifest_text("t-sneak", "sleep 100", "")).unwrap();
+    let err = refused(&d, &sneaky, 5);
+    assert!(err.contains("not a valid archive"), "{err}");
+    // A package from an untrusted publisher dressed as a manifest: verified all the same.
+    let stranger = SecretKey::generate().unwrap();
+    let pkg = packaged(&d, &stranger, "t-dressed", "", "x");
+    let dressed = d.dir.path().join("innocent.toml");
+    std::fs::rename(&pkg, &dressed).unwrap();
+    let err = refused(&d, &dressed, 5);
+    assert!(err.contains("does not trust"), "{err}");
+    let list = d.json(&["service", "list", "--json"]);
+    assert!(list["services"].as_array().unwrap().is_empty(), "{list}");
 }
 
 #[test]

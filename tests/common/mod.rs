@@ -266,6 +266,15 @@ impl Daemon {
         ])
     }
 
+    /// The folder of a packaged busybox service `name` at `version` that loops until it is
+    /// stopped ([`service_toml`]).
+    pub fn looping_service(&self, name: &str, version: &str, extra: &str) -> PathBuf {
+        let dir = self.dir.path().join(format!("src-{name}-{version}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("service.toml"), service_toml(name, version, extra)).unwrap();
+        dir
+    }
+
     /// Installs and starts the package `pkg`; panics unless it answers with it running.
     pub fn install_package_started(&self, pkg: &Path) -> serde_json::Value {
         let st = self.json(&[
@@ -503,4 +512,21 @@ pub fn call_async(
 ) -> std::thread::JoinHandle<Result<serde_json::Value, gatevisor::client::ClientError>> {
     let socket = socket.to_path_buf();
     std::thread::spawn(move || gatevisor::client::Client::new(&socket).call(&req))
+}
+
+/// The manifest of a packaged busybox service `name` at `version` that loops until it is
+/// stopped, with `extra` lines before its `[resources]` (keys, or tables such as `[health]`).
+pub fn service_toml(name: &str, version: &str, extra: &str) -> String {
+    format!(
+        r#"name = "{name}"
+version = "{version}"
+runtime = "lxc"
+image = "package"
+command = ["/bin/sh", "-c", "while :; do sleep 1; done"]
+stop_timeout_s = 1
+{extra}
+[resources]
+memory_mib = 32
+"#
+    )
 }
