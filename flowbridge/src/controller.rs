@@ -1,14 +1,22 @@
 //! The steering controller: owns the OpenFlow connection to one bridge and the flows each
 //! service should have, and applies every change as one atomic bundle.
 //!
-//! - `activate`: the service is ready: its fail-closed drops (if any) are replaced by its
-//!   steering flows in one bundle.
-//! - `deactivate`: the service stopped, crashed or was removed: its steering flows go, and for
-//!   `closed` its class is dropped, again in one bundle. With `open` the base pipeline forwards
-//!   its class at once.
-//! - `resync`: after the switch restarted (flows lost), reconnect and reinstall everything.
+//! The controller keeps what it believes the switch holds under gatevisor's cookies, read
+//! from the switch when it connects. Every change is computed as a difference against that:
+//! flows that are already there stay untouched (their counters keep counting, no packet sees a
+//! gap), only what differs is deleted (strictly, by match and priority) or added, and nothing
+//! is sent when nothing differs. A restarted daemon therefore leaves a running service's flows
+//! exactly as they were.
+//!
+//! - `set_service`: the service's port and whether it serves now. Serving: its steering flows.
+//!   Not serving: its class fails open (no flows: the base pipeline forwards it) or closed
+//!   (drops), and tagged frames from its port are dropped (a late verdict must not reach the
+//!   bridge's MAC learning).
+//! - `prune`: after a daemon restart, the flows of services that no longer exist go.
+//! - `resync`: after the switch restarted (flows lost), reconnect and reinstall everything in
+//!   one bundle.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -53,15 +61,104 @@ pub struct VerdictCounts {
     pub reply: u64,
 }
 
+/// A flow's identity on the switch: table, priority and match (fields in a canonical order).
+type FlowKey = (u8, u16, Vec<Vec<u8>>);
+
+fn key_of(f: &Flow) -> FlowKey {
+    let mut fields: Vec<Vec<u8>> = f
+        .matches
+        .iter()
+        .map(|m| {
+            let mut b = Vec::new();
+            m.encode(&mut b);
+            b
+        })
+        .collect();
+    fields.sort();
+    (f.table, f.priority, fields)
+}
+
+/// Everything about a flow the switch acts on, beyond its identity.
+fn same_content(a: &Flow, b: &Flow) -> bool {
+    let enc = |f: &Flow| {
+        let mut v = Vec::new();
+        for i in &f.instructions {
+            i.encode(&mut v);
+        }
+        v
+    };
+    a.cookie == b.cookie
+        && a.idle_timeout == b.idle_timeout
+        && a.hard_timeout == b.hard_timeout
+        && enc(a) == enc(b)
+}
+
+/// What the switch holds under gatevisor's cookies: static flows only (session verdicts have
+/// idle timeouts and are the switch's to expire).
+#[derive(Debug, Default)]
+struct Installed(BTreeMap<FlowKey, Flow>);
+
+impl Installed {
+    fn read(conn: &mut OfConn) -> Result<Installed, OfError> {
+        let flows = conn.flow_stats(0, 0)?;
+        Ok(Installed(
+            flows
+                .into_iter()
+                .map(|s| s.flow)
+                .filter(|f| steering::is_ours(f.cookie) && f.idle_timeout == 0)
+                .map(|f| (key_of(&f), f))
+                .collect(),
+        ))
+    }
+
+    /// The flow mods that make the flows under `cookies` exactly `desired`: strict deletes of
+    /// what is there and not wanted, adds of what is missing or different. Empty when the
+    /// switch already holds them.
+    fn diff(&self, cookies: &[u64], desired: &[Flow]) -> Vec<(Flow, FlowModCommand, u64)> {
+        let want: BTreeMap<FlowKey, &Flow> = desired.iter().map(|f| (key_of(f), f)).collect();
+        let mut mods = Vec::new();
+        for (k, f) in &self.0 {
+            if cookies.contains(&f.cookie) && !want.contains_key(k) {
+                mods.push((f.clone(), FlowModCommand::DeleteStrict, u64::MAX));
+            }
+        }
+        for (k, f) in &want {
+            match self.0.get(k) {
+                Some(have) if same_content(have, f) => {}
+                _ => mods.push(((*f).clone(), FlowModCommand::Add, 0)),
+            }
+        }
+        mods
+    }
+
+    /// Records mods the switch accepted.
+    fn applied(&mut self, mods: &[(Flow, FlowModCommand, u64)]) {
+        for (f, cmd, _) in mods {
+            match cmd {
+                FlowModCommand::DeleteStrict => {
+                    self.0.remove(&key_of(f));
+                }
+                FlowModCommand::Add => {
+                    self.0.insert(key_of(f), f.clone());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn cookies(&self) -> BTreeSet<u64> {
+        self.0.values().map(|f| f.cookie).collect()
+    }
+}
+
 pub struct Controller {
     conn: OfConn,
     services: BTreeMap<u32, ServiceSteering>,
+    installed: Installed,
     /// `ovs-vswitchd`'s unixctl socket, to purge cached datapath flows after a change.
     vswitchd_ctl: Option<std::path::PathBuf>,
-}
-
-fn adds(flows: Vec<Flow>) -> impl Iterator<Item = (Flow, FlowModCommand, u64)> {
-    flows.into_iter().map(|f| (f, FlowModCommand::Add, 0))
+    /// Bundles sent (changes made) since connecting: a restart that changed nothing sent none.
+    bundles: u64,
 }
 
 fn delete_cookie(cookie: u64) -> (Flow, FlowModCommand, u64) {
@@ -74,15 +171,19 @@ fn delete_cookie(cookie: u64) -> (Flow, FlowModCommand, u64) {
 }
 
 impl Controller {
-    /// Connects to the bridge's management socket and installs the base pipeline.
+    /// Connects to the bridge's management socket, reads what the switch holds and makes the
+    /// base pipeline right (without touching it when it already is).
     pub fn connect(mgmt: &Path, timeout: Duration) -> Result<Controller, OfError> {
-        let conn = OfConn::connect(mgmt, timeout)?;
+        let mut conn = OfConn::connect(mgmt, timeout)?;
+        let installed = Installed::read(&mut conn)?;
         let mut c = Controller {
             conn,
             services: BTreeMap::new(),
+            installed,
             vswitchd_ctl: None,
+            bundles: 0,
         };
-        c.install_base()?;
+        c.sync(&[steering::BASE_COOKIE], steering::base_flows(), &[])?;
         Ok(c)
     }
 
@@ -102,10 +203,29 @@ impl Controller {
         }
     }
 
-    fn install_base(&mut self) -> Result<(), OfError> {
-        let mut mods = vec![delete_cookie(steering::BASE_COOKIE)];
-        mods.extend(adds(steering::base_flows()));
-        self.conn.bundle(&mods)
+    /// Makes the flows under `cookies` exactly `desired` in one bundle, with `extra` mods
+    /// (deletes of untracked flows) in the same bundle. Sends nothing when nothing differs.
+    fn sync(
+        &mut self,
+        cookies: &[u64],
+        desired: Vec<Flow>,
+        extra: &[(Flow, FlowModCommand, u64)],
+    ) -> Result<(), OfError> {
+        let mut mods = self.installed.diff(cookies, &desired);
+        if mods.is_empty() && extra.is_empty() {
+            return Ok(());
+        }
+        mods.extend_from_slice(extra);
+        self.conn.bundle(&mods)?;
+        self.bundles += 1;
+        self.installed.applied(&mods);
+        self.purge_datapath();
+        Ok(())
+    }
+
+    /// Bundles sent since connecting (a change the switch saw).
+    pub fn changes(&self) -> u64 {
+        self.bundles
     }
 
     /// Records the service's policies; nothing is steered until `activate`. A `closed`
@@ -117,13 +237,26 @@ impl Controller {
         policies: Vec<Policy>,
         failure_mode: FailureMode,
     ) -> Result<(), OfError> {
+        self.set_service(id, port, policies, failure_mode, false)
+    }
+
+    /// Records the service's port (0: not plugged), policies, failure mode and whether it
+    /// serves now, and makes the switch hold exactly its flows for that.
+    pub fn set_service(
+        &mut self,
+        id: u32,
+        port: u32,
+        policies: Vec<Policy>,
+        failure_mode: FailureMode,
+        active: bool,
+    ) -> Result<(), OfError> {
         self.services.insert(
             id,
             ServiceSteering {
                 port,
                 policies,
                 failure_mode,
-                active: false,
+                active,
             },
         );
         self.apply(id)
@@ -143,39 +276,95 @@ impl Controller {
         self.apply(id)
     }
 
+    /// The service's port left the bridge: nothing may refer to its number any more (another
+    /// port may get it).
+    pub fn port_gone(&mut self, id: u32) -> Result<(), OfError> {
+        if let Some(s) = self.services.get_mut(&id) {
+            s.port = 0;
+            s.active = false;
+        }
+        self.apply(id)
+    }
+
+    /// Service `id`'s OpenFlow port (0: not plugged), if the controller knows the service.
+    pub fn port_of(&self, id: u32) -> Option<u32> {
+        self.services.get(&id).map(|s| s.port)
+    }
+
+    /// Whether service `id` is steered to now.
+    pub fn is_active(&self, id: u32) -> bool {
+        self.services.get(&id).is_some_and(|s| s.active)
+    }
+
     /// Forgets the service and removes all its flows.
     pub fn remove_service(&mut self, id: u32) -> Result<(), OfError> {
         self.services.remove(&id);
-        self.conn.bundle(&[
-            delete_cookie(steering::service_cookie(id, false)),
-            delete_cookie(steering::service_cookie(id, true)),
-        ])?;
-        self.purge_datapath();
-        Ok(())
+        self.apply(id)
     }
 
-    /// Makes the switch hold exactly the flows service `id` should have now.
-    fn apply(&mut self, id: u32) -> Result<(), OfError> {
-        let mut mods = vec![
-            delete_cookie(steering::service_cookie(id, false)),
-            delete_cookie(steering::service_cookie(id, true)),
-        ];
-        if let Some(s) = self.services.get(&id) {
-            if s.active {
-                let fail_open = s.failure_mode == FailureMode::Open;
-                mods.extend(adds(steering::service_flows(
-                    id,
-                    s.port,
-                    &s.policies,
-                    fail_open,
-                )));
-            } else if s.failure_mode == FailureMode::Closed {
-                mods.extend(adds(steering::failed_closed_flows(id, &s.policies)));
-            }
+    /// After a daemon restart, once every known service is registered: the flows of services
+    /// the controller does not know (removed while no daemon ran) are removed.
+    pub fn prune(&mut self) -> Result<(), OfError> {
+        let stale: Vec<u64> = self
+            .installed
+            .cookies()
+            .into_iter()
+            .filter(|c| steering::service_of(*c).is_some_and(|id| !self.services.contains_key(&id)))
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
         }
-        self.conn.bundle(&mods)?;
-        self.purge_datapath();
-        Ok(())
+        let extra: Vec<_> = stale
+            .iter()
+            .flat_map(|c| {
+                let id = steering::service_of(*c).unwrap_or(0);
+                [*c, steering::verdict_cookie(id)]
+            })
+            .collect::<BTreeSet<u64>>()
+            .into_iter()
+            .map(delete_cookie)
+            .collect();
+        self.sync(&stale, Vec::new(), &extra)
+    }
+
+    /// The flows service `id` should have now.
+    fn desired(&self, id: u32) -> Vec<Flow> {
+        let Some(s) = self.services.get(&id) else {
+            return Vec::new();
+        };
+        if s.active && s.port != 0 {
+            let fail_open = s.failure_mode == FailureMode::Open;
+            return steering::service_flows(id, s.port, &s.policies, fail_open);
+        }
+        let mut v = Vec::new();
+        if s.port != 0 {
+            v.push(steering::port_guard_flow(id, s.port));
+        }
+        if s.failure_mode == FailureMode::Closed {
+            v.extend(steering::failed_closed_flows(id, &s.policies));
+        }
+        v
+    }
+
+    /// Makes the switch hold exactly the flows service `id` should have now. A service that
+    /// stops serving also loses the session verdicts it gave.
+    fn apply(&mut self, id: u32) -> Result<(), OfError> {
+        let cookies = [
+            steering::service_cookie(id, false),
+            steering::service_cookie(id, true),
+        ];
+        let desired = self.desired(id);
+        let was_serving = self
+            .installed
+            .0
+            .values()
+            .any(|f| f.cookie == steering::service_cookie(id, false));
+        let extra = if was_serving && !self.is_active(id) {
+            vec![delete_cookie(steering::verdict_cookie(id))]
+        } else {
+            Vec::new()
+        };
+        self.sync(&cookies, desired, &extra)
     }
 
     /// A verdict from the verdict API for one session of service `id`. Refused when the
@@ -191,18 +380,28 @@ impl Controller {
         }
         let f = steering::session_verdict_flow(id, session, allow);
         self.conn.flow_mods(&[(f, FlowModCommand::Add)])?;
+
         Ok(true)
     }
 
-    /// Reconnects and reinstalls the base pipeline and every service's flows.
+    /// Reconnects after the switch restarted and makes it hold every flow again, in one bundle
+    /// (a switch started with `flow-restore-wait` forwards nothing until then).
     pub fn resync(&mut self, timeout: Duration) -> Result<(), OfError> {
         self.conn = self.conn.reconnect(timeout)?;
-        self.install_base()?;
+        self.installed = Installed::read(&mut self.conn)?;
+        let mut cookies = vec![steering::BASE_COOKIE];
+        let mut desired = steering::base_flows();
         let ids: Vec<u32> = self.services.keys().copied().collect();
         for id in ids {
-            self.apply(id)?;
+            cookies.push(steering::service_cookie(id, false));
+            cookies.push(steering::service_cookie(id, true));
+            desired.extend(self.desired(id));
         }
-        Ok(())
+        // Whatever else carries our cookies (services that are gone) goes too.
+        cookies.extend(self.installed.cookies());
+        cookies.sort_unstable();
+        cookies.dedup();
+        self.sync(&cookies, desired, &[])
     }
 
     /// Is the switch still answering on our connection?

@@ -148,6 +148,43 @@ impl Ovsdb {
         Ok(())
     }
 
+    /// Sets `other_config:flow-restore-wait`. While it is true a starting `ovs-vswitchd`
+    /// neither forwards packets nor flushes the datapath's cached flows; the controller clears
+    /// it once it restored the flows, so no packet meets an empty (or default, `NORMAL`) table.
+    pub fn set_flow_restore_wait(&mut self, on: bool) -> Result<()> {
+        let mutation = if on {
+            json!([[
+                "other_config",
+                "insert",
+                ["map", [["flow-restore-wait", "true"]]]
+            ]])
+        } else {
+            json!([["other_config", "delete", ["set", ["flow-restore-wait"]]]])
+        };
+        if on {
+            // `insert` keeps an existing key's value: drop it first.
+            self.transact(vec![
+                json!({"op": "mutate", "table": "Open_vSwitch", "where": [],
+                "mutations": [["other_config", "delete", ["set", ["flow-restore-wait"]]]]}),
+            ])?;
+        }
+        self.transact(vec![
+            json!({"op": "mutate", "table": "Open_vSwitch", "where": [],
+            "mutations": mutation}),
+        ])?;
+        Ok(())
+    }
+
+    /// Whether `other_config:flow-restore-wait` is set.
+    pub fn flow_restore_wait(&mut self) -> Result<bool> {
+        let rows = self.select("Open_vSwitch", json!([]), &["other_config"])?;
+        Ok(rows.first().is_some_and(|r| {
+            map_pairs(&r["other_config"])
+                .iter()
+                .any(|(k, v)| k == "flow-restore-wait" && v == "true")
+        }))
+    }
+
     /// Creates bridge `name` with `datapath_type` unless it exists. Returns true when created.
     /// An existing bridge is left as it is (it may be the gateway's own).
     pub fn ensure_bridge(&mut self, name: &str, datapath_type: &str) -> Result<bool> {

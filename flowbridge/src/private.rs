@@ -37,6 +37,13 @@ const SCHEMAS: &[&str] = &[
     "/usr/local/share/openvswitch/vswitch.ovsschema",
 ];
 
+/// Which daemons [`PrivateOvs::restart_dead`] restarted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restarted {
+    pub ovsdb_server: bool,
+    pub vswitchd: bool,
+}
+
 pub struct PrivateOvs {
     run_dir: PathBuf,
     ovsdb_server: Option<Child>,
@@ -53,9 +60,18 @@ impl PrivateOvs {
     /// Starts `ovsdb-server` and `ovs-vswitchd` with their sockets, database and logs in
     /// `run_dir`, and waits until both answer.
     pub fn start(run_dir: &Path) -> Result<PrivateOvs, PrivateError> {
+        PrivateOvs::start_with(run_dir, false)
+    }
+
+    /// As [`PrivateOvs::start`], but `ovs-vswitchd` starts with `flow-restore-wait`: it forwards
+    /// nothing until the caller installed its flows and cleared the flag, so no packet is
+    /// switched by a table without them.
+    pub fn start_holding(run_dir: &Path) -> Result<PrivateOvs, PrivateError> {
+        PrivateOvs::start_with(run_dir, true)
+    }
+
+    fn start_with(run_dir: &Path, hold: bool) -> Result<PrivateOvs, PrivateError> {
         let tool = program("ovsdb-tool")?;
-        let server = program("ovsdb-server")?;
-        let vswitchd = program("ovs-vswitchd")?;
         std::fs::create_dir_all(run_dir).map_err(|source| PrivateError::Spawn {
             program: format!("mkdir {}", run_dir.display()),
             source,
@@ -89,22 +105,35 @@ impl PrivateOvs {
             vswitchd: None,
             stop_on_drop: true,
         };
-        let log = |n: &str| run_dir.join(format!("{n}.log"));
-        me.ovsdb_server = Some(spawn(
+        me.spawn_ovsdb_server()?;
+        me.spawn_vswitchd(hold)?;
+        Ok(me)
+    }
+
+    fn log(&self, n: &str) -> PathBuf {
+        self.run_dir.join(format!("{n}.log"))
+    }
+
+    /// Starts `ovsdb-server` on the existing database and waits until it answers.
+    fn spawn_ovsdb_server(&mut self) -> Result<(), PrivateError> {
+        let server = program("ovsdb-server")?;
+        let run_dir = self.run_dir.clone();
+        let db = run_dir.join("conf.db");
+        self.ovsdb_server = Some(spawn(
             &server,
             &[
                 db.to_str().unwrap_or_default(),
-                &format!("--remote=punix:{}", me.db_socket().display()),
+                &format!("--remote=punix:{}", self.db_socket().display()),
                 &format!("--unixctl={}", run_dir.join("ovsdb-server.ctl").display()),
                 &format!("--pidfile={}", run_dir.join("ovsdb-server.pid").display()),
-                &format!("--log-file={}", log("ovsdb-server").display()),
+                &format!("--log-file={}", self.log("ovsdb-server").display()),
                 "-vconsole:off",
             ],
-            run_dir,
+            &run_dir,
         )?);
         let start = Instant::now();
         let mut db_client = loop {
-            match Ovsdb::connect(&me.db_socket()) {
+            match Ovsdb::connect(&self.db_socket()) {
                 Ok(c) => break c,
                 Err(_) if start.elapsed() < Duration::from_secs(10) => {
                     std::thread::sleep(Duration::from_millis(5))
@@ -113,36 +142,102 @@ impl PrivateOvs {
                     return Err(PrivateError::Timeout {
                         what: "ovsdb-server",
                         ms: start.elapsed().as_millis(),
-                        log: log("ovsdb-server"),
+                        log: self.log("ovsdb-server"),
                     })
                 }
             }
         };
         db_client.init()?;
-        me.vswitchd = Some(spawn(
+        Ok(())
+    }
+
+    /// Starts `ovs-vswitchd` and waits until it applied the database. With `hold`, it starts
+    /// with `flow-restore-wait`: it forwards nothing until the caller restored the flows and
+    /// cleared the flag ([`Ovsdb::set_flow_restore_wait`]).
+    fn spawn_vswitchd(&mut self, hold: bool) -> Result<(), PrivateError> {
+        let vswitchd = program("ovs-vswitchd")?;
+        let run_dir = self.run_dir.clone();
+        let mut db_client = Ovsdb::connect(&self.db_socket())?;
+        db_client.set_flow_restore_wait(hold)?;
+        let start = Instant::now();
+        self.vswitchd = Some(spawn(
             &vswitchd,
             &[
-                &format!("unix:{}", me.db_socket().display()),
+                &format!("unix:{}", self.db_socket().display()),
                 &format!("--unixctl={}", run_dir.join("ovs-vswitchd.ctl").display()),
                 &format!("--pidfile={}", run_dir.join("ovs-vswitchd.pid").display()),
-                &format!("--log-file={}", log("ovs-vswitchd").display()),
+                &format!("--log-file={}", self.log("ovs-vswitchd").display()),
                 "-vconsole:off",
             ],
-            run_dir,
+            &run_dir,
         )?);
         db_client
             .wait_applied(Duration::from_secs(20))
             .map_err(|_| PrivateError::Timeout {
                 what: "ovs-vswitchd",
                 ms: start.elapsed().as_millis(),
-                log: log("ovs-vswitchd"),
+                log: self.log("ovs-vswitchd"),
             })?;
-        Ok(me)
+        Ok(())
+    }
+
+    /// Restarts whichever of the two daemons died (or stopped answering), leaving the other
+    /// running: `ovs-vswitchd` keeps forwarding while `ovsdb-server` restarts, and a restarted
+    /// `ovs-vswitchd` finds its configuration in the running database. Dead children are
+    /// reaped and a hung daemon is killed first. `hold`: as in [`PrivateOvs::start_holding`].
+    /// Returns which daemons were restarted.
+    pub fn restart_dead(&mut self, hold: bool) -> Result<Restarted, PrivateError> {
+        let mut done = Restarted::default();
+        for (ctl, pidfile) in [
+            ("ovsdb-server.ctl", "ovsdb-server.pid"),
+            ("ovs-vswitchd.ctl", "ovs-vswitchd.pid"),
+        ] {
+            let is_db = ctl.starts_with("ovsdb");
+            let child = if is_db {
+                &mut self.ovsdb_server
+            } else {
+                &mut self.vswitchd
+            };
+            // A child of ours that ended is reaped here, not left a zombie.
+            let exited = child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if !exited && unixctl(&self.run_dir.join(ctl), "version", &[]).is_ok() {
+                continue;
+            }
+            if let Some(mut c) = child.take() {
+                if !exited {
+                    let _ = c.kill();
+                }
+                let _ = c.wait();
+            } else if let Some(pid) =
+                read_pid(&self.run_dir.join(pidfile)).filter(|p| pid_alive(*p))
+            {
+                // Not ours (an earlier daemon started it) and not answering: hung.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while pid_alive(pid) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            let _ = std::fs::remove_file(self.run_dir.join(pidfile));
+            if is_db {
+                self.spawn_ovsdb_server()?;
+                done.ovsdb_server = true;
+            } else {
+                self.spawn_vswitchd(hold)?;
+                done.vswitchd = true;
+            }
+        }
+        Ok(done)
     }
 
     /// Re-attaches to a private switch a previous daemon left running in `run_dir` (both
-    /// daemons answer), or starts a new one.
-    pub fn attach_or_start(run_dir: &Path) -> Result<PrivateOvs, PrivateError> {
+    /// daemons answer), or starts a new one (`hold`: as in [`PrivateOvs::start_holding`]).
+    pub fn attach_or_start(run_dir: &Path, hold: bool) -> Result<PrivateOvs, PrivateError> {
         let answers = |f: &str| unixctl(&run_dir.join(f), "version", &[]).is_ok();
         if answers("ovsdb-server.ctl") && answers("ovs-vswitchd.ctl") {
             return Ok(PrivateOvs {
@@ -154,7 +249,7 @@ impl PrivateOvs {
         }
         // Whatever half is left over is stopped before a clean start.
         stop_in(run_dir);
-        PrivateOvs::start(run_dir)
+        PrivateOvs::start_with(run_dir, hold)
     }
 
     /// Keeps the switch running after this handle is dropped, so traffic keeps flowing and the

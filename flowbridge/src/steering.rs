@@ -40,9 +40,26 @@ pub enum Verdict {
     Reply = 3,
 }
 
-/// The cookie of a service's steering flows (`failed = false`) or of its fail-closed drops.
+/// The cookie of a service's steering flows (`failed = false`) or of the flows in force while
+/// it does not serve (its fail-closed drops and its port guard).
 pub fn service_cookie(service_id: u32, failed: bool) -> u64 {
     SERVICE_COOKIE | (service_id as u64) << 8 | if failed { 2 } else { 1 }
+}
+
+/// The cookie of the session verdicts a service gave over its verdict API (flows with an idle
+/// timeout, which the switch expires by itself).
+pub fn verdict_cookie(service_id: u32) -> u64 {
+    SERVICE_COOKIE | (service_id as u64) << 8 | 3
+}
+
+/// Whether `cookie` is one of gatevisor's (the base pipeline's or a service's).
+pub fn is_ours(cookie: u64) -> bool {
+    cookie == BASE_COOKIE || cookie & 0xffff_ffff_0000_0000 == SERVICE_COOKIE
+}
+
+/// The service id a service cookie carries.
+pub fn service_of(cookie: u64) -> Option<u32> {
+    (cookie != BASE_COOKIE && is_ours(cookie)).then_some(((cookie >> 8) & 0xff_ffff) as u32)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -572,12 +589,28 @@ pub fn session_verdict_flow(service_id: u32, s: &Session, allow: bool) -> Flow {
     Flow {
         table: TABLE_POST_CT,
         priority: 150,
-        cookie: service_cookie(service_id, false),
+        cookie: verdict_cookie(service_id),
         idle_timeout: VERDICT_IDLE_S,
         matches,
         instructions: apply(actions),
         ..Flow::default()
     }
+}
+
+/// While a plugged service does not serve, tagged frames from its port are dropped: a frame it
+/// returns then (a verdict for flows that are gone) must not reach the bridge's normal
+/// switching, which would learn the frame's source (a LAN or WAN host) on the service port.
+pub fn port_guard_flow(service_id: u32, svc_port: u32) -> Flow {
+    flow(
+        TABLE_CLASSIFY,
+        1000,
+        service_cookie(service_id, true),
+        vec![
+            Field::InPort(svc_port),
+            Field::VlanVid(0x1000, Some(0x1000)),
+        ],
+        vec![],
+    )
 }
 
 /// Flows that drop a failed service's class (fail-closed). Mirrors never drop.
@@ -617,6 +650,17 @@ mod tests {
         assert_ne!(service_cookie(1, false), service_cookie(2, false));
         assert_ne!(service_cookie(1, false), service_cookie(1, true));
         assert_ne!(service_cookie(1, false), BASE_COOKIE);
+        assert_ne!(verdict_cookie(1), service_cookie(1, false));
+        for c in [
+            service_cookie(77, false),
+            service_cookie(77, true),
+            verdict_cookie(77),
+        ] {
+            assert!(is_ours(c));
+            assert_eq!(service_of(c), Some(77));
+        }
+        assert!(is_ours(BASE_COOKIE) && service_of(BASE_COOKIE).is_none());
+        assert!(!is_ours(0x77));
     }
 
     #[test]
