@@ -22,6 +22,8 @@ pub enum EventKind {
     NetworkRestored,
     /// A service stopped sending its heartbeat.
     Hung,
+    /// A `ready = "notify"` service said it is ready: its traffic is steered to it.
+    Ready,
     Updated,
     RolledBack,
     /// An install or update was refused (the detail says why).

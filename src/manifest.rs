@@ -169,6 +169,13 @@ pub struct Network {
     /// over and restarted.
     #[serde(default)]
     pub heartbeat_timeout_ms: Option<u64>,
+    /// When steering to the service (re)starts: `started` as soon as its process runs, or
+    /// `notify` once it sends `{"op":"ready"}` on its verdict socket (the service SDK does,
+    /// once its packet port is open). Until then its failure mode applies, so a restarting
+    /// service is never sent traffic it cannot answer yet. A `notify` service that stays
+    /// silent for the daemon's start timeout is failed over and restarted.
+    #[serde(default)]
+    pub ready: Readiness,
     /// The service's IPv4 address on its interface, `A.B.C.D/PREFIX` (set on eth0 by liblxc
     /// for a container, by gatevisor's guest init for a microVM). Unset: the service
     /// configures its interface itself.
@@ -182,9 +189,21 @@ impl Default for Network {
             interface: true,
             steering: Vec::new(),
             heartbeat_timeout_ms: None,
+            ready: Readiness::Started,
             address: None,
         }
     }
+}
+
+/// When a steering service is ready for its traffic (`[network] ready`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Readiness {
+    /// As soon as its process runs.
+    #[default]
+    Started,
+    /// When it says so on its verdict socket.
+    Notify,
 }
 
 fn one() -> u32 {
@@ -263,6 +282,7 @@ const FIELDS: &[&str] = &[
     "interface",
     "steering",
     "heartbeat_timeout_ms",
+    "ready",
     "address",
     "exec",
     "tcp_port",
@@ -462,6 +482,12 @@ impl Manifest {
                     "needs network.steering (the heartbeat comes over the verdict socket)".into(),
                 ));
             }
+        }
+        if self.network.ready == Readiness::Notify && self.network.steering.is_empty() {
+            return Err(bad(
+                "network.ready",
+                "\"notify\" needs network.steering (the word comes over the verdict socket)".into(),
+            ));
         }
         if let Some(a) = &self.network.address {
             let ok = a.split_once('/').is_some_and(|(ip, p)| {

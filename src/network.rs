@@ -71,7 +71,8 @@ impl Network {
                 if gatevisor_board::ovs::find_sbin("ovs-vswitchd").is_none() {
                     return Err(NetworkError::NoSwitch);
                 }
-                let p = PrivateOvs::attach_or_start(private_dir)?;
+                // A switch that has to start forwards nothing until the flows are in.
+                let p = PrivateOvs::attach_or_start(private_dir, true)?;
                 let (db, mgmt, ctl) = (p.db_socket(), p.mgmt_socket(bridge), p.vswitchd_ctl());
                 (Some(p), db, mgmt, Some(ctl))
             }
@@ -83,6 +84,11 @@ impl Network {
         let mut ctl = Controller::connect(&mgmt_socket, Duration::from_secs(20))?;
         if let Some(c) = vswitchd_ctl {
             ctl = ctl.with_vswitchd_ctl(c);
+        }
+        // The base pipeline is in; a private switch we started may forward now. (Services'
+        // fail-closed drops follow as they register, before the supervisor serves anything.)
+        if private.is_some() && db.flow_restore_wait()? {
+            db.set_flow_restore_wait(false)?;
         }
         Ok(Network {
             bridge: bridge.into(),
@@ -97,8 +103,8 @@ impl Network {
         self.private.is_some()
     }
 
-    /// Records a service's policies and failure mode (a `closed` service's class is dropped
-    /// until it runs).
+    /// Records the policies and failure mode of a service that does not run (a `closed`
+    /// service's class is dropped until it runs).
     pub fn register(
         &mut self,
         id: u32,
@@ -110,7 +116,9 @@ impl Network {
         Ok(())
     }
 
-    /// Plugs the service's interface into the bridge and starts steering to it.
+    /// Plugs the service's interface into the bridge (unless it is there: a re-adopted
+    /// service keeps its port) and steers to it when it is `ready`; until then its failure
+    /// mode applies. Flows already on the switch that are right stay untouched.
     pub fn plug(
         &mut self,
         id: u32,
@@ -118,6 +126,7 @@ impl Network {
         service: &str,
         policies: &[Policy],
         mode: FailureMode,
+        ready: bool,
     ) -> Result<u32, NetworkError> {
         let mut db = Ovsdb::connect(&self.db_socket)?;
         if !db.ports(&self.bridge)?.iter().any(|p| p.name == port) {
@@ -138,16 +147,44 @@ impl Network {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        self.ctl.add_service(id, ofport, policies.to_vec(), mode)?;
-        self.ctl.activate(id)?;
+        self.ctl
+            .set_service(id, ofport, policies.to_vec(), mode, ready)?;
         Ok(ofport)
     }
 
-    /// The service ended: its class fails open or closed at once, then its port is removed.
+    /// The plugged service said it is ready: steer to it.
+    pub fn activate(&mut self, id: u32) -> Result<(), NetworkError> {
+        Ok(self.ctl.activate(id)?)
+    }
+
+    /// Whether service `id` is steered to now.
+    pub fn is_active(&self, id: u32) -> bool {
+        self.ctl.is_active(id)
+    }
+
+    /// Whether service `id` has a port on the bridge.
+    pub fn is_plugged(&self, id: u32) -> bool {
+        self.ctl.port_of(id).is_some_and(|p| p != 0)
+    }
+
+    /// After a daemon restart, once every service is registered or plugged: flows of services
+    /// that no longer exist go.
+    pub fn prune(&mut self) -> Result<(), NetworkError> {
+        Ok(self.ctl.prune()?)
+    }
+
+    /// Bundles of flow changes sent since this daemon connected.
+    pub fn flow_changes(&self) -> u64 {
+        self.ctl.changes()
+    }
+
+    /// The service ended: its class fails open or closed at once, then its port is removed
+    /// and no flow refers to its number any more.
     pub fn unplug(&mut self, id: u32, port: &str) -> Result<(), NetworkError> {
         self.ctl.deactivate(id)?;
         let mut db = Ovsdb::connect(&self.db_socket)?;
         db.del_port(&self.bridge, port)?;
+        self.ctl.port_gone(id)?;
         Ok(())
     }
 
@@ -183,24 +220,32 @@ impl Network {
     }
 
     /// Restores the flows if the switch restarted (its OpenFlow connection broke).
+    ///
+    /// A private switch is supervised here: the daemon that died is restarted alone (reaped,
+    /// its pid file removed), `ovs-vswitchd` with `flow-restore-wait`, so it forwards nothing
+    /// until every flow is back; then the flag is cleared. During the gap the userspace
+    /// datapath forwards nothing at all (fail-open services lose their class with everything
+    /// else, fail-closed ones stay closed); the kernel datapath keeps its cached flows, which
+    /// still carry the old pipeline.
     pub fn check(&mut self) -> Result<bool, NetworkError> {
-        if self.ctl.alive() {
+        let restarted = match self.private.as_mut() {
+            Some(p) => p.restart_dead(true)?,
+            None => Default::default(),
+        };
+        if restarted.ovsdb_server && !restarted.vswitchd {
+            tracing::warn!("the private ovsdb-server had ended; restarted it");
+        }
+        if !restarted.vswitchd && self.ctl.alive() {
             return Ok(false);
         }
         tracing::warn!("Open vSwitch connection lost; reconnecting and restoring flows");
-        // Our own switch is supervised here: restart what died (its database keeps the bridge
-        // and ports).
-        if let Some(p) = self.private.as_ref().filter(|p| !p.healthy()) {
-            let dir = p.run_dir().to_path_buf();
-            if let Some(old) = self.private.take() {
-                old.leave_running();
-            }
-            self.private = Some(PrivateOvs::attach_or_start(&dir)?);
-        }
         let mut db = Ovsdb::connect(&self.db_socket)?;
         db.ensure_bridge(&self.bridge, &self.datapath_type)?;
         db.wait_applied(Duration::from_secs(20))?;
         self.ctl.resync(Duration::from_secs(20))?;
+        if self.private.is_some() && db.flow_restore_wait()? {
+            db.set_flow_restore_wait(false)?;
+        }
         Ok(true)
     }
 

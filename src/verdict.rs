@@ -6,6 +6,9 @@
 //! Requests, one JSON object per line; one reply line each:
 //! - `{"op":"hello"}` → `{"ok":true,"service":"NAME","api":1}`
 //! - `{"op":"ping"}` → `{"ok":true}`
+//! - `{"op":"ready"}` → `{"ok":true}`: the service can take its traffic now (manifests with
+//!   `[network] ready = "notify"` are steered to only after this; said again after every
+//!   reconnection, it changes nothing).
 //! - `{"op":"verdict","verdict":"allow"|"block","session":{"proto":"tcp","src":"A:P","dst":"B:Q"}}`
 //!   → `{"ok":true}` once the verdict is on the switch.
 //!
@@ -75,6 +78,7 @@ pub enum Request {
     // Empty struct variants, not unit ones: serde only rejects unknown fields in those.
     Hello {},
     Ping {},
+    Ready {},
     Verdict { verdict: Verdict, session: Session },
 }
 
@@ -256,6 +260,10 @@ fn serve_conn(conn: UnixStream, shared: &Shared) -> std::io::Result<()> {
                 json!({"ok": true, "service": name, "api": API_VERSION}),
             )?,
             Request::Ping {} => reply(&mut w, json!({"ok": true}))?,
+            Request::Ready {} => {
+                let _ = tx.send(Msg::Ready { name: name.clone() });
+                reply(&mut w, json!({"ok": true}))?
+            }
             Request::Verdict { verdict, session } => {
                 if !shared.take_verdict() {
                     reply(

@@ -13,8 +13,15 @@ impl Supervisor {
             next_id += 1;
             rec.id = next_id;
         }
+        // Services that still run keep their flows exactly as they are (they are plugged
+        // below, which finds them right and changes nothing); only the others are put into
+        // their failure mode. Nothing is ever deleted and re-added.
         for name in &names {
-            self.register_network(name);
+            if self.service_pid(name).is_some() {
+                self.open_verdict_socket(name);
+            } else {
+                self.register_network(name);
+            }
         }
         for name in names {
             let Ok(rec) = self.record(&name) else {
@@ -45,6 +52,8 @@ impl Supervisor {
                     });
                     rec.state = State::Running;
                     self.watch(&name, monitor_pid, init_pid, None);
+                    // It was serving before the daemon went away.
+                    self.live.entry(name.clone()).or_default().said_ready = true;
                     self.plug(&name);
                     self.event(
                         EventKind::Adopted,
@@ -99,6 +108,11 @@ impl Supervisor {
                     let _ = self.start_service(&name, Op::Start);
                 }
                 None => {}
+            }
+        }
+        if let Some(net) = self.net.as_mut() {
+            if let Err(e) = net.prune() {
+                tracing::warn!("cannot remove the flows of services that are gone: {e}");
             }
         }
         let _ = self.persist();

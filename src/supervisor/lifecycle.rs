@@ -105,6 +105,8 @@ impl Supervisor {
             retry: op == Op::Retry,
         });
         live.retry_at = None;
+        // This run says `ready` afresh.
+        live.said_ready = false;
         let n = name.to_string();
         let spawned = spawn_worker(&format!("start-{name}"), move || {
             let result = backend.start(&n, &spec);

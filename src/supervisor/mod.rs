@@ -99,6 +99,10 @@ pub enum Msg {
     PortLost {
         port: String,
     },
+    /// A service said on its verdict socket that it can take its traffic.
+    Ready {
+        name: String,
+    },
     /// A verdict from a service's verdict API.
     Verdict {
         name: String,
@@ -210,6 +214,8 @@ struct Live {
     /// `None` once it was killed as hung. The heartbeat itself is the verdict server's
     /// last-seen time.
     heartbeat_since: Option<Instant>,
+    /// The service said `ready` since it was last started (or it was adopted running).
+    said_ready: bool,
 }
 
 pub struct Supervisor {
@@ -622,6 +628,7 @@ impl Supervisor {
                 }
             }
             Msg::PortLost { port } => self.on_port_lost(&port),
+            Msg::Ready { name } => self.on_ready(&name),
             Msg::Verdict {
                 name,
                 session,

@@ -6,7 +6,7 @@ impl Supervisor {
     /// Running services with a heartbeat that went silent are hung: their traffic fails over
     /// and they are killed, so their restart policy brings them back.
     pub(super) fn check_heartbeats(&mut self) {
-        let hung: Vec<(String, u64)> = self
+        let mut hung: Vec<(String, String)> = self
             .doc
             .services
             .values()
@@ -27,14 +27,51 @@ impl Supervisor {
                         .as_ref()
                         .is_some_and(|run| last_seen_ms < run.started_at_ms)
                     && since.elapsed() < crate::microvm::BOOT_GRACE;
-                (silent_ms > timeout && !booting).then(|| (r.manifest.name.clone(), timeout))
+                (silent_ms > timeout && !booting).then(|| {
+                    (
+                        r.manifest.name.clone(),
+                        format!("no heartbeat on its verdict socket for {timeout} ms"),
+                    )
+                })
             })
             .collect();
-        for (name, timeout) in hung {
+        // A `ready = "notify"` service that never said so within the start timeout (and a
+        // microVM's boot grace) is as good as hung.
+        let start_timeout = self.settings.start_timeout;
+        hung.extend(
+            self.doc
+                .services
+                .values()
+                .filter(|r| r.state == State::Running)
+                .filter(|r| r.manifest.network.ready == crate::manifest::Readiness::Notify)
+                .filter(|r| {
+                    self.live
+                        .get(&r.manifest.name)
+                        .is_some_and(|l| !l.said_ready && l.heartbeat_since.is_some())
+                })
+                .filter_map(|r| {
+                    let grace = start_timeout
+                        + if r.runtime == Kind::Microvm {
+                            crate::microvm::BOOT_GRACE
+                        } else {
+                            Duration::ZERO
+                        };
+                    let started = r.running.as_ref()?.started_at_ms;
+                    (now_ms().saturating_sub(started) > grace.as_millis() as u64).then(|| {
+                        (
+                            r.manifest.name.clone(),
+                            format!("it never said ready within {} ms", grace.as_millis()),
+                        )
+                    })
+                })
+                .filter(|(n, _)| !hung.iter().any(|(h, _)| h == n))
+                .collect::<Vec<_>>(),
+        );
+        for (name, why) in hung {
             self.event(
                 EventKind::Hung,
                 Some(&name),
-                format!("no heartbeat on its verdict socket for {timeout} ms; failing over and restarting it"),
+                format!("{why}; failing over and restarting it"),
             );
             self.unplug(&name);
             if let Some(l) = self.live.get_mut(&name) {
@@ -103,7 +140,9 @@ impl Supervisor {
         }
     }
 
-    /// Plugs a running service into the bridge and starts steering to it.
+    /// Plugs a running service into the bridge and steers to it once it is ready: at once
+    /// for `ready = "started"`, a re-adopted service and one that said `ready` already; else
+    /// when it does ([`Supervisor::on_ready`]).
     pub(super) fn plug(&mut self, name: &str) {
         let Some(net) = self.net.as_mut() else { return };
         let Some(rec) = self.doc.services.get(name) else {
@@ -113,18 +152,42 @@ impl Supervisor {
             return;
         }
         let m = &rec.manifest;
+        let ready = m.network.ready == crate::manifest::Readiness::Started
+            || self.live.get(name).is_some_and(|l| l.said_ready);
         let res = net.plug(
             rec.id,
             &veth_name(name),
             name,
             &m.network.steering,
             m.failure_mode.to_flowbridge(),
+            ready,
         );
         let live = self.live.entry(name.to_string()).or_default();
         live.net_error = res.err().map(|e| {
             tracing::warn!("{name}: {e}");
             e.to_string()
         });
+    }
+
+    /// A service said it can take its traffic: a plugged, running one is steered to now.
+    pub(super) fn on_ready(&mut self, name: &str) {
+        let Some(rec) = self.doc.services.get(name) else {
+            return;
+        };
+        let (id, running) = (rec.id, rec.state == State::Running);
+        self.live.entry(name.to_string()).or_default().said_ready = true;
+        let Some(net) = self.net.as_mut() else { return };
+        if !running || net.is_active(id) || !net.is_plugged(id) {
+            return;
+        }
+        match net.activate(id) {
+            Ok(()) => self.event(
+                EventKind::Ready,
+                Some(name),
+                "the service said it is ready; its traffic is steered to it",
+            ),
+            Err(e) => tracing::warn!("{name}: cannot steer to it: {e}"),
+        }
     }
 
     /// The service ended or is stopping: its traffic class fails open or closed now.
@@ -171,11 +234,27 @@ impl Supervisor {
     /// Puts a service that is not running into its failure mode on the bridge, and opens its
     /// verdict socket.
     pub(super) fn register_network(&mut self, name: &str) {
+        if !self.open_verdict_socket(name) {
+            return;
+        }
+        let Some(net) = self.net.as_mut() else { return };
         let Some(rec) = self.doc.services.get(name) else {
             return;
         };
+        let m = &rec.manifest;
+        if let Err(e) = net.register(rec.id, &m.network.steering, m.failure_mode.to_flowbridge()) {
+            tracing::warn!("{name}: {e}");
+        }
+    }
+
+    /// Opens a steering service's verdict socket (unless open); false for a service without
+    /// steering.
+    pub(super) fn open_verdict_socket(&mut self, name: &str) -> bool {
+        let Some(rec) = self.doc.services.get(name) else {
+            return false;
+        };
         if rec.manifest.network.steering.is_empty() {
-            return;
+            return false;
         }
         if !self.verdict_servers.contains_key(name) {
             let owner = rec.idmap_base;
@@ -186,14 +265,7 @@ impl Supervisor {
                 Err(e) => tracing::warn!("{name}: cannot open its verdict socket: {e}"),
             }
         }
-        let Some(net) = self.net.as_mut() else { return };
-        let Some(rec) = self.doc.services.get(name) else {
-            return;
-        };
-        let m = &rec.manifest;
-        if let Err(e) = net.register(rec.id, &m.network.steering, m.failure_mode.to_flowbridge()) {
-            tracing::warn!("{name}: {e}");
-        }
+        true
     }
 
     pub(super) fn flows(&mut self) -> Result<serde_json::Value> {
@@ -215,10 +287,7 @@ impl Supervisor {
             self.doc
                 .services
                 .values()
-                .find(|r| {
-                    cookie == flowbridge::steering::service_cookie(r.id, false)
-                        || cookie == flowbridge::steering::service_cookie(r.id, true)
-                })
+                .find(|r| flowbridge::steering::service_of(cookie) == Some(r.id))
                 .map(|r| r.manifest.name.clone())
                 .unwrap_or_else(|| "other".into())
         };

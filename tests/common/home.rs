@@ -85,6 +85,12 @@ impl Drop for Home {
 
 /// dns-filter (blocking `malware.test` for everyone) as a signed package named `name`.
 pub fn dns_filter_package(d: &Daemon, name: &str) -> PathBuf {
+    dns_filter_package_with(d, name, "open")
+}
+
+/// The same with `failure_mode` (`open` or `closed`). It is steered to once it says it is
+/// ready (`ready = "notify"`).
+pub fn dns_filter_package_with(d: &Daemon, name: &str, failure_mode: &str) -> PathBuf {
     let binary = super::build_static("dns-filter", false);
     let src = d.dir.path().join(format!("src-{name}"));
     std::fs::create_dir_all(src.join("files/bin")).unwrap();
@@ -99,8 +105,9 @@ pub fn dns_filter_package(d: &Daemon, name: &str) -> PathBuf {
         src.join("service.toml"),
         format!(
             "name = \"{name}\"\nversion = \"1.0.0\"\nruntime = \"auto\"\nimage = \"package\"\n\
-             command = [\"/bin/dns-filter\"]\ncapabilities = [\"NET_RAW\"]\nfailure_mode = \"open\"\n\
-             stop_timeout_s = 1\n[resources]\nmemory_mib = 32\n[network]\nsteering = [{{ kind = \"dns\" }}]\n"
+             command = [\"/bin/dns-filter\"]\ncapabilities = [\"NET_RAW\"]\nfailure_mode = \"{failure_mode}\"\n\
+             stop_timeout_s = 1\n[resources]\nmemory_mib = 32\n[network]\nsteering = [{{ kind = \"dns\" }}]\n\
+             ready = \"notify\"\n"
         ),
     )
     .unwrap();

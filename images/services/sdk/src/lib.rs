@@ -39,7 +39,11 @@ pub fn start<C>(
         Duration::from_secs(1),
     );
     match PacketPort::open("eth0") {
-        Ok(p) => (config, p),
+        Ok(p) => {
+            // Frames steered from now on are read: the supervisor may steer to us.
+            VerdictClient::mark_ready();
+            (config, p)
+        }
         Err(e) => {
             eprintln!("{service}: cannot open eth0 (needs CAP_NET_RAW): {e}");
             std::process::exit(1);
@@ -379,6 +383,9 @@ fn connect_vsock(cid: u32, port: u32) -> std::io::Result<UnixStream> {
     Ok(UnixStream::from(owned))
 }
 
+/// Whether the service's packet port is open (see [`VerdictClient::mark_ready`]).
+static READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The verdict socket.
 pub struct VerdictClient {
     w: UnixStream,
@@ -414,6 +421,21 @@ impl VerdictClient {
         serde_json::from_str(&resp).map_err(std::io::Error::other)
     }
 
+    /// Says the service can take its traffic (manifests with `[network] ready = "notify"`
+    /// are steered to only after this). Said at once on a connection of its own, and again by
+    /// the heartbeat after every reconnection (a restarted supervisor hears it too).
+    pub fn mark_ready() {
+        READY.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(mut c) = VerdictClient::from_env() {
+            let _ = c.ready();
+        }
+    }
+
+    fn ready(&mut self) -> bool {
+        self.ask("{\"op\":\"ready\"}")
+            .is_ok_and(|v| v["ok"] == true)
+    }
+
     pub fn ping(&mut self) -> bool {
         self.ask("{\"op\":\"ping\"}").is_ok_and(|v| v["ok"] == true)
     }
@@ -427,7 +449,11 @@ impl VerdictClient {
         // must keep hearing from a service it re-adopted.
         std::thread::spawn(move || loop {
             if let Some(mut c) = VerdictClient::from_env() {
+                let mut said = false;
                 while c.ping() {
+                    if !said && READY.load(std::sync::atomic::Ordering::SeqCst) {
+                        said = c.ready();
+                    }
                     std::thread::sleep(every);
                 }
             }

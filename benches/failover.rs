@@ -1,0 +1,150 @@
+//! `sudo cargo bench -p gatevisor --bench failover`: the data path through restarts, with a real
+//! daemon, its private Open vSwitch, dns-filter (fail-open) in a container, a LAN host looking
+//! up a blocked name ~100 times a second and downloading from a WAN server in a loop.
+//! Last line, one JSON object:
+//! - `daemon_restart_unfiltered_lookups`: blocked lookups answered unfiltered over 20 daemon
+//!   `kill -9` + restarts (target 0);
+//! - `daemon_restart_failed_downloads`: downloads that failed meanwhile (target 0);
+//! - `daemon_restart_lost_lookups`: lookups that got no answer meanwhile;
+//! - `daemon_restart_to_ready_ms_median`: from the kill to the restarted daemon answering with
+//!   the service re-adopted and running;
+//! - `daemon_restart_flows_replaced`: flows whose counters went backwards (replaced) over the
+//!   restarts (target 0);
+//! - `switch_restart_to_filtering_ms_median` and `switch_restart_unfiltered_lookups`: over 3
+//!   `kill -9`s of the private `ovs-vswitchd`, from the kill until a blocked lookup is answered
+//!   by the filter again, and the lookups that leaked meanwhile;
+//! - `peer_ovs_ofctl_dump_flows_ms_median`: one `ovs-ofctl dump-flows` of the same bridge, the
+//!   named peer for what a restarted daemon reads from the switch.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "../tests/common/home.rs"]
+mod home;
+#[path = "../flowbridge/tests/common/lab.rs"]
+mod lab;
+#[path = "../tests/common/traffic.rs"]
+mod traffic;
+
+use common::*;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use traffic::*;
+
+const RESTARTS: usize = 20;
+const SWITCH_RESTARTS: usize = 3;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2] * 10.0).round() / 10.0
+}
+
+fn main() {
+    if !need_ovs("failover bench") {
+        println!("{{\"skipped\": \"needs root and Open vSwitch\"}}");
+        return;
+    }
+    let mut d = Daemon::start_with_keys();
+    let name = "fo-dnsf";
+    let pkg = home::dns_filter_package(&d, name);
+    let home = home::Home::new(&d, "fo", "10.92.0");
+    d.install_package_started(&pkg);
+    assert!(
+        d.wait_for(Duration::from_secs(20), || home.filtered().then_some(()))
+            .is_some(),
+        "dns-filter never filtered"
+    );
+    let pid = d.status(name)["init_pid"].as_i64().unwrap_or(0);
+
+    let load = Load::start(&home);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut before = flows(&d);
+    let mut replaced = 0u64;
+    let mut ready = Vec::new();
+    for i in 0..RESTARTS {
+        d.kill9();
+        let t = Instant::now();
+        d.spawn();
+        let up = d.wait_for(Duration::from_secs(20), || {
+            (d.status(name)["state"] == "running").then_some(())
+        });
+        assert!(up.is_some(), "restart {i}: the service is not running");
+        ready.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(d.status(name)["init_pid"].as_i64().unwrap_or(0), pid);
+        std::thread::sleep(Duration::from_millis(300 + 37 * (i as u64 % 7)));
+        let after = flows(&d);
+        replaced += before
+            .iter()
+            .filter(|(k, n)| after.get(*k).is_none_or(|m| m < *n))
+            .count() as u64;
+        before = after;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let seen = load.stop();
+    eprintln!("daemon restarts: {}", seen.line());
+
+    // The switch: kill ovs-vswitchd (the daemon's child) and time the way back.
+    let load = Load::start(&home);
+    std::thread::sleep(Duration::from_millis(500));
+    let pidfile = d.state_dir().join("ovs/ovs-vswitchd.pid");
+    let mut back = Vec::new();
+    for _ in 0..SWITCH_RESTARTS {
+        let old: i64 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let t = Instant::now();
+        kill9(old);
+        let ok = d.wait_for(Duration::from_secs(30), || {
+            let now: i64 = std::fs::read_to_string(&pidfile)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            (now != old && home.filtered()).then_some(())
+        });
+        assert!(ok.is_some(), "filtering never came back:\n{}", d.log());
+        back.push(t.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let switch_seen = load.stop();
+    eprintln!("switch restarts: {}", switch_seen.line());
+
+    // The peer: what reading the bridge's flows costs with ovs-ofctl.
+    let mgmt = format!(
+        "unix:{}",
+        d.state_dir()
+            .join(format!("ovs/{}.mgmt", d.bridge()))
+            .display()
+    );
+    let mut ofctl = Vec::new();
+    for _ in 0..10 {
+        let t = Instant::now();
+        let st = std::process::Command::new("ovs-ofctl")
+            .args(["-O", "OpenFlow13", "dump-flows", &mgmt])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        ofctl.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+
+    println!(
+        "{}",
+        serde_json::json!({
+            "daemon_restarts": RESTARTS,
+            "daemon_restart_unfiltered_lookups": seen.unfiltered.load(Ordering::SeqCst),
+            "daemon_restart_failed_downloads": seen.failed_downloads.load(Ordering::SeqCst),
+            "daemon_restart_lost_lookups": seen.lost.load(Ordering::SeqCst),
+            "daemon_restart_filtered_lookups": seen.filtered.load(Ordering::SeqCst),
+            "daemon_restart_downloads": seen.downloads.load(Ordering::SeqCst),
+            "daemon_restart_to_ready_ms_median": median(&mut ready),
+            "daemon_restart_flows_replaced": replaced,
+            "switch_restarts": SWITCH_RESTARTS,
+            "switch_restart_to_filtering_ms_median": median(&mut back),
+            "switch_restart_unfiltered_lookups": switch_seen.unfiltered.load(Ordering::SeqCst),
+            "switch_restart_failed_downloads": switch_seen.failed_downloads.load(Ordering::SeqCst),
+            "peer_ovs_ofctl_dump_flows_ms_median": median(&mut ofctl),
+        })
+    );
+}

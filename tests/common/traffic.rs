@@ -1,0 +1,233 @@
+//! Load on a small home (see `home.rs`) for restart tests and benchmarks: a LAN host looks up
+//! a name dns-filter blocks ~100 times a second (each lookup waits 300 ms for its answer) and
+//! downloads 256 KiB from a WAN web server in a loop; and what the bridge holds (flows, MAC
+//! table).
+#![allow(dead_code)]
+
+use super::home;
+use super::lab;
+use super::Daemon;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const DOWNLOAD: usize = 256 * 1024;
+
+/// What the LAN host saw.
+#[derive(Default)]
+pub struct Seen {
+    pub filtered: AtomicU64,
+    pub unfiltered: AtomicU64,
+    pub lost: AtomicU64,
+    pub downloads: AtomicU64,
+    pub failed_downloads: AtomicU64,
+    /// How each failed download failed, and when (ms since the load started).
+    pub failures: Mutex<Vec<String>>,
+    /// When each unanswered lookup was sent (ms since the load started).
+    pub lost_at: Mutex<Vec<u128>>,
+    pub t0: Mutex<Option<Instant>>,
+}
+
+impl Seen {
+    pub fn line(&self) -> String {
+        format!(
+            "lookups filtered {}, unfiltered {}, unanswered {}; downloads {}, failed {} {:?}",
+            self.filtered.load(Ordering::SeqCst),
+            self.unfiltered.load(Ordering::SeqCst),
+            self.lost.load(Ordering::SeqCst),
+            self.downloads.load(Ordering::SeqCst),
+            self.failed_downloads.load(Ordering::SeqCst),
+            self.failures.lock().unwrap(),
+        )
+    }
+}
+
+/// The load: blocked lookups (~100/s, each waits up to 300 ms for its answer) and downloads
+/// from `WAN:8080`, until `stop`.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    pub seen: Arc<Seen>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(home: &home::Home) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Seen::default());
+        *seen.t0.lock().unwrap() = Some(Instant::now());
+        let mut threads = Vec::new();
+        // The WAN web server.
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let (stop, ip) = (stop.clone(), home.wan_ip.clone());
+            threads.push(home.wan.spawn(move || {
+                let l = TcpListener::bind((ip.as_str(), 8080)).unwrap();
+                l.set_nonblocking(true).unwrap();
+                tx.send(()).unwrap();
+                let body = vec![7u8; DOWNLOAD];
+                while !stop.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((mut c, _)) => {
+                            c.set_nonblocking(false).unwrap();
+                            c.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+                            let _ = c.write_all(&body);
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            }));
+        }
+        rx.recv().unwrap();
+        {
+            let (stop, seen, ip) = (stop.clone(), seen.clone(), home.wan_ip.clone());
+            threads.push(home.lan.spawn(move || {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                let mut id: u16 = 0;
+                let mut b = [0u8; 512];
+                let t0 = seen.t0.lock().unwrap().unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    id = id.wrapping_add(1);
+                    let mut q = lab::dns_query("malware.test");
+                    q[..2].copy_from_slice(&id.to_be_bytes());
+                    let t = Instant::now();
+                    s.send_to(&q, (ip.as_str(), 53)).unwrap();
+                    let answer = loop {
+                        match s.recv_from(&mut b) {
+                            // A late answer to an earlier query is not this one's.
+                            Ok((n, _)) if n > 3 && b[..2] == id.to_be_bytes() => {
+                                break Some(b[3] & 0x0f)
+                            }
+                            Ok(_) => continue,
+                            Err(_) => break None,
+                        }
+                    };
+                    let slot = match answer {
+                        Some(3) => &seen.filtered,
+                        Some(_) => &seen.unfiltered,
+                        None => {
+                            let at = (t - t0).as_millis();
+                            seen.lost_at.lock().unwrap().push(at);
+                            &seen.lost
+                        }
+                    };
+                    slot.fetch_add(1, Ordering::SeqCst);
+                    if let Some(rest) = Duration::from_millis(10).checked_sub(t.elapsed()) {
+                        std::thread::sleep(rest);
+                    }
+                }
+            }));
+        }
+        {
+            let (stop, seen, ip) = (stop.clone(), seen.clone(), home.wan_ip.clone());
+            threads.push(home.lan.spawn(move || {
+                let t0 = seen.t0.lock().unwrap().unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    let got = (|| {
+                        let mut c = TcpStream::connect_timeout(
+                            &format!("{ip}:8080").parse().unwrap(),
+                            Duration::from_secs(3),
+                        )
+                        .map_err(|e| format!("connect: {e}"))?;
+                        c.set_read_timeout(Some(Duration::from_secs(3)))
+                            .map_err(|e| e.to_string())?;
+                        let mut all = Vec::with_capacity(DOWNLOAD);
+                        c.read_to_end(&mut all)
+                            .map_err(|e| format!("read after {} bytes: {e}", all.len()))?;
+                        Ok::<usize, String>(all.len())
+                    })();
+                    if got == Ok(DOWNLOAD) {
+                        seen.downloads.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        seen.failed_downloads.fetch_add(1, Ordering::SeqCst);
+                        seen.failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{} ms: {got:?}", t0.elapsed().as_millis()));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }));
+        }
+        Load {
+            stop,
+            seen,
+            threads,
+        }
+    }
+
+    pub fn stop(mut self) -> Arc<Seen> {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.seen.clone()
+    }
+}
+
+/// Our flows on the bridge: (cookie, flow text) → packets.
+pub fn flows(d: &Daemon) -> BTreeMap<(String, String), u64> {
+    let v = d.json(&["flows", "--json"]);
+    v["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["owner"] != "other")
+        .map(|f| {
+            (
+                (
+                    f["cookie"].as_str().unwrap().to_string(),
+                    f["flow"].as_str().unwrap().to_string(),
+                ),
+                f["packets"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+pub fn ovs_appctl(d: &Daemon, args: &[&str]) -> String {
+    let out = std::process::Command::new("ovs-appctl")
+        .arg("-t")
+        .arg(d.state_dir().join("ovs/ovs-vswitchd.ctl"))
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The bridge's MAC table: (OpenFlow port, MAC) pairs.
+pub fn fdb(d: &Daemon) -> Vec<(String, String)> {
+    ovs_appctl(d, &["fdb/show", &d.bridge()])
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.first()?.to_string(), f.get(2)?.to_string()))
+        })
+        .collect()
+}
+
+/// The service port's OpenFlow number.
+pub fn ofport(d: &Daemon, port: &str) -> String {
+    let out = std::process::Command::new("ovs-vsctl")
+        .arg(format!(
+            "--db=unix:{}",
+            d.state_dir().join("ovs/db.sock").display()
+        ))
+        .args(["get", "Interface", port, "ofport"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+pub fn mac_in(ns: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "cat", "/sys/class/net/eth0/address"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

@@ -1,0 +1,265 @@
+//! The data path through restarts, under load: a LAN host looks up a name dns-filter blocks
+//! ~100 times a second and downloads from a WAN server in a loop while
+//! - the daemon is killed (-9) and restarted 20 times: no lookup is answered unfiltered, no
+//!   download fails, the service keeps its PID, the flows stay exactly as they were (same
+//!   cookies, counters that keep counting), the switch connection is never lost, and no LAN or
+//!   WAN address is ever learned on the service's port;
+//! - the private `ovs-vswitchd` is killed: the daemon restarts it alone, with
+//!   `flow-restore-wait`, so forwarding and filtering come back with the same flows, a
+//!   fail-closed service's class never leaks during the gap, and nothing is left a zombie;
+//! - the service itself is killed: it is steered to again only once it said it is ready, so
+//!   no lookup is sent to a service that cannot answer yet.
+//!
+//! Needs root, liblxc and Open vSwitch; builds dns-filter statically. One test at a time: two
+//! private userspace switches cannot share a network namespace.
+
+mod common;
+#[path = "common/home.rs"]
+mod home;
+#[path = "../flowbridge/tests/common/lab.rs"]
+mod lab;
+#[path = "common/traffic.rs"]
+mod traffic;
+
+use common::*;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use traffic::*;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Children of `pid` that are zombies.
+fn zombie_children(pid: i32) -> Vec<String> {
+    let mut z = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.first() == Some(&"Z") && f.get(1) == Some(&pid.to_string().as_str()) {
+            z.push(head.to_string());
+        }
+    }
+    z
+}
+
+fn init_pid(d: &Daemon, name: &str) -> i64 {
+    d.status(name)["init_pid"].as_i64().unwrap_or(0)
+}
+
+/// The daemon with dns-filter (`failure_mode`) running and filtering for a LAN host.
+fn setup(failure_mode: &str, tag: &str, net: &str) -> (Daemon, home::Home, String) {
+    let d = Daemon::start_with_keys();
+    let name = format!("rd-{tag}");
+    let pkg = home::dns_filter_package_with(&d, &name, failure_mode);
+    let home = home::Home::new(&d, tag, net);
+    d.install_package_started(&pkg);
+    let filtering = d.wait_for(Duration::from_secs(20), || home.filtered().then_some(()));
+    assert!(
+        filtering.is_some(),
+        "dns-filter never filtered; log:\n{}",
+        String::from_utf8_lossy(&d.cli(&["service", "logs", &name]).stdout)
+    );
+    (d, home, name)
+}
+
+#[test]
+fn twenty_daemon_kills_leave_the_data_path_alone() {
+    if !need_ovs("twenty_daemon_kills_leave_the_data_path_alone") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut d, home, name) = setup("open", "rk", "10.93.0");
+    let pid = init_pid(&d, &name);
+    assert!(pid > 0);
+    let port = format!("gv-{name}");
+    let svc_port = ofport(&d, &port);
+    let load = Load::start(&home);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut before = flows(&d);
+    let mut ready_ms = Vec::new();
+    for i in 0..20 {
+        d.kill9();
+        let t = Instant::now();
+        d.spawn();
+        let up = d.wait_for(Duration::from_secs(20), || {
+            (d.status(&name)["state"] == "running").then_some(())
+        });
+        assert!(up.is_some(), "restart {i}: {} not running", name);
+        ready_ms.push(t.elapsed().as_millis());
+        assert_eq!(
+            init_pid(&d, &name),
+            pid,
+            "restart {i}: the service kept its PID"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let after = flows(&d);
+        assert_eq!(
+            before.keys().collect::<Vec<_>>(),
+            after.keys().collect::<Vec<_>>(),
+            "restart {i}: the same flows with the same cookies"
+        );
+        for (k, n) in &before {
+            assert!(
+                after[k] >= *n,
+                "restart {i}: {k:?} was replaced (its counter went from {n} to {})",
+                after[k]
+            );
+        }
+        before = after;
+        // The next kill lands at another point of the lookups' and downloads' cycles.
+        std::thread::sleep(Duration::from_millis(200 + 37 * (i % 7)));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let seen = load.stop();
+    let line = seen.line();
+    eprintln!("{line}; daemon ready after restart, ms: {ready_ms:?}");
+    assert_eq!(seen.unfiltered.load(Ordering::SeqCst), 0, "{line}");
+    assert_eq!(seen.failed_downloads.load(Ordering::SeqCst), 0, "{line}");
+    assert_eq!(seen.lost.load(Ordering::SeqCst), 0, "{line}");
+    assert!(seen.filtered.load(Ordering::SeqCst) > 1500, "{line}");
+    assert!(seen.downloads.load(Ordering::SeqCst) > 20, "{line}");
+    // Nothing but the service's own address was learned on its port.
+    let (lan_mac, wan_mac) = (mac_in(&home.lan.ns), mac_in(&home.wan.ns));
+    for (p, mac) in fdb(&d) {
+        if p == svc_port {
+            assert!(
+                mac != lan_mac && mac != wan_mac,
+                "{mac} learned on the service port {p}: {:?}",
+                fdb(&d)
+            );
+        }
+    }
+    assert!(
+        !d.log().contains("connection lost"),
+        "the switch connection was lost:\n{}",
+        d.log()
+    );
+}
+
+#[test]
+fn a_killed_switch_comes_back_with_the_same_flows_and_no_leak() {
+    if !need_ovs("a_killed_switch_comes_back_with_the_same_flows_and_no_leak") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (d, home, _name) = setup("closed", "rv", "10.94.0");
+    let load = Load::start(&home);
+    std::thread::sleep(Duration::from_secs(1));
+    let before = flows(&d);
+    let pidfile = d.state_dir().join("ovs/ovs-vswitchd.pid");
+    let old: i64 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    kill9(old);
+    // The daemon notices within its 1 s check and restarts ovs-vswitchd alone.
+    let back = d.wait_for(Duration::from_secs(30), || {
+        let now: i64 = std::fs::read_to_string(&pidfile)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        (now != old && is_alive(now) && home.filtered()).then_some(())
+    });
+    assert!(back.is_some(), "filtering never came back:\n{}", d.log());
+    std::thread::sleep(Duration::from_secs(1));
+    let seen = load.stop();
+    let line = seen.line();
+    eprintln!("{line}");
+    assert_eq!(
+        seen.unfiltered.load(Ordering::SeqCst),
+        0,
+        "a fail-closed class leaked during the gap: {line}"
+    );
+    assert!(seen.downloads.load(Ordering::SeqCst) > 0, "{line}");
+    let after = flows(&d);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>(),
+        "the flows came back as they were"
+    );
+    assert!(
+        zombie_children(d.pid()).is_empty(),
+        "zombies left: {:?}",
+        zombie_children(d.pid())
+    );
+    assert!(
+        !ovs_appctl(&d, &["dpif/show"]).is_empty(),
+        "the new ovs-vswitchd answers"
+    );
+    let config = std::process::Command::new("ovs-vsctl")
+        .arg(format!(
+            "--db=unix:{}",
+            d.state_dir().join("ovs/db.sock").display()
+        ))
+        .args(["get", "Open_vSwitch", ".", "other_config"])
+        .output()
+        .unwrap();
+    let config = String::from_utf8_lossy(&config.stdout).into_owned();
+    assert!(
+        !config.contains("flow-restore-wait"),
+        "the flag is cleared once the flows are back: {config}"
+    );
+}
+
+#[test]
+fn a_restarted_service_is_steered_to_only_once_it_is_ready() {
+    if !need_ovs("a_restarted_service_is_steered_to_only_once_it_is_ready") {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (d, home, name) = setup("open", "rr", "10.95.0");
+    let load = Load::start(&home);
+    let t0 = load.seen.t0.lock().unwrap().unwrap();
+    // (killed at, new process seen at), ms since the load started.
+    let mut restarts = Vec::new();
+    for i in 0..5 {
+        std::thread::sleep(Duration::from_millis(700));
+        let pid = init_pid(&d, &name);
+        let killed = t0.elapsed().as_millis();
+        kill9(pid);
+        let mut new_seen = None;
+        let again = d.wait_for(Duration::from_secs(20), || {
+            let now = init_pid(&d, &name);
+            if now != pid && now > 0 && new_seen.is_none() {
+                new_seen = Some(t0.elapsed().as_millis());
+            }
+            (new_seen.is_some() && home.filtered()).then_some(())
+        });
+        assert!(again.is_some(), "restart {i}: never filtered again");
+        restarts.push((killed, new_seen.unwrap_or(0)));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = load.stop();
+    let line = seen.line();
+    let lost_at = seen.lost_at.lock().unwrap().clone();
+    eprintln!(
+        "{line}; restarts (killed, new process) at {restarts:?}; lookups lost at {lost_at:?}"
+    );
+    // While it is down, fail-open forwards its lookups unfiltered (its policy). A lookup that
+    // was on its way to it when it was killed is lost with it; none may be lost once its next
+    // process runs: it is steered to only once it said it is ready.
+    // A lookup waits 300 ms for its answer: one sent that long before a kill was in flight.
+    for at in &lost_at {
+        assert!(
+            restarts
+                .iter()
+                .any(|(killed, started)| killed.saturating_sub(300) <= *at && at < started),
+            "a lookup sent at {at} ms was lost outside every kill-to-restart window \
+             {restarts:?}: steered to a service that could not answer yet"
+        );
+    }
+    assert!(lost_at.len() <= restarts.len(), "{line}");
+    let events =
+        String::from_utf8_lossy(&d.cli(&["events", "--json", "-n", "1000"]).stdout).into_owned();
+    assert!(
+        events.matches("\"ready\"").count() >= 5,
+        "a ready event per restart:\n{events}"
+    );
+}
