@@ -2,8 +2,9 @@
 # private switch) and its --in-gateway variant (inside the emulated gateway, on its br-lan).
 # Sourced with: $bin (gatevisor), add_port (a command that adds a port to the demo's bridge),
 # $pkgs (the folder with dns-filter.gvpkg and iot-guard.gvpkg), $scripts (this folder),
-# $work (logs); calls on_wan_started once the WAN side runs, if defined. Counts unexpected
-# outcomes in $fails.
+# $work (logs); calls on_wan_started once the WAN side runs, if defined; $gw_netns (optional):
+# the network namespace the gateway (its daemon and switch) lives in, where the hosts' ports
+# go. Counts unexpected outcomes in $fails.
 
 fails=0
 check() { # check "what" "expected" "actual"
@@ -13,15 +14,20 @@ check() { # check "what" "expected" "actual"
 echo "== the home: gvdemo-laptop (kids' laptop), gvdemo-camera, gvdemo-wan (resolver + web)"
 mkhost() { # name address mac
   local ns=gvdemo-$1 port=gvd-$1
+  local gw=()
   ip netns add "$ns"
   ip link add "$port" type veth peer name eth0 netns "$ns"
+  if [ -n "${gw_netns:-}" ]; then
+    ip link set "$port" netns "$gw_netns"
+    gw=(ip netns exec "$gw_netns")
+  fi
   [ -n "$3" ] && ip netns exec "$ns" ip link set eth0 address "$3"
-  ip link set "$port" up
+  "${gw[@]}" ip link set "$port" up
   ip netns exec "$ns" ip link set lo up
   ip netns exec "$ns" ip link set eth0 up
   ip netns exec "$ns" ip addr add "$2/24" dev eth0
   # The userspace datapath wants real checksums on what it forwards.
-  ethtool -K "$port" tx off >/dev/null 2>&1 || true
+  "${gw[@]}" ethtool -K "$port" tx off >/dev/null 2>&1 || true
   ip netns exec "$ns" ethtool -K eth0 tx off >/dev/null 2>&1 || true
   add_port "$port"
 }

@@ -7,6 +7,12 @@
 # camera sessions, how little traffic the services see, and a fail-open when a service is
 # killed. Leaves the demo running until Ctrl-C; `--once` runs through once, checks every
 # outcome and cleans up (CI uses that). Needs root.
+#
+# The demo gateway lives in a network namespace of its own (gvdemo-gw): its daemon, its
+# private Open vSwitch (a userspace datapath owns the namespace's `ovs-netdev` device, so two
+# cannot share one), its services and the hosts' ports. It runs beside the tests and beside
+# any other switch on this machine. Like the gateway's init, this script starts the daemon
+# again if it dies; the services and their traffic carry on meanwhile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +46,7 @@ bin=$PWD/target/release/gatevisor
 static=$PWD/target/static/x86_64-unknown-linux-gnu/release
 
 HOSTS="laptop camera wan"
+gw_netns=gvdemo-gw
 STATE_FILE=/run/gatevisor-demo.state   # this run's work dir and PIDs, for cleaning up after a killed run
 
 # Tears a demo down: its services, daemon, private switch, WAN side and namespaces.
@@ -53,14 +60,16 @@ teardown() { # work daemon_pid wan_pid
     kill "$2" 2>/dev/null
     for _ in $(seq 50); do kill -0 "$2" 2>/dev/null || break; sleep 0.1; done
   fi
-  # Containers a daemon left running (it stops on a signal and leaves services up by design).
+  # Containers a daemon left running (it stops on a signal and leaves services up by design);
+  # their monitors listen on abstract sockets of the gateway's namespace.
   for c in "$w"/state/lxc/*/; do
-    [ -d "$c" ] && lxc-stop -P "$w/state/lxc" -n "$(basename "$c")" -k >/dev/null 2>&1
+    [ -d "$c" ] && nsenter --net="/run/netns/$gw_netns" lxc-stop -P "$w/state/lxc" -n "$(basename "$c")" -k >/dev/null 2>&1
   done
   [ -S "$w/state/ovs/ovs-vswitchd.ctl" ] && ovs-appctl -t "$w/state/ovs/ovs-vswitchd.ctl" exit --cleanup >/dev/null 2>&1
   [ -S "$w/state/ovs/ovsdb-server.ctl" ] && ovs-appctl -t "$w/state/ovs/ovsdb-server.ctl" exit >/dev/null 2>&1
   if [ -n "$3" ] && grep -q "demo-wan" "/proc/$3/cmdline" 2>/dev/null; then kill "$3" 2>/dev/null; fi
   for h in $HOSTS; do ip netns del "gvdemo-$h" 2>/dev/null; done
+  ip netns del "$gw_netns" 2>/dev/null
   rm -rf "$w"
 }
 if [ -f "$STATE_FILE" ]; then
@@ -101,19 +110,39 @@ done
 echo "== the board"
 "$bin" board | grep -E "^(kvm|auto runtime|open vswitch)"
 
-echo "== starting the daemon"
+echo "== starting the daemon in the gateway's network namespace ($gw_netns)"
+ip netns del "$gw_netns" 2>/dev/null || true
+ip netns add "$gw_netns"
+ip netns exec "$gw_netns" ip link set lo up
 # In its own session: a Ctrl-C at the terminal is for this script, which tears down in order.
-setsid "$bin" daemon --state-dir "$work/state" --keys-dir "$work/keys" --bridge gvdemo-br \
-  --config "$work/gatevisor.toml" >"$work/daemon.log" 2>&1 &
-daemon_pid=$!
-save_state
-for _ in $(seq 100); do "$bin" service list >/dev/null 2>&1 && break; sleep 0.1; done
+# `nsenter --net` changes only the network namespace (`ip netns exec` would also remount /sys,
+# hiding the cgroup hierarchy liblxc needs). `setsid` and `nsenter` exec in place: $! is the
+# daemon's PID.
+start_daemon() {
+  setsid nsenter --net="/run/netns/$gw_netns" "$bin" daemon --state-dir "$work/state" --keys-dir "$work/keys" \
+    --bridge gvdemo-br --config "$work/gatevisor.toml" >>"$work/daemon.log" 2>&1 &
+  daemon_pid=$!
+  save_state
+  for _ in $(seq 100); do "$bin" service list >/dev/null 2>&1 && break; sleep 0.1; done
+}
+start_daemon
 
 add_port() { ovs-vsctl --db="unix:$work/state/ovs/db.sock" add-port gvdemo-br "$1"; }
 on_wan_started() { save_state; }
 pkgs=$work scripts=$PWD/scripts
 # shellcheck source=scripts/demo-home.sh
 . scripts/demo-home.sh
+
+echo "== kill -9 of the daemon: the services and their traffic carry on; it is started again"
+before=$("$bin" service status dns-filter --json | sed -n 's/.*"init_pid": \([0-9]*\).*/\1/p')
+kill -9 "$daemon_pid"
+wait "$daemon_pid" 2>/dev/null || true
+check "games.test with no daemon (dns-filter keeps filtering)" 0.0.0.0 "$(lookup laptop games.test)"
+check "a download with no daemon" reached "$(fetch laptop 8080)"
+start_daemon
+after=$("$bin" service status dns-filter --json | sed -n 's/.*"init_pid": \([0-9]*\).*/\1/p')
+check "dns-filter re-adopted with the same PID" "$before" "$after"
+check "games.test after the restart" 0.0.0.0 "$(lookup laptop games.test)"
 
 if [ "$once" = 1 ]; then
   if [ "$fails" = 0 ]; then
@@ -126,7 +155,17 @@ if [ "$once" = 1 ]; then
 fi
 echo "== the demo keeps running: try 'ip netns exec gvdemo-laptop dig @10.90.0.1 games.test'"
 echo "   or GATEVISOR_SOCKET=$GATEVISOR_SOCKET $bin service list   (Ctrl-C here stops and cleans up)"
-# In the background, so that Ctrl-C interrupts the wait and the cleanup runs at once.
-"$bin" events -f -n 0 &
-follow_pid=$!
-wait "$follow_pid" || true
+# In the background, so that Ctrl-C interrupts the wait and the cleanup runs at once. The
+# follower ends when the daemon does; then the daemon is started again (as the gateway's init
+# would) and followed anew.
+while :; do
+  "$bin" events -f -n 0 &
+  follow_pid=$!
+  wait "$follow_pid" || true
+  follow_pid=""
+  if ! kill -0 "$daemon_pid" 2>/dev/null; then
+    echo "== the daemon ended; starting it again (its services were left running)"
+    start_daemon
+  fi
+  sleep 1
+done

@@ -51,6 +51,23 @@ fn system_vswitchd_ctl() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// Whether the system `ovs-vswitchd` runs in another network namespace than this daemon: it
+/// could not open the interfaces the daemon and its services create here (the demo gateway
+/// runs in a namespace of its own), so the daemon runs its private switch instead.
+fn system_switch_elsewhere() -> bool {
+    let Some(pid) = std::fs::read_to_string(Path::new(SYSTEM_RUNDIR).join("ovs-vswitchd.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    else {
+        return false;
+    };
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();
+    match (ns("self"), ns(&pid.to_string())) {
+        (Some(mine), Some(theirs)) => mine != theirs,
+        _ => false,
+    }
+}
+
 impl Network {
     /// Connects to the system switch (`system_db`) or starts/re-attaches the private one under
     /// `private_dir`, makes sure `bridge` exists, and installs the base pipeline.
@@ -60,6 +77,15 @@ impl Network {
         bridge: &str,
         datapath_type: &str,
     ) -> Result<Network, NetworkError> {
+        let system_db = system_db.filter(|_| {
+            let elsewhere = system_switch_elsewhere();
+            if elsewhere {
+                tracing::info!(
+                    "the system Open vSwitch runs in another network namespace; using a private one"
+                );
+            }
+            !elsewhere
+        });
         let (private, db_socket, mgmt_socket, vswitchd_ctl) = match system_db {
             Some(db) => (
                 None,
