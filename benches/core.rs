@@ -15,7 +15,7 @@ mod common;
 use common::*;
 use gatevisor::api::Request;
 use gatevisor::client::Client;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const ROUNDS: usize = 10;
@@ -24,18 +24,6 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
     (v[i] * 10.0).round() / 10.0
-}
-
-/// One of the example services (`images/services/NAME/package`) as a signed package.
-fn example_package(d: &Daemon, svc: &str) -> PathBuf {
-    let binary = build_static(svc, false);
-    let src = d.dir.path().join(format!("src-{svc}"));
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    gatevisor::supervisor::copy_tree(&here.join(format!("images/services/{svc}/package")), &src)
-        .unwrap();
-    std::fs::create_dir_all(src.join("files/bin")).unwrap();
-    std::fs::copy(&binary, src.join(format!("files/bin/{svc}"))).unwrap();
-    d.signed_package(&src, &format!("{svc}.gvpkg"))
 }
 
 /// A packaged busybox service `name` at `version` whose health check is `health`.
@@ -62,8 +50,8 @@ fn main() {
         return;
     }
     let d = Daemon::start_with_keys();
-    let dns = example_package(&d, "dns-filter");
-    let iot = example_package(&d, "iot-guard");
+    let dns = d.example_package("dns-filter");
+    let iot = d.example_package("iot-guard");
 
     // Install to running.
     let mut install = Vec::new();

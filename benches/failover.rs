@@ -1,6 +1,7 @@
 //! `sudo cargo bench -p gatevisor --bench failover`: the data path through restarts, with a real
-//! daemon, its private Open vSwitch, dns-filter (fail-open) in a container, a LAN host looking
-//! up a blocked name ~100 times a second and downloading from a WAN server in a loop.
+//! daemon, its private Open vSwitch, dns-filter (fail-open) and iot-guard (every new TCP session
+//! crosses it until its verdict) in containers, a LAN host looking up a blocked name ~100 times
+//! a second and downloading from a WAN server in a loop.
 //! Last line, one JSON object:
 //! - `daemon_restart_unfiltered_lookups`: blocked lookups answered unfiltered over 20 daemon
 //!   `kill -9` + restarts (target 0);
@@ -48,6 +49,7 @@ fn main() {
     let pkg = home::dns_filter_package(&d, name);
     let home = home::Home::new(&d, "fo", "10.92.0");
     d.install_package_started(&pkg);
+    d.install_package_started(&d.example_package("iot-guard"));
     assert!(
         d.wait_for(Duration::from_secs(20), || home.filtered().then_some(()))
             .is_some(),

@@ -436,6 +436,22 @@ impl Daemon {
         pkg
     }
 
+    /// One of the example services (`images/services/NAME/package`, as shipped) as a signed
+    /// package.
+    pub fn example_package(&self, svc: &str) -> PathBuf {
+        let binary = build_static(svc, false);
+        let src = self.dir.path().join(format!("src-{svc}"));
+        let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+        gatevisor::supervisor::copy_tree(
+            &here.join(format!("images/services/{svc}/package")),
+            &src,
+        )
+        .unwrap();
+        std::fs::create_dir_all(src.join("files/bin")).unwrap();
+        std::fs::copy(&binary, src.join(format!("files/bin/{svc}"))).unwrap();
+        self.signed_package(&src, &format!("{svc}.gvpkg"))
+    }
+
     /// Plugs a test host's interface into the daemon's bridge.
     pub fn plug_host(&self, host_if: &str) {
         let st = Command::new("ovs-vsctl")
