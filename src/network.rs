@@ -111,11 +111,6 @@ impl Network {
         if let Some(c) = vswitchd_ctl {
             ctl = ctl.with_vswitchd_ctl(c);
         }
-        // The base pipeline is in; a private switch we started may forward now. (Services'
-        // fail-closed drops follow as they register, before the supervisor serves anything.)
-        if private.is_some() && db.flow_restore_wait()? {
-            db.set_flow_restore_wait(false)?;
-        }
         Ok(Network {
             bridge: bridge.into(),
             datapath_type: datapath_type.into(),
@@ -199,6 +194,18 @@ impl Network {
         Ok(self.ctl.prune()?)
     }
 
+    /// Every service is registered or plugged: a private switch that was started holding
+    /// (`flow-restore-wait`) may forward now, with all flows in place.
+    pub fn release(&mut self) -> Result<(), NetworkError> {
+        if self.private.is_some() {
+            let mut db = Ovsdb::connect(&self.db_socket)?;
+            if db.flow_restore_wait()? {
+                db.set_flow_restore_wait(false)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Bundles of flow changes sent since this daemon connected.
     pub fn flow_changes(&self) -> u64 {
         self.ctl.changes()
@@ -269,9 +276,7 @@ impl Network {
         db.ensure_bridge(&self.bridge, &self.datapath_type)?;
         db.wait_applied(Duration::from_secs(20))?;
         self.ctl.resync(Duration::from_secs(20))?;
-        if self.private.is_some() && db.flow_restore_wait()? {
-            db.set_flow_restore_wait(false)?;
-        }
+        self.release()?;
         Ok(true)
     }
 

@@ -249,6 +249,141 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
         |gw| Ok((lookup(gw, "games.test") == "0.0.0.0").then_some(())),
     )
     .unwrap();
+
+    // `systemctl restart gatevisor` under load (blocked lookups and downloads from the LAN
+    // client): nothing leaks, nothing fails, the service keeps its PID and its port never
+    // learns the LAN client's address.
+    let pid = status(&gw, "dns-filter")["init_pid"].as_i64().unwrap();
+    let load = LanLoad::start(&gw.lan.name);
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 0..3 {
+        gw.ok("systemctl restart gatevisor").unwrap();
+        let st = wait_running(&gw, "dns-filter", None);
+        assert_eq!(st["init_pid"].as_i64(), Some(pid), "restart {i}: {st:#}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let (filtered, unfiltered, unanswered, downloads, failed) = load.stop();
+    let line = format!(
+        "lookups filtered {filtered}, unfiltered {unfiltered}, unanswered {unanswered}; \
+         downloads {downloads}, failed {failed}"
+    );
+    eprintln!("systemctl restarts under load: {line}");
+    assert_eq!(unfiltered, 0, "{line}");
+    assert_eq!(failed, 0, "{line}");
+    assert!(filtered > 10 && downloads > 3, "{line}");
+    let port = gw
+        .ok("ovs-vsctl get Interface gv-dns-filter ofport")
+        .unwrap();
+    let fdb = gw.ok("ovs-appctl fdb/show br-lan").unwrap();
+    for l in fdb.lines().skip(1) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        assert!(
+            !(f.first() == Some(&port.trim()) && f.get(2) == Some(&addr::LAN_CLIENT_MAC)),
+            "the LAN client's MAC was learned on the service port {port}: {fdb}"
+        );
+    }
+}
+
+/// Load from the LAN client's namespace (on this machine): a lookup of `games.test` (blocked
+/// for the client by dns-filter) every 100 ms and a download from the WAN web server every
+/// 300 ms, each on a thread of its own, until stopped.
+struct LanLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<[u64; 3]>>,
+}
+
+impl LanLoad {
+    fn start(netns: &str) -> LanLoad {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let enter = |netns: &str| {
+            let f = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
+            // SAFETY: setns on a namespace file this thread opened; it affects this thread only.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {netns}");
+        };
+        let lookups = {
+            let (stop, ns) = (stop.clone(), netns.to_string());
+            std::thread::spawn(move || {
+                enter(&ns);
+                let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut n = [0u64; 3]; // filtered, unfiltered, unanswered
+                let mut id: u16 = 0;
+                let mut b = [0u8; 512];
+                while !stop.load(Ordering::Relaxed) {
+                    id = id.wrapping_add(1);
+                    let mut q = id.to_be_bytes().to_vec();
+                    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+                    for l in ["games", "test"] {
+                        q.push(l.len() as u8);
+                        q.extend_from_slice(l.as_bytes());
+                    }
+                    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+                    let _ = s.send_to(&q, (addr::WAN_HOST, 53));
+                    let answer = loop {
+                        match s.recv_from(&mut b) {
+                            Ok((len, _)) if len > 12 && b[..2] == id.to_be_bytes() => {
+                                break Some(b[len - 4..len].to_vec())
+                            }
+                            Ok(_) => continue,
+                            Err(_) => break None,
+                        }
+                    };
+                    match answer {
+                        Some(a) if a == [0, 0, 0, 0] => n[0] += 1,
+                        Some(_) => n[1] += 1,
+                        None => n[2] += 1,
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                n
+            })
+        };
+        let downloads = {
+            let (stop, ns) = (stop.clone(), netns.to_string());
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                enter(&ns);
+                let mut n = [0u64; 3]; // ok, failed, unused
+                while !stop.load(Ordering::Relaxed) {
+                    let ok = (|| {
+                        let mut c = std::net::TcpStream::connect_timeout(
+                            &format!("{}:8080", addr::WAN_HOST).parse().ok()?,
+                            Duration::from_secs(10),
+                        )
+                        .ok()?;
+                        c.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+                        c.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+                        let mut body = Vec::new();
+                        c.read_to_end(&mut body).ok()?;
+                        Some(String::from_utf8_lossy(&body).contains("hello from the internet"))
+                    })();
+                    if ok == Some(true) {
+                        n[0] += 1;
+                    } else {
+                        n[1] += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                n
+            })
+        };
+        LanLoad {
+            stop,
+            threads: vec![lookups, downloads],
+        }
+    }
+
+    /// (filtered, unfiltered, unanswered lookups; downloads, failed downloads)
+    fn stop(self) -> (u64, u64, u64, u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut t = self.threads.into_iter();
+        let l = t.next().unwrap().join().unwrap();
+        let d = t.next().unwrap().join().unwrap();
+        (l[0], l[1], l[2], d[0], d[1])
+    }
 }
 
 #[test]

@@ -114,6 +114,10 @@ impl Supervisor {
             if let Err(e) = net.prune() {
                 tracing::warn!("cannot remove the flows of services that are gone: {e}");
             }
+            // A switch that had to start waited for these flows; it forwards from now on.
+            if let Err(e) = net.release() {
+                tracing::warn!("cannot let the switch forward: {e}");
+            }
         }
         let _ = self.persist();
     }
