@@ -5,8 +5,9 @@
 //!   cookies, counters that keep counting), the switch connection is never lost, and no LAN or
 //!   WAN address is ever learned on the service's port;
 //! - the private `ovs-vswitchd` is killed: the daemon restarts it alone, with
-//!   `flow-restore-wait`, so forwarding and filtering come back with the same flows, a
-//!   fail-closed service's class never leaks during the gap, and nothing is left a zombie;
+//!   `flow-restore-wait`, so forwarding and filtering come back with the same flows, neither a
+//!   fail-closed nor a fail-open service's class leaks during the gap, and nothing is left a
+//!   zombie;
 //! - the service itself is killed: it is steered to again only once it said it is ready, so
 //!   no lookup is sent to a service that cannot answer yet.
 //!
@@ -155,7 +156,7 @@ fn a_killed_switch_comes_back_with_the_same_flows_and_no_leak() {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let (mut d, home, _name) = setup("closed", "rv", "10.94.0");
+    let (mut d, home, name) = setup("closed", "rv", "10.94.0");
     let load = Load::start(&home);
     std::thread::sleep(Duration::from_secs(1));
     let before = flows(&d);
@@ -232,6 +233,41 @@ fn a_killed_switch_comes_back_with_the_same_flows_and_no_leak() {
         log.matches("connection lost").count(),
         2,
         "one reconnect for each switch restart:\n{log}"
+    );
+
+    // The same service fail-open: the switch's gap does not open its class either (the
+    // userspace datapath forwards nothing until every flow is back; fail-open is about the
+    // service being down, not the switch).
+    assert!(d.cli(&["service", "remove", &name]).status.success());
+    let open = home::dns_filter_package_with(&d, "rv-open", "open");
+    d.install_package_started(&open);
+    let filtering = d.wait_for(Duration::from_secs(20), || home.filtered().then_some(()));
+    assert!(filtering.is_some(), "the fail-open variant never filtered");
+    let load = Load::start(&home);
+    std::thread::sleep(Duration::from_millis(500));
+    let old: i64 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    kill9(old);
+    let back = d.wait_for(Duration::from_secs(30), || {
+        let now: i64 = std::fs::read_to_string(&pidfile)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        (now != old && is_alive(now) && home.filtered()).then_some(())
+    });
+    assert!(back.is_some(), "fail-open: filtering never came back");
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = load.stop();
+    let line = seen.line();
+    eprintln!("fail-open: {line}");
+    assert_eq!(
+        seen.unfiltered.load(Ordering::SeqCst),
+        0,
+        "fail-open: {line}"
     );
 }
 
