@@ -262,14 +262,21 @@ impl Network {
     /// still carry the old pipeline.
     pub fn check(&mut self) -> Result<bool, NetworkError> {
         let restarted = match self.private.as_mut() {
-            Some(p) => p.restart_dead(true)?,
+            Some(p) => p.restart_dead(true, false)?,
             None => Default::default(),
         };
-        if restarted.ovsdb_server && !restarted.vswitchd {
-            tracing::warn!("the private ovsdb-server had ended; restarted it");
-        }
         if !restarted.vswitchd && self.ctl.alive() {
+            if restarted.ovsdb_server {
+                tracing::warn!("the private ovsdb-server had ended; restarted it");
+            }
             return Ok(false);
+        }
+        // The switch stopped answering: a private one that runs but hangs is killed and
+        // started again.
+        if !restarted.vswitchd {
+            if let Some(p) = self.private.as_mut() {
+                p.restart_dead(true, true)?;
+            }
         }
         tracing::warn!("Open vSwitch connection lost; reconnecting and restoring flows");
         let mut db = Ovsdb::connect(&self.db_socket)?;

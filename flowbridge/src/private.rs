@@ -181,12 +181,14 @@ impl PrivateOvs {
         Ok(())
     }
 
-    /// Restarts whichever of the two daemons died (or stopped answering), leaving the other
-    /// running: `ovs-vswitchd` keeps forwarding while `ovsdb-server` restarts, and a restarted
-    /// `ovs-vswitchd` finds its configuration in the running database. Dead children are
-    /// reaped and a hung daemon is killed first. `hold`: as in [`PrivateOvs::start_holding`].
-    /// Returns which daemons were restarted.
-    pub fn restart_dead(&mut self, hold: bool) -> Result<Restarted, PrivateError> {
+    /// Restarts whichever of the two daemons died, leaving the other running: `ovs-vswitchd`
+    /// keeps forwarding while `ovsdb-server` restarts, and a restarted `ovs-vswitchd` finds its
+    /// configuration in the running database. Dead children are reaped. Whether a daemon runs
+    /// is read from the process table (cheap enough for every second); with `probe`, a daemon
+    /// that runs must also answer on its control socket, or it is killed as hung (that call
+    /// can wait up to 5 s: for when the switch already stopped answering on OpenFlow).
+    /// `hold`: as in [`PrivateOvs::start_holding`]. Returns which daemons were restarted.
+    pub fn restart_dead(&mut self, hold: bool, probe: bool) -> Result<Restarted, PrivateError> {
         let mut done = Restarted::default();
         for (ctl, pidfile) in [
             ("ovsdb-server.ctl", "ovsdb-server.pid"),
@@ -199,10 +201,15 @@ impl PrivateOvs {
                 &mut self.vswitchd
             };
             // A child of ours that ended is reaped here, not left a zombie.
-            let exited = child
-                .as_mut()
-                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
-            if !exited && unixctl(&self.run_dir.join(ctl), "version", &[]).is_ok() {
+            let exited = match child.as_mut() {
+                Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+                // Started by an earlier daemon: its pid file names it (no pid file: ask it).
+                None => match read_pid(&self.run_dir.join(pidfile)) {
+                    Some(pid) => !pid_alive(pid),
+                    None => unixctl(&self.run_dir.join(ctl), "version", &[]).is_err(),
+                },
+            };
+            if !exited && (!probe || unixctl(&self.run_dir.join(ctl), "version", &[]).is_ok()) {
                 continue;
             }
             if let Some(mut c) = child.take() {
