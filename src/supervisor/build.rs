@@ -53,8 +53,10 @@ impl Supervisor {
         let Source {
             from_store,
             prepared,
+            prepared_owner,
             idmap,
         } = source;
+        let mut owned_already = false;
         // A microVM's scratch disk is the service's own data: kept across a rebuild (an
         // update, a rollback), as across restarts.
         let disk = dir.join("disk.img");
@@ -100,6 +102,8 @@ impl Supervisor {
             ImageRef::Rootfs(_) if prepared.is_some() => {
                 let p = prepared.expect("checked");
                 std::fs::rename(&p, &rootfs).map_err(runtime_err)?;
+                owned_already =
+                    prepared_owner.is_some() && prepared_owner == idmap.map(|m| m.host_base);
             }
             ImageRef::Rootfs(src) => {
                 let from = if from_store {
@@ -123,8 +127,8 @@ impl Supervisor {
             }
             ImageRef::Initramfs(_) => unreachable!("handled above"),
         }
-        // An unprivileged container's root owns its tree.
-        if let Some(map) = idmap {
+        // An unprivileged container's root owns its tree (a worker may have done it).
+        if let Some(map) = idmap.filter(|_| !owned_already) {
             lxc::rootfs::shift_owner(&rootfs, map.host_base).map_err(runtime_err)?;
         }
         let r = &m.resources;

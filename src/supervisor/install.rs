@@ -44,6 +44,10 @@ impl Supervisor {
             return refuse(self, e);
         }
         self.installing.insert(name.clone());
+        // The id it will get, so the worker can give the rootfs to its user namespace.
+        let id = self.next_id();
+        self.reserved_ids.insert(name.clone(), id);
+        let owner = Some(idmap_for(id).host_base);
         let images = self.images.clone();
         let policy = self.settings.policy.clone();
         let board = self.board.clone();
@@ -53,8 +57,9 @@ impl Supervisor {
         let spawned = std::thread::Builder::new()
             .name(format!("install-{name}"))
             .spawn(move || {
+                let target = Target { runtime, owner };
                 let result =
-                    prepare_package(&images, &policy, &board, &pkg2, &name2, &services, runtime);
+                    prepare_package(&images, &policy, &board, &pkg2, &name2, &services, target);
                 let _ = tx.send(Msg::PackageReady {
                     name: name2,
                     start,
@@ -94,6 +99,7 @@ impl Supervisor {
                 start,
                 Some((pkg.to_path_buf(), inst.version.clone())),
                 p.rootfs.clone(),
+                p.rootfs_owner,
                 runtime,
             )
         };
@@ -106,6 +112,18 @@ impl Supervisor {
             self.gc_images();
         }
         res
+    }
+
+    /// The next free service id (ids of installs in flight are taken).
+    pub(super) fn next_id(&self) -> u32 {
+        self.doc
+            .services
+            .values()
+            .map(|r| r.id)
+            .chain(self.reserved_ids.values().copied())
+            .max()
+            .unwrap_or(0)
+            + 1
     }
 
     /// Removes unreferenced store entries, unless a worker is installing into the store now
@@ -126,7 +144,7 @@ impl Supervisor {
         package: Option<(PathBuf, String)>,
         runtime: Option<Kind>,
     ) -> Result<serde_json::Value> {
-        self.install_prepared(path, start, package, None, runtime)
+        self.install_prepared(path, start, package, None, None, runtime)
     }
 
     /// [`Self::install`] with the container's rootfs already copied by a worker (`rootfs`).
@@ -136,6 +154,7 @@ impl Supervisor {
         start: bool,
         package: Option<(PathBuf, String)>,
         rootfs: Option<PathBuf>,
+        rootfs_owner: Option<u32>,
         wanted: Option<Kind>,
     ) -> Result<serde_json::Value> {
         let invalid = |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, e.to_string());
@@ -227,12 +246,17 @@ impl Supervisor {
         let caps = m.capability_set(&path).map_err(|e| invalid(&e))?;
 
         // Everything checked: now build. Any failure undoes what was made.
-        let id = self.doc.services.values().map(|r| r.id).max().unwrap_or(0) + 1;
+        let id = self
+            .reserved_ids
+            .get(&m.name)
+            .copied()
+            .unwrap_or_else(|| self.next_id());
         let idmap = (runtime == Kind::Lxc && !m.privileged).then(|| idmap_for(id));
         let dir = self.service_dir(&m.name);
         let source = Source {
             from_store: package.is_some(),
             prepared: rootfs,
+            prepared_owner: rootfs_owner,
             idmap,
         };
         let made = self.materialise(&m, &image, caps, &dir, source);
@@ -394,6 +418,13 @@ pub(super) fn package_check(
 /// A package install's slow part, on a worker: verify and unpack into the image store (the
 /// gateway's checks run before it commits), then, for a container, copy its rootfs into
 /// `services/.NAME.prepared/rootfs` for the loop to move into place.
+/// What a worker prepares a package's rootfs for: the runtime asked for, and the host uid its
+/// container's root will be (a container's tree is given to it on the worker).
+pub(super) struct Target {
+    pub(super) runtime: Option<Kind>,
+    pub(super) owner: Option<u32>,
+}
+
 pub(super) fn prepare_package(
     images: &gatevisor_images::store::Store,
     policy: &crate::policy::Policy,
@@ -401,14 +432,15 @@ pub(super) fn prepare_package(
     pkg: &Path,
     name: &str,
     services: &Path,
-    runtime: Option<Kind>,
+    target: Target,
 ) -> Result<Prepared> {
+    let Target { runtime, owner } = target;
     let new_entry = images.current(name).is_none();
     let mut check = package_check(policy);
     let installed = images
         .install_checked(pkg, &mut check, &mut |_| {})
         .map_err(|e| store_refusal(pkg, &e))?;
-    let res = prepare_rootfs(installed, board, services, new_entry, runtime);
+    let res = prepare_rootfs(installed, board, services, new_entry, runtime, owner);
     if res.is_err() && new_entry {
         let _ = images.remove(name);
     }
@@ -421,6 +453,7 @@ pub(super) fn prepare_rootfs(
     services: &Path,
     new_entry: bool,
     runtime: Option<Kind>,
+    owner: Option<u32>,
 ) -> Result<Prepared> {
     let file = installed.service_manifest();
     let m = Manifest::load(&file).map_err(|e| err(ErrorKind::Invalid, error_chain(&e)))?;
@@ -439,7 +472,13 @@ pub(super) fn prepare_rootfs(
                         Dir::open(&src).map_err(runtime_err)?,
                         Dir::open(&rootfs).map_err(runtime_err)?,
                     );
-                    copy_rootfs(&from, &to).map_err(|e| runtime_err(error_chain(&e)))
+                    copy_rootfs(&from, &to).map_err(|e| runtime_err(error_chain(&e)))?;
+                    // An unprivileged container's root owns its tree: given here, off the
+                    // loop (a large tree takes a second).
+                    if let Some(uid) = owner.filter(|_| !m.privileged) {
+                        lxc::rootfs::shift_owner(&rootfs, uid).map_err(runtime_err)?;
+                    }
+                    Ok(())
                 });
             if let Err(e) = copied {
                 let _ = std::fs::remove_dir_all(&staging);
@@ -449,9 +488,11 @@ pub(super) fn prepare_rootfs(
         }
         _ => None,
     };
+    let rootfs_owner = rootfs.as_ref().and(owner).filter(|_| !m.privileged);
     Ok(Prepared {
         installed,
         rootfs,
+        rootfs_owner,
         new_entry,
     })
 }

@@ -157,6 +157,9 @@ struct Source {
     from_store: bool,
     /// A container rootfs a worker already copied.
     prepared: Option<PathBuf>,
+    /// The host uid the worker already gave that rootfs to (its user namespace's root), so
+    /// the loop does not walk it again.
+    prepared_owner: Option<u32>,
     /// The container's user namespace (`None`: privileged).
     idmap: Option<lxc::IdMap>,
 }
@@ -166,6 +169,8 @@ pub struct Prepared {
     installed: gatevisor_images::store::Installed,
     /// The container's rootfs, copied from the store (none for a microVM).
     rootfs: Option<PathBuf>,
+    /// The host uid that rootfs was given to, when the worker shifted it.
+    rootfs_owner: Option<u32>,
     /// The store had no version of this service before.
     new_entry: bool,
 }
@@ -243,6 +248,9 @@ pub struct Supervisor {
     /// Services whose package a worker is installing now (no second install or update of
     /// the same name meanwhile, and no store garbage collection under it).
     installing: std::collections::HashSet<String>,
+    /// The service id each package install in flight will get (its worker already shifted
+    /// the rootfs to that id's user namespace).
+    reserved_ids: HashMap<String, u32>,
 }
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -368,6 +376,7 @@ impl Supervisor {
             verdict_servers: HashMap::new(),
             images,
             installing: Default::default(),
+            reserved_ids: Default::default(),
         })
     }
 
@@ -553,6 +562,7 @@ impl Supervisor {
             } => {
                 self.installing.remove(&name);
                 let res = result.and_then(|p| self.finish_install_package(&pkg, start, runtime, p));
+                self.reserved_ids.remove(&name);
                 if let Err(e) = &res {
                     self.refused(&pkg.display().to_string(), e);
                 }

@@ -29,6 +29,8 @@ pub(super) struct Switch {
     pub(super) inst: gatevisor_images::store::Installed,
     /// The container's rootfs a worker already copied out of the store (an update's).
     pub(super) rootfs: Option<PathBuf>,
+    /// The host uid the worker gave that rootfs to.
+    pub(super) rootfs_owner: Option<u32>,
     pub(super) why: Why,
     pub(super) reply: Sender<Reply>,
 }
@@ -52,9 +54,10 @@ impl Supervisor {
             Ok(v) => v,
             Err(e) => return self.refuse_update(name, pkg, e, reply),
         };
-        let Ok(runtime) = self.record(name).map(|r| r.runtime) else {
+        let Ok((runtime, id)) = self.record(name).map(|r| (r.runtime, r.id)) else {
             return;
         };
+        let owner = (runtime == Kind::Lxc).then(|| idmap_for(id).host_base);
         self.installing.insert(name.to_string());
         let images = self.images.clone();
         let policy = self.settings.policy.clone();
@@ -63,8 +66,11 @@ impl Supervisor {
         let tx = self.tx.clone();
         let (n, p) = (name.to_string(), pkg.to_path_buf());
         let spawned = spawn_worker(&format!("update-{name}"), move || {
-            let result =
-                prepare_package(&images, &policy, &board, &p, &n, &services, Some(runtime));
+            let target = Target {
+                runtime: Some(runtime),
+                owner,
+            };
+            let result = prepare_package(&images, &policy, &board, &p, &n, &services, target);
             let _ = tx.send(Msg::UpdateReady {
                 name: n,
                 pkg: p,
@@ -96,6 +102,7 @@ impl Supervisor {
         let mut sw = Switch {
             inst: prepared.installed,
             rootfs: prepared.rootfs,
+            rootfs_owner: prepared.rootfs_owner,
             why: Why::Update {
                 old_version: old_version.clone(),
                 pkg: pkg.to_path_buf(),
@@ -162,6 +169,7 @@ impl Supervisor {
                 let sw = Switch {
                     inst,
                     rootfs: None,
+                    rootfs_owner: None,
                     why: Why::Rollback,
                     reply,
                 };
@@ -180,7 +188,7 @@ impl Supervisor {
     /// The service is stopped: rebuild it from the version to switch to and start it; its
     /// health check follows once it runs.
     pub(super) fn switch_step(&mut self, name: &str, mut sw: Switch) {
-        let rebuilt = self.rebuild(name, &sw.inst, sw.rootfs.clone());
+        let rebuilt = self.rebuild(name, &sw.inst, sw.rootfs.clone(), sw.rootfs_owner);
         sw.discard_prepared();
         if let Err(why) = rebuilt {
             return self.judge(name, sw, Err(why));
@@ -287,6 +295,7 @@ impl Supervisor {
                         let sw = Switch {
                             inst: prev,
                             rootfs: None,
+                            rootfs_owner: None,
                             why: Why::Restore { detail },
                             reply,
                         };
@@ -337,6 +346,7 @@ impl Supervisor {
         name: &str,
         inst: &gatevisor_images::store::Installed,
         prepared: Option<PathBuf>,
+        prepared_owner: Option<u32>,
     ) -> std::result::Result<(), String> {
         let file = inst.service_manifest();
         let m = Manifest::load(&file).map_err(|e| e.to_string())?;
@@ -358,6 +368,7 @@ impl Supervisor {
         let source = Source {
             from_store: true,
             prepared,
+            prepared_owner,
             idmap,
         };
         self.materialise(&m, &image, caps, &dir, source)
