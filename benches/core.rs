@@ -20,12 +20,6 @@ use std::time::{Duration, Instant};
 
 const ROUNDS: usize = 10;
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    (v[i] * 10.0).round() / 10.0
-}
-
 /// A packaged busybox service `name` at `version` whose health check is `health`.
 fn health_package(d: &Daemon, name: &str, version: &str, health: &str) -> PathBuf {
     let src = d.looping_service(name, version, &format!("[health]\n{health}"));

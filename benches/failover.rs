@@ -34,11 +34,6 @@ use traffic::*;
 const RESTARTS: usize = 20;
 const SWITCH_RESTARTS: usize = 3;
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2] * 10.0).round() / 10.0
-}
-
 fn main() {
     if !need_ovs("failover bench") {
         println!("{{\"skipped\": \"needs root and Open vSwitch\"}}");
@@ -87,26 +82,11 @@ fn main() {
     // The switch: kill ovs-vswitchd (the daemon's child) and time the way back.
     let load = Load::start(&home);
     std::thread::sleep(Duration::from_millis(500));
-    let pidfile = d.state_dir().join("ovs/ovs-vswitchd.pid");
     let mut back = Vec::new();
     for _ in 0..SWITCH_RESTARTS {
-        let old: i64 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        let t = Instant::now();
-        kill9(old);
-        let ok = d.wait_for(Duration::from_secs(30), || {
-            let now: i64 = std::fs::read_to_string(&pidfile)
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?;
-            (now != old && home.filtered()).then_some(())
-        });
-        assert!(ok.is_some(), "filtering never came back:\n{}", d.log());
-        back.push(t.elapsed().as_secs_f64() * 1000.0);
+        let took = kill_switch_until_filtering(&d, &home);
+        let took = took.unwrap_or_else(|| panic!("filtering never came back:\n{}", d.log()));
+        back.push(took.as_secs_f64() * 1000.0);
         std::thread::sleep(Duration::from_secs(1));
     }
     let switch_seen = load.stop();
@@ -140,13 +120,13 @@ fn main() {
             "daemon_restart_lost_lookups": seen.lost.load(Ordering::SeqCst),
             "daemon_restart_filtered_lookups": seen.filtered.load(Ordering::SeqCst),
             "daemon_restart_downloads": seen.downloads.load(Ordering::SeqCst),
-            "daemon_restart_to_ready_ms_median": median(&mut ready),
+            "daemon_restart_to_ready_ms_median": percentile(&mut ready, 0.5),
             "daemon_restart_flows_replaced": replaced,
             "switch_restarts": SWITCH_RESTARTS,
-            "switch_restart_to_filtering_ms_median": median(&mut back),
+            "switch_restart_to_filtering_ms_median": percentile(&mut back, 0.5),
             "switch_restart_unfiltered_lookups": switch_seen.unfiltered.load(Ordering::SeqCst),
             "switch_restart_failed_downloads": switch_seen.failed_downloads.load(Ordering::SeqCst),
-            "peer_ovs_ofctl_dump_flows_ms_median": median(&mut ofctl),
+            "peer_ovs_ofctl_dump_flows_ms_median": percentile(&mut ofctl, 0.5),
         })
     );
 }

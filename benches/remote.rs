@@ -32,12 +32,6 @@ fn now_ms() -> f64 {
         * 1000.0
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    (v[i] * 10.0).round() / 10.0
-}
-
 /// The `at_ms` of the latest supervisor event of `kind` for `service`.
 fn event_ms(d: &Daemon, kind: &str, service: &str) -> Option<f64> {
     let out = d.cli(&["events", "--last", "50", "--json"]);

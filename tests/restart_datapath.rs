@@ -160,28 +160,14 @@ fn a_killed_switch_comes_back_with_the_same_flows_and_no_leak() {
     let load = Load::start(&home);
     std::thread::sleep(Duration::from_secs(1));
     let before = flows(&d);
-    let pidfile = d.state_dir().join("ovs/ovs-vswitchd.pid");
     // Round 0: the switch is the daemon's child; round 1: a restarted daemon attached to it.
     for round in 0..2 {
         if round == 1 {
             d.kill9();
             d.spawn();
         }
-        let old: i64 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        kill9(old);
         // The daemon notices within its 1 s check and restarts ovs-vswitchd alone.
-        let back = d.wait_for(Duration::from_secs(30), || {
-            let now: i64 = std::fs::read_to_string(&pidfile)
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?;
-            (now != old && is_alive(now) && home.filtered()).then_some(())
-        });
+        let back = kill_switch_until_filtering(&d, &home);
         assert!(
             back.is_some(),
             "round {round}: filtering never came back:\n{}",
@@ -213,14 +199,7 @@ fn a_killed_switch_comes_back_with_the_same_flows_and_no_leak() {
         !ovs_appctl(&d, &["dpif/show"]).is_empty(),
         "the new ovs-vswitchd answers"
     );
-    let config = std::process::Command::new("ovs-vsctl")
-        .arg(format!(
-            "--db=unix:{}",
-            d.state_dir().join("ovs/db.sock").display()
-        ))
-        .args(["get", "Open_vSwitch", ".", "other_config"])
-        .output()
-        .unwrap();
+    let config = d.vsctl(&["get", "Open_vSwitch", ".", "other_config"]);
     let config = String::from_utf8_lossy(&config.stdout).into_owned();
     assert!(
         !config.contains("flow-restore-wait"),
@@ -245,20 +224,7 @@ fn a_killed_switch_comes_back_with_the_same_flows_and_no_leak() {
     assert!(filtering.is_some(), "the fail-open variant never filtered");
     let load = Load::start(&home);
     std::thread::sleep(Duration::from_millis(500));
-    let old: i64 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    kill9(old);
-    let back = d.wait_for(Duration::from_secs(30), || {
-        let now: i64 = std::fs::read_to_string(&pidfile)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        (now != old && is_alive(now) && home.filtered()).then_some(())
-    });
+    let back = kill_switch_until_filtering(&d, &home);
     assert!(back.is_some(), "fail-open: filtering never came back");
     std::thread::sleep(Duration::from_millis(500));
     let seen = load.stop();

@@ -452,18 +452,30 @@ impl Daemon {
         self.signed_package(&src, &format!("{svc}.gvpkg"))
     }
 
-    /// Plugs a test host's interface into the daemon's bridge.
-    pub fn plug_host(&self, host_if: &str) {
-        let st = Command::new("ovs-vsctl")
+    /// `ovs-vsctl ARGS` against the daemon's private switch.
+    pub fn vsctl(&self, args: &[&str]) -> Output {
+        Command::new("ovs-vsctl")
             .arg(format!(
                 "--db=unix:{}",
                 self.state_dir().join("ovs/db.sock").display()
             ))
-            .args(["add-port", &self.bridge(), host_if])
-            .status()
-            .unwrap();
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Plugs a test host's interface into the daemon's bridge.
+    pub fn plug_host(&self, host_if: &str) {
+        let st = self.vsctl(&["add-port", &self.bridge(), host_if]).status;
         assert!(st.success(), "cannot plug {host_if}");
     }
+}
+
+/// The `p` percentile (0.5: the median) of `v`, to 0.1.
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    (v[i] * 10.0).round() / 10.0
 }
 
 /// Is `prog` an executable on PATH?

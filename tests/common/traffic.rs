@@ -218,15 +218,30 @@ pub fn fdb(d: &Daemon) -> Vec<(String, String)> {
 
 /// The service port's OpenFlow number.
 pub fn ofport(d: &Daemon, port: &str) -> String {
-    let out = std::process::Command::new("ovs-vsctl")
-        .arg(format!(
-            "--db=unix:{}",
-            d.state_dir().join("ovs/db.sock").display()
-        ))
-        .args(["get", "Interface", port, "ofport"])
-        .output()
-        .unwrap();
+    let out = d.vsctl(&["get", "Interface", port, "ofport"]);
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The PID in the private `ovs-vswitchd`'s pid file.
+fn switch_pid(d: &Daemon) -> Option<i64> {
+    std::fs::read_to_string(d.state_dir().join("ovs/ovs-vswitchd.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Kills the private `ovs-vswitchd` (-9) and waits up to 30 s until another one runs and the
+/// home's lookups are filtered again; how long that took, or None.
+pub fn kill_switch_until_filtering(d: &Daemon, home: &home::Home) -> Option<Duration> {
+    let old = switch_pid(d).expect("ovs-vswitchd's pid file");
+    let t = Instant::now();
+    super::kill9(old);
+    d.wait_for(Duration::from_secs(30), || {
+        let now = switch_pid(d)?;
+        (now != old && super::is_alive(now) && home.filtered()).then_some(())
+    })
+    .map(|()| t.elapsed())
 }
 
 pub fn mac_in(ns: &str) -> String {
