@@ -206,11 +206,6 @@ impl Network {
         Ok(())
     }
 
-    /// Bundles of flow changes sent since this daemon connected.
-    pub fn flow_changes(&self) -> u64 {
-        self.ctl.changes()
-    }
-
     /// The service ended: its class fails open or closed at once, then its port is removed
     /// and no flow refers to its number any more.
     pub fn unplug(&mut self, id: u32, port: &str) -> Result<(), NetworkError> {

@@ -305,26 +305,32 @@ impl Controller {
     /// After a daemon restart, once every known service is registered: the flows of services
     /// the controller does not know (removed while no daemon ran) are removed.
     pub fn prune(&mut self) -> Result<(), OfError> {
-        let stale: Vec<u64> = self
+        let stale: BTreeSet<u32> = self
             .installed
             .cookies()
             .into_iter()
-            .filter(|c| steering::service_of(*c).is_some_and(|id| !self.services.contains_key(&id)))
+            .filter_map(steering::service_of)
+            .filter(|id| !self.services.contains_key(id))
             .collect();
         if stale.is_empty() {
             return Ok(());
         }
-        let extra: Vec<_> = stale
+        // Their static flows go by the difference; their session verdicts (not tracked) by
+        // cookie, in the same bundle.
+        let cookies: Vec<u64> = stale
             .iter()
-            .flat_map(|c| {
-                let id = steering::service_of(*c).unwrap_or(0);
-                [*c, steering::verdict_cookie(id)]
+            .flat_map(|id| {
+                [
+                    steering::service_cookie(*id, false),
+                    steering::service_cookie(*id, true),
+                ]
             })
-            .collect::<BTreeSet<u64>>()
-            .into_iter()
-            .map(delete_cookie)
             .collect();
-        self.sync(&stale, Vec::new(), &extra)
+        let verdicts: Vec<_> = stale
+            .iter()
+            .map(|id| delete_cookie(steering::verdict_cookie(*id)))
+            .collect();
+        self.sync(&cookies, Vec::new(), &verdicts)
     }
 
     /// The flows service `id` should have now.

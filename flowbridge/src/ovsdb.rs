@@ -152,25 +152,22 @@ impl Ovsdb {
     /// neither forwards packets nor flushes the datapath's cached flows; the controller clears
     /// it once it restored the flows, so no packet meets an empty (or default, `NORMAL`) table.
     pub fn set_flow_restore_wait(&mut self, on: bool) -> Result<()> {
-        let mutation = if on {
-            json!([[
+        // The key goes first either way (`insert` would keep an existing value); mutations
+        // apply in order, in one transaction.
+        let mut mutations = vec![json!([
+            "other_config",
+            "delete",
+            ["set", ["flow-restore-wait"]]
+        ])];
+        if on {
+            mutations.push(json!([
                 "other_config",
                 "insert",
                 ["map", [["flow-restore-wait", "true"]]]
-            ]])
-        } else {
-            json!([["other_config", "delete", ["set", ["flow-restore-wait"]]]])
-        };
-        if on {
-            // `insert` keeps an existing key's value: drop it first.
-            self.transact(vec![
-                json!({"op": "mutate", "table": "Open_vSwitch", "where": [],
-                "mutations": [["other_config", "delete", ["set", ["flow-restore-wait"]]]]}),
-            ])?;
+            ]));
         }
         self.transact(vec![
-            json!({"op": "mutate", "table": "Open_vSwitch", "where": [],
-            "mutations": mutation}),
+            json!({"op": "mutate", "table": "Open_vSwitch", "where": [], "mutations": mutations}),
         ])?;
         Ok(())
     }

@@ -265,13 +265,6 @@ impl PrivateOvs {
         self.stop_on_drop = false;
     }
 
-    /// Both daemons answer on their control sockets.
-    pub fn healthy(&self) -> bool {
-        ["ovsdb-server.ctl", "ovs-vswitchd.ctl"]
-            .iter()
-            .all(|f| unixctl(&self.run_dir.join(f), "version", &[]).is_ok())
-    }
-
     /// The `ovs-vswitchd` control socket (for `revalidator/purge`, `exit`).
     pub fn vswitchd_ctl(&self) -> PathBuf {
         self.run_dir.join("ovs-vswitchd.ctl")
@@ -288,11 +281,6 @@ impl PrivateOvs {
 
     pub fn run_dir(&self) -> &Path {
         &self.run_dir
-    }
-
-    /// PID of `ovs-vswitchd` (for tests that restart it).
-    pub fn vswitchd_pid(&self) -> Option<u32> {
-        self.vswitchd.as_ref().map(Child::id)
     }
 }
 

@@ -16,20 +16,27 @@ impl Supervisor {
         // Services that still run keep their flows exactly as they are (they are plugged
         // below, which finds them right and changes nothing); only the others are put into
         // their failure mode. Nothing is ever deleted and re-added.
-        for name in &names {
-            if self.service_pid(name).is_some() {
+        // Each service's main process is looked up once (a liblxc call for a container).
+        let found: Vec<(String, Option<i32>)> = names
+            .into_iter()
+            .map(|n| {
+                let pid = self.service_pid(&n);
+                (n, pid)
+            })
+            .collect();
+        for (name, init) in &found {
+            if init.is_some() {
                 self.open_verdict_socket(name);
             } else {
                 self.register_network(name);
             }
         }
-        for name in names {
+        for (name, init) in found {
             let Ok(rec) = self.record(&name) else {
                 continue;
             };
             let desired = rec.desired;
             let state = rec.state;
-            let init = self.service_pid(&name);
             match init {
                 Some(init_pid) => {
                     // A container's init is a child of its monitor; a VMM is its own.

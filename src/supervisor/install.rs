@@ -457,6 +457,8 @@ pub(super) fn prepare_rootfs(
 ) -> Result<Prepared> {
     let file = installed.service_manifest();
     let m = Manifest::load(&file).map_err(|e| err(ErrorKind::Invalid, error_chain(&e)))?;
+    // A privileged container's tree stays root's.
+    let owner = owner.filter(|_| !m.privileged);
     let rootfs = match (
         resolve_runtime(board, &m, &file, runtime)?,
         installed.rootfs(),
@@ -475,7 +477,7 @@ pub(super) fn prepare_rootfs(
                     copy_rootfs(&from, &to).map_err(|e| runtime_err(error_chain(&e)))?;
                     // An unprivileged container's root owns its tree: given here, off the
                     // loop (a large tree takes a second).
-                    if let Some(uid) = owner.filter(|_| !m.privileged) {
+                    if let Some(uid) = owner {
                         lxc::rootfs::shift_owner(&rootfs, uid).map_err(runtime_err)?;
                     }
                     Ok(())
@@ -488,7 +490,7 @@ pub(super) fn prepare_rootfs(
         }
         _ => None,
     };
-    let rootfs_owner = rootfs.as_ref().and(owner).filter(|_| !m.privileged);
+    let rootfs_owner = rootfs.as_ref().and(owner);
     Ok(Prepared {
         installed,
         rootfs,

@@ -38,35 +38,35 @@ impl Supervisor {
         // A `ready = "notify"` service that never said so within the start timeout (and a
         // microVM's boot grace) is as good as hung.
         let start_timeout = self.settings.start_timeout;
-        hung.extend(
-            self.doc
-                .services
-                .values()
-                .filter(|r| r.state == State::Running)
-                .filter(|r| r.manifest.network.ready == crate::manifest::Readiness::Notify)
-                .filter(|r| {
-                    self.live
-                        .get(&r.manifest.name)
-                        .is_some_and(|l| !l.said_ready && l.heartbeat_since.is_some())
+        let silent: Vec<(String, String)> = self
+            .doc
+            .services
+            .values()
+            .filter(|r| r.state == State::Running)
+            .filter(|r| r.manifest.network.ready == crate::manifest::Readiness::Notify)
+            .filter(|r| !hung.iter().any(|(h, _)| *h == r.manifest.name))
+            .filter(|r| {
+                self.live
+                    .get(&r.manifest.name)
+                    .is_some_and(|l| !l.said_ready && l.heartbeat_since.is_some())
+            })
+            .filter_map(|r| {
+                let grace = start_timeout
+                    + if r.runtime == Kind::Microvm {
+                        crate::microvm::BOOT_GRACE
+                    } else {
+                        Duration::ZERO
+                    };
+                let started = r.running.as_ref()?.started_at_ms;
+                (now_ms().saturating_sub(started) > grace.as_millis() as u64).then(|| {
+                    (
+                        r.manifest.name.clone(),
+                        format!("it never said ready within {} ms", grace.as_millis()),
+                    )
                 })
-                .filter_map(|r| {
-                    let grace = start_timeout
-                        + if r.runtime == Kind::Microvm {
-                            crate::microvm::BOOT_GRACE
-                        } else {
-                            Duration::ZERO
-                        };
-                    let started = r.running.as_ref()?.started_at_ms;
-                    (now_ms().saturating_sub(started) > grace.as_millis() as u64).then(|| {
-                        (
-                            r.manifest.name.clone(),
-                            format!("it never said ready within {} ms", grace.as_millis()),
-                        )
-                    })
-                })
-                .filter(|(n, _)| !hung.iter().any(|(h, _)| h == n))
-                .collect::<Vec<_>>(),
-        );
+            })
+            .collect();
+        hung.extend(silent);
         for (name, why) in hung {
             self.event(
                 EventKind::Hung,
