@@ -51,6 +51,9 @@ struct Shared {
     /// The rate window: its start and the verdicts counted in it.
     window: std::sync::Mutex<(Instant, u32)>,
     connections: std::sync::atomic::AtomicUsize,
+    /// A `ready` was passed to the supervisor and not handled yet: however often a service
+    /// says it, at most one waits on the supervisor's loop.
+    ready_pending: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -88,12 +91,18 @@ pub struct VerdictServer {
     path: PathBuf,
     /// When the service last sent a well-formed request (ms since the epoch).
     last_seen_ms: Arc<std::sync::atomic::AtomicU64>,
+    ready_pending: Arc<AtomicBool>,
 }
 
 impl VerdictServer {
     /// When the service last spoke on its socket (ms since the epoch; 0: never).
     pub fn last_seen_ms(&self) -> u64 {
         self.last_seen_ms.load(Ordering::Relaxed)
+    }
+
+    /// The supervisor handled the service's `ready`: the next one is passed on again.
+    pub fn ready_handled(&self) {
+        self.ready_pending.store(false, Ordering::SeqCst);
     }
 
     /// The same time, for a worker that watches it (a health check).
@@ -129,6 +138,7 @@ pub fn serve(
     listener.set_nonblocking(true)?;
     let stop = Arc::new(AtomicBool::new(false));
     let last_seen_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ready_pending = Arc::new(AtomicBool::new(false));
     let shared = Arc::new(Shared {
         name: name.to_string(),
         tx,
@@ -136,6 +146,7 @@ pub fn serve(
         seen: last_seen_ms.clone(),
         window: std::sync::Mutex::new((Instant::now(), 0)),
         connections: std::sync::atomic::AtomicUsize::new(0),
+        ready_pending: ready_pending.clone(),
     });
     std::thread::Builder::new()
         .name(format!("verdict-{name}"))
@@ -145,6 +156,7 @@ pub fn serve(
         stop,
         path,
         last_seen_ms,
+        ready_pending,
     })
 }
 
@@ -261,7 +273,9 @@ fn serve_conn(conn: UnixStream, shared: &Shared) -> std::io::Result<()> {
             )?,
             Request::Ping {} => reply(&mut w, json!({"ok": true}))?,
             Request::Ready {} => {
-                let _ = tx.send(Msg::Ready { name: name.clone() });
+                if !shared.ready_pending.swap(true, Ordering::SeqCst) {
+                    let _ = tx.send(Msg::Ready { name: name.clone() });
+                }
                 reply(&mut w, json!({"ok": true}))?
             }
             Request::Verdict { verdict, session } => {
@@ -384,6 +398,44 @@ mod tests {
             // A slow machine crossed windows: still no window passed more than its share.
             assert!(ok <= MAX_VERDICTS_PER_S * (start.elapsed().as_secs() as u32 + 1));
         }
+    }
+
+    #[test]
+    fn a_flood_of_ready_puts_one_message_on_the_supervisors_loop() {
+        let d = tempfile::tempdir().unwrap();
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let srv = serve(d.path(), "svc", None, tx).unwrap();
+        let path = d.path().join(SOCKET_NAME);
+        let mut conns: Vec<UnixStream> = (0..4)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        let ready = |conns: &mut Vec<UnixStream>, n: usize| {
+            for _ in 0..n {
+                for c in conns.iter_mut() {
+                    c.write_all(b"{\"op\":\"ready\"}\n").unwrap();
+                    assert_eq!(line(c), r#"{"ok":true}"#);
+                }
+            }
+        };
+        let readies = |rx: &mpsc::Receiver<Msg>| {
+            rx.try_iter()
+                .filter(|m| matches!(m, Msg::Ready { name } if name == "svc"))
+                .count()
+        };
+        // 4 connections x 2,500: the service is answered every time, the loop hears it once.
+        ready(&mut conns, 2500);
+        assert_eq!(readies(&rx), 1);
+        // Once the supervisor handled it, the next `ready` (a restarted service's) is heard.
+        srv.ready_handled();
+        ready(&mut conns, 10);
+        assert_eq!(readies(&rx), 1);
+        // A ready with anything more is a bad request, not a ready.
+        conns[0]
+            .write_all(b"{\"op\":\"ready\",\"service\":\"other\"}\n")
+            .unwrap();
+        assert!(line(&mut conns[0]).contains("bad request"));
+        srv.ready_handled();
+        assert_eq!(readies(&rx), 0);
     }
 
     #[test]

@@ -43,6 +43,8 @@ fn cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
         ("initramfs for a container", base().replace("builtin:busybox", "initramfs:guest.cpio"), vec!["`image`", "runtime = \"microvm\""]),
         ("microvm section for a container", base() + "[microvm]\ncmdline = \"quiet\"\n", vec!["`microvm`", "only for"]),
         ("heartbeat without steering", base() + "[network]\nheartbeat_timeout_ms = 1000\n", vec!["network.heartbeat_timeout_ms", "needs network.steering"]),
+        ("ready without steering", base() + "[network]\nready = \"notify\"\n", vec!["network.ready", "needs network.steering"]),
+        ("unknown readiness", base() + "[network]\nsteering = [{ kind = \"dns\" }]\nready = \"sometimes\"\n", vec!["ready", "unknown variant"]),
         ("verdict ping without steering", base() + "[health]\nverdict_ping = true\n", vec!["health.verdict_ping", "needs network.steering"]),
         ("over memory budget", base().replace("memory_mib = 32", "memory_mib = 4000000"), vec!["resources.memory_mib", "budget"]),
     ]

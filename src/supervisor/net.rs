@@ -175,6 +175,9 @@ impl Supervisor {
             return;
         };
         let (id, running) = (rec.id, rec.state == State::Running);
+        if let Some(v) = self.verdict_servers.get(name) {
+            v.ready_handled();
+        }
         self.live.entry(name.to_string()).or_default().said_ready = true;
         let Some(net) = self.net.as_mut() else { return };
         if !running || net.is_active(id) || !net.is_plugged(id) {
