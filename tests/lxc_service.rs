@@ -420,3 +420,83 @@ fn sigterm_with_stop_services_on_exit_stops_them() {
     });
     assert!(running.is_some(), "{}", d.status("t-stop"));
 }
+
+/// A container whose start fails half-way inside liblxc (here its host-side interface name
+/// is taken) is reported failed; the start must not hang. liblxc reaps every child of the
+/// process that starts a container when a start fails, so a monitor child that never ends
+/// (its log pump once was one) would block that start, and the container's command socket,
+/// forever.
+#[test]
+fn a_start_that_fails_inside_liblxc_is_reported_not_hung() {
+    if !need_root("a_start_that_fails_inside_liblxc_is_reported_not_hung") {
+        return;
+    }
+    // The interface the service's veth would take, held by someone else.
+    let link = "gv-lxcclash";
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", link])
+        .output();
+    let added = std::process::Command::new("ip")
+        .args([
+            "link",
+            "add",
+            link,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "gv-lxcclash-p",
+        ])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    struct DelLink(&'static str);
+    impl Drop for DelLink {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", self.0])
+                .output();
+        }
+    }
+    let _del = DelLink(link);
+    let d = Daemon::start_with_args(&["--no-network"]);
+    let m = d.manifest(
+        "clash.toml",
+        &manifest_text("lxcclash", "while :; do sleep 1; done", ""),
+    );
+    let start = Instant::now();
+    let call = call_async(
+        &d.socket(),
+        gatevisor::api::Request::Install {
+            manifest: m,
+            start: true,
+            runtime: None,
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !call.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the start still hangs after 90 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = call.join().unwrap();
+    assert!(
+        r.is_err(),
+        "a start that cannot create its interface: {r:?}"
+    );
+    eprintln!("refused after {:?}: {r:?}", start.elapsed());
+    // Nothing of it is left running: no monitor waits on in liblxc.
+    assert!(
+        d.wait_for(Duration::from_secs(10), || {
+            let out = std::process::Command::new("pgrep")
+                .args(["-f", &format!("__lxc-monitor.*{}", d.state_dir().display())])
+                .output()
+                .unwrap();
+            out.stdout.is_empty().then_some(())
+        })
+        .is_some(),
+        "a monitor of this daemon is left running"
+    );
+}

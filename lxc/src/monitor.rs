@@ -112,9 +112,13 @@ pub fn monitor_main(config_json: &str) -> i32 {
     // open in this process: its command socket, on which `lxc-info` and the supervisor would
     // wait forever, and copies of the log pipe, which would keep the pump from ever seeing
     // end-of-file. The container is gone: close everything but stdio.
-    // SAFETY: close_range on descriptors this process no longer uses; nothing runs after this
-    // but the lines below, which open what they need.
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    // SAFETY: close_range on descriptors this process no longer uses (the pump's pidfd is
+    // kept: it is moved below the range first); nothing runs after this but the lines
+    // below, which open what they need.
+    let pump = pump.keep_below_close_range();
+    let first = if pump.pidfd.is_some() { 4u32 } else { 3u32 };
+    // SAFETY: see above.
+    unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) };
     // Let the log pump see end-of-file: the container's processes are gone, drop our copies.
     if let Ok(null) = std::fs::File::open("/dev/null") {
         let _ = nix::unistd::dup2_stdout(&null);
@@ -123,20 +127,36 @@ pub fn monitor_main(config_json: &str) -> i32 {
     // A container process that escaped into the background may still hold the pipe: give
     // the pump a few seconds to drain, then end it rather than hang the monitor.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match nix::sys::wait::waitpid(pump, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            Ok(nix::sys::wait::WaitStatus::StillAlive) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(20))
-            }
-            Ok(nix::sys::wait::WaitStatus::StillAlive) => {
-                let _ = nix::sys::signal::kill(pump, nix::sys::signal::Signal::SIGKILL);
-                let _ = nix::sys::wait::waitpid(pump, None);
-                break;
-            }
-            _ => break,
+    while pump.alive() {
+        if std::time::Instant::now() >= deadline {
+            pump.kill();
+            break;
         }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     0
+}
+
+impl Pump {
+    /// The same pump with its pidfd at descriptor 3, the one close_range(4..) keeps.
+    fn keep_below_close_range(self) -> Pump {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let pidfd = self.pidfd.and_then(|fd| {
+            if fd.as_raw_fd() == 3 {
+                return Some(fd);
+            }
+            // SAFETY: dup2 onto descriptor 3, which this process is about to close anyway;
+            // `fd` (the old descriptor) is closed right after.
+            let r = unsafe { libc::dup2(fd.as_raw_fd(), 3) };
+            drop(fd);
+            // SAFETY: on success descriptor 3 is now a pidfd this process owns.
+            (r == 3).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(3) })
+        });
+        Pump {
+            pid: self.pid,
+            pidfd,
+        }
+    }
 }
 
 fn run_container(cfg: &MonitorConfig) -> ExitRecord {
@@ -184,29 +204,105 @@ pub fn read_exit_record(path: &Path) -> Option<ExitRecord> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-/// Points fds 0-2 at /dev/null and a pipe, and forks the process that drains the pipe into the
-/// rotating log. Must be called while the process is single-threaded.
-fn redirect_stdio_to_log(cfg: &MonitorConfig) -> std::io::Result<nix::unistd::Pid> {
+/// The log pump, which is not a child of the monitor: liblxc reaps *every* child of the
+/// process that starts a container when a start fails (`lxc_abort` waits for pid -1), and a
+/// pump child, which lives as long as the monitor holds the pipe, would keep that wait, and
+/// with it the container's command socket, blocked forever.
+struct Pump {
+    pid: nix::unistd::Pid,
+    /// A pidfd of it (None on kernels without pidfd_open: then its pid is polled).
+    pidfd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Pump {
+    fn alive(&self) -> bool {
+        match &self.pidfd {
+            Some(fd) => {
+                use std::os::fd::AsFd;
+                let mut fds = [nix::poll::PollFd::new(
+                    fd.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).is_ok_and(|n| n == 0)
+            }
+            None => nix::sys::signal::kill(self.pid, None).is_ok(),
+        }
+    }
+
+    fn kill(&self) {
+        match &self.pidfd {
+            Some(fd) => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: pidfd_send_signal on a pidfd this process owns; no pointers but a
+                // null siginfo, which the call allows.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        fd.as_raw_fd(),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0u32,
+                    )
+                };
+            }
+            None => {
+                let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Points fds 0-2 at /dev/null and a pipe, and starts the process that drains the pipe into
+/// the rotating log, as a grandchild (see [`Pump`]). Must be called while the process is
+/// single-threaded.
+fn redirect_stdio_to_log(cfg: &MonitorConfig) -> std::io::Result<Pump> {
+    use std::io::Read;
     let null = std::fs::File::open("/dev/null")?;
     nix::unistd::dup2_stdin(&null)?;
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (pid_r, pid_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let mut log = RotatingLog::open(&cfg.log_file, cfg.log_max_bytes, cfg.log_keep)?;
     // SAFETY: this process has a single thread here (the monitor spawns none), so the child
-    // starts with consistent allocator and stdio state; it only pumps the pipe and exits.
+    // starts with consistent allocator and stdio state; it forks the pump and exits.
     match unsafe { nix::unistd::fork() }? {
         nix::unistd::ForkResult::Child => {
-            drop(w);
-            log.pump(r);
-            drop(log);
-            // SAFETY: _exit ends the child without running the parent's atexit handlers.
-            unsafe { libc::_exit(0) }
+            // SAFETY: as above, still one thread; the grandchild only pumps the pipe.
+            match unsafe { nix::unistd::fork() } {
+                Ok(nix::unistd::ForkResult::Child) => {
+                    drop(w);
+                    drop(pid_w);
+                    log.pump(r);
+                    drop(log);
+                    // SAFETY: _exit ends the pump without running atexit handlers.
+                    unsafe { libc::_exit(0) }
+                }
+                Ok(nix::unistd::ForkResult::Parent { child }) => {
+                    let _ = nix::unistd::write(&pid_w, &child.as_raw().to_ne_bytes());
+                    // SAFETY: _exit ends the intermediate child at once.
+                    unsafe { libc::_exit(0) }
+                }
+                // SAFETY: as above.
+                Err(_) => unsafe { libc::_exit(1) },
+            }
         }
         nix::unistd::ForkResult::Parent { child } => {
             drop(r);
             drop(log);
+            drop(pid_w);
+            let _ = nix::sys::wait::waitpid(child, None);
+            let mut b = [0u8; 4];
+            std::fs::File::from(pid_r).read_exact(&mut b)?;
+            let pid = nix::unistd::Pid::from_raw(i32::from_ne_bytes(b));
+            // The pump cannot have ended: it reads the pipe this process still holds.
+            // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor or -1.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0u32) };
+            let pidfd = (fd >= 0).then(|| {
+                // SAFETY: `fd` is a descriptor pidfd_open just returned to this process.
+                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
+            });
             nix::unistd::dup2_stdout(&w)?;
             nix::unistd::dup2_stderr(&w)?;
-            Ok(child)
+            Ok(Pump { pid, pidfd })
         }
     }
 }
