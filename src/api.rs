@@ -107,17 +107,19 @@ pub enum ErrorKind {
     /// The board has no room for it (its service count, its memory budget, the image store's
     /// limits).
     NoResources,
-    /// A package whose signature or content cannot be trusted (unsigned, signed by a key the
-    /// gateway does not trust or revoked, tampered with, an artifact that is not what its
-    /// signed manifest says).
+    /// A package whose signature cannot be trusted (unsigned, signed by a key the gateway
+    /// does not trust or revoked, a manifest tampered with).
     Untrusted,
+    /// A package that is not what it claims: not an archive, truncated, an artifact that is
+    /// not what its signed manifest says.
+    Corrupt,
 }
 
 impl ErrorKind {
     /// The CLI's exit code for this kind (documented in the README).
     pub fn exit_code(self) -> i32 {
         match self {
-            ErrorKind::Invalid | ErrorKind::Untrusted => 5,
+            ErrorKind::Invalid | ErrorKind::Untrusted | ErrorKind::Corrupt => 5,
             ErrorKind::NotFound => 4,
             ErrorKind::Conflict | ErrorKind::Duplicate | ErrorKind::NoResources => 6,
             ErrorKind::Runtime | ErrorKind::Internal => 1,

@@ -96,7 +96,7 @@ pub enum PackageError {
     RevokedKey { id: String },
     #[error("the signature does not match {MANIFEST} (tampered with, or signed by another key)")]
     BadSignature,
-    #[error("artifact {name}: expected next in the package, found {found:?}")]
+    #[error("artifact {name}: expected next in the package, found {}", found.as_deref().unwrap_or("the end of it"))]
     MissingArtifact { name: String, found: Option<String> },
     #[error("artifact {name}: size {actual} bytes, the signed manifest says {expected}")]
     SizeMismatch {

@@ -27,7 +27,12 @@ impl Supervisor {
         let peeked = match gatevisor_images::package::open_regular(&pkg)
             .map_err(|e| invalid(&e))
             .and_then(|f| {
-                gatevisor_images::package::peek(std::io::BufReader::new(f)).map_err(|e| invalid(&e))
+                gatevisor_images::package::peek(std::io::BufReader::new(f)).map_err(|e| {
+                    err(
+                        package_error_kind(&e),
+                        format!("{}: {}", pkg.display(), error_chain(&e)),
+                    )
+                })
             }) {
             Ok(p) => p,
             Err(e) => return refuse(self, e),
@@ -499,10 +504,31 @@ pub(super) fn prepare_rootfs(
     })
 }
 
+/// What kind of refusal a package error is: its signature (`untrusted`), its content
+/// (`corrupt`), its size (`no-resources`), or anything else (`invalid`).
+pub(super) fn package_error_kind(e: &gatevisor_images::package::PackageError) -> ErrorKind {
+    use gatevisor_images::package::PackageError as P;
+    match e {
+        P::Unsigned
+        | P::BadSignatureFormat
+        | P::BadKeyId
+        | P::UntrustedKey { .. }
+        | P::RevokedKey { .. }
+        | P::BadSignature => ErrorKind::Untrusted,
+        P::Archive(_)
+        | P::NoManifest
+        | P::MissingArtifact { .. }
+        | P::SizeMismatch { .. }
+        | P::DigestMismatch { .. }
+        | P::Trailing(_) => ErrorKind::Corrupt,
+        P::TooLarge { .. } | P::TooManyFiles { .. } => ErrorKind::NoResources,
+        _ => ErrorKind::Invalid,
+    }
+}
+
 /// A refused package as an API error: the policy's refusals are `denied`, the rest
 /// `invalid`; the message keeps every cause.
 pub(super) fn store_refusal(pkg: &Path, e: &gatevisor_images::store::StoreError) -> ApiError {
-    use gatevisor_images::package::PackageError as P;
     use gatevisor_images::store::StoreError as S;
     let kind = match e {
         S::Rejected { source, .. }
@@ -512,20 +538,7 @@ pub(super) fn store_refusal(pkg: &Path, e: &gatevisor_images::store::StoreError)
         {
             ErrorKind::Denied
         }
-        S::Package { source, .. } => match source {
-            P::Unsigned
-            | P::BadSignatureFormat
-            | P::BadKeyId
-            | P::UntrustedKey { .. }
-            | P::RevokedKey { .. }
-            | P::BadSignature
-            | P::MissingArtifact { .. }
-            | P::SizeMismatch { .. }
-            | P::DigestMismatch { .. }
-            | P::Trailing(_) => ErrorKind::Untrusted,
-            P::TooLarge { .. } | P::TooManyFiles { .. } => ErrorKind::NoResources,
-            _ => ErrorKind::Invalid,
-        },
+        S::Package { source, .. } => package_error_kind(source),
         _ => ErrorKind::Invalid,
     };
     err(

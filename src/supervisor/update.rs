@@ -146,7 +146,12 @@ impl Supervisor {
         let peeked = gatevisor_images::package::open_regular(pkg)
             .map_err(|e| invalid(&e))
             .and_then(|f| {
-                gatevisor_images::package::peek(std::io::BufReader::new(f)).map_err(|e| invalid(&e))
+                gatevisor_images::package::peek(std::io::BufReader::new(f)).map_err(|e| {
+                    err(
+                        super::install::package_error_kind(&e),
+                        format!("{}: {}", pkg.display(), error_chain(&e)),
+                    )
+                })
             })?;
         if peeked.name != name {
             return Err(invalid(&format!(
