@@ -108,6 +108,10 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
             runtimes,
             package_ca: opts.package_ca,
             operation_deadline: opts.usp_operation_deadline,
+            controllers: mqtt
+                .iter()
+                .flat_map(|m| m.controllers.iter().map(|c| c.endpoint_id.clone()))
+                .collect(),
         };
         // The model asks the supervisor loop, which starts below: open it on its own thread.
         std::thread::Builder::new()

@@ -1,7 +1,7 @@
 //! The embedded USP agent driven through a real `mosquitto` by a Controller test peer written
 //! with rusp-lib and rumqttc: subscriptions, Get/GetInstances over the live state, InstallDU of
 //! a signed package served over HTTP, SetRequestedState, an unhealthy Update rolled back,
-//! Uninstall, a badly signed package (fault 7036), and Records that must be refused. Needs root
+//! Uninstall, a badly signed package (fault 7219), and Records that must be refused. Needs root
 //! (liblxc) and mosquitto (scripts/setup.sh installs it).
 
 mod common;
@@ -305,7 +305,7 @@ fn launcher_installs_starts_updates_and_uninstalls_a_service_over_usp_mqtt() {
     let oc = operation_complete(&c, "Update()", "k-update");
     assert!(oc.to_string().contains("cmd_failure"), "{oc}");
 
-    // A package signed by an untrusted key: fault 7036, nothing installed.
+    // A package signed by an untrusted key: fault 7219, nothing installed.
     operate(
         &mut c,
         &format!("{SM}InstallDU()"),
@@ -313,7 +313,7 @@ fn launcher_installs_starts_updates_and_uninstalls_a_service_over_usp_mqtt() {
         &[("URL", &url(&forged))],
     );
     let ev = du_state_change(&c);
-    assert_eq!(ev["Fault.FaultCode"], "7036", "{ev}");
+    assert_eq!(ev["Fault.FaultCode"], "7219", "{ev}");
     assert_eq!(ev["CurrentState"], "Failed");
     assert_eq!(ev["DeploymentUnitRef"], "");
     operation_complete(&c, "InstallDU()", "k-forged");
@@ -494,7 +494,7 @@ fn agent_speaks_mutual_tls_and_refuses_a_certificate_that_does_not_name_it() {
     );
     let ev = du_state_change(&c);
     assert_eq!(
-        ev["Fault.FaultCode"], "7036",
+        ev["Fault.FaultCode"], "7219",
         "downloaded, then refused: {ev}"
     );
     operate(
@@ -505,7 +505,7 @@ fn agent_speaks_mutual_tls_and_refuses_a_certificate_that_does_not_name_it() {
     );
     let ev = du_state_change(&c);
     assert_ne!(ev["Fault.FaultCode"], "0", "{ev}");
-    assert_ne!(ev["Fault.FaultCode"], "7036", "{ev}");
+    assert_ne!(ev["Fault.FaultCode"], "7219", "{ev}");
 }
 
 #[test]

@@ -30,15 +30,21 @@ pub enum Incoming {
         first_level_only: bool,
     },
     Add {
+        allow_partial: bool,
         /// (object path, parameter settings)
         objects: Vec<(String, BTreeMap<String, String>)>,
     },
     Delete {
+        allow_partial: bool,
         paths: Vec<String>,
+    },
+    Set {
+        allow_partial: bool,
+        objects: Vec<SetObject>,
     },
     GetSupportedDM {
         paths: Vec<String>,
-        first_level_only: bool,
+        flags: SupportedDmFlags,
     },
     Operate {
         command: String,
@@ -60,6 +66,51 @@ pub enum Incoming {
 /// A USP error: code and message.
 pub type Fault = (u32, String);
 
+/// What a GetSupportedDM asks to be told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SupportedDmFlags {
+    pub first_level_only: bool,
+    pub commands: bool,
+    pub events: bool,
+    pub params: bool,
+    pub unique_key_sets: bool,
+}
+
+impl Default for SupportedDmFlags {
+    fn default() -> Self {
+        SupportedDmFlags {
+            first_level_only: false,
+            commands: true,
+            events: true,
+            params: true,
+            unique_key_sets: true,
+        }
+    }
+}
+
+/// One object of a Set: its path and its parameter settings (name, value, required).
+pub type SetObject = (String, Vec<(String, String, bool)>);
+
+/// A path that failed inside an Error message (`param_errs`): path, code, message.
+pub type ParamError = (String, u32, String);
+
+/// One instance GetInstances found: its path and its unique keys (name → value).
+pub type Instance = (String, BTreeMap<String, String>);
+
+/// Per requested path of a GetInstances: the instances, or an error.
+pub type InstancesResult = Vec<(String, Result<Vec<Instance>, Fault>)>;
+
+/// One requested object of a Set: the instances it updated with the parameters set, or why
+/// not (with the parameters that failed: instance path, parameter, code, message).
+pub type SetResult = Result<Vec<(String, BTreeMap<String, String>)>, SetFailure>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetFailure {
+    pub code: u32,
+    pub message: String,
+    pub params: Vec<(String, String, u32, String)>,
+}
+
 /// One requested path's Get result: resolved objects with their parameters, or an error.
 pub type GetResult = Result<Vec<(String, BTreeMap<String, String>)>, Fault>;
 
@@ -72,6 +123,7 @@ pub enum ParamType {
     String,
     Boolean,
     UnsignedInt,
+    Int,
     DateTime,
 }
 
@@ -84,6 +136,8 @@ pub struct SupportedObject {
     /// Controllers may Add and Delete its instances.
     pub add_delete: bool,
     pub params: Vec<(String, ParamType, bool)>,
+    /// Its unique key sets (parameter names), for multi-instance objects.
+    pub unique_keys: Vec<Vec<String>>,
     /// (name with `()`, input args, output args, asynchronous)
     pub commands: Vec<(String, Vec<String>, Vec<String>, bool)>,
     /// (name with `!`, args)
@@ -111,6 +165,9 @@ pub enum NotifyKind {
     },
     ObjectCreation {
         path: String,
+        /// The new instance's unique keys.
+        #[serde(default)]
+        keys: BTreeMap<String, String>,
     },
     ObjectDeletion {
         path: String,
@@ -126,13 +183,16 @@ pub enum NotifyKind {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outgoing {
     GetResp(Vec<(String, GetResult)>),
-    GetInstancesResp(PathsResult),
-    /// (requested path, created instance path or error)
-    AddResp(Vec<(String, Result<String, Fault>)>),
+    GetInstancesResp(InstancesResult),
+    /// (requested path, created instance with its unique keys, or error)
+    AddResp(Vec<(String, Result<Instance, Fault>)>),
     DeleteResp(PathsResult),
+    SetResp(Vec<(String, SetResult)>),
     GetSupportedDMResp(Vec<(String, Result<Vec<SupportedObject>, Fault>)>),
     OperateResp(Vec<(String, OperateOutcome)>),
-    Error(u32, String),
+    /// An Error message, with the paths that failed (Add, Set, Delete without
+    /// `allow_partial`).
+    Error(u32, String, Vec<ParamError>),
     /// A USP Service registers the objects it serves with the Broker.
     Register(Vec<String>),
     Notify {
@@ -150,6 +210,10 @@ pub trait Codec: Send + Sync {
     /// A UDS connect record (no message).
     fn encode_uds_connect(&self, env: &Envelope) -> Result<Vec<u8>, CodecError>;
 }
+
+/// The data model this agent's supported objects come from (GetSupportedDM's
+/// `data_model_inst_uri`): TR-181 Issue 2 Amendment 16, the USP flavour.
+pub const DATA_MODEL_URI: &str = "urn:broadband-forum-org:tr-181-2-16-0-usp";
 
 /// The `rusp-lib` codec (USP 1.3 Records, no session context).
 pub struct Rusp;
@@ -201,6 +265,7 @@ impl Codec for Rusp {
                     first_level_only: g.first_level_only,
                 },
                 R::add(a) => Incoming::Add {
+                    allow_partial: a.allow_partial,
                     objects: a
                         .create_objs
                         .into_iter()
@@ -214,7 +279,25 @@ impl Codec for Rusp {
                         })
                         .collect(),
                 },
-                R::delete(d) => Incoming::Delete { paths: d.obj_paths },
+                R::delete(d) => Incoming::Delete {
+                    allow_partial: d.allow_partial,
+                    paths: d.obj_paths,
+                },
+                R::set(st) => Incoming::Set {
+                    allow_partial: st.allow_partial,
+                    objects: st
+                        .update_objs
+                        .into_iter()
+                        .map(|o| {
+                            let params = o
+                                .param_settings
+                                .into_iter()
+                                .map(|p| (p.param, p.value, p.required))
+                                .collect();
+                            (o.obj_path, params)
+                        })
+                        .collect(),
+                },
                 R::operate(o) => Incoming::Operate {
                     command: o.command,
                     command_key: o.command_key,
@@ -223,12 +306,17 @@ impl Codec for Rusp {
                 },
                 R::get_supported_dm(g) => Incoming::GetSupportedDM {
                     paths: g.obj_paths,
-                    first_level_only: g.first_level_only,
+                    flags: SupportedDmFlags {
+                        first_level_only: g.first_level_only,
+                        commands: g.return_commands,
+                        events: g.return_events,
+                        params: g.return_params,
+                        unique_key_sets: g.return_unique_key_sets,
+                    },
                 },
                 R::get_supported_protocol(_) => {
                     Incoming::Unsupported("GetSupportedProtocol".into())
                 }
-                R::set(_) => Incoming::Unsupported("Set".into()),
                 R::notify(_) => Incoming::Unsupported("Notify".into()),
                 R::register(_) => Incoming::Unsupported("Register".into()),
                 R::deregister(_) => Incoming::Unsupported("Deregister".into()),
@@ -300,7 +388,13 @@ impl Codec for Rusp {
                             Ok(insts) => rp.with_curr_insts(
                                 insts
                                     .iter()
-                                    .map(|i| b::CurrInstanceBuilder::new(i.clone()))
+                                    .map(|(i, keys)| {
+                                        b::CurrInstanceBuilder::new(i.clone()).with_unique_keys(
+                                            keys.iter()
+                                                .map(|(k, v)| (k.clone(), v.clone()))
+                                                .collect(),
+                                        )
+                                    })
                                     .collect(),
                             ),
                             Err((code, m)) => rp.set_err(*code, Some(m.clone())),
@@ -316,10 +410,10 @@ impl Codec for Rusp {
                     .iter()
                     .map(|(path, r)| {
                         let st = match r {
-                            Ok(inst) => b::AddOperationStatus::new().set_success(
+                            Ok((inst, keys)) => b::AddOperationStatus::new().set_success(
                                 inst.clone(),
                                 vec![],
-                                HashMap::new(),
+                                hm(keys),
                             ),
                             Err((code, m)) => {
                                 b::AddOperationStatus::new().set_failure(*code, Some(m.clone()))
@@ -363,14 +457,62 @@ impl Codec for Rusp {
                     .with_operation_results(rs)
                     .build()
             }
-            Outgoing::Error(code, m) => b::ErrorBuilder::new()
+            Outgoing::Error(code, m, errs) => b::ErrorBuilder::new()
                 .set_err(*code, Some(m.clone()))
+                .with_param_errs(errs.clone())
                 .build(),
+            Outgoing::SetResp(results) => {
+                let rs = results
+                    .iter()
+                    .map(|(path, r)| {
+                        let st = match r {
+                            Ok(updated) => b::SetOperationStatus::new().set_success(
+                                updated
+                                    .iter()
+                                    .map(|(inst, params)| {
+                                        b::SetOperationSuccessBuilder::new(inst.clone())
+                                            .with_updated_params(hm(params))
+                                    })
+                                    .collect(),
+                            ),
+                            Err(f) => {
+                                let mut by_inst: BTreeMap<&str, Vec<b::SetRespParameterError>> =
+                                    BTreeMap::new();
+                                for (inst, param, code, m) in &f.params {
+                                    by_inst.entry(inst).or_default().push(
+                                        b::SetRespParameterError::new(
+                                            param.clone(),
+                                            *code,
+                                            Some(m.clone()),
+                                        ),
+                                    );
+                                }
+                                b::SetOperationStatus::new().set_failure(
+                                    f.code,
+                                    Some(f.message.clone()),
+                                    by_inst
+                                        .into_iter()
+                                        .map(|(inst, errs)| {
+                                            b::UpdatedInstanceFailureBuilder::new(inst.into())
+                                                .with_param_errs(errs)
+                                        })
+                                        .collect(),
+                                )
+                            }
+                        };
+                        b::UpdatedObjectResultsBuilder::new(path.clone(), st)
+                    })
+                    .collect();
+                b::SetRespBuilder::new()
+                    .with_updated_obj_results(rs)
+                    .build()
+            }
             Outgoing::GetSupportedDMResp(results) => {
                 let rs = results
                     .iter()
                     .map(|(path, r)| {
-                        let rb = b::GSDMReqObjectResultBuilder::new(path.clone());
+                        let rb = b::GSDMReqObjectResultBuilder::new(path.clone())
+                            .with_data_model_inst_uri(DATA_MODEL_URI.into());
                         match r {
                             Err((code, m)) => rb.set_err(*code, Some(m.clone())),
                             Ok(objs) => rb.with_supported_objs(
@@ -379,7 +521,8 @@ impl Codec for Rusp {
                                         let ob = b::GSDMSupportedObjectResultBuilder::new(
                                             o.path.clone(),
                                         )
-                                        .with_is_multi_instance(o.multi_instance);
+                                        .with_is_multi_instance(o.multi_instance)
+                                        .with_unique_key_sets(o.unique_keys.clone());
                                         let ob = if o.add_delete {
                                             ob.set_access_add_delete()
                                         } else {
@@ -396,6 +539,7 @@ impl Codec for Rusp {
                                                         ParamType::UnsignedInt => {
                                                             p.set_type_unsigned_int()
                                                         }
+                                                        ParamType::Int => p.set_type_int(),
                                                         ParamType::DateTime => {
                                                             p.set_type_datetime()
                                                         }
@@ -461,8 +605,8 @@ impl Codec for Rusp {
                         name,
                         args,
                     } => n.with_event(obj_path.clone(), name.clone(), hm(args)),
-                    NotifyKind::ObjectCreation { path } => {
-                        n.with_object_creation(path.clone(), HashMap::new())
+                    NotifyKind::ObjectCreation { path, keys } => {
+                        n.with_object_creation(path.clone(), hm(keys))
                     }
                     NotifyKind::ObjectDeletion { path } => n.with_object_deletion(path.clone()),
                     NotifyKind::OperationComplete {

@@ -7,4 +7,5 @@ pub mod fetch;
 pub mod model;
 pub mod mqtt;
 pub mod path;
+pub mod schema;
 pub mod uds;

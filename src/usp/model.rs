@@ -7,11 +7,9 @@
 //! the CLI. Instance numbers, DU UUIDs and URLs, subscriptions and in-flight operations persist
 //! in `usp.json` under the state directory (written with fsync before an OperateResp leaves).
 
-use super::codec::{
-    GetResult, Incoming, NotifyKind, OperateOutcome, Outgoing, ParamType, PathsResult,
-    SupportedObject,
-};
+use super::codec::{Fault, GetResult, Incoming, NotifyKind, OperateOutcome, Outgoing};
 use super::path::Pattern;
+use super::schema::{self, Known, CONTROLLERS, REQS, SUBS};
 use crate::api::{ApiError, ErrorKind, Request};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -21,20 +19,30 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 pub const SM: &str = "Device.SoftwareModules.";
-const SUBS: &str = "Device.LocalAgent.Subscription.";
-const REQS: &str = "Device.LocalAgent.Request.";
 /// The vendor prefix of gatevisor's own parameters (TR-106: `X_<VENDOR>_`).
 pub const VENDOR: &str = "X_GATEVISOR-ORG_";
 
 // USP error codes (TR-369).
 pub const E_GENERAL: u32 = 7000;
 pub const E_NOT_SUPPORTED: u32 = 7001;
+pub const E_INVALID_ARGUMENTS: u32 = 7004;
 pub const E_PERMISSION: u32 = 7006;
-pub const E_INVALID_ARGS: u32 = 7027;
-pub const E_INVALID_PATH: u32 = 7026;
+pub const E_PATH_SYNTAX: u32 = 7008;
+pub const E_UNSUPPORTED_PARAM: u32 = 7010;
+pub const E_INVALID_TYPE: u32 = 7011;
+pub const E_INVALID_VALUE: u32 = 7012;
+pub const E_READ_ONLY: u32 = 7013;
+pub const E_NO_OBJECT: u32 = 7016;
+pub const E_NOT_A_TABLE: u32 = 7018;
+pub const E_NOT_CREATABLE: u32 = 7019;
 pub const E_COMMAND_FAILURE: u32 = 7022;
-// TR-181 software module faults.
-pub const F_BAD_SIGNATURE: u32 = 7036;
+pub const E_NOT_DELETABLE: u32 = 7024;
+pub const E_UNIQUE_KEY: u32 = 7025;
+pub const E_INVALID_PATH: u32 = 7026;
+pub const E_INVALID_ARGS: u32 = 7027;
+// TR-181 software module faults (TR-069's 90xx, as TR-181 numbers them for USP: 72xx).
+pub const F_FILE_CORRUPTED: u32 = 7218;
+pub const F_FILE_AUTHENTICATION: u32 = 7219;
 pub const F_UNKNOWN_EE: u32 = 7223;
 pub const F_DUPLICATE_DU: u32 = 7226;
 pub const F_RESOURCES: u32 = 7227;
@@ -108,6 +116,19 @@ struct PendingOp {
     /// daemon that dies in between reports the truth after its restart.
     #[serde(default)]
     outcome: Option<String>,
+    /// The DU as it was when an Update or Uninstall began: an Uninstall's `DUStateChange!`
+    /// still names what was removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    du: Option<DuSnapshot>,
+}
+
+/// What `DUStateChange!` says of a DU.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+struct DuSnapshot {
+    path: String,
+    uuid: String,
+    version: String,
+    eu_list: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -156,6 +177,10 @@ pub struct ModelOptions {
     /// Every InstallDU/Update/Uninstall ends within this, failed if need be
     /// (at most [`MAX_OPERATION_DEADLINE`]).
     pub operation_deadline: std::time::Duration,
+    /// The Controllers configured to reach this agent (endpoint ids), in
+    /// `Device.LocalAgent.Controller.{i}` order; a Broker met later is added with
+    /// [`Model::add_controller`].
+    pub controllers: Vec<String>,
 }
 
 pub struct Model {
@@ -170,6 +195,8 @@ pub struct Model {
     https: Result<Arc<rustls::ClientConfig>, String>,
     operation_deadline: std::time::Duration,
     cpu: Mutex<BTreeMap<String, (u64, std::time::Instant)>>,
+    /// `Device.LocalAgent.Controller.{i}`: endpoint ids.
+    controllers: Mutex<Vec<String>>,
 }
 
 fn now_iso() -> String {
@@ -235,13 +262,66 @@ fn object_of(param: &str) -> &str {
 /// A supervisor error as a TR-181 fault code, by its kind.
 fn fault_of(e: &ApiError) -> u32 {
     match e.kind {
-        ErrorKind::Untrusted => F_BAD_SIGNATURE,
+        ErrorKind::Untrusted => F_FILE_AUTHENTICATION,
+        ErrorKind::Corrupt => F_FILE_CORRUPTED,
         ErrorKind::Duplicate => F_DUPLICATE_DU,
         ErrorKind::NoResources => F_RESOURCES,
         ErrorKind::Conflict => F_INVALID_DU_STATE,
         _ => E_COMMAND_FAILURE,
     }
 }
+
+/// A supervisor error as a Controller reads it in a fault string: without the gateway's own
+/// paths (`package`: the local download of a URL), advice to run a CLI command, or bytes of
+/// a rejected file that are not text; at most [`FAULT_TEXT_MAX`] characters.
+fn fault_text(message: &str, package: Option<&Path>) -> String {
+    let mut m = message.to_string();
+    if let Some(p) = package {
+        let p = p.display().to_string();
+        m = m.replace(&format!("{p}: package {p}"), "the package");
+        m = m.replace(&format!("{p}: "), "");
+        m = m.replace(&p, "the package");
+    }
+    // "…; use `gatevisor service update`", "(try `gatevisor …`)"
+    while let Some(i) = m.find("`gatevisor") {
+        let start = m[..i].rfind([';', '(', ',']).unwrap_or(i);
+        let close = m[i + 1..]
+            .find('`')
+            .map(|e| i + 1 + e + 1)
+            .unwrap_or(m.len());
+        let end = if m[start..].starts_with('(') {
+            m[close..].find(')').map(|e| close + e + 1).unwrap_or(close)
+        } else {
+            close
+        };
+        m.replace_range(start..end, "");
+    }
+    let clean: String = m
+        .trim()
+        .chars()
+        .map(|c| {
+            if c == '\n' || c == '\t' {
+                ' '
+            } else if c.is_control() || c == char::REPLACEMENT_CHARACTER {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if clean.chars().count() > FAULT_TEXT_MAX {
+        let cut: String = clean.chars().take(FAULT_TEXT_MAX - 1).collect();
+        format!("{cut}…")
+    } else {
+        clean
+    }
+}
+
+/// The longest fault string sent.
+const FAULT_TEXT_MAX: usize = 256;
+
+mod ops;
+mod requests;
 
 impl Model {
     /// The model for `backend`, its persistent state in `state_dir/usp.json`. Operations a
@@ -278,9 +358,19 @@ impl Model {
                 .map_err(|e| e.to_string()),
             operation_deadline: opts.operation_deadline,
             cpu: Mutex::new(BTreeMap::new()),
+            controllers: Mutex::new(opts.controllers),
         });
         model.settle_interrupted();
         Ok(model)
+    }
+
+    /// Adds Controller `endpoint` (a Broker this USP Service met) to
+    /// `Device.LocalAgent.Controller.`, if it is not there yet.
+    pub fn add_controller(&self, endpoint: &str) {
+        let mut c = self.controllers.lock().unwrap();
+        if !c.iter().any(|e| e == endpoint) {
+            c.push(endpoint.to_string());
+        }
     }
 
     /// Saves `st` where a failure cannot be answered to anyone: it is logged, and the next
@@ -384,9 +474,11 @@ impl Model {
             put(format!("{ee}Version"), env!("CARGO_PKG_VERSION").into());
             put(format!("{ee}AvailableMemory"), mem_avail.to_string());
             put(format!("{ee}AvailableDiskSpace"), disk_avail.to_string());
+            // Only the units that run (TR-181: "currently running").
             let eus: Vec<String> = services
                 .iter()
                 .filter(|(_, s)| s.get("runtime").and_then(|r| r.as_str()) == Some(rt.name()))
+                .filter(|(_, s)| s.get("state").and_then(|r| r.as_str()) == Some("running"))
                 .filter_map(|(n, _)| st.units.get(n))
                 .map(|u| format!("{SM}ExecutionUnit.{}", u.instance))
                 .collect();
@@ -478,23 +570,32 @@ impl Model {
             put(format!("{eu}Version"), version);
             put(format!("{eu}References"), du.trim_end_matches('.').into());
             put(format!("{eu}ExecutionEnvRef"), ee_ref);
-            let mem = s
-                .pointer("/memory/usage_bytes")
-                .and_then(|v| v.as_u64())
-                .map(|b| (b / 1024).to_string())
-                .unwrap_or_else(|| "0".into());
+            // TR-181: -1 for a unit that is not running.
+            let mem = match s.pointer("/memory/usage_bytes").and_then(|v| v.as_u64()) {
+                Some(b) if state == "running" => (b / 1024).to_string(),
+                _ => "-1".into(),
+            };
             put(format!("{eu}MemoryInUse"), mem);
-            // CPU: the share of one core used since the previous reading.
-            if let Some(usec) = s.get("cpu_usec").and_then(|v| v.as_u64()) {
-                let now = std::time::Instant::now();
-                if let Some((prev, at)) = cpu.get(name) {
-                    let wall = now.duration_since(*at).as_micros() as u64;
-                    if let Some(pct) = (usec.saturating_sub(*prev) * 100).checked_div(wall) {
-                        put(format!("{eu}CPUPercentInUse"), pct.min(100).to_string());
+            // CPU: the share of one core used since the previous reading; 0 for a unit
+            // that does not run, and at the first reading of one that does.
+            let mut pct = 0;
+            match s.get("cpu_usec").and_then(|v| v.as_u64()) {
+                Some(usec) if state == "running" => {
+                    let now = std::time::Instant::now();
+                    if let Some((prev, at)) = cpu.get(name) {
+                        let wall = now.duration_since(*at).as_micros() as u64;
+                        pct = (usec.saturating_sub(*prev) * 100)
+                            .checked_div(wall)
+                            .unwrap_or(0)
+                            .min(100);
                     }
+                    cpu.insert(name.clone(), (usec, now));
                 }
-                cpu.insert(name.clone(), (usec, now));
+                _ => {
+                    cpu.remove(name);
+                }
             }
+            put(format!("{eu}CPUPercentInUse"), pct.to_string());
             put(
                 format!("{eu}AutoRestart.Enable"),
                 (desired == "running").to_string(),
@@ -505,14 +606,25 @@ impl Model {
             );
             put(format!("{eu}{VENDOR}Restarts"), str_of("restarts"));
             put(format!("{eu}{VENDOR}Runtime"), runtime);
-            if let Some(c) = s.pointer("/steering/counters").and_then(|c| c.as_object()) {
-                for (k, v) in c {
-                    let mut flat = Vec::new();
-                    flatten(&mut flat, &camel(k), v);
-                    for (k, v) in flat {
-                        put(format!("{eu}{VENDOR}Steering.{k}"), v);
-                    }
-                }
+            // Every unit has the steering counters the schema declares: 0 while it has
+            // none (no steering, not plugged).
+            let counter = |path: &str| {
+                s.pointer(&format!("/steering/counters/{path}"))
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0)
+                    .to_string()
+            };
+            for name in schema::STEERING_COUNTERS {
+                put(
+                    format!("{eu}{VENDOR}Steering.{name}"),
+                    counter(&snake(name)),
+                );
+            }
+            for name in schema::VERDICT_COUNTERS {
+                put(
+                    format!("{eu}{VENDOR}Steering.Verdicts.{name}"),
+                    counter(&format!("verdicts/{}", snake(name))),
+                );
             }
         }
         drop(cpu);
@@ -524,11 +636,21 @@ impl Model {
             let o = format!("{SUBS}{}.", s.instance);
             put(format!("{o}Enable"), s.enable.to_string());
             put(format!("{o}ID"), s.id.clone());
-            put(format!("{o}Recipient"), s.recipient.clone());
+            put(format!("{o}Recipient"), self.controller_ref(&s.recipient));
             put(format!("{o}NotifType"), s.notif_type.clone());
             put(format!("{o}ReferenceList"), s.reference_list.join(","));
             put(format!("{o}NotifRetry"), s.notif_retry.to_string());
             put(format!("{o}Persistent"), s.persistent.to_string());
+        }
+        {
+            let controllers = self.controllers.lock().unwrap();
+            put(
+                "Device.LocalAgent.ControllerNumberOfEntries".into(),
+                controllers.len().to_string(),
+            );
+            for (i, c) in controllers.iter().enumerate() {
+                put(format!("{CONTROLLERS}{}.EndpointID", i + 1), c.clone());
+            }
         }
         put(
             "Device.LocalAgent.RequestNumberOfEntries".into(),
@@ -549,19 +671,25 @@ impl Model {
     pub fn handle(self: &Arc<Self>, from: &str, role: Role, req: Incoming) -> Option<Outgoing> {
         let writes = matches!(
             req,
-            Incoming::Add { .. } | Incoming::Delete { .. } | Incoming::Operate { .. }
+            Incoming::Add { .. }
+                | Incoming::Delete { .. }
+                | Incoming::Set { .. }
+                | Incoming::Operate { .. }
         );
         if writes && role == Role::Observer {
-            // Observers may manage their own subscriptions, nothing else.
+            // Observers may manage their own subscriptions, nothing else (whose they are is
+            // checked per subscription).
             let own_subs = match &req {
-                Incoming::Add { objects } => objects.iter().all(|(p, _)| p == SUBS),
-                Incoming::Delete { paths } => paths.iter().all(|p| p.starts_with(SUBS)),
+                Incoming::Add { objects, .. } => objects.iter().all(|(p, _)| p == SUBS),
+                Incoming::Delete { paths, .. } => paths.iter().all(|p| p.starts_with(SUBS)),
+                Incoming::Set { objects, .. } => objects.iter().all(|(p, _)| p.starts_with(SUBS)),
                 _ => false,
             };
             if !own_subs {
                 return Some(Outgoing::Error(
                     E_PERMISSION,
                     format!("controller {from} may only read and subscribe"),
+                    vec![],
                 ));
             }
         }
@@ -571,36 +699,27 @@ impl Model {
                 paths,
                 first_level_only,
             } => Outgoing::GetInstancesResp(self.get_instances(&paths, first_level_only)),
-            Incoming::GetSupportedDM {
+            Incoming::GetSupportedDM { paths, flags } => Outgoing::GetSupportedDMResp(
+                paths
+                    .into_iter()
+                    .map(|p| {
+                        let r = schema::supported(&p, flags);
+                        (p, r)
+                    })
+                    .collect(),
+            ),
+            Incoming::Add {
+                allow_partial,
+                objects,
+            } => self.add(from, role, allow_partial, objects),
+            Incoming::Delete {
+                allow_partial,
                 paths,
-                first_level_only,
-            } => Outgoing::GetSupportedDMResp(
-                paths
-                    .into_iter()
-                    .map(|p| {
-                        let r = supported(&p, first_level_only);
-                        (p, r)
-                    })
-                    .collect(),
-            ),
-            Incoming::Add { objects } => Outgoing::AddResp(
-                objects
-                    .into_iter()
-                    .map(|(path, params)| {
-                        let r = self.add_subscription(from, &path, &params);
-                        (path, r)
-                    })
-                    .collect(),
-            ),
-            Incoming::Delete { paths } => Outgoing::DeleteResp(
-                paths
-                    .into_iter()
-                    .map(|p| {
-                        let r = self.delete_subscription(&p);
-                        (p, r)
-                    })
-                    .collect(),
-            ),
+            } => self.delete(from, role, allow_partial, paths),
+            Incoming::Set {
+                allow_partial,
+                objects,
+            } => self.set(from, role, allow_partial, objects),
             Incoming::Operate {
                 command,
                 command_key,
@@ -636,594 +755,12 @@ impl Model {
                 return None;
             }
             Incoming::Connect | Incoming::RegisterResp(_) => return None,
-            Incoming::Unsupported(what) => {
-                Outgoing::Error(E_NOT_SUPPORTED, format!("{what} is not supported here"))
-            }
-        })
-    }
-
-    /// `path` parsed, if it is a well-formed `Device.` path.
-    fn check_path(path: &str) -> Result<Pattern, (u32, String)> {
-        let pattern = Pattern::parse(path).map_err(|e| (E_INVALID_PATH, e))?;
-        if !path.starts_with("Device.") {
-            return Err((E_INVALID_PATH, format!("{path}: not a Device. path")));
-        }
-        Ok(pattern)
-    }
-
-    fn get(&self, paths: &[String]) -> Vec<(String, GetResult)> {
-        let params = self.parameters();
-        paths
-            .iter()
-            .map(|path| {
-                let r = Self::check_path(path).and_then(|pattern| {
-                    let mut by_obj: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-                    let hits = params.iter().filter(|(k, _)| pattern.matches(k, &params));
-                    for (k, v) in hits {
-                        let obj = object_of(k);
-                        by_obj
-                            .entry(obj.to_string())
-                            .or_default()
-                            .insert(k[obj.len()..].to_string(), v.clone());
-                    }
-                    // A search that finds nothing is an empty answer, not an error.
-                    // An empty table is an empty answer too.
-                    if by_obj.is_empty() && !pattern.has_search() && !is_table(path) {
-                        return Err((E_INVALID_PATH, format!("{path}: no such path")));
-                    }
-                    Ok(by_obj.into_iter().collect())
-                });
-                (path.clone(), r)
-            })
-            .collect()
-    }
-
-    fn get_instances(&self, paths: &[String], first_level_only: bool) -> PathsResult {
-        let params = self.parameters();
-        let objects = instance_objects(&params);
-        paths
-            .iter()
-            .map(|path| {
-                let r = Self::check_path(path).and_then(|pattern| {
-                    if !path.ends_with('.') {
-                        return Err((E_INVALID_PATH, format!("{path}: not an object path")));
-                    }
-                    let depth = pattern.depth();
-                    Ok(objects
-                        .iter()
-                        .filter(|o| pattern.matches(o, &params) && o.as_str() != path.as_str())
-                        .filter(|o| {
-                            !first_level_only
-                                || o.trim_end_matches('.').split('.').count() == depth + 1
-                        })
-                        .cloned()
-                        .collect())
-                });
-                (path.clone(), r)
-            })
-            .collect()
-    }
-
-    fn add_subscription(
-        &self,
-        from: &str,
-        path: &str,
-        params: &BTreeMap<String, String>,
-    ) -> Result<String, (u32, String)> {
-        if path != SUBS {
-            return Err((
+            Incoming::Unsupported(what) => Outgoing::Error(
                 E_NOT_SUPPORTED,
-                format!("{path}: objects are created here only in {SUBS}"),
-            ));
-        }
-        let notif_type = params.get("NotifType").cloned().unwrap_or_default();
-        const TYPES: [&str; 5] = [
-            "ValueChange",
-            "ObjectCreation",
-            "ObjectDeletion",
-            "Event",
-            "OperationComplete",
-        ];
-        if !TYPES.contains(&notif_type.as_str()) {
-            return Err((
-                E_INVALID_ARGS,
-                format!("NotifType {notif_type:?} is not one of {TYPES:?}"),
-            ));
-        }
-        let reference_list: Vec<String> = params
-            .get("ReferenceList")
-            .map(|r| {
-                r.split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if reference_list.is_empty() {
-            return Err((E_INVALID_ARGS, "ReferenceList is empty".into()));
-        }
-        for r in &reference_list {
-            let pattern = Self::check_path(r).map_err(|(_, m)| (E_INVALID_ARGS, m))?;
-            if pattern.has_search() {
-                return Err((
-                    E_INVALID_ARGS,
-                    format!("{r}: search expressions in a ReferenceList are not supported"),
-                ));
-            }
-        }
-        let bool_of =
-            |k: &str, d: bool| params.get(k).map(|v| v == "true" || v == "1").unwrap_or(d);
-        let mut st = self.st.lock().unwrap();
-        st.next_subscription += 1;
-        let instance = st.next_subscription;
-        let id = params
-            .get("ID")
-            .cloned()
-            .unwrap_or_else(|| format!("gv-sub-{instance}"));
-        if st.subscriptions.iter().any(|s| s.id == id) {
-            return Err((E_INVALID_ARGS, format!("subscription ID {id:?} exists")));
-        }
-        st.subscriptions.push(Subscription {
-            instance,
-            id,
-            recipient: params
-                .get("Recipient")
-                .cloned()
-                .unwrap_or_else(|| from.to_string()),
-            notif_type,
-            reference_list,
-            notif_retry: bool_of("NotifRetry", false),
-            enable: bool_of("Enable", false),
-            persistent: bool_of("Persistent", true),
-        });
-        self.persist(&st)
-            .map_err(|e| (E_GENERAL, format!("cannot save the subscription: {e}")))?;
-        Ok(format!("{SUBS}{instance}."))
-    }
-
-    fn delete_subscription(&self, path: &str) -> Result<Vec<String>, (u32, String)> {
-        let pattern = Self::check_path(path)?;
-        // A search (`Subscription.[ID=="x"].`) looks at the subscriptions' parameters.
-        let params = if pattern.has_search() {
-            self.parameters()
-        } else {
-            BTreeMap::new()
-        };
-        let mut st = self.st.lock().unwrap();
-        let gone: Vec<String> = st
-            .subscriptions
-            .iter()
-            .map(|s| format!("{SUBS}{}.", s.instance))
-            .filter(|p| pattern.matches(p, &params))
-            .collect();
-        st.subscriptions
-            .retain(|s| !gone.contains(&format!("{SUBS}{}.", s.instance)));
-        self.persist(&st)
-            .map_err(|e| (E_GENERAL, format!("cannot save: {e}")))?;
-        Ok(gone)
-    }
-
-    /// The commands a command path names: itself, or with a search expression
-    /// (`ExecutionUnit.[Name=="x"].Restart()`) one per instance that satisfies it (none is
-    /// an empty answer).
-    fn expand_command(&self, command: &str) -> Result<Vec<String>, (u32, String)> {
-        let (object, name) = match command.rsplit_once('.') {
-            Some(split) if command.contains('[') => split,
-            _ => return Ok(vec![command.to_string()]),
-        };
-        let pattern = Self::check_path(object)?;
-        let params = self.parameters();
-        Ok(instance_objects(&params)
-            .into_iter()
-            .filter(|o| pattern.matches(o.trim_end_matches('.'), &params))
-            .map(|o| format!("{o}{name}"))
-            .collect())
-    }
-
-    /// The service behind `Device.SoftwareModules.{table}.{i}.`.
-    fn unit_name(&self, table: &str, rest: &str) -> Option<(String, String)> {
-        let rest = rest.strip_prefix(table)?.strip_prefix('.')?;
-        let (num, tail) = rest.split_once('.')?;
-        let n: u32 = num.parse().ok()?;
-        self.sync_units();
-        let st = self.st.lock().unwrap();
-        let name = st
-            .units
-            .iter()
-            .find(|(_, u)| u.instance == n)
-            .map(|(n, _)| n.clone())?;
-        Some((name, tail.to_string()))
-    }
-
-    fn operate(
-        self: &Arc<Self>,
-        from: &str,
-        command: &str,
-        command_key: &str,
-        args: &BTreeMap<String, String>,
-    ) -> OperateOutcome {
-        let Some(rest) = command.strip_prefix(SM) else {
-            return OperateOutcome::Failed(E_INVALID_PATH, format!("{command}: no such command"));
-        };
-        let call = |req| {
-            self.backend
-                .call(req)
-                .map(|_| BTreeMap::new())
-                .map_err(|e| (E_COMMAND_FAILURE, e.message))
-        };
-        let done = |r: Result<BTreeMap<String, String>, (u32, String)>| match r {
-            Ok(out) => OperateOutcome::Done(out),
-            Err((c, m)) => OperateOutcome::Failed(c, m),
-        };
-        if rest == "InstallDU()" {
-            let url = args.get("URL").cloned().unwrap_or_default();
-            if url.is_empty() {
-                return OperateOutcome::Failed(E_INVALID_ARGS, "InstallDU() needs a URL".into());
-            }
-            let uuid = args
-                .get("UUID")
-                .filter(|u| !u.is_empty())
-                .cloned()
-                .unwrap_or_else(random_uuid);
-            // The unit goes to the execution environment asked for: its runtime.
-            let mut runtime = None;
-            if let Some(ee) = args.get("ExecutionEnvRef").filter(|e| !e.is_empty()) {
-                runtime = (1..=self.runtimes.len())
-                    .find(|i| ee.trim_end_matches('.') == format!("{SM}ExecEnv.{i}"))
-                    .map(|i| self.runtimes[i - 1]);
-                if runtime.is_none() {
-                    // Reported like any other install failure: the operation ran, the DU
-                    // was not created.
-                    return self.start_op(
-                        from,
-                        command,
-                        command_key,
-                        OpKind::Install { url, uuid, runtime },
-                        Some((F_UNKNOWN_EE, format!("{ee}: no such execution environment"))),
-                    );
-                }
-            }
-            return self.start_op(
-                from,
-                command,
-                command_key,
-                OpKind::Install { url, uuid, runtime },
-                None,
-            );
-        }
-        if let Some((name, tail)) = self.unit_name("DeploymentUnit", rest) {
-            return match tail.as_str() {
-                "Update()" => {
-                    let url = match args.get("URL").filter(|u| !u.is_empty()) {
-                        Some(u) => u.clone(),
-                        None => {
-                            let st = self.st.lock().unwrap();
-                            st.units
-                                .get(&name)
-                                .map(|u| u.url.clone())
-                                .unwrap_or_default()
-                        }
-                    };
-                    if url.is_empty() {
-                        return OperateOutcome::Failed(
-                            E_INVALID_ARGS,
-                            "Update() needs a URL (the DU has none on record)".into(),
-                        );
-                    }
-                    self.start_op(
-                        from,
-                        command,
-                        command_key,
-                        OpKind::Update { name, url },
-                        None,
-                    )
-                }
-                "Uninstall()" => {
-                    self.start_op(from, command, command_key, OpKind::Uninstall { name }, None)
-                }
-                _ => OperateOutcome::Failed(E_INVALID_PATH, format!("{command}: no such command")),
-            };
-        }
-        if let Some((name, tail)) = self.unit_name("ExecutionUnit", rest) {
-            return match tail.as_str() {
-                "SetRequestedState()" => match args.get("RequestedState").map(|s| s.as_str()) {
-                    Some("Active") => done(call(Request::Start { name })),
-                    Some("Idle") => done(call(Request::Stop { name })),
-                    other => OperateOutcome::Failed(
-                        E_INVALID_ARGS,
-                        format!("RequestedState {other:?}: Idle or Active"),
-                    ),
-                },
-                "Restart()" => done(call(Request::Restart { name })),
-                _ => OperateOutcome::Failed(E_INVALID_PATH, format!("{command}: no such command")),
-            };
-        }
-        OperateOutcome::Failed(
-            E_INVALID_PATH,
-            format!("{command}: no such object or command"),
-        )
-    }
-
-    /// Journals an asynchronous operation (fsync'd before the OperateResp leaves), then runs
-    /// it on its own thread. `fail_now` completes it at once with that fault.
-    fn start_op(
-        self: &Arc<Self>,
-        from: &str,
-        command: &str,
-        command_key: &str,
-        kind: OpKind,
-        fail_now: Option<(u32, String)>,
-    ) -> OperateOutcome {
-        let op = {
-            let mut st = self.st.lock().unwrap();
-            st.next_request += 1;
-            let op = PendingOp {
-                instance: st.next_request,
-                command: command.to_string(),
-                command_key: command_key.to_string(),
-                originator: from.to_string(),
-                name: match &kind {
-                    OpKind::Update { name, .. } | OpKind::Uninstall { name } => Some(name.clone()),
-                    OpKind::Install { .. } => None,
-                },
-                kind,
-                started: now_iso(),
-                outcome: None,
-            };
-            st.requests.push(op.clone());
-            if let Err(e) = self.persist(&st) {
-                st.requests.retain(|r| r.instance != op.instance);
-                return OperateOutcome::Failed(E_GENERAL, format!("cannot journal: {e}"));
-            }
-            op
-        };
-        let path = format!("{REQS}{}", op.instance);
-        let deadline = std::time::Instant::now() + self.operation_deadline;
-        let me = self.clone();
-        let op2 = op.clone();
-        let spawned = std::thread::Builder::new()
-            .name("usp-op".into())
-            .spawn(move || {
-                let result = match fail_now {
-                    Some(f) => Err(f),
-                    None => me.run_op(&op2, deadline),
-                };
-                me.complete(&op2, result);
-            });
-        if let Err(e) = spawned {
-            // No thread for it (the system is out of them): the operation fails, reported as
-            // any other failure, and the daemon goes on.
-            self.complete(
-                &op,
-                Err((E_GENERAL, format!("cannot start the operation: {e}"))),
-            );
-        }
-        OperateOutcome::Started(path)
-    }
-
-    /// Fetches a package (`file://`, `http://`, `https://`) into the downloads folder, giving
-    /// up at `deadline`.
-    fn fetch(
-        &self,
-        url: &str,
-        instance: u32,
-        deadline: std::time::Instant,
-    ) -> Result<PathBuf, (u32, String)> {
-        let dest = self.downloads.join(format!("request-{instance}.gvpkg"));
-        let tls = match (url.starts_with("https://"), &self.https) {
-            (false, _) => None,
-            (true, Ok(cfg)) => Some(cfg),
-            (true, Err(e)) => return Err((E_COMMAND_FAILURE, format!("{url}: {e}"))),
-        };
-        super::fetch::fetch(url, &dest, tls, deadline).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::TimedOut {
-                // R-SMM.1: the download is the step whose length the network decides.
-                (
-                    E_COMMAND_FAILURE,
-                    format!(
-                        "the operation's deadline of {} s passed while fetching {url}; nothing \
-                         was changed",
-                        self.operation_deadline.as_secs()
-                    ),
-                )
-            } else {
-                (E_COMMAND_FAILURE, format!("{url}: {e}"))
-            }
-        })?;
-        Ok(dest)
-    }
-
-    /// Journals a successful operation's result (`name`) before anyone is told of it.
-    fn record_outcome(&self, st: &mut Persisted, instance: u32, name: &str) {
-        if let Some(r) = st.requests.iter_mut().find(|r| r.instance == instance) {
-            r.outcome = Some(name.to_string());
-        }
-        self.persist_or_warn(st);
-    }
-
-    /// Runs an operation; Ok(service name) or a fault. Past `deadline` nothing more is
-    /// started: the fetch is the only step whose length the network decides; the install
-    /// itself is bounded by the package's limits and its health-check deadline.
-    fn run_op(
-        &self,
-        op: &PendingOp,
-        deadline: std::time::Instant,
-    ) -> Result<String, (u32, String)> {
-        let fault = |e: ApiError| (fault_of(&e), e.message);
-        match &op.kind {
-            OpKind::Install { url, uuid, runtime } => {
-                let pkg = self.fetch(url, op.instance, deadline)?;
-                let r = self.backend.call(Request::Install {
-                    manifest: pkg.clone(),
-                    start: false,
-                    runtime: *runtime,
-                });
-                let _ = std::fs::remove_file(&pkg);
-                let v = r.map_err(fault)?;
-                let name = v
-                    .get("name")
-                    .and_then(|n| n.as_str())
-                    .unwrap_or_default()
-                    .to_string();
-                self.sync_units();
-                let mut st = self.st.lock().unwrap();
-                if let Some(u) = st.units.get_mut(&name) {
-                    u.uuid = uuid.clone();
-                    u.url = url.clone();
-                }
-                self.record_outcome(&mut st, op.instance, &name);
-                Ok(name)
-            }
-            OpKind::Update { name, url } => {
-                let pkg = self.fetch(url, op.instance, deadline)?;
-                let r = self.backend.call(Request::Update {
-                    name: name.clone(),
-                    package: pkg.clone(),
-                });
-                let _ = std::fs::remove_file(&pkg);
-                r.map_err(fault)?;
-                let mut st = self.st.lock().unwrap();
-                if let Some(u) = st.units.get_mut(name) {
-                    u.url = url.clone();
-                }
-                self.record_outcome(&mut st, op.instance, name);
-                Ok(name.clone())
-            }
-            OpKind::Uninstall { name } => {
-                self.backend
-                    .call(Request::Remove { name: name.clone() })
-                    .map_err(fault)?;
-                self.record_outcome(&mut self.st.lock().unwrap(), op.instance, name);
-                Ok(name.clone())
-            }
-        }
-    }
-
-    /// Tells subscribers how an operation ended (`DUStateChange!`, `OperationComplete`) and
-    /// drops it from the journal.
-    fn complete(&self, op: &PendingOp, result: Result<String, (u32, String)>) {
-        let name = result.as_ref().ok().cloned().or(op.name.clone());
-        let params = self.parameters();
-        let unit = {
-            let st = self.st.lock().unwrap();
-            name.as_ref().and_then(|n| st.units.get(n).cloned())
-        };
-        let du_path = unit
-            .as_ref()
-            .map(|u| format!("{SM}DeploymentUnit.{}", u.instance))
-            .unwrap_or_default();
-        let get = |k: &str| {
-            params
-                .get(&format!("{du_path}.{k}"))
-                .cloned()
-                .unwrap_or_default()
-        };
-        let (performed, ok_state, fail_state) = match op.kind {
-            OpKind::Install { .. } => ("Install", "Installed", "Failed"),
-            OpKind::Update { .. } => ("Update", "Installed", "Installed"),
-            OpKind::Uninstall { .. } => ("Uninstall", "Uninstalled", "Installed"),
-        };
-        let uuid = match (&op.kind, &unit) {
-            (_, Some(u)) => u.uuid.clone(),
-            (OpKind::Install { uuid, .. }, None) => uuid.clone(),
-            _ => String::new(),
-        };
-        let (fault_code, fault_string) = match &result {
-            Ok(_) => (0, String::new()),
-            Err((c, m)) => (*c, m.clone()),
-        };
-        let uninstalled = matches!(op.kind, OpKind::Uninstall { .. }) && result.is_ok();
-        let mut args = BTreeMap::new();
-        args.insert("UUID".into(), uuid);
-        args.insert(
-            "DeploymentUnitRef".into(),
-            if uninstalled {
-                String::new()
-            } else {
-                du_path.clone()
-            },
-        );
-        args.insert("Version".into(), get("Version"));
-        args.insert(
-            "CurrentState".into(),
-            if result.is_ok() {
-                ok_state
-            } else if unit.is_some() {
-                "Installed"
-            } else {
-                fail_state
-            }
-            .into(),
-        );
-        args.insert(
-            "Resolved".into(),
-            (result.is_ok() && !uninstalled).to_string(),
-        );
-        args.insert("ExecutionUnitRefList".into(), get("ExecutionUnitList"));
-        args.insert("StartTime".into(), op.started.clone());
-        args.insert("CompleteTime".into(), now_iso());
-        args.insert("OperationPerformed".into(), performed.into());
-        args.insert("Fault.FaultCode".into(), fault_code.to_string());
-        args.insert("Fault.FaultString".into(), fault_string.clone());
-        let event = NotifyKind::Event {
-            obj_path: SM.into(),
-            name: "DUStateChange!".into(),
-            args,
-        };
-        let (obj, cmd) = match op.command.rfind('.') {
-            Some(i) => (
-                op.command[..=i].to_string(),
-                op.command[i + 1..].to_string(),
+                format!("{what} is not supported here"),
+                vec![],
             ),
-            None => (String::new(), op.command.clone()),
-        };
-        let done = NotifyKind::OperationComplete {
-            obj_path: obj.clone(),
-            command: cmd.clone(),
-            command_key: op.command_key.clone(),
-            result: result.map(|_| BTreeMap::new()),
-        };
-        // The operation leaves the journal in the same write that keeps its notifications
-        // for NotifRetry: a crash reports it either again or never twice.
-        let out = {
-            let mut st = self.st.lock().unwrap();
-            let mut out = queue(&mut st, "Event", &format!("{SM}DUStateChange!"), &event);
-            out.extend(queue(
-                &mut st,
-                "OperationComplete",
-                &format!("{obj}{cmd}"),
-                &done,
-            ));
-            st.requests.retain(|r| r.instance != op.instance);
-            self.persist_or_warn(&st);
-            out
-        };
-        self.dispatch(out);
-    }
-
-    /// Operations a previous daemon journaled but did not finish: an install or update whose
-    /// result is visible (the service exists at the package's name) is reported done, anything
-    /// else failed; either way the Controller hears of it.
-    fn settle_interrupted(&self) {
-        let pending = self.st.lock().unwrap().requests.clone();
-        if pending.is_empty() {
-            return;
-        }
-        let services = self.sync_units();
-        for op in pending {
-            let result = match (&op.kind, &op.outcome) {
-                (_, Some(name)) => Ok(name.clone()),
-                (OpKind::Uninstall { name }, _) if !services.contains_key(name) => Ok(name.clone()),
-                _ => Err((
-                    E_COMMAND_FAILURE,
-                    "interrupted: the daemon restarted before the operation finished; nothing \
-                     was changed"
-                        .to_string(),
-                )),
-            };
-            tracing::info!("usp: settling {} left by a previous daemon", op.command);
-            self.complete(&op, result);
-        }
+        })
     }
 
     /// Queues `kind` for the subscribers of `notif_type` on `path` (see [`queue`]), saving
@@ -1337,7 +874,10 @@ impl Model {
                 self.notify(
                     "ObjectCreation",
                     o,
-                    NotifyKind::ObjectCreation { path: o.clone() },
+                    NotifyKind::ObjectCreation {
+                        path: o.clone(),
+                        keys: Self::keys_of(o, &now),
+                    },
                 );
             }
             for o in was.difference(&is) {
@@ -1390,234 +930,20 @@ fn queue(st: &mut Persisted, notif_type: &str, path: &str, kind: &NotifyKind) ->
         .collect()
 }
 
-/// The objects this agent serves (its supported data model).
-pub fn schema() -> Vec<SupportedObject> {
-    use ParamType::*;
-    let strs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let params = |v: &[(&str, ParamType)]| {
-        v.iter()
-            .map(|(n, t)| (n.to_string(), *t, false))
-            .collect::<Vec<_>>()
-    };
-    let du_args = strs(&[
-        "UUID",
-        "DeploymentUnitRef",
-        "Version",
-        "CurrentState",
-        "Resolved",
-        "ExecutionUnitRefList",
-        "StartTime",
-        "CompleteTime",
-        "OperationPerformed",
-        "Fault.FaultCode",
-        "Fault.FaultString",
-    ]);
-    let obj = |path: &str, multi: bool| SupportedObject {
-        path: path.into(),
-        multi_instance: multi,
-        add_delete: false,
-        params: vec![],
-        commands: vec![],
-        events: vec![],
-    };
-    vec![
-        SupportedObject {
-            params: params(&[
-                ("ExecEnvNumberOfEntries", UnsignedInt),
-                ("DeploymentUnitNumberOfEntries", UnsignedInt),
-                ("ExecutionUnitNumberOfEntries", UnsignedInt),
-            ]),
-            commands: vec![(
-                "InstallDU()".into(),
-                strs(&["URL", "UUID", "Username", "Password", "ExecutionEnvRef"]),
-                vec![],
-                true,
-            )],
-            events: vec![("DUStateChange!".into(), du_args)],
-            ..obj(SM, false)
-        },
-        SupportedObject {
-            params: params(&[
-                ("Enable", Boolean),
-                ("Status", String),
-                ("Name", String),
-                ("Type", String),
-                ("Vendor", String),
-                ("Version", String),
-                ("AvailableMemory", UnsignedInt),
-                ("AvailableDiskSpace", UnsignedInt),
-                ("ActiveExecutionUnits", String),
-            ]),
-            ..obj(&format!("{SM}ExecEnv.{{i}}."), true)
-        },
-        SupportedObject {
-            params: params(&[
-                ("UUID", String),
-                ("DUID", String),
-                ("Name", String),
-                ("Status", String),
-                ("Resolved", Boolean),
-                ("URL", String),
-                ("Vendor", String),
-                ("Version", String),
-                ("ExecutionUnitList", String),
-                ("ExecutionEnvRef", String),
-            ]),
-            commands: vec![
-                (
-                    "Update()".into(),
-                    strs(&["URL", "Username", "Password"]),
-                    vec![],
-                    true,
-                ),
-                ("Uninstall()".into(), vec![], vec![], true),
-            ],
-            ..obj(&format!("{SM}DeploymentUnit.{{i}}."), true)
-        },
-        SupportedObject {
-            params: params(&[
-                ("EUID", String),
-                ("Name", String),
-                ("ExecEnvLabel", String),
-                ("Status", String),
-                ("RequestedState", String),
-                ("ExecutionFaultCode", String),
-                ("ExecutionFaultMessage", String),
-                ("AutoStart", Boolean),
-                ("Vendor", String),
-                ("Version", String),
-                ("References", String),
-                ("ExecutionEnvRef", String),
-                ("MemoryInUse", UnsignedInt),
-                ("CPUPercentInUse", UnsignedInt),
-                (&format!("{VENDOR}Restarts"), UnsignedInt),
-                (&format!("{VENDOR}Runtime"), String),
-            ]),
-            commands: vec![
-                (
-                    "SetRequestedState()".into(),
-                    strs(&["RequestedState"]),
-                    vec![],
-                    false,
-                ),
-                ("Restart()".into(), vec![], vec![], false),
-            ],
-            ..obj(&format!("{SM}ExecutionUnit.{{i}}."), true)
-        },
-        SupportedObject {
-            params: params(&[("Enable", Boolean), ("RetryCount", UnsignedInt)]),
-            ..obj(&format!("{SM}ExecutionUnit.{{i}}.AutoRestart."), false)
-        },
-        SupportedObject {
-            params: params(&[
-                ("SteeredPackets", UnsignedInt),
-                ("SteeredBytes", UnsignedInt),
-                ("ReturnedPackets", UnsignedInt),
-            ]),
-            ..obj(&format!("{SM}ExecutionUnit.{{i}}.{VENDOR}Steering."), false)
-        },
-        SupportedObject {
-            add_delete: true,
-            params: [
-                "Enable",
-                "ID",
-                "Recipient",
-                "NotifType",
-                "ReferenceList",
-                "NotifRetry",
-                "Persistent",
-            ]
-            .iter()
-            .map(|n| {
-                let t = if matches!(*n, "Enable" | "NotifRetry" | "Persistent") {
-                    Boolean
-                } else {
-                    String
-                };
-                (n.to_string(), t, true)
-            })
-            .collect(),
-            ..obj(&format!("{SUBS}{{i}}."), true)
-        },
-        SupportedObject {
-            params: params(&[
-                ("Originator", String),
-                ("Command", String),
-                ("CommandKey", String),
-                ("Status", String),
-            ]),
-            ..obj(&format!("{REQS}{{i}}."), true)
-        },
-    ]
-}
-
-/// The supported objects at or below `path` (`{i}` or instance numbers accepted).
-fn supported(path: &str, first_level_only: bool) -> Result<Vec<SupportedObject>, (u32, String)> {
-    // Instance numbers in the request name the same supported object as `{i}`.
-    let norm: String = path
-        .split('.')
-        .map(|s| if s.parse::<u32>().is_ok() { "{i}" } else { s })
-        .collect::<Vec<_>>()
-        .join(".");
-    let norm = if norm.ends_with('.') {
-        norm
-    } else {
-        format!("{norm}.")
-    };
-    let depth = norm.trim_end_matches('.').split('.').count();
-    let all = schema();
-    let found: Vec<SupportedObject> = all
-        .into_iter()
-        .filter(|o| {
-            let below = o.path.starts_with(&norm);
-            let d = o
-                .path
-                .trim_end_matches('.')
-                .trim_end_matches(".{i}")
-                .split('.')
-                .count();
-            below && (!first_level_only || d <= depth + 1)
-        })
-        .collect();
-    if found.is_empty() && !["Device.", "Device.LocalAgent."].contains(&norm.as_str()) {
-        return Err((
-            E_INVALID_PATH,
-            format!("{path}: not in the supported data model"),
-        ));
-    }
-    Ok(found)
-}
-
-/// Multi-instance tables that exist even when empty.
-fn is_table(path: &str) -> bool {
-    ["Device.", "Device.LocalAgent.", SM].contains(&path)
-        || schema()
-            .iter()
-            .any(|o| o.multi_instance && o.path.strip_suffix("{i}.") == Some(path))
-}
-
-fn camel(k: &str) -> String {
-    k.split('_')
-        .map(|w| {
-            let mut c = w.chars();
-            c.next()
-                .map(|f| f.to_uppercase().chain(c).collect::<String>())
-                .unwrap_or_default()
-        })
-        .collect()
-}
-
-fn flatten(out: &mut Vec<(String, String)>, prefix: &str, v: &Value) {
-    match v {
-        Value::Object(m) => {
-            for (k, v) in m {
-                flatten(out, &format!("{prefix}.{}", camel(k)), v);
+/// `SteeredPackets` → `steered_packets` (the supervisor's counter names).
+fn snake(k: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in k.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
             }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
         }
-        Value::Null => {}
-        Value::String(s) => out.push((prefix.into(), s.clone())),
-        v => out.push((prefix.into(), v.to_string())),
     }
+    out
 }
 
 #[cfg(test)]
@@ -1645,15 +971,31 @@ mod tests {
     }
 
     #[test]
-    fn supported_data_model_lists_objects_below_a_path() {
-        let all = supported("Device.SoftwareModules.", false).unwrap();
-        assert!(all
-            .iter()
-            .any(|o| o.path == "Device.SoftwareModules.DeploymentUnit.{i}."
-                && o.commands.iter().any(|c| c.0 == "Uninstall()" && c.3)));
-        let eu = supported("Device.SoftwareModules.ExecutionUnit.3.", true).unwrap();
-        assert_eq!(eu[0].path, "Device.SoftwareModules.ExecutionUnit.{i}.");
-        assert!(supported("Device.Nothing.", false).is_err());
+    fn fault_strings_hold_no_local_paths_cli_advice_or_binary() {
+        let pkg = Path::new("/var/lib/gatevisor/usp-downloads/request-7.gvpkg");
+        let t = fault_text(
+            "/var/lib/gatevisor/usp-downloads/request-7.gvpkg: package \
+             /var/lib/gatevisor/usp-downloads/request-7.gvpkg: the package is not a valid \
+             archive or is truncated: numeric field \u{1}\u{fffd}x",
+            Some(pkg),
+        );
+        assert!(!t.contains("usp-downloads"), "{t}");
+        assert!(!t.chars().any(|c| c.is_control()), "{t}");
+        assert!(
+            t.starts_with("the package: the package is not a valid archive"),
+            "{t}"
+        );
+        let t = fault_text(
+            "a service named \"x\" is already installed; use `gatevisor service update`",
+            None,
+        );
+        assert_eq!(t, "a service named \"x\" is already installed");
+        let t = fault_text("not a console (try `gatevisor service logs x`) here", None);
+        assert_eq!(t, "not a console  here");
+        assert_eq!(
+            fault_text(&"x".repeat(1000), None).chars().count(),
+            FAULT_TEXT_MAX
+        );
     }
 
     #[test]
@@ -1667,7 +1009,8 @@ mod tests {
     fn supervisor_errors_map_to_software_module_faults_by_kind_not_wording() {
         let e = |k| ApiError::new(k, "whatever it says");
         let table = [
-            (ErrorKind::Untrusted, F_BAD_SIGNATURE),
+            (ErrorKind::Untrusted, F_FILE_AUTHENTICATION),
+            (ErrorKind::Corrupt, F_FILE_CORRUPTED),
             (ErrorKind::Duplicate, F_DUPLICATE_DU),
             (ErrorKind::NoResources, F_RESOURCES),
             (ErrorKind::Conflict, F_INVALID_DU_STATE),
@@ -1685,5 +1028,22 @@ mod tests {
             )),
             F_RESOURCES
         );
+        // Every fault is in a range TR-369 assigns: general, data model or vendor.
+        for kind in [
+            ErrorKind::Untrusted,
+            ErrorKind::Corrupt,
+            ErrorKind::Duplicate,
+            ErrorKind::NoResources,
+            ErrorKind::Conflict,
+            ErrorKind::Invalid,
+        ] {
+            let c = fault_of(&e(kind));
+            assert!(
+                (7000..=7031).contains(&c)
+                    || (7200..=7299).contains(&c)
+                    || (7800..=7999).contains(&c),
+                "{kind:?} → {c}"
+            );
+        }
     }
 }

@@ -176,6 +176,33 @@ impl Pattern {
         self.segs.iter().any(|s| matches!(s, Seg::Search(_)))
     }
 
+    /// Does it name instances by `*` or a search expression (rather than by number)?
+    pub fn is_wildcard(&self) -> bool {
+        self.segs
+            .iter()
+            .any(|s| matches!(s, Seg::Search(_) | Seg::Any))
+    }
+
+    /// The path in the supported data model's spelling: every instance segment (a number,
+    /// `*`, a search expression) as `{i}`; with the trailing dot of an object path.
+    pub fn schema_path(&self) -> String {
+        let mut out = String::new();
+        for (i, s) in self.segs.iter().enumerate() {
+            if i > 0 {
+                out.push('.');
+            }
+            match s {
+                Seg::Any | Seg::Search(_) => out.push_str("{i}"),
+                Seg::Name(n) if n.parse::<u32>().is_ok() => out.push_str("{i}"),
+                Seg::Name(n) => out.push_str(n),
+            }
+        }
+        if self.partial {
+            out.push('.');
+        }
+        out
+    }
+
     /// Does the concrete `path` match, segment by segment: `*` matches any instance, a search
     /// expression the instances of `params` that satisfy it? A partial pattern matches
     /// anything below its object too.

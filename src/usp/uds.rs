@@ -172,6 +172,8 @@ fn session(
     };
     conn.set_read_timeout(None)?;
     tracing::info!("usp: connected to Broker {broker}; registering {SM}");
+    // The Broker is the Controller of this USP Service: its subscriptions name it.
+    model.add_controller(&broker);
     let env = Envelope {
         from_id: cfg.endpoint_id.clone(),
         to_id: broker.clone(),
