@@ -155,6 +155,37 @@ impl Dir {
         Ok(File::from(fd))
     }
 
+    /// Replaces `name` in this directory with a regular file holding `bytes`, atomically
+    /// and durably (a temporary file, fsync, rename over `name`, fsync of the directory).
+    /// Nothing already there is followed: a symlink at `name` or at the temporary name is
+    /// replaced, not written through, so a directory its service can write to is safe.
+    pub fn replace_file(&self, name: &OsStr, bytes: &[u8], mode: u32) -> Result<(), Errno> {
+        use std::io::Write;
+        let mut tmp = OsString::from(".");
+        tmp.push(name);
+        tmp.push(".tmp");
+        let f = match self.create_file(&tmp, mode) {
+            Err(Errno::EEXIST) => {
+                nix::unistd::unlinkat(
+                    self.0.as_fd(),
+                    tmp.as_os_str(),
+                    nix::unistd::UnlinkatFlags::NoRemoveDir,
+                )?;
+                self.create_file(&tmp, mode)?
+            }
+            other => other?,
+        };
+        let mut f = f;
+        let io = |e: io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+        f.write_all(bytes).map_err(io)?;
+        // The mode asked for, whatever the umask.
+        nix::sys::stat::fchmod(f.as_fd(), Mode::from_bits_truncate(mode))?;
+        f.sync_all().map_err(io)?;
+        drop(f);
+        nix::fcntl::renameat(self.0.as_fd(), tmp.as_os_str(), self.0.as_fd(), name)?;
+        nix::unistd::fsync(self.0.as_fd())
+    }
+
     /// Opens the regular file `name` in this directory for reading (not through a symlink).
     pub fn open_file(&self, name: &OsStr) -> Result<File, Errno> {
         let fd = nix::fcntl::openat(
@@ -386,6 +417,38 @@ fn copy_dir(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replace_file_never_writes_through_a_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = d.path().join("outside");
+        std::fs::write(&outside, "keep").unwrap();
+        let dir = d.path().join("run");
+        std::fs::create_dir(&dir).unwrap();
+        // What a service that owns the directory could plant: both names as symlinks out.
+        std::os::unix::fs::symlink(&outside, dir.join("settings.json")).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join(".settings.json.tmp")).unwrap();
+        let run = Dir::open(&dir).unwrap();
+        run.replace_file(OsStr::new("settings.json"), b"{\"a\":1}", 0o644)
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "keep");
+        let meta = std::fs::symlink_metadata(dir.join("settings.json")).unwrap();
+        assert!(meta.file_type().is_file());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o644);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("settings.json")).unwrap(),
+            "{\"a\":1}"
+        );
+        assert!(!dir.join(".settings.json.tmp").exists());
+        // And again over the file it made.
+        run.replace_file(OsStr::new("settings.json"), b"2", 0o644)
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("settings.json")).unwrap(),
+            "2"
+        );
+    }
 
     #[test]
     fn symlink_chains_that_climb_out_are_found() {
