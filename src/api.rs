@@ -2,6 +2,7 @@
 //! remote channel. Requests and replies are versioned JSON, one per line.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 pub const API_VERSION: u32 = 1;
@@ -62,6 +63,18 @@ pub enum Request {
     },
     /// The flows on the bridge, by owner (base pipeline or service), with counters.
     Flows,
+    /// The service's declared settings with their values.
+    ConfigGet {
+        name: String,
+    },
+    /// Changes settings of a service (`NAME` → value as text), all or nothing; with
+    /// `dry_run` only checks them.
+    ConfigSet {
+        name: String,
+        values: BTreeMap<String, String>,
+        #[serde(default)]
+        dry_run: bool,
+    },
     /// Recent events; with `follow` the connection stays open and new events stream.
     Events {
         #[serde(default)]

@@ -88,11 +88,31 @@ pub enum ServiceCmd {
         #[arg(long = "for")]
         for_s: Option<u64>,
     },
+    /// Show or change the operator's settings of a service (those its manifest declares).
+    /// Values are text: true/false, a number, a string, or a comma-separated list.
+    Config {
+        name: String,
+        #[command(subcommand)]
+        action: Option<ConfigAction>,
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Run a command inside a running service.
     Exec {
         name: String,
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigAction {
+    /// Print one setting's value.
+    Get { key: String },
+    /// Change settings, all or nothing: `KEY=VALUE` ...
+    Set {
+        #[arg(required = true)]
+        values: Vec<String>,
     },
 }
 
@@ -224,8 +244,84 @@ pub fn service(socket: &Path, cmd: ServiceCmd) -> i32 {
             follow,
             bytes,
         } => logs(socket, name, follow, bytes),
+        ServiceCmd::Config { name, action, json } => config(socket, name, action, json),
         ServiceCmd::Exec { name, command } => exec(socket, name, command),
         ServiceCmd::Console { name, for_s } => console(socket, name, for_s),
+    }
+}
+
+fn config(socket: &Path, name: String, action: Option<ConfigAction>, json: bool) -> i32 {
+    match action {
+        None => run(socket, Request::ConfigGet { name }, json, |v| {
+            let list = v["settings"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("{} declares no settings", s(v, "service"));
+            }
+            for e in list {
+                let mark = if e["set"] == true { "" } else { "  (default)" };
+                println!("{} = {}{mark}", s(&e, "name"), s(&e, "value"));
+                println!("    {}; default {}", s(&e, "type"), s(&e, "default"));
+                if let Some(d) = e["description"].as_str().filter(|d| !d.is_empty()) {
+                    println!("    {d}");
+                }
+            }
+        }),
+        Some(ConfigAction::Get { key }) => {
+            match Client::new(socket).call(&Request::ConfigGet { name: name.clone() }) {
+                Ok(v) => match v["settings"]
+                    .as_array()
+                    .and_then(|l| l.iter().find(|e| e["name"] == key.as_str()))
+                {
+                    Some(e) if json => {
+                        println!("{}", serde_json::to_string_pretty(e).unwrap_or_default());
+                        0
+                    }
+                    Some(e) => {
+                        println!("{}", s(e, "value"));
+                        0
+                    }
+                    None => {
+                        eprintln!("error: service {name} declares no setting {key}");
+                        ErrorKind::NotFound.exit_code()
+                    }
+                },
+                Err(e) => fail(&e),
+            }
+        }
+        Some(ConfigAction::Set { values }) => {
+            let mut map = std::collections::BTreeMap::new();
+            for kv in values {
+                let Some((k, v)) = kv.split_once('=') else {
+                    eprintln!("error: {kv:?}: expected KEY=VALUE");
+                    return ErrorKind::Invalid.exit_code();
+                };
+                map.insert(k.trim().to_string(), v.to_string());
+            }
+            run(
+                socket,
+                Request::ConfigSet {
+                    name,
+                    values: map,
+                    dry_run: false,
+                },
+                json,
+                |v| {
+                    let changed: Vec<String> = v["changed"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|x| x.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if changed.is_empty() {
+                        println!("{}: nothing changed", s(v, "service"));
+                    } else {
+                        println!("{}: changed {}", s(v, "service"), changed.join(", "));
+                    }
+                },
+            )
+        }
     }
 }
 

@@ -28,6 +28,8 @@ pub enum EventKind {
     RolledBack,
     /// An install or update was refused (the detail says why).
     Refused,
+    /// The operator changed a service's settings (the detail names them).
+    Configured,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -20,6 +20,7 @@ pub mod package;
 pub mod policy;
 pub mod proc;
 pub mod runtime;
+pub mod settings;
 pub mod state;
 pub mod supervisor;
 pub mod usp;

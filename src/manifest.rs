@@ -65,6 +65,9 @@ pub struct Manifest {
     /// The guest kernel of a `runtime = "microvm"` service.
     #[serde(default)]
     pub microvm: Microvm,
+    /// The operator's settings the service takes (`[settings.NAME]`: type, default, bounds).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, crate::settings::SettingDecl>,
 }
 
 /// A microVM service's kernel: its `image` is the initramfs, its `command` the guest's init.
@@ -291,6 +294,16 @@ const FIELDS: &[&str] = &[
     "kernel",
     "cmdline",
     "privileged",
+    "settings",
+    "type",
+    "default",
+    "description",
+    "min",
+    "max",
+    "max_len",
+    "max_items",
+    "format",
+    "allowed",
 ];
 
 /// The largest manifest read (a real one is a few hundred bytes).
@@ -540,7 +553,14 @@ impl Manifest {
         if self.stop_timeout_s > 600 {
             return Err(bad("stop_timeout_s", "must be at most 600 seconds".into()));
         }
+        crate::settings::validate_decls(&self.settings).map_err(|(f, p)| bad(&f, p))?;
         Ok(())
+    }
+
+    /// Does the service get a control channel (the verdict socket: steering verdicts,
+    /// heartbeat, readiness, its settings)?
+    pub fn has_control_channel(&self) -> bool {
+        !self.network.steering.is_empty() || !self.settings.is_empty()
     }
 
     /// The image reference, resolved against the manifest's folder.

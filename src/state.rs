@@ -74,6 +74,10 @@ pub struct ServiceRecord {
     /// Why the service is `failed`.
     pub failure_reason: Option<String>,
     pub installed_at_ms: u64,
+    /// The values the operator set for the service's declared settings (the rest keep
+    /// their defaults).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -11,6 +11,11 @@
 //!   reconnection, it changes nothing).
 //! - `{"op":"verdict","verdict":"allow"|"block","session":{"proto":"tcp","src":"A:P","dst":"B:Q"}}`
 //!   → `{"ok":true}` once the verdict is on the switch.
+//! - `{"op":"settings"}` → `{"ok":true,"generation":G,"settings":{...}}`: the operator's
+//!   settings as the service declared them, typed.
+//! - `{"op":"watch"}` → the same reply, then the connection only carries
+//!   `{"event":"settings","generation":G,"settings":{...}}`, one line each time the operator
+//!   changes them (the generation counts changes since the daemon opened the socket).
 //!
 //! Everything a service sends is untrusted: lines are bounded, bad requests get an error reply
 //! (the connection stays usable), a service holds at most [`MAX_CONNECTIONS`] connections at
@@ -54,6 +59,27 @@ struct Shared {
     /// A `ready` was passed to the supervisor and not handled yet: however often a service
     /// says it, at most one waits on the supervisor's loop.
     ready_pending: Arc<AtomicBool>,
+    settings: Arc<Published>,
+}
+
+/// The service's settings as last published, and their generation; watchers wait on it.
+#[derive(Default)]
+struct Published {
+    value: std::sync::Mutex<(u64, serde_json::Value)>,
+    changed: std::sync::Condvar,
+}
+
+impl Published {
+    /// The line that tells the settings, and their generation.
+    fn line(&self, event: bool) -> (serde_json::Value, u64) {
+        let (g, v) = &*self.value.lock().unwrap();
+        let line = if event {
+            json!({"event": "settings", "generation": g, "settings": v})
+        } else {
+            json!({"ok": true, "generation": g, "settings": v})
+        };
+        (line, *g)
+    }
 }
 
 impl Shared {
@@ -83,6 +109,8 @@ pub enum Request {
     Ping {},
     Ready {},
     Verdict { verdict: Verdict, session: Session },
+    Settings {},
+    Watch {},
 }
 
 /// A service's verdict socket; dropping it closes the socket.
@@ -92,9 +120,21 @@ pub struct VerdictServer {
     /// When the service last sent a well-formed request (ms since the epoch).
     last_seen_ms: Arc<std::sync::atomic::AtomicU64>,
     ready_pending: Arc<AtomicBool>,
+    settings: Arc<Published>,
 }
 
 impl VerdictServer {
+    /// Publishes the service's settings: the next `settings` answer carries them and every
+    /// watcher is sent them now. Publishing the same value again sends nothing.
+    pub fn publish_settings(&self, settings: serde_json::Value) {
+        let mut cur = self.settings.value.lock().unwrap();
+        if cur.1 == settings && cur.0 > 0 {
+            return;
+        }
+        *cur = (cur.0 + 1, settings);
+        self.settings.changed.notify_all();
+    }
+
     /// When the service last spoke on its socket (ms since the epoch; 0: never).
     pub fn last_seen_ms(&self) -> u64 {
         self.last_seen_ms.load(Ordering::Relaxed)
@@ -139,6 +179,8 @@ pub fn serve(
     let stop = Arc::new(AtomicBool::new(false));
     let last_seen_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let ready_pending = Arc::new(AtomicBool::new(false));
+    let settings = Arc::new(Published::default());
+    *settings.value.lock().unwrap() = (0, json!({}));
     let shared = Arc::new(Shared {
         name: name.to_string(),
         tx,
@@ -147,6 +189,7 @@ pub fn serve(
         window: std::sync::Mutex::new((Instant::now(), 0)),
         connections: std::sync::atomic::AtomicUsize::new(0),
         ready_pending: ready_pending.clone(),
+        settings: settings.clone(),
     });
     std::thread::Builder::new()
         .name(format!("verdict-{name}"))
@@ -157,6 +200,7 @@ pub fn serve(
         path,
         last_seen_ms,
         ready_pending,
+        settings,
     })
 }
 
@@ -278,6 +322,12 @@ fn serve_conn(conn: UnixStream, shared: &Shared) -> std::io::Result<()> {
                 }
                 reply(&mut w, json!({"ok": true}))?
             }
+            Request::Settings {} => reply(&mut w, shared.settings.line(false).0)?,
+            Request::Watch {} => {
+                let (line, told) = shared.settings.line(false);
+                reply(&mut w, line)?;
+                return watch(r.into_inner(), w, shared, told);
+            }
             Request::Verdict { verdict, session } => {
                 if !shared.take_verdict() {
                     reply(
@@ -310,6 +360,46 @@ fn serve_conn(conn: UnixStream, shared: &Shared) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A watching connection: one line per change of the settings, until the service closes it
+/// or the socket is closed. Anything the service sends on it is read and ignored.
+fn watch(
+    mut conn: UnixStream,
+    mut w: UnixStream,
+    shared: &Shared,
+    mut seen: u64,
+) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_millis(1)))?;
+    let mut sink = [0u8; 512];
+    while !shared.stop.load(Ordering::Relaxed) {
+        let changed = {
+            let g = shared.settings.value.lock().unwrap();
+            let (g, _) = shared
+                .settings
+                .changed
+                .wait_timeout_while(g, Duration::from_millis(500), |(gen, _)| *gen == seen)
+                .unwrap();
+            (g.0 != seen).then_some(g.0)
+        };
+        if changed.is_some() {
+            let (line, told) = shared.settings.line(true);
+            seen = told;
+            reply(&mut w, line)?;
+        }
+        // A closed peer ends the watch (its place is given back).
+        match std::io::Read::read(&mut conn, &mut sink) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,6 +425,54 @@ mod tests {
             out.push(b[0]);
         }
         String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn watchers_get_every_settings_change_and_give_their_place_back() {
+        let d = tempfile::tempdir().unwrap();
+        let v = serve(d.path(), "svc", None, accepting()).unwrap();
+        v.publish_settings(json!({"Block": ["a.test"]}));
+        let mut w = UnixStream::connect(d.path().join(SOCKET_NAME)).unwrap();
+        w.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        w.write_all(b"{\"op\":\"watch\"}\n").unwrap();
+        let first: serde_json::Value = serde_json::from_str(&line(&mut w)).unwrap();
+        assert_eq!(first["settings"], json!({"Block": ["a.test"]}), "{first}");
+        let g = first["generation"].as_u64().unwrap();
+        // The same value again is no change; a new one is pushed at once.
+        v.publish_settings(json!({"Block": ["a.test"]}));
+        let t = Instant::now();
+        v.publish_settings(json!({"Block": ["b.test"]}));
+        let ev: serde_json::Value = serde_json::from_str(&line(&mut w)).unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(400),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(ev["event"], "settings");
+        assert_eq!(ev["generation"], g + 1, "{ev}");
+        assert_eq!(ev["settings"], json!({"Block": ["b.test"]}));
+        // Plain requests see the same value; closed watchers free their place.
+        let mut c = UnixStream::connect(d.path().join(SOCKET_NAME)).unwrap();
+        c.write_all(b"{\"op\":\"settings\"}\n").unwrap();
+        assert!(line(&mut c).contains("b.test"));
+        drop(c);
+        drop(w);
+        for i in 0..(MAX_CONNECTIONS * 2) {
+            // A watcher sees its peer gone within about half a second.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                let mut w = UnixStream::connect(d.path().join(SOCKET_NAME)).unwrap();
+                w.write_all(b"{\"op\":\"watch\"}\n").unwrap();
+                if line(&mut w).contains("\"ok\":true") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "watcher {i}: no place given back"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 
     #[test]

@@ -47,6 +47,13 @@ fn cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
         ("unknown readiness", base() + "[network]\nsteering = [{ kind = \"dns\" }]\nready = \"sometimes\"\n", vec!["ready", "unknown variant"]),
         ("verdict ping without steering", base() + "[health]\nverdict_ping = true\n", vec!["health.verdict_ping", "needs network.steering"]),
         ("over memory budget", base().replace("memory_mib = 32", "memory_mib = 4000000"), vec!["resources.memory_mib", "budget"]),
+        ("setting of an unknown type", base() + "[settings.Level]\ntype = \"float\"\ndefault = 1\n", vec!["type", "unknown variant"]),
+        ("setting default of the wrong type", base() + "[settings.Level]\ntype = \"uint\"\ndefault = \"high\"\n", vec!["settings.Level.default", "unsigned"]),
+        ("setting default out of bounds", base() + "[settings.Level]\ntype = \"uint\"\ndefault = 9\nmax = 5\n", vec!["settings.Level.default", "outside 0 to 5"]),
+        ("setting with a bad name", base() + "[settings.\"my-level\"]\ntype = \"bool\"\ndefault = true\n", vec!["settings.my-level", "letters, digits or _"]),
+        ("setting bounds of another type", base() + "[settings.Name]\ntype = \"string\"\ndefault = \"x\"\nmin = 1\n", vec!["settings.Name", "min and max are for"]),
+        ("setting default not in its format", base() + "[settings.Devices]\ntype = \"string-list\"\nformat = \"mac\"\ndefault = [\"nope\"]\n", vec!["settings.Devices.default", "MAC address"]),
+        ("setting without a default", base() + "[settings.Level]\ntype = \"uint\"\n", vec!["missing field", "default"]),
     ]
 }
 

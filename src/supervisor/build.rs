@@ -151,7 +151,7 @@ impl Supervisor {
                 .env
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
-                .chain((!m.network.steering.is_empty()).then(|| {
+                .chain(m.has_control_channel().then(|| {
                     (
                         "GATEVISOR_VERDICT_SOCKET".to_string(),
                         format!(
@@ -168,7 +168,7 @@ impl Supervisor {
             ipv4_address: m.network.address.clone(),
             seccomp_profile: lxc::default_seccomp_profile(),
             apparmor_profile: lxc::apparmor_profile(),
-            bind_dirs: if m.network.steering.is_empty() {
+            bind_dirs: if !m.has_control_channel() {
                 vec![]
             } else {
                 let dir = self.service_run_dir(&m.name);
@@ -215,7 +215,7 @@ impl Supervisor {
             Some(init) => {
                 let mut env: Vec<(String, String)> =
                     m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                if !m.network.steering.is_empty() {
+                if m.has_control_channel() {
                     // The service reaches its verdict socket over vsock: the VMM maps guest
                     // connections to host port P onto `<vsock>_P`, a link to the socket.
                     env.push((
@@ -261,6 +261,7 @@ impl Supervisor {
                 let needs_init = [
                     ("network.address", m.network.address.is_some()),
                     ("network.steering", !m.network.steering.is_empty()),
+                    ("settings", !m.settings.is_empty()),
                     ("health.exec", m.health.exec.is_some()),
                     ("health.tcp_port", m.health.tcp_port.is_some()),
                     ("env", !m.env.is_empty()),

@@ -296,6 +296,7 @@ impl Supervisor {
                 last_exit: None,
                 failure_reason: None,
                 installed_at_ms: now_ms(),
+                settings: Default::default(),
             },
         );
         if let Err(e) = self.persist() {

@@ -40,6 +40,7 @@ use gatevisor_images::beneath::Dir;
 
 mod adopt;
 mod build;
+mod config;
 mod install;
 mod lifecycle;
 mod net;
@@ -815,6 +816,12 @@ impl Supervisor {
             } => self.logs(&name, offset, tail_bytes),
             Request::Events { last, .. } => Ok(json!({ "events": self.events.last(last) })),
             Request::Flows => self.flows(),
+            Request::ConfigGet { name } => self.config_get(&name),
+            Request::ConfigSet {
+                name,
+                values,
+                dry_run,
+            } => self.config_set(&name, &values, dry_run),
         }
     }
 

@@ -250,13 +250,15 @@ impl Supervisor {
         }
     }
 
-    /// Opens a steering service's verdict socket (unless open); false for a service without
-    /// steering.
+    /// Opens the verdict socket (the control channel) of a service that steers traffic or
+    /// takes settings (unless open), with its settings published; true for a service that
+    /// steers.
     pub(super) fn open_verdict_socket(&mut self, name: &str) -> bool {
         let Some(rec) = self.doc.services.get(name) else {
             return false;
         };
-        if rec.manifest.network.steering.is_empty() {
+        let steers = !rec.manifest.network.steering.is_empty();
+        if !rec.manifest.has_control_channel() {
             return false;
         }
         if !self.verdict_servers.contains_key(name) {
@@ -267,8 +269,9 @@ impl Supervisor {
                 }
                 Err(e) => tracing::warn!("{name}: cannot open its verdict socket: {e}"),
             }
+            self.deliver_settings(name);
         }
-        true
+        steers
     }
 
     pub(super) fn flows(&mut self) -> Result<serde_json::Value> {

@@ -385,6 +385,9 @@ impl Supervisor {
         rec.desired = Desired::Running;
         rec.consecutive_failures = 0;
         rec.failure_reason = None;
+        // The new version's declarations decide what it gets (values that no longer fit
+        // fall back to its defaults).
+        self.deliver_settings(name);
         Ok(())
     }
 }

@@ -22,8 +22,10 @@ impl Supervisor {
         let running = rec.running.as_ref();
         let m = &rec.manifest;
         let live = self.live.get(name);
+        let settings = config::settings_view(rec);
         Ok(json!({
             "id": id,
+            "settings": settings,
             "steering": has_steering.then(|| json!({
                 "policies": m.network.steering,
                 "counters": counters,
