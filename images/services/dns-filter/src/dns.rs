@@ -40,6 +40,50 @@ impl Config {
         Ok(c)
     }
 
+    /// The configuration the operator's settings make (`None` when they do not configure
+    /// dns-filter: the file does): `DefaultBlock` for every device, and the kids' profile,
+    /// `KidsBlock` for the devices in `KidsDevices`, answered with `KidsBlockAddress` (empty:
+    /// NXDOMAIN). The supervisor checked each value against the manifest's declaration.
+    pub fn from_settings(v: &serde_json::Value) -> Option<Result<Config, String>> {
+        let list = |k: &str| -> Vec<String> {
+            v[k].as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        v.get("DefaultBlock")?;
+        let block_address = match v["KidsBlockAddress"].as_str().unwrap_or("") {
+            "" => None,
+            a => match a.parse() {
+                Ok(ip) => Some(ip),
+                Err(_) => return Some(Err(format!("KidsBlockAddress {a:?} is not IPv4"))),
+            },
+        };
+        let c = Config {
+            default: Profile {
+                name: "everyone".into(),
+                macs: vec![],
+                block: list("DefaultBlock"),
+                block_address: None,
+            },
+            profiles: vec![Profile {
+                name: "kids".into(),
+                macs: list("KidsDevices"),
+                block: list("KidsBlock"),
+                block_address,
+            }],
+        };
+        for m in &c.profiles[0].macs {
+            if parse_mac(m).is_none() {
+                return Some(Err(format!("KidsDevices: {m:?} is not a MAC address")));
+            }
+        }
+        Some(Ok(c))
+    }
+
     pub fn profile_for(&self, mac: [u8; 6]) -> &Profile {
         self.profiles
             .iter()

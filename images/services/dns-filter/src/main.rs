@@ -4,8 +4,10 @@
 //! MAC picks a profile), a blocked name is answered here: NXDOMAIN, or with `block_address`
 //! for A queries (NODATA for other types); every other query is forwarded to the resolver it
 //! was sent to. Answers are built from the query itself, so an EDNS OPT record in the query is
-//! kept. Blocked lookups over TCP get their session blocked. Configuration:
-//! `/etc/dns-filter.toml` (or the path in `$DNS_FILTER_CONFIG`).
+//! kept. Blocked lookups over TCP get their session blocked. Configuration: the operator's
+//! settings when the manifest declares them (`DefaultBlock`, `KidsDevices`, `KidsBlock`,
+//! `KidsBlockAddress`; changed live), else `/etc/dns-filter.toml` (or the path in
+//! `$DNS_FILTER_CONFIG`).
 
 mod dns;
 
@@ -13,15 +15,16 @@ use gatevisor_service_sdk::Verdict;
 use std::time::{Duration, Instant};
 
 fn main() {
-    let (config, mut port) = gatevisor_service_sdk::start(
+    let (live, mut port) = gatevisor_service_sdk::start_with_settings(
         "dns-filter",
         "DNS_FILTER_CONFIG",
         "/etc/dns-filter.toml",
         dns::Config::parse,
+        dns::Config::from_settings,
     );
     println!(
         "dns-filter: {} profiles, serving on eth0",
-        config.profiles.len() + 1
+        live.read().unwrap().profiles.len() + 1
     );
     let mut logged = (Instant::now(), 0u32);
     loop {
@@ -37,6 +40,8 @@ fn main() {
             continue; // not steered to us
         }
         let mac = frame.src_mac().unwrap_or_default();
+        // The operator's last change counts from the next frame on.
+        let config = live.read().unwrap().clone();
         let decision = dns::decide(&config, &mut frame, mac);
         let (mut out, verdict) = match decision {
             dns::Decision::Forward => (frame.bytes.to_vec(), Verdict::Forward),

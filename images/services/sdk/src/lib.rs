@@ -23,8 +23,59 @@ pub fn start<C>(
     default_path: &str,
     parse: impl FnOnce(&str) -> Result<C, String>,
 ) -> (C, PacketPort) {
+    let config = read_config(service, env_var, default_path, parse);
+    (config, open_port(service))
+}
+
+/// A configuration the operator can change while the service runs.
+pub type Live<C> = std::sync::Arc<std::sync::RwLock<std::sync::Arc<C>>>;
+
+/// [`start`] for a service that takes the operator's settings: when the supervisor
+/// delivers settings that `from_settings` understands (`Some`), they are the configuration,
+/// and every later change replaces it while the service runs (a change it refuses is
+/// logged and the old one kept); otherwise the file is read as by [`start`]. The settings
+/// are read before the port opens, so no frame is judged with anything else.
+pub fn start_with_settings<C: Send + Sync + 'static>(
+    service: &'static str,
+    env_var: &str,
+    default_path: &str,
+    parse: impl FnOnce(&str) -> Result<C, String>,
+    from_settings: fn(&serde_json::Value) -> Option<Result<C, String>>,
+) -> (Live<C>, PacketPort) {
+    let live: std::sync::Arc<std::sync::OnceLock<Live<C>>> = Default::default();
+    let live2 = live.clone();
+    let first = watch_settings(move |v| {
+        let Some(l) = live2.get() else { return };
+        match from_settings(v) {
+            Some(Ok(c)) => {
+                *l.write().unwrap() = std::sync::Arc::new(c);
+                println!("{service}: settings changed");
+            }
+            Some(Err(e)) => eprintln!("{service}: settings refused, keeping the old: {e}"),
+            None => {}
+        }
+    });
+    let config = match first.as_ref().and_then(from_settings) {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
+            eprintln!("{service}: settings: {e}");
+            std::process::exit(2);
+        }
+        None => read_config(service, env_var, default_path, parse),
+    };
+    let l: Live<C> = std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(config)));
+    let _ = live.set(l.clone());
+    (l, open_port(service))
+}
+
+fn read_config<C>(
+    service: &str,
+    env_var: &str,
+    default_path: &str,
+    parse: impl FnOnce(&str) -> Result<C, String>,
+) -> C {
     let path = std::env::var(env_var).unwrap_or_else(|_| default_path.into());
-    let config = match std::fs::read_to_string(&path)
+    match std::fs::read_to_string(&path)
         .map_err(|e| e.to_string())
         .and_then(|t| parse(&t))
     {
@@ -33,7 +84,11 @@ pub fn start<C>(
             eprintln!("{service}: {path}: {e}");
             std::process::exit(2);
         }
-    };
+    }
+}
+
+/// Starts the heartbeat and opens `eth0`; says ready once it is open.
+fn open_port(service: &str) -> PacketPort {
     VerdictClient::spawn_heartbeat(
         std::env::var("GATEVISOR_VERDICT_SOCKET").is_ok(),
         Duration::from_secs(1),
@@ -42,7 +97,7 @@ pub fn start<C>(
         Ok(p) => {
             // Frames steered from now on are read: the supervisor may steer to us.
             VerdictClient::mark_ready();
-            (config, p)
+            p
         }
         Err(e) => {
             eprintln!("{service}: cannot open eth0 (needs CAP_NET_RAW): {e}");
@@ -383,6 +438,74 @@ fn connect_vsock(cid: u32, port: u32) -> std::io::Result<UnixStream> {
     Ok(UnixStream::from(owned))
 }
 
+/// A new connection to `$GATEVISOR_VERDICT_SOCKET`: a Unix socket path (a container), or
+/// `vsock:CID:PORT` (a microVM: the supervisor's side is on the host, CID 2).
+fn connect_env() -> Option<UnixStream> {
+    let addr = std::env::var("GATEVISOR_VERDICT_SOCKET").ok()?;
+    match addr.strip_prefix("vsock:") {
+        Some(rest) => {
+            let (cid, port) = rest.split_once(':')?;
+            connect_vsock(cid.parse().ok()?, port.parse().ok()?).ok()
+        }
+        None => UnixStream::connect(addr).ok(),
+    }
+}
+
+/// One `watch` connection: its first answer's settings, and the reader for the rest.
+fn open_watch() -> Option<(serde_json::Value, BufReader<UnixStream>)> {
+    let mut s = connect_env()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"{\"op\":\"watch\"}\n").ok()?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+    if v["ok"] != true {
+        return None;
+    }
+    // From now on lines come only when the operator changes something.
+    r.get_ref().set_read_timeout(None).ok()?;
+    Some((v["settings"].clone(), r))
+}
+
+/// The operator's settings (the object the supervisor delivers on the control channel,
+/// every declared setting with its typed value): returned as they are now (`None` without
+/// a control channel), then `on_change` is called on a thread of its own with every new
+/// value, also the one found after a reconnection (a restarted supervisor). A service
+/// without the SDK finds the same object in `/run/gatevisor/settings.json` (containers).
+pub fn watch_settings(
+    on_change: impl Fn(&serde_json::Value) + Send + 'static,
+) -> Option<serde_json::Value> {
+    let (first, mut reader) = open_watch()?;
+    let mut last = first.clone();
+    std::thread::spawn(move || loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(n) if n > 0 => {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["event"] == "settings" && v["settings"] != last {
+                        last = v["settings"].clone();
+                        on_change(&last);
+                    }
+                }
+            }
+            _ => loop {
+                // The supervisor went away: watch again once it is back.
+                std::thread::sleep(Duration::from_millis(500));
+                if let Some((v, r)) = open_watch() {
+                    reader = r;
+                    if v != last {
+                        last = v;
+                        on_change(&last);
+                    }
+                    break;
+                }
+            },
+        }
+    });
+    Some(first)
+}
+
 /// Whether the service's packet port is open (see [`VerdictClient::mark_ready`]).
 static READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -397,14 +520,7 @@ impl VerdictClient {
     /// variable is a Unix socket path (a container), or `vsock:CID:PORT` (a microVM: the
     /// supervisor's side is on the host, CID 2).
     pub fn from_env() -> Option<VerdictClient> {
-        let addr = std::env::var("GATEVISOR_VERDICT_SOCKET").ok()?;
-        let s = match addr.strip_prefix("vsock:") {
-            Some(rest) => {
-                let (cid, port) = rest.split_once(':')?;
-                connect_vsock(cid.parse().ok()?, port.parse().ok()?).ok()?
-            }
-            None => UnixStream::connect(addr).ok()?,
-        };
+        let s = connect_env()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         let mut c = VerdictClient {
             w: s.try_clone().ok()?,
