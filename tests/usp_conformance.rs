@@ -337,10 +337,15 @@ impl Agent {
 
     /// Installs (and with `start`, starts) a looping LXC service through the CLI.
     fn service(&self, base: &str, start: bool) {
+        self.service_with(base, start, "");
+    }
+
+    /// The same, with `extra` appended to its manifest.
+    fn service_with(&self, base: &str, start: bool, extra: &str) {
         let name = &self.name(base);
         let m = self.d.manifest(
             &format!("{name}.toml"),
-            &manifest_text(name, "while :; do sleep 1; done", ""),
+            &manifest_text(name, "while :; do sleep 1; done", extra),
         );
         let mut args = vec!["service", "install", m.to_str().unwrap(), "--json"];
         if start {
@@ -443,7 +448,113 @@ conformance!(
     roles_an_observer_changes_only_its_own_subscriptions,
     notify_value_change_of_a_unit_status,
     notify_retry_until_notify_resp,
+    set_operator_settings_typed_checked_delivered_and_notified,
 );
+
+const SETTINGS: &str = r#"
+[settings.Level]
+type = "uint"
+default = 3
+min = 1
+max = 5
+[settings.Names]
+type = "string-list"
+format = "domain"
+default = ["a.test"]
+[settings.On]
+type = "bool"
+default = false
+"#;
+
+/// The operator's settings of a unit (`ExecutionUnit.{i}.X_GATEVISOR-ORG_Setting.{i}.`):
+/// read, written by Value (typed and bounded by the service's declaration, all or nothing),
+/// delivered to the running service, and reported with ValueChange.
+fn set_operator_settings_typed_checked_delivered_and_notified(a: &mut Agent) {
+    a.service_with("svc", true, SETTINGS);
+    let name = a.name("svc");
+    a.d.wait_for(Duration::from_secs(30), || {
+        (a.d.status(&name)["state"] == "running").then_some(())
+    })
+    .expect("the service runs");
+    let eu = a.unit("ExecutionUnit", "svc");
+    let table = format!("{eu}X_GATEVISOR-ORG_Setting.");
+    let t = a.get(&table);
+    let count = format!("{eu}X_GATEVISOR-ORG_SettingNumberOfEntries");
+    assert_eq!(a.get(&count)[&count], "3");
+    // Numbered in name order: Level, Names, On.
+    assert_eq!(t[&format!("{table}1.Name")], "Level", "{t:#?}");
+    assert_eq!(t[&format!("{table}1.Type")], "uint");
+    assert_eq!(t[&format!("{table}1.Value")], "3");
+    assert_eq!(t[&format!("{table}2.Value")], "a.test");
+    assert_eq!(t[&format!("{table}3.Default")], "false");
+    a.subscribe("st", "ValueChange", &format!("{table}*.Value"));
+    std::thread::sleep(Duration::from_millis(2500));
+
+    // Refused, all or nothing: each bad value beside a good one changes nothing.
+    for (inst, value, code) in [
+        (1, "x", 7011),
+        (1, "9", 7012),
+        (3, "maybe", 7011),
+        (2, "bad name", 7012),
+    ] {
+        let bad = format!("{table}{inst}.");
+        let r = a.set(
+            false,
+            &[
+                (&format!("{table}2."), &[("Value", "b.test")]),
+                (&bad, &[("Value", value)]),
+            ],
+        );
+        let (outer, errs) = error(&r).unwrap_or_else(|| panic!("Set {bad} = {value}: {r}"));
+        assert_eq!(outer, 7004, "{r}");
+        assert_eq!(errs, vec![(format!("{bad}Value"), code)], "{r}");
+        assert_eq!(
+            a.get(&format!("{table}2.Value"))[&format!("{table}2.Value")],
+            "a.test"
+        );
+    }
+    let r = a.set(false, &[(&format!("{table}1."), &[("Name", "Other")])]);
+    assert_eq!(
+        error(&r).map(|e| e.1),
+        Some(vec![(format!("{table}1.Name"), 7013)]),
+        "{r}"
+    );
+    let r = a.set(true, &[(&format!("{table}99."), &[("Value", "1")])]);
+    let res = &r["Response"]["SetResp"]["updated_obj_results"][0]["oper_status"];
+    assert_eq!(res["oper_failure"]["err_code"], 7016, "{r}");
+
+    // Named by its unique key: changed, delivered, notified.
+    let r = a.set(
+        false,
+        &[(&format!("{table}[Name==\"Level\"]."), &[("Value", "4")])],
+    );
+    let ok = &r["Response"]["SetResp"]["updated_obj_results"][0]["oper_status"]["oper_success"]
+        ["updated_inst_results"][0];
+    assert_eq!(ok["affected_path"], format!("{table}1."), "{r}");
+    assert_eq!(ok["updated_params"]["Value"], "4", "{r}");
+    assert_eq!(
+        a.get(&format!("{table}1.Value"))[&format!("{table}1.Value")],
+        "4"
+    );
+    let path = format!("{table}1.Value");
+    a.peer.next(30, "ValueChange of the setting", &mut |v| {
+        let n = &v["Body"]["Request"]["Notify"];
+        n["value_change"]["param_path"] == path.as_str() && n["value_change"]["param_value"] == "4"
+    });
+    let file = a.d.cli(&[
+        "service",
+        "exec",
+        &name,
+        "--",
+        "cat",
+        "/run/gatevisor/settings.json",
+    ]);
+    let v: Value = serde_json::from_slice(&file.stdout)
+        .unwrap_or_else(|e| panic!("settings.json in the container: {e}: {file:?}"));
+    assert_eq!(v["Level"], 4, "typed for the service: {v}");
+    assert_eq!(v["Names"], serde_json::json!(["a.test"]));
+    assert_eq!(v["On"], false);
+}
 
 fn notify_value_change_of_a_unit_status(a: &mut Agent) {
     a.service("svc", false);

@@ -606,6 +606,27 @@ impl Model {
             );
             put(format!("{eu}{VENDOR}Restarts"), str_of("restarts"));
             put(format!("{eu}{VENDOR}Runtime"), runtime);
+            // The declared settings, numbered in name order (Name is the unique key).
+            let settings = s["settings"].as_array().cloned().unwrap_or_default();
+            put(
+                format!("{eu}{VENDOR}SettingNumberOfEntries"),
+                settings.len().to_string(),
+            );
+            for (i, e) in settings.iter().enumerate() {
+                let o = format!("{eu}{VENDOR}Setting.{}.", i + 1);
+                for (param, key) in [
+                    ("Name", "name"),
+                    ("Type", "type"),
+                    ("Value", "value"),
+                    ("Default", "default"),
+                    ("Description", "description"),
+                ] {
+                    put(
+                        format!("{o}{param}"),
+                        e[key].as_str().unwrap_or_default().to_string(),
+                    );
+                }
+            }
             // Every unit has the steering counters the schema declares: 0 while it has
             // none (no steering, not plugged).
             let counter = |path: &str| {

@@ -129,6 +129,7 @@ pub fn schema() -> Vec<SupportedObject> {
                 ("CPUPercentInUse", UnsignedInt),
                 (&format!("{VENDOR}Restarts"), UnsignedInt),
                 (&format!("{VENDOR}Runtime"), String),
+                (&format!("{VENDOR}SettingNumberOfEntries"), UnsignedInt),
             ]),
             unique_keys: vec![strs(&["EUID"])],
             commands: vec![
@@ -155,6 +156,24 @@ pub fn schema() -> Vec<SupportedObject> {
             ..obj(
                 &format!("{SM}ExecutionUnit.{{i}}.{VENDOR}Steering.Verdicts."),
                 false,
+            )
+        },
+        // The operator's settings the service declares: one instance each, its Value the
+        // only writable parameter (typed by Type: string, bool, uint, string-list).
+        SupportedObject {
+            params: ro(&[
+                ("Name", String),
+                ("Type", String),
+                ("Default", String),
+                ("Description", String),
+            ])
+            .into_iter()
+            .chain([("Value".to_string(), String, true)])
+            .collect(),
+            unique_keys: vec![strs(&["Name"])],
+            ..obj(
+                &format!("{SM}ExecutionUnit.{{i}}.{VENDOR}Setting.{{i}}."),
+                true,
             )
         },
         SupportedObject {

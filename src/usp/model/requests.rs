@@ -460,8 +460,17 @@ impl Model {
         let mut st = self.st.lock().unwrap();
         let before = st.subscriptions.clone();
         let mut results: Vec<(String, SetResult)> = Vec::new();
+        // Services' settings, checked by each object and changed together at the end.
+        let mut pending: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         for (path, settings) in objects {
-            let r = self.set_one(&mut st, from, role, &path, &settings, &params);
+            let r = self.set_one(
+                &mut st,
+                (from, role),
+                &path,
+                &settings,
+                &params,
+                &mut pending,
+            );
             results.push((path, r));
         }
         let errs: Vec<ParamError> = results
@@ -492,7 +501,117 @@ impl Model {
                 return Outgoing::Error(E_GENERAL, format!("cannot save: {e}"), vec![]);
             }
         }
+        for (name, values) in pending {
+            // Checked already: only the daemon failing to store them is left.
+            let req = Request::ConfigSet {
+                name: name.clone(),
+                values,
+                dry_run: false,
+            };
+            if let Err(e) = self.backend.call(req) {
+                return Outgoing::Error(E_GENERAL, fault_text(&e.message, None), vec![]);
+            }
+        }
         Outgoing::SetResp(results)
+    }
+
+    /// The service and setting names behind the instances of `…Setting.{i}.` in `objects`,
+    /// with each value checked (its type here, its declaration by the daemon); the changes
+    /// are added to `pending` only when every one is valid.
+    fn set_settings(
+        &self,
+        st: &Persisted,
+        objects: &[String],
+        settings: &[(String, String, bool)],
+        params: &BTreeMap<String, String>,
+        pending: &mut BTreeMap<String, BTreeMap<String, String>>,
+    ) -> SetResult {
+        let value = settings
+            .iter()
+            .find(|(n, ..)| n == "Value")
+            .map(|(_, v, _)| v.clone())
+            .unwrap_or_default();
+        let mut mine: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut updated = Vec::new();
+        let mut errs = Vec::new();
+        for object in objects {
+            let unit: Option<u32> = object
+                .strip_prefix(&format!("{SM}ExecutionUnit."))
+                .and_then(|r| r.split('.').next())
+                .and_then(|n| n.parse().ok());
+            let service = unit.and_then(|n| {
+                st.units
+                    .iter()
+                    .find(|(_, u)| u.instance == n)
+                    .map(|(name, _)| name.clone())
+            });
+            let (Some(service), Some(key), Some(ty)) = (
+                service,
+                params.get(&format!("{object}Name")),
+                params.get(&format!("{object}Type")),
+            ) else {
+                errs.push((
+                    object.clone(),
+                    "Value".to_string(),
+                    E_NO_OBJECT,
+                    format!("{object}: no such instance"),
+                ));
+                continue;
+            };
+            // The type first (7011), then the declaration's bounds and format (7012).
+            let typed = match ty.as_str() {
+                "bool" => matches!(value.as_str(), "true" | "false" | "1" | "0"),
+                "uint" => value.parse::<u64>().is_ok(),
+                _ => true,
+            };
+            if !typed {
+                errs.push((
+                    object.clone(),
+                    "Value".into(),
+                    E_INVALID_TYPE,
+                    format!("{object}Value: {value:?} is not a {ty}"),
+                ));
+                continue;
+            }
+            mine.entry(service)
+                .or_default()
+                .insert(key.clone(), value.clone());
+            updated.push((
+                object.clone(),
+                BTreeMap::from([("Value".to_string(), value.clone())]),
+            ));
+        }
+        if errs.is_empty() {
+            for (service, values) in &mine {
+                let mut all = pending.get(service).cloned().unwrap_or_default();
+                all.extend(values.clone());
+                let check = Request::ConfigSet {
+                    name: service.clone(),
+                    values: all,
+                    dry_run: true,
+                };
+                if let Err(e) = self.backend.call(check) {
+                    let code = match e.kind {
+                        ErrorKind::Invalid => E_INVALID_VALUE,
+                        ErrorKind::NotFound => E_NO_OBJECT,
+                        _ => E_GENERAL,
+                    };
+                    let object = objects.first().cloned().unwrap_or_default();
+                    errs.push((object, "Value".into(), code, fault_text(&e.message, None)));
+                }
+            }
+        }
+        if !errs.is_empty() {
+            return Err(SetFailure {
+                code: errs[0].2,
+                message: errs[0].3.clone(),
+                params: errs,
+            });
+        }
+        for (service, values) in mine {
+            pending.entry(service).or_default().extend(values);
+        }
+        Ok(updated)
     }
 
     /// One object of a Set: every instance it names gets every setting, or (a required
@@ -500,11 +619,11 @@ impl Model {
     fn set_one(
         &self,
         st: &mut Persisted,
-        from: &str,
-        role: Role,
+        (from, role): (&str, Role),
         path: &str,
         settings: &[(String, String, bool)],
         params: &BTreeMap<String, String>,
+        pending: &mut BTreeMap<String, BTreeMap<String, String>>,
     ) -> SetResult {
         let whole = |code, message: String| SetFailure {
             code,
@@ -560,7 +679,10 @@ impl Model {
                 params: param_errs,
             });
         }
-        // Every writable parameter of the model is a subscription's.
+        if o.path.ends_with(&format!("{VENDOR}Setting.{{i}}.")) {
+            return self.set_settings(st, &instances, settings, params, pending);
+        }
+        // Every other writable parameter of the model is a subscription's.
         let named = self
             .subscriptions_named(st, &pattern, from, role, params)
             .map_err(|(c, m)| whole(c, m))?;
