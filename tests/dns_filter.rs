@@ -4,6 +4,8 @@
 //! statically.
 
 mod common;
+#[path = "common/home.rs"]
+mod home;
 #[path = "../flowbridge/tests/common/lab.rs"]
 mod lab;
 
@@ -253,4 +255,166 @@ fn dns_filter_blocks_per_device_keeps_edns_and_forwards_the_rest() {
     );
     stop.store(true, Ordering::Relaxed);
     resolver.join().unwrap();
+}
+
+/// (rcode, answers, last 4 bytes) of the A answer to `name` from the home's LAN host.
+fn ask_home(h: &home::Home, name: &'static str) -> Option<(u8, u16, [u8; 4])> {
+    let wan = h.wan_ip.clone();
+    h.lan
+        .spawn(move || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            s.send_to(&query(name, 1, false), (wan.as_str(), 53))
+                .unwrap();
+            let mut b = [0u8; 512];
+            let (n, _) = s.recv_from(&mut b).ok()?;
+            let r = &b[..n];
+            Some((
+                r[3] & 0x0f,
+                u16::from_be_bytes([r[6], r[7]]),
+                r[n - 4..].try_into().ok()?,
+            ))
+        })
+        .join()
+        .unwrap()
+}
+
+#[test]
+fn operator_settings_move_a_device_to_the_kids_profile_live_and_survive_a_daemon_restart() {
+    if !need_ovs(
+        "operator_settings_move_a_device_to_the_kids_profile_live_and_survive_a_daemon_restart",
+    ) {
+        return;
+    }
+    // The shipped package: its profiles are settings the manifest declares.
+    let mut d = Daemon::start_with_keys();
+    let pkg = d.example_package("dns-filter");
+    let h = home::Home::new(&d, "cs", "10.91.0");
+    d.install_package_started(&pkg);
+    assert!(
+        d.wait_for(Duration::from_secs(15), || h.filtered().then_some(()))
+            .is_some(),
+        "dns-filter never filtered; log:\n{}",
+        String::from_utf8_lossy(&d.cli(&["service", "logs", "dns-filter"]).stdout)
+    );
+    let pid = d.status("dns-filter")["init_pid"].clone();
+    let lan_mac = mac_of(&h.lan.ns);
+    let blocked = |h: &home::Home| ask_home(h, "games.test") == Some((0, 1, [0, 0, 0, 0]));
+    assert_eq!(
+        ask_home(&h, "games.test").map(|r| (r.0, r.1)),
+        Some((0, 0)),
+        "not a kids' device yet: forwarded"
+    );
+    let cfg = d.json(&["service", "config", "dns-filter", "--json"]);
+    let kids = |cfg: &serde_json::Value| {
+        cfg["settings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "KidsDevices")
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(kids(&cfg)["value"], "02:00:00:00:00:0a", "{cfg}");
+    assert_eq!(kids(&cfg)["type"], "string-list");
+
+    // Wrong values are refused and change nothing.
+    for (kv, code) in [
+        ("KidsDevices=02:00:00:00:00:0a,not-a-mac", 5),
+        ("KidsBlockAddress=1.2.3", 5),
+        ("NoSuchSetting=1", 4),
+    ] {
+        let out = d.cli(&["service", "config", "dns-filter", "set", kv]);
+        assert_eq!(out.status.code(), Some(code), "{kv}: {out:?}");
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).is_empty(),
+            "{kv}: says why"
+        );
+    }
+    assert_eq!(
+        kids(&d.json(&["service", "config", "dns-filter", "--json"]))["set"],
+        false
+    );
+
+    // The LAN host joins the kids' profile: the next lookup is answered with the block
+    // address, by the same process.
+    let t = std::time::Instant::now();
+    let out = d.cli(&[
+        "service",
+        "config",
+        "dns-filter",
+        "set",
+        &format!("KidsDevices=02:00:00:00:00:0a,{lan_mac}"),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        d.wait_for(Duration::from_secs(5), || blocked(&h).then_some(()))
+            .is_some(),
+        "the new profile never took effect"
+    );
+    println!("settings change to effect: {:?}", t.elapsed());
+    assert_eq!(d.status("dns-filter")["init_pid"], pid, "not restarted");
+    let get = d.cli(&["service", "config", "dns-filter", "get", "KidsDevices"]);
+    assert_eq!(
+        String::from_utf8_lossy(&get.stdout).trim(),
+        format!("02:00:00:00:00:0a,{lan_mac}")
+    );
+    // The container finds them in its root too.
+    let file = d.cli(&[
+        "service",
+        "exec",
+        "dns-filter",
+        "--",
+        "cat",
+        "/run/gatevisor/settings.json",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&file.stdout).contains(&lan_mac),
+        "{file:?}"
+    );
+    let events = d.cli(&["events", "--json"]);
+    assert!(
+        String::from_utf8_lossy(&events.stdout).contains("settings changed: KidsDevices"),
+        "{events:?}"
+    );
+
+    // A daemon restart keeps them (stored, and handed to the re-adopted service again).
+    d.kill9();
+    d.spawn();
+    assert!(d
+        .wait_for(Duration::from_secs(15), || {
+            (d.status("dns-filter")["state"] == "running").then_some(())
+        })
+        .is_some());
+    assert_eq!(
+        d.status("dns-filter")["init_pid"],
+        pid,
+        "re-adopted, not restarted"
+    );
+    assert!(blocked(&h), "the kids' profile survives the restart");
+    // Back to the default: forwarded again.
+    let out = d.cli(&[
+        "service",
+        "config",
+        "dns-filter",
+        "set",
+        "KidsDevices=02:00:00:00:00:0a",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        d.wait_for(Duration::from_secs(5), || {
+            (ask_home(&h, "games.test").map(|r| r.1) == Some(0)).then_some(())
+        })
+        .is_some(),
+        "the old profile never came back"
+    );
+}
+
+fn mac_of(ns: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "cat", "/sys/class/net/eth0/address"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
