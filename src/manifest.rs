@@ -758,6 +758,17 @@ memory_mib = 32
     }
 
     #[test]
+    fn the_shipped_services_declare_valid_settings() {
+        for svc in ["dns-filter", "iot-guard"] {
+            let f = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("images/services/{svc}/package/service.toml"));
+            let m = Manifest::parse(&f, &std::fs::read_to_string(&f).unwrap()).unwrap();
+            m.validate_values(&f).unwrap();
+            assert!(m.settings.len() >= 4, "{svc}");
+        }
+    }
+
+    #[test]
     fn capability_names_with_or_without_prefix() {
         let t = GOOD.replace(
             "[resources]",

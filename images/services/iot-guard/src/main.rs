@@ -5,7 +5,9 @@
 //! destination port is denied, when it is not on the device's allow list (if the device's
 //! default is `block`), or when the device opens new sessions faster than its limit (a simple
 //! rate anomaly); allowed otherwise. Devices not listed follow `[unknown_devices]`.
-//! Configuration: `/etc/iot-guard.toml` (or `$IOT_GUARD_CONFIG`).
+//! Configuration: the operator's settings when the manifest declares them (`IotDevices`,
+//! `IotAllow`, `IotDenyPorts`, `IotDefault`, `IotMaxNewSessionsPerMinute`, `UnknownDevices`;
+//! changed live), else `/etc/iot-guard.toml` (or `$IOT_GUARD_CONFIG`).
 
 mod rules;
 
@@ -13,17 +15,18 @@ use gatevisor_service_sdk::Verdict;
 use std::time::{Duration, Instant};
 
 fn main() {
-    let (config, mut port) = gatevisor_service_sdk::start(
+    let (live, mut port) = gatevisor_service_sdk::start_with_settings(
         "iot-guard",
         "IOT_GUARD_CONFIG",
         "/etc/iot-guard.toml",
         rules::Config::parse,
+        rules::Config::from_settings,
     );
+    let mut guard = rules::Guard::new_shared(live.read().unwrap().clone());
     println!(
         "iot-guard: {} devices, serving on eth0",
-        config.devices.len()
+        guard.config().devices.len()
     );
-    let mut guard = rules::Guard::new(config);
     let mut logged = (Instant::now(), 0u32);
     loop {
         let frame = match port.recv() {
@@ -45,6 +48,11 @@ fn main() {
         ) else {
             continue;
         };
+        // The operator's last change counts from the next session on.
+        let config = live.read().unwrap().clone();
+        if !std::sync::Arc::ptr_eq(&config, guard.config()) {
+            guard.set_config(config);
+        }
         let (allow, why) = guard.decide(mac, ip, proto, dport, Instant::now());
         if logged.0.elapsed() > Duration::from_secs(1) {
             logged = (Instant::now(), 0);

@@ -88,18 +88,95 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The configuration the operator's settings make (`None` when they do not configure
+    /// iot-guard: the file does): the devices in `IotDevices` get the IoT rules (`IotAllow`,
+    /// `IotDenyPorts`, `IotDefault`, `IotMaxNewSessionsPerMinute`, 0 for no limit), every
+    /// other device `UnknownDevices`.
+    pub fn from_settings(v: &serde_json::Value) -> Option<Result<Config, String>> {
+        v.get("IotDevices")?;
+        let list = |k: &str| -> Vec<String> {
+            v[k].as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let default = |k: &str| match v[k].as_str() {
+            Some("allow") => Ok(Default::Allow),
+            Some("block") => Ok(Default::Block),
+            other => Err(format!("{k}: {other:?} is neither allow nor block")),
+        };
+        let build = || -> Result<Config, String> {
+            let deny_ports = list("IotDenyPorts")
+                .iter()
+                .map(|p| {
+                    p.parse::<u16>()
+                        .map_err(|_| format!("IotDenyPorts: {p:?} is not a port"))
+                })
+                .collect::<Result<Vec<u16>, String>>()?;
+            let max = v["IotMaxNewSessionsPerMinute"].as_u64().unwrap_or(0);
+            let rules_default = default("IotDefault")?;
+            let allow = list("IotAllow");
+            for a in &allow {
+                parse_dest(a)
+                    .ok_or_else(|| format!("IotAllow: {a:?} is not IP[:PORT][/tcp|udp]"))?;
+            }
+            let devices = list("IotDevices")
+                .into_iter()
+                .map(|mac| {
+                    parse_mac(&mac).ok_or_else(|| format!("IotDevices: {mac:?} is not a MAC"))?;
+                    Ok(Device {
+                        name: mac.clone(),
+                        mac,
+                        allow: allow.clone(),
+                        deny_ports: deny_ports.clone(),
+                        default: rules_default,
+                        max_new_sessions_per_minute: (max > 0).then_some(max as u32),
+                    })
+                })
+                .collect::<Result<Vec<Device>, String>>()?;
+            Ok(Config {
+                devices,
+                unknown_devices: Unknown {
+                    default: default("UnknownDevices")?,
+                },
+            })
+        };
+        Some(build())
+    }
+}
+
 pub struct Guard {
-    config: Config,
+    config: std::sync::Arc<Config>,
     /// Recent new-session times per device.
     recent: HashMap<[u8; 6], VecDeque<Instant>>,
 }
 
 impl Guard {
+    #[cfg(test)]
     pub fn new(config: Config) -> Guard {
+        Guard::new_shared(std::sync::Arc::new(config))
+    }
+
+    pub fn new_shared(config: std::sync::Arc<Config>) -> Guard {
         Guard {
             config,
             recent: HashMap::new(),
         }
+    }
+
+    /// Takes a new configuration (the operator changed a setting); the devices' recent
+    /// session counts are kept.
+    pub fn set_config(&mut self, config: std::sync::Arc<Config>) {
+        self.config = config;
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &std::sync::Arc<Config> {
+        &self.config
     }
 
     /// The verdict for a new session, and why.
@@ -207,6 +284,36 @@ max_new_sessions_per_minute = 3
                 .0,
             "the window moves on"
         );
+    }
+
+    #[test]
+    fn settings_make_the_same_rules() {
+        let v: serde_json::Value = serde_json::json!({
+            "IotDevices": ["02:00:00:00:00:0c"],
+            "IotAllow": ["10.0.0.1:443/tcp", "10.0.0.2"],
+            "IotDenyPorts": ["23"],
+            "IotDefault": "block",
+            "IotMaxNewSessionsPerMinute": 10,
+            "UnknownDevices": "allow",
+        });
+        let mut g = Guard::new(Config::from_settings(&v).unwrap().unwrap());
+        let cam = parse_mac("02:00:00:00:00:0c").unwrap();
+        let t = Instant::now();
+        assert!(g.decide(cam, [10, 0, 0, 1], 6, 443, t).0);
+        assert!(!g.decide(cam, [10, 0, 0, 2], 6, 23, t).0);
+        assert!(!g.decide(cam, [10, 0, 0, 9], 6, 80, t).0);
+        assert!(g.decide([2, 0, 0, 0, 0, 1], [8, 8, 8, 8], 6, 23, t).0);
+        // The operator lets the camera go anywhere.
+        let mut v2 = v.clone();
+        v2["IotDefault"] = "allow".into();
+        g.set_config(std::sync::Arc::new(
+            Config::from_settings(&v2).unwrap().unwrap(),
+        ));
+        assert!(g.decide(cam, [10, 0, 0, 9], 6, 80, t).0);
+        assert!(Config::from_settings(&serde_json::json!({})).is_none());
+        let mut bad = v.clone();
+        bad["IotDenyPorts"] = serde_json::json!(["telnet"]);
+        assert!(Config::from_settings(&bad).unwrap().is_err());
     }
 
     #[test]
