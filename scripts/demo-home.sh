@@ -72,10 +72,28 @@ check "example.test (allowed)" 10.90.0.1 "$(lookup laptop example.test)"
 check "the camera asks for malware.test (everyone's profile)" NXDOMAIN "$(lookup camera malware.test)"
 check "the camera asks for games.test (not blocked for it)" 10.90.0.1 "$(lookup camera games.test)"
 
+echo "== the operator puts the camera on the kids' profile too (a setting; no restart)"
+pid=$("$bin" service status dns-filter --json | sed -n 's/.*"init_pid": \([0-9]*\).*/\1/p')
+"$bin" service config dns-filter set KidsDevices=02:00:00:00:00:0a,02:00:00:00:00:0c
+for _ in $(seq 50); do [ "$(lookup camera games.test)" = 0.0.0.0 ] && break; sleep 0.1; done
+check "the camera asks for games.test (now blocked)" 0.0.0.0 "$(lookup camera games.test)"
+check "dns-filter kept its process" "$pid" "$("$bin" service status dns-filter --json | sed -n 's/.*"init_pid": \([0-9]*\).*/\1/p')"
+"$bin" service config dns-filter set KidsDevices=02:00:00:00:00:0a
+for _ in $(seq 50); do [ "$(lookup camera games.test)" = 10.90.0.1 ] && break; sleep 0.1; done
+check "the camera asks for games.test (back to everyone's profile)" 10.90.0.1 "$(lookup camera games.test)"
+"$bin" service config dns-filter
+
 echo "== the camera opens sessions (iot-guard)"
 check "camera to its cloud (port 443)" reached "$(fetch camera 443)"
 check "camera to port 8080 (not on its list)" blocked "$(fetch camera 8080)"
 check "laptop to port 8080 (not an IoT device)" reached "$(fetch laptop 8080)"
+echo "   the operator lets the camera reach port 8080 too (a setting of iot-guard; no restart)"
+"$bin" service config iot-guard set IotAllow=10.90.0.1:443/tcp,10.90.0.1:8080/tcp
+for _ in 1 2 3; do [ "$(fetch camera 8080)" = reached ] && break; done
+check "camera to port 8080 (now on its list)" reached "$(fetch camera 8080)"
+"$bin" service config iot-guard set IotAllow=10.90.0.1:443/tcp
+for _ in 1 2 3; do [ "$(fetch camera 8080)" = blocked ] && break; done
+check "camera to port 8080 (off its list again)" blocked "$(fetch camera 8080)"
 
 echo "== twenty downloads on the laptop: only their first packets visit a service"
 for _ in $(seq 20); do fetch laptop 8080 >/dev/null; done
