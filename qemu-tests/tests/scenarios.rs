@@ -192,7 +192,7 @@ fn lookup(gw: &Gateway, name: &str) -> String {
 
 #[test]
 fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it_dies() {
-    let Some(gw) = gateway() else { return };
+    let Some(mut gw) = gateway() else { return };
     let (pkg, key) = dns_filter_package(&gw.dir);
     gw.put(&pkg, "/root/dns-filter.gvpkg", 0o644).unwrap();
     gw.put(&key, "/root/operator.pub", 0o644).unwrap();
@@ -221,12 +221,26 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
         .ok("ovs-appctl dpctl/dump-flows system@ovs-system")
         .unwrap();
     assert!(flows.contains("in_port"), "kernel datapath flows: {flows}");
-    let st = status(&gw, "dns-filter");
-    let steered = st
-        .pointer("/steering/counters/steered_packets")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(0);
-    assert!(steered >= 3, "DNS queries were steered: {st:#}");
+    // The switch's statistics reach its rules lazily (the datapath flows' counters are
+    // read back every second or so; slower under TCG): wait for them.
+    let counted = gw.wait_until(
+        "the steered queries counted",
+        Duration::from_secs(20),
+        |gw| {
+            let st = status(gw, "dns-filter");
+            let steered = st
+                .pointer("/steering/counters/steered_packets")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0);
+            Ok((steered >= 3).then_some(st))
+        },
+    );
+    let st = counted.unwrap_or_else(|e| {
+        panic!(
+            "DNS queries were steered: {e}: {:#}",
+            status(&gw, "dns-filter")
+        )
+    });
 
     // Kill the service: DNS keeps working, unfiltered (fail-open), until it is back.
     let pid = st["init_pid"].as_i64().unwrap();
@@ -282,6 +296,38 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
             "the LAN client's MAC was learned on the service port {port}: {fdb}"
         );
     }
+
+    // The operator's settings: the kids' profile (the LAN client is on it) now blocks
+    // other.test instead. The microVM takes it over its control channel (vsock), without a
+    // restart, and keeps it through a reboot of the gateway.
+    let pid = status(&gw, "dns-filter")["init_pid"].as_i64().unwrap();
+    gw.ok("gatevisor service config dns-filter set KidsBlock=other.test")
+        .unwrap();
+    gw.wait_until("the new kids' profile", Duration::from_secs(10), |gw| {
+        Ok((lookup(gw, "other.test") == "0.0.0.0").then_some(()))
+    })
+    .unwrap();
+    assert_eq!(lookup(&gw, "games.test"), addr::WAN_HOST);
+    assert_eq!(
+        status(&gw, "dns-filter")["init_pid"].as_i64(),
+        Some(pid),
+        "not restarted"
+    );
+    gw.reboot().expect("the gateway reboots");
+    wait_running(&gw, "dns-filter", None);
+    gw.wait_until(
+        "the kids' profile after the reboot",
+        Duration::from_secs(180),
+        |gw| Ok((lookup(gw, "other.test") == "0.0.0.0").then_some(())),
+    )
+    .unwrap();
+    assert_eq!(lookup(&gw, "games.test"), addr::WAN_HOST);
+    assert_eq!(
+        gw.ok("gatevisor service config dns-filter get KidsBlock")
+            .unwrap()
+            .trim(),
+        "other.test"
+    );
 }
 
 /// Load from the LAN client's namespace (on this machine): a lookup of `games.test` (blocked
