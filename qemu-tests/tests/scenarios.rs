@@ -562,7 +562,7 @@ fn microvm_service_runs_restarts_and_is_readopted_under_the_supervisor() {
         "echo \"vda sectors $(cat /sys/block/vda/size)\"\n\
          trap 'echo vm-hello got SIGTERM; exit 0' TERM\n\
          (while read l; do echo \"console got: $l\"; done) < /dev/console &\n\
-         echo vm-hello up; while true; do sleep 2; echo tick; done",
+         echo vm-hello up; while true; do sleep 2; echo \"tick $(cat /run/gatevisor/settings.json 2>/dev/null)\"; done",
     )
     .unwrap();
     gw.put(&initrd, "/srv/gatevisor-images/vm-hello/guest.cpio", 0o644)
@@ -594,6 +594,10 @@ address = "10.77.0.60/24"
 
 [microvm]
 cmdline = "quiet"
+
+[settings.Greeting]
+type = "string"
+default = "hello"
 "#;
     gw.put_bytes(
         manifest.as_bytes(),
@@ -627,6 +631,31 @@ cmdline = "quiet"
         .expect("the LAN host reaches the microVM service on the bridge");
     let logs = gw.ok("gatevisor service logs vm-hello").unwrap();
     assert!(logs.contains("vda sectors 16384"), "{logs}");
+    // The operator's settings reach the guest's root as a file (the guest init watches them
+    // on the control channel), at boot and when they change, without a restart.
+    let setting_in_log = |gw: &Gateway, text: &str| -> qemu_tests::Result<Option<()>> {
+        let out = gw.run("gatevisor service logs vm-hello --bytes 2000")?;
+        Ok(out.stdout.contains(text).then_some(()))
+    };
+    gw.wait_until(
+        "the settings file in the guest",
+        Duration::from_secs(60),
+        |gw| setting_in_log(gw, r#"{"Greeting":"hello"}"#),
+    )
+    .unwrap();
+    gw.ok("gatevisor service config vm-hello set Greeting=changed-live")
+        .unwrap();
+    gw.wait_until(
+        "the changed settings in the guest",
+        Duration::from_secs(60),
+        |gw| setting_in_log(gw, r#"{"Greeting":"changed-live"}"#),
+    )
+    .unwrap();
+    assert_eq!(
+        status(&gw, "vm-hello")["init_pid"].as_i64(),
+        Some(vmm),
+        "not restarted"
+    );
     // The serial console, both ways.
     let out = gw
         .ok("printf 'hello-console\\n' | gatevisor service console vm-hello --for 10")

@@ -15,7 +15,11 @@
 //!    - `tcp PORT` → `ok` when something accepts on 127.0.0.1:PORT;
 //!    - `poweroff` → `ok`, the service gets SIGTERM, then SIGKILL after the grace period in
 //!      `gatevisor.grace_s=N` (default 5), then the VM powers off;
-//! 5. when the service ends, prints its status on the console and powers the VM off.
+//! 5. keeps `/run/gatevisor/settings.json` (the operator's settings, as a container finds
+//!    them) up to date: it watches them on the service's control channel
+//!    (`GATEVISOR_VERDICT_SOCKET=vsock:2:PORT` in its environment) and replaces the file
+//!    on every change;
+//! 6. when the service ends, prints its status on the console and powers the VM off.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -262,6 +266,70 @@ fn control(grace: Duration) {
     }
 }
 
+/// Where the settings file is, as in a container.
+const SETTINGS_FILE: &str = "/run/gatevisor/settings.json";
+
+/// A vsock stream to the host's `port` (CID 2).
+fn connect_host(port: u32) -> Option<std::fs::File> {
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid starting value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = libc::VMADDR_CID_HOST;
+    addr.svm_port = port;
+    // SAFETY: connect(2) with a pointer to `addr` and its exact size.
+    let r = unsafe {
+        libc::connect(
+            owned.as_raw_fd(),
+            &addr as *const libc::sockaddr_vm as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    (r == 0).then(|| std::fs::File::from(owned))
+}
+
+/// The `settings` object of a line of the control channel's watch. The supervisor's lines
+/// are `{"event":"settings","generation":G,"settings":{…}}` (or `"ok":true` for the first):
+/// `settings` is their last member, and the only `"settings":` outside a string before it
+/// (inside a JSON string a quote is always escaped).
+fn settings_of(line: &str) -> Option<&str> {
+    let line = line.trim();
+    let at = line.find("\"settings\":")? + "\"settings\":".len();
+    let obj = line.get(at..line.len().checked_sub(1)?)?;
+    (obj.starts_with('{') && obj.ends_with('}') && line.ends_with('}')).then_some(obj)
+}
+
+/// Watches the settings on the control channel at host port `port` and keeps the file up to
+/// date, reconnecting when the supervisor goes away (a restart).
+fn keep_settings_file(port: u32) {
+    let _ = std::fs::create_dir_all("/run/gatevisor");
+    loop {
+        if let Some(mut conn) = connect_host(port) {
+            if conn.write_all(b"{\"op\":\"watch\"}\n").is_ok() {
+                let reader = BufReader::new(&conn);
+                for line in reader.lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(obj) = settings_of(&line) {
+                        let tmp = format!("{SETTINGS_FILE}.tmp");
+                        let written = std::fs::write(&tmp, format!("{obj}\n"))
+                            .and_then(|_| std::fs::rename(&tmp, SETTINGS_FILE));
+                        if let Err(e) = written {
+                            log(&format!("{SETTINGS_FILE}: {e}"));
+                        }
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// The service's environment, from `/gatevisor/env`.
 fn service_env() -> Vec<(String, String)> {
     std::fs::read_to_string("/gatevisor/env")
@@ -346,6 +414,13 @@ fn main() {
         }
     }
     std::thread::spawn(move || control(grace));
+    let channel = service_env()
+        .into_iter()
+        .find(|(k, _)| k == "GATEVISOR_VERDICT_SOCKET")
+        .and_then(|(_, v)| v.strip_prefix("vsock:2:")?.parse::<u32>().ok());
+    if let Some(port) = channel {
+        std::thread::spawn(move || keep_settings_file(port));
+    }
 
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if argv.is_empty() {
@@ -404,6 +479,20 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_are_cut_from_the_watch_lines() {
+        let first =
+            r#"{"generation":1,"ok":true,"settings":{"A":["x"],"settings":"y\"settings\":{}"}}"#;
+        assert_eq!(
+            settings_of(first),
+            Some(r#"{"A":["x"],"settings":"y\"settings\":{}"}"#)
+        );
+        let ev = r#"{"event":"settings","generation":2,"settings":{}}"#;
+        assert_eq!(settings_of(ev), Some("{}"));
+        assert_eq!(settings_of(r#"{"ok":false,"error":"x"}"#), None);
+        assert_eq!(settings_of(r#"{"settings":"#), None);
+    }
 
     #[test]
     fn cmdline_values_stop_at_the_service_arguments() {
