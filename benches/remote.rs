@@ -7,7 +7,12 @@
 //!   answered by the new service (NXDOMAIN for a blocked name); then Uninstall, 10 rounds;
 //! - `notify_latency_ms_p50`: the supervisor's Installed/Removed event (its timestamp) until the
 //!   Controller holds the `DUStateChange!`;
-//! - `agent_idle_rss_kib`: the daemon's resident set with the agent connected and idle.
+//! - `agent_idle_rss_kib`: the daemon's resident set with the agent connected and idle;
+//! - `set_to_effect_ms_p50`/`_p95`: the shipped dns-filter package (its profiles are the
+//!   operator's settings) runs; the Controller sends a Set of its `DefaultBlock` setting that
+//!   adds a new name, until a LAN lookup of that name is answered NXDOMAIN, 10 rounds.
+//!   Peer: `ovs_ofctl_add_flow_ms_p50`, one `ovs-ofctl add-flow` on the same bridge (the
+//!   cost of the smallest change an operator could make to the data path by hand).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -110,6 +115,74 @@ fn main() {
             install[round]
         );
     }
+    // The operator's settings: a Set of dns-filter's DefaultBlock until the new name is
+    // blocked for the LAN host.
+    let shipped = d.example_package("dns-filter");
+    d.install_package_started(&shipped);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !home.filtered() {
+        assert!(
+            Instant::now() < deadline,
+            "the shipped dns-filter never filtered"
+        );
+    }
+    let eu = get(
+        &mut c,
+        &[&format!("{SM}ExecutionUnit.[Name==\"dns-filter\"].Name")],
+    )
+    .into_keys()
+    .next()
+    .expect("dns-filter's ExecutionUnit")
+    .trim_end_matches("Name")
+    .to_string();
+    let setting = format!("{eu}X_GATEVISOR-ORG_Setting.[Name==\"DefaultBlock\"].");
+    let mut set_to_effect = Vec::new();
+    for round in 0..ROUNDS {
+        let name = format!("set{round}.test");
+        assert!(!home.blocked(&name), "{name} is not blocked yet");
+        let t0 = Instant::now();
+        let r = set(
+            &mut c,
+            &setting,
+            &[("Value", &format!("malware.test,{name}"))],
+        );
+        assert!(r["Response"]["SetResp"].is_object(), "{r}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !home.blocked(&name) {
+            assert!(Instant::now() < deadline, "the Set never took effect");
+        }
+        set_to_effect.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    // The peer: one flow added by hand with ovs-ofctl on the same bridge (a table the
+    // pipeline does not use; removed again).
+    let mgmt = format!(
+        "unix:{}",
+        d.state_dir()
+            .join(format!("ovs/{}.mgmt", d.bridge()))
+            .display()
+    );
+    let mut add_flow = Vec::new();
+    for i in 0..ROUNDS {
+        let t0 = Instant::now();
+        let st = std::process::Command::new("ovs-ofctl")
+            .args([
+                "-O",
+                "OpenFlow13",
+                "add-flow",
+                &mgmt,
+                &format!(
+                    "cookie=0x7e57,table=250,priority=1,udp,tp_dst={},actions=drop",
+                    40000 + i
+                ),
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        add_flow.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    let _ = std::process::Command::new("ovs-ofctl")
+        .args(["-O", "OpenFlow13", "del-flows", &mgmt, "cookie=0x7e57/-1"])
+        .status();
     drop(home);
     let notify_p50 = (!notify.is_empty()).then(|| percentile(&mut notify, 0.5));
     println!(
@@ -120,6 +193,9 @@ fn main() {
             "notify_latency_ms_p50": notify_p50,
             "notify_samples": notify.len(),
             "agent_idle_rss_kib": rss,
+            "set_to_effect_ms_p50": percentile(&mut set_to_effect, 0.5),
+            "set_to_effect_ms_p95": percentile(&mut set_to_effect, 0.95),
+            "ovs_ofctl_add_flow_ms_p50": percentile(&mut add_flow, 0.5),
             "rounds": ROUNDS,
             "runtime": "lxc",
         })

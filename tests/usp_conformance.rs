@@ -720,7 +720,7 @@ fn get_r_get_1_paths_outside_the_model_and_bad_syntax_are_errors(a: &mut Agent) 
 
 fn get_every_declared_parameter_exists_on_every_instance(a: &mut Agent) {
     a.service("idle-svc", false);
-    a.service("busy-svc", true);
+    a.service_with("busy-svc", true, SETTINGS);
     let gsdm = a.peer.ask(
         b::GetSupportedDMBuilder::new()
             .with_obj_paths(vec![SM.into()])
@@ -743,15 +743,29 @@ fn get_every_declared_parameter_exists_on_every_instance(a: &mut Agent) {
                     continue;
                 }
                 let concrete = path.replacen("{i}", n, 1);
-                for p in o["supported_params"].as_array().unwrap() {
-                    let full = format!("{concrete}{}", p["param_name"].as_str().unwrap());
-                    assert!(tree.contains_key(&full), "{full} is declared, not served");
-                    checked += 1;
+                // A table inside the unit (its settings): every instance it has.
+                let instances: Vec<String> = match concrete.split_once("{i}") {
+                    None => vec![concrete.clone()],
+                    Some((table, _)) => tree
+                        .keys()
+                        .filter_map(|k| k.strip_prefix(table)?.split_once('.'))
+                        .map(|(i, _)| format!("{table}{i}."))
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .collect(),
+                };
+                for inst in instances {
+                    for p in o["supported_params"].as_array().unwrap() {
+                        let full = format!("{inst}{}", p["param_name"].as_str().unwrap());
+                        assert!(tree.contains_key(&full), "{full} is declared, not served");
+                        checked += 1;
+                    }
                 }
             }
         }
     }
-    assert!(checked > 40, "only {checked} parameters checked");
+    // Both services' units, and busy-svc's three settings.
+    assert!(checked > 85, "only {checked} parameters checked");
 }
 
 fn get_execution_units_report_running_state_honestly(a: &mut Agent) {

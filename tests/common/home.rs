@@ -59,12 +59,18 @@ impl Home {
 
     /// Is `malware.test` answered NXDOMAIN (by a filtering service) within 50 ms?
     pub fn filtered(&self) -> bool {
+        self.blocked("malware.test")
+    }
+
+    /// Is `name` answered NXDOMAIN (by a filtering service) within 50 ms?
+    pub fn blocked(&self, name: &str) -> bool {
         let ip = self.wan_ip.clone();
+        let name = name.to_string();
         self.lan
             .spawn(move || {
                 let s = UdpSocket::bind("0.0.0.0:0").unwrap();
                 s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-                s.send_to(&lab::dns_query("malware.test"), (ip.as_str(), 53))
+                s.send_to(&lab::dns_query(&name), (ip.as_str(), 53))
                     .unwrap();
                 let mut b = [0u8; 512];
                 matches!(s.recv_from(&mut b), Ok((n, _)) if n > 3 && b[3] & 0x0f == 3)

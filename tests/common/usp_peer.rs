@@ -272,6 +272,24 @@ pub fn get(c: &mut Controller, paths: &[&str]) -> std::collections::BTreeMap<Str
     params(&c.reply(&id))
 }
 
+/// A Set of `params` on the object(s) `path` names (allow_partial false); the reply.
+pub fn set(c: &mut Controller, path: &str, params: &[(&str, &str)]) -> Value {
+    let id = c.send(
+        b::SetBuilder::new()
+            .with_allow_partial(false)
+            .with_update_objs(vec![b::UpdateObjectBuilder::new(path.into())
+                .with_param_settings(
+                    params
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string(), true))
+                        .collect(),
+                )])
+            .build()
+            .unwrap(),
+    );
+    c.reply(&id)
+}
+
 pub fn operate(c: &mut Controller, command: &str, key: &str, args: &[(&str, &str)]) -> Value {
     let id = c.send(
         b::OperateBuilder::new(command.into())
