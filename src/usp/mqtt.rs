@@ -17,6 +17,9 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// QoS 1 publishes in flight at once (the broker may ask for fewer).
+const MAX_INFLIGHT: u16 = 32;
+
 /// A Controller this agent obeys.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,6 +137,11 @@ pub fn spawn(
     let mut opts = MqttOptions::new(cfg.endpoint_id.clone(), host, port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_clean_start(false);
+    // rumqttc keeps one slot per possible in-flight QoS 1 publish, allocated up front: its
+    // default (65,535 slots, ~14 MB) was most of the daemon's memory with USP on. A USP
+    // agent answers one request at a time and sends few notifications; more than this wait
+    // in the request queue, they are not lost.
+    opts.set_outgoing_inflight_upper_limit(MAX_INFLIGHT);
     if let Some(tls) = &cfg.tls {
         let client = client_tls(tls, &cfg.endpoint_id)?;
         opts.set_transport(rumqttc::Transport::tls_with_config(
