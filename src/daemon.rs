@@ -27,6 +27,9 @@ pub struct ConfigFile {
     pub stop_services_on_exit: Option<bool>,
     pub log_max_bytes: Option<u64>,
     pub log_keep: Option<u32>,
+    /// Seconds before a service that gave up (its restart policy's max_retries) is tried
+    /// again, and again after every give-up (default 300; 0: never, it stays failed).
+    pub failed_retry_s: Option<u64>,
     /// Plug services into Open vSwitch and steer their traffic (default true).
     pub network: Option<bool>,
     /// Bridge to use instead of the board profile's.

@@ -53,7 +53,7 @@ impl State {
             (Backoff, Stop) => Stopped,
             (Stopping | Starting | Running, Exited) => Stopped,
             (Starting | Running, Crashed) => Backoff,
-            (Backoff, Retry) => Starting,
+            (Backoff | Failed, Retry) => Starting,
             (Starting | Running | Stopping, GiveUp) => Failed,
             (from, op) => return Err(InvalidTransition { from, op }),
         })
@@ -208,6 +208,7 @@ mod tests {
             (Starting, Crashed, Backoff),
             (Running, Crashed, Backoff),
             (Backoff, Retry, Starting),
+            (Failed, Retry, Starting),
             (Starting, GiveUp, Failed),
             (Running, GiveUp, Failed),
             (Stopping, GiveUp, Failed),

@@ -173,6 +173,9 @@ fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()
         log_keep: file.log_keep.unwrap_or(3),
         events_max_bytes: 1 << 20,
         start_timeout: std::time::Duration::from_secs(30),
+        failed_retry: Some(file.failed_retry_s.unwrap_or(300))
+            .filter(|s| *s > 0)
+            .map(std::time::Duration::from_secs),
         monitor: gatevisor_lxc::MonitorCommand {
             program: exe,
             args: vec!["__lxc-monitor".into()],

@@ -108,6 +108,13 @@ impl Supervisor {
                 None if desired == Desired::Running && state == State::Backoff => {
                     self.live.entry(name.clone()).or_default().retry_at = Some(Instant::now());
                 }
+                // It gave up before the restart: its slow retry goes on.
+                None if desired == Desired::Running && state == State::Failed => {
+                    if let Some(d) = self.settings.failed_retry {
+                        self.live.entry(name.clone()).or_default().retry_at =
+                            Some(Instant::now() + d);
+                    }
+                }
                 // Installed, or stopped by a daemon shutdown with stop_services_on_exit.
                 None if desired == Desired::Running
                     && matches!(state, State::Installed | State::Stopped) =>

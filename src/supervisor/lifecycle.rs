@@ -20,11 +20,10 @@ impl Supervisor {
                 // It ended during an update's health check: the check's verdict decides.
                 continue;
             }
-            let still_wanted = self
-                .doc
-                .services
-                .get(&name)
-                .is_some_and(|r| r.desired == Desired::Running && r.state == State::Backoff);
+            // A restart after a backoff, or the slow retry of a service that gave up.
+            let still_wanted = self.doc.services.get(&name).is_some_and(|r| {
+                r.desired == Desired::Running && matches!(r.state, State::Backoff | State::Failed)
+            });
             if still_wanted {
                 if let Ok(rec) = self.record_mut(&name) {
                     rec.restarts += 1;
@@ -334,6 +333,14 @@ impl Supervisor {
         if was_running {
             self.event_exit(EventKind::Exited, Some(name), exit.as_ref(), reason.clone());
         }
+        // A service that gives up is tried again later, on a slow schedule.
+        let slow_retry = self
+            .settings
+            .failed_retry
+            .filter(|_| decision == Decision::GiveUp);
+        if let Some(d) = slow_retry {
+            self.live.entry(name.to_string()).or_default().retry_at = Some(Instant::now() + d);
+        }
         let Ok(rec) = self.record_mut(name) else {
             return;
         };
@@ -351,8 +358,11 @@ impl Supervisor {
                 let why = if decision == Decision::Fail {
                     format!("{reason}; restart policy is {:?}", policy.policy)
                 } else {
+                    let again = slow_retry
+                        .map(|d| format!("; trying again in {} s", d.as_secs()))
+                        .unwrap_or_default();
                     format!(
-                        "{reason}; gave up after {} restarts in a row",
+                        "{reason}; gave up after {} restarts in a row{again}",
                         policy.max_retries
                     )
                 };

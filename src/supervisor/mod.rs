@@ -68,6 +68,10 @@ pub struct Settings {
     pub log_keep: u32,
     pub events_max_bytes: u64,
     pub start_timeout: Duration,
+    /// How long a service that gave up (more failures in a row than its restart policy
+    /// allows) waits before it is tried again, and again after every such give-up; `None`:
+    /// it stays `failed` until someone starts it.
+    pub failed_retry: Option<Duration>,
     /// How to run the per-container monitor (this binary's hidden subcommand).
     pub monitor: lxc::MonitorCommand,
     pub busybox: PathBuf,

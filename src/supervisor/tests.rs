@@ -25,6 +25,7 @@ fn settings(dir: &Path) -> Settings {
         log_keep: 1,
         events_max_bytes: 1 << 20,
         start_timeout: Duration::from_secs(5),
+        failed_retry: Some(FAILED_RETRY),
         monitor: lxc::MonitorCommand {
             program: "/bin/false".into(),
             args: vec![],
@@ -38,6 +39,9 @@ fn settings(dir: &Path) -> Settings {
         image_roots: vec![],
     }
 }
+
+/// The slow retry of a service that gave up, in these tests.
+const FAILED_RETRY: Duration = Duration::from_millis(700);
 
 fn board() -> BoardReport {
     let all = gatevisor_board::profile::load_all(None).unwrap();
@@ -259,6 +263,61 @@ fn a_service_that_cannot_start_backs_off_then_fails_with_the_reason() {
             h.fake(kind).calls().len(),
             3,
             "{kind}: first start and two retries"
+        );
+        assert!(why.contains("trying again in"), "{why}");
+        // Tried again later (slowly), and again after each give-up; a start that works
+        // then brings it back.
+        h.pump_until(Duration::from_secs(10), "the slow retry", |s| {
+            s.record(&name).unwrap().state != State::Failed
+        });
+        h.pump_until(Duration::from_secs(10), "failed again", |s| {
+            s.record(&name).unwrap().state == State::Failed
+        });
+        assert_eq!(h.fake(kind).calls().len(), 4, "{kind}: one slow retry");
+        h.fake(kind).set(&name, Behaviour::default());
+        h.pump_until(Duration::from_secs(10), "running after a slow retry", |s| {
+            s.record(&name).unwrap().state == State::Running
+        });
+        let events = h.sup.events.last(50);
+        assert!(
+            events
+                .iter()
+                .any(|e| e.kind == EventKind::Restarted
+                    && e.service.as_deref() == Some(name.as_str()))
+        );
+        h.request(Request::Stop { name: name.clone() }).unwrap();
+    }
+}
+
+#[test]
+fn a_failed_service_that_was_stopped_is_not_retried() {
+    let Some(mut h) = harness("a_failed_service_that_was_stopped_is_not_retried") else {
+        return;
+    };
+    for kind in KINDS {
+        let name = named("nostop", kind);
+        h.install(&name, kind, &on_failure(0));
+        h.fake(kind).set(
+            &name,
+            Behaviour {
+                start_error: Some("broken".into()),
+                ..Default::default()
+            },
+        );
+        let _ = h.request(Request::Start { name: name.clone() });
+        h.pump_until(Duration::from_secs(10), "giving up", |s| {
+            s.record(&name).unwrap().state == State::Failed
+        });
+        let _ = h.request(Request::Stop { name: name.clone() });
+        let t = Instant::now();
+        while t.elapsed() < FAILED_RETRY * 2 {
+            h.serve_once();
+        }
+        assert_eq!(
+            h.fake(kind).calls().len(),
+            1,
+            "{kind}: {:?}",
+            h.fake(kind).calls()
         );
     }
 }
