@@ -93,12 +93,7 @@ fn main() {
     eprintln!("switch restarts: {}", switch_seen.line());
 
     // The peer: what reading the bridge's flows costs with ovs-ofctl.
-    let mgmt = format!(
-        "unix:{}",
-        d.state_dir()
-            .join(format!("ovs/{}.mgmt", d.bridge()))
-            .display()
-    );
+    let mgmt = d.ofctl_target();
     let mut ofctl = Vec::new();
     for _ in 0..10 {
         let t = Instant::now();

@@ -155,12 +155,7 @@ fn main() {
     }
     // The peer: one flow added by hand with ovs-ofctl on the same bridge (a table the
     // pipeline does not use; removed again).
-    let mgmt = format!(
-        "unix:{}",
-        d.state_dir()
-            .join(format!("ovs/{}.mgmt", d.bridge()))
-            .display()
-    );
+    let mgmt = d.ofctl_target();
     let mut add_flow = Vec::new();
     for i in 0..ROUNDS {
         let t0 = Instant::now();

@@ -8,6 +8,8 @@ mod common;
 mod home;
 #[path = "../flowbridge/tests/common/lab.rs"]
 mod lab;
+#[path = "common/traffic.rs"]
+mod traffic;
 
 use common::*;
 use std::io::{Read, Write};
@@ -41,11 +43,24 @@ fn ask(
     qtype: u16,
     edns: bool,
 ) -> Option<(u8, u16, u16, [u8; 4])> {
+    ask_at(lan, WAN, name, qtype, edns)
+}
+
+/// The same, asking the resolver at `resolver`.
+fn ask_at(
+    lan: &lab::Host,
+    resolver: &str,
+    name: &'static str,
+    qtype: u16,
+    edns: bool,
+) -> Option<(u8, u16, u16, [u8; 4])> {
+    let resolver = resolver.to_string();
     lan.spawn(move || {
         let s = UdpSocket::bind("0.0.0.0:0").unwrap();
         s.set_read_timeout(Some(Duration::from_millis(700)))
             .unwrap();
-        s.send_to(&query(name, qtype, edns), (WAN, 53)).unwrap();
+        s.send_to(&query(name, qtype, edns), (resolver.as_str(), 53))
+            .unwrap();
         let mut b = [0u8; 512];
         let (n, _) = s.recv_from(&mut b).ok()?;
         let r = &b[..n];
@@ -259,25 +274,7 @@ fn dns_filter_blocks_per_device_keeps_edns_and_forwards_the_rest() {
 
 /// (rcode, answers, last 4 bytes) of the A answer to `name` from the home's LAN host.
 fn ask_home(h: &home::Home, name: &'static str) -> Option<(u8, u16, [u8; 4])> {
-    let wan = h.wan_ip.clone();
-    h.lan
-        .spawn(move || {
-            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(300)))
-                .unwrap();
-            s.send_to(&query(name, 1, false), (wan.as_str(), 53))
-                .unwrap();
-            let mut b = [0u8; 512];
-            let (n, _) = s.recv_from(&mut b).ok()?;
-            let r = &b[..n];
-            Some((
-                r[3] & 0x0f,
-                u16::from_be_bytes([r[6], r[7]]),
-                r[n - 4..].try_into().ok()?,
-            ))
-        })
-        .join()
-        .unwrap()
+    ask_at(&h.lan, &h.wan_ip, name, 1, false).map(|r| (r.0, r.1, r.3))
 }
 
 #[test]
@@ -299,7 +296,7 @@ fn operator_settings_move_a_device_to_the_kids_profile_live_and_survive_a_daemon
         String::from_utf8_lossy(&d.cli(&["service", "logs", "dns-filter"]).stdout)
     );
     let pid = d.status("dns-filter")["init_pid"].clone();
-    let lan_mac = mac_of(&h.lan.ns);
+    let lan_mac = traffic::mac_in(&h.lan.ns);
     let blocked = |h: &home::Home| ask_home(h, "games.test") == Some((0, 1, [0, 0, 0, 0]));
     assert_eq!(
         ask_home(&h, "games.test").map(|r| (r.0, r.1)),
@@ -409,12 +406,4 @@ fn operator_settings_move_a_device_to_the_kids_profile_live_and_survive_a_daemon
         .is_some(),
         "the old profile never came back"
     );
-}
-
-fn mac_of(ns: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "cat", "/sys/class/net/eth0/address"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

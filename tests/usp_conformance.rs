@@ -293,40 +293,13 @@ impl Agent {
     }
 
     fn set(&mut self, allow_partial: bool, objects: &[(&str, &[(&str, &str)])]) -> Value {
-        self.peer.ask(
-            b::SetBuilder::new()
-                .with_allow_partial(allow_partial)
-                .with_update_objs(
-                    objects
-                        .iter()
-                        .map(|(path, params)| {
-                            b::UpdateObjectBuilder::new(path.to_string()).with_param_settings(
-                                params
-                                    .iter()
-                                    .map(|(k, v)| (k.to_string(), v.to_string(), true))
-                                    .collect(),
-                            )
-                        })
-                        .collect(),
-                )
-                .build()
-                .unwrap(),
-        )
+        self.peer.ask(set_body(allow_partial, objects))
     }
 
     fn operate(&mut self, command: &str, args: &[(&str, &str)]) -> Value {
-        let r = self.peer.ask(
-            b::OperateBuilder::new(command.into())
-                .with_command_key(format!("key-{command}"))
-                .with_send_resp(true)
-                .with_input_args(
-                    args.iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                )
-                .build()
-                .unwrap(),
-        );
+        let r = self
+            .peer
+            .ask(operate_body(command, &format!("key-{command}"), args));
         r["Response"]["OperateResp"]["operation_results"][0].clone()
     }
 

@@ -464,6 +464,16 @@ impl Daemon {
             .unwrap()
     }
 
+    /// `ovs-ofctl`'s name for the daemon's bridge (its management socket).
+    pub fn ofctl_target(&self) -> String {
+        format!(
+            "unix:{}",
+            self.state_dir()
+                .join(format!("ovs/{}.mgmt", self.bridge()))
+                .display()
+        )
+    }
+
     /// Plugs a test host's interface into the daemon's bridge.
     pub fn plug_host(&self, host_if: &str) {
         let st = self.vsctl(&["add-port", &self.bridge(), host_if]).status;

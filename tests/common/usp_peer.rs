@@ -272,37 +272,49 @@ pub fn get(c: &mut Controller, paths: &[&str]) -> std::collections::BTreeMap<Str
     params(&c.reply(&id))
 }
 
+/// A Set body: each object path with its parameters (all required).
+pub fn set_body(allow_partial: bool, objects: &[(&str, &[(&str, &str)])]) -> rusp_lib::usp::Body {
+    b::SetBuilder::new()
+        .with_allow_partial(allow_partial)
+        .with_update_objs(
+            objects
+                .iter()
+                .map(|(path, params)| {
+                    b::UpdateObjectBuilder::new(path.to_string()).with_param_settings(
+                        params
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string(), true))
+                            .collect(),
+                    )
+                })
+                .collect(),
+        )
+        .build()
+        .unwrap()
+}
+
+/// An Operate body that asks for its response.
+pub fn operate_body(command: &str, key: &str, args: &[(&str, &str)]) -> rusp_lib::usp::Body {
+    b::OperateBuilder::new(command.into())
+        .with_command_key(key.into())
+        .with_send_resp(true)
+        .with_input_args(
+            args.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+        .build()
+        .unwrap()
+}
+
 /// A Set of `params` on the object(s) `path` names (allow_partial false); the reply.
 pub fn set(c: &mut Controller, path: &str, params: &[(&str, &str)]) -> Value {
-    let id = c.send(
-        b::SetBuilder::new()
-            .with_allow_partial(false)
-            .with_update_objs(vec![b::UpdateObjectBuilder::new(path.into())
-                .with_param_settings(
-                    params
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string(), true))
-                        .collect(),
-                )])
-            .build()
-            .unwrap(),
-    );
+    let id = c.send(set_body(false, &[(path, params)]));
     c.reply(&id)
 }
 
 pub fn operate(c: &mut Controller, command: &str, key: &str, args: &[(&str, &str)]) -> Value {
-    let id = c.send(
-        b::OperateBuilder::new(command.into())
-            .with_command_key(key.into())
-            .with_send_resp(true)
-            .with_input_args(
-                args.iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            )
-            .build()
-            .unwrap(),
-    );
+    let id = c.send(operate_body(command, key, args));
     c.reply(&id)["Response"]["OperateResp"]["operation_results"][0].clone()
 }
 

@@ -45,15 +45,7 @@ impl Config {
     /// `KidsBlock` for the devices in `KidsDevices`, answered with `KidsBlockAddress` (empty:
     /// NXDOMAIN). The supervisor checked each value against the manifest's declaration.
     pub fn from_settings(v: &serde_json::Value) -> Option<Result<Config, String>> {
-        let list = |k: &str| -> Vec<String> {
-            v[k].as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let list = |k: &str| gatevisor_service_sdk::setting_list(v, k);
         v.get("DefaultBlock")?;
         let block_address = match v["KidsBlockAddress"].as_str().unwrap_or("") {
             "" => None,

@@ -95,15 +95,7 @@ impl Config {
     /// other device `UnknownDevices`.
     pub fn from_settings(v: &serde_json::Value) -> Option<Result<Config, String>> {
         v.get("IotDevices")?;
-        let list = |k: &str| -> Vec<String> {
-            v[k].as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let list = |k: &str| gatevisor_service_sdk::setting_list(v, k);
         let default = |k: &str| match v[k].as_str() {
             Some("allow") => Ok(Default::Allow),
             Some("block") => Ok(Default::Block),

@@ -468,6 +468,18 @@ fn open_watch() -> Option<(serde_json::Value, BufReader<UnixStream>)> {
     Some((v["settings"].clone(), r))
 }
 
+/// The items of the `string-list` setting `name` in a settings object (none when absent).
+pub fn setting_list(settings: &serde_json::Value, name: &str) -> Vec<String> {
+    settings[name]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The operator's settings (the object the supervisor delivers on the control channel,
 /// every declared setting with its typed value): returned as they are now (`None` without
 /// a control channel), then `on_change` is called on a thread of its own with every new
