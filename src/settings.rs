@@ -45,7 +45,8 @@ pub enum Format {
     Mac,
     /// A dotted IPv4 address.
     Ipv4,
-    /// A DNS name, optionally `*.` in front (a whole domain).
+    /// A DNS name, optionally `*.` or `=` in front (dns-filter: a whole domain, or the name
+    /// only).
     Domain,
 }
 
@@ -162,6 +163,7 @@ fn format_ok(f: Format, s: &str) -> bool {
         }
         Format::Ipv4 => s.parse::<std::net::Ipv4Addr>().is_ok(),
         Format::Domain => {
+            let s = s.strip_prefix('=').unwrap_or(s);
             let s = s.strip_prefix("*.").unwrap_or(s).trim_end_matches('.');
             !s.is_empty()
                 && s.len() <= 253
@@ -490,6 +492,8 @@ max_items = 2
     fn domain_format_takes_wildcards() {
         assert!(format_ok(Format::Domain, "*.ads.test"));
         assert!(format_ok(Format::Domain, "games.test"));
+        assert!(format_ok(Format::Domain, "=games.test"));
+        assert!(!format_ok(Format::Domain, "=*games.test"));
         assert!(!format_ok(Format::Domain, "bad name"));
         assert!(!format_ok(Format::Domain, "a..b"));
     }

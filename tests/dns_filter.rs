@@ -179,6 +179,11 @@ fn dns_filter_blocks_per_device_keeps_edns_and_forwards_the_rest() {
         "wildcard"
     );
     assert_eq!(
+        ask(&lan, "www.blocked.test", 1, false).map(|r| (r.1, r.3)),
+        Some((1, [0, 0, 0, 0])),
+        "a subdomain of a blocked name"
+    );
+    assert_eq!(
         ask(&lan, "blocked.test", 28, false).map(|r| (r.0, r.1)),
         Some((0, 0)),
         "AAAA: NODATA"

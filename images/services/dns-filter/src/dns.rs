@@ -11,7 +11,9 @@ pub struct Profile {
     /// The devices (LAN MACs) this profile is for.
     #[serde(default)]
     pub macs: Vec<String>,
-    /// Names to block; `*.example.com` blocks every name under example.com (and itself).
+    /// Names to block: `example.com` blocks it and every name under it (a child cannot step
+    /// around it with `www.`); `=example.com` blocks that name only; `*.example.com` is the
+    /// same as `example.com`.
     #[serde(default)]
     pub block: Vec<String>,
     /// Answer blocked A queries with this address instead of NXDOMAIN.
@@ -89,9 +91,12 @@ impl Profile {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         self.block.iter().any(|rule| {
             let rule = rule.trim_end_matches('.').to_ascii_lowercase();
-            match rule.strip_prefix("*.") {
-                Some(suffix) => name == suffix || name.ends_with(&format!(".{suffix}")),
-                None => name == rule,
+            match rule.strip_prefix('=') {
+                Some(exact) => name == exact,
+                None => {
+                    let domain = rule.strip_prefix("*.").unwrap_or(&rule);
+                    name == domain || name.ends_with(&format!(".{domain}"))
+                }
             }
         })
     }
@@ -231,7 +236,7 @@ block = ["malware.test"]
 [[profile]]
 name = "kids"
 macs = ["02:00:00:00:00:0a"]
-block = ["blocked.test", "*.ads.test"]
+block = ["blocked.test", "*.ads.test", "=only.test"]
 block_address = "0.0.0.0"
 "#;
 
@@ -245,6 +250,10 @@ block_address = "0.0.0.0"
         assert!(kids.blocks("Blocked.Test."));
         assert!(kids.blocks("x.y.ads.test") && kids.blocks("ads.test"));
         assert!(!kids.blocks("badads.test") && !kids.blocks("malware.test"));
+        // A domain rule takes its subdomains; an `=` rule only the name itself.
+        assert!(kids.blocks("www.blocked.test") && kids.blocks("a.b.Blocked.test"));
+        assert!(!kids.blocks("notblocked.test"));
+        assert!(kids.blocks("only.test") && !kids.blocks("www.only.test"));
         assert!(Config::parse("[default]\nname=\"d\"\nmacs=[\"zz\"]").is_err());
     }
 
