@@ -277,11 +277,6 @@ fn dns_filter_blocks_per_device_keeps_edns_and_forwards_the_rest() {
     resolver.join().unwrap();
 }
 
-/// (rcode, answers, last 4 bytes) of the A answer to `name` from the home's LAN host.
-fn ask_home(h: &home::Home, name: &'static str) -> Option<(u8, u16, [u8; 4])> {
-    ask_at(&h.lan, &h.wan_ip, name, 1, false).map(|r| (r.0, r.1, r.3))
-}
-
 #[test]
 fn operator_settings_move_a_device_to_the_kids_profile_live_and_survive_a_daemon_restart() {
     if !need_ovs(
@@ -302,9 +297,12 @@ fn operator_settings_move_a_device_to_the_kids_profile_live_and_survive_a_daemon
     );
     let pid = d.status("dns-filter")["init_pid"].clone();
     let lan_mac = traffic::mac_in(&h.lan.ns);
-    let blocked = |h: &home::Home| ask_home(h, "games.test") == Some((0, 1, [0, 0, 0, 0]));
+    let blocked = |h: &home::Home| {
+        h.ask("games.test", Duration::from_millis(700)) == Some((0, 1, [0, 0, 0, 0]))
+    };
     assert_eq!(
-        ask_home(&h, "games.test").map(|r| (r.0, r.1)),
+        h.ask("games.test", Duration::from_millis(700))
+            .map(|r| (r.0, r.1)),
         Some((0, 0)),
         "not a kids' device yet: forwarded"
     );
@@ -406,7 +404,7 @@ fn operator_settings_move_a_device_to_the_kids_profile_live_and_survive_a_daemon
     assert!(out.status.success(), "{out:?}");
     assert!(
         d.wait_for(Duration::from_secs(5), || {
-            (ask_home(&h, "games.test").map(|r| r.1) == Some(0)).then_some(())
+            (h.ask("games.test", Duration::from_millis(700)).map(|r| r.1) == Some(0)).then_some(())
         })
         .is_some(),
         "the old profile never came back"

@@ -9,6 +9,8 @@ mod common;
 mod home;
 #[path = "../flowbridge/tests/common/lab.rs"]
 mod lab;
+#[path = "common/traffic.rs"]
+mod traffic;
 #[path = "common/usp_peer.rs"]
 mod usp_peer;
 use common::*;
@@ -831,4 +833,62 @@ fn remotely_installed_service_fetched_from_the_wan_steers_lan_traffic() {
         .unwrap();
     assert!(steered > 0, "{p:#?}");
     let _ = Command::new("ip").args(["link", "del", &up]).output();
+}
+
+/// The operator's per-service settings over USP: a Set puts the LAN host on dns-filter's
+/// kids' profile, and its next lookup of a kids'-only name is answered with the block
+/// address by the same process (the shipped package; its profiles are settings).
+#[test]
+fn a_usp_set_of_a_dns_filter_setting_changes_one_devices_profile_live() {
+    if !need_ovs("a_usp_set_of_a_dns_filter_setting_changes_one_devices_profile_live")
+        || !on_path("mosquitto")
+    {
+        eprintln!("skipped: needs Open vSwitch and mosquitto");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (_broker, port) = mosquitto(work.path());
+    let d = Daemon::start_with_config(&agent_config(port));
+    let home = home::Home::new(&d, "us", "10.89.0");
+    d.install_package_started(&d.example_package("dns-filter"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !home.filtered() {
+        assert!(Instant::now() < deadline, "dns-filter never filtered");
+    }
+    let pid = d.status("dns-filter")["init_pid"].clone();
+    let kids_answer = |home: &home::Home| {
+        home.ask("games.test", Duration::from_millis(300)) == Some((0, 1, [0, 0, 0, 0]))
+    };
+    assert!(
+        !kids_answer(&home),
+        "the LAN host is not on the kids' profile yet"
+    );
+    let mut c = Controller::connect(port, LAUNCHER, LAUNCHER_TOPIC);
+    wait_for_agent(&mut c);
+    let eu = get(
+        &mut c,
+        &[&format!("{SM}ExecutionUnit.[Name==\"dns-filter\"].Name")],
+    )
+    .into_keys()
+    .next()
+    .expect("dns-filter's ExecutionUnit")
+    .trim_end_matches("Name")
+    .to_string();
+    let lan_mac = traffic::mac_in(&home.lan.ns);
+    let t = Instant::now();
+    let r = set(
+        &mut c,
+        &format!("{eu}X_GATEVISOR-ORG_Setting.[Name==\"KidsDevices\"]."),
+        &[("Value", &format!("02:00:00:00:00:0a,{lan_mac}"))],
+    );
+    assert!(r["Response"]["SetResp"].is_object(), "{r}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !kids_answer(&home) {
+        assert!(Instant::now() < deadline, "the Set never took effect");
+    }
+    eprintln!(
+        "USP Set to the device's next blocked lookup: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(d.status("dns-filter")["init_pid"], pid, "not restarted");
 }

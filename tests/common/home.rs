@@ -64,16 +64,28 @@ impl Home {
 
     /// Is `name` answered NXDOMAIN (by a filtering service) within 50 ms?
     pub fn blocked(&self, name: &str) -> bool {
+        self.ask(name, Duration::from_millis(50)).map(|a| a.0) == Some(3)
+    }
+
+    /// The LAN host's A query for `name`: (rcode, answers, last 4 bytes of the reply) when
+    /// an answer comes within `timeout`.
+    pub fn ask(&self, name: &str, timeout: Duration) -> Option<(u8, u16, [u8; 4])> {
         let ip = self.wan_ip.clone();
         let name = name.to_string();
         self.lan
             .spawn(move || {
                 let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-                s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                s.set_read_timeout(Some(timeout)).unwrap();
                 s.send_to(&lab::dns_query(&name), (ip.as_str(), 53))
                     .unwrap();
                 let mut b = [0u8; 512];
-                matches!(s.recv_from(&mut b), Ok((n, _)) if n > 3 && b[3] & 0x0f == 3)
+                let (n, _) = s.recv_from(&mut b).ok()?;
+                let r = b.get(..n).filter(|r| r.len() >= 12)?;
+                Some((
+                    r[3] & 0x0f,
+                    u16::from_be_bytes([r[6], r[7]]),
+                    r[n - 4..].try_into().ok()?,
+                ))
             })
             .join()
             .unwrap()
