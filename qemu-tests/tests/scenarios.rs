@@ -721,19 +721,36 @@ default = "hello"
     let st = wait_running(&gw, "vm-hello", Some(vmm));
     assert!(st["restarts"].as_u64().unwrap() > restarts, "{st:#}");
     // The new VM has a new tap, plugged again.
-    gw.wait_until(
-        "the restarted guest on the LAN",
-        Duration::from_secs(300),
-        |gw| {
-            Ok(gw
-                .lan
-                .try_sh("ping -c 1 -W 3 10.77.0.60")
-                .status
-                .success()
-                .then_some(()))
-        },
-    )
-    .unwrap();
+    let on_lan = |gw: &Gateway| {
+        Ok(gw
+            .lan
+            .try_sh("ping -c 1 -W 3 10.77.0.60")
+            .status
+            .success()
+            .then_some(()))
+    };
+    if gw
+        .wait_until(
+            "the restarted guest on the LAN",
+            Duration::from_secs(180),
+            on_lan,
+        )
+        .is_err()
+    {
+        // Under the gateway's nested TCG about one boot in 30 never reaches the guest's
+        // kernel (see the README's VMM figures; CI saw it here once: a VMM at 33 MiB, not
+        // a line on its console). That boot is killed and the restart policy gets one more.
+        let vmm = status(&gw, "vm-hello")["init_pid"].as_i64().unwrap();
+        eprintln!("vm-hello: the restarted guest never came up; killing its VMM {vmm} once more");
+        gw.ok(&format!("kill -9 {vmm}")).unwrap();
+        wait_running(&gw, "vm-hello", Some(vmm));
+        gw.wait_until(
+            "the restarted guest on the LAN",
+            Duration::from_secs(300),
+            on_lan,
+        )
+        .unwrap();
+    }
     let events = gw.ok("gatevisor events -n 20").unwrap();
     // "killed by signal 9" when the daemon started the VMM itself; after a re-adoption the
     // daemon is not its parent and only knows that it was killed.
