@@ -126,15 +126,7 @@ fn main() {
             "the shipped dns-filter never filtered"
         );
     }
-    let eu = get(
-        &mut c,
-        &[&format!("{SM}ExecutionUnit.[Name==\"dns-filter\"].Name")],
-    )
-    .into_keys()
-    .next()
-    .expect("dns-filter's ExecutionUnit")
-    .trim_end_matches("Name")
-    .to_string();
+    let eu = unit_path(&mut c, "ExecutionUnit", "dns-filter");
     let setting = format!("{eu}X_GATEVISOR-ORG_Setting.[Name==\"DefaultBlock\"].");
     let mut set_to_effect = Vec::new();
     for round in 0..ROUNDS {

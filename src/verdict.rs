@@ -439,6 +439,10 @@ mod tests {
         assert_eq!(first["settings"], json!({"Block": ["a.test"]}), "{first}");
         let g = first["generation"].as_u64().unwrap();
         // The same value again is no change; a new one is pushed.
+        // What a hostile service sends on a watching connection is read and ignored: it
+        // neither stops the watch nor reaches the supervisor.
+        w.write_all(b"{\"op\":\"verdict\",\"junk\":1}\n\xff\xfe not json\n")
+            .unwrap();
         v.publish_settings(json!({"Block": ["a.test"]}));
         v.publish_settings(json!({"Block": ["b.test"]}));
         let ev: serde_json::Value = serde_json::from_str(&line(&mut w)).unwrap();

@@ -865,15 +865,7 @@ fn a_usp_set_of_a_dns_filter_setting_changes_one_devices_profile_live() {
     );
     let mut c = Controller::connect(port, LAUNCHER, LAUNCHER_TOPIC);
     wait_for_agent(&mut c);
-    let eu = get(
-        &mut c,
-        &[&format!("{SM}ExecutionUnit.[Name==\"dns-filter\"].Name")],
-    )
-    .into_keys()
-    .next()
-    .expect("dns-filter's ExecutionUnit")
-    .trim_end_matches("Name")
-    .to_string();
+    let eu = unit_path(&mut c, "ExecutionUnit", "dns-filter");
     let lan_mac = traffic::mac_in(&home.lan.ns);
     let t = Instant::now();
     let r = set(

@@ -272,6 +272,16 @@ pub fn get(c: &mut Controller, paths: &[&str]) -> std::collections::BTreeMap<Str
     params(&c.reply(&id))
 }
 
+/// The instance path (`….ExecutionUnit.3.`) of service `name` in `table`, found by name.
+pub fn unit_path(c: &mut Controller, table: &str, name: &str) -> String {
+    get(c, &[&format!("{SM}{table}.[Name==\"{name}\"].Name")])
+        .into_keys()
+        .next()
+        .unwrap_or_else(|| panic!("no {table} named {name}"))
+        .trim_end_matches("Name")
+        .to_string()
+}
+
 /// A Set body: each object path with its parameters (all required).
 pub fn set_body(allow_partial: bool, objects: &[(&str, &[(&str, &str)])]) -> rusp_lib::usp::Body {
     b::SetBuilder::new()
