@@ -384,7 +384,9 @@ impl Controller {
         if !self.services.get(&id).is_some_and(|s| s.active) {
             return Ok(false);
         }
-        let f = steering::session_verdict_flow(id, session, allow);
+        let Some(f) = steering::session_verdict_flow(id, session, allow) else {
+            return Ok(false);
+        };
         self.conn.flow_mods(&[(f, FlowModCommand::Add)])?;
 
         Ok(true)

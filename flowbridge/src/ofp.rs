@@ -35,6 +35,26 @@ pub mod port {
     pub const ANY: u32 = 0xffff_ffff;
 }
 
+/// `nw_frag` bits, as Open vSwitch defines them.
+pub mod frag {
+    /// Any fragment (the first or a later one).
+    pub const ANY: u8 = 0x01;
+    /// A fragment other than the first (it carries no transport header).
+    pub const LATER: u8 = 0x02;
+
+    /// As `ovs-ofctl` spells a `nw_frag` match.
+    pub fn text(v: u8, m: Option<u8>) -> &'static str {
+        match (v & m.unwrap_or(3), m.unwrap_or(3)) {
+            (0, 1) => "no",
+            (1, 1) => "yes",
+            (1, 3) => "first",
+            (3, 3) => "later",
+            (0, 2) | (0, 3) => "not_later",
+            _ => "other",
+        }
+    }
+}
+
 /// Conntrack state bits (`ct_state`).
 pub mod ct {
     pub const NEW: u32 = 0x01;
@@ -137,6 +157,10 @@ pub mod hdr {
     pub const TCP_DST: OxmHeader = OxmHeader::new(BASIC, 14, 2);
     pub const UDP_SRC: OxmHeader = OxmHeader::new(BASIC, 15, 2);
     pub const UDP_DST: OxmHeader = OxmHeader::new(BASIC, 16, 2);
+    pub const IPV6_SRC: OxmHeader = OxmHeader::new(BASIC, 26, 16);
+    pub const IPV6_DST: OxmHeader = OxmHeader::new(BASIC, 27, 16);
+    /// Nicira `nw_frag`: bit 0 any fragment, bit 1 a later (not the first) fragment.
+    pub const IP_FRAG: OxmHeader = OxmHeader::new(NXM1, 26, 1);
     /// Nicira (NXM) headers used by `move` and `output:reg`.
     pub const NXM_OF_IN_PORT: OxmHeader = OxmHeader::new(NXM0, 0, 2);
     pub const NXM_OF_VLAN_TCI: OxmHeader = OxmHeader::new(NXM0, 4, 2);
@@ -166,6 +190,10 @@ pub enum Field {
     TcpDst(u16),
     UdpSrc(u16),
     UdpDst(u16),
+    Ipv6Src(u128, Option<u128>),
+    Ipv6Dst(u128, Option<u128>),
+    /// `nw_frag` value and mask ([`frag`] bits).
+    IpFrag(u8, Option<u8>),
     CtState(u32, u32),
     CtZone(u16),
     CtMark(u32, Option<u32>),
@@ -178,6 +206,7 @@ impl Field {
     fn header(&self) -> (OxmHeader, Vec<u8>, Option<Vec<u8>>) {
         use Field::*;
         let m32 = |m: &Option<u32>| m.map(|m| m.to_be_bytes().to_vec());
+        let m128 = |m: &Option<u128>| m.map(|m| m.to_be_bytes().to_vec());
         match self {
             InPort(p) => (hdr::IN_PORT, p.to_be_bytes().to_vec(), None),
             EthSrc(a) => (hdr::ETH_SRC, a.to_vec(), None),
@@ -196,6 +225,9 @@ impl Field {
             TcpDst(p) => (hdr::TCP_DST, p.to_be_bytes().to_vec(), None),
             UdpSrc(p) => (hdr::UDP_SRC, p.to_be_bytes().to_vec(), None),
             UdpDst(p) => (hdr::UDP_DST, p.to_be_bytes().to_vec(), None),
+            Ipv6Src(a, m) => (hdr::IPV6_SRC, a.to_be_bytes().to_vec(), m128(m)),
+            Ipv6Dst(a, m) => (hdr::IPV6_DST, a.to_be_bytes().to_vec(), m128(m)),
+            IpFrag(v, m) => (hdr::IP_FRAG, vec![*v], m.map(|m| vec![m])),
             CtState(v, m) => (
                 hdr::CT_STATE,
                 v.to_be_bytes().to_vec(),
@@ -243,6 +275,7 @@ impl Field {
         let m = masked.then(|| &body[vlen..]);
         let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
         let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        let be128 = |b: &[u8]| u128::from_be_bytes(b.try_into().expect("16"));
         let unknown = || Field::Unknown(raw, body.to_vec());
         let f = match (class, field, vlen) {
             (BASIC, 0, 4) => Field::InPort(be32(v)),
@@ -258,6 +291,9 @@ impl Field {
             (BASIC, 14, 2) => Field::TcpDst(be16(v)),
             (BASIC, 15, 2) => Field::UdpSrc(be16(v)),
             (BASIC, 16, 2) => Field::UdpDst(be16(v)),
+            (BASIC, 26, 16) => Field::Ipv6Src(be128(v), m.map(be128)),
+            (BASIC, 27, 16) => Field::Ipv6Dst(be128(v), m.map(be128)),
+            (NXM1, 26, 1) => Field::IpFrag(v[0], m.map(|m| m[0])),
             (NXM1, 105, 4) => Field::CtState(be32(v), m.map(be32).unwrap_or(u32::MAX)),
             (NXM1, 106, 2) => Field::CtZone(be16(v)),
             (NXM1, 107, 4) => Field::CtMark(be32(v), m.map(be32)),
@@ -814,6 +850,21 @@ impl fmt::Display for Field {
             Ipv4Dst(a, Some(m)) => write!(f, "nw_dst={}/{}", ip(*a), ip(*m)),
             TcpSrc(p) | UdpSrc(p) => write!(f, "tp_src={p}"),
             TcpDst(p) | UdpDst(p) => write!(f, "tp_dst={p}"),
+            Ipv6Src(a, None) => write!(f, "ipv6_src={}", std::net::Ipv6Addr::from(*a)),
+            Ipv6Src(a, Some(m)) => write!(
+                f,
+                "ipv6_src={}/{}",
+                std::net::Ipv6Addr::from(*a),
+                std::net::Ipv6Addr::from(*m)
+            ),
+            Ipv6Dst(a, None) => write!(f, "ipv6_dst={}", std::net::Ipv6Addr::from(*a)),
+            Ipv6Dst(a, Some(m)) => write!(
+                f,
+                "ipv6_dst={}/{}",
+                std::net::Ipv6Addr::from(*a),
+                std::net::Ipv6Addr::from(*m)
+            ),
+            IpFrag(v, m) => write!(f, "nw_frag={}", frag::text(*v, *m)),
             CtState(v, m) => write!(f, "ct_state={}", ct_state_text(*v, *m)),
             CtZone(z) => write!(f, "ct_zone={z}"),
             CtMark(v, m) => write!(f, "ct_mark={}", masked32(*v, m)),
@@ -1049,6 +1100,9 @@ mod tests {
             Field::CtZone(1),
             Field::CtLabel(1 << 11, Some(1 << 11)),
             Field::Reg(0, 5, Some(0xfff)),
+            Field::Ipv6Src(0x2001_0db8 << 96 | 2, None),
+            Field::Ipv6Dst(0xfd00 << 112, Some(u128::MAX << 64)),
+            Field::IpFrag(frag::ANY, Some(frag::ANY)),
         ] {
             roundtrip_field(f);
         }
@@ -1066,6 +1120,9 @@ mod tests {
             (hdr::CT_MARK.raw(false), 0x0001_d604),
             (hdr::NXM_OF_VLAN_TCI.raw(false), 0x0000_0802),
             (hdr::nxm_reg(0).raw(false), 0x0001_0004),
+            (hdr::IPV6_SRC.raw(false), 0x8000_3410),
+            (hdr::IPV6_DST.raw(true), 0x8000_3720),
+            (hdr::IP_FRAG.raw(true), 0x0001_3502),
         ];
         for (got, want) in table {
             assert_eq!(got, want, "{got:#x} != {want:#x}");

@@ -15,8 +15,9 @@
 //! behaviour. Each service's flows carry its own cookie, so removing a service (or replacing
 //! its flows with its fail-closed drops) is one atomic bundle.
 
-use crate::ofp::{ct, hdr, port, Action, Field, Flow, Instruction};
+use crate::ofp::{ct, frag, hdr, port, Action, Field, Flow, Instruction};
 use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, SocketAddr};
 
 pub const BASE_COOKIE: u64 = 0x4756_0000_0000_0001;
 const SERVICE_COOKIE: u64 = 0x4756_0001_0000_0000;
@@ -112,7 +113,7 @@ pub enum Policy {
         #[serde(default)]
         dst_port: Option<u16>,
         #[serde(default)]
-        dst_ip: Option<std::net::Ipv4Addr>,
+        dst_ip: Option<IpAddr>,
         #[serde(default)]
         src_mac: Option<String>,
         action: MatchAction,
@@ -168,8 +169,19 @@ fn apply(actions: Vec<Action>) -> Vec<Instruction> {
     vec![Instruction::Apply(actions)]
 }
 
+/// The IP families steering covers, by EtherType: IPv4 and IPv6.
+pub const FAMILIES: [u16; 2] = [ETH_IPV4, ETH_IPV6];
+pub const ETH_IPV4: u16 = 0x0800;
+pub const ETH_IPV6: u16 = 0x86dd;
+/// The IPv6 fragment header's number (`nw_proto` of a later IPv6 fragment).
+const IPV6_FRAGMENT: u8 = 44;
+
 fn ip() -> Field {
-    Field::EthType(0x0800)
+    Field::EthType(ETH_IPV4)
+}
+
+fn family(ethertype: u16) -> Field {
+    Field::EthType(ethertype)
 }
 
 fn ct_state(set: u32, mask: u32) -> Field {
@@ -233,9 +245,19 @@ fn flow(
 }
 
 /// The base pipeline: forward everything, conntrack IP, keep allowed sessions on the fast path.
+/// IPv6 goes through conntrack for TCP and UDP only: ICMPv6 (neighbour discovery, router
+/// advertisements) is switched untouched.
 pub fn base_flows() -> Vec<Flow> {
     let c = BASE_COOKIE;
-    vec![
+    let to_ct = || {
+        apply(vec![Action::Ct {
+            commit: false,
+            zone: CT_ZONE,
+            table: Some(TABLE_POST_CT),
+            actions: vec![],
+        }])
+    };
+    let mut v = vec![
         flow(
             TABLE_CLASSIFY,
             0,
@@ -248,12 +270,7 @@ pub fn base_flows() -> Vec<Flow> {
             50,
             c,
             vec![ip(), ct_state(0, ct::TRK)],
-            apply(vec![Action::Ct {
-                commit: false,
-                zone: CT_ZONE,
-                table: Some(TABLE_POST_CT),
-                actions: vec![],
-            }]),
+            to_ct(),
         ),
         flow(
             TABLE_PRE_CT,
@@ -264,45 +281,59 @@ pub fn base_flows() -> Vec<Flow> {
         ),
         flow(
             TABLE_POST_CT,
-            200,
-            c,
-            vec![
-                ip(),
-                ct_state(ct::TRK | ct::EST, ct::TRK | ct::EST),
-                Field::CtMark(MARK_ALLOW, None),
-            ],
-            apply(vec![Action::Output(port::NORMAL)]),
-        ),
-        flow(
-            TABLE_POST_CT,
-            200,
-            c,
-            vec![
-                ip(),
-                ct_state(ct::TRK, ct::TRK),
-                Field::CtMark(MARK_BLOCK, None),
-            ],
-            vec![],
-        ),
-        // Sessions no service inspects are accepted onto the fast path at once.
-        flow(
-            TABLE_POST_CT,
-            1,
-            c,
-            vec![ip(), ct_state(ct::TRK | ct::NEW, ct::TRK | ct::NEW)],
-            apply(vec![commit_mark(MARK_ALLOW), Action::Output(port::NORMAL)]),
-        ),
-        flow(
-            TABLE_POST_CT,
             0,
             c,
             vec![],
             apply(vec![Action::Output(port::NORMAL)]),
         ),
-    ]
+    ];
+    for pr in [6u8, 17] {
+        v.push(flow(
+            TABLE_PRE_CT,
+            50,
+            c,
+            vec![family(ETH_IPV6), Field::IpProto(pr), ct_state(0, ct::TRK)],
+            to_ct(),
+        ));
+    }
+    for fam in FAMILIES {
+        v.extend([
+            flow(
+                TABLE_POST_CT,
+                200,
+                c,
+                vec![
+                    family(fam),
+                    ct_state(ct::TRK | ct::EST, ct::TRK | ct::EST),
+                    Field::CtMark(MARK_ALLOW, None),
+                ],
+                apply(vec![Action::Output(port::NORMAL)]),
+            ),
+            flow(
+                TABLE_POST_CT,
+                200,
+                c,
+                vec![
+                    family(fam),
+                    ct_state(ct::TRK, ct::TRK),
+                    Field::CtMark(MARK_BLOCK, None),
+                ],
+                vec![],
+            ),
+            // Sessions no service inspects are accepted onto the fast path at once.
+            flow(
+                TABLE_POST_CT,
+                1,
+                c,
+                vec![family(fam), ct_state(ct::TRK | ct::NEW, ct::TRK | ct::NEW)],
+                apply(vec![commit_mark(MARK_ALLOW), Action::Output(port::NORMAL)]),
+            ),
+        ]);
+    }
+    v
 }
 
-/// The traffic class a policy selects, as (table, match) pairs.
+/// The traffic class a policy selects, as (table, match) pairs, for both IP families.
 fn class(policy: &Policy) -> Vec<(u8, Vec<Field>)> {
     let protos = |p: &Option<Proto>| match p {
         Some(Proto::Tcp) => vec![6u8],
@@ -317,10 +348,39 @@ fn class(policy: &Policy) -> Vec<(u8, Vec<Field>)> {
         }
     };
     match policy {
-        Policy::Dns => [6u8, 17]
-            .iter()
-            .map(|&pr| (TABLE_PRE_CT, vec![ip(), Field::IpProto(pr), dport(pr, 53)]))
-            .collect(),
+        Policy::Dns => {
+            let mut v = Vec::new();
+            for fam in FAMILIES {
+                for pr in [6u8, 17] {
+                    v.push((
+                        TABLE_PRE_CT,
+                        vec![family(fam), Field::IpProto(pr), dport(pr, 53)],
+                    ));
+                    // Every fragment too: a later fragment carries no port, and a query
+                    // must not pass in pieces. The service reassembles, judges the whole
+                    // and returns the pieces of anything that is not DNS.
+                    v.push((
+                        TABLE_PRE_CT,
+                        vec![
+                            family(fam),
+                            Field::IpProto(pr),
+                            Field::IpFrag(frag::ANY, Some(frag::ANY)),
+                        ],
+                    ));
+                }
+            }
+            // Open vSwitch gives a later IPv6 fragment the fragment header's number as its
+            // protocol: the transport is named only in the first piece.
+            v.push((
+                TABLE_PRE_CT,
+                vec![
+                    family(ETH_IPV6),
+                    Field::IpProto(IPV6_FRAGMENT),
+                    Field::IpFrag(frag::ANY, Some(frag::ANY)),
+                ],
+            ));
+            v
+        }
         Policy::NewSessions { selector, .. } => {
             let macs: Vec<Option<[u8; 6]>> = if selector.macs.is_empty() {
                 vec![None]
@@ -332,23 +392,25 @@ fn class(policy: &Policy) -> Vec<(u8, Vec<Field>)> {
                     .map(Some)
                     .collect()
             };
+            let ports: Vec<Option<u16>> = if selector.ports.is_empty() {
+                vec![None]
+            } else {
+                selector.ports.iter().copied().map(Some).collect()
+            };
             let mut v = Vec::new();
-            for pr in protos(&selector.protocol) {
-                let ports: Vec<Option<u16>> = if selector.ports.is_empty() {
-                    vec![None]
-                } else {
-                    selector.ports.iter().copied().map(Some).collect()
-                };
-                for p in &ports {
-                    for m in &macs {
-                        let mut f = vec![ip(), Field::IpProto(pr)];
-                        if let Some(p) = p {
-                            f.push(dport(pr, *p));
+            for fam in FAMILIES {
+                for pr in protos(&selector.protocol) {
+                    for p in &ports {
+                        for m in &macs {
+                            let mut f = vec![family(fam), Field::IpProto(pr)];
+                            if let Some(p) = p {
+                                f.push(dport(pr, *p));
+                            }
+                            if let Some(m) = m {
+                                f.push(Field::EthSrc(*m));
+                            }
+                            v.push((TABLE_POST_CT, f));
                         }
-                        if let Some(m) = m {
-                            f.push(Field::EthSrc(*m));
-                        }
-                        v.push((TABLE_POST_CT, f));
                     }
                 }
             }
@@ -365,24 +427,34 @@ fn class(policy: &Policy) -> Vec<(u8, Vec<Field>)> {
                 (None, None) => vec![None],
                 _ => protos(protocol).into_iter().map(Some).collect(),
             };
-            prs.into_iter()
-                .map(|pr| {
-                    let mut f = vec![ip()];
+            // An address names its family; without one the selector covers both.
+            let fams: Vec<u16> = match dst_ip {
+                Some(IpAddr::V4(_)) => vec![ETH_IPV4],
+                Some(IpAddr::V6(_)) => vec![ETH_IPV6],
+                None => FAMILIES.to_vec(),
+            };
+            let mut v = Vec::new();
+            for fam in fams {
+                for pr in &prs {
+                    let mut f = vec![family(fam)];
                     if let Some(pr) = pr {
-                        f.push(Field::IpProto(pr));
+                        f.push(Field::IpProto(*pr));
                         if let Some(p) = dst_port {
-                            f.push(dport(pr, *p));
+                            f.push(dport(*pr, *p));
                         }
                     }
-                    if let Some(a) = dst_ip {
-                        f.push(Field::Ipv4Dst(u32::from(*a), None));
+                    match dst_ip {
+                        Some(IpAddr::V4(a)) => f.push(Field::Ipv4Dst(u32::from(*a), None)),
+                        Some(IpAddr::V6(a)) => f.push(Field::Ipv6Dst(u128::from(*a), None)),
+                        None => {}
                     }
                     if let Some(m) = src_mac.as_deref().and_then(|m| parse_mac(m).ok()) {
                         f.push(Field::EthSrc(m));
                     }
-                    (TABLE_PRE_CT, f)
-                })
-                .collect()
+                    v.push((TABLE_PRE_CT, f));
+                }
+            }
+            v
         }
     }
 }
@@ -400,14 +472,14 @@ pub fn service_flows(
     let vlan = Field::VlanVid(0x1000, Some(0x1000));
     // A packet the service returns with verdict `pcp` (IP only when the verdict commits to
     // conntrack).
-    let verdict = |pcp: Verdict, ip_only: bool, actions: Vec<Action>| {
+    let verdict = |pcp: Verdict, fam: Option<u16>, actions: Vec<Action>| {
         let mut m = vec![
             Field::InPort(svc_port),
             vlan.clone(),
             Field::VlanPcp(pcp as u8),
         ];
-        if ip_only {
-            m.push(ip());
+        if let Some(fam) = fam {
+            m.push(family(fam));
         }
         flow(TABLE_VERDICT, 100, c, m, apply(actions))
     };
@@ -429,27 +501,13 @@ pub fn service_flows(
         ),
         verdict(
             Verdict::Forward,
-            false,
+            None,
             [restore_in_port(), vec![Action::Output(port::NORMAL)]].concat(),
-        ),
-        verdict(
-            Verdict::Allow,
-            true,
-            [
-                restore_in_port(),
-                vec![commit_mark(MARK_ALLOW), Action::Output(port::NORMAL)],
-            ]
-            .concat(),
-        ),
-        verdict(
-            Verdict::Block,
-            true,
-            [restore_in_port(), vec![commit_mark(MARK_BLOCK)]].concat(),
         ),
         // An answer goes back out of the original port, named by the VID.
         verdict(
             Verdict::Reply,
-            false,
+            None,
             vec![
                 Action::RegMove {
                     n_bits: 12,
@@ -468,6 +526,23 @@ pub fn service_flows(
         ),
         flow(TABLE_VERDICT, 0, c, vec![Field::InPort(svc_port)], vec![]),
     ];
+    // Verdicts that commit to conntrack, per family.
+    for fam in FAMILIES {
+        v.push(verdict(
+            Verdict::Allow,
+            Some(fam),
+            [
+                restore_in_port(),
+                vec![commit_mark(MARK_ALLOW), Action::Output(port::NORMAL)],
+            ]
+            .concat(),
+        ));
+        v.push(verdict(
+            Verdict::Block,
+            Some(fam),
+            [restore_in_port(), vec![commit_mark(MARK_BLOCK)]].concat(),
+        ));
+    }
     for p in policies {
         for (table, m) in class(p) {
             match (p, table) {
@@ -551,13 +626,35 @@ pub fn service_flows(
     v
 }
 
-/// One session, as a service names it in a verdict.
+/// One session, as a service names it in a verdict: both ends of one IP family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, try_from = "SessionText")]
 pub struct Session {
     pub proto: Proto,
-    pub src: std::net::SocketAddrV4,
-    pub dst: std::net::SocketAddrV4,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionText {
+    proto: Proto,
+    src: SocketAddr,
+    dst: SocketAddr,
+}
+
+impl TryFrom<SessionText> for Session {
+    type Error = &'static str;
+    fn try_from(t: SessionText) -> Result<Session, Self::Error> {
+        if t.src.is_ipv4() != t.dst.is_ipv4() {
+            return Err("a session's src and dst must be of one IP family");
+        }
+        Ok(Session {
+            proto: t.proto,
+            src: t.src,
+            dst: t.dst,
+        })
+    }
 }
 
 /// How long a verdict flow lives without traffic; once it committed the verdict to conntrack,
@@ -566,27 +663,35 @@ pub const VERDICT_IDLE_S: u16 = 30;
 
 /// A verdict given over the verdict API: the session's next packet commits `allow` (ct_mark 2,
 /// fast path from then on) or `block` (ct_mark 3, dropped) to conntrack. Carries the service's
-/// cookie, so it goes with the service.
-pub fn session_verdict_flow(service_id: u32, s: &Session, allow: bool) -> Flow {
+/// cookie, so it goes with the service. `None` for a session whose ends are of two families
+/// (only possible when built in code: deserializing refuses it).
+pub fn session_verdict_flow(service_id: u32, s: &Session, allow: bool) -> Option<Flow> {
     let (proto, sport, dport) = match s.proto {
         Proto::Tcp => (6, Field::TcpSrc(s.src.port()), Field::TcpDst(s.dst.port())),
         Proto::Udp => (17, Field::UdpSrc(s.src.port()), Field::UdpDst(s.dst.port())),
     };
-    let matches = vec![
-        ip(),
-        Field::IpProto(proto),
-        Field::Ipv4Src(u32::from(*s.src.ip()), None),
-        Field::Ipv4Dst(u32::from(*s.dst.ip()), None),
-        sport,
-        dport,
-        ct_state(ct::TRK, ct::TRK),
-    ];
+    let mut matches = match (s.src.ip(), s.dst.ip()) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => vec![
+            ip(),
+            Field::IpProto(proto),
+            Field::Ipv4Src(u32::from(a), None),
+            Field::Ipv4Dst(u32::from(b), None),
+        ],
+        (IpAddr::V6(a), IpAddr::V6(b)) => vec![
+            family(ETH_IPV6),
+            Field::IpProto(proto),
+            Field::Ipv6Src(u128::from(a), None),
+            Field::Ipv6Dst(u128::from(b), None),
+        ],
+        _ => return None,
+    };
+    matches.extend([sport, dport, ct_state(ct::TRK, ct::TRK)]);
     let actions = if allow {
         vec![commit_mark(MARK_ALLOW), Action::Output(port::NORMAL)]
     } else {
         vec![commit_mark(MARK_BLOCK)]
     };
-    Flow {
+    Some(Flow {
         table: TABLE_POST_CT,
         priority: 150,
         cookie: verdict_cookie(service_id),
@@ -594,7 +699,7 @@ pub fn session_verdict_flow(service_id: u32, s: &Session, allow: bool) -> Flow {
         matches,
         instructions: apply(actions),
         ..Flow::default()
-    }
+    })
 }
 
 /// While a plugged service does not serve, tagged frames from its port are dropped: a frame it
@@ -664,19 +769,70 @@ mod tests {
     }
 
     #[test]
-    fn dns_policy_steers_udp_and_tcp_port_53_before_conntrack() {
+    fn dns_policy_steers_udp_and_tcp_port_53_and_fragments_of_both_families_before_conntrack() {
         let f = service_flows(7, 3, &[Policy::Dns], true);
         let steer: Vec<String> = f
             .iter()
             .filter(|f| f.table == TABLE_PRE_CT)
             .map(|f| f.to_string())
             .collect();
-        assert_eq!(steer.len(), 2);
+        assert_eq!(steer.len(), 9, "{steer:#?}");
         assert!(steer
             .iter()
-            .any(|s| s.contains("nw_proto=17,tp_dst=53") && s.ends_with("output:3")));
-        assert!(steer.iter().any(|s| s.contains("nw_proto=6,tp_dst=53")));
+            .any(|s| s.contains("dl_type=0x86dd,nw_proto=44,nw_frag=yes")));
+        for fam in ["dl_type=0x0800", "dl_type=0x86dd"] {
+            for pr in ["nw_proto=17", "nw_proto=6"] {
+                assert!(steer.iter().any(
+                    |s| s.contains(&format!("{fam},{pr},tp_dst=53")) && s.ends_with("output:3")
+                ));
+                assert!(steer
+                    .iter()
+                    .any(|s| s.contains(&format!("{fam},{pr},nw_frag=yes"))));
+            }
+        }
         assert!(f.iter().all(|f| f.cookie == service_cookie(7, false)));
+        // Fail-closed drops the same class.
+        assert_eq!(failed_closed_flows(7, &[Policy::Dns]).len(), 9);
+    }
+
+    #[test]
+    fn icmpv6_is_never_conntracked_and_both_families_keep_the_fast_path() {
+        let base: Vec<String> = base_flows().iter().map(|f| f.to_string()).collect();
+        let to_ct: Vec<&String> = base.iter().filter(|s| s.contains("ct(table=")).collect();
+        assert_eq!(to_ct.len(), 3, "{base:#?}");
+        assert!(to_ct.iter().all(|s| !s.contains("nw_proto=58")));
+        assert!(to_ct
+            .iter()
+            .filter(|s| s.contains("0x86dd"))
+            .all(|s| s.contains("nw_proto=6") || s.contains("nw_proto=17")));
+        let post: Vec<String> = base_flows()
+            .iter()
+            .filter(|f| f.table == TABLE_POST_CT)
+            .map(|f| f.to_string())
+            .collect();
+        for fam in ["0x0800", "0x86dd"] {
+            assert_eq!(
+                post.iter().filter(|s| s.contains(fam)).count(),
+                3,
+                "allowed, blocked and new sessions of {fam}"
+            );
+        }
+    }
+
+    #[test]
+    fn session_verdicts_take_either_family_but_not_both() {
+        let v6: Session =
+            serde_json::from_str(r#"{"proto":"tcp","src":"[fd00::2]:4000","dst":"[fd00::1]:443"}"#)
+                .unwrap();
+        let f = session_verdict_flow(3, &v6, false).unwrap().to_string();
+        assert!(
+            f.contains("ipv6_src=fd00::2") && f.contains("ipv6_dst=fd00::1"),
+            "{f}"
+        );
+        let mixed = serde_json::from_str::<Session>(
+            r#"{"proto":"tcp","src":"10.0.0.2:4000","dst":"[fd00::1]:443"}"#,
+        );
+        assert!(mixed.unwrap_err().to_string().contains("one IP family"));
     }
 
     #[test]
@@ -693,14 +849,14 @@ mod tests {
         let post: Vec<_> = f.iter().filter(|f| f.table == TABLE_POST_CT).collect();
         assert_eq!(
             post.len(),
-            2 * (1 + 11 + 1),
-            "2 ports x (new, 11 counts, budget spent)"
+            2 * 2 * (1 + 11 + 1),
+            "2 families x 2 ports x (new, 11 counts, budget spent)"
         );
         assert!(post
             .iter()
             .all(|f| f.matches.contains(&Field::EthSrc([2, 0, 0, 0, 0, 1]))));
         let closed = failed_closed_flows(1, &[p]);
-        assert_eq!(closed.len(), 2);
+        assert_eq!(closed.len(), 4);
         assert!(closed
             .iter()
             .all(|f| f.instructions.is_empty() && f.cookie == service_cookie(1, true)));

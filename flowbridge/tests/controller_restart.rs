@@ -128,8 +128,8 @@ fn a_restarted_controller_changes_nothing_that_is_right() {
     let new: Vec<_> = changed.iter().filter(|(_, a)| **a < 1.0).collect();
     assert_eq!(
         new.len(),
-        2 * (1 + 3 + 1),
-        "tcp and udp x (new, 3 counts, budget spent): {new:?}"
+        2 * 2 * (1 + 3 + 1),
+        "IPv4 and IPv6 x tcp and udp x (new, 3 counts, budget spent): {new:?}"
     );
     assert!(
         new.iter().all(|(f, _)| f.contains("tp_dst=8080")),
