@@ -410,3 +410,237 @@ fn operator_settings_move_a_device_to_the_kids_profile_live_and_survive_a_daemon
         "the old profile never came back"
     );
 }
+
+/// A resolver on `addrs` (UDP and TCP port 53) that answers every query NOERROR, echoing it;
+/// over TCP it answers each message of a connection, however the client cut them.
+fn echo_resolver(
+    host: &lab::Host,
+    addrs: Vec<std::net::SocketAddr>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = host.spawn(move || {
+        let mut udp = Vec::new();
+        let mut tcp = Vec::new();
+        for a in &addrs {
+            let u = UdpSocket::bind(a).unwrap();
+            u.set_nonblocking(true).unwrap();
+            udp.push(u);
+            let t = TcpListener::bind(a).unwrap();
+            t.set_nonblocking(true).unwrap();
+            tcp.push(t);
+        }
+        tx.send(()).unwrap();
+        let mut b = vec![0u8; 8192];
+        while !stop.load(Ordering::Relaxed) {
+            for u in &udp {
+                while let Ok((n, from)) = u.recv_from(&mut b) {
+                    if n >= 12 {
+                        b[2] |= 0x80;
+                        b[3] = 0x80;
+                        let _ = u.send_to(&b[..n], from);
+                    }
+                }
+            }
+            for t in &tcp {
+                while let Ok((mut c, _)) = t.accept() {
+                    std::thread::spawn(move || {
+                        c.set_nonblocking(false).unwrap();
+                        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                        loop {
+                            let mut len = [0u8; 2];
+                            if c.read_exact(&mut len).is_err() {
+                                return;
+                            }
+                            let mut m = vec![0u8; u16::from_be_bytes(len) as usize];
+                            if c.read_exact(&mut m).is_err() || m.len() < 12 {
+                                return;
+                            }
+                            m[2] |= 0x80;
+                            m[3] = 0x80;
+                            let _ = c.write_all(&[&len[..], &m].concat());
+                        }
+                    });
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    rx.recv().unwrap();
+    h
+}
+
+/// A query for `name` whose EDNS OPT record carries `padding` bytes of the padding option
+/// (RFC 7830): past ~1,450 bytes it no longer fits one packet and is sent in IP fragments.
+fn padded_query(name: &str, padding: usize) -> Vec<u8> {
+    let mut q = query(name, 1, true);
+    let n = q.len();
+    q[n - 2..].copy_from_slice(&((padding + 4) as u16).to_be_bytes()); // RDLEN
+    q.extend_from_slice(&12u16.to_be_bytes());
+    q.extend_from_slice(&(padding as u16).to_be_bytes());
+    q.extend(std::iter::repeat_n(0u8, padding));
+    q
+}
+
+/// The rcode of the answer to `q` sent over UDP from `lan` to `resolver`, if one comes.
+fn udp_rcode(lan: &lab::Host, resolver: std::net::SocketAddr, q: Vec<u8>) -> Option<u8> {
+    lan.spawn(move || {
+        let any: std::net::SocketAddr = if resolver.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let s = UdpSocket::bind(any).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        s.send_to(&q, resolver).unwrap();
+        let mut b = vec![0u8; 8192];
+        let (n, _) = s.recv_from(&mut b).ok()?;
+        (n >= 12).then(|| b[3] & 0x0f)
+    })
+    .join()
+    .unwrap()
+}
+
+/// Sends `queries` over one TCP connection from `lan` to `resolver`: all in one write (one
+/// segment: pipelined), or, when `split`, each length prefix and each message in writes of
+/// their own (segments of their own). Returns the rcodes of the answers that came.
+fn tcp_rcodes(
+    lan: &lab::Host,
+    resolver: std::net::SocketAddr,
+    queries: Vec<Vec<u8>>,
+    split: bool,
+) -> Vec<u8> {
+    lan.spawn(move || {
+        let Ok(mut c) = TcpStream::connect_timeout(&resolver, Duration::from_secs(2)) else {
+            return vec![];
+        };
+        c.set_nodelay(true).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(1000)))
+            .unwrap();
+        let mut all = Vec::new();
+        for q in &queries {
+            let prefix = (q.len() as u16).to_be_bytes();
+            if split {
+                for part in [&prefix[..], &q[..]] {
+                    if c.write_all(part).is_err() {
+                        return vec![];
+                    }
+                    std::thread::sleep(Duration::from_millis(60));
+                }
+            } else {
+                all.extend_from_slice(&prefix);
+                all.extend_from_slice(q);
+            }
+        }
+        if !split && c.write_all(&all).is_err() {
+            return vec![];
+        }
+        let mut rcodes = Vec::new();
+        for _ in &queries {
+            let mut len = [0u8; 2];
+            if c.read_exact(&mut len).is_err() {
+                break;
+            }
+            let mut m = vec![0u8; u16::from_be_bytes(len) as usize];
+            if c.read_exact(&mut m).is_err() || m.len() < 12 {
+                break;
+            }
+            rcodes.push(m[3] & 0x0f);
+        }
+        rcodes
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn blocked_names_get_the_blocked_answer_over_ipv6_split_or_pipelined_tcp_and_in_fragments() {
+    if !need_ovs(
+        "blocked_names_get_the_blocked_answer_over_ipv6_split_or_pipelined_tcp_and_in_fragments",
+    ) {
+        return;
+    }
+    let d = Daemon::start_with_keys();
+    let pkg = home::dns_filter_package(&d, "t-bypass");
+    let lan = lab::Host::new("bl", Some("10.89.0.2/24"));
+    let wan = lab::Host::new("bw", Some("10.89.0.1/24"));
+    lan.add_ipv6("fd00:89::2/64");
+    wan.add_ipv6("fd00:89::1/64");
+    for h in [&lan, &wan] {
+        d.plug_host(&h.host_if);
+    }
+    assert!(lab::wait_reachable(&lan.ns, "10.89.0.1"));
+    assert!(lab::wait_reachable(&lan.ns, "fd00:89::1"));
+    let v4: std::net::SocketAddr = "10.89.0.1:53".parse().unwrap();
+    let v6: std::net::SocketAddr = "[fd00:89::1]:53".parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let resolver = echo_resolver(&wan, vec![v4, v6], stop.clone());
+    d.install_package_started(&pkg);
+    let q = |name: &str| query(name, 1, false);
+    assert!(
+        d.wait_for(Duration::from_secs(15), || {
+            (udp_rcode(&lan, v4, q("malware.test")) == Some(3)).then_some(())
+        })
+        .is_some(),
+        "dns-filter never filtered"
+    );
+
+    for r in [v4, v6] {
+        // Over UDP, of either family; with subdomains.
+        assert_eq!(udp_rcode(&lan, r, q("ok.test")), Some(0), "{r}: forwarded");
+        assert_eq!(
+            udp_rcode(&lan, r, q("malware.test")),
+            Some(3),
+            "{r}: blocked"
+        );
+        assert_eq!(
+            udp_rcode(&lan, r, q("www.malware.test")),
+            Some(3),
+            "{r}: a subdomain of a blocked name"
+        );
+        // A query in IP fragments is judged whole; an allowed one still gets through.
+        assert_eq!(
+            udp_rcode(&lan, r, padded_query("malware.test", 2400)),
+            Some(3),
+            "{r}: a fragmented query of a blocked name"
+        );
+        assert_eq!(
+            udp_rcode(&lan, r, padded_query("ok.test", 2400)),
+            Some(0),
+            "{r}: a fragmented query of an allowed name"
+        );
+        // Over TCP: one query, two in one segment, and each cut in pieces.
+        assert_eq!(tcp_rcodes(&lan, r, vec![q("ok.test")], false), [0], "{r}");
+        assert_eq!(
+            tcp_rcodes(&lan, r, vec![q("malware.test")], false),
+            [0u8; 0],
+            "{r}: a blocked lookup over TCP"
+        );
+        assert_eq!(
+            tcp_rcodes(&lan, r, vec![q("ok.test"), q("ok2.test")], false),
+            [0, 0],
+            "{r}: pipelined allowed lookups"
+        );
+        assert_eq!(
+            tcp_rcodes(&lan, r, vec![q("ok.test"), q("malware.test")], false),
+            [0u8; 0],
+            "{r}: a blocked lookup pipelined behind an allowed one"
+        );
+        assert_eq!(
+            tcp_rcodes(&lan, r, vec![q("ok.test"), q("ok2.test")], true),
+            [0, 0],
+            "{r}: split allowed lookups"
+        );
+        assert_eq!(
+            tcp_rcodes(&lan, r, vec![q("ok.test"), q("malware.test")], true),
+            [0],
+            "{r}: only the allowed lookup is answered when each is cut in pieces"
+        );
+    }
+    let logs =
+        String::from_utf8_lossy(&d.cli(&["service", "logs", "t-bypass"]).stdout).into_owned();
+    assert!(logs.contains("blocked malware.test"), "{logs}");
+    stop.store(true, Ordering::Relaxed);
+    resolver.join().unwrap();
+}

@@ -1,6 +1,7 @@
 //! iot-guard, the IoT protection service, as a signed package in a real container on the
 //! daemon's bridge: a camera's sessions are allowed or blocked by its rules (allow list, denied
-//! ports, rate anomaly); other devices pass. Needs root, liblxc, Open vSwitch.
+//! ports, rate anomaly), over IPv4 and IPv6 alike; other devices pass. Needs root, liblxc,
+//! Open vSwitch.
 
 mod common;
 #[path = "../flowbridge/tests/common/lab.rs"]
@@ -14,13 +15,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const WAN: &str = "10.95.0.1";
+const WAN6: &str = "fd00:95::1";
 const CAMERA_MAC: &str = "02:00:00:00:00:0c";
 
 /// Opens a session from `host` to WAN:`port` and echoes one message through it.
 fn session(host: &lab::Host, port: u16) -> bool {
+    session_to(host, WAN.parse().unwrap(), port)
+}
+
+/// The same to `ip`:`port` (either family).
+fn session_to(host: &lab::Host, ip: std::net::IpAddr, port: u16) -> bool {
     host.spawn(move || {
         let Ok(mut c) = TcpStream::connect_timeout(
-            &format!("{WAN}:{port}").parse().unwrap(),
+            &std::net::SocketAddr::new(ip, port),
             Duration::from_millis(1500),
         ) else {
             return false;
@@ -47,7 +54,7 @@ fn iot_guard_allows_and_blocks_camera_sessions_by_its_rules() {
     std::fs::copy(&binary, src.join("files/bin/iot-guard")).unwrap();
     std::fs::write(
         src.join("files/etc/iot-guard.toml"),
-        format!("[unknown_devices]\ndefault = \"allow\"\n[[device]]\nname = \"camera\"\nmac = \"{CAMERA_MAC}\"\nallow = [\"{WAN}:443/tcp\"]\ndeny_ports = [23]\ndefault = \"block\"\nmax_new_sessions_per_minute = 4\n"),
+        format!("[unknown_devices]\ndefault = \"allow\"\n[[device]]\nname = \"camera\"\nmac = \"{CAMERA_MAC}\"\nallow = [\"{WAN}:443/tcp\", \"[{WAN6}]:443/tcp\"]\ndeny_ports = [23]\ndefault = \"block\"\nmax_new_sessions_per_minute = 7\n"),
     )
     .unwrap();
     std::fs::write(
@@ -65,10 +72,17 @@ fn iot_guard_allows_and_blocks_camera_sessions_by_its_rules() {
         .status()
         .unwrap()
         .success());
-    for h in [&camera, &laptop, &wan] {
+    for (h, a) in [
+        (&camera, "fd00:95::3/64"),
+        (&laptop, "fd00:95::2/64"),
+        (&wan, "fd00:95::1/64"),
+    ] {
+        h.add_ipv6(a);
         d.plug_host(&h.host_if);
     }
-    assert!(lab::wait_reachable(&camera.ns, WAN) && lab::wait_reachable(&laptop.ns, WAN));
+    for ip in [WAN, WAN6] {
+        assert!(lab::wait_reachable(&camera.ns, ip) && lab::wait_reachable(&laptop.ns, ip));
+    }
     // Echo servers on the WAN.
     let stop = Arc::new(AtomicBool::new(false));
     let servers: Vec<_> = [443u16, 8080, 23]
@@ -77,15 +91,23 @@ fn iot_guard_allows_and_blocks_camera_sessions_by_its_rules() {
             let stop = stop.clone();
             let (tx, rx) = std::sync::mpsc::channel();
             let h = wan.spawn(move || {
-                let l = TcpListener::bind((WAN, port)).unwrap();
-                l.set_nonblocking(true).unwrap();
+                let ls: Vec<TcpListener> = [WAN, WAN6]
+                    .iter()
+                    .map(|ip| {
+                        let l = TcpListener::bind((*ip, port)).unwrap();
+                        l.set_nonblocking(true).unwrap();
+                        l
+                    })
+                    .collect();
                 tx.send(()).unwrap();
                 while !stop.load(Ordering::Relaxed) {
-                    if let Ok((mut c, _)) = l.accept() {
-                        c.set_nonblocking(false).unwrap();
-                        let mut b = [0u8; 5];
-                        if c.read_exact(&mut b).is_ok() {
-                            let _ = c.write_all(&b);
+                    for l in &ls {
+                        if let Ok((mut c, _)) = l.accept() {
+                            c.set_nonblocking(false).unwrap();
+                            let mut b = [0u8; 5];
+                            if c.read_exact(&mut b).is_ok() {
+                                let _ = c.write_all(&b);
+                            }
                         }
                     }
                     std::thread::sleep(Duration::from_millis(5));
@@ -105,7 +127,22 @@ fn iot_guard_allows_and_blocks_camera_sessions_by_its_rules() {
     assert!(!session(&camera, 8080), "camera to 8080 (not on its list)");
     assert!(!session(&camera, 23), "camera to 23 (denied port)");
     assert!(session(&camera, 443), "camera to 443 again");
-    // A fifth new session within the minute is an anomaly, even to an allowed destination.
+    // Over IPv6 the same rules hold.
+    let wan6 = WAN6.parse().unwrap();
+    assert!(session_to(&laptop, wan6, 8080), "laptop to 8080 over IPv6");
+    assert!(
+        session_to(&camera, wan6, 443),
+        "camera to 443 over IPv6 (allowed)"
+    );
+    assert!(
+        !session_to(&camera, wan6, 8080),
+        "camera to 8080 over IPv6 (not on its list)"
+    );
+    assert!(
+        !session_to(&camera, wan6, 23),
+        "camera to 23 over IPv6 (denied port)"
+    );
+    // An eighth new session within the minute is an anomaly, even to an allowed destination.
     assert!(!session(&camera, 443), "rate anomaly");
 
     let logs = String::from_utf8_lossy(&d.cli(&["service", "logs", "t-iotg"]).stdout).into_owned();
@@ -115,7 +152,13 @@ fn iot_guard_allows_and_blocks_camera_sessions_by_its_rules() {
         )),
         "{logs}"
     );
-    assert!(logs.contains("more than 4 new sessions a minute"), "{logs}");
+    assert!(
+        logs.contains(&format!(
+            "block [{WAN6}]:23/tcp from {CAMERA_MAC}: camera: port 23 is denied"
+        )),
+        "{logs}"
+    );
+    assert!(logs.contains("more than 7 new sessions a minute"), "{logs}");
     stop.store(true, Ordering::Relaxed);
     for s in servers {
         s.join().unwrap();

@@ -59,6 +59,15 @@ impl Host {
         Host { ns, host_if }
     }
 
+    /// Adds an IPv6 address (`fd00:1::2/64`) to the host's `eth0`, usable at once (no
+    /// duplicate address detection).
+    pub fn add_ipv6(&self, cidr: &str) {
+        sh(&[
+            "ip", "netns", "exec", &self.ns, "ip", "-6", "addr", "add", cidr, "dev", "eth0",
+            "nodad",
+        ]);
+    }
+
     /// Runs `f` on a thread inside this namespace.
     pub fn spawn<T: Send + 'static>(
         &self,
@@ -143,7 +152,7 @@ pub fn serve_packets(
     port.set_read_timeout(Duration::from_millis(100)).unwrap();
     while !stop.load(Ordering::Relaxed) {
         let Ok(frame) = port.recv() else { continue };
-        if !frame.is_tagged_ipv4() {
+        if frame.ethertype() != Some(0x0800) || !frame.is_tagged_ip() {
             continue;
         }
         let (Some(l4), Some(proto)) = (frame.l4(), frame.proto()) else {

@@ -1,8 +1,9 @@
 //! DNS decisions: parse the question, pick the profile, build the answer.
 
-use gatevisor_service_sdk::Frame;
 pub use gatevisor_service_sdk::{mac_text, parse_mac};
+use gatevisor_service_sdk::{Frame, TcpMessages, TcpVerdict};
 use serde::Deserialize;
+use std::time::Instant;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -139,7 +140,9 @@ pub fn question(msg: &[u8]) -> Option<Question> {
 }
 
 /// The answer to a blocked query: NXDOMAIN, or `addr` for A queries (NODATA for others).
-/// Header and question come from the query; its additional section (EDNS OPT) is kept.
+/// Header and question come from the query; an EDNS OPT record that follows the question is
+/// answered with one of the same size and flags but without the query's options (its
+/// padding, say, which can make a query larger than one packet).
 pub fn blocked_answer(query: &[u8], q: &Question, addr: Option<std::net::Ipv4Addr>) -> Vec<u8> {
     let mut out = query[..q.end].to_vec();
     out[2] = 0x80 | (query[2] & 0x79); // QR, keep opcode and RD
@@ -156,8 +159,15 @@ pub fn blocked_answer(query: &[u8], q: &Question, addr: Option<std::net::Ipv4Add
         out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
         out.extend_from_slice(&a.octets());
     }
-    // The additional section (an EDNS OPT record) follows the question in a query.
-    out.extend_from_slice(&query[q.end..]);
+    let additional = u16::from_be_bytes([query[10], query[11]]);
+    let opt = query
+        .get(q.end..q.end + 9)
+        .filter(|r| additional > 0 && r[..3] == [0, 0, 41]);
+    out[10..12].copy_from_slice(&(opt.is_some() as u16).to_be_bytes());
+    if let Some(opt) = opt {
+        out.extend_from_slice(opt);
+        out.extend_from_slice(&[0, 0]); // no options
+    }
     out
 }
 
@@ -165,11 +175,23 @@ pub enum Decision {
     Forward,
     /// The answer frame to send back, and the blocked name.
     Answer(Vec<u8>, String),
-    /// A blocked lookup over TCP: the session is dropped.
-    BlockSession(String),
+    /// Block the session: a blocked lookup over TCP (its name), or a later segment of a
+    /// session blocked already (`None`).
+    BlockSession(Option<String>),
+    /// Drop this frame only (a TCP segment after a gap; its sender sends it again).
+    Drop,
 }
 
-pub fn decide(config: &Config, frame: &mut Frame, mac: [u8; 6]) -> Decision {
+/// What to do with one steered frame (a whole datagram: fragments are put together first).
+/// Queries over TCP are read as a stream by `tcp`, so a query split across segments, or two
+/// queries in one, are judged like any other.
+pub fn decide(
+    config: &Config,
+    tcp: &mut TcpMessages,
+    frame: &mut Frame,
+    mac: [u8; 6],
+    now: Instant,
+) -> Decision {
     let profile = config.profile_for(mac);
     match (frame.proto(), frame.dst_port()) {
         (Some(17), Some(53)) => {
@@ -196,14 +218,18 @@ pub fn decide(config: &Config, frame: &mut Frame, mac: [u8; 6]) -> Decision {
             Decision::Answer(out, q.name)
         }
         (Some(6), Some(53)) => {
-            // DNS over TCP: a 2-byte length, then the message.
-            match frame
-                .tcp_payload()
-                .filter(|p| p.len() > 2)
-                .and_then(|p| question(&p[2..]))
-            {
-                Some(q) if profile.blocks(&q.name) => Decision::BlockSession(q.name),
-                _ => Decision::Forward,
+            let mut name = None;
+            let v = tcp.segment(frame, now, |msg| match question(msg) {
+                Some(q) if profile.blocks(&q.name) => {
+                    name = Some(q.name);
+                    true
+                }
+                _ => false,
+            });
+            match v {
+                TcpVerdict::Forward => Decision::Forward,
+                TcpVerdict::Block => Decision::BlockSession(name),
+                TcpVerdict::Drop => Decision::Drop,
             }
         }
         _ => Decision::Forward,

@@ -37,12 +37,12 @@ fn main() {
                 continue;
             }
         };
-        if !frame.is_tagged_ipv4() {
+        if !frame.is_tagged_ip() {
             continue;
         }
         let (Some(mac), Some(ip), Some(proto), Some(dport)) = (
             frame.src_mac(),
-            frame.dst_ip(),
+            frame.dst_addr(),
             frame.proto(),
             frame.dst_port(),
         ) else {
@@ -59,11 +59,10 @@ fn main() {
         }
         logged.1 += 1;
         if logged.1 <= 20 {
-            let ip = std::net::Ipv4Addr::from(ip);
+            let ip = std::net::SocketAddr::new(ip, dport);
             println!(
-                "iot-guard: {} {}:{dport}/{} from {}: {why}",
+                "iot-guard: {} {ip}/{} from {}: {why}",
                 if allow { "allow" } else { "block" },
-                ip,
                 if proto == 6 { "tcp" } else { "udp" },
                 rules::mac_text(&mac)
             );

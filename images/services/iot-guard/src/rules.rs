@@ -3,7 +3,7 @@
 pub use gatevisor_service_sdk::{mac_text, parse_mac};
 use serde::Deserialize;
 use std::collections::{HashMap, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -18,7 +18,8 @@ pub enum Default {
 pub struct Device {
     pub name: String,
     pub mac: String,
-    /// Destinations this device may reach: `IP`, `IP:PORT` or `IP:PORT/tcp|udp`.
+    /// Destinations this device may reach: `IP`, `IP:PORT` or `IP:PORT/tcp|udp` (an IPv6
+    /// address with a port in brackets: `[2001:db8::1]:443/tcp`).
     #[serde(default)]
     pub allow: Vec<String>,
     /// Destination ports always blocked (telnet, say).
@@ -48,7 +49,7 @@ pub struct Config {
 /// A parsed allow-list entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Dest {
-    ip: Ipv4Addr,
+    ip: IpAddr,
     port: Option<u16>,
     proto: Option<u8>,
 }
@@ -60,13 +61,26 @@ fn parse_dest(s: &str) -> Option<Dest> {
         Some(_) => return None,
         None => (s, None),
     };
-    let (ip, port) = match rest.split_once(':') {
-        Some((ip, port)) => (ip, Some(port.parse().ok()?)),
-        None => (rest, None),
-    };
+    if let Some(v6) = rest.strip_prefix('[') {
+        // Brackets are for IPv6 with a port.
+        let (ip, after) = v6.split_once(']')?;
+        return Some(Dest {
+            ip: IpAddr::V6(ip.parse().ok()?),
+            port: Some(after.strip_prefix(':')?.parse().ok()?),
+            proto,
+        });
+    }
+    if let Ok(ip) = rest.parse::<IpAddr>() {
+        return Some(Dest {
+            ip,
+            port: None,
+            proto,
+        });
+    }
+    let (ip, port) = rest.split_once(':')?;
     Some(Dest {
-        ip: ip.parse().ok()?,
-        port,
+        ip: IpAddr::V4(ip.parse().ok()?),
+        port: Some(port.parse().ok()?),
         proto,
     })
 }
@@ -171,11 +185,11 @@ impl Guard {
         &self.config
     }
 
-    /// The verdict for a new session, and why.
+    /// The verdict for a new session (to `ip`, of either family), and why.
     pub fn decide(
         &mut self,
         mac: [u8; 6],
-        ip: [u8; 4],
+        ip: impl Into<IpAddr>,
         proto: u8,
         port: u16,
         now: Instant,
@@ -210,7 +224,7 @@ impl Guard {
         if d.deny_ports.contains(&port) {
             return (false, format!("{}: port {port} is denied", d.name));
         }
-        let ip = Ipv4Addr::from(ip);
+        let ip = ip.into();
         let listed = d.allow.iter().filter_map(|a| parse_dest(a)).any(|a| {
             a.ip == ip && a.port.is_none_or(|p| p == port) && a.proto.is_none_or(|p| p == proto)
         });
@@ -313,5 +327,28 @@ max_new_sessions_per_minute = 3
         let e = Config::parse("[unknown_devices]\ndefault=\"allow\"\n[[device]]\nname=\"c\"\nmac=\"x\"\ndefault=\"block\"").unwrap_err();
         assert!(e.contains("device c"), "{e}");
         assert!(parse_dest("10.0.0.1:80/icmp").is_none());
+        for bad in ["[10.0.0.1]:80", "fd00::1:80x", "[fd00::1]", "10.0.0.1:"] {
+            assert!(parse_dest(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ipv6_destinations_are_judged_like_ipv4_ones() {
+        let mut c = Config::parse(CONFIG).unwrap();
+        c.devices[0]
+            .allow
+            .extend(["[fd00:90::1]:443/tcp".into(), "fd00:90::2".into()]);
+        let mut g = Guard::new(c);
+        let cam = parse_mac("02:00:00:00:00:0c").unwrap();
+        let t = Instant::now();
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(g.decide(cam, v6("fd00:90::1"), 6, 443, t).0);
+        assert!(
+            !g.decide(cam, v6("fd00:90::1"), 6, 80, t).0,
+            "not that port"
+        );
+        assert!(g.decide(cam, v6("fd00:90::2"), 17, 5000, t).0);
+        assert!(!g.decide(cam, v6("fd00:90::2"), 6, 23, t).0, "denied port");
+        assert!(!g.decide(cam, v6("fd00:90::9"), 6, 443, t).0, "not listed");
     }
 }

@@ -3,11 +3,23 @@
 //! - [`PacketPort`]: the frames steered to the service on its interface, with their 802.1Q tag
 //!   restored (the kernel moves tags into metadata; `PACKET_AUXDATA` gives them back), and the
 //!   way to send them back with a verdict in the PCP.
-//! - [`Frame`]: bounds-checked access to the tagged Ethernet/IPv4/UDP/TCP frame.
+//! - [`Frame`]: bounds-checked access to the tagged Ethernet / IPv4 or IPv6 / UDP or TCP
+//!   frame.
+//! - [`Defrag`]: IP fragments (both families) put back together, so a query sent in pieces
+//!   is judged whole; [`TcpMessages`]: length-prefixed messages (DNS over TCP) read across and
+//!   within segments.
 //! - [`VerdictClient`]: the verdict socket (`$GATEVISOR_VERDICT_SOCKET`): hello, heartbeat,
 //!   session verdicts.
 //!
 //! Everything read from the wire is untrusted: accessors return `None` instead of panicking.
+
+mod defrag;
+mod frame;
+mod stream;
+
+pub use defrag::{Defrag, Defragged, Expired};
+pub use frame::{Fragment, Frame};
+pub use stream::{TcpMessages, TcpVerdict};
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -134,112 +146,6 @@ pub enum Verdict {
     Block = 2,
     /// This is an answer the service wrote: send it out of the original port.
     Reply = 3,
-}
-
-/// A steered frame: `dst, src, 0x8100, TCI, ethertype, payload`.
-pub struct Frame<'a> {
-    pub bytes: &'a mut [u8],
-}
-
-impl Frame<'_> {
-    fn be16(&self, at: usize) -> Option<u16> {
-        Some(u16::from_be_bytes([
-            *self.bytes.get(at)?,
-            *self.bytes.get(at + 1)?,
-        ]))
-    }
-    /// Tagged IPv4 (what steering sends).
-    pub fn is_tagged_ipv4(&self) -> bool {
-        self.be16(12) == Some(0x8100)
-            && self.be16(16) == Some(0x0800)
-            && self.bytes.len() >= 18 + 20
-    }
-    pub fn src_mac(&self) -> Option<[u8; 6]> {
-        self.bytes.get(6..12)?.try_into().ok()
-    }
-    /// Start of the IPv4 header.
-    pub const L3: usize = 18;
-    pub fn ihl(&self) -> Option<usize> {
-        let ihl = (*self.bytes.get(Self::L3)? & 0x0f) as usize * 4;
-        (ihl >= 20 && Self::L3 + ihl <= self.bytes.len()).then_some(ihl)
-    }
-    pub fn proto(&self) -> Option<u8> {
-        self.bytes.get(Self::L3 + 9).copied()
-    }
-    pub fn src_ip(&self) -> Option<[u8; 4]> {
-        self.bytes
-            .get(Self::L3 + 12..Self::L3 + 16)?
-            .try_into()
-            .ok()
-    }
-    pub fn dst_ip(&self) -> Option<[u8; 4]> {
-        self.bytes
-            .get(Self::L3 + 16..Self::L3 + 20)?
-            .try_into()
-            .ok()
-    }
-    /// Start of the UDP/TCP header.
-    pub fn l4(&self) -> Option<usize> {
-        Some(Self::L3 + self.ihl()?).filter(|l4| l4 + 8 <= self.bytes.len())
-    }
-    pub fn src_port(&self) -> Option<u16> {
-        self.be16(self.l4()?)
-    }
-    pub fn dst_port(&self) -> Option<u16> {
-        self.be16(self.l4()? + 2)
-    }
-    /// UDP payload.
-    pub fn udp_payload(&mut self) -> Option<&mut [u8]> {
-        let start = self.l4()? + 8;
-        self.bytes.get_mut(start..)
-    }
-    /// TCP payload.
-    pub fn tcp_payload(&self) -> Option<&[u8]> {
-        let l4 = self.l4()?;
-        let off = (*self.bytes.get(l4 + 12)? >> 4) as usize * 4;
-        self.bytes.get(l4 + off..)
-    }
-    /// Turns a UDP frame around (MACs, IPs, ports) so it goes back to its sender; the UDP
-    /// checksum is cleared (optional over IPv4) since the caller changes the payload.
-    pub fn turn_udp_around(&mut self) -> Option<()> {
-        let l4 = self.l4()?;
-        let (a, b) = self.bytes.split_at_mut(6);
-        a.swap_with_slice(b.get_mut(..6)?);
-        for i in 0..4 {
-            self.bytes.swap(Self::L3 + 12 + i, Self::L3 + 16 + i);
-        }
-        self.bytes.swap(l4, l4 + 2);
-        self.bytes.swap(l4 + 1, l4 + 3);
-        self.bytes[l4 + 6] = 0;
-        self.bytes[l4 + 7] = 0;
-        Some(())
-    }
-    /// Fixes the IPv4 total length and UDP length after the payload changed size to `len`.
-    pub fn set_udp_payload_len(&mut self, len: usize) -> Option<()> {
-        let l4 = self.l4()?;
-        let ihl = self.ihl()?;
-        let udp_len = (8 + len) as u16;
-        let ip_len = (ihl + 8 + len) as u16;
-        self.bytes
-            .get_mut(l4 + 4..l4 + 6)?
-            .copy_from_slice(&udp_len.to_be_bytes());
-        self.bytes
-            .get_mut(Self::L3 + 2..Self::L3 + 4)?
-            .copy_from_slice(&ip_len.to_be_bytes());
-        // IPv4 header checksum over the (changed) header.
-        self.bytes[Self::L3 + 10] = 0;
-        self.bytes[Self::L3 + 11] = 0;
-        let mut sum = 0u32;
-        for c in self.bytes[Self::L3..Self::L3 + ihl].chunks(2) {
-            sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        let ck = !(sum as u16);
-        self.bytes[Self::L3 + 10..Self::L3 + 12].copy_from_slice(&ck.to_be_bytes());
-        Some(())
-    }
 }
 
 /// The service's end of steering: frames in, frames back out with a verdict.
