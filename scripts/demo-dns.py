@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The demo's DNS client: `demo-dns.py SERVER NAME` asks SERVER for NAME's A record (UDP, one
-try, 1 s) and prints the address, NXDOMAIN, or "no answer". Used where dig is not installed
+"""The demo's DNS client: `demo-dns.py SERVER NAME` asks SERVER (IPv4 or IPv6) for NAME's A
+record (UDP, one try, 1 s) and prints the address, NXDOMAIN, or "no answer". Used where dig is not installed
 (the emulated gateway)."""
 import random, socket, struct, sys
 
@@ -19,7 +19,7 @@ def lookup(server, name):
     q = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
     q += b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split(".")) + b"\0"
     q += struct.pack("!HH", 1, 1)
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(1)
     s.sendto(q, (server, 53))
     try:

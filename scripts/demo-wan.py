@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """The demo's WAN side: a DNS resolver that answers every A query with this host's address
-(10.90.0.1, or the address given as its argument), and small web servers on ports 443 and 8080. Runs in the gvdemo-wan namespace;
-stops when killed."""
+(10.90.0.1, or the address given as its first argument), and small web servers on ports 443
+and 8080; on the IPv6 address given as its second argument too. Runs in the gvdemo-wan
+namespace; stops when killed."""
 import socket, struct, threading, http.server, socketserver, sys
 
 ADDR = sys.argv[1] if len(sys.argv) > 1 else "10.90.0.1"
+ADDR6 = sys.argv[2] if len(sys.argv) > 2 else None
 
-def dns():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((ADDR, 53))
+def dns(bind):
+    s = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((bind, 53))
     while True:
         q, peer = s.recvfrom(512)
         if len(q) < 12:
@@ -32,12 +34,19 @@ class Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *a):
         pass
 
-def web(port):
-    socketserver.ThreadingTCPServer.allow_reuse_address = True
-    with socketserver.ThreadingTCPServer((ADDR, port), Quiet) as srv:
+class Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+
+class Server6(Server):
+    address_family = socket.AF_INET6
+
+def web(bind, port):
+    with (Server6 if ":" in bind else Server)((bind, port), Quiet) as srv:
         srv.serve_forever()
 
-for port in (443, 8080):
-    threading.Thread(target=web, args=(port,), daemon=True).start()
-print("demo WAN: DNS on 53, web on 443 and 8080", flush=True)
-dns()
+for bind in [ADDR] + ([ADDR6] if ADDR6 else []):
+    for port in (443, 8080):
+        threading.Thread(target=web, args=(bind, port), daemon=True).start()
+    threading.Thread(target=dns, args=(bind,), daemon=True).start()
+print("demo WAN: DNS on 53, web on 443 and 8080, at", ADDR, ADDR6 or "", flush=True)
+threading.Event().wait()

@@ -6,7 +6,10 @@
 # runtime = "auto", and shows what happens: blocked and allowed lookups, allowed and blocked
 # camera sessions, how little traffic the services see, and a fail-open when a service is
 # killed. Leaves the demo running until Ctrl-C; `--once` runs through once, checks every
-# outcome and cleans up (CI uses that). Needs root.
+# outcome and cleans up (CI uses that). `--iot-fail-closed` installs iot-guard with
+# failure_mode = "closed": while it is down no new TCP session opens (the default, "open",
+# lets them through). The home has IPv4 and IPv6 addresses; both families are filtered.
+# Needs root.
 #
 # The demo gateway lives in a network namespace of its own (gvdemo-gw): its daemon, its
 # private Open vSwitch (a userspace datapath owns the namespace's `ovs-netdev` device, so two
@@ -16,14 +19,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-once=0 in_gateway=0
+once=0 in_gateway=0 iot_closed=0
 for a in "$@"; do
   case "$a" in
     --once) once=1 ;;
     --in-gateway) in_gateway=1 ;;
-    *) echo "usage: $0 [--once] [--in-gateway]" >&2; exit 2 ;;
+    --iot-fail-closed) iot_closed=1 ;;
+    *) echo "usage: $0 [--once] [--in-gateway | --iot-fail-closed]" >&2; exit 2 ;;
   esac
 done
+if [ "$in_gateway" = 1 ] && [ "$iot_closed" = 1 ]; then
+  echo "run.sh: --iot-fail-closed is for the demo on this machine, not --in-gateway" >&2
+  exit 2
+fi
 if [ "$(id -u)" != 0 ]; then
   echo "run.sh: needs root (containers, namespaces, Open vSwitch); try: sudo $0 $*" >&2
   exit 1
@@ -104,6 +112,9 @@ for svc in dns-filter iot-guard; do
   cp -r "images/services/$svc/package" "$work/$svc"
   mkdir -p "$work/$svc/files/bin"
   cp "$static/$svc" "$work/$svc/files/bin/"
+  if [ "$svc" = iot-guard ] && [ "$iot_closed" = 1 ]; then
+    sed -i 's/^failure_mode = "open"/failure_mode = "closed"/' "$work/$svc/service.toml"
+  fi
   "$bin" image build "$work/$svc" -o "$work/$svc.gvpkg" --key "$work/operator.key"
 done
 

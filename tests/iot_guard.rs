@@ -41,57 +41,50 @@ fn session_to(host: &lab::Host, ip: std::net::IpAddr, port: u16) -> bool {
     .unwrap()
 }
 
-#[test]
-fn iot_guard_allows_and_blocks_camera_sessions_by_its_rules() {
-    if !need_ovs("iot_guard_allows_and_blocks_camera_sessions_by_its_rules") {
-        return;
-    }
+/// iot-guard as a signed package `name`: the camera may reach `wan`:443 and [`wan6`]:443 over
+/// TCP, never port 23, nothing else, at most 7 new sessions a minute; other devices go
+/// anywhere. `extra` is added to its manifest.
+fn guard_package(
+    d: &Daemon,
+    name: &str,
+    wan: &str,
+    wan6: &str,
+    failure_mode: &str,
+    extra: &str,
+) -> std::path::PathBuf {
     let binary = build_static("iot-guard", false);
-    let d = Daemon::start_with_keys();
-    let src = d.dir.path().join("iot-guard");
+    let src = d.dir.path().join(name);
     std::fs::create_dir_all(src.join("files/bin")).unwrap();
     std::fs::create_dir_all(src.join("files/etc")).unwrap();
     std::fs::copy(&binary, src.join("files/bin/iot-guard")).unwrap();
     std::fs::write(
         src.join("files/etc/iot-guard.toml"),
-        format!("[unknown_devices]\ndefault = \"allow\"\n[[device]]\nname = \"camera\"\nmac = \"{CAMERA_MAC}\"\nallow = [\"{WAN}:443/tcp\", \"[{WAN6}]:443/tcp\"]\ndeny_ports = [23]\ndefault = \"block\"\nmax_new_sessions_per_minute = 7\n"),
+        format!("[unknown_devices]\ndefault = \"allow\"\n[[device]]\nname = \"camera\"\nmac = \"{CAMERA_MAC}\"\nallow = [\"{wan}:443/tcp\", \"[{wan6}]:443/tcp\"]\ndeny_ports = [23]\ndefault = \"block\"\nmax_new_sessions_per_minute = 7\n"),
     )
     .unwrap();
     std::fs::write(
         src.join("service.toml"),
-        "name = \"t-iotg\"\nversion = \"1.0.0\"\nruntime = \"auto\"\nimage = \"package\"\ncommand = [\"/bin/iot-guard\"]\ncapabilities = [\"NET_RAW\"]\nfailure_mode = \"open\"\n[resources]\nmemory_mib = 32\n[network]\nsteering = [{ kind = \"new-sessions\", packets = 4, selector = { protocol = \"tcp\" } }]\n",
+        format!("name = \"{name}\"\nversion = \"1.0.0\"\nruntime = \"auto\"\nimage = \"package\"\ncommand = [\"/bin/iot-guard\"]\ncapabilities = [\"NET_RAW\"]\nfailure_mode = \"{failure_mode}\"\n{extra}[resources]\nmemory_mib = 32\n[network]\nsteering = [{{ kind = \"new-sessions\", packets = 4, selector = {{ protocol = \"tcp\" }} }}]\nready = \"notify\"\n"),
     )
     .unwrap();
-    let pkg = d.signed_package(&src, "iot-guard.gvpkg");
+    d.signed_package(&src, &format!("{name}.gvpkg"))
+}
 
-    let camera = lab::Host::new("gc", Some("10.95.0.3/24"));
-    let laptop = lab::Host::new("gl", Some("10.95.0.2/24"));
-    let wan = lab::Host::new("gw", Some("10.95.0.1/24"));
-    assert!(std::process::Command::new("ip")
-        .args(["netns", "exec", &camera.ns, "ip", "link", "set", "eth0", "address", CAMERA_MAC])
-        .status()
-        .unwrap()
-        .success());
-    for (h, a) in [
-        (&camera, "fd00:95::3/64"),
-        (&laptop, "fd00:95::2/64"),
-        (&wan, "fd00:95::1/64"),
-    ] {
-        h.add_ipv6(a);
-        d.plug_host(&h.host_if);
-    }
-    for ip in [WAN, WAN6] {
-        assert!(lab::wait_reachable(&camera.ns, ip) && lab::wait_reachable(&laptop.ns, ip));
-    }
-    // Echo servers on the WAN.
-    let stop = Arc::new(AtomicBool::new(false));
-    let servers: Vec<_> = [443u16, 8080, 23]
-        .into_iter()
-        .map(|port| {
-            let stop = stop.clone();
+/// Echo servers (one 5-byte message) on every address of `ips` and port of `ports`, in the
+/// WAN host's namespace, until `stop`.
+fn echo_servers(
+    wan: &lab::Host,
+    ips: &[&'static str],
+    ports: &[u16],
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    ports
+        .iter()
+        .map(|&port| {
+            let (stop, ips) = (stop.clone(), ips.to_vec());
             let (tx, rx) = std::sync::mpsc::channel();
             let h = wan.spawn(move || {
-                let ls: Vec<TcpListener> = [WAN, WAN6]
+                let ls: Vec<TcpListener> = ips
                     .iter()
                     .map(|ip| {
                         let l = TcpListener::bind((*ip, port)).unwrap();
@@ -116,7 +109,39 @@ fn iot_guard_allows_and_blocks_camera_sessions_by_its_rules() {
             rx.recv().unwrap();
             h
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn iot_guard_allows_and_blocks_camera_sessions_by_its_rules() {
+    if !need_ovs("iot_guard_allows_and_blocks_camera_sessions_by_its_rules") {
+        return;
+    }
+    let d = Daemon::start_with_keys();
+    let pkg = guard_package(&d, "t-iotg", WAN, WAN6, "open", "");
+
+    let camera = lab::Host::new("gc", Some("10.95.0.3/24"));
+    let laptop = lab::Host::new("gl", Some("10.95.0.2/24"));
+    let wan = lab::Host::new("gw", Some("10.95.0.1/24"));
+    assert!(std::process::Command::new("ip")
+        .args(["netns", "exec", &camera.ns, "ip", "link", "set", "eth0", "address", CAMERA_MAC])
+        .status()
+        .unwrap()
+        .success());
+    for (h, a) in [
+        (&camera, "fd00:95::3/64"),
+        (&laptop, "fd00:95::2/64"),
+        (&wan, "fd00:95::1/64"),
+    ] {
+        h.add_ipv6(a);
+        d.plug_host(&h.host_if);
+    }
+    for ip in [WAN, WAN6] {
+        assert!(lab::wait_reachable(&camera.ns, ip) && lab::wait_reachable(&laptop.ns, ip));
+    }
+    // Echo servers on the WAN.
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers = echo_servers(&wan, &[WAN, WAN6], &[443, 8080, 23], &stop);
 
     d.install_package_started(&pkg);
     std::thread::sleep(Duration::from_millis(300));
@@ -159,6 +184,89 @@ fn iot_guard_allows_and_blocks_camera_sessions_by_its_rules() {
         "{logs}"
     );
     assert!(logs.contains("more than 7 new sessions a minute"), "{logs}");
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().unwrap();
+    }
+}
+
+#[test]
+fn a_fail_closed_iot_guard_lets_no_new_session_through_while_it_is_down() {
+    if !need_ovs("a_fail_closed_iot_guard_lets_no_new_session_through_while_it_is_down") {
+        return;
+    }
+    let (wan_ip, wan6) = ("10.94.0.1", "fd00:94::1");
+    let d = Daemon::start_with_keys();
+    // A slow first restart, so that the gap can be seen.
+    let pkg = guard_package(
+        &d,
+        "t-iotc",
+        wan_ip,
+        wan6,
+        "closed",
+        "[restart]\npolicy = \"always\"\nmax_retries = 5\nbackoff_initial_ms = 4000\nbackoff_max_ms = 4000\nstable_after_s = 60\n",
+    );
+    let camera = lab::Host::new("hc", Some("10.94.0.3/24"));
+    let laptop = lab::Host::new("hl", Some("10.94.0.2/24"));
+    let wan = lab::Host::new("hw", Some("10.94.0.1/24"));
+    assert!(std::process::Command::new("ip")
+        .args(["netns", "exec", &camera.ns, "ip", "link", "set", "eth0", "address", CAMERA_MAC])
+        .status()
+        .unwrap()
+        .success());
+    for (h, a) in [
+        (&camera, "fd00:94::3/64"),
+        (&laptop, "fd00:94::2/64"),
+        (&wan, "fd00:94::1/64"),
+    ] {
+        h.add_ipv6(a);
+        d.plug_host(&h.host_if);
+    }
+    for ip in [wan_ip, wan6] {
+        assert!(lab::wait_reachable(&camera.ns, ip) && lab::wait_reachable(&laptop.ns, ip));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers = echo_servers(&wan, &[wan_ip, wan6], &[443], &stop);
+    let (v4, v6) = (wan_ip.parse().unwrap(), wan6.parse().unwrap());
+    d.install_package_started(&pkg);
+    assert!(
+        d.wait_for(Duration::from_secs(10), || session_to(&camera, v4, 443)
+            .then_some(()))
+            .is_some(),
+        "the camera never reached its cloud"
+    );
+    assert!(session_to(&camera, v6, 443), "over IPv6 too");
+
+    let pid = d.status("t-iotc")["init_pid"].as_i64().unwrap();
+    kill9(pid);
+    assert!(d
+        .wait_for(Duration::from_secs(3), || (d.status("t-iotc")["state"]
+            != "running")
+            .then_some(()))
+        .is_some());
+    // Its class is every new TCP session: while it is down none opens, of either family,
+    // for the camera or the laptop.
+    assert!(
+        !session_to(&camera, v4, 443),
+        "camera while iot-guard is down"
+    );
+    assert!(
+        !session_to(&laptop, v6, 443),
+        "laptop over IPv6 while iot-guard is down"
+    );
+    // It comes back (a new process) and sessions open again.
+    assert!(
+        d.wait_for(Duration::from_secs(20), || session_to(&camera, v4, 443)
+            .then_some(()))
+            .is_some(),
+        "sessions never opened again; log:\n{}",
+        String::from_utf8_lossy(&d.cli(&["service", "logs", "t-iotc"]).stdout)
+    );
+    assert_ne!(d.status("t-iotc")["init_pid"].as_i64(), Some(pid));
+    assert!(
+        session_to(&laptop, v6, 443),
+        "laptop over IPv6 after the restart"
+    );
     stop.store(true, Ordering::Relaxed);
     for s in servers {
         s.join().unwrap();
