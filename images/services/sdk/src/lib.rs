@@ -148,6 +148,10 @@ pub enum Verdict {
     Reply = 3,
 }
 
+/// `<linux/if_packet.h>` options the libc crate does not name on every target.
+const PACKET_QDISC_BYPASS: libc::c_int = 20;
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+
 /// The service's end of steering: frames in, frames back out with a verdict.
 pub struct PacketPort {
     sock: OwnedFd,
@@ -194,16 +198,27 @@ impl PacketPort {
     /// bound to the interface already. `PACKET_AUXDATA` is switched on here.
     pub fn from_fd(sock: OwnedFd) -> PacketPort {
         let one: libc::c_int = 1;
-        // SAFETY: `one` is a valid int option, alive for the call; `sock` is an open socket.
-        unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_AUXDATA,
-                &one as *const _ as *const libc::c_void,
-                4,
-            )
-        };
+        // PACKET_AUXDATA gives the tags back. PACKET_IGNORE_OUTGOING (Linux 4.20) keeps the
+        // frames the service sends from coming back to its own socket (a wake-up and a read
+        // per verdict otherwise), and PACKET_QDISC_BYPASS sends them without the qdisc; both
+        // are only savings, so their errors on an older kernel are ignored.
+        for opt in [
+            libc::PACKET_AUXDATA,
+            PACKET_IGNORE_OUTGOING,
+            PACKET_QDISC_BYPASS,
+        ] {
+            // SAFETY: `one` is a valid int option, alive for the call; `sock` is an open
+            // socket.
+            unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_PACKET,
+                    opt,
+                    &one as *const _ as *const libc::c_void,
+                    4,
+                )
+            };
+        }
         PacketPort {
             sock,
             buf: vec![0u8; 9216 + 4],
