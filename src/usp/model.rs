@@ -68,6 +68,11 @@ struct Unit {
     instance: u32,
     uuid: String,
     url: String,
+    /// The instance number of each setting the unit has declared (`…Setting.{i}.`), kept
+    /// when later versions add or drop declarations; a number is never given to another
+    /// setting of the unit.
+    #[serde(default)]
+    settings: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -413,7 +418,7 @@ impl Model {
             .collect();
         let mut st = self.st.lock().unwrap();
         let mut changed = false;
-        for name in services.keys() {
+        for (name, s) in &services {
             if !st.units.contains_key(name) {
                 st.next_instance += 1;
                 let instance = st.next_instance;
@@ -423,9 +428,21 @@ impl Model {
                         instance,
                         uuid: random_uuid(),
                         url: String::new(),
+                        settings: BTreeMap::new(),
                     },
                 );
                 changed = true;
+            }
+            let unit = st.units.get_mut(name).expect("inserted above");
+            for e in s["settings"].as_array().into_iter().flatten() {
+                let Some(key) = e["name"].as_str() else {
+                    continue;
+                };
+                if !unit.settings.contains_key(key) {
+                    let next = unit.settings.values().max().copied().unwrap_or(0) + 1;
+                    unit.settings.insert(key.to_string(), next);
+                    changed = true;
+                }
             }
         }
         let before = st.units.len();
@@ -606,14 +623,18 @@ impl Model {
             );
             put(format!("{eu}{VENDOR}Restarts"), str_of("restarts"));
             put(format!("{eu}{VENDOR}Runtime"), runtime);
-            // The declared settings, numbered in name order (Name is the unique key).
+            // The declared settings (Name is the unique key), each with the instance number
+            // it got when first declared.
             let settings = s["settings"].as_array().cloned().unwrap_or_default();
             put(
                 format!("{eu}{VENDOR}SettingNumberOfEntries"),
                 settings.len().to_string(),
             );
-            for (i, e) in settings.iter().enumerate() {
-                let o = format!("{eu}{VENDOR}Setting.{}.", i + 1);
+            for e in &settings {
+                let Some(i) = e["name"].as_str().and_then(|n| u.settings.get(n)) else {
+                    continue;
+                };
+                let o = format!("{eu}{VENDOR}Setting.{i}.");
                 for (param, key) in [
                     ("Name", "name"),
                     ("Type", "type"),
@@ -970,6 +991,72 @@ fn snake(k: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A supervisor that lists the services it holds.
+    struct Listing(Mutex<Value>);
+
+    impl Backend for Listing {
+        fn call(&self, req: Request) -> Result<Value, ApiError> {
+            Ok(match req {
+                Request::List => serde_json::json!({"services": self.0.lock().unwrap().clone()}),
+                _ => serde_json::json!({}),
+            })
+        }
+    }
+
+    fn unit_with_settings(names: &[&str]) -> Value {
+        let settings: Vec<Value> = names
+            .iter()
+            .map(|n| serde_json::json!({"name": n, "type": "string", "value": format!("v-{n}")}))
+            .collect();
+        serde_json::json!([{"name": "svc", "state": "running", "settings": settings}])
+    }
+
+    #[test]
+    fn a_setting_keeps_its_instance_number_when_declarations_change_and_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(Listing(Mutex::new(unit_with_settings(&["Beta", "Gamma"]))));
+        let opts = ModelOptions {
+            runtimes: vec![],
+            package_ca: PathBuf::new(),
+            operation_deadline: std::time::Duration::from_secs(60),
+            controllers: vec![],
+        };
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let m = Model::open(backend.clone(), dir.path(), opts.clone(), tx.clone()).unwrap();
+        let at = |p: &BTreeMap<String, String>, name: &str| {
+            p.iter()
+                .find(|(k, v)| k.ends_with(".Name") && k.contains("Setting.") && *v == name)
+                .map(|(k, _)| k.trim_end_matches("Name").to_string())
+        };
+        let p = m.parameters();
+        let (beta, gamma) = (at(&p, "Beta").unwrap(), at(&p, "Gamma").unwrap());
+        // A new version declares one more setting (before the others in name order) and
+        // drops one: the others keep their numbers, the new one gets a new number.
+        *backend.0.lock().unwrap() = unit_with_settings(&["Alpha", "Beta"]);
+        let p = m.parameters();
+        assert_eq!(at(&p, "Beta").as_ref(), Some(&beta));
+        let alpha = at(&p, "Alpha").unwrap();
+        assert!(alpha != beta && alpha != gamma, "{alpha} reuses a number");
+        assert_eq!(p[&format!("{alpha}Value")], "v-Alpha");
+        assert!(at(&p, "Gamma").is_none());
+        assert_eq!(
+            p.iter()
+                .filter(|(k, _)| k.ends_with("SettingNumberOfEntries"))
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>(),
+            ["2"]
+        );
+        // Gamma comes back: its old number; a restarted agent keeps them all.
+        *backend.0.lock().unwrap() = unit_with_settings(&["Alpha", "Beta", "Gamma"]);
+        drop(m);
+        let m = Model::open(backend, dir.path(), opts, tx).unwrap();
+        let p = m.parameters();
+        assert_eq!(
+            [at(&p, "Alpha"), at(&p, "Beta"), at(&p, "Gamma")],
+            [Some(alpha), Some(beta), Some(gamma)]
+        );
+    }
 
     #[test]
     fn paths_match_by_segment_with_instance_wildcards() {
