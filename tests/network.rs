@@ -46,13 +46,14 @@ fn steering_flows_fail_closed_on_crash_and_return_on_restart() {
     d.json(&["service", "install", m.to_str().unwrap(), "--json"]);
     // Installed, not running, fail-closed: its class is dropped already.
     let flows = owned(&d, "t-dnsc");
-    assert_eq!(flows.len(), 2, "{flows:?}");
+    // TCP and UDP port 53 and their fragments, both families (later IPv6 fragments once).
+    assert_eq!(flows.len(), 9, "{flows:?}");
     assert!(
-        flows
-            .iter()
-            .all(|f| f.ends_with("actions=drop") && f.contains("tp_dst=53")),
+        flows.iter().all(|f| f.ends_with("actions=drop")
+            && (f.contains("tp_dst=53") || f.contains("nw_frag=yes"))),
         "{flows:?}"
     );
+    assert_eq!(flows.iter().filter(|f| f.contains("tp_dst=53")).count(), 4);
 
     let st = d.json(&["service", "start", "t-dnsc", "--json"]);
     assert!(st["network_error"].is_null(), "{st}");
