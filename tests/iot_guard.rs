@@ -112,6 +112,32 @@ fn echo_servers(
         .collect()
 }
 
+/// The camera (`CAMERA_MAC`, `.3`), the laptop (`.2`) and the WAN host (`.1`) on the
+/// daemon's bridge, at `10.NET.0.x/24` and `fd00:NET::x/64`, each reaching the WAN host over
+/// both families. `tag` keeps the namespaces apart from other tests'.
+fn home(d: &Daemon, tag: &str, net: &str) -> (lab::Host, lab::Host, lab::Host) {
+    let hosts: Vec<lab::Host> = [("c", 3), ("l", 2), ("w", 1)]
+        .iter()
+        .map(|(role, n)| {
+            let h = lab::Host::new(&format!("{tag}{role}"), Some(&format!("10.{net}.0.{n}/24")));
+            if *role == "c" {
+                lab::sh(&[
+                    "ip", "netns", "exec", &h.ns, "ip", "link", "set", "eth0", "address",
+                    CAMERA_MAC,
+                ]);
+            }
+            h.add_ipv6(&format!("fd00:{net}::{n}/64"));
+            d.plug_host(&h.host_if);
+            h
+        })
+        .collect();
+    let [camera, laptop, wan]: [lab::Host; 3] = hosts.try_into().ok().unwrap();
+    for ip in [format!("10.{net}.0.1"), format!("fd00:{net}::1")] {
+        assert!(lab::wait_reachable(&camera.ns, &ip) && lab::wait_reachable(&laptop.ns, &ip));
+    }
+    (camera, laptop, wan)
+}
+
 #[test]
 fn iot_guard_allows_and_blocks_camera_sessions_by_its_rules() {
     if !need_ovs("iot_guard_allows_and_blocks_camera_sessions_by_its_rules") {
@@ -120,25 +146,7 @@ fn iot_guard_allows_and_blocks_camera_sessions_by_its_rules() {
     let d = Daemon::start_with_keys();
     let pkg = guard_package(&d, "t-iotg", WAN, WAN6, "open", "");
 
-    let camera = lab::Host::new("gc", Some("10.95.0.3/24"));
-    let laptop = lab::Host::new("gl", Some("10.95.0.2/24"));
-    let wan = lab::Host::new("gw", Some("10.95.0.1/24"));
-    assert!(std::process::Command::new("ip")
-        .args(["netns", "exec", &camera.ns, "ip", "link", "set", "eth0", "address", CAMERA_MAC])
-        .status()
-        .unwrap()
-        .success());
-    for (h, a) in [
-        (&camera, "fd00:95::3/64"),
-        (&laptop, "fd00:95::2/64"),
-        (&wan, "fd00:95::1/64"),
-    ] {
-        h.add_ipv6(a);
-        d.plug_host(&h.host_if);
-    }
-    for ip in [WAN, WAN6] {
-        assert!(lab::wait_reachable(&camera.ns, ip) && lab::wait_reachable(&laptop.ns, ip));
-    }
+    let (camera, laptop, wan) = home(&d, "g", "95");
     // Echo servers on the WAN.
     let stop = Arc::new(AtomicBool::new(false));
     let servers = echo_servers(&wan, &[WAN, WAN6], &[443, 8080, 23], &stop);
@@ -206,25 +214,7 @@ fn a_fail_closed_iot_guard_lets_no_new_session_through_while_it_is_down() {
         "closed",
         "[restart]\npolicy = \"always\"\nmax_retries = 5\nbackoff_initial_ms = 4000\nbackoff_max_ms = 4000\nstable_after_s = 60\n",
     );
-    let camera = lab::Host::new("hc", Some("10.94.0.3/24"));
-    let laptop = lab::Host::new("hl", Some("10.94.0.2/24"));
-    let wan = lab::Host::new("hw", Some("10.94.0.1/24"));
-    assert!(std::process::Command::new("ip")
-        .args(["netns", "exec", &camera.ns, "ip", "link", "set", "eth0", "address", CAMERA_MAC])
-        .status()
-        .unwrap()
-        .success());
-    for (h, a) in [
-        (&camera, "fd00:94::3/64"),
-        (&laptop, "fd00:94::2/64"),
-        (&wan, "fd00:94::1/64"),
-    ] {
-        h.add_ipv6(a);
-        d.plug_host(&h.host_if);
-    }
-    for ip in [wan_ip, wan6] {
-        assert!(lab::wait_reachable(&camera.ns, ip) && lab::wait_reachable(&laptop.ns, ip));
-    }
+    let (camera, laptop, wan) = home(&d, "h", "94");
     let stop = Arc::new(AtomicBool::new(false));
     let servers = echo_servers(&wan, &[wan_ip, wan6], &[443], &stop);
     let (v4, v6) = (wan_ip.parse().unwrap(), wan6.parse().unwrap());
