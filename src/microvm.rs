@@ -182,20 +182,6 @@ pub fn create_tap(ifname: &str) -> std::io::Result<std::fs::File> {
     Ok(tap)
 }
 
-/// A stable, locally administered MAC for service `name`'s guest: 02:47:56 ("GV") and three
-/// bytes of a hash of the name.
-pub fn guest_mac(name: &str) -> String {
-    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
-    format!(
-        "02:47:56:{:02x}:{:02x}:{:02x}",
-        (h >> 16) as u8,
-        (h >> 8) as u8,
-        h as u8
-    )
-}
-
 /// Console bytes per second a guest may put in its log.
 pub const CONSOLE_RATE: u64 = 8192;
 

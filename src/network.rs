@@ -139,7 +139,9 @@ impl Network {
 
     /// Plugs the service's interface into the bridge (unless it is there: a re-adopted
     /// service keeps its port) and steers to it when it is `ready`; until then its failure
-    /// mode applies. Flows already on the switch that are right stay untouched.
+    /// mode applies. Its own frames must carry `mac` when that is known. Flows already on
+    /// the switch that are right stay untouched.
+    #[allow(clippy::too_many_arguments)]
     pub fn plug(
         &mut self,
         id: u32,
@@ -148,6 +150,7 @@ impl Network {
         policies: &[Policy],
         mode: FailureMode,
         ready: bool,
+        mac: Option<[u8; 6]>,
     ) -> Result<u32, NetworkError> {
         let mut db = Ovsdb::connect(&self.db_socket)?;
         if !db.ports(&self.bridge)?.iter().any(|p| p.name == port) {
@@ -169,7 +172,7 @@ impl Network {
             std::thread::sleep(Duration::from_millis(5));
         };
         self.ctl
-            .set_service(id, ofport, policies.to_vec(), mode, ready)?;
+            .set_service(id, ofport, policies.to_vec(), mode, ready, mac)?;
         Ok(ofport)
     }
 
@@ -316,4 +319,22 @@ impl Network {
             }
         }
     }
+}
+
+/// The stable, locally administered MAC of service `name`'s interface (a container's eth0, a
+/// microVM's virtio-net): 02:47:56 ("GV") and three bytes of a hash of the name. Steering
+/// lets the service's own frames out only with this source.
+pub fn service_mac(name: &str) -> [u8; 6] {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    [0x02, 0x47, 0x56, (h >> 16) as u8, (h >> 8) as u8, h as u8]
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn mac_text(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

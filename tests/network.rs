@@ -69,6 +69,29 @@ fn steering_flows_fail_closed_on_crash_and_return_on_restart() {
             .any(|f| f.contains("tp_dst=53") && f.contains("push_vlan")),
         "{flows:?}"
     );
+    // The container's eth0 has the service's own address, and only that source leaves its
+    // port untagged.
+    let mac = gatevisor::network::mac_text(&gatevisor::network::service_mac("t-dnsc"));
+    let config = std::fs::read_to_string(d.state_dir().join("lxc/t-dnsc/config")).unwrap();
+    assert!(
+        config.contains(&format!("lxc.net.0.hwaddr = {mac}")),
+        "{config}"
+    );
+    let out = d.cli(&[
+        "service",
+        "exec",
+        "t-dnsc",
+        "--",
+        "cat",
+        "/sys/class/net/eth0/address",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), mac, "{out:?}");
+    assert!(
+        flows
+            .iter()
+            .any(|f| f.contains(&format!("dl_src={mac}")) && f.ends_with("actions=NORMAL")),
+        "{flows:?}"
+    );
     assert!(
         st["steering"]["counters"]["steered_packets"].is_number(),
         "{st}"

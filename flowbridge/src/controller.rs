@@ -36,6 +36,8 @@ pub enum FailureMode {
 #[derive(Debug, Clone)]
 struct ServiceSteering {
     port: u32,
+    /// The service's own address on its port, when known (its frames must carry it).
+    mac: Option<[u8; 6]>,
     policies: Vec<Policy>,
     failure_mode: FailureMode,
     active: bool,
@@ -237,11 +239,12 @@ impl Controller {
         policies: Vec<Policy>,
         failure_mode: FailureMode,
     ) -> Result<(), OfError> {
-        self.set_service(id, port, policies, failure_mode, false)
+        self.set_service(id, port, policies, failure_mode, false, None)
     }
 
-    /// Records the service's port (0: not plugged), policies, failure mode and whether it
-    /// serves now, and makes the switch hold exactly its flows for that.
+    /// Records the service's port (0: not plugged), policies, failure mode, whether it
+    /// serves now and its own address (when known: the only source its frames may carry),
+    /// and makes the switch hold exactly its flows for that.
     pub fn set_service(
         &mut self,
         id: u32,
@@ -249,11 +252,13 @@ impl Controller {
         policies: Vec<Policy>,
         failure_mode: FailureMode,
         active: bool,
+        mac: Option<[u8; 6]>,
     ) -> Result<(), OfError> {
         self.services.insert(
             id,
             ServiceSteering {
                 port,
+                mac,
                 policies,
                 failure_mode,
                 active,
@@ -340,11 +345,11 @@ impl Controller {
         };
         if s.active && s.port != 0 {
             let fail_open = s.failure_mode == FailureMode::Open;
-            return steering::service_flows(id, s.port, &s.policies, fail_open);
+            return steering::service_flows(id, s.port, &s.policies, fail_open, s.mac);
         }
         let mut v = Vec::new();
         if s.port != 0 {
-            v.push(steering::port_guard_flow(id, s.port));
+            v.extend(steering::port_guard_flows(id, s.port, s.mac));
         }
         if s.failure_mode == FailureMode::Closed {
             v.extend(steering::failed_closed_flows(id, &s.policies));

@@ -461,12 +461,15 @@ fn class(policy: &Policy) -> Vec<(u8, Vec<Field>)> {
 
 /// Flows that steer `policies` to the service on OpenFlow port `svc_port`.
 /// `fail_open` decides what happens to a session that reached its `new-sessions` packet budget
-/// without a verdict: forwarded (open) or dropped (closed).
+/// without a verdict: forwarded (open) or dropped (closed). `mac`, the service's own address
+/// when known, is the only source its own (untagged) frames may carry: a frame with any other
+/// source is dropped before the bridge could learn that address on the service port.
 pub fn service_flows(
     service_id: u32,
     svc_port: u32,
     policies: &[Policy],
     fail_open: bool,
+    mac: Option<[u8; 6]>,
 ) -> Vec<Flow> {
     let c = service_cookie(service_id, false);
     let vlan = Field::VlanVid(0x1000, Some(0x1000));
@@ -491,13 +494,6 @@ pub fn service_flows(
             c,
             vec![Field::InPort(svc_port), vlan.clone()],
             vec![Instruction::GotoTable(TABLE_VERDICT)],
-        ),
-        flow(
-            TABLE_CLASSIFY,
-            900,
-            c,
-            vec![Field::InPort(svc_port)],
-            apply(vec![Action::Output(port::NORMAL)]),
         ),
         verdict(
             Verdict::Forward,
@@ -526,6 +522,9 @@ pub fn service_flows(
         ),
         flow(TABLE_VERDICT, 0, c, vec![Field::InPort(svc_port)], vec![]),
     ];
+    v.extend(own_frames(c, svc_port, mac, || {
+        apply(vec![Action::Output(port::NORMAL)])
+    }));
     // Verdicts that commit to conntrack, per family.
     for fam in FAMILIES {
         v.push(verdict(
@@ -702,20 +701,64 @@ pub fn session_verdict_flow(service_id: u32, s: &Session, allow: bool) -> Option
     })
 }
 
+/// The service's own (untagged) frames: with its address known, only that source passes
+/// (`then`), any other is dropped; without it, every frame passes.
+fn own_frames(
+    cookie: u64,
+    svc_port: u32,
+    mac: Option<[u8; 6]>,
+    then: impl Fn() -> Vec<Instruction>,
+) -> Vec<Flow> {
+    match mac {
+        Some(m) => vec![
+            flow(
+                TABLE_CLASSIFY,
+                900,
+                cookie,
+                vec![Field::InPort(svc_port), Field::EthSrc(m)],
+                then(),
+            ),
+            flow(
+                TABLE_CLASSIFY,
+                899,
+                cookie,
+                vec![Field::InPort(svc_port)],
+                vec![],
+            ),
+        ],
+        None => vec![flow(
+            TABLE_CLASSIFY,
+            900,
+            cookie,
+            vec![Field::InPort(svc_port)],
+            then(),
+        )],
+    }
+}
+
 /// While a plugged service does not serve, tagged frames from its port are dropped: a frame it
 /// returns then (a verdict for flows that are gone) must not reach the bridge's normal
 /// switching, which would learn the frame's source (a LAN or WAN host) on the service port.
-pub fn port_guard_flow(service_id: u32, svc_port: u32) -> Flow {
-    flow(
+/// With its address known (`mac`), its own frames must carry it, as while it serves; they go
+/// through the pipeline like any host's.
+pub fn port_guard_flows(service_id: u32, svc_port: u32, mac: Option<[u8; 6]>) -> Vec<Flow> {
+    let c = service_cookie(service_id, true);
+    let mut v = vec![flow(
         TABLE_CLASSIFY,
         1000,
-        service_cookie(service_id, true),
+        c,
         vec![
             Field::InPort(svc_port),
             Field::VlanVid(0x1000, Some(0x1000)),
         ],
         vec![],
-    )
+    )];
+    if mac.is_some() {
+        v.extend(own_frames(c, svc_port, mac, || {
+            vec![Instruction::GotoTable(TABLE_PRE_CT)]
+        }));
+    }
+    v
 }
 
 /// Flows that drop a failed service's class (fail-closed). Mirrors never drop.
@@ -770,7 +813,7 @@ mod tests {
 
     #[test]
     fn dns_policy_steers_udp_and_tcp_port_53_and_fragments_of_both_families_before_conntrack() {
-        let f = service_flows(7, 3, &[Policy::Dns], true);
+        let f = service_flows(7, 3, &[Policy::Dns], true, None);
         let steer: Vec<String> = f
             .iter()
             .filter(|f| f.table == TABLE_PRE_CT)
@@ -793,6 +836,35 @@ mod tests {
         assert!(f.iter().all(|f| f.cookie == service_cookie(7, false)));
         // Fail-closed drops the same class.
         assert_eq!(failed_closed_flows(7, &[Policy::Dns]).len(), 9);
+    }
+
+    #[test]
+    fn a_known_service_address_is_the_only_source_its_own_frames_may_carry() {
+        let mac = [2, 0x47, 0x56, 1, 2, 3];
+        for flows in [
+            service_flows(5, 8, &[Policy::Dns], true, Some(mac)),
+            port_guard_flows(5, 8, Some(mac)),
+        ] {
+            let untagged: Vec<&Flow> = flows
+                .iter()
+                .filter(|f| {
+                    f.table == TABLE_CLASSIFY
+                        && f.matches.contains(&Field::InPort(8))
+                        && !f.matches.iter().any(|m| matches!(m, Field::VlanVid(..)))
+                })
+                .collect();
+            assert_eq!(untagged.len(), 2);
+            let pass = untagged.iter().find(|f| f.priority == 900).unwrap();
+            assert!(pass.matches.contains(&Field::EthSrc(mac)) && !pass.instructions.is_empty());
+            let drop = untagged.iter().find(|f| f.priority == 899).unwrap();
+            assert!(drop.instructions.is_empty(), "any other source is dropped");
+        }
+        // Unknown: every frame passes, as before.
+        let f = service_flows(5, 8, &[Policy::Dns], true, None);
+        assert!(f
+            .iter()
+            .any(|f| f.priority == 900 && f.matches == [Field::InPort(8)]));
+        assert_eq!(port_guard_flows(5, 8, None).len(), 1);
     }
 
     #[test]
@@ -845,7 +917,7 @@ mod tests {
                 macs: vec!["02:00:00:00:00:01".into()],
             },
         };
-        let f = service_flows(1, 4, std::slice::from_ref(&p), true);
+        let f = service_flows(1, 4, std::slice::from_ref(&p), true, None);
         let post: Vec<_> = f.iter().filter(|f| f.table == TABLE_POST_CT).collect();
         assert_eq!(
             post.len(),

@@ -71,14 +71,21 @@ fn a_restarted_controller_changes_nothing_that_is_right() {
     }
     let sw = Switch::new("gvt-rs0");
     let mut a = Controller::connect(&sw.mgmt(), Duration::from_secs(10)).unwrap();
-    a.set_service(1, 7, policies(), FailureMode::Open, true)
+    a.set_service(
+        1,
+        7,
+        policies(),
+        FailureMode::Open,
+        true,
+        Some([2, 0x47, 0x56, 0, 0, 1]),
+    )
+    .unwrap();
+    a.set_service(2, 8, class(5002), FailureMode::Closed, false, None)
         .unwrap();
-    a.set_service(2, 8, class(5002), FailureMode::Closed, false)
-        .unwrap();
-    a.set_service(3, 0, class(5003), FailureMode::Closed, false)
+    a.set_service(3, 0, class(5003), FailureMode::Closed, false, None)
         .unwrap();
     // A service the next daemon will not know (removed while no daemon ran).
-    a.set_service(4, 9, class(5004), FailureMode::Closed, true)
+    a.set_service(4, 9, class(5004), FailureMode::Closed, true, None)
         .unwrap();
     let before = ages(&sw);
     assert!(before.len() > 20, "{before:?}");
@@ -87,11 +94,18 @@ fn a_restarted_controller_changes_nothing_that_is_right() {
 
     // The restarted daemon: connect, re-register the same services.
     let mut b = Controller::connect(&sw.mgmt(), Duration::from_secs(10)).unwrap();
-    b.set_service(1, 7, policies(), FailureMode::Open, true)
+    b.set_service(
+        1,
+        7,
+        policies(),
+        FailureMode::Open,
+        true,
+        Some([2, 0x47, 0x56, 0, 0, 1]),
+    )
+    .unwrap();
+    b.set_service(2, 8, class(5002), FailureMode::Closed, false, None)
         .unwrap();
-    b.set_service(2, 8, class(5002), FailureMode::Closed, false)
-        .unwrap();
-    b.set_service(3, 0, class(5003), FailureMode::Closed, false)
+    b.set_service(3, 0, class(5003), FailureMode::Closed, false, None)
         .unwrap();
     assert_eq!(b.changes(), 0, "nothing differed, nothing was sent");
     let after = ages(&sw);
@@ -114,7 +128,7 @@ fn a_restarted_controller_changes_nothing_that_is_right() {
     assert!(pruned.keys().all(|f| !f.contains(&c4)));
     assert_eq!(
         pruned.len(),
-        before.len() - steering::service_flows(4, 9, &class(5004), false).len()
+        before.len() - steering::service_flows(4, 9, &class(5004), false, None).len()
     );
 
     // A change touches only what differs: service 1 gets one more port in its selector.
@@ -122,7 +136,15 @@ fn a_restarted_controller_changes_nothing_that_is_right() {
     if let Policy::NewSessions { selector, .. } = &mut more[1] {
         selector.ports.push(8080);
     }
-    b.set_service(1, 7, more, FailureMode::Open, true).unwrap();
+    b.set_service(
+        1,
+        7,
+        more,
+        FailureMode::Open,
+        true,
+        Some([2, 0x47, 0x56, 0, 0, 1]),
+    )
+    .unwrap();
     let changed = ages(&sw);
     let old: Vec<_> = changed.iter().filter(|(_, a)| **a >= 1.0).collect();
     let new: Vec<_> = changed.iter().filter(|(_, a)| **a < 1.0).collect();
@@ -152,7 +174,7 @@ fn a_port_of_a_service_that_does_not_serve_drops_tagged_frames() {
             .map(|l| l.split_once("actions=").unwrap().1.to_string())
             .collect::<Vec<_>>()
     };
-    c.set_service(1, 5, vec![Policy::Dns], FailureMode::Open, false)
+    c.set_service(1, 5, vec![Policy::Dns], FailureMode::Open, false, None)
         .unwrap();
     assert_eq!(guard(&sw), ["drop"], "plugged, not ready: guarded");
     c.activate(1).unwrap();

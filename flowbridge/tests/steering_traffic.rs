@@ -633,3 +633,104 @@ fn session_without_verdict_fails_closed_after_its_packet_budget() {
         "fail-closed: the rest of the session is dropped ({received} bytes arrived)"
     );
 }
+
+/// The MAC address of `eth0` in host `h`'s namespace.
+fn mac_of(h: &Host) -> [u8; 6] {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &h.ns, "cat", "/sys/class/net/eth0/address"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    gatevisor_service_sdk::parse_mac(text.trim()).unwrap()
+}
+
+/// The bridge port (OpenFlow number) the switch learned `mac` on, if any.
+fn learned_on(l: &Lab, mac: [u8; 6]) -> Option<u32> {
+    let out = Command::new("ovs-appctl")
+        .arg("-t")
+        .arg(l.sw.ovs.run_dir().join("ovs-vswitchd.ctl"))
+        .args(["fdb/show", &l.sw.bridge])
+        .output()
+        .unwrap();
+    let mac = gatevisor_service_sdk::mac_text(&mac);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.get(2) == Some(&mac.as_str())).then(|| f[0].parse().ok())?
+        })
+}
+
+#[test]
+fn a_service_port_lets_out_only_frames_with_the_service_s_own_address() {
+    if !need("a_service_port_lets_out_only_frames_with_the_service_s_own_address") {
+        return;
+    }
+    let mut l = lab("gvt-st9", 9);
+    let (svc_mac, lan_mac) = (mac_of(&l.svc), mac_of(&l.lan));
+    let lan_port = learned_on(&l, lan_mac).expect("the LAN host's address is learned");
+    assert_ne!(lan_port, l.svc_port);
+    // A frame from the service's port that claims the LAN host's address, then one of its own.
+    let send_from_service = |l: &Lab, src: [u8; 6]| {
+        l.svc
+            .spawn(move || {
+                let sock = open_packet_socket("eth0");
+                let mut f = vec![0xff; 6];
+                f.extend_from_slice(&src);
+                f.extend_from_slice(&0x88b5u16.to_be_bytes()); // local experimental
+                f.extend_from_slice(&[0u8; 46]);
+                for _ in 0..3 {
+                    nix::unistd::write(&sock, &f).unwrap();
+                }
+            })
+            .join()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    for serving in [true, false] {
+        l.ctl
+            .set_service(
+                4,
+                l.svc_port,
+                vec![Policy::Dns],
+                FailureMode::Open,
+                serving,
+                Some(svc_mac),
+            )
+            .unwrap();
+        send_from_service(&l, lan_mac);
+        assert_eq!(
+            learned_on(&l, lan_mac),
+            Some(lan_port),
+            "serving {serving}: a spoofed source moved the LAN host to the service port"
+        );
+        let made_up = [2, 0, 0, 0, 0x99, 0x98];
+        send_from_service(&l, made_up);
+        assert_eq!(
+            learned_on(&l, made_up),
+            None,
+            "serving {serving}: a made-up source was learned"
+        );
+        send_from_service(&l, svc_mac);
+        assert_eq!(
+            learned_on(&l, svc_mac),
+            Some(l.svc_port),
+            "serving {serving}: the service's own frames pass"
+        );
+    }
+    // Unknown address (a container started by an earlier version): nothing is pinned.
+    l.ctl
+        .set_service(
+            4,
+            l.svc_port,
+            vec![Policy::Dns],
+            FailureMode::Open,
+            true,
+            None,
+        )
+        .unwrap();
+    // (An address nobody else uses: the LAN host's own traffic cannot learn it back.)
+    let other = [2, 0, 0, 0, 0x99, 0x99];
+    send_from_service(&l, other);
+    assert_eq!(learned_on(&l, other), Some(l.svc_port), "the check is real");
+}

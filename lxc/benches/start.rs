@@ -97,6 +97,7 @@ fn run() -> Result<String, String> {
         capabilities: vec![],
         veth_host: Some(format!("gv-{name}")),
         ipv4_address: None,
+        mac: None,
         seccomp_profile: gatevisor_lxc::default_seccomp_profile(),
         apparmor_profile: gatevisor_lxc::apparmor_profile(),
         bind_dirs: vec![],

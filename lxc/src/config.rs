@@ -48,6 +48,8 @@ pub struct ContainerSpec {
     pub veth_host: Option<String>,
     /// The container's IPv4 address on eth0 (`A.B.C.D/PREFIX`), when gatevisor sets it.
     pub ipv4_address: Option<String>,
+    /// The MAC address of the container's eth0 (`aa:bb:cc:dd:ee:ff`), when gatevisor sets it.
+    pub mac: Option<String>,
     /// liblxc's seccomp policy file; `None` when this liblxc has none.
     pub seccomp_profile: Option<PathBuf>,
     /// The AppArmor profile, when liblxc's default must be overridden (see
@@ -108,6 +110,9 @@ pub fn items(spec: &ContainerSpec, cgroups: Cgroups, lxc_log: &Path) -> Vec<(Str
             set("lxc.net.0.veth.pair", host.clone());
             set("lxc.net.0.name", "eth0".into());
             set("lxc.net.0.flags", "up".into());
+            if let Some(m) = &spec.mac {
+                set("lxc.net.0.hwaddr", m.clone());
+            }
             if let Some(a) = &spec.ipv4_address {
                 set("lxc.net.0.ipv4.address", a.clone());
             }
@@ -200,6 +205,7 @@ mod tests {
             },
             capabilities: vec![],
             veth_host: Some("gv-svc".into()),
+            mac: Some("02:47:56:00:00:01".into()),
             ipv4_address: Some("10.77.0.9/24".into()),
             seccomp_profile: Some("/s.seccomp".into()),
             apparmor_profile: None,
@@ -280,6 +286,7 @@ mod tests {
     #[test]
     fn veth_host_name_and_env_are_passed() {
         let v = items(&spec(), Cgroups::V1, Path::new("/l"));
+        assert_eq!(get(&v, "lxc.net.0.hwaddr"), ["02:47:56:00:00:01"]);
         assert_eq!(get(&v, "lxc.net.0.veth.pair"), ["gv-svc"]);
         assert_eq!(get(&v, "lxc.net.0.ipv4.address"), ["10.77.0.9/24"]);
         assert_eq!(get(&v, "lxc.environment"), ["A=b c"]);

@@ -166,6 +166,10 @@ impl Supervisor {
             capabilities: caps,
             veth_host: m.network.interface.then(|| veth_name(&m.name)),
             ipv4_address: m.network.address.clone(),
+            mac: m
+                .network
+                .interface
+                .then(|| crate::network::mac_text(&crate::network::service_mac(&m.name))),
             seccomp_profile: lxc::default_seccomp_profile(),
             apparmor_profile: lxc::apparmor_profile(),
             bind_dirs: if !m.has_control_channel() {
@@ -305,7 +309,7 @@ impl Supervisor {
                 vec![gatevisor_vmm::vm::NetConfig {
                     tap: None,
                     tap_fd: Some(crate::microvm::TAP_FD),
-                    mac: crate::microvm::guest_mac(&m.name),
+                    mac: crate::network::mac_text(&crate::network::service_mac(&m.name)),
                 }]
             } else {
                 vec![]

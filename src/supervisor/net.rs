@@ -154,6 +154,23 @@ impl Supervisor {
         let m = &rec.manifest;
         let ready = m.network.ready == crate::manifest::Readiness::Started
             || self.live.get(name).is_some_and(|l| l.said_ready);
+        // The service's own frames must carry its address: a microVM's is always set; a
+        // container started by an earlier gatevisor (re-adopted) may have another, and is
+        // not pinned until it restarts.
+        let mac = crate::network::service_mac(name);
+        let pinned = match rec.runtime {
+            crate::runtime::Kind::Microvm => true,
+            crate::runtime::Kind::Lxc => std::fs::read_to_string(
+                self.rt.lxcpath().join(name).join("config"),
+            )
+            .is_ok_and(|c| {
+                c.lines().any(|l| {
+                    l.split_once('=').is_some_and(|(k, v)| {
+                        k.trim() == "lxc.net.0.hwaddr" && v.trim() == crate::network::mac_text(&mac)
+                    })
+                })
+            }),
+        };
         let res = net.plug(
             rec.id,
             &veth_name(name),
@@ -161,6 +178,7 @@ impl Supervisor {
             &m.network.steering,
             m.failure_mode.to_flowbridge(),
             ready,
+            pinned.then_some(mac),
         );
         let live = self.live.entry(name.to_string()).or_default();
         live.net_error = res.err().map(|e| {
