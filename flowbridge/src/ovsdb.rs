@@ -182,15 +182,31 @@ impl Ovsdb {
         }))
     }
 
-    /// Creates bridge `name` with `datapath_type` unless it exists. Returns true when created.
-    /// An existing bridge is left as it is (it may be the gateway's own).
+    /// Creates bridge `name` with `datapath_type` and `fail_mode = secure` unless it exists.
+    /// Returns true when created. An existing bridge is left as it is (it may be the
+    /// gateway's own), but for the fail mode of one gatevisor made.
     pub fn ensure_bridge(&mut self, name: &str, datapath_type: &str) -> Result<bool> {
-        if !self
-            .select("Bridge", json!([["name", "==", name]]), &["_uuid"])?
-            .is_empty()
-        {
+        let rows = self.select(
+            "Bridge",
+            json!([["name", "==", name]]),
+            &["_uuid", "external_ids", "fail_mode"],
+        )?;
+        if let Some(row) = rows.first() {
+            // A bridge an earlier gatevisor made without `secure`: made so now. A bridge of
+            // the gateway's own is left as it is.
+            let ours = map_pairs(&row["external_ids"])
+                .iter()
+                .any(|(k, _)| k == OWNER_KEY);
+            if ours && row["fail_mode"] != "secure" {
+                self.transact(vec![json!({"op": "update", "table": "Bridge",
+                    "where": [["name", "==", name]], "row": {"fail_mode": "secure"}})])?;
+            }
             return Ok(false);
         }
+        // `secure`: a restarted ovs-vswitchd (a system switch restarted without `ovs-ctl`'s
+        // save and restore) forwards nothing until the daemon put its flows back, instead of
+        // switching everything with its default NORMAL flow (which would open fail-closed
+        // classes for that moment).
         self.transact(vec![
             json!({"op": "insert", "table": "Interface", "uuid-name": "iface",
                    "row": {"name": name, "type": "internal"}}),
@@ -198,6 +214,7 @@ impl Ovsdb {
                    "row": {"name": name, "interfaces": ["named-uuid", "iface"]}}),
             json!({"op": "insert", "table": "Bridge", "uuid-name": "br",
                    "row": {"name": name, "datapath_type": datapath_type,
+                           "fail_mode": "secure",
                            "ports": ["named-uuid", "port"],
                            "external_ids": ["map", [[OWNER_KEY, "true"]]]}}),
             json!({"op": "mutate", "table": "Open_vSwitch", "where": [],

@@ -76,11 +76,12 @@ fn lab(bridge: &str, n: u8) -> Lab {
         std::thread::sleep(Duration::from_millis(10));
     };
     // Fresh ports: wait until the LAN host reaches the WAN host through the bridge.
-    let reachable = wait_reachable(&lan.ns, "10.99.0.1");
-    assert!(reachable, "LAN cannot reach WAN through the bridge");
+    // The bridge is `secure`: it forwards once the controller installed the base pipeline.
     let ctl = Controller::connect(&sw.mgmt(), Duration::from_secs(10))
         .unwrap()
         .with_vswitchd_ctl(sw.ovs.run_dir().join("ovs-vswitchd.ctl"));
+    let reachable = wait_reachable(&lan.ns, "10.99.0.1");
+    assert!(reachable, "LAN cannot reach WAN through the bridge");
     Lab {
         lan,
         wan,
