@@ -249,6 +249,22 @@ fn verdict_socket_inside_the_container_turns_verdicts_into_session_flows() {
         "{flows:?}"
     );
     assert_eq!(d.status("t-vrd")["steering"]["api_verdicts"], 1);
+    // An IPv6 session the same way; ends of two families are refused.
+    let v = ask(
+        r#"{"op":"verdict","verdict":"block","session":{"proto":"tcp","src":"[fd00::2]:1234","dst":"[fd00::1]:80"}}"#,
+    );
+    assert_eq!(v["ok"], true, "{v}");
+    let flows = owned(&d, "t-vrd");
+    assert!(
+        flows.iter().any(|f| f.contains("ipv6_src=fd00::2")
+            && f.contains("ipv6_dst=fd00::1")
+            && f.contains("set_field:0x3->ct_mark")),
+        "{flows:?}"
+    );
+    let v = ask(
+        r#"{"op":"verdict","verdict":"allow","session":{"proto":"tcp","src":"10.0.0.2:1","dst":"[fd00::1]:80"}}"#,
+    );
+    assert_eq!(v["ok"], false, "{v}");
     // Bad input gets an error reply; the connection stays usable.
     assert_eq!(ask(r#"{"op":"verdict","verdict":"maybe"}"#)["ok"], false);
     assert_eq!(ask("garbage")["ok"], false);
