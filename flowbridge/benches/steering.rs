@@ -106,8 +106,7 @@ fn lab() -> Result<Lab, String> {
         .map_err(|e| e.to_string())?;
     // The bridge is `secure`: it forwards once the base pipeline is there (it stays when
     // this controller goes).
-    Controller::connect(&sw.mgmt(), Duration::from_secs(10))
-        .map_err(|e| e.to_string())?;
+    Controller::connect(&sw.mgmt(), Duration::from_secs(10)).map_err(|e| e.to_string())?;
     let reachable = wait_reachable(&lan.ns, "10.98.0.1");
     if !reachable {
         return Err("LAN cannot reach WAN through the bridge".into());

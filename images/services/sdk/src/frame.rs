@@ -186,30 +186,22 @@ impl Frame<'_> {
     }
 
     pub fn src_addr(&self) -> Option<IpAddr> {
-        let b = &*self.bytes;
-        let at = Self::L3;
-        Some(if self.l3()?.v6 {
-            IpAddr::V6(Ipv6Addr::from(
-                <[u8; 16]>::try_from(b.get(at + 8..at + 24)?).ok()?,
-            ))
-        } else {
-            IpAddr::V4(Ipv4Addr::from(
-                <[u8; 4]>::try_from(b.get(at + 12..at + 16)?).ok()?,
-            ))
-        })
+        self.addr(12, 8)
     }
 
     pub fn dst_addr(&self) -> Option<IpAddr> {
-        let b = &*self.bytes;
+        self.addr(16, 24)
+    }
+
+    /// The address at `v4` bytes into an IPv4 header, or `v6` into an IPv6 one.
+    fn addr(&self, v4: usize, v6: usize) -> Option<IpAddr> {
         let at = Self::L3;
         Some(if self.l3()?.v6 {
-            IpAddr::V6(Ipv6Addr::from(
-                <[u8; 16]>::try_from(b.get(at + 24..at + 40)?).ok()?,
-            ))
+            let b: [u8; 16] = self.bytes.get(at + v6..at + v6 + 16)?.try_into().ok()?;
+            IpAddr::V6(Ipv6Addr::from(b))
         } else {
-            IpAddr::V4(Ipv4Addr::from(
-                <[u8; 4]>::try_from(b.get(at + 16..at + 20)?).ok()?,
-            ))
+            let b: [u8; 4] = self.bytes.get(at + v4..at + v4 + 4)?.try_into().ok()?;
+            IpAddr::V4(Ipv4Addr::from(b))
         })
     }
 
