@@ -30,12 +30,23 @@ struct Key {
 struct Set {
     /// The pieces as received, tag included.
     pieces: Vec<Vec<u8>>,
-    /// (offset, length) of each piece's data.
-    spans: Vec<(usize, usize)>,
+    /// (offset in the datagram, length, where the data starts in its frame) of each piece.
+    spans: Vec<(usize, usize, usize)>,
+    /// The first piece (its index and place): its headers start the whole datagram.
+    first: Option<(usize, Fragment)>,
     /// The payload length, once the last piece came.
     total: Option<usize>,
     born: Instant,
     bytes: usize,
+}
+
+impl Set {
+    /// The destination port the first piece carries, when it came.
+    fn dst_port(&self) -> Option<u16> {
+        let (i, f) = self.first?;
+        let b = self.pieces[i].get(f.data + 2..f.data + 4)?;
+        Some(u16::from_be_bytes([b[0], b[1]]))
+    }
 }
 
 /// What one piece did.
@@ -79,10 +90,11 @@ impl Defrag {
     pub fn push(&mut self, frame: &[u8], now: Instant) -> Defragged {
         let mut copy = frame.to_vec();
         let f = Frame { bytes: &mut copy };
-        let (Some(frag), Some(src), Some(dst)) = (f.fragment(), f.src_addr(), f.dst_addr()) else {
+        let (Some(frag), Some(src), Some(dst), Some(end)) =
+            (f.fragment(), f.src_addr(), f.dst_addr(), f.end())
+        else {
             return Defragged::Refused("not a fragment");
         };
-        let end = data_end(&f).unwrap_or(0);
         if end <= frag.data || (frag.more && !(end - frag.data).is_multiple_of(8)) {
             return Defragged::Refused("a piece whose length is not a multiple of 8");
         }
@@ -100,6 +112,7 @@ impl Defrag {
         let set = self.sets.entry(key.clone()).or_insert_with(|| Set {
             pieces: Vec::new(),
             spans: Vec::new(),
+            first: None,
             total: None,
             born: now,
             bytes: 0,
@@ -107,9 +120,10 @@ impl Defrag {
         let overlaps = set
             .spans
             .iter()
-            .any(|&(o, l)| frag.offset < o + l && o < frag.offset + len);
+            .any(|&(o, l, _)| frag.offset < o + l && o < frag.offset + len);
         let bad_end = !frag.more
-            && (set.total.is_some() || set.spans.iter().any(|&(o, l)| o + l > frag.offset + len));
+            && (set.total.is_some()
+                || set.spans.iter().any(|&(o, l, _)| o + l > frag.offset + len));
         let beyond = set.total.is_some_and(|t| frag.offset + len > t);
         if overlaps || bad_end || beyond || set.pieces.len() >= MAX_PIECES {
             let set = self.sets.remove(&key).expect("just found");
@@ -123,15 +137,18 @@ impl Defrag {
         if !frag.more {
             set.total = Some(frag.offset + len);
         }
+        if frag.offset == 0 {
+            set.first = Some((set.pieces.len(), frag));
+        }
         set.pieces.push(copy);
-        set.spans.push((frag.offset, len));
+        set.spans.push((frag.offset, len, frag.data));
         set.bytes += size;
         self.bytes += size;
         let complete = set.total.is_some_and(|t| {
             let mut spans = set.spans.clone();
             spans.sort();
             let mut at = 0;
-            for (o, l) in spans {
+            for (o, l, _) in spans {
                 if o != at {
                     return false;
                 }
@@ -192,12 +209,7 @@ impl Defrag {
             return;
         };
         self.bytes -= set.bytes;
-        let dst_port = set.spans.iter().position(|&(o, _)| o == 0).and_then(|i| {
-            let mut b = set.pieces[i].clone();
-            let f = Frame { bytes: &mut b };
-            let d = f.fragment()?.data;
-            Some(u16::from_be_bytes([*b.get(d + 2)?, *b.get(d + 3)?]))
-        });
+        let dst_port = set.dst_port();
         self.gave_way.push(Expired {
             pieces: set.pieces,
             dst_port,
@@ -205,36 +217,18 @@ impl Defrag {
     }
 }
 
-/// End of the datagram in a frame (its length fields, not the Ethernet padding).
-fn data_end(f: &Frame) -> Option<usize> {
-    let b = &*f.bytes;
-    let at = Frame::L3;
-    let n = if f.ethertype()? == ETH_IPV4 {
-        at + u16::from_be_bytes([*b.get(at + 2)?, *b.get(at + 3)?]) as usize
-    } else {
-        at + 40 + u16::from_be_bytes([*b.get(at + 4)?, *b.get(at + 5)?]) as usize
-    };
-    (n <= b.len()).then_some(n)
-}
-
 /// One frame with the first piece's headers (fragmentation undone) and all the data.
 fn assemble(set: &Set) -> Option<Vec<u8>> {
-    let first = set.spans.iter().position(|&(o, _)| o == 0)?;
-    let mut head = set.pieces[first].clone();
-    let f = Frame { bytes: &mut head };
-    let frag: Fragment = f.fragment()?;
-    let v4 = f.ethertype()? == ETH_IPV4;
+    let (first, frag) = set.first?;
+    let head = &set.pieces[first];
     let total = set.total?;
-    let mut out = head[..frag.unfragmentable].to_vec();
+    let mut out = head.get(..frag.unfragmentable)?.to_vec();
     let mut data = vec![0u8; total];
-    for (piece, &(o, l)) in set.pieces.iter().zip(&set.spans) {
-        let mut p = piece.clone();
-        let pf = Frame { bytes: &mut p };
-        let d = pf.fragment()?.data;
-        data[o..o + l].copy_from_slice(p.get(d..d + l)?);
+    for (piece, &(o, l, d)) in set.pieces.iter().zip(&set.spans) {
+        data[o..o + l].copy_from_slice(piece.get(d..d + l)?);
     }
     let at = Frame::L3;
-    if v4 {
+    if head.get(16..18)? == ETH_IPV4.to_be_bytes() {
         let ihl = frag.unfragmentable - at;
         let len = u16::try_from(ihl + total).ok()?;
         out[at + 2..at + 4].copy_from_slice(&len.to_be_bytes());

@@ -212,7 +212,7 @@ impl Frame<'_> {
     }
 
     /// End of the IP datagram in the frame (the frame may carry Ethernet padding).
-    fn end(&self) -> Option<usize> {
+    pub(crate) fn end(&self) -> Option<usize> {
         let at = Self::L3;
         Some(match self.ethertype()? {
             ETH_IPV4 => at + self.be16(at + 2)? as usize,
