@@ -331,10 +331,4 @@ pub fn service_mac(name: &str) -> [u8; 6] {
     [0x02, 0x47, 0x56, (h >> 16) as u8, (h >> 8) as u8, h as u8]
 }
 
-/// `aa:bb:cc:dd:ee:ff`.
-pub fn mac_text(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+pub use flowbridge::ofp::mac_text;

@@ -780,7 +780,8 @@ pub fn decode_port_stats(body: &[u8]) -> Result<Vec<PortStats>, DecodeError> {
 
 // ------------------------------------------------------------------ text form
 
-fn mac(a: &[u8; 6]) -> String {
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn mac_text(a: &[u8; 6]) -> String {
     a.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -837,8 +838,8 @@ impl fmt::Display for Field {
         };
         match self {
             InPort(p) => write!(f, "in_port={}", port_name(*p)),
-            EthSrc(a) => write!(f, "dl_src={}", mac(a)),
-            EthDst(a) => write!(f, "dl_dst={}", mac(a)),
+            EthSrc(a) => write!(f, "dl_src={}", mac_text(a)),
+            EthDst(a) => write!(f, "dl_dst={}", mac_text(a)),
             EthType(t) => write!(f, "dl_type={t:#06x}"),
             VlanVid(v, None) => write!(f, "vlan_vid={v:#x}"),
             VlanVid(v, Some(m)) => write!(f, "vlan_vid={v:#x}/{m:#x}"),

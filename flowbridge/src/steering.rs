@@ -522,9 +522,12 @@ pub fn service_flows(
         ),
         flow(TABLE_VERDICT, 0, c, vec![Field::InPort(svc_port)], vec![]),
     ];
-    v.extend(own_frames(c, svc_port, mac, || {
-        apply(vec![Action::Output(port::NORMAL)])
-    }));
+    v.extend(own_frames(
+        c,
+        svc_port,
+        mac,
+        apply(vec![Action::Output(port::NORMAL)]),
+    ));
     // Verdicts that commit to conntrack, per family.
     for fam in FAMILIES {
         v.push(verdict(
@@ -707,7 +710,7 @@ fn own_frames(
     cookie: u64,
     svc_port: u32,
     mac: Option<[u8; 6]>,
-    then: impl Fn() -> Vec<Instruction>,
+    then: Vec<Instruction>,
 ) -> Vec<Flow> {
     match mac {
         Some(m) => vec![
@@ -716,7 +719,7 @@ fn own_frames(
                 900,
                 cookie,
                 vec![Field::InPort(svc_port), Field::EthSrc(m)],
-                then(),
+                then,
             ),
             flow(
                 TABLE_CLASSIFY,
@@ -731,7 +734,7 @@ fn own_frames(
             900,
             cookie,
             vec![Field::InPort(svc_port)],
-            then(),
+            then,
         )],
     }
 }
@@ -754,9 +757,12 @@ pub fn port_guard_flows(service_id: u32, svc_port: u32, mac: Option<[u8; 6]>) ->
         vec![],
     )];
     if mac.is_some() {
-        v.extend(own_frames(c, svc_port, mac, || {
-            vec![Instruction::GotoTable(TABLE_PRE_CT)]
-        }));
+        v.extend(own_frames(
+            c,
+            svc_port,
+            mac,
+            vec![Instruction::GotoTable(TABLE_PRE_CT)],
+        ));
     }
     v
 }

@@ -6,8 +6,8 @@
 //! was sent to. Answers are built from the query itself, so an EDNS OPT record in the query is
 //! kept (without its options). Blocked lookups over TCP get their session blocked; TCP is read
 //! as a stream, so split and pipelined queries are judged too. Both IP families are served,
-//! and a query sent in IP fragments is put together and judged whole. Configuration: the operator's
-//! settings when the manifest declares them (`DefaultBlock`, `KidsDevices`, `KidsBlock`,
+//! and a query sent in IP fragments is put together and judged whole. Configuration: the
+//! operator's settings when the manifest declares them (`DefaultBlock`, `KidsDevices`, `KidsBlock`,
 //! `KidsBlockAddress`; changed live), else `/etc/dns-filter.toml` (or the path in
 //! `$DNS_FILTER_CONFIG`).
 
@@ -52,7 +52,7 @@ fn main() {
                 log("dropped a fragmented query that never completed");
             } else {
                 for mut p in gone.pieces {
-                    let _ = port.send(&mut p, Verdict::Forward);
+                    send(&port, &mut p, Verdict::Forward);
                 }
             }
         }
