@@ -2,6 +2,8 @@
 //!
 //! - [`beneath`]: trees reached through directory fds (`openat2` beneath a root): unpacking
 //!   and copying that cannot leave the tree.
+//! - [`checkout`]: a service's root as an overlay of a store tree and its own writable
+//!   layer (a packaged tree is on flash once).
 //! - [`keys`]: ed25519 publisher keys and the gateway's trust store (trust, revoke, list).
 //! - [`package`]: the package format (a tar: signed manifest, then artifacts), built
 //!   reproducibly, read with the signature checked before anything is written and every
@@ -11,6 +13,7 @@
 //!   cut at any point leaves at the old or the new version, and garbage collection.
 
 pub mod beneath;
+pub mod checkout;
 pub mod keys;
 pub mod package;
 pub mod rootfs;
