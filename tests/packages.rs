@@ -144,3 +144,98 @@ fn unhealthy_update_rolls_back_by_itself_and_rollback_works_by_hand() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Bytes on disk under `root`, its own filesystem only (a mounted overlay is not counted
+/// again), each hard-linked file once.
+fn disk_usage(root: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(root).unwrap().dev();
+    let mut seen = std::collections::HashSet::new();
+    let (mut total, mut stack) = (0, vec![root.to_path_buf()]);
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.dev() != dev || !seen.insert(m.ino()) {
+                continue;
+            }
+            total += m.blocks() * 512;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    total
+}
+
+fn mounted_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&*dir.to_string_lossy()))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_packaged_container_is_on_disk_once_and_writes_only_its_own_layer() {
+    if !need_root("a_packaged_container_is_on_disk_once_and_writes_only_its_own_layer") {
+        return;
+    }
+    let d = Daemon::start_with_keys();
+    let key = publisher(&d, "operator", true);
+    let dir = d.looping_service("t-pkg", "1.0.0", "");
+    std::fs::create_dir_all(dir.join("files/srv")).unwrap();
+    std::fs::write(dir.join("files/srv/version"), "1.0.0").unwrap();
+    // 16 MiB that no filesystem compresses.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let payload: Vec<u8> = (0..16 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(dir.join("files/srv/payload"), &payload).unwrap();
+    let pkg = d.build_package(&dir, &key, "t-pkg-1.0.0.gvpkg");
+    d.install_package_started(&pkg);
+
+    let state = d.state_dir();
+    let tree = state.join("images/services/t-pkg/1.0.0/rootfs");
+    let unpacked = disk_usage(&tree);
+    assert!(unpacked >= 16 << 20, "{unpacked}");
+    let used = disk_usage(&state);
+    assert!(
+        used < unpacked + unpacked / 8,
+        "the state directory takes {used} bytes for a tree of {unpacked}"
+    );
+    assert_eq!(in_container(&d, "wc -c < /srv/payload").trim(), "16777216");
+
+    // What the service writes is its own: the store's tree stays as it was signed.
+    in_container(&d, "echo changed > /srv/version; echo new > /etc/written");
+    assert_eq!(in_container(&d, "cat /srv/version"), "changed\n");
+    assert_eq!(
+        std::fs::read_to_string(tree.join("srv/version")).unwrap(),
+        "1.0.0"
+    );
+    assert!(!tree.join("etc/written").exists());
+
+    // A reboot takes the mount away; the next start puts it back, with what it wrote.
+    d.json(&["service", "stop", "t-pkg", "--json"]);
+    let svc = state.join("services/t-pkg");
+    gatevisor_images::checkout::Checkout::at(&svc)
+        .unmount()
+        .unwrap();
+    assert!(mounted_under(&svc).is_empty());
+    let st = d.json(&["service", "start", "t-pkg", "--json"]);
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(in_container(&d, "cat /etc/written"), "new\n");
+    assert_eq!(in_container(&d, "cat /srv/version"), "changed\n");
+
+    // Removed: no mount and no layer left behind.
+    d.json(&["service", "stop", "t-pkg", "--json"]);
+    d.json(&["service", "remove", "t-pkg", "--json"]);
+    assert!(mounted_under(&svc).is_empty(), "{:?}", mounted_under(&svc));
+    assert!(!svc.exists());
+    assert!(!state.join("images/services/t-pkg").exists());
+}

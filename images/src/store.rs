@@ -88,9 +88,20 @@ impl Installed {
 }
 
 /// The gateway's check of a verified package before it is committed (see
-/// [`Store::install_checked`]).
-pub type Check<'a> =
-    dyn FnMut(&Path, &PackageManifest) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + 'a;
+/// [`Store::install_checked`]): a refusal, or what the version keeps.
+pub type Check<'a> = dyn FnMut(&Path, &PackageManifest) -> Result<Keep, Box<dyn std::error::Error + Send + Sync>>
+    + 'a;
+
+/// What a committed version keeps of its verified package.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Keep {
+    /// Every artifact.
+    #[default]
+    All,
+    /// A container's: its unpacked tree. The same tree again as a microVM's boot artifacts
+    /// (initramfs, kernel) is not written to flash.
+    Tree,
+}
 
 #[derive(Clone)]
 pub struct Store {
@@ -190,7 +201,7 @@ impl Store {
     /// Verifies and installs `pkg`, making it the current version of its service (the one
     /// before becomes `previous`). `hook` is called at each step (tests crash there).
     pub fn install(&self, pkg: &Path, hook: &mut dyn FnMut(Step)) -> Result<Installed, StoreError> {
-        self.install_checked(pkg, &mut |_, _| Ok(()), hook)
+        self.install_checked(pkg, &mut |_, _| Ok(Keep::All), hook)
     }
 
     /// [`Self::install`] with the gateway's own check of the verified, unpacked package
@@ -257,7 +268,7 @@ impl Store {
         .map_err(perr)?;
         check_name(&manifest.name)?;
         check_name(&manifest.version)?;
-        check(&tree, &manifest).map_err(|source| StoreError::Rejected {
+        let keep = check(&tree, &manifest).map_err(|source| StoreError::Rejected {
             path: pkg.into(),
             source,
         })?;
@@ -267,6 +278,10 @@ impl Store {
             .artifacts
             .iter()
             .filter(|a| !matches!(a.kind, ArtifactKind::Rootfs | ArtifactKind::Service))
+            .filter(|a| {
+                keep == Keep::All
+                    || !matches!(a.kind, ArtifactKind::Initramfs | ArtifactKind::Kernel)
+            })
             .collect();
         if !final_dir.exists() {
             for a in &blobs {

@@ -426,3 +426,42 @@ fn rollback_and_gc_keep_only_current_and_previous() {
         "all blobs collected"
     );
 }
+
+#[test]
+fn a_version_kept_as_a_tree_stores_no_boot_artifacts() {
+    use gatevisor_images::store::Keep;
+    let env = Env::new();
+    let store = env.store();
+    let mut bytes = Vec::new();
+    let initramfs = vec![7u8; 64 * 1024];
+    package::build(
+        "demo",
+        "1.0.0",
+        &[
+            ("service.toml", ArtifactKind::Service, SERVICE),
+            ("rootfs.tar", ArtifactKind::Rootfs, &good_rootfs()),
+            ("initramfs.cpio", ArtifactKind::Initramfs, &initramfs),
+        ],
+        &env.key,
+        &mut bytes,
+    )
+    .unwrap();
+    let pkg = env.write("demo.gvpkg", &bytes);
+    let inst = store
+        .install_checked(&pkg, &mut |_, _| Ok(Keep::Tree), &mut |_| {})
+        .unwrap();
+    assert!(inst.rootfs().unwrap().join("bin/service").is_file());
+    assert!(!inst.dir.join("initramfs.cpio").exists());
+    let blobs: Vec<_> = std::fs::read_dir(store.root().join("blobs/sha256"))
+        .unwrap()
+        .collect();
+    assert!(blobs.is_empty(), "{blobs:?}");
+    // Kept whole, the same package has its initramfs as a blob.
+    store.remove("demo").unwrap();
+    store.gc().unwrap();
+    let inst = store.install(&pkg, &mut |_| {}).unwrap();
+    assert_eq!(
+        std::fs::read(inst.dir.join("initramfs.cpio")).unwrap(),
+        initramfs
+    );
+}

@@ -50,13 +50,10 @@ impl Supervisor {
         dir: &Path,
         source: Source,
     ) -> Result<()> {
-        let Source {
-            from_store,
-            prepared,
-            prepared_owner,
-            idmap,
-        } = source;
-        let mut owned_already = false;
+        let Source { from_store, idmap } = source;
+        let root_owner = idmap.map_or(0, |m| m.host_base);
+        // A packaged tree is not copied: the store's is the read-only lower layer.
+        let mut checkout = None;
         // A microVM's scratch disk is the service's own data: kept across a rebuild (an
         // update, a rollback), as across restarts.
         let disk = dir.join("disk.img");
@@ -64,7 +61,7 @@ impl Supervisor {
         let keep_disk = matches!(image, ImageRef::Initramfs(_))
             && m.resources.disk_mib.is_some()
             && std::fs::rename(&disk, &kept).is_ok();
-        let _ = std::fs::remove_dir_all(dir);
+        remove_service_dir(dir)?;
         let rootfs = dir.join("rootfs");
         std::fs::create_dir_all(dir).map_err(runtime_err)?;
         if keep_disk {
@@ -99,16 +96,18 @@ impl Supervisor {
                 check_static_busybox(&self.settings.busybox)?;
                 lxc::rootfs::build_busybox(&self.settings.busybox, &rootfs).map_err(runtime_err)?
             }
-            ImageRef::Rootfs(_) if prepared.is_some() => {
-                let p = prepared.expect("checked");
-                std::fs::rename(&p, &rootfs).map_err(runtime_err)?;
-                owned_already =
-                    prepared_owner.is_some() && prepared_owner == idmap.map(|m| m.host_base);
+            ImageRef::Rootfs(src) if from_store => {
+                // Given to the container's root by the install's worker already (then this
+                // is one stat); a rollback's older version was given at its install.
+                gatevisor_images::checkout::give_tree(src, root_owner)
+                    .map_err(|e| runtime_err(error_chain(&e)))?;
+                let c = gatevisor_images::checkout::Checkout::at(dir);
+                c.mount(src, root_owner)
+                    .map_err(|e| runtime_err(error_chain(&e)))?;
+                checkout = Some(c);
             }
             ImageRef::Rootfs(src) => {
-                let from = if from_store {
-                    Dir::open(src).map_err(runtime_err)?
-                } else {
+                let from = {
                     let (root, rel) = self.local_image(src)?;
                     root.dir_following(&rel).map_err(|e| escaped(src, e))?
                 };
@@ -127,12 +126,11 @@ impl Supervisor {
             }
             ImageRef::Initramfs(_) => unreachable!("handled above"),
         }
-        // An unprivileged container's root owns its tree (a worker may have done it).
-        if let Some(map) = idmap.filter(|_| !owned_already) {
+        // An unprivileged container's root owns its tree (a checkout's is given above).
+        if let Some(map) = idmap.filter(|_| checkout.is_none()) {
             lxc::rootfs::shift_owner(&rootfs, map.host_base).map_err(runtime_err)?;
         }
         let r = &m.resources;
-        let root_owner = idmap.map_or(0, |m| m.host_base);
         let disk_image = match r.disk_mib {
             Some(mib) => Some(make_disk_image(
                 &rootfs,
@@ -378,6 +376,13 @@ pub(super) fn make_disk_image(
             ),
         ));
     }
+    // The disk holds the tree now: a packaged tree's overlay and layer go (never deleted
+    // through the overlay, which would write to its layer).
+    if let Some(dir) = rootfs.parent() {
+        gatevisor_images::checkout::Checkout::at(dir)
+            .discard()
+            .map_err(|e| runtime_err(error_chain(&e)))?;
+    }
     let _ = std::fs::remove_dir_all(rootfs);
     Ok(img.to_path_buf())
 }
@@ -406,5 +411,45 @@ pub(super) fn idmap_for(id: u32) -> lxc::IdMap {
     lxc::IdMap {
         host_base: IDMAP_BASE + id * 65_536,
         count: 65_536,
+    }
+}
+
+/// Removes a service's directory; a packaged container's overlay comes off first, so nothing
+/// is deleted through it.
+pub(super) fn remove_service_dir(dir: &Path) -> Result<()> {
+    gatevisor_images::checkout::Checkout::at(dir)
+        .unmount()
+        .map_err(|e| runtime_err(error_chain(&e)))?;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+impl Supervisor {
+    /// Puts a packaged container's overlay back before it starts: after a reboot its layers
+    /// are there and the mount is not. Anything else: nothing to do.
+    pub(super) fn mount_checkout(&self, name: &str) -> Result<()> {
+        let rec = self.record(name)?;
+        let c = gatevisor_images::checkout::Checkout::at(&self.service_dir(name));
+        if rec.runtime != Kind::Lxc || !c.exists() || c.is_mounted() {
+            return Ok(());
+        }
+        let missing = |why: String| {
+            err(
+                ErrorKind::Runtime,
+                format!("{name}: its root cannot be mounted: {why}"),
+            )
+        };
+        let version = rec
+            .package_version
+            .as_deref()
+            .ok_or_else(|| missing("it has no packaged version".into()))?;
+        let tree = self
+            .images
+            .version(name, version)
+            .map_err(|e| missing(error_chain(&e)))?
+            .rootfs()
+            .ok_or_else(|| missing(format!("version {version} in the image store has no tree")))?;
+        c.mount(&tree, rec.idmap_base.unwrap_or(0))
+            .map_err(|e| missing(error_chain(&e)))
     }
 }

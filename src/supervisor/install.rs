@@ -49,7 +49,7 @@ impl Supervisor {
             return refuse(self, e);
         }
         self.installing.insert(name.clone());
-        // The id it will get, so the worker can give the rootfs to its user namespace.
+        // The id it will get, so the worker can give the tree to its user namespace.
         let id = self.next_id();
         self.reserved_ids.insert(name.clone(), id);
         let owner = Some(idmap_for(id).host_base);
@@ -57,14 +57,12 @@ impl Supervisor {
         let policy = self.settings.policy.clone();
         let board = self.board.clone();
         let tx = self.tx.clone();
-        let services = self.settings.state_dir.join("services");
         let (pkg2, name2) = (pkg.clone(), name.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("install-{name}"))
             .spawn(move || {
                 let target = Target { runtime, owner };
-                let result =
-                    prepare_package(&images, &policy, &board, &pkg2, &name2, &services, target);
+                let result = prepare_package(&images, &policy, &board, &pkg2, &name2, target);
                 let _ = tx.send(Msg::PackageReady {
                     name: name2,
                     start,
@@ -99,18 +97,13 @@ impl Supervisor {
                 ),
             ))
         } else {
-            self.install_prepared(
+            self.install(
                 &inst.service_manifest(),
                 start,
                 Some((pkg.to_path_buf(), inst.version.clone())),
-                p.rootfs.clone(),
-                p.rootfs_owner,
                 runtime,
             )
         };
-        if let Some(r) = &p.rootfs {
-            let _ = std::fs::remove_dir_all(r.parent().unwrap_or(r));
-        }
         // Only what this install put into the store is taken out again when it fails.
         if res.is_err() && p.new_entry && !self.doc.services.contains_key(&inst.name) {
             let _ = self.images.remove(&inst.name);
@@ -141,25 +134,13 @@ impl Supervisor {
         }
     }
 
-    /// `package`: the package file and version, when the manifest comes from the image store.
+    /// `package`: the package file and version, when the manifest comes from the image store
+    /// (a worker gave its tree to the container's root already).
     pub(super) fn install(
         &mut self,
         path: &Path,
         start: bool,
         package: Option<(PathBuf, String)>,
-        runtime: Option<Kind>,
-    ) -> Result<serde_json::Value> {
-        self.install_prepared(path, start, package, None, None, runtime)
-    }
-
-    /// [`Self::install`] with the container's rootfs already copied by a worker (`rootfs`).
-    pub(super) fn install_prepared(
-        &mut self,
-        path: &Path,
-        start: bool,
-        package: Option<(PathBuf, String)>,
-        rootfs: Option<PathBuf>,
-        rootfs_owner: Option<u32>,
         wanted: Option<Kind>,
     ) -> Result<serde_json::Value> {
         let invalid = |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, e.to_string());
@@ -260,14 +241,12 @@ impl Supervisor {
         let dir = self.service_dir(&m.name);
         let source = Source {
             from_store: package.is_some(),
-            prepared: rootfs,
-            prepared_owner: rootfs_owner,
             idmap,
         };
         let made = self.materialise(&m, &image, caps, &dir, source);
         if let Err(e) = made {
             let _ = self.backends.get(runtime).undefine(&m.name);
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = remove_service_dir(&dir);
             return Err(e);
         }
         let name = m.name.clone();
@@ -302,7 +281,7 @@ impl Supervisor {
         if let Err(e) = self.persist() {
             self.doc.services.remove(&name);
             let _ = self.backends.get(runtime).undefine(&name);
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = remove_service_dir(&dir);
             return Err(e);
         }
         self.event(
@@ -383,14 +362,20 @@ pub(super) fn resolve_runtime(
 
 /// The gateway's checks of a verified package before the image store commits it: its service
 /// manifest is valid, names the same service and version as the package and uses the
-/// package's image, and the privilege policy grants what it asks for its publisher.
-pub(super) fn package_check(
-    policy: &crate::policy::Policy,
+/// package's image, and the privilege policy grants what it asks for its publisher. A
+/// version that will run as a container (`runtime` asked for, or the manifest's resolved for
+/// `board`) keeps only its tree.
+pub(super) fn package_check<'a>(
+    policy: &'a crate::policy::Policy,
+    board: &'a BoardReport,
+    runtime: Option<Kind>,
 ) -> impl FnMut(
     &Path,
     &gatevisor_images::package::PackageManifest,
-) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>
-       + '_ {
+) -> std::result::Result<
+    gatevisor_images::store::Keep,
+    Box<dyn std::error::Error + Send + Sync>,
+> + 'a {
     move |dir, pm| {
         let file = dir.join("service.toml");
         let m = Manifest::load_packaged(&file).map_err(|e| {
@@ -417,92 +402,68 @@ pub(super) fn package_check(
         if m.privileged {
             policy.check_privileged(&who)?;
         }
-        Ok(())
+        // A runtime that does not resolve is refused after the commit, with its own kind.
+        Ok(match resolve_runtime(board, &m, &file, runtime) {
+            Ok(Kind::Lxc) => gatevisor_images::store::Keep::Tree,
+            _ => gatevisor_images::store::Keep::All,
+        })
     }
 }
 
-/// A package install's slow part, on a worker: verify and unpack into the image store (the
-/// gateway's checks run before it commits), then, for a container, copy its rootfs into
-/// `services/.NAME.prepared/rootfs` for the loop to move into place.
-/// What a worker prepares a package's rootfs for: the runtime asked for, and the host uid its
-/// container's root will be (a container's tree is given to it on the worker).
+/// What a worker prepares a package's tree for: the runtime asked for, and the host uid its
+/// container's root will be.
 pub(super) struct Target {
     pub(super) runtime: Option<Kind>,
     pub(super) owner: Option<u32>,
 }
 
+/// A package install's slow part, on a worker: verify and unpack into the image store (the
+/// gateway's checks run before it commits), then, for an unprivileged container, give the
+/// store's tree to the container's root (a walk over every file), so that the loop only
+/// mounts it as the service's read-only lower layer.
 pub(super) fn prepare_package(
     images: &gatevisor_images::store::Store,
     policy: &crate::policy::Policy,
     board: &BoardReport,
     pkg: &Path,
     name: &str,
-    services: &Path,
     target: Target,
 ) -> Result<Prepared> {
     let Target { runtime, owner } = target;
     let new_entry = images.current(name).is_none();
-    let mut check = package_check(policy);
+    let mut check = package_check(policy, board, runtime);
     let installed = images
         .install_checked(pkg, &mut check, &mut |_| {})
         .map_err(|e| store_refusal(pkg, &e))?;
-    let res = prepare_rootfs(installed, board, services, new_entry, runtime, owner);
+    let res = give_to_container(&installed, board, runtime, owner);
     if res.is_err() && new_entry {
         let _ = images.remove(name);
     }
-    res
+    res.map(|()| Prepared {
+        installed,
+        new_entry,
+    })
 }
 
-pub(super) fn prepare_rootfs(
-    installed: gatevisor_images::store::Installed,
+/// Gives a store version's container tree to the host uid its container's root has
+/// (`owner`; root's for a privileged container). A microVM's version has no tree to give.
+pub(super) fn give_to_container(
+    installed: &gatevisor_images::store::Installed,
     board: &BoardReport,
-    services: &Path,
-    new_entry: bool,
     runtime: Option<Kind>,
     owner: Option<u32>,
-) -> Result<Prepared> {
+) -> Result<()> {
     let file = installed.service_manifest();
     let m = Manifest::load(&file).map_err(|e| err(ErrorKind::Invalid, error_chain(&e)))?;
-    // A privileged container's tree stays root's.
-    let owner = owner.filter(|_| !m.privileged);
-    let rootfs = match (
+    if let (Kind::Lxc, Some(tree)) = (
         resolve_runtime(board, &m, &file, runtime)?,
         installed.rootfs(),
     ) {
-        (Kind::Lxc, Some(src)) => {
-            let staging = services.join(format!(".{}.prepared", installed.name));
-            let _ = std::fs::remove_dir_all(&staging);
-            let rootfs = staging.join("rootfs");
-            let copied = std::fs::create_dir_all(&rootfs)
-                .map_err(runtime_err)
-                .and_then(|()| {
-                    let (from, to) = (
-                        Dir::open(&src).map_err(runtime_err)?,
-                        Dir::open(&rootfs).map_err(runtime_err)?,
-                    );
-                    copy_rootfs(&from, &to).map_err(|e| runtime_err(error_chain(&e)))?;
-                    // An unprivileged container's root owns its tree: given here, off the
-                    // loop (a large tree takes a second).
-                    if let Some(uid) = owner {
-                        lxc::rootfs::shift_owner(&rootfs, uid).map_err(runtime_err)?;
-                    }
-                    Ok(())
-                });
-            if let Err(e) = copied {
-                let _ = std::fs::remove_dir_all(&staging);
-                return Err(e);
-            }
-            Some(rootfs)
-        }
-        _ => None,
-    };
-    let rootfs_owner = rootfs.as_ref().and(owner);
-    Ok(Prepared {
-        installed,
-        rootfs,
-        rootfs_owner,
-        new_entry,
-    })
+        let owner = owner.filter(|_| !m.privileged).unwrap_or(0);
+        gatevisor_images::checkout::give_tree(&tree, owner)
+            .map_err(|e| runtime_err(error_chain(&e)))?;
+    }
+    Ok(())
 }
 
 /// What kind of refusal a package error is: its signature (`untrusted`), its content

@@ -63,7 +63,9 @@ impl Supervisor {
         self.live.remove(name);
         self.verdict_servers.remove(name);
         let _ = std::fs::remove_dir_all(self.service_run_dir(name));
-        let _ = std::fs::remove_dir_all(self.service_dir(name));
+        if let Err(e) = remove_service_dir(&self.service_dir(name)) {
+            tracing::warn!("{name}: {}", e.message);
+        }
         let _ = std::fs::remove_file(self.run_files(name).exit_file);
         // Everything the service owned goes: its versions in the image store (so the same
         // name and version installed again is that package's content, not the old one),
@@ -87,6 +89,7 @@ impl Supervisor {
     pub(super) fn start_service(&mut self, name: &str, op: Op) -> Result<()> {
         let tx = self.tx.clone();
         let backend = self.backend(name)?;
+        self.mount_checkout(name)?;
         self.transition(name, op)?;
         let rec = self.record(name)?;
         let spec = StartSpec {

@@ -133,8 +133,8 @@ pub enum Msg {
         generation: u64,
         result: std::result::Result<(), String>,
     },
-    /// An update's worker verified the package into the image store and prepared its rootfs
-    /// (or refused it).
+    /// An update's worker verified the package into the image store and gave its tree to the
+    /// service's container (or refused it).
     UpdateReady {
         name: String,
         pkg: PathBuf,
@@ -143,7 +143,7 @@ pub enum Msg {
         reply: Sender<Reply>,
     },
     /// A package install's worker is done: verified into the image store and, for a
-    /// container, its rootfs copied (`prepared`), or refused.
+    /// container, its tree given to the container's root, or refused.
     PackageReady {
         name: String,
         start: bool,
@@ -160,11 +160,6 @@ struct Source {
     /// The image is in the verified image store (else: a local manifest's, under
     /// `image_roots`).
     from_store: bool,
-    /// A container rootfs a worker already copied.
-    prepared: Option<PathBuf>,
-    /// The host uid the worker already gave that rootfs to (its user namespace's root), so
-    /// the loop does not walk it again.
-    prepared_owner: Option<u32>,
     /// The container's user namespace (`None`: privileged).
     idmap: Option<lxc::IdMap>,
 }
@@ -172,10 +167,6 @@ struct Source {
 /// What a package install's worker made, off the supervisor loop.
 pub struct Prepared {
     installed: gatevisor_images::store::Installed,
-    /// The container's rootfs, copied from the store (none for a microVM).
-    rootfs: Option<PathBuf>,
-    /// The host uid that rootfs was given to, when the worker shifted it.
-    rootfs_owner: Option<u32>,
     /// The store had no version of this service before.
     new_entry: bool,
 }

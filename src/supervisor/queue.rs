@@ -68,8 +68,7 @@ impl Supervisor {
                 }
                 // After a failed step, what was asked with it is not done.
                 Step::Start | Step::Stop { .. } if failed => {}
-                Step::Switch(mut sw) | Step::Judge(mut sw) if failed => {
-                    sw.discard_prepared();
+                Step::Switch(sw) | Step::Judge(sw) if failed => {
                     let error = live.error.take().expect("failed");
                     let _ = sw.reply.send(Reply::Error { error });
                 }
@@ -110,12 +109,7 @@ impl Supervisor {
                         for step in rest {
                             let r = match step {
                                 Step::Reply(r) | Step::Remove(r) => r,
-                                Step::Switch(mut sw)
-                                | Step::Check(mut sw, _)
-                                | Step::Judge(mut sw) => {
-                                    sw.discard_prepared();
-                                    sw.reply
-                                }
+                                Step::Switch(sw) | Step::Check(sw, _) | Step::Judge(sw) => sw.reply,
                                 Step::Start | Step::Stop { .. } => continue,
                             };
                             let _ = r.send(Reply::Error {

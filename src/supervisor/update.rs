@@ -27,27 +27,14 @@ pub(super) enum Why {
 /// A switch to `inst`, and who waits for its outcome.
 pub(super) struct Switch {
     pub(super) inst: gatevisor_images::store::Installed,
-    /// The container's rootfs a worker already copied out of the store (an update's).
-    pub(super) rootfs: Option<PathBuf>,
-    /// The host uid the worker gave that rootfs to.
-    pub(super) rootfs_owner: Option<u32>,
     pub(super) why: Why,
     pub(super) reply: Sender<Reply>,
-}
-
-impl Switch {
-    /// Removes the rootfs a worker prepared, if the switch did not use it.
-    pub(super) fn discard_prepared(&mut self) {
-        if let Some(r) = self.rootfs.take() {
-            let _ = std::fs::remove_dir_all(r.parent().unwrap_or(&r));
-        }
-    }
 }
 
 impl Supervisor {
     /// Replaces a packaged service with a new version from `pkg`; if the new version does not
     /// pass its health check, the previous one is restored by itself. The package is verified
-    /// and its rootfs prepared on a worker ([`Msg::UpdateReady`]); the switch then runs as the
+    /// and its tree given to the container on a worker ([`Msg::UpdateReady`]); the switch then runs as the
     /// service's steps. Answers on `reply` once the chain ends.
     pub(super) fn begin_update(&mut self, name: &str, pkg: &Path, reply: Sender<Reply>) {
         let old_version = match self.check_update(name, pkg) {
@@ -62,7 +49,6 @@ impl Supervisor {
         let images = self.images.clone();
         let policy = self.settings.policy.clone();
         let board = self.board.clone();
-        let services = self.settings.state_dir.join("services");
         let tx = self.tx.clone();
         let (n, p) = (name.to_string(), pkg.to_path_buf());
         let spawned = spawn_worker(&format!("update-{name}"), move || {
@@ -70,7 +56,7 @@ impl Supervisor {
                 runtime: Some(runtime),
                 owner,
             };
-            let result = prepare_package(&images, &policy, &board, &p, &n, &services, target);
+            let result = prepare_package(&images, &policy, &board, &p, &n, target);
             let _ = tx.send(Msg::UpdateReady {
                 name: n,
                 pkg: p,
@@ -99,10 +85,8 @@ impl Supervisor {
             Ok(p) => p,
             Err(e) => return self.refuse_update(name, pkg, e, reply),
         };
-        let mut sw = Switch {
+        let sw = Switch {
             inst: prepared.installed,
-            rootfs: prepared.rootfs,
-            rootfs_owner: prepared.rootfs_owner,
             why: Why::Update {
                 old_version: old_version.clone(),
                 pkg: pkg.to_path_buf(),
@@ -110,7 +94,6 @@ impl Supervisor {
             reply,
         };
         if sw.inst.version == old_version {
-            sw.discard_prepared();
             let e = err(
                 ErrorKind::Conflict,
                 format!("{name} already runs version {old_version}"),
@@ -173,8 +156,6 @@ impl Supervisor {
             Ok(inst) => {
                 let sw = Switch {
                     inst,
-                    rootfs: None,
-                    rootfs_owner: None,
                     why: Why::Rollback,
                     reply,
                 };
@@ -192,9 +173,8 @@ impl Supervisor {
 
     /// The service is stopped: rebuild it from the version to switch to and start it; its
     /// health check follows once it runs.
-    pub(super) fn switch_step(&mut self, name: &str, mut sw: Switch) {
-        let rebuilt = self.rebuild(name, &sw.inst, sw.rootfs.clone(), sw.rootfs_owner);
-        sw.discard_prepared();
+    pub(super) fn switch_step(&mut self, name: &str, sw: Switch) {
+        let rebuilt = self.rebuild(name, &sw.inst);
         if let Err(why) = rebuilt {
             return self.judge(name, sw, Err(why));
         }
@@ -299,8 +279,6 @@ impl Supervisor {
                     Ok(prev) => {
                         let sw = Switch {
                             inst: prev,
-                            rootfs: None,
-                            rootfs_owner: None,
                             why: Why::Restore { detail },
                             reply,
                         };
@@ -350,8 +328,6 @@ impl Supervisor {
         &mut self,
         name: &str,
         inst: &gatevisor_images::store::Installed,
-        prepared: Option<PathBuf>,
-        prepared_owner: Option<u32>,
     ) -> std::result::Result<(), String> {
         let file = inst.service_manifest();
         let m = Manifest::load(&file).map_err(|e| e.to_string())?;
@@ -372,8 +348,6 @@ impl Supervisor {
             .then(|| idmap_for(self.record(name).map(|r| r.id).unwrap_or(0)));
         let source = Source {
             from_store: true,
-            prepared,
-            prepared_owner,
             idmap,
         };
         self.materialise(&m, &image, caps, &dir, source)

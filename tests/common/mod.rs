@@ -314,6 +314,15 @@ impl Drop for Daemon {
                 let _ = rt.stop(&name, Duration::ZERO);
             }
         }
+        // Packaged containers' roots are overlays of the image store: off before the
+        // temporary directory goes.
+        for e in std::fs::read_dir(self.state_dir().join("services"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = gatevisor_images::checkout::Checkout::at(&e.path()).unmount();
+        }
         // The private Open vSwitch outlives a killed daemon by design; stop it here.
         flowbridge::private::stop_in(&self.state_dir().join("ovs"));
         if std::thread::panicking() {
