@@ -268,26 +268,33 @@ impl Store {
         .map_err(perr)?;
         check_name(&manifest.name)?;
         check_name(&manifest.version)?;
+        // The check sees the version as it would be committed, every artifact in place.
+        let files: Vec<_> = manifest
+            .artifacts
+            .iter()
+            .filter(|a| !matches!(a.kind, ArtifactKind::Rootfs | ArtifactKind::Service))
+            .collect();
+        for a in &files {
+            std::fs::hard_link(package::artifact_path(&arts, a), tree.join(&a.name))
+                .map_err(io(&tree))?;
+        }
         let keep = check(&tree, &manifest).map_err(|source| StoreError::Rejected {
             path: pkg.into(),
             source,
         })?;
+        let boot = |a: &&package::Artifact| {
+            matches!(a.kind, ArtifactKind::Initramfs | ArtifactKind::Kernel)
+        };
+        let (blobs, dropped): (Vec<_>, Vec<_>) = files
+            .into_iter()
+            .partition(|a| keep == Keep::All || !boot(a));
+        for a in dropped {
+            let f = tree.join(&a.name);
+            std::fs::remove_file(&f).map_err(io(&f))?;
+        }
         let svc = self.service_dir(&manifest.name);
         let final_dir = svc.join(&manifest.version);
-        let blobs: Vec<_> = manifest
-            .artifacts
-            .iter()
-            .filter(|a| !matches!(a.kind, ArtifactKind::Rootfs | ArtifactKind::Service))
-            .filter(|a| {
-                keep == Keep::All
-                    || !matches!(a.kind, ArtifactKind::Initramfs | ArtifactKind::Kernel)
-            })
-            .collect();
         if !final_dir.exists() {
-            for a in &blobs {
-                std::fs::hard_link(package::artifact_path(&arts, a), tree.join(&a.name))
-                    .map_err(io(&tree))?;
-            }
             hook(Step::Unpacked);
             // One filesystem-wide flush instead of one per file: the same durability before
             // the rename, a fraction of the device flushes.

@@ -448,7 +448,15 @@ fn a_version_kept_as_a_tree_stores_no_boot_artifacts() {
     .unwrap();
     let pkg = env.write("demo.gvpkg", &bytes);
     let inst = store
-        .install_checked(&pkg, &mut |_, _| Ok(Keep::Tree), &mut |_| {})
+        .install_checked(
+            &pkg,
+            &mut |dir, _| {
+                // The check sees every artifact, whatever it keeps.
+                assert!(dir.join("initramfs.cpio").is_file());
+                Ok(Keep::Tree)
+            },
+            &mut |_| {},
+        )
         .unwrap();
     assert!(inst.rootfs().unwrap().join("bin/service").is_file());
     assert!(!inst.dir.join("initramfs.cpio").exists());
