@@ -174,6 +174,210 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+// ------------------------------------------------------------------ typed replies
+//
+// What a request answers, as the daemon writes it and as the CLI, USP and scripts read it:
+// one type each, never a key looked up by name.
+
+/// One service as `status`, `list`, `install`, `start`, `update` and the others answer it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub id: u32,
+    pub name: String,
+    /// The manifest's version.
+    pub version: String,
+    /// The packaged version installed (none for a local manifest).
+    pub package_version: Option<String>,
+    /// The publisher key that signed the installed package.
+    pub publisher: Option<String>,
+    pub runtime: crate::runtime::Kind,
+    pub state: crate::lifecycle::State,
+    pub desired: crate::state::Desired,
+    pub init_pid: Option<i32>,
+    pub monitor_pid: Option<i32>,
+    pub started_at_ms: Option<u64>,
+    pub uptime_s: Option<u64>,
+    pub restarts: u64,
+    pub consecutive_failures: u32,
+    pub last_exit: Option<crate::state::LastExit>,
+    pub failure_reason: Option<String>,
+    pub memory: Memory,
+    pub cpu_usec: Option<u64>,
+    pub pids: Option<u64>,
+    pub failure_mode: crate::manifest::FailureMode,
+    /// The host end of its network interface.
+    pub interface: Option<String>,
+    pub container: Option<ContainerInfo>,
+    pub microvm: Option<MicrovmInfo>,
+    pub log_file: PathBuf,
+    /// The package or manifest it was installed from.
+    pub source: PathBuf,
+    pub settings: Vec<Setting>,
+    pub steering: Option<Steering>,
+    /// Why it is not on the bridge as it should be.
+    pub network_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Memory {
+    pub usage_bytes: Option<u64>,
+    /// A microVM's is its VMM's: the guest's memory and the VMM's own.
+    pub limit_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerInfo {
+    pub lxcpath: PathBuf,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MicrovmInfo {
+    pub config: PathBuf,
+    pub guest_memory_bytes: u64,
+    pub console: PathBuf,
+    pub vmm_rss_bytes: Option<u64>,
+    pub cgroup: Option<PathBuf>,
+}
+
+/// A declared setting with its value, all as text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Setting {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub value: String,
+    pub default: String,
+    /// Set by the operator (else: its default).
+    pub set: bool,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Steering {
+    pub policies: Vec<flowbridge::steering::Policy>,
+    /// None while the switch cannot tell (not plugged, no Open vSwitch).
+    pub counters: Option<flowbridge::controller::Counters>,
+    /// Session verdicts it gave over its verdict socket.
+    pub api_verdicts: u64,
+    pub bridge_fast_path_bytes: Option<u64>,
+}
+
+#[cfg(test)]
+impl ServiceStatus {
+    /// A running container with nothing else to tell, for tests of what reads statuses.
+    pub(crate) fn sample(name: &str) -> ServiceStatus {
+        ServiceStatus {
+            id: 1,
+            name: name.into(),
+            version: "1.0.0".into(),
+            package_version: None,
+            publisher: None,
+            runtime: crate::runtime::Kind::Lxc,
+            state: crate::lifecycle::State::Running,
+            desired: crate::state::Desired::Running,
+            init_pid: Some(2),
+            monitor_pid: Some(1),
+            started_at_ms: Some(0),
+            uptime_s: Some(0),
+            restarts: 0,
+            consecutive_failures: 0,
+            last_exit: None,
+            failure_reason: None,
+            memory: Memory::default(),
+            cpu_usec: None,
+            pids: None,
+            failure_mode: crate::manifest::FailureMode::Open,
+            interface: None,
+            container: None,
+            microvm: None,
+            log_file: PathBuf::new(),
+            source: PathBuf::new(),
+            settings: vec![],
+            steering: None,
+            network_error: None,
+        }
+    }
+}
+
+/// `list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceList {
+    pub services: Vec<ServiceStatus>,
+}
+
+/// `remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    pub removed: String,
+}
+
+/// `events` (without `follow`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Events {
+    pub events: Vec<crate::events::Event>,
+}
+
+/// `logs`: the bytes read, and where the next read starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Logs {
+    pub data: String,
+    pub next_offset: u64,
+}
+
+/// `config-get`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    pub service: String,
+    pub settings: Vec<Setting>,
+}
+
+/// `config-set`: the settings whose value changed (none with `dry_run`: would change).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigChanged {
+    pub service: String,
+    pub changed: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+}
+
+/// `flows`: what the bridge holds, by owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flows {
+    pub bridge: String,
+    pub flows: Vec<FlowEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowEntry {
+    /// `base` (the pipeline), a service's name, or `other` (not gatevisor's).
+    pub owner: String,
+    /// Hexadecimal, `0x…`.
+    pub cookie: String,
+    pub table: u8,
+    pub priority: u16,
+    pub packets: u64,
+    pub bytes: u64,
+    /// The flow as `ovs-ofctl` would write it.
+    pub flow: String,
+}
+
+/// The result of a reply, as `T`: a reply that does not have that shape is an `internal`
+/// error (a daemon of another version).
+pub fn result_as<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, ApiError> {
+    serde_json::from_value(v).map_err(|e| {
+        ApiError::new(
+            ErrorKind::Internal,
+            format!("the daemon's answer does not have the expected shape: {e}"),
+        )
+    })
+}
+
+/// A typed result as a reply's body.
+pub fn to_result<T: Serialize>(t: &T) -> Result<serde_json::Value, ApiError> {
+    serde_json::to_value(t).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum Reply {
@@ -197,6 +401,39 @@ mod tests {
         assert_eq!(s, r#"{"v":1,"op":"start","name":"hello"}"#);
         let back: Envelope<Request> = serde_json::from_str(&s).unwrap();
         assert_eq!(back.body, e.body);
+    }
+
+    #[test]
+    fn typed_replies_read_back_as_written_and_another_shape_is_an_internal_error() {
+        let st = ServiceStatus {
+            settings: vec![Setting {
+                name: "profile".into(),
+                ty: "string".into(),
+                value: "kids".into(),
+                default: "open".into(),
+                set: true,
+                description: String::new(),
+            }],
+            ..ServiceStatus::sample("dns-filter")
+        };
+        let v = to_result(&st).unwrap();
+        assert_eq!(v["state"], "running");
+        assert_eq!(v["settings"][0]["type"], "string");
+        assert_eq!(result_as::<ServiceStatus>(v).unwrap(), st);
+        // `dry_run` is written only when it is one.
+        let c = ConfigChanged {
+            service: "s".into(),
+            changed: vec![],
+            dry_run: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&c).unwrap(),
+            r#"{"service":"s","changed":[]}"#
+        );
+        let e =
+            result_as::<ServiceList>(serde_json::json!({"services": [{"name": "x"}]})).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Internal);
+        assert!(e.message.contains("expected shape"), "{e}");
     }
 
     #[test]

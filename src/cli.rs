@@ -1,9 +1,8 @@
 //! The commands. Each is a few lines: build a request, call, print (`--json` or a table).
 
 use clap::{Args, Subcommand};
-use gatevisor::api::{ErrorKind, Request};
+use gatevisor::api::{self, ErrorKind, Request};
 use gatevisor::client::{Client, ClientError};
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 /// Exit codes scripts can rely on (see README).
@@ -157,16 +156,25 @@ fn fail(e: &ClientError) -> i32 {
     }
 }
 
-fn run(socket: &Path, req: Request, json: bool, human: impl Fn(&Value)) -> i32 {
+/// Sends `req` and prints its answer: as it came with `json`, else read as `T` for `human`.
+fn run<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    req: Request,
+    json: bool,
+    human: impl Fn(&T),
+) -> i32 {
     match Client::new(socket).call(&req) {
-        Ok(v) => {
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            } else {
-                human(&v);
-            }
+        Ok(v) if json => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             0
         }
+        Ok(v) => match api::result_as::<T>(v) {
+            Ok(t) => {
+                human(&t);
+                0
+            }
+            Err(e) => fail(&ClientError::Api(e)),
+        },
         Err(e) => fail(&e),
     }
 }
@@ -186,8 +194,8 @@ pub fn service(socket: &Path, cmd: ServiceCmd) -> i32 {
                 start,
                 runtime,
             };
-            run(socket, req, json, |v| {
-                println!("installed {} ({})", s(v, "name"), s(v, "state"))
+            run(socket, req, json, |v: &api::ServiceStatus| {
+                println!("installed {} ({})", v.name, v.state.name())
             })
         }
         ServiceCmd::Update {
@@ -229,9 +237,12 @@ pub fn service(socket: &Path, cmd: ServiceCmd) -> i32 {
             print_status,
         ),
         ServiceCmd::Thaw(a) => run(socket, Request::Thaw { name: a.name }, a.json, print_status),
-        ServiceCmd::Remove(a) => run(socket, Request::Remove { name: a.name }, a.json, |v| {
-            println!("removed {}", s(v, "removed"))
-        }),
+        ServiceCmd::Remove(a) => run(
+            socket,
+            Request::Remove { name: a.name },
+            a.json,
+            |v: &api::Removed| println!("removed {}", v.removed),
+        ),
         ServiceCmd::Status(a) => run(
             socket,
             Request::Status { name: a.name },
@@ -252,32 +263,36 @@ pub fn service(socket: &Path, cmd: ServiceCmd) -> i32 {
 
 fn config(socket: &Path, name: String, action: Option<ConfigAction>, json: bool) -> i32 {
     match action {
-        None => run(socket, Request::ConfigGet { name }, json, |v| {
-            let list = v["settings"].as_array().cloned().unwrap_or_default();
-            if list.is_empty() {
-                println!("{} declares no settings", s(v, "service"));
-            }
-            for e in list {
-                let mark = if e["set"] == true { "" } else { "  (default)" };
-                println!("{} = {}{mark}", s(&e, "name"), s(&e, "value"));
-                println!("    {}; default {}", s(&e, "type"), s(&e, "default"));
-                if let Some(d) = e["description"].as_str().filter(|d| !d.is_empty()) {
-                    println!("    {d}");
+        None => run(
+            socket,
+            Request::ConfigGet { name },
+            json,
+            |v: &api::Settings| {
+                if v.settings.is_empty() {
+                    println!("{} declares no settings", v.service);
                 }
-            }
-        }),
+                for e in &v.settings {
+                    let mark = if e.set { "" } else { "  (default)" };
+                    println!("{} = {}{mark}", e.name, e.value);
+                    println!("    {}; default {}", e.ty, e.default);
+                    if !e.description.is_empty() {
+                        println!("    {}", e.description);
+                    }
+                }
+            },
+        ),
         Some(ConfigAction::Get { key }) => {
-            match Client::new(socket).call(&Request::ConfigGet { name: name.clone() }) {
-                Ok(v) => match v["settings"]
-                    .as_array()
-                    .and_then(|l| l.iter().find(|e| e["name"] == key.as_str()))
-                {
+            let got = Client::new(socket)
+                .call(&Request::ConfigGet { name: name.clone() })
+                .and_then(|v| api::result_as::<api::Settings>(v).map_err(ClientError::Api));
+            match got {
+                Ok(v) => match v.settings.iter().find(|e| e.name == key) {
                     Some(e) if json => {
                         println!("{}", serde_json::to_string_pretty(e).unwrap_or_default());
                         0
                     }
                     Some(e) => {
-                        println!("{}", s(e, "value"));
+                        println!("{}", e.value);
                         0
                     }
                     None => {
@@ -305,19 +320,11 @@ fn config(socket: &Path, name: String, action: Option<ConfigAction>, json: bool)
                     dry_run: false,
                 },
                 json,
-                |v| {
-                    let changed: Vec<String> = v["changed"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|x| x.as_str().map(String::from))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    if changed.is_empty() {
-                        println!("{}: nothing changed", s(v, "service"));
+                |v: &api::ConfigChanged| {
+                    if v.changed.is_empty() {
+                        println!("{}: nothing changed", v.service);
                     } else {
-                        println!("{}: changed {}", s(v, "service"), changed.join(", "));
+                        println!("{}: changed {}", v.service, v.changed.join(", "));
                     }
                 },
             )
@@ -325,102 +332,78 @@ fn config(socket: &Path, name: String, action: Option<ConfigAction>, json: bool)
     }
 }
 
-fn s(v: &Value, key: &str) -> String {
-    match v.get(key) {
-        Some(Value::String(x)) => x.clone(),
-        Some(Value::Null) | None => "-".into(),
-        Some(other) => other.to_string(),
-    }
+fn or_dash<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map(|x| x.to_string()).unwrap_or_else(|| "-".into())
 }
 
-fn mib(v: Option<&Value>) -> String {
-    v.and_then(Value::as_u64)
-        .map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
+fn mib(v: Option<u64>) -> String {
+    v.map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
         .unwrap_or_else(|| "-".into())
 }
 
-fn print_status(v: &Value) {
-    let mem = v.get("memory");
-    println!(
-        "{}  {}  ({} runtime)",
-        s(v, "name"),
-        s(v, "version"),
-        s(v, "runtime")
-    );
+fn print_status(v: &api::ServiceStatus) {
+    println!("{}  {}  ({} runtime)", v.name, v.version, v.runtime);
     println!(
         "  state:       {} (desired {})",
-        s(v, "state"),
-        s(v, "desired")
+        v.state.name(),
+        v.desired.name()
     );
-    println!("  init pid:    {}", s(v, "init_pid"));
-    println!("  uptime:      {} s", s(v, "uptime_s"));
-    println!("  restarts:    {}", s(v, "restarts"));
+    println!("  init pid:    {}", or_dash(v.init_pid));
+    println!("  uptime:      {} s", or_dash(v.uptime_s));
+    println!("  restarts:    {}", v.restarts);
     println!(
         "  memory:      {} of {}",
-        mib(mem.and_then(|m| m.get("usage_bytes"))),
-        mib(mem.and_then(|m| m.get("limit_bytes")))
+        mib(v.memory.usage_bytes),
+        mib(v.memory.limit_bytes)
     );
-    println!("  interface:   {}", s(v, "interface"));
-    if let Some(vm) = v.get("microvm").filter(|x| !x.is_null()) {
+    println!("  interface:   {}", or_dash(v.interface.as_deref()));
+    if let Some(vm) = &v.microvm {
         println!(
             "  microvm:     guest {}, VMM resident {} ({})",
-            mib(vm.get("guest_memory_bytes")),
-            mib(vm.get("vmm_rss_bytes")),
-            s(vm, "config")
+            mib(Some(vm.guest_memory_bytes)),
+            mib(vm.vmm_rss_bytes),
+            vm.config.display()
         );
     }
-    if let Some(c) = v.pointer("/steering/counters").filter(|c| !c.is_null()) {
+    if let Some((st, c)) = v.steering.as_ref().and_then(|st| Some((st, st.counters?))) {
         println!(
             "  steered:     {} packets, {} bytes to the service; bridge fast path {} bytes",
-            s(c, "steered_packets"),
-            s(c, "steered_bytes"),
-            v.pointer("/steering/bridge_fast_path_bytes")
-                .map(|b| b.to_string())
-                .unwrap_or_default()
+            c.steered_packets,
+            c.steered_bytes,
+            or_dash(st.bridge_fast_path_bytes)
         );
-        let vd = c.get("verdicts").cloned().unwrap_or_default();
+        let vd = c.verdicts;
         println!(
             "  verdicts:    {} forward, {} allow, {} block, {} reply (in band); {} over the API",
-            s(&vd, "forward"),
-            s(&vd, "allow"),
-            s(&vd, "block"),
-            s(&vd, "reply"),
-            v.pointer("/steering/api_verdicts")
-                .map(|b| b.to_string())
-                .unwrap_or_default()
+            vd.forward, vd.allow, vd.block, vd.reply, st.api_verdicts
         );
     }
-    if let Some(e) = v.get("network_error").filter(|e| !e.is_null()) {
-        println!("  network:     {}", e.as_str().unwrap_or_default());
+    if let Some(e) = &v.network_error {
+        println!("  network:     {e}");
     }
-    if let Some(e) = v.get("last_exit").filter(|e| !e.is_null()) {
-        println!("  last exit:   {}", s(e, "description"));
+    if let Some(e) = &v.last_exit {
+        println!("  last exit:   {}", e.description);
     }
-    if let Some(r) = v.get("failure_reason").filter(|r| !r.is_null()) {
-        println!("  failed:      {}", r.as_str().unwrap_or_default());
+    if let Some(r) = &v.failure_reason {
+        println!("  failed:      {r}");
     }
 }
 
-fn print_list(v: &Value) {
-    let list = v
-        .get("services")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+fn print_list(v: &api::ServiceList) {
     println!(
         "{:<13} {:<10} {:<8} {:<9} {:>8} {:>8} {:>11}",
         "NAME", "VERSION", "RUNTIME", "STATE", "PID", "RESTARTS", "MEMORY"
     );
-    for x in &list {
+    for x in &v.services {
         println!(
             "{:<13} {:<10} {:<8} {:<9} {:>8} {:>8} {:>11}",
-            s(x, "name"),
-            s(x, "version"),
-            s(x, "runtime"),
-            s(x, "state"),
-            s(x, "init_pid"),
-            s(x, "restarts"),
-            mib(x.get("memory").and_then(|m| m.get("usage_bytes")))
+            x.name,
+            x.version,
+            x.runtime.to_string(),
+            x.state.name(),
+            or_dash(x.init_pid),
+            x.restarts,
+            mib(x.memory.usage_bytes)
         );
     }
 }
@@ -435,14 +418,14 @@ fn logs(socket: &Path, name: String, follow: bool, bytes: u64) -> i32 {
             offset,
             tail_bytes: bytes,
         };
-        match client.call(&req) {
+        let got = client
+            .call(&req)
+            .and_then(|v| api::result_as::<api::Logs>(v).map_err(ClientError::Api));
+        match got {
             Ok(v) => {
-                print!(
-                    "{}",
-                    v.get("data").and_then(Value::as_str).unwrap_or_default()
-                );
+                print!("{}", v.data);
                 let _ = std::io::stdout().flush();
-                offset = v.get("next_offset").and_then(Value::as_u64);
+                offset = Some(v.next_offset);
             }
             Err(e) => return fail(&e),
         }
@@ -482,18 +465,30 @@ impl Drop for RawTerminal {
     }
 }
 
+fn status_of(socket: &Path, name: &str) -> Result<api::ServiceStatus, ClientError> {
+    Client::new(socket)
+        .call(&Request::Status {
+            name: name.to_string(),
+        })
+        .and_then(|v| api::result_as(v).map_err(ClientError::Api))
+}
+
 fn console(socket: &Path, name: String, for_s: Option<u64>) -> i32 {
     use std::io::{Read, Write};
     use std::time::Duration;
-    let status = match Client::new(socket).call(&Request::Status { name: name.clone() }) {
+    let status = match status_of(socket, &name) {
         Ok(v) => v,
         Err(e) => return fail(&e),
     };
-    let Some(path) = status.pointer("/microvm/console").and_then(Value::as_str) else {
+    let Some(path) = status
+        .microvm
+        .as_ref()
+        .map(|vm| vm.console.display().to_string())
+    else {
         eprintln!("gatevisor: service {name} is not a microVM: it has no serial console (try `gatevisor service logs {name}`)");
         return ErrorKind::Invalid.exit_code();
     };
-    let stream = match std::os::unix::net::UnixStream::connect(path) {
+    let stream = match std::os::unix::net::UnixStream::connect(&path) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("gatevisor: {name}'s console ({path}): {e} (is it running?)");
@@ -570,17 +565,17 @@ fn console(socket: &Path, name: String, for_s: Option<u64>) -> i32 {
 }
 
 fn exec(socket: &Path, name: String, command: Vec<String>) -> i32 {
-    let status = match Client::new(socket).call(&Request::Status { name: name.clone() }) {
+    let status = match status_of(socket, &name) {
         Ok(v) => v,
         Err(e) => return fail(&e),
     };
-    let Some(lxcpath) = status.pointer("/container/lxcpath").and_then(Value::as_str) else {
+    let Some(lxcpath) = status.container.as_ref().map(|c| c.lxcpath.clone()) else {
         eprintln!("gatevisor: service {name} has no container");
         return 1;
     };
     // Attaching needs no monitor and no limits: only the container's path and name.
     let rt = gatevisor_lxc::Runtime::new(
-        Path::new(lxcpath),
+        &lxcpath,
         gatevisor_lxc::Cgroups::V1,
         gatevisor_lxc::MonitorCommand {
             program: PathBuf::new(),
@@ -699,16 +694,10 @@ pub fn events(socket: &Path, args: EventsArgs) -> i32 {
                 follow: false,
                 last: args.last,
             })
-            .inspect(|v| {
-                for e in v
-                    .get("events")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    if let Ok(ev) = serde_json::from_value(e.clone()) {
-                        print(&ev);
-                    }
+            .and_then(|v| api::result_as::<api::Events>(v).map_err(ClientError::Api))
+            .map(|v| {
+                for e in &v.events {
+                    print(e);
                 }
             })
     };
@@ -731,21 +720,13 @@ fn clock(ms: u64) -> String {
 }
 
 pub fn flows(socket: &Path, json: bool) -> i32 {
-    run(socket, Request::Flows, json, |v| {
-        println!("bridge {}", s(v, "bridge"));
+    run(socket, Request::Flows, json, |v: &api::Flows| {
+        println!("bridge {}", v.bridge);
         println!("{:<10} {:>10} {:>12}  FLOW", "OWNER", "PACKETS", "BYTES");
-        for f in v
-            .get("flows")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for f in &v.flows {
             println!(
                 "{:<10} {:>10} {:>12}  {}",
-                s(f, "owner"),
-                s(f, "packets"),
-                s(f, "bytes"),
-                s(f, "flow")
+                f.owner, f.packets, f.bytes, f.flow
             );
         }
     })

@@ -86,28 +86,25 @@ impl Client {
         &self,
         last: usize,
         mut on_event: impl FnMut(&Event) -> bool,
-    ) -> Result<serde_json::Value, ClientError> {
+    ) -> Result<(), ClientError> {
         let mut r = self.send(&Request::Events { follow: true, last })?;
-        let past = Client::read_reply(&mut r)?;
-        if let Some(list) = past.get("events").and_then(|e| e.as_array()) {
-            for e in list {
-                if let Ok(ev) = serde_json::from_value::<Event>(e.clone()) {
-                    if !on_event(&ev) {
-                        return Ok(past);
-                    }
-                }
+        let past: crate::api::Events =
+            crate::api::result_as(Client::read_reply(&mut r)?).map_err(ClientError::Api)?;
+        for ev in &past.events {
+            if !on_event(ev) {
+                return Ok(());
             }
         }
         let mut line = String::new();
         loop {
             line.clear();
             if r.read_line(&mut line)? == 0 {
-                return Ok(past);
+                return Ok(());
             }
             let env: Envelope<Event> =
                 serde_json::from_str(&line).map_err(|e| ClientError::BadReply(e.to_string()))?;
             if !on_event(&env.body) {
-                return Ok(past);
+                return Ok(());
             }
         }
     }

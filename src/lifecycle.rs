@@ -20,6 +20,21 @@ pub enum State {
     Failed,
 }
 
+impl State {
+    /// As the API writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Installed => "installed",
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+            State::Backoff => "backoff",
+            State::Failed => "failed",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Op {

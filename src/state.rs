@@ -25,6 +25,16 @@ pub enum Desired {
     Stopped,
 }
 
+impl Desired {
+    /// As the API writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Desired::Running => "running",
+            Desired::Stopped => "stopped",
+        }
+    }
+}
+
 /// How the program last ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastExit {

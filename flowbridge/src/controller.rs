@@ -44,7 +44,7 @@ struct ServiceSteering {
 }
 
 /// Packets and bytes steered to a service, from its flows' counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     pub steered_packets: u64,
     pub steered_bytes: u64,
@@ -55,7 +55,7 @@ pub struct Counters {
 }
 
 /// Packets a service returned, by the verdict they carried.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerdictCounts {
     pub forward: u64,
     pub allow: u64,

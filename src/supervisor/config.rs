@@ -53,9 +53,12 @@ impl Supervisor {
     }
 
     /// `service config NAME`: each declared setting, its type, value and default.
-    pub(super) fn config_get(&self, name: &str) -> Result<Value> {
+    pub(super) fn config_get(&self, name: &str) -> Result<crate::api::Settings> {
         let rec = self.record(name)?;
-        Ok(json!({ "service": name, "settings": settings_view(rec) }))
+        Ok(crate::api::Settings {
+            service: name.to_string(),
+            settings: settings_view(rec),
+        })
     }
 
     /// Changes settings of service `name` (`NAME` → text), all or nothing; with `dry_run`
@@ -65,7 +68,7 @@ impl Supervisor {
         name: &str,
         values: &BTreeMap<String, String>,
         dry_run: bool,
-    ) -> Result<Value> {
+    ) -> Result<crate::api::ConfigChanged> {
         let rec = self.record(name)?;
         if values.is_empty() {
             return Err(err(ErrorKind::Invalid, "no setting to change (NAME=VALUE)"));
@@ -85,7 +88,11 @@ impl Supervisor {
             .map(|(k, _)| k.clone())
             .collect();
         if dry_run {
-            return Ok(json!({ "service": name, "changed": changed, "dry_run": true }));
+            return Ok(crate::api::ConfigChanged {
+                service: name.to_string(),
+                changed,
+                dry_run: true,
+            });
         }
         let old = std::mem::replace(&mut self.record_mut(name)?.settings, next);
         if let Err(e) = self.persist() {
@@ -101,26 +108,28 @@ impl Supervisor {
                 format!("settings changed: {}", changed.join(", ")),
             );
         }
-        Ok(json!({ "service": name, "changed": changed }))
+        Ok(crate::api::ConfigChanged {
+            service: name.to_string(),
+            changed,
+            dry_run: false,
+        })
     }
 }
 
 /// Each declared setting of a service: name, type, value and default (as text), whether the
 /// operator set it, and its description.
-pub(super) fn settings_view(rec: &ServiceRecord) -> Vec<Value> {
+pub(super) fn settings_view(rec: &ServiceRecord) -> Vec<crate::api::Setting> {
     let m = &rec.manifest;
     let values = settings::effective(&m.settings, &rec.settings);
     m.settings
         .iter()
-        .map(|(k, d)| {
-            json!({
-                "name": k,
-                "type": d.ty.name(),
-                "value": settings::to_text(&values[k]),
-                "default": settings::to_text(&d.default),
-                "set": rec.settings.contains_key(k),
-                "description": d.description,
-            })
+        .map(|(k, d)| crate::api::Setting {
+            name: k.clone(),
+            ty: d.ty.name().to_string(),
+            value: settings::to_text(&values[k]),
+            default: settings::to_text(&d.default),
+            set: rec.settings.contains_key(k),
+            description: d.description.clone(),
         })
         .collect()
 }

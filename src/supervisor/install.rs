@@ -85,7 +85,7 @@ impl Supervisor {
         start: bool,
         runtime: Option<Kind>,
         p: Prepared,
-    ) -> Result<serde_json::Value> {
+    ) -> Result<api::ServiceStatus> {
         let inst = p.installed;
         let res = if self.doc.services.contains_key(&inst.name) {
             Err(err(
@@ -142,7 +142,7 @@ impl Supervisor {
         start: bool,
         package: Option<(PathBuf, String)>,
         wanted: Option<Kind>,
-    ) -> Result<serde_json::Value> {
+    ) -> Result<api::ServiceStatus> {
         let invalid = |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, e.to_string());
         let path = std::path::absolute(path).map_err(|e| invalid(&e))?;
         let m = Manifest::load(&path).map_err(|e| err(ErrorKind::Invalid, error_chain(&e)))?;

@@ -40,7 +40,7 @@ impl Supervisor {
         self.backend(name).ok()?.main_pid(name)
     }
 
-    pub(super) fn remove(&mut self, name: &str) -> Result<serde_json::Value> {
+    pub(super) fn remove(&mut self, name: &str) -> Result<api::Removed> {
         if self.record(name)?.state.is_active() {
             return Err(err(
                 ErrorKind::Conflict,
@@ -80,7 +80,9 @@ impl Supervisor {
             let _ = std::fs::remove_file(log.with_extension(format!("log.{n}")));
         }
         self.event(EventKind::Removed, Some(name), "removed");
-        Ok(json!({ "removed": name }))
+        Ok(api::Removed {
+            removed: name.to_string(),
+        })
     }
 
     // ---------------------------------------------------------------- lifecycle

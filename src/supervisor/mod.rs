@@ -27,7 +27,7 @@ use gatevisor_board::{AutoRuntime, BoardReport, CgroupVersion};
 use gatevisor_lxc as lxc;
 use serde_json::json;
 
-use crate::api::{error_chain, ApiError, ErrorKind, Reply, Request};
+use crate::api::{self, error_chain, ApiError, ErrorKind, Reply, Request};
 use crate::events::{Event, EventKind, EventLog};
 use crate::lifecycle::{Op, State};
 use crate::manifest::{ImageRef, Manifest, RuntimeKind};
@@ -545,8 +545,16 @@ impl Supervisor {
                     runtime,
                 },
                 reply,
-            ) if is_package(&manifest) => {
-                self.begin_install_package(manifest, start, runtime, reply);
+            ) => {
+                if is_package(&manifest) {
+                    self.begin_install_package(manifest, start, runtime, reply);
+                } else {
+                    let res = self.install(&manifest, start, None, runtime);
+                    if let Err(e) = &res {
+                        self.refused(&manifest.display().to_string(), e);
+                    }
+                    self.answer_install(res, start, reply);
+                }
             }
             Msg::PackageReady {
                 name,
@@ -589,16 +597,10 @@ impl Supervisor {
             }
             Msg::Request(Request::Rollback { name }, reply) => self.begin_rollback(&name, reply),
             Msg::Request(req, reply) => {
-                let start = matches!(req, Request::Install { start: true, .. });
-                let what = match &req {
-                    Request::Install { manifest, .. } => Some(manifest.display().to_string()),
-                    _ => None,
-                };
-                let res = self.handle(req);
-                if let (Some(what), Err(e)) = (what, &res) {
-                    self.refused(&what, e);
-                }
-                self.answer_install(res, start, reply);
+                let _ = reply.send(match self.handle(req) {
+                    Ok(result) => Reply::Ok { result },
+                    Err(error) => Reply::Error { error },
+                });
             }
             Msg::StartDone {
                 name,
@@ -662,20 +664,14 @@ impl Supervisor {
     /// Answers a request; an install that asked for a start answers once the start ended.
     fn answer_install(
         &mut self,
-        res: Result<serde_json::Value>,
+        res: Result<api::ServiceStatus>,
         start: bool,
         reply: Sender<Reply>,
     ) {
-        let installed = res
-            .as_ref()
-            .ok()
-            .and_then(|v| v.get("name"))
-            .and_then(|n| n.as_str())
-            .map(str::to_string);
-        match (res, installed) {
-            (Ok(_), Some(name)) if start => self.enqueue(&name, vec![Step::Start], Some(reply)),
-            (res, _) => {
-                let _ = reply.send(match res {
+        match res {
+            Ok(st) if start => self.enqueue(&st.name, vec![Step::Start], Some(reply)),
+            res => {
+                let _ = reply.send(match res.and_then(|st| api::to_result(&st)) {
                     Ok(result) => Reply::Ok { result },
                     Err(error) => Reply::Error { error },
                 });
@@ -770,11 +766,10 @@ impl Supervisor {
                 ErrorKind::Internal,
                 "package installs run on a worker, not in handle()",
             )),
-            Request::Install {
-                manifest,
-                start,
-                runtime,
-            } => self.install(&manifest, start, None, runtime),
+            Request::Install { .. } => Err(err(
+                ErrorKind::Internal,
+                "installs are answered by the loop, not in handle()",
+            )),
             // Starts and stops run on workers, their answers queued behind them (dispatch).
             Request::Start { .. }
             | Request::Stop { .. }
@@ -788,35 +783,41 @@ impl Supervisor {
             Request::Freeze { name } => {
                 self.require_running(&name)?;
                 self.backend(&name)?.pause(&name).map_err(runtime_err)?;
-                self.status(&name)
+                self.status(&name).and_then(|s| api::to_result(&s))
             }
             Request::Thaw { name } => {
                 self.require_running(&name)?;
                 self.backend(&name)?.resume(&name).map_err(runtime_err)?;
-                self.status(&name)
+                self.status(&name).and_then(|s| api::to_result(&s))
             }
             Request::List => {
                 let names: Vec<String> = self.doc.services.keys().cloned().collect();
-                let mut list = Vec::new();
+                let mut services = Vec::new();
                 for n in &names {
-                    list.extend(self.status(n).ok());
+                    services.extend(self.status(n).ok());
                 }
-                Ok(json!({ "services": list }))
+                api::to_result(&api::ServiceList { services })
             }
-            Request::Status { name } => self.status(&name),
+            Request::Status { name } => self.status(&name).and_then(|s| api::to_result(&s)),
             Request::Logs {
                 name,
                 offset,
                 tail_bytes,
-            } => self.logs(&name, offset, tail_bytes),
-            Request::Events { last, .. } => Ok(json!({ "events": self.events.last(last) })),
-            Request::Flows => self.flows(),
-            Request::ConfigGet { name } => self.config_get(&name),
+            } => self
+                .logs(&name, offset, tail_bytes)
+                .and_then(|l| api::to_result(&l)),
+            Request::Events { last, .. } => api::to_result(&api::Events {
+                events: self.events.last(last),
+            }),
+            Request::Flows => self.flows().and_then(|f| api::to_result(&f)),
+            Request::ConfigGet { name } => self.config_get(&name).and_then(|c| api::to_result(&c)),
             Request::ConfigSet {
                 name,
                 values,
                 dry_run,
-            } => self.config_set(&name, &values, dry_run),
+            } => self
+                .config_set(&name, &values, dry_run)
+                .and_then(|c| api::to_result(&c)),
         }
     }
 

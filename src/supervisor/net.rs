@@ -292,7 +292,7 @@ impl Supervisor {
         steers
     }
 
-    pub(super) fn flows(&mut self) -> Result<serde_json::Value> {
+    pub(super) fn flows(&mut self) -> Result<api::Flows> {
         let Some(net) = self.net.as_mut() else {
             return Err(err(
                 ErrorKind::Conflict,
@@ -315,20 +315,18 @@ impl Supervisor {
                 .map(|r| r.manifest.name.clone())
                 .unwrap_or_else(|| "other".into())
         };
-        let list: Vec<serde_json::Value> = flows
+        let flows = flows
             .iter()
-            .map(|f| {
-                json!({
-                    "owner": owner(f.flow.cookie),
-                    "cookie": format!("{:#x}", f.flow.cookie),
-                    "table": f.flow.table,
-                    "priority": f.flow.priority,
-                    "packets": f.packet_count,
-                    "bytes": f.byte_count,
-                    "flow": f.flow.to_string(),
-                })
+            .map(|f| api::FlowEntry {
+                owner: owner(f.flow.cookie),
+                cookie: format!("{:#x}", f.flow.cookie),
+                table: f.flow.table,
+                priority: f.flow.priority,
+                packets: f.packet_count,
+                bytes: f.byte_count,
+                flow: f.flow.to_string(),
             })
             .collect();
-        Ok(json!({ "bridge": bridge, "flows": list }))
+        Ok(api::Flows { bridge, flows })
     }
 }

@@ -59,7 +59,7 @@ impl Supervisor {
                 Step::Reply(reply) => {
                     let r = match live.error.take() {
                         Some(error) => Err(error),
-                        None => self.status(name),
+                        None => self.status(name).and_then(|s| api::to_result(&s)),
                     };
                     let _ = reply.send(match r {
                         Ok(result) => Reply::Ok { result },
@@ -95,7 +95,7 @@ impl Supervisor {
                     let rest = std::mem::take(&mut live.queue);
                     let r = match live.error.take() {
                         Some(e) => Err(e),
-                        None => self.remove(name),
+                        None => self.remove(name).and_then(|r| api::to_result(&r)),
                     };
                     let removed = r.is_ok();
                     let _ = reply.send(match r {

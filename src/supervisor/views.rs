@@ -3,7 +3,7 @@
 use super::*;
 
 impl Supervisor {
-    pub(super) fn status(&mut self, name: &str) -> Result<serde_json::Value> {
+    pub(super) fn status(&mut self, name: &str) -> Result<api::ServiceStatus> {
         let (id, has_steering) = {
             let rec = self.record(name)?;
             (rec.id, !rec.manifest.network.steering.is_empty())
@@ -22,63 +22,65 @@ impl Supervisor {
         let running = rec.running.as_ref();
         let m = &rec.manifest;
         let live = self.live.get(name);
-        let settings = config::settings_view(rec);
-        Ok(json!({
-            "id": id,
-            "settings": settings,
-            "steering": has_steering.then(|| json!({
-                "policies": m.network.steering,
-                "counters": counters,
-                "api_verdicts": live.map(|l| l.api_verdicts).unwrap_or_default(),
-                "bridge_fast_path_bytes": fast_path_bytes,
-            })),
-            "network_error": live.and_then(|l| l.net_error.clone()),
-            "name": name,
-            "version": m.version,
-            "package_version": rec.package_version,
-            // The publisher key that signed the installed package.
-            "publisher": rec
+        Ok(api::ServiceStatus {
+            id,
+            name: name.to_string(),
+            version: m.version.clone(),
+            package_version: rec.package_version.clone(),
+            publisher: rec
                 .package_version
                 .as_ref()
                 .and_then(|v| self.images.version(name, v).ok())
                 .and_then(|i| i.publisher()),
-            "runtime": rec.runtime,
-            "state": rec.state,
-            "desired": rec.desired,
-            "init_pid": running.map(|r| r.init_pid),
-            "monitor_pid": running.map(|r| r.monitor_pid),
-            "started_at_ms": running.map(|r| r.started_at_ms),
-            "uptime_s": running.map(|r| now_ms().saturating_sub(r.started_at_ms) / 1000),
-            "restarts": rec.restarts,
-            "consecutive_failures": rec.consecutive_failures,
-            "last_exit": rec.last_exit,
-            "failure_reason": rec.failure_reason,
-            "memory": {
-                "usage_bytes": usage.as_ref().and_then(|u| u.memory_bytes),
-                // A microVM's limit is its VMM's: the guest's memory and the VMM's own.
-                "limit_bytes": if vm {
+            runtime: rec.runtime,
+            state: rec.state,
+            desired: rec.desired,
+            init_pid: running.map(|r| r.init_pid),
+            monitor_pid: running.map(|r| r.monitor_pid),
+            started_at_ms: running.map(|r| r.started_at_ms),
+            uptime_s: running.map(|r| now_ms().saturating_sub(r.started_at_ms) / 1000),
+            restarts: rec.restarts,
+            consecutive_failures: rec.consecutive_failures,
+            last_exit: rec.last_exit.clone(),
+            failure_reason: rec.failure_reason.clone(),
+            memory: api::Memory {
+                usage_bytes: usage.as_ref().and_then(|u| u.memory_bytes),
+                limit_bytes: if vm {
                     crate::runtime::microvm::vm_limits(&limits_of(&m.resources)).memory_bytes
                 } else {
                     limits_of(&m.resources).memory_bytes
                 },
             },
-            "cpu_usec": usage.as_ref().and_then(|u| u.cpu_usec),
-            "pids": usage.as_ref().and_then(|u| u.pids),
-            "failure_mode": m.failure_mode,
-            "interface": m.network.interface.then(|| veth_name(name)),
-            "container": (!vm).then(|| json!({ "lxcpath": self.rt.lxcpath(), "name": name })),
-            "microvm": vm.then(|| json!({
-                "config": self.vms.config_path(name),
-                "guest_memory_bytes": crate::microvm::guest_memory_mib(m.resources.memory_mib) * 1024 * 1024,
-                "console": self.vms.console_path(name),
-                "vmm_rss_bytes": usage.as_ref().and_then(|u| u.memory_bytes),
-                "cgroup": crate::runtime::cgroup::VmCgroup::of(name, self.vms.cgroups)
+            cpu_usec: usage.as_ref().and_then(|u| u.cpu_usec),
+            pids: usage.as_ref().and_then(|u| u.pids),
+            failure_mode: m.failure_mode,
+            interface: m.network.interface.then(|| veth_name(name)),
+            container: (!vm).then(|| api::ContainerInfo {
+                lxcpath: self.rt.lxcpath().to_path_buf(),
+                name: name.to_string(),
+            }),
+            microvm: vm.then(|| api::MicrovmInfo {
+                config: self.vms.config_path(name),
+                guest_memory_bytes: crate::microvm::guest_memory_mib(m.resources.memory_mib)
+                    * 1024
+                    * 1024,
+                console: self.vms.console_path(name),
+                vmm_rss_bytes: usage.as_ref().and_then(|u| u.memory_bytes),
+                cgroup: crate::runtime::cgroup::VmCgroup::of(name, self.vms.cgroups)
                     .dir()
                     .map(Path::to_path_buf),
-            })),
-            "log_file": self.log_file(name),
-            "source": rec.source,
-        }))
+            }),
+            log_file: self.log_file(name),
+            source: rec.source.clone(),
+            settings: config::settings_view(rec),
+            steering: has_steering.then(|| api::Steering {
+                policies: m.network.steering.clone(),
+                counters,
+                api_verdicts: live.map(|l| l.api_verdicts).unwrap_or_default(),
+                bridge_fast_path_bytes: fast_path_bytes,
+            }),
+            network_error: live.and_then(|l| l.net_error.clone()),
+        })
     }
 
     pub(super) fn logs(
@@ -86,13 +88,18 @@ impl Supervisor {
         name: &str,
         offset: Option<u64>,
         tail_bytes: u64,
-    ) -> Result<serde_json::Value> {
+    ) -> Result<api::Logs> {
         use std::io::{Read, Seek, SeekFrom};
         self.record(name)?;
         let path = self.log_file(name);
         let mut f = match std::fs::File::open(&path) {
             Ok(f) => f,
-            Err(_) => return Ok(json!({"data": "", "next_offset": 0})),
+            Err(_) => {
+                return Ok(api::Logs {
+                    data: String::new(),
+                    next_offset: 0,
+                })
+            }
         };
         let size = f.metadata().map(|m| m.len()).unwrap_or(0);
         let from = match offset {
@@ -105,6 +112,9 @@ impl Supervisor {
         let mut buf = vec![0u8; want as usize];
         f.seek(SeekFrom::Start(from)).map_err(runtime_err)?;
         f.read_exact(&mut buf).map_err(runtime_err)?;
-        Ok(json!({"data": String::from_utf8_lossy(&buf), "next_offset": from + want}))
+        Ok(api::Logs {
+            data: String::from_utf8_lossy(&buf).into_owned(),
+            next_offset: from + want,
+        })
     }
 }

@@ -10,7 +10,9 @@
 use super::codec::{Fault, GetResult, Incoming, NotifyKind, OperateOutcome, Outgoing};
 use super::path::Pattern;
 use super::schema::{self, Known, CONTROLLERS, REQS, SUBS};
-use crate::api::{ApiError, ErrorKind, Request};
+use crate::api::{ApiError, ErrorKind, Request, ServiceStatus};
+use crate::lifecycle::State;
+use crate::state::Desired;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -400,22 +402,27 @@ impl Model {
         Ok(())
     }
 
-    fn services(&self) -> Vec<Value> {
-        self.backend
-            .call(Request::List)
-            .ok()
-            .and_then(|v| v.get("services").and_then(|s| s.as_array().cloned()))
-            .unwrap_or_default()
+    /// The daemon's services; `None` when it cannot tell.
+    fn services(&self) -> Option<Vec<ServiceStatus>> {
+        let v = self.backend.call(Request::List).ok()?;
+        match crate::api::result_as::<crate::api::ServiceList>(v) {
+            Ok(l) => Some(l.services),
+            Err(e) => {
+                tracing::warn!("usp: {e}");
+                None
+            }
+        }
     }
 
     /// Gives every installed service a DU/EU instance number (kept across restarts) and
-    /// forgets those that are gone. Returns the services by name.
-    fn sync_units(&self) -> BTreeMap<String, Value> {
-        let services: BTreeMap<String, Value> = self
-            .services()
-            .into_iter()
-            .filter_map(|s| Some((s.get("name")?.as_str()?.to_string(), s)))
-            .collect();
+    /// forgets those that are gone. Returns the services by name (none, and nothing
+    /// forgotten, when the daemon cannot list them).
+    fn sync_units(&self) -> BTreeMap<String, ServiceStatus> {
+        let Some(list) = self.services() else {
+            return BTreeMap::new();
+        };
+        let services: BTreeMap<String, ServiceStatus> =
+            list.into_iter().map(|s| (s.name.clone(), s)).collect();
         let mut st = self.st.lock().unwrap();
         let mut changed = false;
         for (name, s) in &services {
@@ -434,13 +441,10 @@ impl Model {
                 changed = true;
             }
             let unit = st.units.get_mut(name).expect("inserted above");
-            for e in s["settings"].as_array().into_iter().flatten() {
-                let Some(key) = e["name"].as_str() else {
-                    continue;
-                };
-                if !unit.settings.contains_key(key) {
+            for e in &s.settings {
+                if !unit.settings.contains_key(&e.name) {
                     let next = unit.settings.values().max().copied().unwrap_or(0) + 1;
-                    unit.settings.insert(key.to_string(), next);
+                    unit.settings.insert(e.name.clone(), next);
                     changed = true;
                 }
             }
@@ -494,8 +498,7 @@ impl Model {
             // Only the units that run (TR-181: "currently running").
             let eus: Vec<String> = services
                 .iter()
-                .filter(|(_, s)| s.get("runtime").and_then(|r| r.as_str()) == Some(rt.name()))
-                .filter(|(_, s)| s.get("state").and_then(|r| r.as_str()) == Some("running"))
+                .filter(|(_, s)| s.runtime == *rt && s.state == State::Running)
                 .filter_map(|(n, _)| st.units.get(n))
                 .map(|u| format!("{SM}ExecutionUnit.{}", u.instance))
                 .collect();
@@ -514,30 +517,17 @@ impl Model {
             let Some(u) = st.units.get(name) else {
                 continue;
             };
-            let str_of = |k: &str| {
-                s.get(k)
-                    .map(|v| match v {
-                        Value::String(s) => s.clone(),
-                        Value::Null => String::new(),
-                        v => v.to_string(),
-                    })
-                    .unwrap_or_default()
-            };
-            let runtime = str_of("runtime");
             let ee_ref = self
                 .runtimes
                 .iter()
-                .position(|r| r.name() == runtime)
+                .position(|r| *r == s.runtime)
                 .map(|i| format!("{SM}ExecEnv.{}", i + 1))
                 .unwrap_or_default();
-            let version = {
-                let pv = str_of("package_version");
-                if pv.is_empty() {
-                    str_of("version")
-                } else {
-                    pv
-                }
-            };
+            let version = s
+                .package_version
+                .clone()
+                .unwrap_or_else(|| s.version.clone());
+            let publisher = s.publisher.clone().unwrap_or_default();
             let du = format!("{SM}DeploymentUnit.{}.", u.instance);
             let eu = format!("{SM}ExecutionUnit.{}.", u.instance);
             put(format!("{du}UUID"), u.uuid.clone());
@@ -547,7 +537,7 @@ impl Model {
             put(format!("{du}Resolved"), "true".into());
             put(format!("{du}URL"), u.url.clone());
             // The publisher key that signed the package (its name on this gateway).
-            put(format!("{du}Vendor"), str_of("publisher"));
+            put(format!("{du}Vendor"), publisher.clone());
             put(format!("{du}Version"), version.clone());
             put(
                 format!("{du}ExecutionUnitList"),
@@ -555,16 +545,19 @@ impl Model {
             );
             put(format!("{du}ExecutionEnvRef"), ee_ref.clone());
 
-            let state = str_of("state");
-            let desired = str_of("desired");
-            let status = match state.as_str() {
-                "running" => "Active",
-                "starting" => "Starting",
-                "stopping" => "Stopping",
+            let running = s.state == State::Running;
+            let wanted = s.desired == Desired::Running;
+            let status = match s.state {
+                State::Running => "Active",
+                State::Starting => "Starting",
+                State::Stopping => "Stopping",
                 _ => "Idle",
             };
-            let (fault_code, fault_msg) = match state.as_str() {
-                "failed" | "backoff" => ("FailureOnStart", str_of("failure_reason")),
+            let (fault_code, fault_msg) = match s.state {
+                State::Failed | State::Backoff => (
+                    "FailureOnStart",
+                    s.failure_reason.clone().unwrap_or_default(),
+                ),
                 _ => ("NoFault", String::new()),
             };
             put(format!("{eu}EUID"), name.clone());
@@ -573,31 +566,26 @@ impl Model {
             put(format!("{eu}Status"), status.into());
             put(
                 format!("{eu}RequestedState"),
-                if desired == "running" {
-                    "Active"
-                } else {
-                    "Idle"
-                }
-                .into(),
+                if wanted { "Active" } else { "Idle" }.into(),
             );
             put(format!("{eu}ExecutionFaultCode"), fault_code.into());
             put(format!("{eu}ExecutionFaultMessage"), fault_msg);
-            put(format!("{eu}AutoStart"), (desired == "running").to_string());
-            put(format!("{eu}Vendor"), str_of("publisher"));
+            put(format!("{eu}AutoStart"), wanted.to_string());
+            put(format!("{eu}Vendor"), publisher);
             put(format!("{eu}Version"), version);
             put(format!("{eu}References"), du.trim_end_matches('.').into());
             put(format!("{eu}ExecutionEnvRef"), ee_ref);
             // TR-181: -1 for a unit that is not running.
-            let mem = match s.pointer("/memory/usage_bytes").and_then(|v| v.as_u64()) {
-                Some(b) if state == "running" => (b / 1024).to_string(),
+            let mem = match s.memory.usage_bytes {
+                Some(b) if running => (b / 1024).to_string(),
                 _ => "-1".into(),
             };
             put(format!("{eu}MemoryInUse"), mem);
             // CPU: the share of one core used since the previous reading; 0 for a unit
             // that does not run, and at the first reading of one that does.
             let mut pct = 0;
-            match s.get("cpu_usec").and_then(|v| v.as_u64()) {
-                Some(usec) if state == "running" => {
+            match s.cpu_usec {
+                Some(usec) if running => {
                     let now = std::time::Instant::now();
                     if let Some((prev, at)) = cpu.get(name) {
                         let wall = now.duration_since(*at).as_micros() as u64;
@@ -613,59 +601,53 @@ impl Model {
                 }
             }
             put(format!("{eu}CPUPercentInUse"), pct.to_string());
-            put(
-                format!("{eu}AutoRestart.Enable"),
-                (desired == "running").to_string(),
-            );
+            put(format!("{eu}AutoRestart.Enable"), wanted.to_string());
             put(
                 format!("{eu}AutoRestart.RetryCount"),
-                str_of("consecutive_failures"),
+                s.consecutive_failures.to_string(),
             );
-            put(format!("{eu}{VENDOR}Restarts"), str_of("restarts"));
-            put(format!("{eu}{VENDOR}Runtime"), runtime);
+            put(format!("{eu}{VENDOR}Restarts"), s.restarts.to_string());
+            put(format!("{eu}{VENDOR}Runtime"), s.runtime.to_string());
             // The declared settings (Name is the unique key), each with the instance number
             // it got when first declared.
-            let settings = s["settings"].as_array().cloned().unwrap_or_default();
             put(
                 format!("{eu}{VENDOR}SettingNumberOfEntries"),
-                settings.len().to_string(),
+                s.settings.len().to_string(),
             );
-            for e in &settings {
-                let Some(i) = e["name"].as_str().and_then(|n| u.settings.get(n)) else {
+            for e in &s.settings {
+                let Some(i) = u.settings.get(&e.name) else {
                     continue;
                 };
                 let o = format!("{eu}{VENDOR}Setting.{i}.");
-                for (param, key) in [
-                    ("Name", "name"),
-                    ("Type", "type"),
-                    ("Value", "value"),
-                    ("Default", "default"),
-                    ("Description", "description"),
+                for (param, value) in [
+                    ("Name", &e.name),
+                    ("Type", &e.ty),
+                    ("Value", &e.value),
+                    ("Default", &e.default),
+                    ("Description", &e.description),
                 ] {
-                    put(
-                        format!("{o}{param}"),
-                        e[key].as_str().unwrap_or_default().to_string(),
-                    );
+                    put(format!("{o}{param}"), value.clone());
                 }
             }
             // Every unit has the steering counters the schema declares: 0 while it has
             // none (no steering, not plugged).
-            let counter = |path: &str| {
-                s.pointer(&format!("/steering/counters/{path}"))
-                    .and_then(|v| v.as_u64())
-                    .unwrap_or(0)
-                    .to_string()
-            };
-            for name in schema::STEERING_COUNTERS {
-                put(
-                    format!("{eu}{VENDOR}Steering.{name}"),
-                    counter(&snake(name)),
-                );
+            let c = s
+                .steering
+                .as_ref()
+                .and_then(|st| st.counters)
+                .unwrap_or_default();
+            let steered = [c.steered_packets, c.steered_bytes, c.returned_packets];
+            for (name, n) in schema::STEERING_COUNTERS.iter().zip(steered) {
+                put(format!("{eu}{VENDOR}Steering.{name}"), n.to_string());
             }
-            for name in schema::VERDICT_COUNTERS {
+            let v = c.verdicts;
+            for (name, n) in schema::VERDICT_COUNTERS
+                .iter()
+                .zip([v.forward, v.allow, v.block, v.reply])
+            {
                 put(
                     format!("{eu}{VENDOR}Steering.Verdicts.{name}"),
-                    counter(&format!("verdicts/{}", snake(name))),
+                    n.to_string(),
                 );
             }
         }
@@ -972,22 +954,6 @@ fn queue(st: &mut Persisted, notif_type: &str, path: &str, kind: &NotifyKind) ->
         .collect()
 }
 
-/// `SteeredPackets` → `steered_packets` (the supervisor's counter names).
-fn snake(k: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in k.chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('_');
-            }
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1005,11 +971,22 @@ mod tests {
     }
 
     fn unit_with_settings(names: &[&str]) -> Value {
-        let settings: Vec<Value> = names
+        let settings = names
             .iter()
-            .map(|n| serde_json::json!({"name": n, "type": "string", "value": format!("v-{n}")}))
+            .map(|n| crate::api::Setting {
+                name: n.to_string(),
+                ty: "string".into(),
+                value: format!("v-{n}"),
+                default: String::new(),
+                set: true,
+                description: String::new(),
+            })
             .collect();
-        serde_json::json!([{"name": "svc", "state": "running", "settings": settings}])
+        let svc = ServiceStatus {
+            settings,
+            ..crate::api::ServiceStatus::sample("svc")
+        };
+        serde_json::to_value([svc]).unwrap()
     }
 
     #[test]

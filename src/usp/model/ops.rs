@@ -310,12 +310,10 @@ impl Model {
                     runtime: *runtime,
                 });
                 let _ = std::fs::remove_file(&pkg);
-                let v = r.map_err(fault(Some(&pkg)))?;
-                let name = v
-                    .get("name")
-                    .and_then(|n| n.as_str())
-                    .unwrap_or_default()
-                    .to_string();
+                let name = r
+                    .and_then(crate::api::result_as::<crate::api::ServiceStatus>)
+                    .map_err(fault(Some(&pkg)))?
+                    .name;
                 self.sync_units();
                 let mut st = self.st.lock().unwrap();
                 if let Some(u) = st.units.get_mut(&name) {
