@@ -76,6 +76,19 @@ pub struct DaemonOptions {
 /// The USP model's way to the supervisor: the same requests the control socket carries.
 struct LoopBackend(std::sync::Mutex<Sender<Msg>>);
 
+impl LoopBackend {
+    /// The supervisor's events from now on (none once it is gone).
+    fn follow(&self) -> mpsc::Receiver<gatevisor::events::Event> {
+        let (etx, erx) = mpsc::channel();
+        let _ = self.0.lock().unwrap().send(Msg::Follow(etx));
+        erx
+    }
+}
+
+/// How often USP compares its whole tree for what changes without an event (steering
+/// counters, memory and CPU use).
+const USP_COUNTERS_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl gatevisor::usp::model::Backend for LoopBackend {
     fn call(&self, req: Request) -> std::result::Result<serde_json::Value, ApiError> {
         let (rtx, rrx) = mpsc::channel();
@@ -161,6 +174,7 @@ fn start_usp(
 ) -> Result<()> {
     use gatevisor::usp;
     let (out_tx, out_rx) = mpsc::channel::<usp::model::Notification>();
+    let events = backend.follow();
     let model = usp::model::Model::open(backend, state_dir, model_opts, out_tx)?;
     let codec: std::sync::Arc<dyn usp::codec::Codec> = std::sync::Arc::new(usp::codec::Rusp);
     let (mqtt_tx, mqtt_rx) = mpsc::channel();
@@ -182,17 +196,39 @@ fn start_usp(
                 };
             }
         })?;
-    // Value changes and object creation/deletion, checked once a second; overdue
-    // notifications (NotifRetry) sent again.
+    // Value changes and object creation/deletion: looked for at once when the supervisor
+    // tells of a change (an install, a start, an end, a setting, a removal; a burst is one
+    // look), and every USP_COUNTERS_PERIOD for what changes without telling; the tree a
+    // new subscriber's changes are found against is taken within a second. Overdue
+    // notifications (NotifRetry) are sent again within a second.
     let watched = model.clone();
     std::thread::Builder::new()
         .name("usp-watch".into())
         .spawn(move || {
+            use std::sync::mpsc::RecvTimeoutError;
+            use std::time::{Duration, Instant};
             let mut prev = None;
+            let mut next_full = Instant::now();
             loop {
-                watched.watch(&mut prev);
+                let told = match events.recv_timeout(Duration::from_secs(1)) {
+                    Ok(_) => {
+                        while events.try_recv().is_ok() {}
+                        true
+                    }
+                    Err(RecvTimeoutError::Timeout) => false,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        std::thread::sleep(Duration::from_secs(1));
+                        false
+                    }
+                };
+                // A new subscriber's baseline is taken within a second, not at the change
+                // it waits for.
+                let baseline = prev.is_none() && watched.watched();
+                if told || baseline || Instant::now() >= next_full {
+                    watched.watch(&mut prev);
+                    next_full = Instant::now() + USP_COUNTERS_PERIOD;
+                }
                 watched.retry_due();
-                std::thread::sleep(std::time::Duration::from_secs(1));
             }
         })?;
     if let Some(cfg) = mqtt {

@@ -71,6 +71,8 @@ impl Peer for Mqtt {
 struct Uds {
     conn: UnixStream,
     n: u32,
+    /// Messages that came while another was awaited, for a later `next`.
+    kept: Vec<Value>,
 }
 
 impl Uds {
@@ -105,13 +107,20 @@ impl Peer for Uds {
         id
     }
     fn next(&mut self, secs: u64, what: &str, pred: &mut dyn FnMut(&Value) -> bool) -> Value {
+        if let Some(i) = self.kept.iter().position(&mut *pred) {
+            return self.kept.remove(i);
+        }
         let deadline = Instant::now() + Duration::from_secs(secs);
-        let mut seen = Vec::new();
         loop {
             match self.recv(deadline) {
                 Some(v) if pred(&v) => return v,
-                Some(v) => seen.push(v),
-                None => panic!("no {what} within {secs} s; got {seen:#?}"),
+                Some(v) => {
+                    if self.kept.len() == 256 {
+                        self.kept.remove(0);
+                    }
+                    self.kept.push(v)
+                }
+                None => panic!("no {what} within {secs} s; got {:#?}", self.kept),
             }
         }
     }
@@ -198,7 +207,11 @@ impl Agent {
                 assert_eq!(hs, vec![(TLV_HANDSHAKE, SERVICE.as_bytes().to_vec())]);
                 conn.write_all(&frame(&[(TLV_HANDSHAKE, BROKER.as_bytes())]))
                     .unwrap();
-                let mut peer = Uds { conn, n: 0 };
+                let mut peer = Uds {
+                    conn,
+                    n: 0,
+                    kept: vec![],
+                };
                 let deadline = Instant::now() + Duration::from_secs(60);
                 assert_eq!(peer.recv(deadline).unwrap()["record_type"], "uds_connect");
                 let reg = peer.recv(deadline).unwrap();

@@ -854,19 +854,24 @@ impl Model {
         self.dispatch(due);
     }
 
-    /// Compares the tree with the previous one and notifies ValueChange, ObjectCreation and
-    /// ObjectDeletion subscribers. Run every second by the transport.
-    pub fn watch(&self, prev: &mut Option<BTreeMap<String, String>>) {
-        // The tree costs the supervisor a List: build it only while someone subscribed to
-        // what a comparison finds.
-        let wanted = self.st.lock().unwrap().subscriptions.iter().any(|s| {
+    /// Someone subscribed to what a comparison of trees finds.
+    pub fn watched(&self) -> bool {
+        self.st.lock().unwrap().subscriptions.iter().any(|s| {
             s.enable
                 && matches!(
                     s.notif_type.as_str(),
                     "ValueChange" | "ObjectCreation" | "ObjectDeletion"
                 )
-        });
-        if !wanted {
+        })
+    }
+
+    /// Compares the tree with the previous one and notifies ValueChange, ObjectCreation and
+    /// ObjectDeletion subscribers. Run by the daemon when the supervisor tells of a change,
+    /// and periodically for counters.
+    pub fn watch(&self, prev: &mut Option<BTreeMap<String, String>>) {
+        // The tree costs the supervisor a List: build it only while someone subscribed to
+        // what a comparison finds.
+        if !self.watched() {
             *prev = None;
             return;
         }

@@ -104,6 +104,9 @@ pub struct Controller {
     pub endpoint: String,
     pub topic: String,
     n: u32,
+    /// Messages that came while another was awaited (a notification between a request and
+    /// its answer), for a later wait: a Controller handles them in any order.
+    kept: std::cell::RefCell<std::collections::VecDeque<Value>>,
 }
 
 impl Controller {
@@ -186,6 +189,7 @@ impl Controller {
             endpoint: endpoint.into(),
             topic: topic.to_string(),
             n: 0,
+            kept: Default::default(),
         }
     }
 
@@ -216,16 +220,25 @@ impl Controller {
         self.send_as(&from, AGENT, body)
     }
 
-    /// The next message matching `pred` within `secs` (others are kept aside and dropped).
+    /// The next message matching `pred` within `secs`, among those kept from earlier waits
+    /// first; the others are kept for later waits (the oldest go beyond 256).
     pub fn wait(&self, secs: u64, what: &str, mut pred: impl FnMut(&Value) -> bool) -> Value {
+        let mut kept = self.kept.borrow_mut();
+        if let Some(i) = kept.iter().position(&mut pred) {
+            return kept.remove(i).expect("found");
+        }
         let deadline = Instant::now() + Duration::from_secs(secs);
-        let mut seen = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
                 Ok(v) if pred(&v) => return v,
-                Ok(v) => seen.push(v),
-                Err(_) => panic!("no {what} within {secs} s; got: {seen:#?}"),
+                Ok(v) => {
+                    if kept.len() == 256 {
+                        kept.pop_front();
+                    }
+                    kept.push_back(v)
+                }
+                Err(_) => panic!("no {what} within {secs} s; got: {kept:#?}"),
             }
         }
     }
