@@ -49,6 +49,9 @@ pub enum Op {
     Retry,
     /// The program ended (or failed to start) and the policy says give up.
     GiveUp,
+    /// Its process was found running (a daemon restart, a stop that did not end it): it is
+    /// watched as running, whatever was recorded.
+    Adopted,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +73,7 @@ impl State {
             (Starting | Running, Crashed) => Backoff,
             (Backoff | Failed, Retry) => Starting,
             (Starting | Running | Stopping, GiveUp) => Failed,
+            (_, Adopted) => Running,
             (from, op) => return Err(InvalidTransition { from, op }),
         })
     }
@@ -205,7 +209,9 @@ mod tests {
     const ALL_STATES: [State; 7] = [
         Installed, Starting, Running, Stopping, Stopped, Backoff, Failed,
     ];
-    const ALL_OPS: [Op; 7] = [Start, Started, Stop, Exited, Crashed, Retry, GiveUp];
+    const ALL_OPS: [Op; 8] = [
+        Start, Started, Stop, Exited, Crashed, Retry, GiveUp, Adopted,
+    ];
 
     #[test]
     fn transition_table_is_exactly_this() {
@@ -227,6 +233,14 @@ mod tests {
             (Starting, GiveUp, Failed),
             (Running, GiveUp, Failed),
             (Stopping, GiveUp, Failed),
+            // A process found running is running, whatever was recorded.
+            (Installed, Adopted, Running),
+            (Starting, Adopted, Running),
+            (Running, Adopted, Running),
+            (Stopping, Adopted, Running),
+            (Stopped, Adopted, Running),
+            (Backoff, Adopted, Running),
+            (Failed, Adopted, Running),
         ];
         for s in ALL_STATES {
             for op in ALL_OPS {

@@ -2,6 +2,52 @@
 
 use super::*;
 
+/// What the daemon does, at its start, with a service it has a record of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Adoption {
+    /// Its process runs: watched and plugged again as it is; stopped when it is wanted
+    /// stopped.
+    Adopt {
+        then_stop: bool,
+    },
+    /// It went down with the previous boot of the gateway: that is no failure; it is stopped,
+    /// and started again when it is wanted running.
+    Rebooted {
+        start: bool,
+    },
+    /// It ended while the daemon was away, in this boot: its restart policy decides.
+    EndedWhileAway,
+    /// Its backoff was running: it retries now.
+    RetryNow,
+    /// It had given up: its slow retry goes on (when the daemon has one).
+    RetryLater,
+    /// Wanted running, and not running: installed, or stopped by a daemon shutdown.
+    Start,
+    Nothing,
+}
+
+/// The adoption decision, a pure function of what was recorded and what was found:
+/// `running` (its main process exists), `previous_boot` (an active service's process
+/// ended with the previous boot) and whether the daemon retries failed services.
+pub(super) fn adoption(
+    running: bool,
+    state: State,
+    desired: Desired,
+    previous_boot: bool,
+    slow_retry: bool,
+) -> Adoption {
+    let wanted = desired == Desired::Running;
+    match state {
+        _ if running => Adoption::Adopt { then_stop: !wanted },
+        s if s.is_active() && previous_boot => Adoption::Rebooted { start: wanted },
+        s if s.is_active() => Adoption::EndedWhileAway,
+        State::Backoff if wanted => Adoption::RetryNow,
+        State::Failed if wanted && slow_retry => Adoption::RetryLater,
+        State::Installed | State::Stopped if wanted => Adoption::Start,
+        _ => Adoption::Nothing,
+    }
+}
+
 impl Supervisor {
     /// After a daemon (re)start: adopt running containers, account for exits that happened
     /// while the daemon was away, and start what should run.
@@ -35,10 +81,13 @@ impl Supervisor {
             let Ok(rec) = self.record(&name) else {
                 continue;
             };
-            let desired = rec.desired;
-            let state = rec.state;
-            match init {
-                Some(init_pid) => {
+            let (desired, state) = (rec.desired, rec.state);
+            let previous_boot =
+                init.is_none() && state.is_active() && self.ended_with_previous_boot(&name);
+            let slow_retry = self.settings.failed_retry.is_some();
+            match adoption(init.is_some(), state, desired, previous_boot, slow_retry) {
+                Adoption::Adopt { then_stop } => {
+                    let init_pid = init.expect("found running");
                     // A container's init is a child of its monitor; a VMM is its own.
                     let monitor_pid = self
                         .backend(&name)
@@ -57,7 +106,7 @@ impl Supervisor {
                         started_at_ms,
                         boot_id: proc::boot_id(),
                     });
-                    rec.state = State::Running;
+                    let _ = self.transition(&name, Op::Adopted);
                     self.watch(&name, monitor_pid, init_pid, None);
                     // It was serving before the daemon went away.
                     self.live.entry(name.clone()).or_default().said_ready = true;
@@ -67,11 +116,11 @@ impl Supervisor {
                         Some(&name),
                         format!("re-adopted running container, init pid {init_pid}"),
                     );
-                    if desired == Desired::Stopped {
+                    if then_stop {
                         let _ = self.stop_service(&name, false);
                     }
                 }
-                None if state.is_active() && self.ended_with_previous_boot(&name) => {
+                Adoption::Rebooted { start } => {
                     // The gateway restarted: the service did not fail, the machine went down
                     // under it. It comes back as it was, whatever its restart policy says.
                     let exit = self.read_exit(&name);
@@ -79,25 +128,23 @@ impl Supervisor {
                     if let Ok(rec) = self.record_mut(&name) {
                         rec.running = None;
                         rec.last_exit = Some(exit.clone());
-                        rec.state = State::Stopped;
                     }
+                    let _ = self.transition(&name, Op::Exited);
                     self.event_exit(
                         EventKind::Exited,
                         Some(&name),
                         Some(&exit),
                         format!("{desc} (ended with the previous boot of the gateway)"),
                     );
-                    if desired == Desired::Running {
+                    if start {
                         let _ = self.start_service(&name, Op::Start);
                     }
                 }
-                None if state.is_active() => {
-                    // It ended while we were away.
+                Adoption::EndedWhileAway => {
+                    // Accounted for as an end seen now: its restart policy decides.
                     let exit = self.read_exit(&name);
                     let desc = exit.description.clone();
-                    if let Ok(rec) = self.record_mut(&name) {
-                        rec.state = State::Running;
-                    }
+                    let _ = self.transition(&name, Op::Adopted);
                     self.after_end(
                         &name,
                         Some(exit),
@@ -105,23 +152,19 @@ impl Supervisor {
                         true,
                     );
                 }
-                None if desired == Desired::Running && state == State::Backoff => {
+                Adoption::RetryNow => {
                     self.live.entry(name.clone()).or_default().retry_at = Some(Instant::now());
                 }
-                // It gave up before the restart: its slow retry goes on.
-                None if desired == Desired::Running && state == State::Failed => {
+                Adoption::RetryLater => {
                     if let Some(d) = self.settings.failed_retry {
                         self.live.entry(name.clone()).or_default().retry_at =
                             Some(Instant::now() + d);
                     }
                 }
-                // Installed, or stopped by a daemon shutdown with stop_services_on_exit.
-                None if desired == Desired::Running
-                    && matches!(state, State::Installed | State::Stopped) =>
-                {
+                Adoption::Start => {
                     let _ = self.start_service(&name, Op::Start);
                 }
-                None => {}
+                Adoption::Nothing => {}
             }
         }
         if let Some(net) = self.net.as_mut() {
@@ -144,5 +187,62 @@ impl Supervisor {
             .and_then(|r| r.running.as_ref())
             .and_then(|r| r.boot_id.clone());
         matches!((recorded, proc::boot_id()), (Some(then), Some(now)) if then != now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Adoption::*;
+
+    #[test]
+    fn adoption_is_decided_by_what_was_recorded_and_what_was_found() {
+        use State::*;
+        let (run, stop) = (Desired::Running, Desired::Stopped);
+        // (found running, state, desired, ended with the previous boot, slow retry) → what
+        for (running, state, desired, prev_boot, slow, want) in [
+            // A process runs: adopted whatever was recorded, stopped if unwanted.
+            (true, Running, run, false, false, Adopt { then_stop: false }),
+            (
+                true,
+                Starting,
+                run,
+                false,
+                false,
+                Adopt { then_stop: false },
+            ),
+            (true, Stopped, run, false, false, Adopt { then_stop: false }),
+            (true, Running, stop, false, false, Adopt { then_stop: true }),
+            // Active when the daemon went away, gone now: the reboot is no failure...
+            (false, Running, run, true, false, Rebooted { start: true }),
+            (
+                false,
+                Stopping,
+                stop,
+                true,
+                false,
+                Rebooted { start: false },
+            ),
+            // ...an end in this boot is one, for the restart policy.
+            (false, Running, run, false, false, EndedWhileAway),
+            (false, Starting, run, false, true, EndedWhileAway),
+            (false, Stopping, stop, false, false, EndedWhileAway),
+            // Waiting to retry: now; given up: later, if the daemon retries failed ones.
+            (false, Backoff, run, false, false, RetryNow),
+            (false, Backoff, stop, false, false, Nothing),
+            (false, Failed, run, false, true, RetryLater),
+            (false, Failed, run, false, false, Nothing),
+            // Wanted and never started, or stopped by a daemon shutdown: started.
+            (false, Installed, run, false, false, Start),
+            (false, Stopped, run, false, false, Start),
+            (false, Stopped, stop, false, false, Nothing),
+            (false, Installed, stop, false, false, Nothing),
+        ] {
+            assert_eq!(
+                adoption(running, state, desired, prev_boot, slow),
+                want,
+                "{running} {state:?} {desired:?} {prev_boot} {slow}"
+            );
+        }
     }
 }

@@ -489,13 +489,14 @@ impl Supervisor {
                 let why = format!("cannot stop {name}: {}", error_chain(&e));
                 tracing::warn!("{why}");
                 let main = self.service_pid(name);
-                if let Ok(rec) = self.record_mut(name) {
-                    rec.state = if main.is_some() {
-                        State::Running
+                let _ = self.transition(
+                    name,
+                    if main.is_some() {
+                        Op::Adopted
                     } else {
-                        State::Stopped
-                    };
-                }
+                        Op::Exited
+                    },
+                );
                 if let Some(main) = main {
                     let monitor = self
                         .backend(name)
