@@ -84,8 +84,8 @@ fn main() {
         name: "b-upd".into(),
         package: v2,
     });
-    let install_big = call(Request::Install {
-        manifest: big,
+    let install_big = call(Request::InstallPackage {
+        package: big,
         start: false,
         runtime: None,
     });

@@ -11,14 +11,25 @@ pub const API_VERSION: u32 = 1;
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
     Ping,
-    /// Installs the service described by a manifest file, or a signed package, on this
-    /// gateway.
+    /// Installs the service described by a local manifest file (root's on the gateway, its
+    /// image under the configured image roots). A signed package sent as a manifest is
+    /// refused: it is never read as one.
     Install {
         manifest: PathBuf,
         #[serde(default)]
         start: bool,
         /// Run it with this runtime (a USP `ExecutionEnvRef`, `--runtime`) instead of the one
         /// its manifest resolves to; its manifest must say that runtime or `auto`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        runtime: Option<crate::runtime::Kind>,
+    },
+    /// Installs a signed package: verified against the trusted publisher keys before
+    /// anything is written, then installed from the image store.
+    InstallPackage {
+        package: PathBuf,
+        #[serde(default)]
+        start: bool,
+        /// As for [`Request::Install`].
         #[serde(default, skip_serializing_if = "Option::is_none")]
         runtime: Option<crate::runtime::Kind>,
     },

@@ -189,10 +189,20 @@ pub fn service(socket: &Path, cmd: ServiceCmd) -> i32 {
         } => {
             let manifest = std::path::absolute(&manifest).unwrap_or(manifest);
             let runtime = runtime.as_deref().and_then(gatevisor::runtime::Kind::parse);
-            let req = Request::Install {
-                manifest,
-                start,
-                runtime,
+            // A signed package is told by its content (or a `.gvpkg` name, which is never
+            // read as a manifest); the daemon refuses a package sent as a manifest.
+            let req = if gatevisor::supervisor::is_package(&manifest) {
+                Request::InstallPackage {
+                    package: manifest,
+                    start,
+                    runtime,
+                }
+            } else {
+                Request::Install {
+                    manifest,
+                    start,
+                    runtime,
+                }
             };
             run(socket, req, json, |v: &api::ServiceStatus| {
                 println!("installed {} ({})", v.name, v.state.name())

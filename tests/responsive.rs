@@ -38,8 +38,8 @@ fn list_answers_within_100_ms_during_a_200000_file_install_and_1000_idle_clients
         let socket = d.socket();
         let pkg = pkg.clone();
         std::thread::spawn(move || {
-            Client::new(&socket).call(&Request::Install {
-                manifest: pkg,
+            Client::new(&socket).call(&Request::InstallPackage {
+                package: pkg,
                 start: false,
                 runtime: None,
             })
@@ -182,8 +182,8 @@ memory_mib = 32
         name: "t-upd".into(),
         package: v2.clone(),
     });
-    let install = call(Request::Install {
-        manifest: big.clone(),
+    let install = call(Request::InstallPackage {
+        package: big.clone(),
         start: false,
         runtime: None,
     });

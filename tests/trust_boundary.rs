@@ -331,6 +331,22 @@ fn a_file_is_a_package_by_its_content_and_a_gvpkg_is_never_read_as_a_manifest() 
     std::fs::rename(&pkg, &dressed).unwrap();
     let err = refused(&d, &dressed, 5);
     assert!(err.contains("does not trust"), "{err}");
+    // Sent to the daemon as a manifest (not through the CLI), either is refused unread.
+    for file in [&sneaky, &dressed] {
+        let e = gatevisor::client::Client::new(&d.socket())
+            .call(&gatevisor::api::Request::Install {
+                manifest: file.clone(),
+                start: true,
+                runtime: None,
+            })
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(&e, gatevisor::client::ClientError::Api(a) if a.kind == gatevisor::api::ErrorKind::Invalid)
+                && text.contains("is a signed package, not a service manifest"),
+            "{text}"
+        );
+    }
     let list = d.json(&["service", "list", "--json"]);
     assert!(list["services"].as_array().unwrap().is_empty(), "{list}");
 }

@@ -583,7 +583,7 @@ pub(super) fn memory_cost_mib(kind: Kind, memory_mib: u32) -> u64 {
 /// A signed package: told by its content, so a package under any name is verified as one.
 /// A file named `.gvpkg` is always taken for a package (a corrupt or truncated download is
 /// refused by the verifier, never read as an unsigned service manifest).
-pub(super) fn is_package(path: &Path) -> bool {
+pub fn is_package(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "gvpkg")
         || gatevisor_images::package::is_package_file(path)
 }

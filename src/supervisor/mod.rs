@@ -53,7 +53,7 @@ mod tests;
 
 use build::*;
 use install::*;
-pub use install::{check_image_roots, copy_tree, ImageRootError};
+pub use install::{check_image_roots, copy_tree, is_package, ImageRootError};
 pub use lifecycle::backoff;
 use lifecycle::{spawn_worker, Busy};
 use queue::Step;
@@ -546,16 +546,30 @@ impl Supervisor {
                 },
                 reply,
             ) => {
-                if is_package(&manifest) {
-                    self.begin_install_package(manifest, start, runtime, reply);
+                let res = if is_package(&manifest) {
+                    Err(err(
+                        ErrorKind::Invalid,
+                        format!(
+                            "{} is a signed package, not a service manifest: install it as a package",
+                            manifest.display()
+                        ),
+                    ))
                 } else {
-                    let res = self.install(&manifest, start, None, runtime);
-                    if let Err(e) = &res {
-                        self.refused(&manifest.display().to_string(), e);
-                    }
-                    self.answer_install(res, start, reply);
+                    self.install(&manifest, start, None, runtime)
+                };
+                if let Err(e) = &res {
+                    self.refused(&manifest.display().to_string(), e);
                 }
+                self.answer_install(res, start, reply);
             }
+            Msg::Request(
+                Request::InstallPackage {
+                    package,
+                    start,
+                    runtime,
+                },
+                reply,
+            ) => self.begin_install_package(package, start, runtime, reply),
             Msg::PackageReady {
                 name,
                 start,
@@ -760,13 +774,8 @@ impl Supervisor {
     pub fn handle(&mut self, req: Request) -> Result<serde_json::Value> {
         match req {
             Request::Ping => Ok(json!({"pong": true, "version": env!("CARGO_PKG_VERSION")})),
-            // The loop hands package installs to a worker (begin_install_package) before
-            // they get here.
-            Request::Install { manifest, .. } if is_package(&manifest) => Err(err(
-                ErrorKind::Internal,
-                "package installs run on a worker, not in handle()",
-            )),
-            Request::Install { .. } => Err(err(
+            // The loop answers installs itself (a package's on a worker).
+            Request::Install { .. } | Request::InstallPackage { .. } => Err(err(
                 ErrorKind::Internal,
                 "installs are answered by the loop, not in handle()",
             )),

@@ -304,8 +304,8 @@ impl Model {
         match &op.kind {
             OpKind::Install { url, uuid, runtime } => {
                 let pkg = self.fetch(url, op.instance, deadline)?;
-                let r = self.backend.call(Request::Install {
-                    manifest: pkg.clone(),
+                let r = self.backend.call(Request::InstallPackage {
+                    package: pkg.clone(),
                     start: false,
                     runtime: *runtime,
                 });
