@@ -78,6 +78,9 @@ teardown() { # work daemon_pid wan_pid
   if [ -n "$3" ] && grep -q "demo-wan" "/proc/$3/cmdline" 2>/dev/null; then kill "$3" 2>/dev/null; fi
   for h in $HOSTS; do ip netns del "gvdemo-$h" 2>/dev/null; done
   ip netns del "$gw_netns" 2>/dev/null
+  # Packaged containers' roots are overlays of the image store: off before the tree goes.
+  awk -v w="$w/" 'index($5, w) == 1 { print $5 }' /proc/self/mountinfo | sort -r |
+    while read -r m; do umount -l "$m" 2>/dev/null; done
   rm -rf "$w"
 }
 if [ -f "$STATE_FILE" ]; then

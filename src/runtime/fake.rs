@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use super::{Backend, Kind, RuntimeError, StartSpec, Started, Stopped, Usage};
 
+/// An argument in a service's command that makes its fake end by itself with code 3 after
+/// 200 ms, whatever its behaviour says (a version that crashes at once).
+pub const CRASHES: &str = "--fake-crashes";
+
 /// How one fake service behaves.
 #[derive(Debug, Clone, Default)]
 pub struct Behaviour {
@@ -117,7 +121,12 @@ impl Backend for Fake {
         if b.ignores_term {
             script.push_str("trap '' TERM; ");
         }
-        match b.exits_after {
+        let exits_after = if spec.argv.iter().any(|a| a == CRASHES) {
+            Some((Duration::from_millis(200), 3))
+        } else {
+            b.exits_after
+        };
+        match exits_after {
             Some((after, code)) => script.push_str(&format!(
                 "sleep {}; printf '{{\"code\":{code},\"signal\":null,\"start_failed\":false}}' > '{}'; exit {code}",
                 after.as_secs_f64(),

@@ -77,6 +77,16 @@ fn harness(test: &str) -> Option<Harness> {
     })
 }
 
+impl Drop for Harness {
+    /// A packaged container's root is an overlay: off before the directory goes.
+    fn drop(&mut self) {
+        let services = self.sup.settings.state_dir.join("services");
+        for e in std::fs::read_dir(services).into_iter().flatten().flatten() {
+            let _ = gatevisor_images::checkout::Checkout::at(&e.path()).unmount();
+        }
+    }
+}
+
 impl Harness {
     fn fake(&self, kind: Kind) -> &Fake {
         match kind {
@@ -720,4 +730,99 @@ fn an_install_takes_the_runtime_asked_for_where_the_manifest_and_the_board_allow
         );
     }
     assert!(h.sup.record("fixed").is_err() && h.sup.record("elsewhere").is_err());
+}
+
+/// Builds a signed package of service `name` at `version`, healthy when it still runs a
+/// second after its start, and that crashes at once unless `healthy`; signed by a key the
+/// harness's gateway trusts. It is not restarted by its policy: only the update's check
+/// judges it.
+fn health_package(h: &Harness, kind: Kind, name: &str, version: &str, healthy: bool) -> PathBuf {
+    // A microVM's definition needs a kernel file (never booted here).
+    let kernel = h.dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"not booted").unwrap();
+    let arg = if healthy {
+        "--serve"
+    } else {
+        crate::runtime::fake::CRASHES
+    };
+    let vm = match kind {
+        Kind::Lxc => String::new(),
+        Kind::Microvm => format!("[microvm]\nkernel = {kernel:?}\n"),
+    };
+    let key = h.dir.path().join("publisher.key");
+    if !key.exists() {
+        let secret = gatevisor_images::keys::SecretKey::generate().unwrap();
+        let public = secret.save(&key, "publisher").unwrap();
+        gatevisor_images::keys::TrustStore::new(&h.sup.settings.keys_dir)
+            .trust(&public)
+            .unwrap();
+    }
+    let src = h.dir.path().join(format!("src-{name}-{version}"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(
+        src.join("service.toml"),
+        format!(
+            "name = \"{name}\"\nversion = \"{version}\"\nruntime = \"{kind}\"\nimage = \"package\"\n\
+             command = [\"/bin/sh\", {arg:?}]\nstop_timeout_s = 1\n[resources]\nmemory_mib = 32\n\
+             [health]\ndeadline_s = 2\n{vm}{}",
+            on_failure(0)
+        ),
+    )
+    .unwrap();
+    let out = h.dir.path().join(format!("{name}-{version}.gvpkg"));
+    crate::package::build(&src, &out, &key).unwrap();
+    out
+}
+
+#[test]
+fn an_update_that_fails_its_health_check_goes_back_to_the_version_that_worked() {
+    let Some(mut h) =
+        harness("an_update_that_fails_its_health_check_goes_back_to_the_version_that_worked")
+    else {
+        return;
+    };
+    // The fake runs microVMs on any board: the update's worker checks the board's runtimes.
+    h.sup.board.kvm.microvm_capable = true;
+    for kind in KINDS {
+        let name = named("upd", kind);
+        let v1 = health_package(&h, kind, &name, "1.0.0", true);
+        let v2 = health_package(&h, kind, &name, "2.0.0", false);
+        let st = h
+            .request(Request::InstallPackage {
+                package: v1,
+                start: false,
+                runtime: Some(kind),
+            })
+            .unwrap();
+        assert_eq!(
+            (st["package_version"].as_str(), st["runtime"].as_str()),
+            (Some("1.0.0"), Some(kind.name()))
+        );
+        h.request(Request::Start { name: name.clone() }).unwrap();
+        let first = h.rec(&name).running.as_ref().unwrap().init_pid;
+        let e = h
+            .request(Request::Update {
+                name: name.clone(),
+                package: v2,
+            })
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Runtime, "{e:?}");
+        assert!(
+            e.message.contains("rolled back to 1.0.0") && e.message.contains("not running"),
+            "{kind}: {}",
+            e.message
+        );
+        let rec = h.rec(&name);
+        assert_eq!(
+            (rec.state, rec.package_version.as_deref()),
+            (State::Running, Some("1.0.0")),
+            "{kind}"
+        );
+        assert_ne!(
+            rec.running.as_ref().unwrap().init_pid,
+            first,
+            "{kind}: the old version was started again"
+        );
+        h.request(Request::Stop { name }).unwrap();
+    }
 }
