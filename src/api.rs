@@ -227,6 +227,17 @@ pub struct ServiceStatus {
     pub steering: Option<Steering>,
     /// Why it is not on the bridge as it should be.
     pub network_error: Option<String>,
+    /// An update or rollback is under way (its deployment is `Updating` for USP); the
+    /// lifecycle `state` says where the service's processes are meanwhile.
+    #[serde(default)]
+    pub updating: Option<Updating>,
+}
+
+/// An update or rollback under way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Updating {
+    /// The version it switches to (or back to); none while the package is verified.
+    pub to_version: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -307,6 +318,7 @@ impl ServiceStatus {
             settings: vec![],
             steering: None,
             network_error: None,
+            updating: None,
         }
     }
 }

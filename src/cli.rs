@@ -361,6 +361,14 @@ fn print_status(v: &api::ServiceStatus) {
     println!("  init pid:    {}", or_dash(v.init_pid));
     println!("  uptime:      {} s", or_dash(v.uptime_s));
     println!("  restarts:    {}", v.restarts);
+    if let Some(u) = &v.updating {
+        println!(
+            "  updating:    to {}",
+            u.to_version
+                .as_deref()
+                .unwrap_or("a package being verified")
+        );
+    }
     println!(
         "  memory:      {} of {}",
         mib(v.memory.usage_bytes),

@@ -800,12 +800,23 @@ fn an_update_that_fails_its_health_check_goes_back_to_the_version_that_worked() 
         );
         h.request(Request::Start { name: name.clone() }).unwrap();
         let first = h.rec(&name).running.as_ref().unwrap().init_pid;
-        let e = h
-            .request(Request::Update {
-                name: name.clone(),
-                package: v2,
-            })
-            .unwrap_err();
+        let reply = h.send(Request::Update {
+            name: name.clone(),
+            package: v2,
+        });
+        // While it is under way, its status says so, and to which version.
+        h.pump_until(Duration::from_secs(20), "the new version started", |s| {
+            s.record(&name).unwrap().package_version.as_deref() == Some("2.0.0")
+        });
+        let st = h.sup.status(&name).unwrap();
+        assert_eq!(
+            st.updating,
+            Some(api::Updating {
+                to_version: Some("2.0.0".into())
+            }),
+            "{kind}"
+        );
+        let e = h.answer(reply).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Runtime, "{e:?}");
         assert!(
             e.message.contains("rolled back to 1.0.0") && e.message.contains("not running"),
@@ -823,6 +834,7 @@ fn an_update_that_fails_its_health_check_goes_back_to_the_version_that_worked() 
             first,
             "{kind}: the old version was started again"
         );
+        assert_eq!(h.sup.status(&name).unwrap().updating, None, "{kind}");
         h.request(Request::Stop { name }).unwrap();
     }
 }

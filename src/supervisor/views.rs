@@ -80,7 +80,31 @@ impl Supervisor {
                 bridge_fast_path_bytes: fast_path_bytes,
             }),
             network_error: live.and_then(|l| l.net_error.clone()),
+            updating: self.updating(name),
         })
+    }
+
+    /// The update or rollback under way for `name`: its package being verified (an update's
+    /// worker), or a switch of versions in its queue (rebuild and start, health check,
+    /// judgement, or the way back).
+    fn updating(&self, name: &str) -> Option<api::Updating> {
+        let switching = self.live.get(name).and_then(|l| {
+            l.queue.iter().find_map(|s| match s {
+                queue::Step::Switch(sw) | queue::Step::Check(sw, _) | queue::Step::Judge(sw) => {
+                    Some(sw.inst.version.clone())
+                }
+                _ => None,
+            })
+        });
+        match switching {
+            Some(v) => Some(api::Updating {
+                to_version: Some(v),
+            }),
+            None => self
+                .installing
+                .contains(name)
+                .then_some(api::Updating { to_version: None }),
+        }
     }
 
     pub(super) fn logs(

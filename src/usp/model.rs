@@ -641,6 +641,39 @@ mod tests {
     }
 
     #[test]
+    fn a_unit_whose_update_is_under_way_is_updating() {
+        let dir = tempfile::tempdir().unwrap();
+        let updating = ServiceStatus {
+            updating: Some(crate::api::Updating {
+                to_version: Some("2.0.0".into()),
+            }),
+            ..ServiceStatus::sample("svc")
+        };
+        let backend = Arc::new(Listing(Mutex::new(
+            serde_json::to_value([updating]).unwrap(),
+        )));
+        let opts = ModelOptions {
+            runtimes: vec![],
+            package_ca: PathBuf::new(),
+            operation_deadline: std::time::Duration::from_secs(60),
+            controllers: vec![],
+        };
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let m = Model::open(backend.clone(), dir.path(), opts, tx).unwrap();
+        let status = |m: &Model| {
+            m.parameters()
+                .into_iter()
+                .find(|(k, _)| {
+                    k.starts_with(&format!("{SM}DeploymentUnit.")) && k.ends_with(".Status")
+                })
+                .map(|(_, v)| v)
+        };
+        assert_eq!(status(&m).as_deref(), Some("Updating"));
+        *backend.0.lock().unwrap() = serde_json::to_value([ServiceStatus::sample("svc")]).unwrap();
+        assert_eq!(status(&m).as_deref(), Some("Installed"));
+    }
+
+    #[test]
     fn paths_match_by_segment_with_instance_wildcards() {
         assert!(matches(
             "Device.SoftwareModules.DeploymentUnit.*.Status",

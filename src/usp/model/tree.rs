@@ -80,7 +80,13 @@ impl Model {
             put(format!("{du}UUID"), u.uuid.clone());
             put(format!("{du}DUID"), name.clone());
             put(format!("{du}Name"), name.clone());
-            put(format!("{du}Status"), "Installed".into());
+            // TR-181: a unit whose update (or rollback) is under way is Updating.
+            let du_status = if s.updating.is_some() {
+                "Updating"
+            } else {
+                "Installed"
+            };
+            put(format!("{du}Status"), du_status.into());
             put(format!("{du}Resolved"), "true".into());
             put(format!("{du}URL"), u.url.clone());
             // The publisher key that signed the package (its name on this gateway).
