@@ -187,15 +187,12 @@ fn a_packaged_container_is_on_disk_once_and_writes_only_its_own_layer() {
     std::fs::create_dir_all(dir.join("files/srv")).unwrap();
     std::fs::write(dir.join("files/srv/version"), "1.0.0").unwrap();
     // 16 MiB that no filesystem compresses.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let payload: Vec<u8> = (0..16 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let mut payload = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::fs::File::open("/dev/urandom").unwrap(), 16 << 20),
+        &mut payload,
+    )
+    .unwrap();
     std::fs::write(dir.join("files/srv/payload"), &payload).unwrap();
     let pkg = d.build_package(&dir, &key, "t-pkg-1.0.0.gvpkg");
     d.install_package_started(&pkg);

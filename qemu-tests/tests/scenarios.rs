@@ -293,7 +293,9 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
     let pid = status(&gw, "dns-filter")["init_pid"].as_i64().unwrap();
     let load = LanLoad::start(&gw.lan.name);
     std::thread::sleep(Duration::from_secs(2));
-    for i in 0..3 {
+    // As many restarts as issue 23 asks of the host test, paced under systemd's start limit
+    // (5 starts in 10 s by default, manual restarts included).
+    for i in 0..20 {
         gw.ok("systemctl restart gatevisor").unwrap();
         let st = wait_running(&gw, "dns-filter", None);
         assert_eq!(st["init_pid"].as_i64(), Some(pid), "restart {i}: {st:#}");

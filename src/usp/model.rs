@@ -575,6 +575,16 @@ mod tests {
         }
     }
 
+    /// A model with no runtimes, Controllers or package CA.
+    fn options() -> ModelOptions {
+        ModelOptions {
+            runtimes: vec![],
+            package_ca: PathBuf::new(),
+            operation_deadline: std::time::Duration::from_secs(60),
+            controllers: vec![],
+        }
+    }
+
     fn unit_with_settings(names: &[&str]) -> Value {
         let settings = names
             .iter()
@@ -598,12 +608,7 @@ mod tests {
     fn a_setting_keeps_its_instance_number_when_declarations_change_and_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let backend = Arc::new(Listing(Mutex::new(unit_with_settings(&["Beta", "Gamma"]))));
-        let opts = ModelOptions {
-            runtimes: vec![],
-            package_ca: PathBuf::new(),
-            operation_deadline: std::time::Duration::from_secs(60),
-            controllers: vec![],
-        };
+        let opts = options();
         let (tx, _rx) = std::sync::mpsc::channel();
         let m = Model::open(backend.clone(), dir.path(), opts.clone(), tx.clone()).unwrap();
         let at = |p: &BTreeMap<String, String>, name: &str| {
@@ -652,14 +657,8 @@ mod tests {
         let backend = Arc::new(Listing(Mutex::new(
             serde_json::to_value([updating]).unwrap(),
         )));
-        let opts = ModelOptions {
-            runtimes: vec![],
-            package_ca: PathBuf::new(),
-            operation_deadline: std::time::Duration::from_secs(60),
-            controllers: vec![],
-        };
         let (tx, _rx) = std::sync::mpsc::channel();
-        let m = Model::open(backend.clone(), dir.path(), opts, tx).unwrap();
+        let m = Model::open(backend.clone(), dir.path(), options(), tx).unwrap();
         let status = |m: &Model| {
             m.parameters()
                 .into_iter()
