@@ -20,6 +20,8 @@ pub enum EventKind {
     DaemonStarted,
     DaemonStopping,
     NetworkRestored,
+    /// Open vSwitch stopped answering (or one of its daemons ended): it is being restored.
+    NetworkLost,
     /// A service stopped sending its heartbeat.
     Hung,
     /// A `ready = "notify"` service said it is ready: its traffic is steered to it.

@@ -250,6 +250,13 @@ impl Network {
         Ok(self.ctl.dump()?)
     }
 
+    /// Whether the switch is as it should be: a private switch's daemons run, and it answers
+    /// the controller. Cheap enough for the supervisor loop (no restart, one echo);
+    /// [`Self::check`] restores what is not.
+    pub fn healthy(&mut self) -> bool {
+        self.private.as_mut().is_none_or(|p| p.all_running()) && self.ctl.alive()
+    }
+
     /// Restores the flows if the switch restarted (its OpenFlow connection broke).
     ///
     /// A private switch is supervised here: the daemon that died is restarted alone (reaped,

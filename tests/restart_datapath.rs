@@ -166,12 +166,51 @@ fn a_killed_switch_comes_back_with_the_same_flows_and_no_leak() {
             d.kill9();
             d.spawn();
         }
-        // The daemon notices within its 1 s check and restarts ovs-vswitchd alone.
+        // The daemon notices within its 1 s check and restarts ovs-vswitchd alone, on a
+        // worker: `service list` keeps being answered meanwhile (when each answer came, in
+        // wall-clock ms, is set against the events that bracket the restoring).
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lister = {
+            let (socket, stop) = (d.socket(), stop.clone());
+            std::thread::spawn(move || {
+                let client = gatevisor::client::Client::new(&socket);
+                let mut answered = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    if client.call(&gatevisor::api::Request::List).is_ok() {
+                        answered.push(gatevisor::state::now_ms());
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                answered
+            })
+        };
         let back = kill_switch_until_filtering(&d, &home);
         assert!(
             back.is_some(),
             "round {round}: filtering never came back:\n{}",
             d.log()
+        );
+        stop.store(true, Ordering::SeqCst);
+        let answered = lister.join().unwrap();
+        let out = d.cli(&["events", "--json", "-n", "200"]);
+        let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let at = |kind: &str| {
+            events
+                .iter()
+                .filter(|e| e["kind"] == kind)
+                .filter_map(|e| e["at_ms"].as_u64())
+                .next_back()
+        };
+        let (lost, restored) = (at("network-lost"), at("network-restored"));
+        let (Some(lost), Some(restored)) = (lost, restored) else {
+            panic!("round {round}: no network-lost and network-restored events: {events:?}");
+        };
+        assert!(
+            answered.iter().any(|t| (lost + 1..restored).contains(t)),
+            "round {round}: no list answered while the switch was restored ({lost}..{restored} ms): {answered:?}"
         );
         std::thread::sleep(Duration::from_secs(1));
         assert!(

@@ -188,6 +188,22 @@ impl PrivateOvs {
     /// that runs must also answer on its control socket, or it is killed as hung (that call
     /// can wait up to 5 s: for when the switch already stopped answering on OpenFlow).
     /// `hold`: as in [`PrivateOvs::start_holding`]. Returns which daemons were restarted.
+    /// Whether both daemons still run (a child of ours that ended is reaped, and left for
+    /// [`Self::restart_dead`] to start again). Starts nothing.
+    pub fn all_running(&mut self) -> bool {
+        let run_dir = self.run_dir.clone();
+        [
+            (&mut self.ovsdb_server, "ovsdb-server.pid"),
+            (&mut self.vswitchd, "ovs-vswitchd.pid"),
+        ]
+        .into_iter()
+        .all(|(child, pidfile)| match child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            // Started by an earlier daemon: its pid file names it.
+            None => read_pid(&run_dir.join(pidfile)).is_some_and(pid_alive),
+        })
+    }
+
     pub fn restart_dead(&mut self, hold: bool, probe: bool) -> Result<Restarted, PrivateError> {
         let mut done = Restarted::default();
         for (ctl, pidfile) in [

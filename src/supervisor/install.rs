@@ -208,6 +208,14 @@ impl Supervisor {
                 ),
             ));
         }
+        if !m.network.steering.is_empty() && self.net_restoring {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!(
+                    "{file}: field `network.steering`: Open vSwitch is being restored; try again in a moment"
+                ),
+            ));
+        }
         if !m.network.steering.is_empty() && self.net.is_none() {
             return Err(err(
                 ErrorKind::Invalid,

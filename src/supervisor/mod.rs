@@ -152,6 +152,12 @@ pub enum Msg {
         result: std::result::Result<Prepared, ApiError>,
         reply: Sender<Reply>,
     },
+    /// The switch was checked and restored on a worker: the network back, and whether it
+    /// was restarted (or why it could not be restored).
+    NetworkChecked {
+        net: Box<Network>,
+        result: std::result::Result<bool, String>,
+    },
     Shutdown,
 }
 
@@ -237,6 +243,9 @@ pub struct Supervisor {
     net: Option<Network>,
     /// Why there is no network, when there is none.
     net_problem: Option<String>,
+    /// The switch is being restored on a worker, which holds [`Self::net`] meanwhile
+    /// ([`Msg::NetworkChecked`] gives it back).
+    net_restoring: bool,
     /// Verdict sockets of the services that steer traffic.
     verdict_servers: HashMap<String, crate::verdict::VerdictServer>,
     /// Signed packages, verified and unpacked.
@@ -369,6 +378,7 @@ impl Supervisor {
             generation: 0,
             net,
             net_problem,
+            net_restoring: false,
             verdict_servers: HashMap::new(),
             images,
             installing: Default::default(),
@@ -659,6 +669,7 @@ impl Supervisor {
             } => {
                 let _ = reply.send(self.verdict(&name, &session, allow));
             }
+            Msg::NetworkChecked { net, result } => self.on_network_checked(*net, result),
             Msg::Shutdown => return false,
         }
         true

@@ -126,17 +126,70 @@ impl Supervisor {
         );
     }
 
-    /// Restores flows after an Open vSwitch restart.
+    /// Checks the switch (on the loop: cheap); one that is not as it should be is restored
+    /// on a worker, which takes the network along ([`Msg::NetworkChecked`] brings it back):
+    /// restarting a daemon and resyncing every flow takes up to seconds, and the loop keeps
+    /// answering meanwhile. Until it is back, services are not plugged or unplugged (that is
+    /// caught up afterwards), verdicts over the API are refused, and installs that steer
+    /// are asked to wait.
     pub(super) fn check_network(&mut self) {
         let Some(net) = self.net.as_mut() else { return };
-        match net.check() {
+        if net.healthy() {
+            return;
+        }
+        let mut net = self.net.take().expect("checked above");
+        self.net_restoring = true;
+        self.event(
+            EventKind::NetworkLost,
+            None,
+            "Open vSwitch stopped answering or one of its daemons ended; restoring it",
+        );
+        let tx = self.tx.clone();
+        let spawned = spawn_worker("switch-restore", move || {
+            let result = net.check().map_err(|e| e.to_string());
+            let _ = tx.send(Msg::NetworkChecked {
+                net: Box::new(net),
+                result,
+            });
+        });
+        if let Err(e) = spawned {
+            // The network went with the closure: steering is gone until the daemon restarts.
+            self.net_restoring = false;
+            self.net_problem = Some(format!("no worker thread to restore Open vSwitch: {e}"));
+            tracing::error!("{}", self.net_problem.as_deref().unwrap_or_default());
+        }
+    }
+
+    /// The switch's worker is done: the network is back; what changed meanwhile is caught up
+    /// (a service that started is plugged, one that ended is put into its failure mode).
+    pub(super) fn on_network_checked(
+        &mut self,
+        net: Network,
+        result: std::result::Result<bool, String>,
+    ) {
+        self.net = Some(net);
+        self.net_restoring = false;
+        match result {
             Ok(true) => self.event(
                 EventKind::NetworkRestored,
                 None,
                 "Open vSwitch came back; flows restored",
             ),
-            Ok(false) => {}
+            Ok(false) => self.event(
+                EventKind::NetworkRestored,
+                None,
+                "Open vSwitch answers again; its flows were kept",
+            ),
+            // Tried again at the next check.
             Err(e) => tracing::warn!("Open vSwitch check failed: {e}"),
+        }
+        let names: Vec<String> = self.doc.services.keys().cloned().collect();
+        for name in names {
+            match self.doc.services.get(&name).map(|r| r.state) {
+                Some(State::Running) => self.plug(&name),
+                Some(_) => self.unplug(&name),
+                None => {}
+            }
         }
     }
 
@@ -294,13 +347,12 @@ impl Supervisor {
 
     pub(super) fn flows(&mut self) -> Result<api::Flows> {
         let Some(net) = self.net.as_mut() else {
-            return Err(err(
-                ErrorKind::Conflict,
-                format!(
-                    "no Open vSwitch: {}",
-                    self.net_problem.clone().unwrap_or_default()
-                ),
-            ));
+            let why = if self.net_restoring {
+                "it is being restored".to_string()
+            } else {
+                self.net_problem.clone().unwrap_or_default()
+            };
+            return Err(err(ErrorKind::Conflict, format!("no Open vSwitch: {why}")));
         };
         let bridge = net.bridge.clone();
         let flows = net.flows().map_err(runtime_err)?;
