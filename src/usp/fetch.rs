@@ -300,9 +300,18 @@ mod tests {
     fn answer(reply: Vec<u8>) -> std::io::Result<u64> {
         let (mut ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let server = std::thread::spawn(move || {
-            let mut req = [0u8; 1024];
-            let _ = theirs.read(&mut req);
+            // The whole request first (the client may write it in pieces), then the reply;
+            // open until the client is done, so that its writes never meet a closed socket.
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match theirs.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
             let _ = theirs.write_all(&reply);
+            let _ = theirs.read_to_end(&mut req);
         });
         ours.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
