@@ -80,6 +80,11 @@ impl Client {
         Client::read_reply(&mut r)
     }
 
+    /// [`Self::call`], its result read as `T` (another shape is an `internal` error).
+    pub fn call_as<T: serde::de::DeserializeOwned>(&self, req: &Request) -> Result<T, ClientError> {
+        crate::api::result_as(self.call(req)?).map_err(ClientError::Api)
+    }
+
     /// `events` with follow: the past events, then `on_event` for each new one until it
     /// returns false or the daemon goes away.
     pub fn follow_events(

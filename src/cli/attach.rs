@@ -33,11 +33,9 @@ impl Drop for RawTerminal {
 }
 
 fn status_of(socket: &Path, name: &str) -> Result<api::ServiceStatus, ClientError> {
-    Client::new(socket)
-        .call(&Request::Status {
-            name: name.to_string(),
-        })
-        .and_then(|v| api::result_as(v).map_err(ClientError::Api))
+    Client::new(socket).call_as(&Request::Status {
+        name: name.to_string(),
+    })
 }
 
 pub(super) fn console(socket: &Path, name: String, for_s: Option<u64>) -> i32 {

@@ -298,8 +298,7 @@ fn config(socket: &Path, name: String, action: Option<ConfigAction>, json: bool)
         ),
         Some(ConfigAction::Get { key }) => {
             let got = Client::new(socket)
-                .call(&Request::ConfigGet { name: name.clone() })
-                .and_then(|v| api::result_as::<api::Settings>(v).map_err(ClientError::Api));
+                .call_as::<api::Settings>(&Request::ConfigGet { name: name.clone() });
             match got {
                 Ok(v) => match v.settings.iter().find(|e| e.name == key) {
                     Some(e) if json => {
@@ -441,9 +440,7 @@ fn logs(socket: &Path, name: String, follow: bool, bytes: u64) -> i32 {
             offset,
             tail_bytes: bytes,
         };
-        let got = client
-            .call(&req)
-            .and_then(|v| api::result_as::<api::Logs>(v).map_err(ClientError::Api));
+        let got = client.call_as::<api::Logs>(&req);
         match got {
             Ok(v) => {
                 print!("{}", v.data);
@@ -558,11 +555,10 @@ pub fn events(socket: &Path, args: EventsArgs) -> i32 {
         client.follow_events(args.last, print)
     } else {
         client
-            .call(&Request::Events {
+            .call_as::<api::Events>(&Request::Events {
                 follow: false,
                 last: args.last,
             })
-            .and_then(|v| api::result_as::<api::Events>(v).map_err(ClientError::Api))
             .map(|v| {
                 for e in &v.events {
                     print(e);

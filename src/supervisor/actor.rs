@@ -333,12 +333,12 @@ impl Supervisor {
             Request::Freeze { name } => {
                 self.require_running(&name)?;
                 self.backend(&name)?.pause(&name).map_err(runtime_err)?;
-                self.status(&name).and_then(|s| api::to_result(&s))
+                self.status_result(&name)
             }
             Request::Thaw { name } => {
                 self.require_running(&name)?;
                 self.backend(&name)?.resume(&name).map_err(runtime_err)?;
-                self.status(&name).and_then(|s| api::to_result(&s))
+                self.status_result(&name)
             }
             Request::List => {
                 let names: Vec<String> = self.doc.services.keys().cloned().collect();
@@ -348,7 +348,7 @@ impl Supervisor {
                 }
                 api::to_result(&api::ServiceList { services })
             }
-            Request::Status { name } => self.status(&name).and_then(|s| api::to_result(&s)),
+            Request::Status { name } => self.status_result(&name),
             Request::Logs {
                 name,
                 offset,

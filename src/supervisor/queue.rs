@@ -59,7 +59,7 @@ impl Supervisor {
                 Step::Reply(reply) => {
                     let r = match live.error.take() {
                         Some(error) => Err(error),
-                        None => self.status(name).and_then(|s| api::to_result(&s)),
+                        None => self.status_result(name),
                     };
                     let _ = reply.send(match r {
                         Ok(result) => Reply::Ok { result },

@@ -251,12 +251,10 @@ impl Supervisor {
             inst, why, reply, ..
         } = sw;
         let answer = |me: &mut Supervisor, r: Result<()>| {
-            let _ = reply.send(
-                match r.and_then(|()| me.status(name).and_then(|s| api::to_result(&s))) {
-                    Ok(result) => Reply::Ok { result },
-                    Err(error) => Reply::Error { error },
-                },
-            );
+            let _ = reply.send(match r.and_then(|()| me.status_result(name)) {
+                Ok(result) => Reply::Ok { result },
+                Err(error) => Reply::Error { error },
+            });
         };
         match (why, result) {
             (Why::Update { old_version, pkg }, Ok(())) => {

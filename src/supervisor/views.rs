@@ -84,6 +84,11 @@ impl Supervisor {
         })
     }
 
+    /// [`Self::status`] as a reply's result.
+    pub(super) fn status_result(&mut self, name: &str) -> Result<serde_json::Value> {
+        self.status(name).and_then(|s| api::to_result(&s))
+    }
+
     /// The update or rollback under way for `name`: its package being verified (an update's
     /// worker), or a switch of versions in its queue (rebuild and start, health check,
     /// judgement, or the way back).
