@@ -181,6 +181,13 @@ impl PrivateOvs {
         Ok(())
     }
 
+    /// Whether both daemons still run (a child of ours that ended is reaped, and left for
+    /// [`Self::restart_dead`] to start again). Starts nothing.
+    pub fn all_running(&mut self) -> bool {
+        !ended(&mut self.ovsdb_server, &self.run_dir, DAEMONS[0])
+            && !ended(&mut self.vswitchd, &self.run_dir, DAEMONS[1])
+    }
+
     /// Restarts whichever of the two daemons died, leaving the other running: `ovs-vswitchd`
     /// keeps forwarding while `ovsdb-server` restarts, and a restarted `ovs-vswitchd` finds its
     /// configuration in the running database. Dead children are reaped. Whether a daemon runs
@@ -188,43 +195,16 @@ impl PrivateOvs {
     /// that runs must also answer on its control socket, or it is killed as hung (that call
     /// can wait up to 5 s: for when the switch already stopped answering on OpenFlow).
     /// `hold`: as in [`PrivateOvs::start_holding`]. Returns which daemons were restarted.
-    /// Whether both daemons still run (a child of ours that ended is reaped, and left for
-    /// [`Self::restart_dead`] to start again). Starts nothing.
-    pub fn all_running(&mut self) -> bool {
-        let run_dir = self.run_dir.clone();
-        [
-            (&mut self.ovsdb_server, "ovsdb-server.pid"),
-            (&mut self.vswitchd, "ovs-vswitchd.pid"),
-        ]
-        .into_iter()
-        .all(|(child, pidfile)| match child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            // Started by an earlier daemon: its pid file names it.
-            None => read_pid(&run_dir.join(pidfile)).is_some_and(pid_alive),
-        })
-    }
-
     pub fn restart_dead(&mut self, hold: bool, probe: bool) -> Result<Restarted, PrivateError> {
         let mut done = Restarted::default();
-        for (ctl, pidfile) in [
-            ("ovsdb-server.ctl", "ovsdb-server.pid"),
-            ("ovs-vswitchd.ctl", "ovs-vswitchd.pid"),
-        ] {
+        for (ctl, pidfile) in DAEMONS {
             let is_db = ctl.starts_with("ovsdb");
             let child = if is_db {
                 &mut self.ovsdb_server
             } else {
                 &mut self.vswitchd
             };
-            // A child of ours that ended is reaped here, not left a zombie.
-            let exited = match child.as_mut() {
-                Some(c) => matches!(c.try_wait(), Ok(Some(_))),
-                // Started by an earlier daemon: its pid file names it (no pid file: ask it).
-                None => match read_pid(&self.run_dir.join(pidfile)) {
-                    Some(pid) => !pid_alive(pid),
-                    None => unixctl(&self.run_dir.join(ctl), "version", &[]).is_err(),
-                },
-            };
+            let exited = ended(child, &self.run_dir, (ctl, pidfile));
             if !exited && (!probe || unixctl(&self.run_dir.join(ctl), "version", &[]).is_ok()) {
                 continue;
             }
@@ -355,6 +335,26 @@ pub fn unixctl(socket: &Path, method: &str, params: &[&str]) -> std::io::Result<
         Some(Err(e)) => Err(std::io::Error::other(e)),
         // `exit` closes the connection without a reply.
         None => Ok(String::new()),
+    }
+}
+
+/// The two daemons: (control socket, pid file) in the run directory.
+const DAEMONS: [(&str, &str); 2] = [
+    ("ovsdb-server.ctl", "ovsdb-server.pid"),
+    ("ovs-vswitchd.ctl", "ovs-vswitchd.pid"),
+];
+
+/// Whether the daemon `(ctl, pidfile)` ended. A child of ours that ended is reaped here, not
+/// left a zombie; one started by an earlier daemon is found by its pid file (no pid file:
+/// it is asked on its control socket).
+fn ended(child: &mut Option<std::process::Child>, run_dir: &Path, daemon: (&str, &str)) -> bool {
+    let (ctl, pidfile) = daemon;
+    match child.as_mut() {
+        Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+        None => match read_pid(&run_dir.join(pidfile)) {
+            Some(pid) => !pid_alive(pid),
+            None => unixctl(&run_dir.join(ctl), "version", &[]).is_err(),
+        },
     }
 }
 
