@@ -678,7 +678,7 @@ default = "hello"
     );
     // The serial console, both ways.
     let out = gw
-        .ok("printf 'hello-console\\n' | gatevisor service console vm-hello --for 10")
+        .ok("printf 'hello-console\\n' | gatevisor service console vm-hello --for 20")
         .unwrap();
     assert!(out.contains("console got: hello-console"), "{out}");
     let rss = st["microvm"]["vmm_rss_bytes"].as_u64().unwrap_or(0);
