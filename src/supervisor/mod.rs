@@ -44,6 +44,7 @@ mod actor;
 mod adopt;
 mod build;
 mod config;
+mod decide;
 mod install;
 mod lifecycle;
 mod net;

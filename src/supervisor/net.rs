@@ -6,67 +6,35 @@ impl Supervisor {
     /// Running services with a heartbeat that went silent are hung: their traffic fails over
     /// and they are killed, so their restart policy brings them back.
     pub(super) fn check_heartbeats(&mut self) {
-        let mut hung: Vec<(String, String)> = self
+        let (start_timeout, now) = (self.settings.start_timeout, now_ms());
+        let hung: Vec<(String, String)> = self
             .doc
             .services
             .values()
             .filter(|r| r.state == State::Running)
             .filter_map(|r| {
-                let timeout = r.manifest.network.heartbeat_timeout_ms?;
-                let since = self.live.get(&r.manifest.name)?.heartbeat_since?;
+                let name = &r.manifest.name;
+                let live = self.live.get(name)?;
                 let last_seen_ms = self
                     .verdict_servers
-                    .get(&r.manifest.name)
+                    .get(name)
                     .map_or(0, |v| v.last_seen_ms());
-                let silent_ms =
-                    (since.elapsed().as_millis() as u64).min(now_ms().saturating_sub(last_seen_ms));
-                // A microVM boots a kernel before its service can speak: its first word is
-                // awaited for up to MICROVM_BOOT_GRACE, then the heartbeat applies.
-                let booting = r.runtime == Kind::Microvm
-                    && r.running
-                        .as_ref()
-                        .is_some_and(|run| last_seen_ms < run.started_at_ms)
-                    && since.elapsed() < crate::microvm::BOOT_GRACE;
-                (silent_ms > timeout && !booting).then(|| {
-                    (
-                        r.manifest.name.clone(),
-                        format!("no heartbeat on its verdict socket for {timeout} ms"),
-                    )
-                })
+                let started_at_ms = r.running.as_ref().map_or(now, |run| run.started_at_ms);
+                let expected_for_ms = live.heartbeat_since.map(|t| t.elapsed().as_millis() as u64);
+                let facts = decide::Liveness {
+                    heartbeat_timeout_ms: r.manifest.network.heartbeat_timeout_ms,
+                    expected_for_ms,
+                    silent_ms: now.saturating_sub(last_seen_ms),
+                    spoke_since_start: last_seen_ms >= started_at_ms,
+                    microvm: r.runtime == Kind::Microvm,
+                    running_for_ms: now.saturating_sub(started_at_ms),
+                    awaits_ready: r.manifest.network.ready == crate::manifest::Readiness::Notify
+                        && !live.said_ready,
+                };
+                let why = decide::hung(&facts, start_timeout, crate::microvm::BOOT_GRACE)?;
+                Some((name.clone(), why))
             })
             .collect();
-        // A `ready = "notify"` service that never said so within the start timeout (and a
-        // microVM's boot grace) is as good as hung.
-        let start_timeout = self.settings.start_timeout;
-        let silent: Vec<(String, String)> = self
-            .doc
-            .services
-            .values()
-            .filter(|r| r.state == State::Running)
-            .filter(|r| r.manifest.network.ready == crate::manifest::Readiness::Notify)
-            .filter(|r| !hung.iter().any(|(h, _)| *h == r.manifest.name))
-            .filter(|r| {
-                self.live
-                    .get(&r.manifest.name)
-                    .is_some_and(|l| !l.said_ready && l.heartbeat_since.is_some())
-            })
-            .filter_map(|r| {
-                let grace = start_timeout
-                    + if r.runtime == Kind::Microvm {
-                        crate::microvm::BOOT_GRACE
-                    } else {
-                        Duration::ZERO
-                    };
-                let started = r.running.as_ref()?.started_at_ms;
-                (now_ms().saturating_sub(started) > grace.as_millis() as u64).then(|| {
-                    (
-                        r.manifest.name.clone(),
-                        format!("it never said ready within {} ms", grace.as_millis()),
-                    )
-                })
-            })
-            .collect();
-        hung.extend(silent);
         for (name, why) in hung {
             self.event(
                 EventKind::Hung,
@@ -98,19 +66,18 @@ impl Supervisor {
         else {
             return;
         };
-        if self.doc.services.get(&name).map(|r| r.state) != Some(State::Running) {
-            return; // we removed it ourselves
-        }
-        if self.service_pid(&name).is_none() {
-            return; // it just died: its exit is being handled
-        }
-        let live = self.live.entry(name.clone()).or_default();
-        if live
-            .replugged_at
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
-        {
+        let state = self.doc.services.get(&name).map(|r| r.state);
+        let runs = state == Some(State::Running) && self.service_pid(&name).is_some();
+        let replugged_ago = self
+            .live
+            .get(&name)
+            .and_then(|l| l.replugged_at)
+            .map(|t| t.elapsed());
+        if let decide::PortLost::Leave(why) = decide::port_lost(state, runs, replugged_ago) {
+            tracing::debug!("{name}: port {port} left the bridge; left alone: {why}");
             return;
         }
+        let live = self.live.entry(name.clone()).or_default();
         live.replugged_at = Some(Instant::now());
         self.unplug(&name);
         self.plug(&name);

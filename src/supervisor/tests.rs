@@ -838,3 +838,47 @@ fn an_update_that_fails_its_health_check_goes_back_to_the_version_that_worked() 
         h.request(Request::Stop { name }).unwrap();
     }
 }
+
+#[test]
+fn a_service_whose_port_left_the_bridge_is_plugged_again_whatever_its_runtime() {
+    let Some(mut h) =
+        harness("a_service_whose_port_left_the_bridge_is_plugged_again_whatever_its_runtime")
+    else {
+        return;
+    };
+    let replugged = |h: &Harness, name: &str| {
+        h.sup
+            .events
+            .last(100)
+            .iter()
+            .filter(|e| {
+                e.kind == EventKind::NetworkRestored
+                    && e.service.as_deref() == Some(name)
+                    && e.detail.contains("was removed from the bridge")
+            })
+            .count()
+    };
+    for kind in KINDS {
+        // The regression: a microVM's port was looked up through an LXC init PID, found
+        // no process, and was never plugged again.
+        let name = named("tap", kind);
+        h.install(&name, kind, &on_failure(5));
+        h.request(Request::Start { name: name.clone() }).unwrap();
+        let port = veth_name(&name);
+        assert!(h.sup.dispatch(Msg::PortLost { port: port.clone() }));
+        assert_eq!(replugged(&h, &name), 1, "{kind}: plugged again");
+        assert!(
+            h.fake(kind).calls().iter().all(|c| c.ends_with(&name)),
+            "{kind}: asked its own backend: {:?}",
+            h.fake(kind).calls()
+        );
+        // A port that flaps is not plugged again and again.
+        assert!(h.sup.dispatch(Msg::PortLost { port: port.clone() }));
+        assert_eq!(replugged(&h, &name), 1, "{kind}: at most once per 5 s");
+        // A stopped service's port is not brought back.
+        h.sup.live.get_mut(&name).unwrap().replugged_at = None;
+        h.request(Request::Stop { name: name.clone() }).unwrap();
+        assert!(h.sup.dispatch(Msg::PortLost { port }));
+        assert_eq!(replugged(&h, &name), 1, "{kind}: left alone when stopped");
+    }
+}

@@ -256,8 +256,13 @@ impl Supervisor {
                 Err(error) => Reply::Error { error },
             });
         };
-        match (why, result) {
-            (Why::Update { old_version, pkg }, Ok(())) => {
+        let kind = match &why {
+            Why::Update { .. } => decide::SwitchKind::Update,
+            Why::Rollback => decide::SwitchKind::Rollback,
+            Why::Restore { .. } => decide::SwitchKind::Restore,
+        };
+        match (decide::after_check(kind, result.is_ok()), why) {
+            (decide::AfterCheck::Keep, Why::Update { old_version, pkg }) => {
                 if let Ok(rec) = self.record_mut(name) {
                     rec.source = pkg;
                 }
@@ -269,7 +274,21 @@ impl Supervisor {
                 );
                 answer(self, saved);
             }
-            (Why::Update { old_version, .. }, Err(why)) => {
+            (decide::AfterCheck::Keep, _) => {
+                self.event(
+                    EventKind::RolledBack,
+                    Some(name),
+                    format!("rolled back by hand to {}", inst.version),
+                );
+                let saved = self.persist();
+                answer(self, saved);
+            }
+            (decide::AfterCheck::GoBack, why) => {
+                let old_version = match why {
+                    Why::Update { old_version, .. } => old_version,
+                    _ => String::from("the previous version"),
+                };
+                let why = result.err().unwrap_or_default();
                 // Back to the version that worked.
                 let detail = format!(
                     "update to {} failed: {why}; rolled back to {old_version}",
@@ -298,20 +317,7 @@ impl Supervisor {
                     }
                 }
             }
-            (Why::Rollback, Ok(())) => {
-                self.event(
-                    EventKind::RolledBack,
-                    Some(name),
-                    format!("rolled back by hand to {}", inst.version),
-                );
-                let saved = self.persist();
-                answer(self, saved);
-            }
-            (Why::Rollback, Err(why)) => {
-                let _ = self.persist();
-                answer(self, Err(err(ErrorKind::Runtime, why)));
-            }
-            (Why::Restore { detail }, result) => {
+            (decide::AfterCheck::Fail, Why::Restore { detail }) => {
                 self.event(EventKind::RolledBack, Some(name), detail.clone());
                 let _ = self.persist();
                 let message = match result {
@@ -319,6 +325,11 @@ impl Supervisor {
                     Err(e) => format!("{detail}, but the rollback failed too: {e}"),
                 };
                 answer(self, Err(err(ErrorKind::Runtime, message)));
+            }
+            (decide::AfterCheck::Fail, _) => {
+                let _ = self.persist();
+                let why = result.err().unwrap_or_default();
+                answer(self, Err(err(ErrorKind::Runtime, why)));
             }
         }
     }
@@ -379,45 +390,30 @@ fn health_check(
     let deadline = Instant::now() + Duration::from_secs(health.deadline_s as u64);
     // Without a check, "healthy" means: still running a second after the start.
     let settle = Instant::now() + Duration::from_secs(1);
+    let probe = decide::probe_of(health);
     let mut last = String::from("it did not start");
     while Instant::now() < deadline {
-        if backend.main_pid(name).is_none() {
-            last = "it is not running".into();
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        let passed = if let Some(cmd) = &health.exec {
-            // Inside the service (a container's namespaces; a guest's init runs it).
-            match backend.exec(name, cmd) {
-                Ok(0) => true,
-                Ok(code) => {
-                    last = format!("health command exited with {code}");
-                    false
-                }
-                Err(e) => {
-                    last = error_chain(&e);
-                    false
-                }
-            }
-        } else if health.verdict_ping {
-            let spoke = seen
-                .as_ref()
-                .is_some_and(|s| s.load(Ordering::Relaxed) >= since_ms);
-            if !spoke {
-                last = "it did not speak on its verdict socket".into();
-            }
-            spoke
-        } else if let Some(port) = health.tcp_port {
-            let ok = backend.tcp_listening(name, port);
-            if !ok {
-                last = format!("nothing accepts on TCP port {port} inside it");
-            }
-            ok
+        let seen = if backend.main_pid(name).is_none() {
+            decide::Seen::NotRunning
         } else {
-            Instant::now() >= settle
+            match &probe {
+                // Inside the service (a container's namespaces; a guest's init runs it).
+                decide::Probe::Exec(cmd) => {
+                    decide::Seen::Exited(backend.exec(name, cmd).map_err(|e| error_chain(&e)))
+                }
+                decide::Probe::VerdictPing => decide::Seen::Answered(
+                    seen.as_ref()
+                        .is_some_and(|s| s.load(Ordering::Relaxed) >= since_ms),
+                ),
+                decide::Probe::Tcp(port) => {
+                    decide::Seen::Answered(backend.tcp_listening(name, *port))
+                }
+                decide::Probe::Settled => decide::Seen::Answered(Instant::now() >= settle),
+            }
         };
-        if passed {
-            return Ok(());
+        match decide::probe_passed(&probe, seen) {
+            Ok(()) => return Ok(()),
+            Err(why) => last = why,
         }
         std::thread::sleep(Duration::from_millis(200));
     }
