@@ -91,7 +91,7 @@ pub fn initramfs_with_init(
         Some(tree) => gatevisor_vmm::guest::find_modules(tree).unwrap_or_default(),
         None => Vec::new(),
     };
-    let mut c = gatevisor_vmm::cpio::Cpio::new(Vec::new());
+    let mut c = gatevisor_images::cpio::Cpio::new(Vec::new());
     c.dir("gatevisor")?;
     c.file("gatevisor/init", 0o755, &init_bytes)?;
     let mut list = String::new();

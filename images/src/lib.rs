@@ -2,8 +2,11 @@
 //!
 //! - [`beneath`]: trees reached through directory fds (`openat2` beneath a root): unpacking
 //!   and copying that cannot leave the tree.
+//! - [`builder`]: the publisher's side: a service folder built into a signed package (its
+//!   tree packed as a container's rootfs and a microVM's initramfs).
 //! - [`checkout`]: a service's root as an overlay of a store tree and its own writable
 //!   layer (a packaged tree is on flash once).
+//! - [`cpio`]: initramfs archives (newc) for microVM guests.
 //! - [`keys`]: ed25519 publisher keys and the gateway's trust store (trust, revoke, list).
 //! - [`package`]: the package format (a tar: signed manifest, then artifacts), built
 //!   reproducibly, read with the signature checked before anything is written and every
@@ -13,7 +16,9 @@
 //!   cut at any point leaves at the old or the new version, and garbage collection.
 
 pub mod beneath;
+pub mod builder;
 pub mod checkout;
+pub mod cpio;
 pub mod keys;
 pub mod package;
 pub mod rootfs;

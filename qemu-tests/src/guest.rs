@@ -1,8 +1,8 @@
 //! MicroVM guests for the emulated gateway's KVM: an initramfs made of the host's static
-//! busybox and an `/init` script, packed with gatevisor-vmm's cpio writer.
+//! busybox and an `/init` script, packed with gatevisor-images' cpio writer.
 
 use crate::{io, Result};
-use gatevisor_vmm::cpio::Cpio;
+use gatevisor_images::cpio::Cpio;
 use std::path::Path;
 
 /// The marker a guest's `/init` prints once it runs.

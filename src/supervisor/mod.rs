@@ -57,7 +57,7 @@ mod tests;
 
 use build::*;
 use install::*;
-pub use install::{check_image_roots, copy_tree, is_package, ImageRootError};
+pub use install::{check_image_roots, is_package, ImageRootError};
 pub use lifecycle::backoff;
 use lifecycle::{spawn_worker, Busy};
 use queue::Step;

@@ -451,7 +451,7 @@ impl Daemon {
         let binary = build_static(svc, false);
         let src = self.dir.path().join(format!("src-{svc}"));
         let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-        gatevisor::supervisor::copy_tree(
+        gatevisor_images::builder::copy_tree(
             &here.join(format!("images/services/{svc}/package")),
             &src,
         )

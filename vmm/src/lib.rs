@@ -9,14 +9,12 @@
 //! - [`devices`]: the port-I/O devices: 8250 serial (vm-superio) to a rate-limited log, the
 //!   i8042 reset line (how the guest ends its VM), a debug-exit port;
 //! - [`vm`]: the machine: memory, in-kernel irqchip and PIT, the vCPU loop, how it ended;
-//! - [`cpio`]: initramfs archives (newc) for guests.
 //!
 //! Every address, length and port value comes from the guest and is treated as hostile: an
 //! access outside guest memory is an error of the VM (its VMM stops), never of the host.
 
 pub mod acpi;
 pub mod boot;
-pub mod cpio;
 pub mod cpu;
 pub mod devices;
 pub mod guest;
