@@ -2,7 +2,8 @@
 //! LXC container or a KVM microVM, supervised from one daemon.
 //!
 //! The library holds everything but the command line: the control API ([`api`]), its client,
-//! the service manifest, the lifecycle table, the crash-safe state store, the event log, the
+//! the service manifest, each service's plan (what it runs as, resolved at install), the
+//! lifecycle table, the crash-safe state store, the event log, the
 //! runtime backends ([`runtime`]: LXC, microVM), the supervisor that reconciles desired and
 //! actual state, and the systemd notify protocol. The
 //! binary (`src/main.rs`) is a thin CLI and the daemon's wiring.
@@ -17,6 +18,7 @@ pub mod microvm;
 pub mod network;
 pub mod notify;
 pub mod package;
+pub mod plan;
 pub mod policy;
 pub mod proc;
 pub mod runtime;

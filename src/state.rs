@@ -18,6 +18,10 @@ use crate::manifest::Manifest;
 
 pub const STATE_FILE: &str = "state.json";
 
+/// The state document's format. Version 1 records had `runtime` and `idmap_base` where
+/// version 2 has the service's plan; a version 1 document is migrated when it is loaded.
+pub const VERSION: u32 = 2;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Desired {
@@ -67,12 +71,8 @@ pub struct ServiceRecord {
     /// The package version in the image store, for services installed from a package.
     #[serde(default)]
     pub package_version: Option<String>,
-    /// The runtime actually used (`auto` resolved at install).
-    pub runtime: crate::runtime::Kind,
-    /// A container's user namespace starts at this host id (`None`: privileged, or a service
-    /// installed before containers had one).
-    #[serde(default)]
-    pub idmap_base: Option<u32>,
+    /// What it runs as, resolved at install (runtime, resources, root, port).
+    pub plan: crate::plan::Plan,
     pub desired: Desired,
     pub state: State,
     pub running: Option<Running>,
@@ -145,16 +145,20 @@ impl Store {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(StateDoc {
-                    version: 1,
+                    version: VERSION,
                     ..StateDoc::default()
                 })
             }
             Err(source) => return Err(StateError::Read { path, source }),
         };
-        serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-            path,
-            message: e.to_string(),
-        })
+        let corrupt = |message: String| StateError::Corrupt {
+            path: path.clone(),
+            message,
+        };
+        let mut doc: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        migrate(&mut doc).map_err(corrupt)?;
+        serde_json::from_value(doc).map_err(|e| corrupt(e.to_string()))
     }
 
     pub fn save(&self, doc: &StateDoc) -> Result<(), StateError> {
@@ -196,6 +200,51 @@ impl Store {
     }
 }
 
+/// Brings an older state document to [`VERSION`]: each version 1 record gets the plan its
+/// install would have made. A newer document than this daemon knows is refused (a
+/// downgrade must not drop what it cannot read).
+fn migrate(doc: &mut serde_json::Value) -> Result<(), String> {
+    let version = doc.get("version").and_then(|v| v.as_u64()).unwrap_or(1);
+    if version > VERSION as u64 {
+        return Err(format!(
+            "state format {version} is newer than this gatevisor's ({VERSION})"
+        ));
+    }
+    if version == VERSION as u64 {
+        return Ok(());
+    }
+    let services = doc
+        .get_mut("services")
+        .and_then(|s| s.as_object_mut())
+        .into_iter()
+        .flat_map(|s| s.iter_mut());
+    for (name, rec) in services {
+        let Some(rec) = rec.as_object_mut() else {
+            continue;
+        };
+        let field = |k: &str| rec.get(k).cloned().unwrap_or(serde_json::Value::Null);
+        let bad = |what: &str, e: serde_json::Error| format!("service {name}: {what}: {e}");
+        let m: Manifest =
+            serde_json::from_value(field("manifest")).map_err(|e| bad("manifest", e))?;
+        let runtime: crate::runtime::Kind =
+            serde_json::from_value(field("runtime")).map_err(|e| bad("runtime", e))?;
+        let package_version: Option<String> = serde_json::from_value(field("package_version"))
+            .map_err(|e| bad("package_version", e))?;
+        let idmap_base: Option<u32> =
+            serde_json::from_value(field("idmap_base")).map_err(|e| bad("idmap_base", e))?;
+        let plan =
+            crate::plan::Plan::of_version_1(&m, runtime, package_version.as_deref(), idmap_base);
+        rec.remove("runtime");
+        rec.remove("idmap_base");
+        rec.insert(
+            "plan".into(),
+            serde_json::to_value(plan).expect("a plan serialises"),
+        );
+    }
+    doc["version"] = VERSION.into();
+    Ok(())
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -213,7 +262,7 @@ mod tests {
         let s = Store::new(d.path());
         assert!(s.load().unwrap().services.is_empty());
         let doc = StateDoc {
-            version: 1,
+            version: VERSION,
             ..Default::default()
         };
         s.save(&doc).unwrap();
@@ -226,11 +275,71 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = Store::new(d.path());
         let doc = StateDoc {
-            version: 1,
+            version: VERSION,
             ..Default::default()
         };
         s.save(&doc).unwrap();
         std::fs::write(d.path().join("state.json.tmp"), b"{\"version\": 1, \"serv").unwrap();
         assert_eq!(s.load().unwrap(), doc);
+    }
+
+    /// A document written by a daemon before records had a plan loads with the plan its
+    /// install would have made, and is written back as the current version; one from a
+    /// newer daemon is refused rather than read with what it holds dropped.
+    #[test]
+    fn a_version_1_document_is_migrated_and_a_newer_one_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let manifest = |name: &str| {
+            let f = d.path().join(format!("{name}.toml"));
+            std::fs::write(
+                &f,
+                format!("name = \"{name}\"\nversion = \"1.0.0\"\nruntime = \"lxc\"\nimage = \"builtin:busybox\"\ncommand = [\"/bin/sh\"]\n[resources]\nmemory_mib = 32\n[network]\ninterface = true\n"),
+            )
+            .unwrap();
+            serde_json::to_value(Manifest::load(&f).unwrap()).unwrap()
+        };
+        let record = |name: &str, runtime: &str, pkg: Option<&str>, idmap: Option<u32>| {
+            serde_json::json!({
+                "id": 1, "manifest": manifest(name), "source": "/x", "package_version": pkg,
+                "runtime": runtime, "idmap_base": idmap, "desired": "running",
+                "state": "running", "running": null, "restarts": 0,
+                "consecutive_failures": 0, "last_exit": null, "failure_reason": null,
+                "installed_at_ms": 1
+            })
+        };
+        let v1 = serde_json::json!({
+            "version": 1,
+            "services": {
+                "pkg": record("pkg", "lxc", Some("1.0.0"), Some(0x1000_0000)),
+                "own": record("own", "lxc", None, None),
+                "vm": record("vm", "microvm", Some("1.0.0"), None),
+            }
+        });
+        std::fs::write(d.path().join(STATE_FILE), v1.to_string()).unwrap();
+        let s = Store::new(d.path());
+        let doc = s.load().unwrap();
+        assert_eq!(doc.version, VERSION);
+        let plan = |n: &str| doc.services[n].plan.clone();
+        use crate::plan::Root;
+        assert_eq!(
+            plan("pkg").root,
+            Root::Checkout {
+                version: "1.0.0".into()
+            }
+        );
+        assert_eq!(plan("pkg").idmap_base, Some(0x1000_0000));
+        assert_eq!(plan("own").root, Root::Own);
+        assert_eq!(plan("vm").root, Root::Initramfs);
+        assert_eq!(plan("vm").runtime, crate::runtime::Kind::Microvm);
+        assert!(plan("vm").port.is_some());
+        s.save(&doc).unwrap();
+        assert_eq!(s.load().unwrap(), doc, "written back as version {VERSION}");
+
+        let newer = serde_json::json!({"version": VERSION + 1, "services": {}});
+        std::fs::write(d.path().join(STATE_FILE), newer.to_string()).unwrap();
+        let e = s.load().unwrap_err().to_string();
+        assert!(e.contains("corrupt"), "{e}");
+        let e = format!("{:?}", s.load().unwrap_err());
+        assert!(e.contains("newer than this gatevisor"), "{e}");
     }
 }

@@ -41,17 +41,20 @@ impl Supervisor {
         Ok((root_dir, rel))
     }
 
-    /// Builds the service's rootfs (owned by its container's root) and defines its container.
+    /// Builds the service's root as its plan says (owned by its container's root) from
+    /// `image` (`from_store`: in the verified image store; else a local manifest's, under
+    /// `image_roots`), and defines its container or VM.
     pub(super) fn materialise(
         &mut self,
         m: &Manifest,
+        plan: &Plan,
         image: &ImageRef,
+        from_store: bool,
         caps: Vec<caps::Capability>,
         dir: &Path,
-        source: Source,
     ) -> Result<()> {
-        let Source { from_store, idmap } = source;
-        let root_owner = idmap.map_or(0, |m| m.host_base);
+        let idmap = plan.idmap_base.map(idmap_at);
+        let root_owner = plan.idmap_base.unwrap_or(0);
         // A packaged tree is not copied: the store's is the read-only lower layer.
         let mut checkout = None;
         // A microVM's scratch disk is the service's own data: kept across a rebuild (an
@@ -59,7 +62,7 @@ impl Supervisor {
         let disk = dir.join("disk.img");
         let kept = dir.with_file_name(format!(".{}.disk.img", m.name));
         let keep_disk = matches!(image, ImageRef::Initramfs(_))
-            && m.resources.disk_mib.is_some()
+            && plan.resources.disk_mib.is_some()
             && std::fs::rename(&disk, &kept).is_ok();
         remove_service_dir(dir)?;
         let rootfs = dir.join("rootfs");
@@ -75,7 +78,7 @@ impl Supervisor {
         };
         if let ImageRef::Initramfs(src) = image {
             if from_store {
-                return self.define_vm(m, src, dir);
+                return self.define_vm(m, plan, src, dir);
             }
             // Opened beneath its image root, then read through the open file only.
             let (root, rel) = self.local_image(src)?;
@@ -89,14 +92,14 @@ impl Supervisor {
                 "/proc/self/fd/{}",
                 std::os::fd::AsRawFd::as_raw_fd(&f)
             ));
-            return self.define_vm(m, &via, dir);
+            return self.define_vm(m, plan, &via, dir);
         }
         match image {
             ImageRef::BuiltinBusybox => {
                 check_static_busybox(&self.settings.busybox)?;
                 lxc::rootfs::build_busybox(&self.settings.busybox, &rootfs).map_err(runtime_err)?
             }
-            ImageRef::Rootfs(src) if from_store => {
+            ImageRef::Rootfs(src) if matches!(plan.root, Root::Checkout { .. }) => {
                 // Given to the container's root by the install's worker already (then this
                 // is one stat); a rollback's older version was given at its install.
                 gatevisor_images::checkout::give_tree(src, root_owner)
@@ -130,8 +133,7 @@ impl Supervisor {
         if let Some(map) = idmap.filter(|_| checkout.is_none()) {
             lxc::rootfs::shift_owner(&rootfs, map.host_base).map_err(runtime_err)?;
         }
-        let r = &m.resources;
-        let disk_image = match r.disk_mib {
+        let disk_image = match plan.resources.disk_mib {
             Some(mib) => Some(make_disk_image(
                 &rootfs,
                 &dir.join("disk.img"),
@@ -149,7 +151,7 @@ impl Supervisor {
                 .env
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
-                .chain(m.has_control_channel().then(|| {
+                .chain(plan.control_channel.then(|| {
                     (
                         "GATEVISOR_VERDICT_SOCKET".to_string(),
                         format!(
@@ -160,17 +162,14 @@ impl Supervisor {
                     )
                 }))
                 .collect(),
-            limits: limits_of(r),
+            limits: plan.limits(),
             capabilities: caps,
-            veth_host: m.network.interface.then(|| veth_name(&m.name)),
-            ipv4_address: m.network.address.clone(),
-            mac: m
-                .network
-                .interface
-                .then(|| crate::network::mac_text(&crate::network::service_mac(&m.name))),
+            veth_host: plan.port.as_ref().map(|p| p.name.clone()),
+            ipv4_address: plan.port.as_ref().and_then(|p| p.address.clone()),
+            mac: plan.port.as_ref().map(|p| p.mac.clone()),
             seccomp_profile: lxc::default_seccomp_profile(),
             apparmor_profile: lxc::apparmor_profile(),
-            bind_dirs: if !m.has_control_channel() {
+            bind_dirs: if !plan.control_channel {
                 vec![]
             } else {
                 let dir = self.service_run_dir(&m.name);
@@ -187,7 +186,13 @@ impl Supervisor {
     }
 
     /// Copies the initramfs and writes the VM configuration of a microVM service.
-    pub(super) fn define_vm(&mut self, m: &Manifest, initramfs: &Path, dir: &Path) -> Result<()> {
+    pub(super) fn define_vm(
+        &mut self,
+        m: &Manifest,
+        plan: &Plan,
+        initramfs: &Path,
+        dir: &Path,
+    ) -> Result<()> {
         let initrd = dir.join("initramfs.cpio");
         let kernel = m
             .microvm
@@ -217,7 +222,7 @@ impl Supervisor {
             Some(init) => {
                 let mut env: Vec<(String, String)> =
                     m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                if m.has_control_channel() {
+                if plan.control_channel {
                     // The service reaches its verdict socket over vsock: the VMM maps guest
                     // connections to host port P onto `<vsock>_P`, a link to the socket.
                     env.push((
@@ -248,7 +253,7 @@ impl Supervisor {
                     crate::microvm::GUEST_INIT_PATH,
                     m.stop_timeout_s
                 );
-                if let Some(a) = &m.network.address {
+                if let Some(a) = plan.port.as_ref().and_then(|p| p.address.as_ref()) {
                     c.push_str(&format!(" gatevisor.ip={a}"));
                 }
                 c.push_str(" -- ");
@@ -295,25 +300,25 @@ impl Supervisor {
                 cmdline,
             },
             // A Linux guest needs room for its own kernel beyond the service's budget.
-            memory_mib: crate::microvm::guest_memory_mib(m.resources.memory_mib),
-            vcpus: m.resources.vcpus as u8,
+            memory_mib: plan.resources.receives_mib,
+            vcpus: plan.resources.vcpus as u8,
             // The console goes to the VMM's stdout, which a log pump rotates into the log.
             console_log: None,
             console_rate: crate::microvm::CONSOLE_RATE,
             console_socket: Some(self.vms.console_path(&m.name)),
             exit_file: Some(self.run_files(&m.name).exit_file),
             // The tap is created at each start and handed over as TAP_FD.
-            net: if m.network.interface {
-                vec![gatevisor_vmm::vm::NetConfig {
+            net: plan
+                .port
+                .iter()
+                .map(|p| gatevisor_vmm::vm::NetConfig {
                     tap: None,
                     tap_fd: Some(crate::microvm::TAP_FD),
-                    mac: crate::network::mac_text(&crate::network::service_mac(&m.name)),
-                }]
-            } else {
-                vec![]
-            },
+                    mac: p.mac.clone(),
+                })
+                .collect(),
             // `resources.disk_mib`: a sparse scratch disk (/dev/vda), kept across restarts.
-            disk: match m.resources.disk_mib {
+            disk: match plan.resources.disk_mib {
                 Some(mib) => {
                     let path = dir.join("disk.img");
                     let f = std::fs::OpenOptions::new()
@@ -408,8 +413,13 @@ pub(super) fn copy_rootfs(
 pub(super) const IDMAP_BASE: u32 = 0x1000_0000;
 
 pub(super) fn idmap_for(id: u32) -> lxc::IdMap {
+    idmap_at(IDMAP_BASE + id * 65_536)
+}
+
+/// The user namespace of 65,536 ids from `host_base`.
+pub(super) fn idmap_at(host_base: u32) -> lxc::IdMap {
     lxc::IdMap {
-        host_base: IDMAP_BASE + id * 65_536,
+        host_base,
         count: 65_536,
     }
 }
@@ -430,7 +440,11 @@ impl Supervisor {
     pub(super) fn mount_checkout(&self, name: &str) -> Result<()> {
         let rec = self.record(name)?;
         let c = gatevisor_images::checkout::Checkout::at(&self.service_dir(name));
-        if rec.runtime != Kind::Lxc || !c.exists() || c.is_mounted() {
+        let Root::Checkout { version } = &rec.plan.root else {
+            return Ok(());
+        };
+        // (A container packaged before checkouts existed has a tree of its own.)
+        if !c.exists() || c.is_mounted() {
             return Ok(());
         }
         let missing = |why: String| {
@@ -439,17 +453,13 @@ impl Supervisor {
                 format!("{name}: its root cannot be mounted: {why}"),
             )
         };
-        let version = rec
-            .package_version
-            .as_deref()
-            .ok_or_else(|| missing("it has no packaged version".into()))?;
         let tree = self
             .images
             .version(name, version)
             .map_err(|e| missing(error_chain(&e)))?
             .rootfs()
             .ok_or_else(|| missing(format!("version {version} in the image store has no tree")))?;
-        c.mount(&tree, rec.idmap_base.unwrap_or(0))
+        c.mount(&tree, rec.plan.idmap_base.unwrap_or(0))
             .map_err(|e| missing(error_chain(&e)))
     }
 }

@@ -28,7 +28,7 @@ impl Supervisor {
         if rec.manifest.settings.is_empty() {
             return;
         }
-        let container = rec.runtime == Kind::Lxc;
+        let container = rec.plan.runtime == Kind::Lxc;
         let Some(values) = self.effective_settings(name) else {
             return;
         };

@@ -190,9 +190,9 @@ impl Supervisor {
             .doc
             .services
             .values()
-            .map(|r| memory_cost_mib(r.runtime, r.manifest.resources.memory_mib))
+            .map(|r| r.plan.resources.receives_mib)
             .sum();
-        let need = memory_cost_mib(runtime, m.resources.memory_mib);
+        let need = crate::plan::receives_mib(runtime, m.resources.memory_mib);
         if used + need > budget {
             let guest = if need > m.resources.memory_mib as u64 {
                 format!(" (as a microVM: {need} MiB, its kernel's share included)")
@@ -245,13 +245,15 @@ impl Supervisor {
             .get(&m.name)
             .copied()
             .unwrap_or_else(|| self.next_id());
-        let idmap = (runtime == Kind::Lxc && !m.privileged).then(|| idmap_for(id));
+        let idmap_base = (runtime == Kind::Lxc && !m.privileged).then(|| idmap_for(id).host_base);
+        let plan = Plan::resolve(
+            &m,
+            runtime,
+            root_of(&image, package.as_ref().map(|(_, v)| v.as_str())),
+            idmap_base,
+        );
         let dir = self.service_dir(&m.name);
-        let source = Source {
-            from_store: package.is_some(),
-            idmap,
-        };
-        let made = self.materialise(&m, &image, caps, &dir, source);
+        let made = self.materialise(&m, &plan, &image, package.is_some(), caps, &dir);
         if let Err(e) = made {
             let _ = self.backends.get(runtime).undefine(&m.name);
             let _ = remove_service_dir(&dir);
@@ -269,8 +271,7 @@ impl Supervisor {
                     .map(|(p, _)| p.clone())
                     .unwrap_or_else(|| path.clone()),
                 package_version: package.map(|(_, v)| v),
-                runtime,
-                idmap_base: idmap.map(|m| m.host_base),
+                plan,
                 desired: if start {
                     Desired::Running
                 } else {
@@ -301,6 +302,18 @@ impl Supervisor {
         // A start asked for with the install is the loop's next step for the service
         // (Step::Start): it runs on a worker.
         self.status(&name)
+    }
+}
+
+/// What a service's root will be, made from `image` (`package_version`: from the image
+/// store): a store's tree is checked out, never copied.
+pub(super) fn root_of(image: &ImageRef, package_version: Option<&str>) -> Root {
+    match (image, package_version) {
+        (ImageRef::Initramfs(_), _) => Root::Initramfs,
+        (ImageRef::Rootfs(_), Some(v)) => Root::Checkout {
+            version: v.to_string(),
+        },
+        _ => Root::Own,
     }
 }
 
@@ -567,27 +580,6 @@ pub fn check_image_roots(
 }
 
 /// Packages are files ending in `.gvpkg`.
-/// The limits a service's resources ask for (its runtime may add to them: a VMM's memory).
-pub(super) fn limits_of(r: &crate::manifest::Resources) -> lxc::Limits {
-    lxc::Limits {
-        memory_bytes: Some(r.memory_mib as u64 * 1024 * 1024),
-        cpu_quota_us: r
-            .cpu_quota_percent
-            .map(|p| p as u64 * lxc::config::CPU_PERIOD_US / 100),
-        pids: r.pids.map(u64::from),
-        cpus: Some(r.vcpus),
-    }
-}
-
-/// What a service takes from the board's memory budget: a container its limit, a microVM the
-/// guest memory it really gets.
-pub(super) fn memory_cost_mib(kind: Kind, memory_mib: u32) -> u64 {
-    match kind {
-        Kind::Lxc => memory_mib as u64,
-        Kind::Microvm => crate::microvm::guest_memory_mib(memory_mib),
-    }
-}
-
 /// A signed package: told by its content, so a package under any name is verified as one.
 /// A file named `.gvpkg` is always taken for a package (a corrupt or truncated download is
 /// refused by the verifier, never read as an unsigned service manifest).

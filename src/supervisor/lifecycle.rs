@@ -98,8 +98,8 @@ impl Supervisor {
             argv: rec.manifest.command.clone(),
             files: self.run_files(name),
             timeout: self.settings.start_timeout,
-            interface: rec.manifest.network.interface.then(|| veth_name(name)),
-            limits: limits_of(&rec.manifest.resources),
+            interface: rec.plan.port.as_ref().map(|p| p.name.clone()),
+            limits: rec.plan.limits(),
         };
         self.generation += 1;
         let generation = self.generation;

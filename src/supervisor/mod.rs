@@ -16,7 +16,9 @@
 //!   materialising images (a packaged container's read-only checkout) and defining
 //!   containers and VMs; `lifecycle`: starts, stops, exits, restart
 //!   policy; `update`: version switches and health checks; `net`: ports, flows, verdicts,
-//!   heartbeats; `views`: status and logs.
+//!   heartbeats; `views`: status and logs; `decide`: the decisions that are not a lifecycle
+//!   transition (hung, lost port, health probe, after a check) as pure, table-tested
+//!   functions. What each service runs as is its [`crate::plan::Plan`], resolved at install.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -35,6 +37,7 @@ use crate::lifecycle::{Op, State};
 use crate::manifest::{ImageRef, Manifest, RuntimeKind};
 use crate::network::Network;
 use crate::notify::Notifier;
+use crate::plan::{Plan, Root};
 use crate::proc;
 use crate::runtime::{Backend, Backends, Kind, StartSpec};
 use crate::state::{now_ms, Desired, LastExit, Running, ServiceRecord, StateDoc, Store};
@@ -163,15 +166,6 @@ pub enum Msg {
         result: std::result::Result<bool, String>,
     },
     Shutdown,
-}
-
-/// Where a service's files come from and whom they belong to, for `materialise`.
-struct Source {
-    /// The image is in the verified image store (else: a local manifest's, under
-    /// `image_roots`).
-    from_store: bool,
-    /// The container's user namespace (`None`: privileged).
-    idmap: Option<lxc::IdMap>,
 }
 
 /// What a package install's worker made, off the supervisor loop.
@@ -433,7 +427,7 @@ impl Supervisor {
 
     /// The backend that runs `name`.
     fn backend(&self, name: &str) -> Result<std::sync::Arc<dyn Backend>> {
-        Ok(self.backends.get(self.record(name)?.runtime).clone())
+        Ok(self.backends.get(self.record(name)?.plan.runtime).clone())
     }
 
     /// Runs services with other backends (tests: [`crate::runtime::fake`]).

@@ -26,7 +26,7 @@ impl Supervisor {
                     expected_for_ms,
                     silent_ms: now.saturating_sub(last_seen_ms),
                     spoke_since_start: last_seen_ms >= started_at_ms,
-                    microvm: r.runtime == Kind::Microvm,
+                    microvm: r.plan.runtime == Kind::Microvm,
                     running_for_ms: now.saturating_sub(started_at_ms),
                     awaits_ready: r.manifest.network.ready == crate::manifest::Readiness::Notify
                         && !live.said_ready,
@@ -61,7 +61,7 @@ impl Supervisor {
             .doc
             .services
             .values()
-            .find(|r| veth_name(&r.manifest.name) == port)
+            .find(|r| r.plan.port_name() == Some(port))
             .map(|r| r.manifest.name.clone())
         else {
             return;
@@ -168,9 +168,9 @@ impl Supervisor {
         let Some(rec) = self.doc.services.get(name) else {
             return;
         };
-        if !rec.manifest.network.interface {
+        let Some(port) = &rec.plan.port else {
             return;
-        }
+        };
         let m = &rec.manifest;
         let ready = m.network.ready == crate::manifest::Readiness::Started
             || self.live.get(name).is_some_and(|l| l.said_ready);
@@ -178,7 +178,7 @@ impl Supervisor {
         // container started by an earlier gatevisor (re-adopted) may have another, and is
         // not pinned until it restarts.
         let mac = crate::network::service_mac(name);
-        let pinned = match rec.runtime {
+        let pinned = match rec.plan.runtime {
             crate::runtime::Kind::Microvm => true,
             crate::runtime::Kind::Lxc => std::fs::read_to_string(
                 self.rt.lxcpath().join(name).join("config"),
@@ -186,14 +186,14 @@ impl Supervisor {
             .is_ok_and(|c| {
                 c.lines().any(|l| {
                     l.split_once('=').is_some_and(|(k, v)| {
-                        k.trim() == "lxc.net.0.hwaddr" && v.trim() == crate::network::mac_text(&mac)
+                        k.trim() == "lxc.net.0.hwaddr" && v.trim() == port.mac
                     })
                 })
             }),
         };
         let res = net.plug(
             rec.id,
-            &veth_name(name),
+            &port.name,
             name,
             &m.network.steering,
             m.failure_mode.to_flowbridge(),
@@ -237,8 +237,8 @@ impl Supervisor {
         let Some(rec) = self.doc.services.get(name) else {
             return;
         };
-        if rec.manifest.network.interface {
-            if let Err(e) = net.unplug(rec.id, &veth_name(name)) {
+        if let Some(port) = &rec.plan.port {
+            if let Err(e) = net.unplug(rec.id, &port.name) {
                 tracing::warn!("{name}: {e}");
             }
         }
@@ -296,11 +296,11 @@ impl Supervisor {
             return false;
         };
         let steers = !rec.manifest.network.steering.is_empty();
-        if !rec.manifest.has_control_channel() {
+        if !rec.plan.control_channel {
             return false;
         }
         if !self.verdict_servers.contains_key(name) {
-            let owner = rec.idmap_base;
+            let owner = rec.plan.idmap_base;
             match crate::verdict::serve(&self.service_run_dir(name), name, owner, self.tx.clone()) {
                 Ok(v) => {
                     self.verdict_servers.insert(name.to_string(), v);

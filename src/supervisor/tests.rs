@@ -114,7 +114,13 @@ impl Harness {
         .unwrap();
         // A microVM's definition needs KVM and a kernel; what is tested here is what the
         // supervisor does with a record of that kind.
-        self.sup.record_mut(name).unwrap().runtime = kind;
+        let rec = self.sup.record_mut(name).unwrap();
+        rec.plan = Plan::resolve(
+            &rec.manifest,
+            kind,
+            rec.plan.root.clone(),
+            rec.plan.idmap_base,
+        );
     }
 
     /// Sends `req` as the API server does and serves the loop until it is answered.
@@ -621,12 +627,12 @@ fn a_failed_start_answers_the_request_with_the_reason() {
 
 #[test]
 fn a_microvm_takes_its_guest_memory_from_the_budget() {
-    assert_eq!(install::memory_cost_mib(Kind::Lxc, 32), 32);
+    assert_eq!(crate::plan::receives_mib(Kind::Lxc, 32), 32);
     assert_eq!(
-        install::memory_cost_mib(Kind::Microvm, 32),
+        crate::plan::receives_mib(Kind::Microvm, 32),
         crate::microvm::MIN_GUEST_MIB
     );
-    assert_eq!(install::memory_cost_mib(Kind::Microvm, 512), 512);
+    assert_eq!(crate::plan::receives_mib(Kind::Microvm, 512), 512);
 }
 
 #[test]

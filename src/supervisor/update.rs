@@ -41,7 +41,7 @@ impl Supervisor {
             Ok(v) => v,
             Err(e) => return self.refuse_update(name, pkg, e, reply),
         };
-        let Ok((runtime, id)) = self.record(name).map(|r| (r.runtime, r.id)) else {
+        let Ok((runtime, id)) = self.record(name).map(|r| (r.plan.runtime, r.id)) else {
             return;
         };
         let owner = (runtime == Kind::Lxc).then(|| idmap_for(id).host_base);
@@ -349,23 +349,28 @@ impl Supervisor {
                 m.name
             ));
         }
-        let runtime = self.record(name).map_err(|e| e.message)?.runtime;
+        let (runtime, id) = self
+            .record(name)
+            .map(|r| (r.plan.runtime, r.id))
+            .map_err(|e| e.message)?;
         let image = m
             .image_ref_as(&file, runtime == Kind::Microvm)
             .map_err(|e| e.to_string())?;
         let caps = m.capability_set(&file).map_err(|e| e.to_string())?;
         let dir = self.service_dir(name);
-        let idmap = (runtime == Kind::Lxc && !m.privileged)
-            .then(|| idmap_for(self.record(name).map(|r| r.id).unwrap_or(0)));
-        let source = Source {
-            from_store: true,
-            idmap,
-        };
-        self.materialise(&m, &image, caps, &dir, source)
+        // The version switched to gets its own plan (the runtime stays the service's).
+        let idmap_base = (runtime == Kind::Lxc && !m.privileged).then(|| idmap_for(id).host_base);
+        let plan = Plan::resolve(
+            &m,
+            runtime,
+            root_of(&image, Some(&inst.version)),
+            idmap_base,
+        );
+        self.materialise(&m, &plan, &image, true, caps, &dir)
             .map_err(|e| e.message)?;
         let rec = self.record_mut(name).map_err(|e| e.message)?;
         rec.manifest = m;
-        rec.idmap_base = idmap.map(|m| m.host_base);
+        rec.plan = plan;
         rec.package_version = Some(inst.version.clone());
         rec.desired = Desired::Running;
         rec.consecutive_failures = 0;

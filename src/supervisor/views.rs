@@ -13,9 +13,9 @@ impl Supervisor {
             _ => (None, None),
         };
         let rec = self.record(name)?;
-        let vm = rec.runtime == Kind::Microvm;
+        let vm = rec.plan.runtime == Kind::Microvm;
         let usage = if rec.state == State::Running {
-            self.backends.get(rec.runtime).usage(name)
+            self.backends.get(rec.plan.runtime).usage(name)
         } else {
             None
         };
@@ -32,7 +32,7 @@ impl Supervisor {
                 .as_ref()
                 .and_then(|v| self.images.version(name, v).ok())
                 .and_then(|i| i.publisher()),
-            runtime: rec.runtime,
+            runtime: rec.plan.runtime,
             state: rec.state,
             desired: rec.desired,
             init_pid: running.map(|r| r.init_pid),
@@ -46,24 +46,22 @@ impl Supervisor {
             memory: api::Memory {
                 usage_bytes: usage.as_ref().and_then(|u| u.memory_bytes),
                 limit_bytes: if vm {
-                    crate::runtime::microvm::vm_limits(&limits_of(&m.resources)).memory_bytes
+                    crate::runtime::microvm::vm_limits(&rec.plan.limits()).memory_bytes
                 } else {
-                    limits_of(&m.resources).memory_bytes
+                    rec.plan.limits().memory_bytes
                 },
             },
             cpu_usec: usage.as_ref().and_then(|u| u.cpu_usec),
             pids: usage.as_ref().and_then(|u| u.pids),
             failure_mode: m.failure_mode,
-            interface: m.network.interface.then(|| veth_name(name)),
+            interface: rec.plan.port_name().map(String::from),
             container: (!vm).then(|| api::ContainerInfo {
                 lxcpath: self.rt.lxcpath().to_path_buf(),
                 name: name.to_string(),
             }),
             microvm: vm.then(|| api::MicrovmInfo {
                 config: self.vms.config_path(name),
-                guest_memory_bytes: crate::microvm::guest_memory_mib(m.resources.memory_mib)
-                    * 1024
-                    * 1024,
+                guest_memory_bytes: rec.plan.resources.receives_mib * 1024 * 1024,
                 console: self.vms.console_path(name),
                 vmm_rss_bytes: usage.as_ref().and_then(|u| u.memory_bytes),
                 cgroup: crate::runtime::cgroup::VmCgroup::of(name, self.vms.cgroups)
