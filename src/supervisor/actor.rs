@@ -3,6 +3,19 @@
 
 use super::*;
 
+/// How long the loop is quiet before freed memory goes back to the system.
+const IDLE_TRIM: Duration = Duration::from_secs(2);
+
+/// Returns the allocator's free pages (in every arena, not only at the heap's top) to the
+/// system: a gateway daemon that idles for days should not hold the peak of its last install.
+fn release_free_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists (under its locks) and
+    // advises the kernel about pages no allocation uses; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 impl Supervisor {
     /// Re-adopts what survived a daemon restart, then serves messages until shutdown.
     pub fn run(mut self, rx: Receiver<Msg>, notifier: Option<Notifier>) {
@@ -36,6 +49,10 @@ impl Supervisor {
         let mut last_ping = Instant::now();
         let mut last_net_check = Instant::now();
         const NET_CHECK: Duration = Duration::from_secs(1);
+        // Memory freed after a burst of work (an install's buffers, a worker's stack) is
+        // handed back to the system once the loop has been quiet for IDLE_TRIM.
+        let mut last_msg = Instant::now();
+        let mut trimmed = false;
         loop {
             let now = Instant::now();
             let next_timer = self.live.values().filter_map(|l| l.retry_at).min();
@@ -46,6 +63,9 @@ impl Supervisor {
             if self.net.is_some() {
                 wait = wait.min(NET_CHECK.saturating_sub(now - last_net_check));
             }
+            if !trimmed {
+                wait = wait.min(IDLE_TRIM.saturating_sub(now - last_msg));
+            }
             let msg = rx.recv_timeout(wait);
             if let Some(n) = &notifier {
                 if last_ping.elapsed() >= ping_every {
@@ -55,12 +75,18 @@ impl Supervisor {
             }
             match msg {
                 Ok(msg) => {
+                    last_msg = Instant::now();
+                    trimmed = false;
                     if !self.dispatch(msg) {
                         break;
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {}
+            }
+            if !trimmed && last_msg.elapsed() >= IDLE_TRIM {
+                release_free_memory();
+                trimmed = true;
             }
             self.fire_timers();
             if last_net_check.elapsed() >= NET_CHECK {
