@@ -70,6 +70,9 @@ pub struct Port {
     pub address: Option<String>,
 }
 
+/// How many host ids a container's user namespace maps.
+pub const IDMAP_COUNT: u32 = 65_536;
+
 impl Plan {
     /// The plan of manifest `m` run with `runtime`, its root being `root`.
     pub fn resolve(m: &Manifest, runtime: Kind, root: Root, idmap_base: Option<u32>) -> Plan {
@@ -125,6 +128,14 @@ impl Plan {
             pids: r.pids.map(u64::from),
             cpus: Some(r.vcpus),
         }
+    }
+
+    /// A container's user namespace: [`IDMAP_COUNT`] ids from `idmap_base`.
+    pub fn idmap(&self) -> Option<gatevisor_lxc::IdMap> {
+        self.idmap_base.map(|host_base| gatevisor_lxc::IdMap {
+            host_base,
+            count: IDMAP_COUNT,
+        })
     }
 
     pub fn port_name(&self) -> Option<&str> {

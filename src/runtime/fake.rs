@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::{Backend, Kind, RuntimeError, StartSpec, Started, Stopped, Usage};
+use super::{Backend, Definition, Kind, RuntimeError, StartSpec, Started, Stopped, Usage};
 
 /// An argument in a service's command that makes its fake end by itself with code 3 after
 /// 200 ms, whatever its behaviour says (a version that crashes at once).
@@ -55,6 +55,12 @@ impl Fake {
     /// What the supervisor asked for, in order (`start NAME`, `stop NAME`, `kill NAME`, ...).
     pub fn calls(&self) -> Vec<String> {
         self.lock().calls.clone()
+    }
+
+    /// Forgets the calls recorded for `name` (a test watches what follows).
+    pub fn forget_calls(&self, name: &str) {
+        let suffix = format!(" {name}");
+        self.lock().calls.retain(|c| !c.ends_with(&suffix));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -104,6 +110,11 @@ fn alive(pid: i32) -> bool {
 impl Backend for Fake {
     fn kind(&self) -> Kind {
         self.kind
+    }
+
+    fn prepare(&self, def: &Definition) -> Result<(), RuntimeError> {
+        self.call("prepare", &def.manifest.name);
+        Ok(())
     }
 
     fn start(&self, name: &str, spec: &StartSpec) -> Result<Started, RuntimeError> {

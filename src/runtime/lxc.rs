@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use gatevisor_lxc as lxc;
 
-use super::{Backend, Kind, RuntimeError, StartSpec, Started, Stopped, Usage};
+use super::{Backend, Definition, Image, Kind, RuntimeError, StartSpec, Started, Stopped, Usage};
 
 /// The liblxc runtime as a [`Backend`].
 pub struct LxcBackend(pub lxc::Runtime);
@@ -13,6 +13,51 @@ pub struct LxcBackend(pub lxc::Runtime);
 impl Backend for LxcBackend {
     fn kind(&self) -> Kind {
         Kind::Lxc
+    }
+
+    fn prepare(&self, def: &Definition) -> Result<(), RuntimeError> {
+        let (m, plan) = (def.manifest, def.plan);
+        let Image::Tree { rootfs, disk_image } = &def.image else {
+            return Err(RuntimeError::Refused {
+                field: "image",
+                problem: "a container runs a root tree, not an initramfs".into(),
+            });
+        };
+        let socket = format!(
+            "{}/{}",
+            crate::verdict::CONTAINER_DIR,
+            crate::verdict::SOCKET_NAME
+        );
+        let spec = lxc::ContainerSpec {
+            name: m.name.clone(),
+            hostname: m.name.clone(),
+            rootfs: rootfs.clone(),
+            disk_image: disk_image.clone(),
+            env: m
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .chain(
+                    def.control_dir
+                        .is_some()
+                        .then(|| ("GATEVISOR_VERDICT_SOCKET".to_string(), socket)),
+                )
+                .collect(),
+            limits: plan.limits(),
+            capabilities: def.caps.clone(),
+            veth_host: plan.port.as_ref().map(|p| p.name.clone()),
+            ipv4_address: plan.port.as_ref().and_then(|p| p.address.clone()),
+            mac: plan.port.as_ref().map(|p| p.mac.clone()),
+            seccomp_profile: lxc::default_seccomp_profile(),
+            apparmor_profile: lxc::apparmor_profile(),
+            bind_dirs: def
+                .control_dir
+                .iter()
+                .map(|d| (d.clone(), crate::verdict::CONTAINER_DIR.to_string()))
+                .collect(),
+            idmap: plan.idmap(),
+        };
+        Ok(self.0.define(&spec)?)
     }
 
     fn start(&self, name: &str, spec: &StartSpec) -> Result<Started, RuntimeError> {

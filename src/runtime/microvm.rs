@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::microvm::MicrovmRuntime;
 
-use super::{Backend, Kind, RuntimeError, StartSpec, Started, Stopped, Usage};
+use super::{Backend, Definition, Image, Kind, RuntimeError, StartSpec, Started, Stopped, Usage};
 
 impl MicrovmRuntime {
     fn running_pid(&self, name: &str) -> Result<i32, RuntimeError> {
@@ -31,6 +31,167 @@ impl MicrovmRuntime {
 impl Backend for MicrovmRuntime {
     fn kind(&self) -> Kind {
         Kind::Microvm
+    }
+
+    /// Copies the initramfs (with the guest init's archive appended) and writes the VM's
+    /// configuration.
+    fn prepare(&self, def: &Definition) -> Result<(), RuntimeError> {
+        let (m, plan, dir) = (def.manifest, def.plan, def.dir);
+        let Image::Initramfs(initramfs) = &def.image else {
+            return Err(RuntimeError::Refused {
+                field: "image",
+                problem: "a microVM boots an initramfs, not a root tree".into(),
+            });
+        };
+        let io = |what: &'static str| {
+            let name = m.name.clone();
+            move |source| RuntimeError::Vm { name, what, source }
+        };
+        let initrd = dir.join("initramfs.cpio");
+        let kernel = m
+            .microvm
+            .kernel
+            .clone()
+            .unwrap_or_else(crate::microvm::MicrovmRuntime::default_kernel);
+        if !kernel.is_file() {
+            return Err(RuntimeError::Refused {
+                field: "microvm.kernel",
+                problem: format!("{} does not exist on this gateway", kernel.display()),
+            });
+        }
+        // With gatevisor's guest init (the usual case), the service's initramfs gets a second
+        // archive: the init, and the virtio modules of the gateway's kernel when the guest
+        // runs that kernel. The init runs the service, and answers the control port (vsock)
+        // through which stop powers the guest off gracefully.
+        let guest_init = crate::microvm::guest_init();
+        let modules_of = m
+            .microvm
+            .kernel
+            .is_none()
+            .then(crate::microvm::running_kernel_modules);
+        let (cmdline, vsock) = match &guest_init {
+            Some(init) => {
+                let mut env: Vec<(String, String)> =
+                    m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                if plan.control_channel {
+                    // The service reaches its verdict socket over vsock: the VMM maps guest
+                    // connections to host port P onto `<vsock>_P`, a link to the socket.
+                    env.push((
+                        "GATEVISOR_VERDICT_SOCKET".into(),
+                        format!("vsock:2:{}", crate::microvm::VERDICT_PORT),
+                    ));
+                    let link = self.vsock_port_path(&m.name, crate::microvm::VERDICT_PORT);
+                    let _ = std::fs::remove_file(&link);
+                    if let Some(control) = &def.control_dir {
+                        std::os::unix::fs::symlink(
+                            control.join(crate::verdict::SOCKET_NAME),
+                            &link,
+                        )
+                        .map_err(io("cannot link its verdict socket"))?;
+                    }
+                }
+                crate::microvm::initramfs_with_init(
+                    initramfs,
+                    init,
+                    modules_of.as_deref(),
+                    &env,
+                    &initrd,
+                )
+                .map_err(io("cannot write its initramfs"))?;
+                let mut c = format!(
+                    "{} {} rdinit={} gatevisor.grace_s={}",
+                    crate::microvm::BASE_CMDLINE,
+                    m.microvm.cmdline,
+                    crate::microvm::GUEST_INIT_PATH,
+                    m.stop_timeout_s
+                );
+                if let Some(a) = plan.port.as_ref().and_then(|p| p.address.as_ref()) {
+                    c.push_str(&format!(" gatevisor.ip={a}"));
+                }
+                c.push_str(" -- ");
+                c.push_str(&m.command.join(" "));
+                let vsock = gatevisor_vmm::vm::VsockConfig {
+                    guest_cid: crate::microvm::GUEST_CID,
+                    uds_path: self.vsock_path(&m.name),
+                };
+                (c, Some(vsock))
+            }
+            None => {
+                let needs_init = [
+                    ("network.address", m.network.address.is_some()),
+                    ("network.steering", !m.network.steering.is_empty()),
+                    ("settings", !m.settings.is_empty()),
+                    ("health.exec", m.health.exec.is_some()),
+                    ("health.tcp_port", m.health.tcp_port.is_some()),
+                    ("env", !m.env.is_empty()),
+                ];
+                if let Some((field, _)) = needs_init.iter().find(|(_, set)| *set) {
+                    return Err(RuntimeError::Refused {
+                        field,
+                        problem: "a microVM needs gatevisor-guest-init for it, which is not installed on this gateway".into(),
+                    });
+                }
+                std::fs::copy(initramfs, &initrd).map_err(io("cannot copy its initramfs"))?;
+                let mut c = format!(
+                    "{} {} rdinit={}",
+                    crate::microvm::BASE_CMDLINE,
+                    m.microvm.cmdline,
+                    m.command[0]
+                );
+                if m.command.len() > 1 {
+                    c.push_str(" -- ");
+                    c.push_str(&m.command[1..].join(" "));
+                }
+                (c, None)
+            }
+        };
+        let cfg = gatevisor_vmm::VmConfig {
+            boot: gatevisor_vmm::Boot::Linux {
+                kernel,
+                initrd: Some(initrd),
+                cmdline,
+            },
+            // A Linux guest needs room for its own kernel beyond the service's budget.
+            memory_mib: plan.resources.receives_mib,
+            vcpus: plan.resources.vcpus as u8,
+            // The console goes to the VMM's stdout, which a log pump rotates into the log.
+            console_log: None,
+            console_rate: crate::microvm::CONSOLE_RATE,
+            console_socket: Some(self.console_path(&m.name)),
+            exit_file: Some(def.exit_file.clone()),
+            // The tap is created at each start and handed over as TAP_FD.
+            net: plan
+                .port
+                .iter()
+                .map(|p| gatevisor_vmm::vm::NetConfig {
+                    tap: None,
+                    tap_fd: Some(crate::microvm::TAP_FD),
+                    mac: p.mac.clone(),
+                })
+                .collect(),
+            // `resources.disk_mib`: a sparse scratch disk (/dev/vda), kept across restarts.
+            disk: match plan.resources.disk_mib {
+                Some(mib) => {
+                    let path = dir.join("disk.img");
+                    let f = std::fs::OpenOptions::new()
+                        .create(true)
+                        .truncate(false)
+                        .write(true)
+                        .open(&path)
+                        .map_err(io("cannot create its scratch disk"))?;
+                    f.set_len(mib as u64 * 1024 * 1024)
+                        .map_err(io("cannot size its scratch disk"))?;
+                    vec![gatevisor_vmm::vm::DiskConfig {
+                        path,
+                        read_only: false,
+                    }]
+                }
+                None => vec![],
+            },
+            vsock,
+        };
+        self.define(&m.name, &cfg)
+            .map_err(io("cannot write its configuration"))
     }
 
     fn start(&self, name: &str, spec: &StartSpec) -> Result<Started, RuntimeError> {

@@ -70,6 +70,34 @@ impl std::fmt::Display for Kind {
     }
 }
 
+/// What a service is defined from, at install and at a version switch (never while it
+/// runs): its manifest and plan, its directory, and its image as the supervisor made it there.
+pub struct Definition<'a> {
+    pub manifest: &'a crate::manifest::Manifest,
+    pub plan: &'a crate::plan::Plan,
+    /// The service's directory (its root tree, initramfs or scratch disk live here).
+    pub dir: &'a std::path::Path,
+    pub image: Image,
+    /// The capabilities the manifest grants (a container's bounding set).
+    pub caps: Vec<caps::Capability>,
+    /// The host directory of its control channel (the verdict socket), when it has one; it
+    /// exists and belongs to the service's root.
+    pub control_dir: Option<std::path::PathBuf>,
+    /// Where its end is recorded.
+    pub exit_file: std::path::PathBuf,
+}
+
+/// A service's image as the supervisor materialised it.
+pub enum Image {
+    /// A container's root tree, and the ext4 image it runs from when its disk is limited.
+    Tree {
+        rootfs: std::path::PathBuf,
+        disk_image: Option<std::path::PathBuf>,
+    },
+    /// A microVM's initramfs (the service's tree as an archive).
+    Initramfs(std::path::PathBuf),
+}
+
 /// What a start needs beyond the service's definition (written at install).
 #[derive(Debug, Clone)]
 pub struct StartSpec {
@@ -115,12 +143,21 @@ pub enum RuntimeError {
     NotRunning { name: String },
     #[error("{name}: {reason}")]
     Failed { name: String, reason: String },
+    /// The service cannot be defined as its manifest says on this gateway (`field`: the
+    /// manifest field at fault).
+    #[error("field `{field}`: {problem}")]
+    Refused {
+        field: &'static str,
+        problem: String,
+    },
 }
 
 /// A runtime. Every method may be called from any thread; `start` and `stop` may block for
 /// as long as their timeouts, so the supervisor calls them on workers.
 pub trait Backend: Send + Sync {
     fn kind(&self) -> Kind;
+    /// Defines the service from its plan and materialised image (what `start` runs).
+    fn prepare(&self, def: &Definition) -> Result<(), RuntimeError>;
     /// Starts the defined service and returns once its first process runs.
     fn start(&self, name: &str, spec: &StartSpec) -> Result<Started, RuntimeError>;
     /// Asks the service to end, and ends it after `grace`.

@@ -53,7 +53,7 @@ impl Supervisor {
         caps: Vec<caps::Capability>,
         dir: &Path,
     ) -> Result<()> {
-        let idmap = plan.idmap_base.map(idmap_at);
+        let idmap = plan.idmap();
         let root_owner = plan.idmap_base.unwrap_or(0);
         // A packaged tree is not copied: the store's is the read-only lower layer.
         let mut checkout = None;
@@ -78,7 +78,7 @@ impl Supervisor {
         };
         if let ImageRef::Initramfs(src) = image {
             if from_store {
-                return self.define_vm(m, plan, src, dir);
+                return self.prepare(m, plan, Image::Initramfs(src.clone()), caps, dir);
             }
             // Opened beneath its image root, then read through the open file only.
             let (root, rel) = self.local_image(src)?;
@@ -92,7 +92,9 @@ impl Supervisor {
                 "/proc/self/fd/{}",
                 std::os::fd::AsRawFd::as_raw_fd(&f)
             ));
-            return self.define_vm(m, plan, &via, dir);
+            let prepared = self.prepare(m, plan, Image::Initramfs(via), caps, dir);
+            drop(f);
+            return prepared;
         }
         match image {
             ImageRef::BuiltinBusybox => {
@@ -142,202 +144,45 @@ impl Supervisor {
             )?),
             None => None,
         };
-        let spec = lxc::ContainerSpec {
-            name: m.name.clone(),
-            hostname: m.name.clone(),
-            rootfs,
-            disk_image,
-            env: m
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .chain(plan.control_channel.then(|| {
-                    (
-                        "GATEVISOR_VERDICT_SOCKET".to_string(),
-                        format!(
-                            "{}/{}",
-                            crate::verdict::CONTAINER_DIR,
-                            crate::verdict::SOCKET_NAME
-                        ),
-                    )
-                }))
-                .collect(),
-            limits: plan.limits(),
-            capabilities: caps,
-            veth_host: plan.port.as_ref().map(|p| p.name.clone()),
-            ipv4_address: plan.port.as_ref().and_then(|p| p.address.clone()),
-            mac: plan.port.as_ref().map(|p| p.mac.clone()),
-            seccomp_profile: lxc::default_seccomp_profile(),
-            apparmor_profile: lxc::apparmor_profile(),
-            bind_dirs: if !plan.control_channel {
-                vec![]
-            } else {
-                let dir = self.service_run_dir(&m.name);
-                std::fs::create_dir_all(&dir).map_err(runtime_err)?;
-                if let Some(map) = idmap {
-                    std::os::unix::fs::chown(&dir, Some(map.host_base), Some(map.host_base))
-                        .map_err(runtime_err)?;
-                }
-                vec![(dir, crate::verdict::CONTAINER_DIR.to_string())]
-            },
-            idmap,
-        };
-        self.rt.define(&spec).map_err(runtime_err)
+        self.prepare(m, plan, Image::Tree { rootfs, disk_image }, caps, dir)
     }
 
-    /// Copies the initramfs and writes the VM configuration of a microVM service.
-    pub(super) fn define_vm(
+    /// Has the service's backend define it from its plan and image; its control channel's
+    /// directory is made first (owned by a container's root).
+    fn prepare(
         &mut self,
         m: &Manifest,
         plan: &Plan,
-        initramfs: &Path,
+        image: Image,
+        caps: Vec<caps::Capability>,
         dir: &Path,
     ) -> Result<()> {
-        let initrd = dir.join("initramfs.cpio");
-        let kernel = m
-            .microvm
-            .kernel
-            .clone()
-            .unwrap_or_else(crate::microvm::MicrovmRuntime::default_kernel);
-        if !kernel.is_file() {
-            return Err(err(
-                ErrorKind::Invalid,
-                format!(
-                    "field `microvm.kernel`: {} does not exist on this gateway",
-                    kernel.display()
-                ),
-            ));
-        }
-        // With gatevisor's guest init (the usual case), the service's initramfs gets a second
-        // archive: the init, and the virtio modules of the gateway's kernel when the guest
-        // runs that kernel. The init runs the service, and answers the control port (vsock)
-        // through which stop powers the guest off gracefully.
-        let guest_init = crate::microvm::guest_init();
-        let modules_of = m
-            .microvm
-            .kernel
-            .is_none()
-            .then(crate::microvm::running_kernel_modules);
-        let (cmdline, vsock) = match &guest_init {
-            Some(init) => {
-                let mut env: Vec<(String, String)> =
-                    m.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                if plan.control_channel {
-                    // The service reaches its verdict socket over vsock: the VMM maps guest
-                    // connections to host port P onto `<vsock>_P`, a link to the socket.
-                    env.push((
-                        "GATEVISOR_VERDICT_SOCKET".into(),
-                        format!("vsock:2:{}", crate::microvm::VERDICT_PORT),
-                    ));
-                    let link = self
-                        .vms
-                        .vsock_port_path(&m.name, crate::microvm::VERDICT_PORT);
-                    let _ = std::fs::remove_file(&link);
-                    let dir = self.service_run_dir(&m.name);
-                    std::fs::create_dir_all(&dir).map_err(runtime_err)?;
-                    std::os::unix::fs::symlink(dir.join(crate::verdict::SOCKET_NAME), &link)
-                        .map_err(runtime_err)?;
-                }
-                crate::microvm::initramfs_with_init(
-                    initramfs,
-                    init,
-                    modules_of.as_deref(),
-                    &env,
-                    &initrd,
-                )
-                .map_err(runtime_err)?;
-                let mut c = format!(
-                    "{} {} rdinit={} gatevisor.grace_s={}",
-                    crate::microvm::BASE_CMDLINE,
-                    m.microvm.cmdline,
-                    crate::microvm::GUEST_INIT_PATH,
-                    m.stop_timeout_s
-                );
-                if let Some(a) = plan.port.as_ref().and_then(|p| p.address.as_ref()) {
-                    c.push_str(&format!(" gatevisor.ip={a}"));
-                }
-                c.push_str(" -- ");
-                c.push_str(&m.command.join(" "));
-                let vsock = gatevisor_vmm::vm::VsockConfig {
-                    guest_cid: crate::microvm::GUEST_CID,
-                    uds_path: self.vms.vsock_path(&m.name),
-                };
-                (c, Some(vsock))
+        let control_dir = if plan.control_channel {
+            let run = self.service_run_dir(&m.name);
+            std::fs::create_dir_all(&run).map_err(runtime_err)?;
+            if let Some(base) = plan.idmap_base {
+                std::os::unix::fs::chown(&run, Some(base), Some(base)).map_err(runtime_err)?;
             }
-            None => {
-                let needs_init = [
-                    ("network.address", m.network.address.is_some()),
-                    ("network.steering", !m.network.steering.is_empty()),
-                    ("settings", !m.settings.is_empty()),
-                    ("health.exec", m.health.exec.is_some()),
-                    ("health.tcp_port", m.health.tcp_port.is_some()),
-                    ("env", !m.env.is_empty()),
-                ];
-                if let Some((field, _)) = needs_init.iter().find(|(_, set)| *set) {
-                    return Err(err(
-                        ErrorKind::Invalid,
-                        format!("field `{field}`: a microVM needs gatevisor-guest-init for it, which is not installed on this gateway"),
-                    ));
-                }
-                std::fs::copy(initramfs, &initrd).map_err(runtime_err)?;
-                let mut c = format!(
-                    "{} {} rdinit={}",
-                    crate::microvm::BASE_CMDLINE,
-                    m.microvm.cmdline,
-                    m.command[0]
-                );
-                if m.command.len() > 1 {
-                    c.push_str(" -- ");
-                    c.push_str(&m.command[1..].join(" "));
-                }
-                (c, None)
-            }
+            Some(run)
+        } else {
+            None
         };
-        let cfg = gatevisor_vmm::VmConfig {
-            boot: gatevisor_vmm::Boot::Linux {
-                kernel,
-                initrd: Some(initrd),
-                cmdline,
-            },
-            // A Linux guest needs room for its own kernel beyond the service's budget.
-            memory_mib: plan.resources.receives_mib,
-            vcpus: plan.resources.vcpus as u8,
-            // The console goes to the VMM's stdout, which a log pump rotates into the log.
-            console_log: None,
-            console_rate: crate::microvm::CONSOLE_RATE,
-            console_socket: Some(self.vms.console_path(&m.name)),
-            exit_file: Some(self.run_files(&m.name).exit_file),
-            // The tap is created at each start and handed over as TAP_FD.
-            net: plan
-                .port
-                .iter()
-                .map(|p| gatevisor_vmm::vm::NetConfig {
-                    tap: None,
-                    tap_fd: Some(crate::microvm::TAP_FD),
-                    mac: p.mac.clone(),
-                })
-                .collect(),
-            // `resources.disk_mib`: a sparse scratch disk (/dev/vda), kept across restarts.
-            disk: match plan.resources.disk_mib {
-                Some(mib) => {
-                    let path = dir.join("disk.img");
-                    let f = std::fs::OpenOptions::new()
-                        .create(true)
-                        .truncate(false)
-                        .write(true)
-                        .open(&path)
-                        .map_err(runtime_err)?;
-                    f.set_len(mib as u64 * 1024 * 1024).map_err(runtime_err)?;
-                    vec![gatevisor_vmm::vm::DiskConfig {
-                        path,
-                        read_only: false,
-                    }]
-                }
-                None => vec![],
-            },
-            vsock,
+        let def = Definition {
+            manifest: m,
+            plan,
+            dir,
+            image,
+            caps,
+            control_dir,
+            exit_file: self.run_files(&m.name).exit_file,
         };
-        self.vms.define(&m.name, &cfg).map_err(runtime_err)
+        self.backends
+            .get(plan.runtime)
+            .prepare(&def)
+            .map_err(|e| match e {
+                RuntimeError::Refused { .. } => err(ErrorKind::Invalid, e.to_string()),
+                e => runtime_err(error_chain(&e)),
+            })
     }
 }
 
@@ -413,14 +258,9 @@ pub(super) fn copy_rootfs(
 pub(super) const IDMAP_BASE: u32 = 0x1000_0000;
 
 pub(super) fn idmap_for(id: u32) -> lxc::IdMap {
-    idmap_at(IDMAP_BASE + id * 65_536)
-}
-
-/// The user namespace of 65,536 ids from `host_base`.
-pub(super) fn idmap_at(host_base: u32) -> lxc::IdMap {
     lxc::IdMap {
-        host_base,
-        count: 65_536,
+        host_base: IDMAP_BASE + id * crate::plan::IDMAP_COUNT,
+        count: crate::plan::IDMAP_COUNT,
     }
 }
 

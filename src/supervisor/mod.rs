@@ -39,7 +39,7 @@ use crate::network::Network;
 use crate::notify::Notifier;
 use crate::plan::{Plan, Root};
 use crate::proc;
-use crate::runtime::{Backend, Backends, Kind, StartSpec};
+use crate::runtime::{Backend, Backends, Definition, Image, Kind, RuntimeError, StartSpec};
 use crate::state::{now_ms, Desired, LastExit, Running, ServiceRecord, StateDoc, Store};
 use gatevisor_images::beneath::Dir;
 

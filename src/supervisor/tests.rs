@@ -113,7 +113,9 @@ impl Harness {
         })
         .unwrap();
         // A microVM's definition needs KVM and a kernel; what is tested here is what the
-        // supervisor does with a record of that kind.
+        // supervisor does with a record of that kind, from its first start on.
+        assert!(self.lxc.calls().contains(&format!("prepare {name}")));
+        self.lxc.forget_calls(name);
         let rec = self.sup.record_mut(name).unwrap();
         rec.plan = Plan::resolve(
             &rec.manifest,
