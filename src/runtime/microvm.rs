@@ -256,6 +256,14 @@ impl Backend for MicrovmRuntime {
         self.pid(name)
     }
 
+    fn enforced_limits(&self, plan: &crate::plan::Plan) -> gatevisor_lxc::Limits {
+        vm_limits(&plan.limits())
+    }
+
+    fn console(&self, name: &str) -> Option<std::path::PathBuf> {
+        Some(self.console_path(name))
+    }
+
     fn usage(&self, name: &str) -> Option<Usage> {
         // The VMM's cgroup: guest pages it touched, the VMM's own memory, all its threads'
         // CPU time. Without one (a VMM started before cgroups were made), its process's.

@@ -174,6 +174,16 @@ pub trait Backend: Send + Sync {
         Some(main_pid)
     }
     fn usage(&self, name: &str) -> Option<Usage>;
+    /// The limits the backend enforces for a service with `plan` (a VMM's cgroup holds the
+    /// guest's memory and the VMM's own).
+    fn enforced_limits(&self, plan: &crate::plan::Plan) -> gatevisor_lxc::Limits {
+        plan.limits()
+    }
+    /// The socket that carries the service's console, for a backend that has one (a
+    /// microVM's serial console); a container's output is its log, its shell `exec`.
+    fn console(&self, _name: &str) -> Option<std::path::PathBuf> {
+        None
+    }
     /// Runs `argv` inside the running service; its exit code.
     fn exec(&self, name: &str, argv: &[String]) -> Result<i32, RuntimeError>;
     /// Whether something inside the service accepts on TCP `port`.

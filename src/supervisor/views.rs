@@ -14,8 +14,9 @@ impl Supervisor {
         };
         let rec = self.record(name)?;
         let vm = rec.plan.runtime == Kind::Microvm;
+        let backend = self.backends.get(rec.plan.runtime);
         let usage = if rec.state == State::Running {
-            self.backends.get(rec.plan.runtime).usage(name)
+            backend.usage(name)
         } else {
             None
         };
@@ -45,11 +46,7 @@ impl Supervisor {
             failure_reason: rec.failure_reason.clone(),
             memory: api::Memory {
                 usage_bytes: usage.as_ref().and_then(|u| u.memory_bytes),
-                limit_bytes: if vm {
-                    crate::runtime::microvm::vm_limits(&rec.plan.limits()).memory_bytes
-                } else {
-                    rec.plan.limits().memory_bytes
-                },
+                limit_bytes: backend.enforced_limits(&rec.plan).memory_bytes,
             },
             cpu_usec: usage.as_ref().and_then(|u| u.cpu_usec),
             pids: usage.as_ref().and_then(|u| u.pids),
@@ -62,7 +59,7 @@ impl Supervisor {
             microvm: vm.then(|| api::MicrovmInfo {
                 config: self.vms.config_path(name),
                 guest_memory_bytes: rec.plan.resources.receives_mib * 1024 * 1024,
-                console: self.vms.console_path(name),
+                console: backend.console(name).unwrap_or_default(),
                 vmm_rss_bytes: usage.as_ref().and_then(|u| u.memory_bytes),
                 cgroup: crate::runtime::cgroup::VmCgroup::of(name, self.vms.cgroups)
                     .dir()
