@@ -12,6 +12,7 @@ pub mod api;
 pub mod board;
 pub mod client;
 pub mod events;
+pub mod hostcall;
 pub mod lifecycle;
 pub mod manifest;
 pub mod microvm;

@@ -6,12 +6,16 @@
 //! no `vmx`/`svm` although `/dev/kvm` works, and under nested setups they can claim what KVM
 //! cannot deliver.
 //!
+//! [`links`] reads the host's links, their counters and its neighbour table over route netlink
+//! (what a service's host calls may be granted).
+//!
 //! This crate depends on nothing of ours; facts about liblxc are added by the supervisor, which
 //! owns the `lxc` crate.
 
 pub mod cgroup;
 pub mod host;
 pub mod kvm;
+pub mod links;
 pub mod net;
 pub mod ovs;
 pub mod profile;
