@@ -216,6 +216,9 @@ pub struct ServiceStatus {
     pub cpu_usec: Option<u64>,
     pub pids: Option<u64>,
     pub failure_mode: crate::manifest::FailureMode,
+    /// The host calls it is granted (`OP:PATTERN`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_calls: Vec<String>,
     /// The host end of its network interface.
     pub interface: Option<String>,
     pub container: Option<ContainerInfo>,
@@ -310,6 +313,7 @@ impl ServiceStatus {
             cpu_usec: None,
             pids: None,
             failure_mode: crate::manifest::FailureMode::Open,
+            host_calls: vec![],
             interface: None,
             container: None,
             microvm: None,

@@ -32,6 +32,9 @@ pub enum EventKind {
     Refused,
     /// The operator changed a service's settings (the detail names them).
     Configured,
+    /// A service made a host call (the detail: the call, its result and duration);
+    /// rate-limited per service, with the number left out said in the next one.
+    HostCall,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

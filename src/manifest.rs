@@ -68,6 +68,28 @@ pub struct Manifest {
     /// The operator's settings the service takes (`[settings.NAME]`: type, default, bounds).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub settings: BTreeMap<String, crate::settings::SettingDecl>,
+    /// The host calls the service may make (`[host_calls] allow = ["link.stats:wlan*"]`,
+    /// see [`crate::hostcall`]), checked against the operator's policy at install.
+    #[serde(default, skip_serializing_if = "HostCalls::is_empty")]
+    pub host_calls: HostCalls,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostCalls {
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+impl HostCalls {
+    pub fn is_empty(&self) -> bool {
+        self.allow.is_empty()
+    }
+
+    /// The grants (checked when the manifest was loaded).
+    pub fn grants(&self) -> crate::hostcall::Grants {
+        crate::hostcall::Grants::parse(&self.allow).unwrap_or_default()
+    }
 }
 
 /// A microVM service's kernel: its `image` is the initramfs, its `command` the guest's init.
@@ -390,6 +412,8 @@ impl Manifest {
             problem,
         };
         validate_name(&self.name).map_err(|p| bad("name", p))?;
+        crate::hostcall::Grants::parse(&self.host_calls.allow)
+            .map_err(|p| bad("host_calls.allow", p))?;
         if self.version.trim().is_empty() || self.version.len() > 64 {
             return Err(bad("version", "must be 1 to 64 characters".into()));
         }
@@ -560,7 +584,9 @@ impl Manifest {
     /// Does the service get a control channel (the verdict socket: steering verdicts,
     /// heartbeat, readiness, its settings)?
     pub fn has_control_channel(&self) -> bool {
-        !self.network.steering.is_empty() || !self.settings.is_empty()
+        !self.network.steering.is_empty()
+            || !self.settings.is_empty()
+            || !self.host_calls.is_empty()
     }
 
     /// The image reference, resolved against the manifest's folder.

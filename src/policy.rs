@@ -48,6 +48,10 @@ pub struct Grant {
     /// May run privileged containers (no user namespace: the container's root is the host's).
     #[serde(default)]
     pub privileged: bool,
+    /// Host calls services may be granted (`OP:PATTERN`, see [`crate::hostcall`]), on top
+    /// of `[policy] host_calls`.
+    #[serde(default)]
+    pub host_calls: Vec<String>,
 }
 
 /// `[policy]` of the configuration file.
@@ -57,6 +61,9 @@ pub struct PolicyConfig {
     /// Replaces [`DEFAULT_CAPABILITIES`].
     #[serde(default)]
     pub capabilities: Option<Vec<String>>,
+    /// Host calls any service may be granted (default: none).
+    #[serde(default)]
+    pub host_calls: Vec<String>,
     #[serde(default)]
     pub publishers: BTreeMap<String, Grant>,
     #[serde(default)]
@@ -93,6 +100,25 @@ pub enum PolicyError {
         requester: String,
         board: String,
     },
+    #[error("policy: {field}: {problem}")]
+    BadHostCall { field: String, problem: String },
+    #[error("field `host_calls.allow`: {grant} is not granted to {requester} on board {board} (allow it with host_calls under [policy], [policy.publishers.NAME] or [policy.local] in the daemon's configuration)")]
+    HostCallNotGranted {
+        grant: String,
+        requester: String,
+        board: String,
+    },
+}
+
+fn host_grants(field: &str, list: &[String]) -> Result<Vec<crate::hostcall::Grant>, PolicyError> {
+    list.iter()
+        .map(|s| {
+            crate::hostcall::Grant::parse(s).map_err(|problem| PolicyError::BadHostCall {
+                field: field.into(),
+                problem,
+            })
+        })
+        .collect()
 }
 
 /// The policy, resolved for this board.
@@ -104,6 +130,10 @@ pub struct Policy {
     board: String,
     /// Who may run privileged containers: publisher names or key ids, and "local".
     privileged: Vec<String>,
+    /// Host calls: for anyone, per publisher, for local manifests.
+    host_calls: Vec<crate::hostcall::Grant>,
+    host_calls_publishers: BTreeMap<String, Vec<crate::hostcall::Grant>>,
+    host_calls_local: Vec<crate::hostcall::Grant>,
 }
 
 fn parse(field: &str, names: &[String]) -> Result<Vec<Capability>, PolicyError> {
@@ -159,13 +189,64 @@ impl Policy {
                     .map(|_| "local".to_string()),
             )
             .collect();
+        let mut host_calls = host_grants("policy.host_calls", &config.host_calls)?;
+        if let Some(g) = config.boards.get(board) {
+            host_calls.extend(host_grants(
+                &format!("policy.boards.{board}.host_calls"),
+                &g.host_calls,
+            )?);
+        }
+        let host_calls_publishers = config
+            .publishers
+            .iter()
+            .map(|(k, g)| {
+                Ok((
+                    k.clone(),
+                    host_grants(&format!("policy.publishers.{k}.host_calls"), &g.host_calls)?,
+                ))
+            })
+            .collect::<Result<_, PolicyError>>()?;
+        let host_calls_local = match &config.local {
+            Some(g) => host_grants("policy.local.host_calls", &g.host_calls)?,
+            None => Vec::new(),
+        };
         Ok(Policy {
             base,
             publishers,
             local,
             board: board.into(),
             privileged,
+            host_calls,
+            host_calls_publishers,
+            host_calls_local,
         })
+    }
+
+    /// Is every host call in `asked` allowed to `who`? The first that is not is refused.
+    pub fn check_host_calls(
+        &self,
+        who: &Requester,
+        asked: &crate::hostcall::Grants,
+    ) -> Result<(), PolicyError> {
+        let extra: &[crate::hostcall::Grant] = match who {
+            Requester::Local => &self.host_calls_local,
+            Requester::Publisher { id, name } => self
+                .host_calls_publishers
+                .get(name)
+                .or_else(|| self.host_calls_publishers.get(id))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]),
+        };
+        let allowed: Vec<crate::hostcall::Grant> =
+            self.host_calls.iter().chain(extra).cloned().collect();
+        match asked.not_covered_by(&allowed).first() {
+            None => Ok(()),
+            Some(g) => Err(PolicyError::HostCallNotGranted {
+                grant: g.to_string(),
+                requester: who.to_string(),
+                board: self.board.clone(),
+            }),
+        }
     }
 
     /// Is every capability in `asked` granted to `who`?

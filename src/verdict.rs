@@ -16,6 +16,9 @@
 //! - `{"op":"watch"}` → the same reply, then the connection only carries
 //!   `{"event":"settings","generation":G,"settings":{...}}`, one line each time the operator
 //!   changes them (the generation counts changes since the daemon opened the socket).
+//! - `{"op":"call","call":OP,"args":{...}}` → `{"ok":true,"result":...}` or
+//!   `{"ok":false,"kind":KIND,"error":...}`: a host call ([`crate::hostcall`]), if granted;
+//!   at most [`MAX_CALLS_PER_S`] a second per service, each one audited.
 //!
 //! Everything a service sends is untrusted: lines are bounded, bad requests get an error reply
 //! (the connection stays usable), a service holds at most [`MAX_CONNECTIONS`] connections at
@@ -43,6 +46,8 @@ pub const SOCKET_NAME: &str = "verdict.sock";
 const MAX_LINE: usize = 4096;
 /// Verdicts per second one service may send, over all its connections.
 const MAX_VERDICTS_PER_S: u32 = 2000;
+/// Host calls per second one service may make, over all its connections.
+pub const MAX_CALLS_PER_S: u32 = 200;
 /// Connections one service may hold open at once; one more is answered with an error and
 /// closed.
 pub const MAX_CONNECTIONS: usize = 8;
@@ -60,6 +65,17 @@ struct Shared {
     /// says it, at most one waits on the supervisor's loop.
     ready_pending: Arc<AtomicBool>,
     settings: Arc<Published>,
+    /// What the service's host calls may reach, and where the board keeps it.
+    host: Arc<std::sync::Mutex<HostAccess>>,
+    /// The host-call rate window: its start and the calls counted in it.
+    calls: std::sync::Mutex<(Instant, u32)>,
+}
+
+/// A service's host-call grants and the board's sources they read.
+#[derive(Debug, Clone, Default)]
+pub struct HostAccess {
+    pub grants: crate::hostcall::Grants,
+    pub sources: Arc<crate::hostcall::Sources>,
 }
 
 /// The service's settings as last published, and their generation; watchers wait on it.
@@ -92,6 +108,40 @@ impl Shared {
         w.1 += 1;
         w.1 <= MAX_VERDICTS_PER_S
     }
+
+    /// Counts one host call against the service's budget; false when it is spent.
+    fn take_call(&self) -> bool {
+        let mut w = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        if w.0.elapsed() >= Duration::from_secs(1) {
+            *w = (Instant::now(), 0);
+        }
+        w.1 += 1;
+        w.1 <= MAX_CALLS_PER_S
+    }
+
+    /// Runs a host call and tells the supervisor, which audits it.
+    fn host_call(&self, call: crate::hostcall::Call) -> serde_json::Value {
+        let t0 = Instant::now();
+        let result = if self.take_call() {
+            let access = self.host.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            crate::hostcall::execute(&call, &access.grants, &access.sources)
+        } else {
+            Err(crate::hostcall::CallError {
+                kind: "rate-limited",
+                error: format!("at most {MAX_CALLS_PER_S} host calls a second"),
+            })
+        };
+        let _ = self.tx.send(Msg::HostCalled {
+            name: self.name.clone(),
+            call: format!("{} {}", call.op(), call.target()),
+            refused: result.as_ref().err().map(|e| e.kind),
+            micros: t0.elapsed().as_micros() as u64,
+        });
+        match result {
+            Ok(v) => json!({"ok": true, "result": v}),
+            Err(e) => json!({"ok": false, "kind": e.kind, "error": e.error}),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -111,6 +161,7 @@ pub enum Request {
     Verdict { verdict: Verdict, session: Session },
     Settings {},
     Watch {},
+    Call(crate::hostcall::Call),
 }
 
 /// A service's verdict socket; dropping it closes the socket.
@@ -121,9 +172,15 @@ pub struct VerdictServer {
     last_seen_ms: Arc<std::sync::atomic::AtomicU64>,
     ready_pending: Arc<AtomicBool>,
     settings: Arc<Published>,
+    host: Arc<std::sync::Mutex<HostAccess>>,
 }
 
 impl VerdictServer {
+    /// What the service's host calls may reach from now on (a new version's grants).
+    pub fn set_host_access(&self, access: HostAccess) {
+        *self.host.lock().unwrap_or_else(|p| p.into_inner()) = access;
+    }
+
     /// Publishes the service's settings: the next `settings` answer carries them and every
     /// watcher is sent them now. Publishing the same value again sends nothing.
     pub fn publish_settings(&self, settings: serde_json::Value) {
@@ -165,6 +222,7 @@ pub fn serve(
     dir: &Path,
     name: &str,
     owner: Option<u32>,
+    host: HostAccess,
     tx: Sender<Msg>,
 ) -> std::io::Result<VerdictServer> {
     std::fs::create_dir_all(dir)?;
@@ -181,7 +239,10 @@ pub fn serve(
     let ready_pending = Arc::new(AtomicBool::new(false));
     let settings = Arc::new(Published::default());
     *settings.value.lock().unwrap() = (0, json!({}));
+    let host = Arc::new(std::sync::Mutex::new(host));
     let shared = Arc::new(Shared {
+        host: host.clone(),
+        calls: std::sync::Mutex::new((Instant::now(), 0)),
         name: name.to_string(),
         tx,
         stop: stop.clone(),
@@ -201,6 +262,7 @@ pub fn serve(
         last_seen_ms,
         ready_pending,
         settings,
+        host,
     })
 }
 
@@ -328,6 +390,7 @@ fn serve_conn(conn: UnixStream, shared: &Shared) -> std::io::Result<()> {
                 reply(&mut w, line)?;
                 return watch(r.into_inner(), w, shared, told);
             }
+            Request::Call(call) => reply(&mut w, shared.host_call(call))?,
             Request::Verdict { verdict, session } => {
                 if !shared.take_verdict() {
                     reply(
@@ -430,7 +493,7 @@ mod tests {
     #[test]
     fn watchers_get_every_settings_change_and_give_their_place_back() {
         let d = tempfile::tempdir().unwrap();
-        let v = serve(d.path(), "svc", None, accepting()).unwrap();
+        let v = serve(d.path(), "svc", None, HostAccess::default(), accepting()).unwrap();
         v.publish_settings(json!({"Block": ["a.test"]}));
         let mut w = UnixStream::connect(d.path().join(SOCKET_NAME)).unwrap();
         w.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -479,7 +542,7 @@ mod tests {
     #[test]
     fn a_service_gets_a_bounded_number_of_connections() {
         let d = tempfile::tempdir().unwrap();
-        let _srv = serve(d.path(), "svc", None, accepting()).unwrap();
+        let _srv = serve(d.path(), "svc", None, HostAccess::default(), accepting()).unwrap();
         let path = d.path().join(SOCKET_NAME);
         let mut held: Vec<UnixStream> = (0..MAX_CONNECTIONS)
             .map(|_| {
@@ -509,7 +572,7 @@ mod tests {
     #[test]
     fn the_verdict_rate_is_the_services_whatever_its_connections() {
         let d = tempfile::tempdir().unwrap();
-        let _srv = serve(d.path(), "svc", None, accepting()).unwrap();
+        let _srv = serve(d.path(), "svc", None, HostAccess::default(), accepting()).unwrap();
         let path = d.path().join(SOCKET_NAME);
         let verdict = b"{\"op\":\"verdict\",\"verdict\":\"allow\",\"session\":{\"proto\":\"tcp\",\"src\":\"10.0.0.2:1\",\"dst\":\"10.0.0.1:80\"}}\n";
         let mut conns: Vec<UnixStream> = (0..4)
@@ -543,7 +606,7 @@ mod tests {
     fn a_flood_of_ready_puts_one_message_on_the_supervisors_loop() {
         let d = tempfile::tempdir().unwrap();
         let (tx, rx) = mpsc::channel::<Msg>();
-        let srv = serve(d.path(), "svc", None, tx).unwrap();
+        let srv = serve(d.path(), "svc", None, HostAccess::default(), tx).unwrap();
         let path = d.path().join(SOCKET_NAME);
         let mut conns: Vec<UnixStream> = (0..4)
             .map(|_| UnixStream::connect(&path).unwrap())

@@ -22,6 +22,13 @@ pub struct BoardProfile {
     pub hardware_offload: bool,
     #[serde(rename = "match", default)]
     pub matcher: Match,
+    /// The DHCP server's lease file (dnsmasq's format), for the `dhcp.leases` host call.
+    #[serde(default)]
+    pub dhcp_leases: Option<PathBuf>,
+    /// Named facts a service may read with the `board.fact` host call, each the file
+    /// (sysfs, procfs) it is read from: a service names a fact, never a path.
+    #[serde(default)]
+    pub facts: std::collections::BTreeMap<String, PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -379,6 +379,9 @@ fn print_status(v: &api::ServiceStatus) {
         mib(v.memory.limit_bytes)
     );
     println!("  interface:   {}", or_dash(v.interface.as_deref()));
+    if !v.host_calls.is_empty() {
+        println!("  host calls:  {}", v.host_calls.join(", "));
+    }
     if let Some(vm) = &v.microvm {
         println!(
             "  microvm:     guest {}, VMM resident {} ({})",

@@ -216,6 +216,12 @@ impl Supervisor {
                 }
             }
             Msg::PortLost { port } => self.on_port_lost(&port),
+            Msg::HostCalled {
+                name,
+                call,
+                refused,
+                micros,
+            } => self.audit_host_call(&name, &call, refused, micros),
             Msg::Ready { name } => self.on_ready(&name),
             Msg::Verdict {
                 name,

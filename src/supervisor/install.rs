@@ -157,6 +157,10 @@ impl Supervisor {
                 .policy
                 .check(&crate::policy::Requester::Local, &caps)
                 .map_err(denied)?;
+            self.settings
+                .policy
+                .check_host_calls(&crate::policy::Requester::Local, &m.host_calls.grants())
+                .map_err(denied)?;
             if m.privileged {
                 self.settings
                     .policy
@@ -420,6 +424,7 @@ pub(super) fn package_check<'a>(
             .capability_set(Path::new("service.toml"))
             .map_err(|e| e.to_string())?;
         policy.check(&who, &caps)?;
+        policy.check_host_calls(&who, &m.host_calls.grants())?;
         if m.privileged {
             policy.check_privileged(&who)?;
         }

@@ -115,6 +115,13 @@ pub enum Msg {
     Ready {
         name: String,
     },
+    /// A service made a host call on its control channel (`refused`: why not, if it was).
+    HostCalled {
+        name: String,
+        call: String,
+        refused: Option<&'static str>,
+        micros: u64,
+    },
     /// A verdict from a service's verdict API.
     Verdict {
         name: String,
@@ -221,6 +228,8 @@ struct Live {
     heartbeat_since: Option<Instant>,
     /// The service said `ready` since it was last started (or it was adopted running).
     said_ready: bool,
+    /// The host-call audit window: its start, the calls logged in it, the calls left out.
+    audit: Option<(Instant, u32, u64)>,
 }
 
 pub struct Supervisor {

@@ -244,6 +244,57 @@ impl Supervisor {
         }
     }
 
+    /// Logs a host call in the event log: at most AUDIT_PER_WINDOW per service every
+    /// AUDIT_WINDOW; the calls left out are counted and said in the next window's first.
+    pub(super) fn audit_host_call(
+        &mut self,
+        name: &str,
+        call: &str,
+        refused: Option<&'static str>,
+        micros: u64,
+    ) {
+        const AUDIT_WINDOW: Duration = Duration::from_secs(10);
+        const AUDIT_PER_WINDOW: u32 = 20;
+        let Some(live) = self.live.get_mut(name) else {
+            return;
+        };
+        let now = Instant::now();
+        let (start, logged, left_out) = live.audit.get_or_insert((now, 0, 0));
+        let mut earlier = 0;
+        if now.duration_since(*start) >= AUDIT_WINDOW {
+            earlier = *left_out;
+            (*start, *logged, *left_out) = (now, 0, 0);
+        }
+        if *logged >= AUDIT_PER_WINDOW {
+            *left_out += 1;
+            return;
+        }
+        *logged += 1;
+        let mut detail = match refused {
+            None => format!("{call}: ok in {micros} us"),
+            Some(kind) => format!("{call}: refused ({kind}) in {micros} us"),
+        };
+        if earlier > 0 {
+            detail.push_str(&format!(
+                "; {earlier} more calls in the previous {} s were not logged",
+                AUDIT_WINDOW.as_secs()
+            ));
+        }
+        self.event(EventKind::HostCall, Some(name), detail);
+    }
+
+    /// What a service's host calls may reach: its manifest's grants, the board's sources.
+    pub(super) fn host_access(&self, rec: &ServiceRecord) -> crate::verdict::HostAccess {
+        let p = &self.board.profile;
+        crate::verdict::HostAccess {
+            grants: rec.manifest.host_calls.grants(),
+            sources: std::sync::Arc::new(crate::hostcall::Sources {
+                dhcp_leases: p.dhcp_leases.clone(),
+                facts: p.facts.clone(),
+            }),
+        }
+    }
+
     /// Host directory bind-mounted into the service at `/run/gatevisor` (its verdict socket).
     pub(super) fn service_run_dir(&self, name: &str) -> PathBuf {
         self.settings.state_dir.join("run").join(name)
@@ -301,7 +352,14 @@ impl Supervisor {
         }
         if !self.verdict_servers.contains_key(name) {
             let owner = rec.plan.idmap_base;
-            match crate::verdict::serve(&self.service_run_dir(name), name, owner, self.tx.clone()) {
+            let host = self.host_access(rec);
+            match crate::verdict::serve(
+                &self.service_run_dir(name),
+                name,
+                owner,
+                host,
+                self.tx.clone(),
+            ) {
                 Ok(v) => {
                     self.verdict_servers.insert(name.to_string(), v);
                 }

@@ -371,6 +371,12 @@ impl Supervisor {
         let rec = self.record_mut(name).map_err(|e| e.message)?;
         rec.manifest = m;
         rec.plan = plan;
+        // The version switched to brings its own host-call grants.
+        let access = self.host_access(self.record(name).map_err(|e| e.message)?);
+        if let Some(v) = self.verdict_servers.get(name) {
+            v.set_host_access(access);
+        }
+        let rec = self.record_mut(name).map_err(|e| e.message)?;
         rec.package_version = Some(inst.version.clone());
         rec.desired = Desired::Running;
         rec.consecutive_failures = 0;

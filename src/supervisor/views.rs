@@ -51,6 +51,13 @@ impl Supervisor {
             cpu_usec: usage.as_ref().and_then(|u| u.cpu_usec),
             pids: usage.as_ref().and_then(|u| u.pids),
             failure_mode: m.failure_mode,
+            host_calls: m
+                .host_calls
+                .grants()
+                .0
+                .iter()
+                .map(|g| g.to_string())
+                .collect(),
             interface: rec.plan.port_name().map(String::from),
             container: (!vm).then(|| api::ContainerInfo {
                 lxcpath: self.rt.lxcpath().to_path_buf(),
