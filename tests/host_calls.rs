@@ -212,3 +212,43 @@ fn a_container_reads_its_granted_links_and_nothing_else_and_every_call_is_audite
         details.len()
     );
 }
+
+#[test]
+fn a_packaged_service_makes_host_calls_from_inside_its_container() {
+    if !need_ovs("a_packaged_service_makes_host_calls_from_inside_its_container") {
+        return;
+    }
+    let d = Daemon::start_with_config("[policy]\nhost_calls = [\"link.stats:gv-*\"]\n");
+    let tool = build_static("gatevisor-service-sdk", false).with_file_name("host-call");
+    let src = d.looping_service(
+        "t-hcp",
+        "1.0.0",
+        "[host_calls]\nallow = [\"link.stats:gv-*\"]",
+    );
+    std::fs::create_dir_all(src.join("files/bin")).unwrap();
+    std::fs::copy(&tool, src.join("files/bin/host-call")).unwrap();
+    let pkg = d.signed_package(&src, "t-hcp.gvpkg");
+    let st = d.install_package_started(&pkg);
+    let port = st["interface"].as_str().unwrap().to_string();
+    let exec = |args: &[&str]| {
+        let mut all = vec!["service", "exec", "t-hcp", "--", "/bin/host-call"];
+        all.extend_from_slice(args);
+        d.cli(&all)
+    };
+    // The container reaches its control channel at /run/gatevisor and reads its own port's
+    // counters on the host.
+    let args = format!("{{\"link\":\"{port}\"}}");
+    let out = exec(&["link.stats", &args]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(v["link"], port.as_str());
+    assert!(v["stats"]["rx_bytes"].is_u64(), "{v}");
+    // What it was not granted is refused inside too.
+    let out = exec(&["link.stats", "{\"link\":\"lo\"}"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not-granted"),
+        "{out:?}"
+    );
+}

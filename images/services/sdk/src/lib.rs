@@ -9,7 +9,8 @@
 //!   is judged whole; [`TcpMessages`]: length-prefixed messages (DNS over TCP) read across and
 //!   within segments.
 //! - [`VerdictClient`]: the verdict socket (`$GATEVISOR_VERDICT_SOCKET`): hello, heartbeat,
-//!   session verdicts.
+//!   session verdicts, and host calls ([`VerdictClient::host_call`]; the `host-call` binary
+//!   makes one from a shell).
 //!
 //! Everything read from the wire is untrusted: accessors return `None` instead of panicking.
 
@@ -485,6 +486,28 @@ impl VerdictClient {
             .is_ok_and(|v| v["ok"] == true)
     }
 
+    /// Makes a host call: `call` names the operation (`link.stats`, `link.list`,
+    /// `neigh.list`, `dhcp.leases`, `board.fact`), `args` its arguments. Only what the
+    /// service's manifest was granted is answered.
+    pub fn host_call(
+        &mut self,
+        call: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, HostCallError> {
+        let line = serde_json::json!({"op": "call", "call": call, "args": args}).to_string();
+        let v = self.ask(&line).map_err(|e| HostCallError {
+            kind: "io".into(),
+            error: e.to_string(),
+        })?;
+        if v["ok"] == true {
+            return Ok(v["result"].clone());
+        }
+        Err(HostCallError {
+            kind: v["kind"].as_str().unwrap_or("invalid").into(),
+            error: v["error"].as_str().unwrap_or("no reason given").into(),
+        })
+    }
+
     pub fn ping(&mut self) -> bool {
         self.ask("{\"op\":\"ping\"}").is_ok_and(|v| v["ok"] == true)
     }
@@ -510,3 +533,19 @@ impl VerdictClient {
         });
     }
 }
+
+/// Why a host call was not answered: its kind (`not-granted`, `rate-limited`, `invalid`,
+/// `not-found`, `unsupported`, `failed`; `io` when the socket failed) and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCallError {
+    pub kind: String,
+    pub error: String,
+}
+
+impl std::fmt::Display for HostCallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.error, self.kind)
+    }
+}
+
+impl std::error::Error for HostCallError {}
