@@ -1,5 +1,6 @@
 //! Fuzz targets for the inputs an attacker controls: the package reader and rootfs unpacker,
-//! the service manifest parser, the OpenFlow decoders and USP Record decoding. Each mutates
+//! the service manifest parser, the OpenFlow decoders, USP Record decoding and the control
+//! channel's requests (host calls executed). Each mutates
 //! seeds (valid inputs, from `tests/corpus/` and from the encoders) with byte overwrites,
 //! insertions, deletions and truncation, and requires no panic and nothing written outside
 //! the target directory. Failing cases are kept in `tests/corpus/fuzz-regressions.txt` and replayed first.
@@ -203,6 +204,34 @@ proptest! {
         let _ = ofp::Action::decode_list(&bytes);
         let _ = ofp::Instruction::decode_list(&bytes);
         let _ = ofp::decode_match(&mut ofp::Rd::new(&bytes));
+    }
+
+    #[test]
+    fn control_channel_requests_and_host_calls_never_panic((i, e, cut) in edits()) {
+        let seeds: Vec<Vec<u8>> = [
+            r#"{"op":"call","call":"link.stats","args":{"link":"lo"}}"#,
+            r#"{"op":"call","call":"link.list","args":{}}"#,
+            r#"{"op":"call","call":"neigh.list","args":{"link":"lo"}}"#,
+            r#"{"op":"call","call":"board.fact","args":{"fact":"uptime"}}"#,
+            r#"{"op":"call","call":"dhcp.leases","args":{}}"#,
+            r#"{"op":"verdict","verdict":"allow","session":{"proto":"tcp","src":"10.0.0.2:1","dst":"10.0.0.1:80"}}"#,
+            r#"{"op":"hello"}"#,
+        ]
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
+        let bytes = mutate(i.get::<Vec<u8>>(&seeds), &e, cut);
+        // Every operation granted on everything: what a decoded call does is all that is tested.
+        let all: Vec<String> = gatevisor::hostcall::OPERATIONS.iter().map(|o| o.to_string()).collect();
+        let grants = gatevisor::hostcall::Grants::parse(&all).unwrap();
+        if let Ok(gatevisor::verdict::Request::Call(call)) =
+            serde_json::from_slice::<gatevisor::verdict::Request>(&bytes)
+        {
+            let _ = gatevisor::hostcall::execute(&call, &grants, &Default::default());
+        }
+        if let Ok(text) = std::str::from_utf8(&bytes) {
+            let _ = gatevisor::hostcall::Grant::parse(text);
+        }
     }
 
     #[test]

@@ -673,6 +673,32 @@ mod tests {
     }
 
     #[test]
+    fn a_units_host_call_grants_are_a_vendor_parameter() {
+        let dir = tempfile::tempdir().unwrap();
+        let granted = ServiceStatus {
+            host_calls: vec!["link.stats:wlan*".into(), "dhcp.leases:*".into()],
+            ..ServiceStatus::sample("svc")
+        };
+        let backend = Arc::new(Listing(Mutex::new(
+            serde_json::to_value([granted, ServiceStatus::sample("other")]).unwrap(),
+        )));
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let m = Model::open(backend, dir.path(), options(), tx).unwrap();
+        let mut values: Vec<String> = m
+            .parameters()
+            .into_iter()
+            .filter(|(k, _)| {
+                k.starts_with(&format!("{SM}ExecutionUnit."))
+                    && k.ends_with(&format!(".{VENDOR}HostCalls"))
+            })
+            .map(|(_, v)| v)
+            .collect();
+        values.sort();
+        // Declared for every unit (an empty list where none is granted).
+        assert_eq!(values, ["", "link.stats:wlan*,dhcp.leases:*"]);
+    }
+
+    #[test]
     fn paths_match_by_segment_with_instance_wildcards() {
         assert!(matches(
             "Device.SoftwareModules.DeploymentUnit.*.Status",

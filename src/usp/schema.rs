@@ -129,6 +129,8 @@ pub fn schema() -> Vec<SupportedObject> {
                 ("CPUPercentInUse", UnsignedInt),
                 (&format!("{VENDOR}Restarts"), UnsignedInt),
                 (&format!("{VENDOR}Runtime"), String),
+                // The host calls granted to the unit (`OP:PATTERN`, comma-separated).
+                (&format!("{VENDOR}HostCalls"), String),
                 (&format!("{VENDOR}SettingNumberOfEntries"), UnsignedInt),
             ]),
             unique_keys: vec![strs(&["EUID"])],

@@ -161,6 +161,7 @@ impl Model {
             );
             put(format!("{eu}{VENDOR}Restarts"), s.restarts.to_string());
             put(format!("{eu}{VENDOR}Runtime"), s.runtime.to_string());
+            put(format!("{eu}{VENDOR}HostCalls"), s.host_calls.join(","));
             // The declared settings (Name is the unique key), each with the instance number
             // it got when first declared.
             put(
