@@ -153,8 +153,9 @@ pub struct Resources {
     pub disk_mib: Option<u32>,
 }
 
+/// `[restart]`: each field may be left out (it keeps its default).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Restart {
     pub policy: RestartPolicy,
     /// Restarts in a row (without a stable run in between) before the service is `failed`.
@@ -762,6 +763,20 @@ memory_mib = 32
         assert_eq!(m.failure_mode, FailureMode::Open);
         assert_eq!(m.resources.vcpus, 1);
         assert!(m.network.interface);
+    }
+
+    #[test]
+    fn a_restart_section_may_name_only_what_it_changes() {
+        let m = check(&format!("{GOOD}[restart]\npolicy = \"always\"\n")).unwrap();
+        assert_eq!(m.restart.policy, RestartPolicy::Always);
+        let d = Restart::default();
+        assert_eq!(
+            (m.restart.max_retries, m.restart.backoff_max_ms),
+            (d.max_retries, d.backoff_max_ms)
+        );
+        // Unknown keys are still refused.
+        let e = check(&format!("{GOOD}[restart]\nretries = 3\n")).unwrap_err();
+        assert!(e.to_string().contains("retries"), "{e}");
     }
 
     #[test]
