@@ -24,15 +24,7 @@ fn main() {
         return;
     }
     let d = Daemon::start_with_config("[policy]\nhost_calls = [\"link.stats:gv-*\"]\n");
-    let tool = build_static("gatevisor-service-sdk", false).with_file_name("host-call");
-    let src = d.looping_service(
-        "b-hc",
-        "1.0.0",
-        "[host_calls]\nallow = [\"link.stats:gv-*\"]",
-    );
-    std::fs::create_dir_all(src.join("files/bin")).unwrap();
-    std::fs::copy(&tool, src.join("files/bin/host-call")).unwrap();
-    let pkg = d.signed_package(&src, "b-hc.gvpkg");
+    let pkg = d.host_call_package("b-hc", "\"link.stats:gv-*\"");
     let st = d.install_package_started(&pkg);
     let port = st["interface"].as_str().unwrap().to_string();
 

@@ -253,6 +253,12 @@ impl Network {
     /// Whether the switch is as it should be: a private switch's daemons run, and it answers
     /// the controller. Cheap enough for the supervisor loop (no restart, one echo);
     /// [`Self::check`] restores what is not.
+    /// The private switch's daemons' process ids (none for the system switch, which is not
+    /// ours to watch).
+    pub fn switch_pids(&self) -> Vec<i32> {
+        self.private.as_ref().map(|p| p.pids()).unwrap_or_default()
+    }
+
     pub fn healthy(&mut self) -> bool {
         self.private.as_mut().is_none_or(|p| p.all_running()) && self.ctl.alive()
     }

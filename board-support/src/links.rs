@@ -102,7 +102,7 @@ fn dump(
     header_len: usize,
     mut each: impl FnMut(u16, &[u8]) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    use nix::sys::socket::{self as so, AddressFamily, MsgFlags, SockFlag, SockType};
+    use nix::sys::socket::{self as so, MsgFlags};
     let mut req = vec![0u8; NLMSG_HDRLEN + header_len];
     let len = req.len() as u32;
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
@@ -110,18 +110,7 @@ fn dump(
     req[4..6].copy_from_slice(&kind.to_ne_bytes());
     req[6..8].copy_from_slice(&flags.to_ne_bytes());
     req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    let sock = so::socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        so::SockProtocol::NetlinkRoute,
-    )?;
-    so::sendto(
-        sock.as_raw_fd(),
-        &req,
-        &so::NetlinkAddr::new(0, 0),
-        MsgFlags::empty(),
-    )?;
+    let sock = crate::net::send_route(&req)?;
     // A dump answer is at most a page or so per message; 32 KiB holds many.
     let mut buf = vec![0u8; 32 * 1024];
     loop {

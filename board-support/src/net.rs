@@ -174,6 +174,17 @@ pub fn create_veth(name: &str, peer: &str) -> std::io::Result<()> {
     m.0[6..8].copy_from_slice(&flags.to_ne_bytes());
     m.0[8..12].copy_from_slice(&1u32.to_ne_bytes()); // sequence number
 
+    use nix::sys::socket::{self as so, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let sock = send_route(&m.0)?;
+    let mut answer = [0u8; 4096];
+    let got = so::recv(sock.as_raw_fd(), &mut answer, MsgFlags::empty())?;
+    ack_status(&answer[..got])
+}
+
+/// Opens a route netlink socket and sends the kernel `msg` (a whole netlink message); the
+/// answer is read from the returned socket.
+pub(crate) fn send_route(msg: &[u8]) -> std::io::Result<std::os::fd::OwnedFd> {
     use nix::sys::socket::{self as so, AddressFamily, MsgFlags, SockFlag, SockType};
     use std::os::fd::AsRawFd;
     let sock = so::socket(
@@ -182,11 +193,13 @@ pub fn create_veth(name: &str, peer: &str) -> std::io::Result<()> {
         SockFlag::SOCK_CLOEXEC,
         so::SockProtocol::NetlinkRoute,
     )?;
-    let kernel = so::NetlinkAddr::new(0, 0);
-    so::sendto(sock.as_raw_fd(), &m.0, &kernel, MsgFlags::empty())?;
-    let mut answer = [0u8; 4096];
-    let got = so::recv(sock.as_raw_fd(), &mut answer, MsgFlags::empty())?;
-    ack_status(&answer[..got])
+    so::sendto(
+        sock.as_raw_fd(),
+        msg,
+        &so::NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )?;
+    Ok(sock)
 }
 
 /// Reads the kernel's `NLMSG_ERROR` acknowledgement: error 0 is success, anything else the

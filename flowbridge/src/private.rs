@@ -183,6 +183,21 @@ impl PrivateOvs {
 
     /// Whether both daemons still run (a child of ours that ended is reaped, and left for
     /// [`Self::restart_dead`] to start again). Starts nothing.
+    /// The two daemons' process ids (`ovsdb-server`, `ovs-vswitchd`), as far as they are
+    /// known: the children started here, or the pid files of a switch re-attached to.
+    pub fn pids(&self) -> Vec<i32> {
+        [
+            (&self.ovsdb_server, DAEMONS[0]),
+            (&self.vswitchd, DAEMONS[1]),
+        ]
+        .into_iter()
+        .filter_map(|(child, (_, pidfile))| match child {
+            Some(c) => Some(c.id() as i32),
+            None => read_pid(&self.run_dir.join(pidfile)),
+        })
+        .collect()
+    }
+
     pub fn all_running(&mut self) -> bool {
         !ended(&mut self.ovsdb_server, &self.run_dir, DAEMONS[0])
             && !ended(&mut self.vswitchd, &self.run_dir, DAEMONS[1])

@@ -33,6 +33,7 @@ impl Supervisor {
                 tracing::warn!("cannot monitor the bridge's ports: {e}");
             }
         }
+        self.watch_switch();
         self.event(
             EventKind::DaemonStarted,
             None,
@@ -232,6 +233,10 @@ impl Supervisor {
                 let _ = reply.send(self.verdict(&name, &session, allow));
             }
             Msg::NetworkChecked { net, result } => self.on_network_checked(*net, result),
+            Msg::SwitchEnded => {
+                self.switch_watched.clear();
+                self.check_network();
+            }
             Msg::Shutdown => return false,
         }
         true

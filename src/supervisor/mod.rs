@@ -166,6 +166,8 @@ pub enum Msg {
         result: std::result::Result<Prepared, ApiError>,
         reply: Sender<Reply>,
     },
+    /// One of the private switch's daemons ended (its pidfd said so).
+    SwitchEnded,
     /// The switch was checked and restored on a worker: the network back, and whether it
     /// was restarted (or why it could not be restored).
     NetworkChecked {
@@ -253,6 +255,9 @@ pub struct Supervisor {
     /// The switch is being restored on a worker, which holds [`Self::net`] meanwhile
     /// ([`Msg::NetworkChecked`] gives it back).
     net_restoring: bool,
+    /// The switch daemons' pids a watcher thread waits on (so one ending is noticed at once,
+    /// not at the next check).
+    switch_watched: Vec<i32>,
     /// Verdict sockets of the services that steer traffic.
     verdict_servers: HashMap<String, crate::verdict::VerdictServer>,
     /// Signed packages, verified and unpacked.
@@ -386,6 +391,7 @@ impl Supervisor {
             net,
             net_problem,
             net_restoring: false,
+            switch_watched: Vec::new(),
             verdict_servers: HashMap::new(),
             images,
             installing: Default::default(),

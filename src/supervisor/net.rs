@@ -127,6 +127,47 @@ impl Supervisor {
         }
     }
 
+    /// Watches the private switch's daemons on a thread blocked on their pidfds: one that
+    /// ends is restored at once ([`Msg::SwitchEnded`]), not at the next once-a-second check
+    /// (which stays, for a switch that hangs without ending). Armed again for new pids only.
+    pub(super) fn watch_switch(&mut self) {
+        let Some(net) = self.net.as_ref() else { return };
+        let pids = net.switch_pids();
+        if pids.is_empty() || pids == self.switch_watched {
+            return;
+        }
+        let fds: Vec<std::os::fd::OwnedFd> = pids
+            .iter()
+            .filter_map(|p| proc::pidfd_open(*p).ok())
+            .collect();
+        if fds.len() != pids.len() {
+            // One already ended: the next check restores it.
+            return;
+        }
+        let tx = self.tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("switch-watch".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+                use std::os::fd::AsFd;
+                loop {
+                    let mut polled: Vec<PollFd> = fds
+                        .iter()
+                        .map(|f| PollFd::new(f.as_fd(), PollFlags::POLLIN))
+                        .collect();
+                    match poll(&mut polled, PollTimeout::NONE) {
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        _ => break,
+                    }
+                }
+                let _ = tx.send(Msg::SwitchEnded);
+            });
+        if spawned.is_ok() {
+            self.switch_watched = pids;
+        }
+    }
+
     /// The switch's worker is done: the network is back; what changed meanwhile is caught up
     /// (a service that started is plugged, one that ended is put into its failure mode).
     pub(super) fn on_network_checked(
@@ -136,6 +177,7 @@ impl Supervisor {
     ) {
         self.net = Some(net);
         self.net_restoring = false;
+        self.watch_switch();
         match result {
             Ok(true) => self.event(
                 EventKind::NetworkRestored,

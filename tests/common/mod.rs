@@ -275,6 +275,16 @@ impl Daemon {
         dir
     }
 
+    /// A signed package of a looping busybox service `name` granted the host calls `grants`
+    /// (TOML list items), carrying the SDK's `host-call` binary at `/bin/host-call`.
+    pub fn host_call_package(&self, name: &str, grants: &str) -> PathBuf {
+        let tool = build_static("gatevisor-service-sdk", false).with_file_name("host-call");
+        let src = self.looping_service(name, "1.0.0", &format!("[host_calls]\nallow = [{grants}]"));
+        std::fs::create_dir_all(src.join("files/bin")).unwrap();
+        std::fs::copy(&tool, src.join("files/bin/host-call")).unwrap();
+        self.signed_package(&src, &format!("{name}.gvpkg"))
+    }
+
     /// Installs and starts the package `pkg`; panics unless it answers with it running.
     pub fn install_package_started(&self, pkg: &Path) -> serde_json::Value {
         let st = self.json(&[
