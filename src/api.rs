@@ -58,6 +58,13 @@ pub enum Request {
     Freeze {
         name: String,
     },
+    /// Runs `argv` inside the running service through its backend (a microVM's guest init;
+    /// a container's namespaces) and answers its exit code ([`Executed`]). The CLI attaches
+    /// to a container itself, with a terminal; this is for what has none.
+    Exec {
+        name: String,
+        argv: Vec<String>,
+    },
     Thaw {
         name: String,
     },
@@ -248,6 +255,13 @@ pub struct Memory {
     pub usage_bytes: Option<u64>,
     /// A microVM's is its VMM's: the guest's memory and the VMM's own.
     pub limit_bytes: Option<u64>,
+}
+
+/// How a command run in a service ([`Request::Exec`]) ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Executed {
+    pub service: String,
+    pub exit_code: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -156,6 +156,7 @@ impl Supervisor {
             Msg::Request(Request::Start { name }, reply) => {
                 self.enqueue(&name, vec![Step::Start], Some(reply))
             }
+            Msg::Request(Request::Exec { name, argv }, reply) => self.exec(name, argv, reply),
             Msg::Request(Request::Stop { name }, reply) => {
                 // Wanted stopped from now on: a start in flight that fails is not retried.
                 if let Ok(rec) = self.record_mut(&name) {
@@ -349,6 +350,48 @@ impl Supervisor {
         }
     }
 
+    /// Runs a command in a running service on a worker, which answers with its exit code
+    /// (a command may take its time; the loop does not wait for it).
+    fn exec(&mut self, name: String, argv: Vec<String>, reply: Sender<Reply>) {
+        let ready = self
+            .require_running(&name)
+            .and_then(|()| self.backend(&name))
+            .and_then(|b| {
+                if argv.first().is_none_or(|a| a.is_empty()) {
+                    return Err(err(ErrorKind::Invalid, "exec needs a command to run"));
+                }
+                Ok(b)
+            });
+        let backend = match ready {
+            Ok(b) => b,
+            Err(error) => {
+                let _ = reply.send(Reply::Error { error });
+                return;
+            }
+        };
+        let answer = reply.clone();
+        let spawned = spawn_worker(&format!("exec-{name}"), move || {
+            let result = backend
+                .exec(&name, &argv)
+                .map_err(|e| err(ErrorKind::Runtime, error_chain(&e)))
+                .and_then(|exit_code| {
+                    api::to_result(&api::Executed {
+                        service: name,
+                        exit_code,
+                    })
+                });
+            let _ = answer.send(match result {
+                Ok(result) => Reply::Ok { result },
+                Err(error) => Reply::Error { error },
+            });
+        });
+        if let Err(e) = spawned {
+            let _ = reply.send(Reply::Error {
+                error: err(ErrorKind::Runtime, format!("no worker thread: {e}")),
+            });
+        }
+    }
+
     pub fn handle(&mut self, req: Request) -> Result<serde_json::Value> {
         match req {
             Request::Ping => Ok(json!({"pong": true, "version": env!("CARGO_PKG_VERSION")})),
@@ -366,6 +409,10 @@ impl Supervisor {
             | Request::Rollback { .. } => Err(err(
                 ErrorKind::Internal,
                 "starts and stops are queued by the loop, not run in handle()",
+            )),
+            Request::Exec { .. } => Err(err(
+                ErrorKind::Internal,
+                "an exec runs on a worker, not in handle()",
             )),
             Request::Freeze { name } => {
                 self.require_running(&name)?;

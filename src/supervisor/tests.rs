@@ -890,3 +890,46 @@ fn a_service_whose_port_left_the_bridge_is_plugged_again_whatever_its_runtime() 
         assert_eq!(replugged(&h, &name), 1, "{kind}: left alone when stopped");
     }
 }
+
+#[test]
+fn an_exec_runs_in_the_service_through_its_backend_on_a_worker() {
+    let Some(mut h) = harness("an_exec_runs_in_the_service_through_its_backend_on_a_worker") else {
+        return;
+    };
+    for kind in KINDS {
+        let name = named("exec", kind);
+        h.install(&name, kind, "");
+        let argv = |s: &str| vec!["/bin/sh".to_string(), "-c".into(), s.into()];
+        // Not running: refused.
+        let e = h
+            .request(Request::Exec {
+                name: name.clone(),
+                argv: argv("exit 0"),
+            })
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Conflict, "{kind}: {e:?}");
+        h.request(Request::Start { name: name.clone() }).unwrap();
+        // The loop answers other requests while a command takes its time.
+        let slow = h.send(Request::Exec {
+            name: name.clone(),
+            argv: argv("sleep 1; exit 3"),
+        });
+        let t = Instant::now();
+        h.request(Request::List).unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{kind}: list waited"
+        );
+        let done = h.answer(slow).unwrap();
+        assert_eq!(done["exit_code"], 3, "{kind}: {done}");
+        assert!(h.fake(kind).calls().contains(&format!("exec {name}")));
+        let e = h
+            .request(Request::Exec {
+                name: name.clone(),
+                argv: vec![],
+            })
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{kind}: {e:?}");
+        h.request(Request::Stop { name: name.clone() }).unwrap();
+    }
+}
