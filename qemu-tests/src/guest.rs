@@ -14,16 +14,37 @@ pub use gatevisor_vmm::guest::MODULES as GUEST_MODULES;
 /// An initramfs whose `/init` runs `script` (a busybox sh script) after mounting /proc, /sys
 /// and /dev, then reboots (which ends the VM).
 pub fn busybox_initramfs(out: &Path, script: &str) -> Result<()> {
-    initramfs(out, script, None)
+    initramfs(out, script, None, &[])
+}
+
+/// [`busybox_initramfs`] with more programs in `/bin` (name, static binary).
+pub fn busybox_initramfs_with_programs(
+    out: &Path,
+    script: &str,
+    programs: &[(&str, &Path)],
+) -> Result<()> {
+    initramfs(out, script, None, programs)
 }
 
 /// [`busybox_initramfs`] that first loads [`GUEST_MODULES`] from `modules` (a folder of
 /// `<name>.ko`, see [`crate::image::guest_modules`]), so the guest has its virtio devices.
 pub fn busybox_initramfs_with_modules(out: &Path, script: &str, modules: &Path) -> Result<()> {
-    initramfs(out, script, Some(modules))
+    initramfs(out, script, Some(modules), &[])
 }
 
-fn initramfs(out: &Path, script: &str, modules: Option<&Path>) -> Result<()> {
+fn initramfs(
+    out: &Path,
+    script: &str,
+    modules: Option<&Path>,
+    programs: &[(&str, &Path)],
+) -> Result<()> {
+    let mut bins = Vec::new();
+    for (name, path) in programs {
+        bins.push((
+            *name,
+            std::fs::read(path).map_err(io(format!("read {}", path.display())))?,
+        ));
+    }
     let mut kos = Vec::new();
     if let Some(dir) = modules {
         for name in GUEST_MODULES {
@@ -60,6 +81,9 @@ fn initramfs(out: &Path, script: &str, modules: Option<&Path>) -> Result<()> {
         c.chardev("dev/console", 5, 1)?;
         c.file("bin/busybox", 0o755, &busybox)?;
         c.file("init", 0o755, init.as_bytes())?;
+        for (name, bytes) in &bins {
+            c.file(&format!("bin/{name}"), 0o755, bytes)?;
+        }
         if !kos.is_empty() {
             c.dir("lib")?;
             c.dir("lib/modules")?;

@@ -600,12 +600,17 @@ fn microvm_service_runs_restarts_and_is_readopted_under_the_supervisor() {
     // Only busybox and the service script: the supervisor adds gatevisor's guest init and
     // the kernel's virtio modules. The guest joins the LAN on its tap (plugged into br-lan,
     // its address set from network.address) and sees its scratch disk (resources.disk_mib).
-    qemu_tests::guest::busybox_initramfs(
+    // The SDK's host-call binary rides along: the service makes host calls from its guest.
+    let host_call = qemu_tests::build_static(&["gatevisor-service-sdk"])
+        .unwrap()
+        .join("host-call");
+    qemu_tests::guest::busybox_initramfs_with_programs(
         &initrd,
         "echo \"vda sectors $(cat /sys/block/vda/size)\"\n\
          trap 'echo vm-hello got SIGTERM; exit 0' TERM\n\
          (while read l; do echo \"console got: $l\"; done) < /dev/console &\n\
          echo vm-hello up; while true; do sleep 2; echo \"tick $(cat /run/gatevisor/settings.json 2>/dev/null)\"; done",
+        &[("host-call", &host_call)],
     )
     .unwrap();
     gw.put(&initrd, "/srv/gatevisor-images/vm-hello/guest.cpio", 0o644)
@@ -641,7 +646,20 @@ cmdline = "quiet"
 [settings.Greeting]
 type = "string"
 default = "hello"
+
+[host_calls]
+allow = ["link.stats:gv-*"]
 "#;
+    // The operator allows that host call on this gateway (a scenario's gateway is its own:
+    // the change goes with it).
+    gw.ok(r#"printf '[policy]\nhost_calls = ["link.stats:gv-*"]\n' >> /etc/gatevisor/gatevisor.toml && systemctl restart gatevisor"#)
+        .unwrap();
+    gw.wait_until(
+        "gatevisor back with the policy",
+        Duration::from_secs(60),
+        |gw| Ok((gw.run("gatevisor service list")?.code == Some(0)).then_some(())),
+    )
+    .unwrap();
     gw.put_bytes(
         manifest.as_bytes(),
         "/srv/gatevisor-images/vm-hello/service.toml",
@@ -693,6 +711,32 @@ default = "hello"
         status(&gw, "vm-hello")["init_pid"].as_i64(),
         Some(vmm),
         "not restarted"
+    );
+    // Host calls from inside the guest (the guest init runs the command with the service's
+    // environment: its control channel over vsock): its own port's counters are answered,
+    // another link is refused, both are audited.
+    let call = |link: &str| {
+        gw.run(&format!(
+            r#"gatevisor service exec vm-hello -- /bin/host-call link.stats '{{"link":"{link}"}}'"#
+        ))
+        .unwrap()
+        .code
+    };
+    assert_eq!(
+        call("gv-vm-hello"),
+        Some(0),
+        "a granted host call from the microVM"
+    );
+    assert_eq!(
+        call("lo"),
+        Some(1),
+        "an ungranted host call from the microVM"
+    );
+    let events = gw.ok("gatevisor events --json").unwrap();
+    assert!(
+        events.contains("link.stats gv-vm-hello: ok")
+            && events.contains("link.stats lo: refused (not-granted)"),
+        "{events}"
     );
     // The serial console, both ways.
     let out = gw
