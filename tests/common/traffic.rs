@@ -150,10 +150,20 @@ impl Load {
                         Ok::<usize, String>(all.len())
                     };
                     // A connection reset before its first byte (seen ~1 in 5,000 downloads
-                    // here, once with no restart at all; not explained) is tried once more and
-                    // counted apart; a download that fails twice is a failed download.
+                    // here, once with no restart at all; not explained, issue 23) is tried
+                    // again and counted apart. Once, CI saw the retry 20 ms later refused at
+                    // connect (one event spanning two connections), so a download is tried up
+                    // to three times while it fails before any data; one that fails three
+                    // times, or after data, is a failed download. The tests bound the count.
+                    let before_data = |got: &Result<usize, String>| {
+                        matches!(got, Err(e) if e.starts_with("read after 0 bytes: Connection reset")
+                            || e.starts_with("connect: Connection refused"))
+                    };
                     let mut got = once();
-                    if matches!(&got, Err(e) if e.starts_with("read after 0 bytes: Connection reset")) {
+                    for _ in 0..2 {
+                        if !before_data(&got) {
+                            break;
+                        }
                         seen.resets_before_data.fetch_add(1, Ordering::SeqCst);
                         got = once();
                     }
