@@ -1,7 +1,10 @@
-//! Runtime backends: how a service's processes are started, stopped, watched and measured.
+//! Runtime backends: how a service is defined from its plan, and how its processes are
+//! started, stopped, watched and measured.
 //!
 //! The supervisor decides and a [`Backend`] does; the supervisor never asks which backend it
-//! talks to. A record holds its [`Kind`], and [`Backends`] hands out the backend for it.
+//! talks to. A record's plan holds its [`Kind`], and [`Backends`] hands out the backend for
+//! it. The supervisor materialises a service's image and hands it over as a [`Definition`]
+//! (`prepare`); a remote placement or a snapshot restore is meant to be one more backend.
 //! Backends are shared with worker threads (a start that waits for init, a stop's grace
 //! period, a health check), so they are `Send + Sync` and keep no per-call state of their own.
 //!

@@ -27,7 +27,7 @@ impl Model {
     }
 
     /// Sends again the notifications whose NotifyResp is overdue (NotifRetry), waiting twice
-    /// as long each time; gives up after [`RETRY_MAX_ATTEMPTS`], or when the subscription is
+    /// as long each time; gives up after `RETRY_MAX_ATTEMPTS`, or when the subscription is
     /// gone. Those a previous daemon left are due at once. Called every second.
     pub fn retry_due(&self) {
         let now = std::time::Instant::now();
