@@ -163,12 +163,14 @@ impl Call {
         }
     }
 
-    /// What the call reaches (checked against the grant's pattern).
-    pub fn target(&self) -> &str {
+    /// What the call reaches (checked against the grant's pattern): the lease file as a
+    /// whole is `*`; `link.list` names nothing (it answers only what the pattern matches).
+    pub fn target(&self) -> Option<&str> {
         match self {
-            Call::LinkStats { link } | Call::NeighList { link } => link,
-            Call::BoardFact { fact } => fact,
-            Call::LinkList {} | Call::DhcpLeases {} => "*",
+            Call::LinkStats { link } | Call::NeighList { link } => Some(link),
+            Call::BoardFact { fact } => Some(fact),
+            Call::DhcpLeases {} => Some("*"),
+            Call::LinkList {} => None,
         }
     }
 }
@@ -231,10 +233,10 @@ pub fn execute(
         }
         _ => {}
     }
-    if !matches!(call, Call::LinkList {}) && !grants.allows(op, call.target()) {
+    if let Some(target) = call.target().filter(|t| !grants.allows(op, t)) {
         return Err(CallError::new(
             "not-granted",
-            format!("host call {op} is not granted for {:?}", call.target()),
+            format!("host call {op} is not granted for {target:?}"),
         ));
     }
     let failed = |e: std::io::Error| CallError::new("failed", e.to_string());

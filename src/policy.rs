@@ -125,15 +125,55 @@ fn host_grants(field: &str, list: &[String]) -> Result<Vec<crate::hostcall::Gran
 #[derive(Debug, Clone)]
 pub struct Policy {
     base: Vec<Capability>,
-    publishers: BTreeMap<String, Vec<Capability>>,
-    local: Vec<Capability>,
+    /// Capabilities granted on top of `base`.
+    extra: Extra<Capability>,
     board: String,
     /// Who may run privileged containers: publisher names or key ids, and "local".
     privileged: Vec<String>,
     /// Host calls: for anyone, per publisher, for local manifests.
     host_calls: Vec<crate::hostcall::Grant>,
-    host_calls_publishers: BTreeMap<String, Vec<crate::hostcall::Grant>>,
-    host_calls_local: Vec<crate::hostcall::Grant>,
+    host_calls_extra: Extra<crate::hostcall::Grant>,
+}
+
+/// What publishers (by name or key id) and local manifests are granted of one kind, on top
+/// of what anyone is.
+#[derive(Debug, Clone)]
+struct Extra<T> {
+    publishers: BTreeMap<String, Vec<T>>,
+    local: Vec<T>,
+}
+
+impl<T> Extra<T> {
+    /// Reads each publisher's and the local grant with `of(field, grant)` (`field`: where
+    /// the grant is in the configuration, for errors).
+    fn new(
+        config: &PolicyConfig,
+        of: impl Fn(&str, &Grant) -> Result<Vec<T>, PolicyError>,
+    ) -> Result<Extra<T>, PolicyError> {
+        let publishers = config
+            .publishers
+            .iter()
+            .map(|(k, g)| Ok((k.clone(), of(&format!("policy.publishers.{k}"), g)?)))
+            .collect::<Result<_, PolicyError>>()?;
+        let local = match &config.local {
+            Some(g) => of("policy.local", g)?,
+            None => Vec::new(),
+        };
+        Ok(Extra { publishers, local })
+    }
+
+    /// What `who` is granted.
+    fn of(&self, who: &Requester) -> &[T] {
+        match who {
+            Requester::Local => &self.local,
+            Requester::Publisher { id, name } => self
+                .publishers
+                .get(name)
+                .or_else(|| self.publishers.get(id))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]),
+        }
+    }
 }
 
 fn parse(field: &str, names: &[String]) -> Result<Vec<Capability>, PolicyError> {
@@ -162,20 +202,7 @@ impl Policy {
         for (name, g) in &config.boards {
             parse(&format!("policy.boards.{name}"), &g.capabilities)?;
         }
-        let publishers = config
-            .publishers
-            .iter()
-            .map(|(k, g)| {
-                Ok((
-                    k.clone(),
-                    parse(&format!("policy.publishers.{k}"), &g.capabilities)?,
-                ))
-            })
-            .collect::<Result<_, PolicyError>>()?;
-        let local = match &config.local {
-            Some(g) => parse("policy.local", &g.capabilities)?,
-            None => Vec::new(),
-        };
+        let extra = Extra::new(config, |field, g| parse(field, &g.capabilities))?;
         let privileged = config
             .publishers
             .iter()
@@ -196,29 +223,16 @@ impl Policy {
                 &g.host_calls,
             )?);
         }
-        let host_calls_publishers = config
-            .publishers
-            .iter()
-            .map(|(k, g)| {
-                Ok((
-                    k.clone(),
-                    host_grants(&format!("policy.publishers.{k}.host_calls"), &g.host_calls)?,
-                ))
-            })
-            .collect::<Result<_, PolicyError>>()?;
-        let host_calls_local = match &config.local {
-            Some(g) => host_grants("policy.local.host_calls", &g.host_calls)?,
-            None => Vec::new(),
-        };
+        let host_calls_extra = Extra::new(config, |field, g| {
+            host_grants(&format!("{field}.host_calls"), &g.host_calls)
+        })?;
         Ok(Policy {
             base,
-            publishers,
-            local,
+            extra,
             board: board.into(),
             privileged,
             host_calls,
-            host_calls_publishers,
-            host_calls_local,
+            host_calls_extra,
         })
     }
 
@@ -228,17 +242,12 @@ impl Policy {
         who: &Requester,
         asked: &crate::hostcall::Grants,
     ) -> Result<(), PolicyError> {
-        let extra: &[crate::hostcall::Grant] = match who {
-            Requester::Local => &self.host_calls_local,
-            Requester::Publisher { id, name } => self
-                .host_calls_publishers
-                .get(name)
-                .or_else(|| self.host_calls_publishers.get(id))
-                .map(Vec::as_slice)
-                .unwrap_or(&[]),
-        };
-        let allowed: Vec<crate::hostcall::Grant> =
-            self.host_calls.iter().chain(extra).cloned().collect();
+        let allowed: Vec<crate::hostcall::Grant> = self
+            .host_calls
+            .iter()
+            .chain(self.host_calls_extra.of(who))
+            .cloned()
+            .collect();
         match asked.not_covered_by(&allowed).first() {
             None => Ok(()),
             Some(g) => Err(PolicyError::HostCallNotGranted {
@@ -251,15 +260,7 @@ impl Policy {
 
     /// Is every capability in `asked` granted to `who`?
     pub fn check(&self, who: &Requester, asked: &[Capability]) -> Result<(), PolicyError> {
-        let extra: &[Capability] = match who {
-            Requester::Local => &self.local,
-            Requester::Publisher { id, name } => self
-                .publishers
-                .get(name)
-                .or_else(|| self.publishers.get(id))
-                .map(Vec::as_slice)
-                .unwrap_or(&[]),
-        };
+        let extra = self.extra.of(who);
         for c in asked {
             if !self.base.contains(c) && !extra.contains(c) {
                 return Err(PolicyError::NotGranted {
@@ -369,5 +370,63 @@ capabilities = ["CAP_SYS_TIME"]
             Policy::new(&bad, "x"),
             Err(PolicyError::Unknown { .. })
         ));
+    }
+
+    /// Host calls follow the same requesters as capabilities: a publisher's grant is its
+    /// own (by name or key id), the board's adds to everyone's, local manifests get only
+    /// `[policy.local]`, and a malformed entry stops the policy from loading.
+    #[test]
+    fn host_calls_are_allowed_per_publisher_per_board_and_local_and_no_further() {
+        let cfg: PolicyConfig = toml::from_str(
+            r#"
+host_calls = ["board.fact:uptime"]
+[publishers.acme]
+host_calls = ["link.stats:wlan*"]
+[boards.tiny]
+host_calls = ["dhcp.leases"]
+[local]
+host_calls = ["neigh.list:br-lan"]
+"#,
+        )
+        .unwrap();
+        let asks = |s: &str| crate::hostcall::Grants::parse(&[s.to_string()]).unwrap();
+        let p = Policy::new(&cfg, "other").unwrap();
+        let someone = Requester::Publisher {
+            id: "fedcba9876543210".into(),
+            name: "someone".into(),
+        };
+        assert!(p
+            .check_host_calls(&acme(), &asks("link.stats:wlan0"))
+            .is_ok());
+        assert!(p
+            .check_host_calls(&acme(), &asks("board.fact:uptime"))
+            .is_ok());
+        for (who, grant) in [
+            (&acme(), "link.stats:*"),
+            (&acme(), "link.stats:br-lan"),
+            (&acme(), "dhcp.leases"),
+            (&someone, "link.stats:wlan0"),
+            (&Requester::Local, "link.stats:wlan0"),
+        ] {
+            let e = p
+                .check_host_calls(who, &asks(grant))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("host_calls.allow") && e.contains("not granted"),
+                "{e}"
+            );
+        }
+        assert!(p
+            .check_host_calls(&Requester::Local, &asks("neigh.list:br-lan"))
+            .is_ok());
+        let tiny = Policy::new(&cfg, "tiny").unwrap();
+        assert!(tiny
+            .check_host_calls(&someone, &asks("dhcp.leases"))
+            .is_ok());
+        let bad: PolicyConfig =
+            toml::from_str("[publishers.acme]\nhost_calls = [\"exec:/bin/sh\"]").unwrap();
+        let e = Policy::new(&bad, "x").unwrap_err().to_string();
+        assert!(e.contains("policy.publishers.acme.host_calls"), "{e}");
     }
 }

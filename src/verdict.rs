@@ -58,17 +58,36 @@ struct Shared {
     tx: Sender<Msg>,
     stop: Arc<AtomicBool>,
     seen: Seen,
-    /// The rate window: its start and the verdicts counted in it.
-    window: std::sync::Mutex<(Instant, u32)>,
+    /// The verdicts' rate window.
+    window: RateWindow,
     connections: std::sync::atomic::AtomicUsize,
     /// A `ready` was passed to the supervisor and not handled yet: however often a service
     /// says it, at most one waits on the supervisor's loop.
     ready_pending: Arc<AtomicBool>,
     settings: Arc<Published>,
     /// What the service's host calls may reach, and where the board keeps it.
-    host: Arc<std::sync::Mutex<HostAccess>>,
-    /// The host-call rate window: its start and the calls counted in it.
-    calls: std::sync::Mutex<(Instant, u32)>,
+    host: Arc<std::sync::Mutex<Arc<HostAccess>>>,
+    /// The host calls' rate window.
+    calls: RateWindow,
+}
+
+/// A one-second window and what was counted in it, shared by a service's connections.
+struct RateWindow(std::sync::Mutex<(Instant, u32)>);
+
+impl RateWindow {
+    fn new() -> RateWindow {
+        RateWindow(std::sync::Mutex::new((Instant::now(), 0)))
+    }
+
+    /// Counts one more in the current second; false once more than `limit` were counted.
+    fn take(&self, limit: u32) -> bool {
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if w.0.elapsed() >= Duration::from_secs(1) {
+            *w = (Instant::now(), 0);
+        }
+        w.1 += 1;
+        w.1 <= limit
+    }
 }
 
 /// A service's host-call grants and the board's sources they read.
@@ -101,28 +120,13 @@ impl Published {
 impl Shared {
     /// Counts one verdict against the service's budget; false when it is spent.
     fn take_verdict(&self) -> bool {
-        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        if w.0.elapsed() >= Duration::from_secs(1) {
-            *w = (Instant::now(), 0);
-        }
-        w.1 += 1;
-        w.1 <= MAX_VERDICTS_PER_S
-    }
-
-    /// Counts one host call against the service's budget; false when it is spent.
-    fn take_call(&self) -> bool {
-        let mut w = self.calls.lock().unwrap_or_else(|p| p.into_inner());
-        if w.0.elapsed() >= Duration::from_secs(1) {
-            *w = (Instant::now(), 0);
-        }
-        w.1 += 1;
-        w.1 <= MAX_CALLS_PER_S
+        self.window.take(MAX_VERDICTS_PER_S)
     }
 
     /// Runs a host call and tells the supervisor, which audits it.
     fn host_call(&self, call: crate::hostcall::Call) -> serde_json::Value {
         let t0 = Instant::now();
-        let result = if self.take_call() {
+        let result = if self.calls.take(MAX_CALLS_PER_S) {
             let access = self.host.lock().unwrap_or_else(|p| p.into_inner()).clone();
             crate::hostcall::execute(&call, &access.grants, &access.sources)
         } else {
@@ -133,7 +137,7 @@ impl Shared {
         };
         let _ = self.tx.send(Msg::HostCalled {
             name: self.name.clone(),
-            call: format!("{} {}", call.op(), call.target()),
+            call: format!("{} {}", call.op(), call.target().unwrap_or("*")),
             refused: result.as_ref().err().map(|e| e.kind),
             micros: t0.elapsed().as_micros() as u64,
         });
@@ -172,13 +176,13 @@ pub struct VerdictServer {
     last_seen_ms: Arc<std::sync::atomic::AtomicU64>,
     ready_pending: Arc<AtomicBool>,
     settings: Arc<Published>,
-    host: Arc<std::sync::Mutex<HostAccess>>,
+    host: Arc<std::sync::Mutex<Arc<HostAccess>>>,
 }
 
 impl VerdictServer {
     /// What the service's host calls may reach from now on (a new version's grants).
     pub fn set_host_access(&self, access: HostAccess) {
-        *self.host.lock().unwrap_or_else(|p| p.into_inner()) = access;
+        *self.host.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(access);
     }
 
     /// Publishes the service's settings: the next `settings` answer carries them and every
@@ -239,15 +243,15 @@ pub fn serve(
     let ready_pending = Arc::new(AtomicBool::new(false));
     let settings = Arc::new(Published::default());
     *settings.value.lock().unwrap() = (0, json!({}));
-    let host = Arc::new(std::sync::Mutex::new(host));
+    let host = Arc::new(std::sync::Mutex::new(Arc::new(host)));
     let shared = Arc::new(Shared {
         host: host.clone(),
-        calls: std::sync::Mutex::new((Instant::now(), 0)),
+        calls: RateWindow::new(),
         name: name.to_string(),
         tx,
         stop: stop.clone(),
         seen: last_seen_ms.clone(),
-        window: std::sync::Mutex::new((Instant::now(), 0)),
+        window: RateWindow::new(),
         connections: std::sync::atomic::AtomicUsize::new(0),
         ready_pending: ready_pending.clone(),
         settings: settings.clone(),

@@ -158,7 +158,8 @@ fn attrs(body: &[u8], skip: usize) -> std::io::Result<Vec<(u16, &[u8])>> {
     Ok(out)
 }
 
-fn mac_text(b: &[u8]) -> String {
+/// A link-layer address as text, `aa:bb:cc:dd:ee:ff` (any length).
+pub fn mac_text(b: &[u8]) -> String {
     b.iter()
         .map(|x| format!("{x:02x}"))
         .collect::<Vec<_>>()

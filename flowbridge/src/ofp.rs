@@ -782,10 +782,7 @@ pub fn decode_port_stats(body: &[u8]) -> Result<Vec<PortStats>, DecodeError> {
 
 /// `aa:bb:cc:dd:ee:ff`.
 pub fn mac_text(a: &[u8; 6]) -> String {
-    a.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    gatevisor_board::links::mac_text(a)
 }
 
 fn ip(a: u32) -> String {

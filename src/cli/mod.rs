@@ -162,6 +162,11 @@ fn fail(e: &ClientError) -> i32 {
 }
 
 /// Sends `req` and prints its answer: as it came with `json`, else read as `T` for `human`.
+/// A request about one service (`request(name)`) whose answer is its status.
+fn on_status(socket: &Path, a: NameArgs, request: impl FnOnce(String) -> Request) -> i32 {
+    run(socket, request(a.name), a.json, print_status)
+}
+
 fn run<T: serde::de::DeserializeOwned>(
     socket: &Path,
     req: Request,
@@ -226,44 +231,19 @@ pub fn service(socket: &Path, cmd: ServiceCmd) -> i32 {
                 print_status,
             )
         }
-        ServiceCmd::Rollback(a) => run(
-            socket,
-            Request::Rollback { name: a.name },
-            a.json,
-            print_status,
-        ),
-        ServiceCmd::Start(a) => run(
-            socket,
-            Request::Start { name: a.name },
-            a.json,
-            print_status,
-        ),
-        ServiceCmd::Stop(a) => run(socket, Request::Stop { name: a.name }, a.json, print_status),
-        ServiceCmd::Restart(a) => run(
-            socket,
-            Request::Restart { name: a.name },
-            a.json,
-            print_status,
-        ),
-        ServiceCmd::Freeze(a) => run(
-            socket,
-            Request::Freeze { name: a.name },
-            a.json,
-            print_status,
-        ),
-        ServiceCmd::Thaw(a) => run(socket, Request::Thaw { name: a.name }, a.json, print_status),
+        ServiceCmd::Rollback(a) => on_status(socket, a, |name| Request::Rollback { name }),
+        ServiceCmd::Start(a) => on_status(socket, a, |name| Request::Start { name }),
+        ServiceCmd::Stop(a) => on_status(socket, a, |name| Request::Stop { name }),
+        ServiceCmd::Restart(a) => on_status(socket, a, |name| Request::Restart { name }),
+        ServiceCmd::Freeze(a) => on_status(socket, a, |name| Request::Freeze { name }),
+        ServiceCmd::Thaw(a) => on_status(socket, a, |name| Request::Thaw { name }),
         ServiceCmd::Remove(a) => run(
             socket,
             Request::Remove { name: a.name },
             a.json,
             |v: &api::Removed| println!("removed {}", v.removed),
         ),
-        ServiceCmd::Status(a) => run(
-            socket,
-            Request::Status { name: a.name },
-            a.json,
-            print_status,
-        ),
+        ServiceCmd::Status(a) => on_status(socket, a, |name| Request::Status { name }),
         ServiceCmd::List { json } => run(socket, Request::List, json, print_list),
         ServiceCmd::Logs {
             name,

@@ -249,13 +249,8 @@ impl Supervisor {
             .get(&m.name)
             .copied()
             .unwrap_or_else(|| self.next_id());
-        let idmap_base = (runtime == Kind::Lxc && !m.privileged).then(|| idmap_for(id).host_base);
-        let plan = Plan::resolve(
-            &m,
-            runtime,
-            root_of(&image, package.as_ref().map(|(_, v)| v.as_str())),
-            idmap_base,
-        );
+        let version = package.as_ref().map(|(_, v)| v.as_str());
+        let plan = plan_for(&m, runtime, id, &image, version);
         let dir = self.service_dir(&m.name);
         let made = self.materialise(&m, &plan, &image, package.is_some(), caps, &dir);
         if let Err(e) = made {
@@ -309,16 +304,25 @@ impl Supervisor {
     }
 }
 
-/// What a service's root will be, made from `image` (`package_version`: from the image
-/// store): a store's tree is checked out, never copied.
-pub(super) fn root_of(image: &ImageRef, package_version: Option<&str>) -> Root {
-    match (image, package_version) {
+/// The plan of service number `id` installed (or switched to another version) as `m` with
+/// `runtime`, from `image` (`package_version`: from the image store, whose tree is checked
+/// out, never copied). An unprivileged container gets its own user namespace.
+pub(super) fn plan_for(
+    m: &Manifest,
+    runtime: Kind,
+    id: u32,
+    image: &ImageRef,
+    package_version: Option<&str>,
+) -> Plan {
+    let root = match (image, package_version) {
         (ImageRef::Initramfs(_), _) => Root::Initramfs,
         (ImageRef::Rootfs(_), Some(v)) => Root::Checkout {
             version: v.to_string(),
         },
         _ => Root::Own,
-    }
+    };
+    let idmap_base = (runtime == Kind::Lxc && !m.privileged).then(|| idmap_for(id).host_base);
+    Plan::resolve(m, runtime, root, idmap_base)
 }
 
 /// Which runtime the service really gets: `wanted` (asked for with the install) where the

@@ -258,6 +258,8 @@ pub struct Supervisor {
     /// The switch daemons' pids a watcher thread waits on (so one ending is noticed at once,
     /// not at the next check).
     switch_watched: Vec<i32>,
+    /// What host calls read on this board (its profile's lease file and facts).
+    host_sources: std::sync::Arc<crate::hostcall::Sources>,
     /// Verdict sockets of the services that steer traffic.
     verdict_servers: HashMap<String, crate::verdict::VerdictServer>,
     /// Signed packages, verified and unpacked.
@@ -376,6 +378,10 @@ impl Supervisor {
             lxc: std::sync::Arc::new(crate::runtime::lxc::LxcBackend(rt.clone())),
             microvm: std::sync::Arc::new(vms.clone()),
         };
+        let host_sources = std::sync::Arc::new(crate::hostcall::Sources {
+            dhcp_leases: board.profile.dhcp_leases.clone(),
+            facts: board.profile.facts.clone(),
+        });
         Ok(Supervisor {
             settings,
             store,
@@ -392,6 +398,7 @@ impl Supervisor {
             net_problem,
             net_restoring: false,
             switch_watched: Vec::new(),
+            host_sources,
             verdict_servers: HashMap::new(),
             images,
             installing: Default::default(),

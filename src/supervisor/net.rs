@@ -325,15 +325,12 @@ impl Supervisor {
         self.event(EventKind::HostCall, Some(name), detail);
     }
 
-    /// What a service's host calls may reach: its manifest's grants, the board's sources.
-    pub(super) fn host_access(&self, rec: &ServiceRecord) -> crate::verdict::HostAccess {
-        let p = &self.board.profile;
+    /// What host calls of a service with manifest `m` may reach: its grants, the board's
+    /// sources.
+    pub(super) fn host_access(&self, m: &Manifest) -> crate::verdict::HostAccess {
         crate::verdict::HostAccess {
-            grants: rec.manifest.host_calls.grants(),
-            sources: std::sync::Arc::new(crate::hostcall::Sources {
-                dhcp_leases: p.dhcp_leases.clone(),
-                facts: p.facts.clone(),
-            }),
+            grants: m.host_calls.grants(),
+            sources: self.host_sources.clone(),
         }
     }
 
@@ -394,7 +391,7 @@ impl Supervisor {
         }
         if !self.verdict_servers.contains_key(name) {
             let owner = rec.plan.idmap_base;
-            let host = self.host_access(rec);
+            let host = self.host_access(&rec.manifest);
             match crate::verdict::serve(
                 &self.service_run_dir(name),
                 name,

@@ -283,11 +283,7 @@ impl Supervisor {
                 let saved = self.persist();
                 answer(self, saved);
             }
-            (decide::AfterCheck::GoBack, why) => {
-                let old_version = match why {
-                    Why::Update { old_version, .. } => old_version,
-                    _ => String::from("the previous version"),
-                };
+            (decide::AfterCheck::GoBack, Why::Update { old_version, .. }) => {
                 let why = result.err().unwrap_or_default();
                 // Back to the version that worked.
                 let detail = format!(
@@ -317,7 +313,7 @@ impl Supervisor {
                     }
                 }
             }
-            (decide::AfterCheck::Fail, Why::Restore { detail }) => {
+            (_, Why::Restore { detail }) => {
                 self.event(EventKind::RolledBack, Some(name), detail.clone());
                 let _ = self.persist();
                 let message = match result {
@@ -326,7 +322,8 @@ impl Supervisor {
                 };
                 answer(self, Err(err(ErrorKind::Runtime, message)));
             }
-            (decide::AfterCheck::Fail, _) => {
+            // A failed rollback by hand (going back is only ever decided for an update).
+            (_, _) => {
                 let _ = self.persist();
                 let why = result.err().unwrap_or_default();
                 answer(self, Err(err(ErrorKind::Runtime, why)));
@@ -359,24 +356,16 @@ impl Supervisor {
         let caps = m.capability_set(&file).map_err(|e| e.to_string())?;
         let dir = self.service_dir(name);
         // The version switched to gets its own plan (the runtime stays the service's).
-        let idmap_base = (runtime == Kind::Lxc && !m.privileged).then(|| idmap_for(id).host_base);
-        let plan = Plan::resolve(
-            &m,
-            runtime,
-            root_of(&image, Some(&inst.version)),
-            idmap_base,
-        );
+        let plan = plan_for(&m, runtime, id, &image, Some(&inst.version));
         self.materialise(&m, &plan, &image, true, caps, &dir)
             .map_err(|e| e.message)?;
+        // The version switched to brings its own host-call grants.
+        if let Some(v) = self.verdict_servers.get(name) {
+            v.set_host_access(self.host_access(&m));
+        }
         let rec = self.record_mut(name).map_err(|e| e.message)?;
         rec.manifest = m;
         rec.plan = plan;
-        // The version switched to brings its own host-call grants.
-        let access = self.host_access(self.record(name).map_err(|e| e.message)?);
-        if let Some(v) = self.verdict_servers.get(name) {
-            v.set_host_access(access);
-        }
-        let rec = self.record_mut(name).map_err(|e| e.message)?;
         rec.package_version = Some(inst.version.clone());
         rec.desired = Desired::Running;
         rec.consecutive_failures = 0;
