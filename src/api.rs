@@ -237,8 +237,10 @@ pub struct ServiceStatus {
     pub steering: Option<Steering>,
     /// Why it is not on the bridge as it should be.
     pub network_error: Option<String>,
-    /// An update or rollback is under way (its deployment is `Updating` for USP); the
-    /// lifecycle `state` says where the service's processes are meanwhile.
+    /// An update or rollback is under way, from the verification of its package to the
+    /// judgement of the version switched to (its deployment is `Updating` for USP); the
+    /// lifecycle `state` says where the service is meanwhile (`updating` while the new
+    /// version runs under its health check).
     #[serde(default)]
     pub updating: Option<Updating>,
 }

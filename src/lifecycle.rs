@@ -11,6 +11,9 @@ pub enum State {
     Installed,
     Starting,
     Running,
+    /// A version just switched to (an update, a rollback) runs and its health check judges
+    /// it: kept (running), or stopped to go back.
+    Updating,
     Stopping,
     /// Stopped on request, or exited and not to be restarted.
     Stopped,
@@ -27,6 +30,7 @@ impl State {
             State::Installed => "installed",
             State::Starting => "starting",
             State::Running => "running",
+            State::Updating => "updating",
             State::Stopping => "stopping",
             State::Stopped => "stopped",
             State::Backoff => "backoff",
@@ -49,6 +53,10 @@ pub enum Op {
     Retry,
     /// The program ended (or failed to start) and the policy says give up.
     GiveUp,
+    /// A version just switched to runs; its health check begins.
+    Check,
+    /// Its health check judged it (what follows, keep or go back, is the supervisor's).
+    Judged,
     /// Its process was found running (a daemon restart, a stop that did not end it): it is
     /// watched as running, whatever was recorded.
     Adopted,
@@ -67,12 +75,14 @@ impl State {
         Ok(match (self, op) {
             (Installed | Stopped | Failed, Start) => Starting,
             (Starting, Started) => Running,
-            (Starting | Running, Stop) => Stopping,
+            (Starting | Running | Updating, Stop) => Stopping,
             (Backoff, Stop) => Stopped,
-            (Stopping | Starting | Running, Exited) => Stopped,
-            (Starting | Running, Crashed) => Backoff,
+            (Stopping | Starting | Running | Updating, Exited) => Stopped,
+            (Starting | Running | Updating, Crashed) => Backoff,
             (Backoff | Failed, Retry) => Starting,
-            (Starting | Running | Stopping, GiveUp) => Failed,
+            (Starting | Running | Updating | Stopping, GiveUp) => Failed,
+            (Running, Check) => Updating,
+            (Updating, Judged) => Running,
             (_, Adopted) => Running,
             (from, op) => return Err(InvalidTransition { from, op }),
         })
@@ -80,7 +90,16 @@ impl State {
 
     /// States in which the service's processes may exist.
     pub fn is_active(self) -> bool {
-        matches!(self, State::Starting | State::Running | State::Stopping)
+        matches!(
+            self,
+            State::Starting | State::Running | State::Updating | State::Stopping
+        )
+    }
+
+    /// Its program runs, started and not being stopped (its traffic goes through it, its
+    /// usage is read, its hangs are watched).
+    pub fn runs(self) -> bool {
+        matches!(self, State::Running | State::Updating)
     }
 }
 
@@ -206,11 +225,11 @@ mod tests {
         assert_eq!(decide(&p, ended(true, false, 0, 20)), retry(21, 1000));
     }
 
-    const ALL_STATES: [State; 7] = [
-        Installed, Starting, Running, Stopping, Stopped, Backoff, Failed,
+    const ALL_STATES: [State; 8] = [
+        Installed, Starting, Running, Updating, Stopping, Stopped, Backoff, Failed,
     ];
-    const ALL_OPS: [Op; 8] = [
-        Start, Started, Stop, Exited, Crashed, Retry, GiveUp, Adopted,
+    const ALL_OPS: [Op; 10] = [
+        Start, Started, Stop, Exited, Crashed, Retry, GiveUp, Check, Judged, Adopted,
     ];
 
     #[test]
@@ -233,6 +252,14 @@ mod tests {
             (Starting, GiveUp, Failed),
             (Running, GiveUp, Failed),
             (Stopping, GiveUp, Failed),
+            // A version switched to is judged by its health check, and may end meanwhile.
+            (Running, Check, Updating),
+            (Updating, Judged, Running),
+            (Updating, Stop, Stopping),
+            (Updating, Exited, Stopped),
+            (Updating, Crashed, Backoff),
+            (Updating, GiveUp, Failed),
+            (Updating, Adopted, Running),
             // A process found running is running, whatever was recorded.
             (Installed, Adopted, Running),
             (Starting, Adopted, Running),

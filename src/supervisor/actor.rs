@@ -213,7 +213,7 @@ impl Supervisor {
                     .live
                     .get(&name)
                     .is_some_and(|l| l.generation == generation);
-                if current && self.record(&name).is_ok_and(|r| r.state == State::Running) {
+                if current && self.record(&name).is_ok_and(|r| r.state.runs()) {
                     self.unplug(&name);
                 }
             }
@@ -457,7 +457,7 @@ impl Supervisor {
 
     fn require_running(&self, name: &str) -> Result<()> {
         let rec = self.record(name)?;
-        if rec.state != State::Running {
+        if !rec.state.runs() {
             return Err(err(
                 ErrorKind::Conflict,
                 format!("service {name} is {:?}, not running", rec.state),

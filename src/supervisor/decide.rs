@@ -78,15 +78,13 @@ pub(super) fn port_lost(
 ) -> PortLost {
     match state {
         None => PortLost::Leave("no service has this port"),
-        Some(State::Running) if !runs => {
-            PortLost::Leave("it just ended: its exit is being handled")
-        }
+        Some(s) if s.runs() && !runs => PortLost::Leave("it just ended: its exit is being handled"),
         // A dying service's interface vanishes too: plugging it again would only break
         // again, so at most once per REPLUG_EVERY.
-        Some(State::Running) if replugged_ago.is_some_and(|t| t < REPLUG_EVERY) => {
+        Some(s) if s.runs() && replugged_ago.is_some_and(|t| t < REPLUG_EVERY) => {
             PortLost::Leave("it was plugged again moments ago")
         }
-        Some(State::Running) => PortLost::Replug,
+        Some(s) if s.runs() => PortLost::Replug,
         Some(_) => PortLost::Leave("it does not run: the supervisor unplugged it"),
     }
 }
@@ -242,6 +240,8 @@ mod tests {
             ),
             (Some(State::Running), true, None, PortLost::Replug),
             (Some(State::Running), true, Some(s(6)), PortLost::Replug),
+            // A version under its health check is plugged like any running service.
+            (Some(State::Updating), true, None, PortLost::Replug),
             (
                 Some(State::Running),
                 true,

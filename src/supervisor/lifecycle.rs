@@ -417,7 +417,7 @@ impl Supervisor {
                     format!("service {name} is {:?}", self.record(name)?.state),
                 ));
             }
-            State::Starting | State::Running | State::Stopping => {
+            State::Starting | State::Running | State::Updating | State::Stopping => {
                 if state != State::Stopping {
                     self.transition(name, Op::Stop)?;
                 }

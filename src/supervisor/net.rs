@@ -11,7 +11,7 @@ impl Supervisor {
             .doc
             .services
             .values()
-            .filter(|r| r.state == State::Running)
+            .filter(|r| r.state.runs())
             .filter_map(|r| {
                 let name = &r.manifest.name;
                 let live = self.live.get(name)?;
@@ -67,7 +67,7 @@ impl Supervisor {
             return;
         };
         let state = self.doc.services.get(&name).map(|r| r.state);
-        let runs = state == Some(State::Running) && self.service_pid(&name).is_some();
+        let runs = state.is_some_and(State::runs) && self.service_pid(&name).is_some();
         let replugged_ago = self
             .live
             .get(&name)
@@ -195,7 +195,7 @@ impl Supervisor {
         let names: Vec<String> = self.doc.services.keys().cloned().collect();
         for name in names {
             match self.doc.services.get(&name).map(|r| r.state) {
-                Some(State::Running) => self.plug(&name),
+                Some(s) if s.runs() => self.plug(&name),
                 Some(_) => self.unplug(&name),
                 None => {}
             }
@@ -254,7 +254,7 @@ impl Supervisor {
         let Some(rec) = self.doc.services.get(name) else {
             return;
         };
-        let (id, running) = (rec.id, rec.state == State::Running);
+        let (id, running) = (rec.id, rec.state.runs());
         if let Some(v) = self.verdict_servers.get(name) {
             v.ready_handled();
         }

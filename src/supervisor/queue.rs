@@ -129,7 +129,7 @@ impl Supervisor {
         let rec = self.record_mut(name)?;
         rec.desired = Desired::Running;
         match rec.state {
-            State::Running | State::Starting => {}
+            State::Running | State::Updating | State::Starting => {}
             State::Backoff => {
                 rec.restarts += 1;
                 self.start_service(name, Op::Retry)?

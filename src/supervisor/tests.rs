@@ -848,6 +848,49 @@ fn an_update_that_fails_its_health_check_goes_back_to_the_version_that_worked() 
 }
 
 #[test]
+fn a_version_under_its_health_check_is_updating_then_running() {
+    let Some(mut h) = harness("a_version_under_its_health_check_is_updating_then_running") else {
+        return;
+    };
+    h.sup.board.kvm.microvm_capable = true;
+    for kind in KINDS {
+        let name = named("judged", kind);
+        let v1 = health_package(&h, kind, &name, "1.0.0", true);
+        let v2 = health_package(&h, kind, &name, "2.0.0", true);
+        h.request(Request::InstallPackage {
+            package: v1,
+            start: true,
+            runtime: Some(kind),
+        })
+        .unwrap();
+        let reply = h.send(Request::Update {
+            name: name.clone(),
+            package: v2,
+        });
+        // Its check (still running a second after its start) takes a second: meanwhile the
+        // new version runs, in the one state the transition function has for it.
+        h.pump_until(Duration::from_secs(20), "the new version judged", |s| {
+            s.record(&name).unwrap().state == State::Updating
+        });
+        let st = h.sup.status(&name).unwrap();
+        assert_eq!(
+            (st.state, st.package_version.as_deref()),
+            (State::Updating, Some("2.0.0")),
+            "{kind}"
+        );
+        assert!(st.init_pid.is_some(), "{kind}: it runs while judged");
+        let done = h.answer(reply).unwrap();
+        assert_eq!(
+            (done["state"].as_str(), done["package_version"].as_str()),
+            (Some("running"), Some("2.0.0")),
+            "{kind}"
+        );
+        assert_eq!(h.rec(&name).state, State::Running, "{kind}");
+        h.request(Request::Stop { name }).unwrap();
+    }
+}
+
+#[test]
 fn a_service_whose_port_left_the_bridge_is_plugged_again_whatever_its_runtime() {
     let Some(mut h) =
         harness("a_service_whose_port_left_the_bridge_is_plugged_again_whatever_its_runtime")

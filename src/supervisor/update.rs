@@ -199,6 +199,12 @@ impl Supervisor {
             return self.judge(name, sw, Err("it was removed".into()));
         };
         let health = rec.manifest.health.clone();
+        // The version runs and is being judged (one that already ended is judged too: its
+        // check finds it not running).
+        if rec.state == State::Running {
+            let _ = self.transition(name, Op::Check);
+            let _ = self.persist();
+        }
         let seen = self.verdict_servers.get(name).map(|v| v.seen());
         self.generation += 1;
         let generation = self.generation;
@@ -250,6 +256,10 @@ impl Supervisor {
         let Switch {
             inst, why, reply, ..
         } = sw;
+        // Judged: it is kept running, or stopped to go back (below).
+        if self.record(name).is_ok_and(|r| r.state == State::Updating) {
+            let _ = self.transition(name, Op::Judged);
+        }
         let answer = |me: &mut Supervisor, r: Result<()>| {
             let _ = reply.send(match r.and_then(|()| me.status_result(name)) {
                 Ok(result) => Reply::Ok { result },

@@ -15,7 +15,7 @@ impl Supervisor {
         let rec = self.record(name)?;
         let vm = rec.plan.runtime == Kind::Microvm;
         let backend = self.backends.get(rec.plan.runtime);
-        let usage = if rec.state == State::Running {
+        let usage = if rec.state.runs() {
             backend.usage(name)
         } else {
             None

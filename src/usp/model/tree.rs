@@ -45,7 +45,7 @@ impl Model {
             // Only the units that run (TR-181: "currently running").
             let eus: Vec<String> = services
                 .iter()
-                .filter(|(_, s)| s.runtime == *rt && s.state == State::Running)
+                .filter(|(_, s)| s.runtime == *rt && s.state.runs())
                 .filter_map(|(n, _)| st.units.get(n))
                 .map(|u| format!("{SM}ExecutionUnit.{}", u.instance))
                 .collect();
@@ -98,10 +98,10 @@ impl Model {
             );
             put(format!("{du}ExecutionEnvRef"), ee_ref.clone());
 
-            let running = s.state == State::Running;
+            let running = s.state.runs();
             let wanted = s.desired == Desired::Running;
             let status = match s.state {
-                State::Running => "Active",
+                State::Running | State::Updating => "Active",
                 State::Starting => "Starting",
                 State::Stopping => "Stopping",
                 _ => "Idle",
