@@ -10,6 +10,7 @@ need_pkgs=(
   iproute2 iputils-ping bind9-dnsutils iperf3 tcpdump ethtool python3   # test traffic, the demo's WAN side
   debootstrap lz4                           # the emulated gateway's root, its kernel's ELF (qemu-tests)
   mosquitto openssl                         # the MQTT broker and the test PKI of the USP agent tests
+  skopeo umoci                              # OCI images built and converted by real tools (tests)
 )
 
 missing=()

@@ -247,6 +247,58 @@ impl Dir {
         nix::unistd::fsync(self.0.as_fd())?;
         Ok(())
     }
+
+    /// Gives the entry `name` here (a symlink itself, never what it points to) to `uid` and
+    /// `gid`.
+    pub fn chown(&self, name: &OsStr, uid: u32, gid: u32) -> Result<(), Errno> {
+        nix::unistd::fchownat(
+            self.0.as_fd(),
+            name,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+    }
+
+    /// Gives this directory itself to `uid` and `gid`.
+    pub fn chown_self(&self, uid: u32, gid: u32) -> Result<(), Errno> {
+        nix::unistd::fchown(
+            self.0.as_fd(),
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+    }
+
+    /// An overlayfs whiteout `name` here (a character device 0:0): in an overlay, it hides
+    /// `name` of the layers below.
+    pub fn whiteout(&self, name: &OsStr) -> Result<(), Errno> {
+        nix::sys::stat::mknodat(
+            self.0.as_fd(),
+            name,
+            SFlag::S_IFCHR,
+            Mode::empty(),
+            nix::sys::stat::makedev(0, 0),
+        )
+    }
+
+    /// Marks this directory opaque for overlayfs: in an overlay, nothing of the layers below
+    /// shows through it.
+    pub fn set_opaque(&self) -> Result<(), Errno> {
+        const NAME: &[u8] = b"trusted.overlay.opaque\0";
+        // SAFETY: fsetxattr on a directory fd we own, with a NUL-terminated attribute name
+        // and a one-byte value that both outlive the call; it reads them and writes nothing
+        // of ours.
+        let r = unsafe {
+            libc::fsetxattr(
+                self.0.as_raw_fd(),
+                NAME.as_ptr().cast(),
+                b"y".as_ptr().cast(),
+                1,
+                0,
+            )
+        };
+        Errno::result(r).map(drop)
+    }
 }
 
 /// Would following the symlink at `link` (relative to `root`) from the host, with no root

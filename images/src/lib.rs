@@ -20,6 +20,7 @@ pub mod builder;
 pub mod checkout;
 pub mod cpio;
 pub mod keys;
+pub mod oci;
 pub mod package;
 pub mod rootfs;
 pub mod store;

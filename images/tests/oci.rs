@@ -1,0 +1,472 @@
+//! OCI images built by real tools from Debian (umoci, skopeo, GNU tar), imported into the
+//! image store: layers applied with their whiteouts and opaque directories, owners kept,
+//! shared by content between images and formats (OCI layout, docker archive, zstd), and every
+//! hostile or broken input refused with its reason and nothing stored. Needs root (the
+//! store keeps owners and makes overlay whiteouts) and umoci + skopeo (`scripts/setup.sh`);
+//! skips with a printed reason otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use gatevisor_images::keys::{SecretKey, TrustStore};
+use gatevisor_images::oci::layer::Rules;
+use gatevisor_images::oci::source::Reference;
+use gatevisor_images::oci::store::{ImageStore, ImportStep};
+use gatevisor_images::oci::{signature, source, OciError};
+
+fn have_tools(test: &str) -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP {test}: needs root (owners, overlay whiteouts)");
+        return false;
+    }
+    for t in ["umoci", "skopeo", "tar"] {
+        if Command::new(t).arg("--version").output().is_err() {
+            eprintln!("SKIP {test}: {t} is not installed (scripts/setup.sh installs it)");
+            return false;
+        }
+    }
+    true
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sh(dir: &Path, script: &str) {
+    run(Command::new("sh").arg("-ec").arg(script).current_dir(dir));
+}
+
+/// A test's images, key and store.
+struct Env {
+    dir: tempfile::TempDir,
+    key: SecretKey,
+    trust: TrustStore,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::generate().unwrap();
+        let public = key.save(&dir.path().join("op.key"), "operator").unwrap();
+        let trust = TrustStore::new(&dir.path().join("keys"));
+        trust.trust(&public).unwrap();
+        Env { dir, key, trust }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn store(&self, name: &str) -> ImageStore {
+        ImageStore::open(&self.path(name), self.trust.clone(), Rules::default()).unwrap()
+    }
+
+    /// The operator's signature of the image at `r`.
+    fn sign(&self, r: &str) -> Vec<u8> {
+        let resolved = source::resolve(&Reference::parse(r).unwrap()).unwrap();
+        signature::sign(&self.key, &resolved.digest).into_bytes()
+    }
+
+    fn import(
+        &self,
+        store: &ImageStore,
+        r: &str,
+    ) -> Result<gatevisor_images::oci::store::Imported, OciError> {
+        let sig = self.sign(r);
+        store.import(
+            &Reference::parse(r).unwrap(),
+            &sig,
+            &Rules::default(),
+            &mut |_| {},
+        )
+    }
+
+    /// Builds, with umoci and GNU tar, layout `L` with:
+    /// - `base`: FROM scratch, a static busybox, files of uid 1000, its config (entrypoint,
+    ///   cmd, user, working dir, env, label);
+    /// - `upper`: base plus a layer that deletes `etc/old` and `data/sub` (whiteouts) and
+    ///   adds `data/new`;
+    /// - `opq`: upper plus a layer made by tar with an opaque `data/` holding `only`.
+    fn build_images(&self) {
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("busybox-static");
+        sh(
+            self.dir.path(),
+            &format!(
+                "umoci init --layout L
+                 umoci new --image L:base
+                 umoci unpack --image L:base B >/dev/null
+                 mkdir -p B/rootfs/bin B/rootfs/etc B/rootfs/data/sub B/rootfs/srv
+                 cp {busybox} B/rootfs/bin/busybox
+                 for a in sh id cat ls sleep; do ln -s busybox B/rootfs/bin/$a; done
+                 echo old > B/rootfs/etc/old; echo keep > B/rootfs/etc/keep
+                 echo d > B/rootfs/data/sub/f
+                 echo mine > B/rootfs/srv/owned; chown -R 1000:1000 B/rootfs/srv
+                 umoci repack --image L:base B
+                 umoci config --image L:base --config.entrypoint /bin/sh --config.cmd -c \
+                   --config.cmd 'id; sleep 1000' --config.user 1000:1000 \
+                   --config.workingdir /srv --config.env FOO=bar \
+                   --config.label org.example.vendor=acme
+                 umoci unpack --image L:base C >/dev/null
+                 rm C/rootfs/etc/old; rm -r C/rootfs/data/sub; echo new > C/rootfs/data/new
+                 umoci repack --image L:upper C
+                 mkdir -p op/data; touch op/data/.wh..wh..opq; echo fresh > op/data/only
+                 tar --numeric-owner --owner=0 --group=0 -C op -cf op.tar data
+                 umoci raw add-layer --image L:upper op.tar --tag opq"
+            ),
+        );
+    }
+}
+
+/// Mounts the overlay of `lower` (top first) read-only at `at`; unmounted when dropped.
+struct Overlay(PathBuf);
+
+impl Overlay {
+    fn mount(lower: &[PathBuf], at: &Path) -> Overlay {
+        std::fs::create_dir_all(at).unwrap();
+        let lowerdir = lower
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":");
+        nix::mount::mount(
+            Some("overlay"),
+            at,
+            Some("overlay"),
+            nix::mount::MsFlags::MS_RDONLY,
+            Some(format!("lowerdir={lowerdir}").as_str()),
+        )
+        .unwrap();
+        Overlay(at.into())
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn owner(p: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap();
+    (m.uid(), m.gid())
+}
+
+#[test]
+fn layers_apply_with_their_whiteouts_opaque_dirs_and_owners() {
+    if !have_tools("layers_apply_with_their_whiteouts_opaque_dirs_and_owners") {
+        return;
+    }
+    let env = Env::new();
+    env.build_images();
+    let store = env.store("store");
+    let l = env.path("L").display().to_string();
+    let got = env.import(&store, &format!("oci:{l}:opq")).unwrap();
+    assert_eq!((got.layers_added, got.layers_shared), (3, 0));
+    assert_eq!(got.config.argv(), ["/bin/sh", "-c", "id; sleep 1000"]);
+    assert_eq!(got.config.run().user.as_deref(), Some("1000:1000"));
+    assert_eq!(got.config.run().working_dir.as_deref(), Some("/srv"));
+    assert!(got.config.env().contains(&("FOO".into(), "bar".into())));
+    assert_eq!(got.config.labels()["org.example.vendor"], "acme");
+    assert_eq!(got.record.publisher, "operator");
+    let merged = env.path("merged");
+    let _m = Overlay::mount(&store.lower_dirs(&got.record), &merged);
+    // The upper layer's whiteouts hide the base's files.
+    assert!(!merged.join("etc/old").exists());
+    assert_eq!(std::fs::read(merged.join("etc/keep")).unwrap(), b"keep\n");
+    // The opaque directory hides everything below it, data/new of the layer under it too.
+    let mut data: Vec<String> = std::fs::read_dir(merged.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    data.sort();
+    assert_eq!(data, ["only"]);
+    // Owners are the image's.
+    assert_eq!(owner(&merged.join("srv/owned")), (1000, 1000));
+    assert_eq!(owner(&merged.join("etc/keep")), (0, 0));
+    assert!(merged.join("bin/sh").is_symlink());
+    // The record is found by digest, prefix and reference.
+    for what in [
+        got.record.digest.to_string(),
+        got.record.digest.hex()[..12].to_string(),
+        format!("oci:{l}:opq"),
+    ] {
+        assert_eq!(store.get(&what).unwrap(), got.record, "{what}");
+    }
+}
+
+#[test]
+fn the_same_layers_in_other_formats_and_images_are_stored_once() {
+    if !have_tools("the_same_layers_in_other_formats_and_images_are_stored_once") {
+        return;
+    }
+    let env = Env::new();
+    env.build_images();
+    let l = env.path("L").display().to_string();
+    let d = env.path("d.tar").display().to_string();
+    let z = env.path("Z").display().to_string();
+    let a = env.path("a.tar").display().to_string();
+    run(Command::new("skopeo").args([
+        "copy",
+        "-q",
+        &format!("oci:{l}:opq"),
+        &format!("docker-archive:{d}:gv/opq:1"),
+    ]));
+    run(Command::new("skopeo").args([
+        "copy",
+        "-q",
+        "--dest-compress-format",
+        "zstd",
+        &format!("oci:{l}:opq"),
+        &format!("oci:{z}:opq"),
+    ]));
+    run(Command::new("skopeo").args([
+        "copy",
+        "-q",
+        &format!("oci:{l}:upper"),
+        &format!("oci-archive:{a}:upper"),
+    ]));
+    let store = env.store("store");
+    let base = env.import(&store, &format!("oci:{l}:base")).unwrap();
+    assert_eq!((base.layers_added, base.layers_shared), (1, 0));
+    let after_base = store.disk_bytes();
+    // Another image on the same base adds only its own layer.
+    let upper = env
+        .import(&store, &format!("oci-archive:{a}:upper"))
+        .unwrap();
+    assert_eq!((upper.layers_added, upper.layers_shared), (1, 1));
+    let own = du(&store.lower_dirs(&upper.record)[0]);
+    let extra = store.disk_bytes() - after_base;
+    assert!(
+        extra as f64 <= own as f64 * 1.05 + 16384.0,
+        "the second image took {extra} bytes, its own layer {own}"
+    );
+    // The same image from a docker archive (uncompressed layers), and compressed with zstd:
+    // only its third layer is new, once.
+    let docker = env
+        .import(&store, &format!("docker-archive:{d}:gv/opq:1"))
+        .unwrap();
+    assert_eq!((docker.layers_added, docker.layers_shared), (1, 2));
+    let zstd = env.import(&store, &format!("oci:{z}:opq")).unwrap();
+    assert_eq!((zstd.layers_added, zstd.layers_shared), (0, 3));
+    assert_eq!(zstd.record.layers, docker.record.layers);
+    // zstd layers decode: a store of its own applies all three.
+    let fresh = env.store("fresh");
+    let z2 = env.import(&fresh, &format!("oci:{z}:opq")).unwrap();
+    assert_eq!((z2.layers_added, z2.layers_shared), (3, 0));
+    // Removing images removes the layers no other image has.
+    assert_eq!(store.remove(&zstd.record.digest).unwrap(), 0);
+    assert_eq!(store.remove(&docker.record.digest).unwrap(), 1);
+    assert_eq!(store.remove(&upper.record.digest).unwrap(), 1);
+    assert_eq!(store.remove(&base.record.digest).unwrap(), 1);
+    assert!(store.list().is_empty());
+    assert_eq!(
+        std::fs::read_dir(env.path("store/oci/layers"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+fn du(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap();
+    let mut n = m.blocks() * 512;
+    if m.is_dir() {
+        for e in std::fs::read_dir(p).unwrap() {
+            n += du(&e.unwrap().path());
+        }
+    }
+    n
+}
+
+/// Nothing of a refused import is stored: no record, no layer, nothing in staging.
+fn assert_empty(env: &Env, store: &str) {
+    for d in ["layers", "images", "tmp"] {
+        let p = env.path(&format!("{store}/oci/{d}"));
+        let n = std::fs::read_dir(&p).map(|r| r.count()).unwrap_or(0);
+        assert_eq!(n, 0, "{} holds {n} entries", p.display());
+    }
+}
+
+#[test]
+fn hostile_and_broken_images_are_refused_with_their_reason_and_nothing_stored() {
+    if !have_tools("hostile_and_broken_images_are_refused_with_their_reason_and_nothing_stored") {
+        return;
+    }
+    let env = Env::new();
+    env.build_images();
+    let l = env.path("L").display().to_string();
+    let store = env.store("store");
+    let upper = format!("oci:{l}:upper");
+
+    // Unsigned: a signature of another image.
+    let other = env.sign(&format!("oci:{l}:base"));
+    let e = store
+        .import(
+            &Reference::parse(&upper).unwrap(),
+            &other,
+            &Rules::default(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+    assert!(matches!(e, OciError::Signature { .. }), "{e}");
+    assert!(e.to_string().contains("another image"), "{e}");
+    // Signed by a key the gateway does not trust.
+    let stranger = SecretKey::generate().unwrap();
+    let resolved = source::resolve(&Reference::parse(&upper).unwrap()).unwrap();
+    let sig = signature::sign(&stranger, &resolved.digest);
+    let e = store
+        .import(
+            &Reference::parse(&upper).unwrap(),
+            sig.as_bytes(),
+            &Rules::default(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("does not trust"), "{e}");
+    assert_empty(&env, "store");
+
+    // A tampered layer: one byte of the upper layer's blob changed (gzip still decodes or
+    // not: either way the blob's digest is the reason).
+    sh(env.dir.path(), "cp -a L T");
+    let t = env.path("T").display().to_string();
+    let top = resolved.layers.last().unwrap().digest.clone().unwrap();
+    let blob = env.path(&format!("T/blobs/sha256/{}", top.hex()));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&blob, &bytes).unwrap();
+    let sig = signature::sign(&env.key, &resolved.digest);
+    let e = store
+        .import(
+            &Reference::parse(&format!("oci:{t}:upper")).unwrap(),
+            sig.as_bytes(),
+            &Rules::default(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, OciError::DigestMismatch { what, .. } if what.contains(&top.to_string())),
+        "{e}"
+    );
+    // The base layer, complete, may stay (a later import reuses it); the tampered one and
+    // the record are not there.
+    assert!(store.list().is_empty());
+    assert!(!store
+        .layer_dir(&resolved.layers.last().unwrap().diff_id)
+        .exists());
+    store.gc().unwrap();
+    assert_empty(&env, "store");
+
+    // A missing platform: the image says arm64.
+    sh(
+        env.dir.path(),
+        "umoci config --image L:base --architecture arm64 --tag arm",
+    );
+    let arm = format!("oci:{l}:arm");
+    let e = store
+        .import(
+            &Reference::parse(&arm).unwrap(),
+            &other,
+            &Rules::default(),
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no image for linux/amd64") && e.contains("linux/arm64"),
+        "{e}"
+    );
+    // A tag that is not there.
+    let e = source::resolve(&Reference::parse(&format!("oci:{l}:nope")).unwrap())
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("no image tagged \"nope\""), "{e}");
+    assert_empty(&env, "store");
+
+    // A layer that escapes its root (`../`, made by GNU tar with -P) and one with a device
+    // node: each refused by its entry.
+    sh(
+        env.dir.path(),
+        "mkdir -p esc/x && echo pwned > esc/x/evil
+         tar -C esc/x -P -cf esc.tar ../x/evil ../../escaped 2>/dev/null || tar -C esc/x -P -cf esc.tar ../x/evil
+         umoci raw add-layer --image L:base esc.tar --tag esc
+         mkdir -p dev && mknod dev/null c 1 3 && tar -C dev -cf dev.tar null
+         umoci raw add-layer --image L:base dev.tar --tag dev
+         mkdir -p suid && cp /bin/true suid/su && chmod 4755 suid/su && tar -C suid -cf suid.tar su
+         umoci raw add-layer --image L:base suid.tar --tag suid",
+    );
+    for (tag, why) in [
+        ("esc", "`..` in the path"),
+        ("dev", "device nodes"),
+        ("suid", "setuid"),
+    ] {
+        let e = env.import(&store, &format!("oci:{l}:{tag}")).unwrap_err();
+        assert!(
+            matches!(&e, OciError::Unsafe { why: w, .. } if w.contains(why)),
+            "{tag}: {e}"
+        );
+        assert!(store.list().is_empty(), "{tag}");
+        store.gc().unwrap();
+        assert_empty(&env, "store");
+    }
+    assert!(!env.path("escaped").exists() && !env.path("evil").exists());
+    // The operator's grant lets setuid files in.
+    let grant = Rules {
+        allow_setuid: true,
+        ..Rules::default()
+    };
+    let r = Reference::parse(&format!("oci:{l}:suid")).unwrap();
+    let sig = env.sign(&format!("oci:{l}:suid"));
+    store.import(&r, &sig, &grant, &mut |_| {}).unwrap();
+}
+
+#[test]
+fn an_import_killed_half_way_leaves_a_consistent_store_and_the_next_one_resumes() {
+    if !have_tools("an_import_killed_half_way_leaves_a_consistent_store_and_the_next_one_resumes") {
+        return;
+    }
+    let env = Env::new();
+    env.build_images();
+    let r = format!("oci:{}:opq", env.path("L").display());
+    let sig = env.sign(&r);
+    let reference = Reference::parse(&r).unwrap();
+    // Killed after the first layer (a panic stands for the kill: nothing after it runs).
+    let killed = std::panic::catch_unwind(|| {
+        let store = env.store("store");
+        let mut layers = 0;
+        let _ = store.import(&reference, &sig, &Rules::default(), &mut |s| {
+            if matches!(s, ImportStep::Layer(_)) {
+                layers += 1;
+                if layers == 1 {
+                    panic!("killed");
+                }
+            }
+        });
+    });
+    assert!(killed.is_err());
+    // What a crash in the middle of the second layer would leave in staging.
+    std::fs::create_dir_all(env.path("store/oci/tmp/half.1.1/usr")).unwrap();
+    let store = env.store("store");
+    assert!(store.list().is_empty(), "no record of a half import");
+    assert_eq!(
+        std::fs::read_dir(env.path("store/oci/tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let done = store
+        .import(&reference, &sig, &Rules::default(), &mut |_| {})
+        .unwrap();
+    assert_eq!((done.layers_added, done.layers_shared), (2, 1));
+    assert!(store.complete(&done.record));
+}
