@@ -7,7 +7,14 @@
 //! SERVICE_DIR/rootfs          the overlay (what the container's root is)
 //! SERVICE_DIR/layer/upper     what the service wrote (owned by its root)
 //! SERVICE_DIR/layer/work      the overlay's scratch
+//! SERVICE_DIR/lower/N         an OCI image's layer N (top first), idmapped for the
+//!                             container's user namespace
 //! ```
+//!
+//! An OCI image's root is the overlay of its layers, each stored once with the image's own
+//! owners: for an unprivileged container each layer is first attached under `lower/` through
+//! an idmapped mount ([`crate::idmap`]), so that the image's root and users are the
+//! container's, and the same layer serves every service and user namespace.
 //!
 //! The mount lives as long as the host's mount table: after a reboot the directories are
 //! there and the overlay is not, and [`Checkout::mount`] puts it back.
@@ -91,11 +98,56 @@ impl Checkout {
     /// writable layer, creating that layer (owned by `owner`, the container's root on the
     /// host) if it is not there. Mounted already: nothing to do.
     pub fn mount(&self, lower: &Path, owner: u32) -> Result<(), CheckoutError> {
+        self.mount_lowers(&[lower.to_path_buf()], owner)
+    }
+
+    fn lower_mount(&self, i: usize) -> PathBuf {
+        self.dir.join("lower").join(i.to_string())
+    }
+
+    /// Mounts the overlay of an image's layers (`lowers`, top first) under the service's
+    /// writable layer, owned by `owner`. With `idmap` (host base, count), each layer is seen
+    /// through an idmapped mount under `lower/`: its ids 0.. are the container's.
+    pub fn mount_layers(
+        &self,
+        lowers: &[PathBuf],
+        idmap: Option<(u32, u32)>,
+        owner: u32,
+    ) -> Result<(), CheckoutError> {
         if self.is_mounted() {
             return Ok(());
         }
+        let Some((base, count)) = idmap else {
+            return self.mount_lowers(lowers, owner);
+        };
+        let userns = crate::idmap::user_namespace(base, count).map_err(io(&self.dir))?;
+        let mut seen = Vec::new();
+        for (i, lower) in lowers.iter().enumerate() {
+            let at = self.lower_mount(i);
+            std::fs::create_dir_all(&at).map_err(io(&at))?;
+            if !mounted_at(&at) {
+                crate::idmap::bind_idmapped(lower, &at, &userns).map_err(|e| {
+                    CheckoutError::Mount {
+                        lower: lower.clone(),
+                        rootfs: at.clone(),
+                        source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                    }
+                })?;
+            }
+            seen.push(at);
+        }
+        self.mount_lowers(&seen, owner)
+    }
+
+    fn mount_lowers(&self, lowers: &[PathBuf], owner: u32) -> Result<(), CheckoutError> {
+        if self.is_mounted() {
+            return Ok(());
+        }
+        let Some(lower) = lowers.first() else {
+            return Err(CheckoutError::BadPath(self.dir.clone()));
+        };
         let (rootfs, upper, work) = (self.rootfs(), self.upper(), self.work());
-        for p in [lower, &upper, &work] {
+        for p in lowers.iter().chain([&upper, &work]) {
             let s = p.as_os_str().as_encoded_bytes();
             if s.iter().any(|c| b",:\\".contains(c)) {
                 return Err(CheckoutError::BadPath(p.to_path_buf()));
@@ -112,9 +164,13 @@ impl Checkout {
             std::os::unix::fs::PermissionsExt::from_mode(lower_meta.mode() & 0o7777),
         )
         .map_err(io(&upper))?;
+        let lowerdir = lowers
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":");
         let data = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.display(),
+            "lowerdir={lowerdir},upperdir={},workdir={}",
             upper.display(),
             work.display()
         );
@@ -140,6 +196,16 @@ impl Checkout {
             nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH)
                 .map_err(|e| CheckoutError::Unmount(rootfs.clone(), e))?;
         }
+        // An image's idmapped layers under it.
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("lower")) {
+            for e in rd.flatten() {
+                let at = e.path();
+                while mounted_at(&at) {
+                    nix::mount::umount2(&at, nix::mount::MntFlags::MNT_DETACH)
+                        .map_err(|e| CheckoutError::Unmount(at.clone(), e))?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -147,12 +213,53 @@ impl Checkout {
     /// else from now on: a disk image built from it).
     pub fn discard(&self) -> Result<(), CheckoutError> {
         self.unmount()?;
-        let layer = self.dir.join("layer");
-        match std::fs::remove_dir_all(&layer) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&layer)(e)),
-            _ => Ok(()),
+        for d in ["layer", "lower"] {
+            let p = self.dir.join(d);
+            match std::fs::remove_dir_all(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&p)(e)),
+                _ => {}
+            }
         }
+        Ok(())
     }
+}
+
+/// Something is mounted at `p`: it is another filesystem, or another mount of the same one
+/// (an idmapped bind), than its parent directory's.
+fn mounted_at(p: &Path) -> bool {
+    let (Ok(m), Some(parent)) = (std::fs::metadata(p), p.parent()) else {
+        return false;
+    };
+    let Ok(pm) = std::fs::metadata(parent) else {
+        return false;
+    };
+    if m.dev() != pm.dev() {
+        return true;
+    }
+    // A bind of the same filesystem: its mount id differs from its parent's.
+    mount_id(p)
+        .zip(mount_id(parent))
+        .is_some_and(|(a, b)| a != b)
+}
+
+/// The mount id of the mount `p` is on (`statx(STATX_MNT_ID)`).
+fn mount_id(p: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statx writes into a zeroed struct that outlives the call, reading a
+    // NUL-terminated path that outlives it too.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MNT_ID,
+            &mut st,
+        )
+    };
+    (r == 0 && st.stx_mask & libc::STATX_MNT_ID != 0).then_some(st.stx_mnt_id)
 }
 
 /// Gives a tree the store unpacked (every entry root's) to `owner` as owner and group, every
@@ -232,6 +339,55 @@ mod tests {
             "service"
         );
         c.unmount().unwrap();
+    }
+
+    #[test]
+    fn an_images_layers_are_seen_with_the_containers_ids_and_never_written() {
+        if !root() {
+            eprintln!("skipped: idmapped mounts and overlays need root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let (base, top) = (d.path().join("layers/base"), d.path().join("layers/top"));
+        std::fs::create_dir_all(base.join("srv")).unwrap();
+        std::fs::write(base.join("srv/owned"), "base").unwrap();
+        std::os::unix::fs::chown(base.join("srv/owned"), Some(1000), Some(1000)).unwrap();
+        std::fs::create_dir_all(top.join("etc")).unwrap();
+        std::fs::write(top.join("etc/name"), "top").unwrap();
+        let c = Checkout::at(&d.path().join("svc"));
+        let host_base = 300_000;
+        c.mount_layers(
+            &[top.clone(), base.clone()],
+            Some((host_base, 65_536)),
+            host_base,
+        )
+        .unwrap();
+        let owner = |p: &Path| {
+            let m = std::fs::symlink_metadata(p).unwrap();
+            (m.uid(), m.gid())
+        };
+        // Through the checkout, the image's ids are the container's on the host.
+        assert_eq!(
+            owner(&c.rootfs().join("srv/owned")),
+            (host_base + 1000, host_base + 1000)
+        );
+        assert_eq!(owner(&c.rootfs().join("etc/name")), (host_base, host_base));
+        assert_eq!(
+            std::fs::read_to_string(c.rootfs().join("etc/name")).unwrap(),
+            "top"
+        );
+        std::fs::write(c.rootfs().join("etc/name"), "service").unwrap();
+        // The stored layers keep their own ids and contents.
+        assert_eq!(owner(&base.join("srv/owned")), (1000, 1000));
+        assert_eq!(
+            std::fs::read_to_string(top.join("etc/name")).unwrap(),
+            "top"
+        );
+        c.unmount().unwrap();
+        assert!(!mounted_at(&d.path().join("svc/lower/0")));
+        // Removing the service directory after the unmount leaves the layers alone.
+        std::fs::remove_dir_all(d.path().join("svc")).unwrap();
+        assert!(base.join("srv/owned").exists() && top.join("etc/name").exists());
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod beneath;
 pub mod builder;
 pub mod checkout;
 pub mod cpio;
+pub mod idmap;
 pub mod keys;
 pub mod oci;
 pub mod package;
