@@ -43,10 +43,9 @@ pub fn user_namespace(host_base: u32, count: u32) -> io::Result<OwnedFd> {
     let mut done = [0; 2];
     // SAFETY: pipe2 writes two fds into the arrays, which live across the calls.
     check(unsafe { libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC) } as libc::c_long)?;
-    // SAFETY: as above.
-    if let Err(e) =
-        check(unsafe { libc::pipe2(done.as_mut_ptr(), libc::O_CLOEXEC) } as libc::c_long)
-    {
+    // SAFETY: pipe2 writes two fds into `done`, which lives across the call.
+    let made = unsafe { libc::pipe2(done.as_mut_ptr(), libc::O_CLOEXEC) };
+    if let Err(e) = check(made as libc::c_long) {
         // SAFETY: closing the two fds just made, which nothing else holds.
         unsafe {
             libc::close(ready[0]);
