@@ -33,6 +33,29 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         runtime: Option<crate::runtime::Kind>,
     },
+    /// Installs a service from an OCI image of the image store (`image`: its digest, a
+    /// unique prefix of at least 12 digits, or a reference it was pulled from), with the
+    /// operator's manifest (what the manifest leaves out comes from the image).
+    InstallImage {
+        image: String,
+        manifest: PathBuf,
+        #[serde(default)]
+        start: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        runtime: Option<crate::runtime::Kind>,
+    },
+    /// Imports an OCI image (`oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]`,
+    /// `docker-archive:FILE[:NAME:TAG]`) into the image store, if the operator's detached
+    /// signature (`signature`, a file) signs its digest with a trusted key.
+    ImagePull {
+        reference: String,
+        signature: PathBuf,
+    },
+    ImageList,
+    /// Removes an image no service runs, and the layers no other image has.
+    ImageRemove {
+        image: String,
+    },
     Start {
         name: String,
     },
@@ -347,6 +370,46 @@ impl ServiceStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceList {
     pub services: Vec<ServiceStatus>,
+}
+
+/// An OCI image of the store, as `image list` and `image pull` answer it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// What its signature names (`sha256:HEX`).
+    pub digest: String,
+    /// Where it was pulled from, latest last.
+    pub references: Vec<String>,
+    /// The publisher key that signed it, and the name it was trusted under.
+    pub key: String,
+    pub publisher: String,
+    /// Its layers' uncompressed digests, base first.
+    pub layers: Vec<String>,
+    /// What it runs (entrypoint and command) and as whom.
+    pub command: Vec<String>,
+    pub user: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub imported_at_ms: u64,
+    /// The services that run it.
+    pub used_by: Vec<String>,
+    /// For a pull: layers it stored, and layers the store had already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_added: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_shared: Option<usize>,
+}
+
+/// `image list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageList {
+    pub images: Vec<ImageInfo>,
+}
+
+/// `image rm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRemoved {
+    pub removed: String,
+    /// Layers that went with it (no other image had them).
+    pub layers_freed: usize,
 }
 
 /// `remove`.

@@ -35,6 +35,9 @@ pub enum EventKind {
     /// A service made a host call (the detail: the call, its result and duration);
     /// rate-limited per service, with the number left out said in the next one.
     HostCall,
+    /// An OCI image was pulled into the image store, or removed from it.
+    ImagePulled,
+    ImageRemoved,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -39,7 +39,7 @@ enum Command {
     /// Publisher keys and the gateway's trust store.
     #[command(subcommand)]
     Key(cli::KeyCmd),
-    /// Build signed service packages.
+    /// Build signed service packages; sign, pull, list and remove OCI images.
     #[command(subcommand)]
     Image(cli::ImageCmd),
     /// Show the flows on the bridge, by owner, with packet and byte counters.
@@ -111,7 +111,7 @@ fn main() {
         Command::Events(args) => cli::events(&cli.socket, args),
         Command::Flows { json } => cli::flows(&cli.socket, json),
         Command::Key(cmd) => cli::key(cmd),
-        Command::Image(cmd) => cli::image(cmd),
+        Command::Image(cmd) => cli::image(&cli.socket, cmd),
     };
     std::process::exit(code);
 }

@@ -37,11 +37,27 @@ pub struct Manifest {
     pub name: String,
     pub version: String,
     pub runtime: RuntimeKind,
-    /// `builtin:busybox` or `rootfs:PATH` (a directory, relative to the manifest's folder).
+    /// `builtin:busybox` or `rootfs:PATH` (a directory, relative to the manifest's folder),
+    /// `initramfs:FILE`, `package`, or `image:sha256:HEX`: an OCI image of the image store
+    /// (what `service install --image` sets).
+    #[serde(default)]
     pub image: String,
+    /// What runs; an OCI image's service runs its image's entrypoint and command when this
+    /// is empty.
+    #[serde(default)]
     pub command: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// The user the program runs as in its container: `UID[:GID]`; an OCI image's service
+    /// may name its image's users and groups (`NAME[:GROUP]`), or take its image's `User`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The directory the program starts in (absolute, inside its root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// The signal that asks it to stop (`SIGTERM` when unset, or its image's `StopSignal`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
     /// Capabilities the service keeps (e.g. `NET_BIND_SERVICE`); all others are dropped.
     #[serde(default)]
     pub capabilities: Vec<String>,
@@ -254,6 +270,8 @@ pub enum ImageRef {
     Rootfs(PathBuf),
     /// A microVM's initramfs (newc cpio, copied at install).
     Initramfs(PathBuf),
+    /// An OCI image of the image store, by digest: its layers are the container's root.
+    Layers(gatevisor_images::oci::Digest),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +305,9 @@ const FIELDS: &[&str] = &[
     "image",
     "command",
     "env",
+    "user",
+    "workdir",
+    "stop_signal",
     "capabilities",
     "failure_mode",
     "stop_timeout_s",
@@ -347,6 +368,70 @@ impl Manifest {
         let m = Manifest::parse(file, &read_bounded(file)?)?;
         m.validate(file)?;
         Ok(m)
+    }
+
+    /// The operator's manifest of a service run from OCI image `digest` (its `config`): what
+    /// the manifest leaves out comes from the image (command, environment, working
+    /// directory, user, stop signal), names of users and groups resolved in the image's own
+    /// `/etc/passwd` and `/etc/group` (`read` gives an image file's bytes), then every value
+    /// is checked as for [`Self::load`].
+    pub fn load_for_image(
+        file: &Path,
+        digest: &gatevisor_images::oci::Digest,
+        config: &gatevisor_images::oci::spec::ImageConfig,
+        read: &dyn Fn(&str) -> Option<Vec<u8>>,
+    ) -> Result<Manifest, ManifestError> {
+        let mut m = Manifest::parse(file, &read_bounded(file)?)?;
+        let bad = |field: &str, problem: String| ManifestError::Field {
+            file: file.into(),
+            field: field.into(),
+            problem,
+        };
+        if !m.image.is_empty() && m.image != format!("image:{digest}") {
+            return Err(bad(
+                "image",
+                format!(
+                    "{:?}: the service runs the image it is installed with; leave `image` out",
+                    m.image
+                ),
+            ));
+        }
+        m.image = format!("image:{digest}");
+        if m.command.is_empty() {
+            m.command = config.argv();
+            if m.command.is_empty() {
+                return Err(bad(
+                    "command",
+                    "the image has no Entrypoint or Cmd: name the program to run".into(),
+                ));
+            }
+        }
+        for (k, v) in config.env() {
+            let name_ok = !k.is_empty()
+                && !k.starts_with(|c: char| c.is_ascii_digit())
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if name_ok && !v.contains(['\0', '\n']) {
+                m.env.entry(k).or_insert(v);
+            }
+        }
+        let run = config.run();
+        if m.workdir.is_none() {
+            m.workdir = run.working_dir.filter(|w| !w.is_empty());
+        }
+        if m.stop_signal.is_none() {
+            m.stop_signal = run.stop_signal.filter(|s| !s.is_empty());
+        }
+        if let Some(u) = m.user.clone().or(run.user.filter(|u| !u.is_empty())) {
+            let (uid, gid) = resolve_user(&u, read).map_err(|p| bad("user", p))?;
+            m.user = Some(format!("{uid}:{gid}"));
+        }
+        m.validate(file)?;
+        Ok(m)
+    }
+
+    /// The user the program runs as, as ids (`None`: its root).
+    pub fn user_ids(&self) -> Option<(u32, u32)> {
+        self.user.as_deref().and_then(|u| parse_ids(u).ok())
     }
 
     /// The service manifest inside a package (at `file`, staged): every value checked as for
@@ -422,6 +507,28 @@ impl Manifest {
             return Err(bad(
                 "command",
                 "must name the program to run, e.g. [\"/bin/sh\", \"-c\", \"...\"]".into(),
+            ));
+        }
+        if let Some(u) = &self.user {
+            parse_ids(u).map_err(|p| bad("user", p))?;
+        }
+        if let Some(w) = &self.workdir {
+            if !w.starts_with('/') || w.len() > 1024 || w.contains('\0') {
+                return Err(bad(
+                    "workdir",
+                    "must be an absolute path inside the service's root".into(),
+                ));
+            }
+        }
+        if let Some(sig) = &self.stop_signal {
+            parse_signal(sig).map_err(|p| bad("stop_signal", p))?;
+        }
+        if self.runtime == RuntimeKind::Microvm
+            && (self.user.is_some() || self.workdir.is_some() || self.stop_signal.is_some())
+        {
+            return Err(bad(
+                "user",
+                "user, workdir and stop_signal are for containers (a microVM's init runs its command)".into(),
             ));
         }
         if self.command.iter().any(|a| a.contains('\0')) {
@@ -609,6 +716,20 @@ impl Manifest {
             field: "image".into(),
             problem,
         };
+        if let Some(d) = self.image.strip_prefix("image:") {
+            let digest = gatevisor_images::oci::Digest::parse(d).map_err(|e| bad(e.to_string()))?;
+            if microvm {
+                return Err(bad(
+                    "an OCI image runs as a container on this gateway: set runtime = \"lxc\" or \"auto\"".into(),
+                ));
+            }
+            return Ok(ImageRef::Layers(digest));
+        }
+        if self.image.is_empty() {
+            return Err(bad(
+                "missing: name the service's image (an OCI image's service is installed with --image)".into(),
+            ));
+        }
         if let Some(p) = self.image.strip_prefix("initramfs:") {
             if self.runtime != RuntimeKind::Microvm {
                 return Err(bad(
@@ -678,6 +799,108 @@ impl Manifest {
             })
             .collect()
     }
+}
+
+/// `UID[:GID]` as ids inside a container (below 65,536: what its user namespace maps);
+/// without a group, the group is the user's id.
+pub fn parse_ids(u: &str) -> Result<(u32, u32), String> {
+    let num = |s: &str| {
+        s.parse::<u32>()
+            .ok()
+            .filter(|n| (*n as u64) < gatevisor_images::oci::layer::MAX_ID)
+    };
+    let bad = || {
+        format!("{u:?}: use UID or UID:GID, numbers below 65536 (user names are resolved only in an OCI image)")
+    };
+    match u.split_once(':') {
+        Some((a, b)) => Ok((num(a).ok_or_else(bad)?, num(b).ok_or_else(bad)?)),
+        None => {
+            let id = num(u).ok_or_else(bad)?;
+            Ok((id, id))
+        }
+    }
+}
+
+/// An OCI `User` (`NAME`, `UID`, `NAME:GROUP`, `UID:GID`, …) as ids, names looked up in the
+/// image's `/etc/passwd` and `/etc/group` (what `read` gives). A user without a group gets
+/// the primary group of its passwd entry (0 without one), as container engines do.
+pub fn resolve_user(
+    spec: &str,
+    read: &dyn Fn(&str) -> Option<Vec<u8>>,
+) -> Result<(u32, u32), String> {
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let table = |file: &str| -> Vec<Vec<String>> {
+        read(file)
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .lines()
+                    .filter(|l| !l.starts_with('#'))
+                    .map(|l| l.split(':').map(str::to_string).collect())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let in_range = |n: u32| (n as u64) < gatevisor_images::oci::layer::MAX_ID;
+    let passwd = table("etc/passwd");
+    let entry = |pred: &dyn Fn(&[String]) -> bool| {
+        passwd
+            .iter()
+            .find(|f| f.len() >= 4 && pred(f))
+            .and_then(|f| Some((f[2].parse::<u32>().ok()?, f[3].parse::<u32>().ok()?)))
+    };
+    let (uid, primary) = match user.parse::<u32>() {
+        Ok(uid) => (
+            uid,
+            entry(&|f| f[2] == uid.to_string())
+                .map(|e| e.1)
+                .unwrap_or(0),
+        ),
+        Err(_) => entry(&|f| f[0] == user)
+            .ok_or_else(|| format!("{user:?} is not a user of the image (its /etc/passwd)"))?,
+    };
+    let gid = match group {
+        None => primary,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => table("etc/group")
+                .iter()
+                .find(|f| f.len() >= 3 && f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| format!("{g:?} is not a group of the image (its /etc/group)"))?,
+        },
+    };
+    if !in_range(uid) || !in_range(gid) {
+        return Err(format!(
+            "{spec:?}: ids must be below 65536 (what a container maps)"
+        ));
+    }
+    Ok((uid, gid))
+}
+
+/// A signal's name (`SIGTERM`, `TERM`) or number, as a stop request.
+pub fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
+    use std::str::FromStr;
+    let bad = || format!("{s:?} is not a signal (e.g. \"SIGTERM\", \"SIGQUIT\", 15)");
+    let sig = match s.parse::<i32>() {
+        Ok(n) => nix::sys::signal::Signal::try_from(n).map_err(|_| bad())?,
+        Err(_) => {
+            let name = if s.starts_with("SIG") {
+                s.to_string()
+            } else {
+                format!("SIG{s}")
+            };
+            nix::sys::signal::Signal::from_str(&name).map_err(|_| bad())?
+        }
+    };
+    if sig == nix::sys::signal::Signal::SIGKILL || sig == nix::sys::signal::Signal::SIGSTOP {
+        return Err(format!(
+            "{s:?} cannot ask a program to stop: it ends or freezes it at once"
+        ));
+    }
+    Ok(sig)
 }
 
 /// A capability by its name, with or without `CAP_` (`NET_RAW`, `CAP_NET_RAW`).
@@ -817,5 +1040,41 @@ memory_mib = 32
         );
         let m = check(&t).unwrap();
         assert_eq!(m.capability_set(Path::new("x")).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn an_images_user_is_resolved_in_its_own_passwd_and_group() {
+        let files = |f: &str| -> Option<Vec<u8>> {
+            match f {
+                "etc/passwd" => Some(b"root:x:0:0::/root:/bin/sh\nmosquitto:x:101:103::/var/lib/mosquitto:/usr/sbin/nologin\n".to_vec()),
+                "etc/group" => Some(b"root:x:0:\nmosquitto:x:103:\nstaff:x:50:\n".to_vec()),
+                _ => None,
+            }
+        };
+        let table = [
+            ("mosquitto", Ok((101, 103))),
+            ("mosquitto:staff", Ok((101, 50))),
+            ("101", Ok((101, 103))),
+            ("2000", Ok((2000, 0))),
+            ("2000:7", Ok((2000, 7))),
+            ("0:mosquitto", Ok((0, 103))),
+            ("nobody", Err("not a user of the image")),
+            ("mosquitto:wheel", Err("not a group of the image")),
+            ("70000", Err("below 65536")),
+        ];
+        for (spec, want) in table {
+            let got = resolve_user(spec, &files);
+            match (want, got) {
+                (Ok(ids), Ok(g)) => assert_eq!(g, ids, "{spec}"),
+                (Err(why), Err(e)) => assert!(e.contains(why), "{spec}: {e}"),
+                (w, g) => panic!("{spec}: want {w:?}, got {g:?}"),
+            }
+        }
+        // Outside an image, only ids.
+        assert_eq!(parse_ids("1000:100"), Ok((1000, 100)));
+        assert!(parse_ids("mosquitto").is_err());
+        assert_eq!(parse_signal("QUIT"), Ok(nix::sys::signal::Signal::SIGQUIT));
+        assert_eq!(parse_signal("15"), Ok(nix::sys::signal::Signal::SIGTERM));
+        assert!(parse_signal("SIGKILL").is_err() && parse_signal("SIGNOPE").is_err());
     }
 }

@@ -30,6 +30,9 @@ pub struct Plan {
     /// A container's user namespace starts at this host id (`None`: privileged, or a
     /// microVM).
     pub idmap_base: Option<u32>,
+    /// Who its program runs as inside (`None`: its root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<User>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +60,16 @@ pub enum Root {
     Checkout { version: String },
     /// A microVM's initramfs (`initramfs.cpio`, the guest init's archive appended).
     Initramfs,
+    /// An OCI image's layers in the image store (`image`: its digest), read-only under the
+    /// service's own writable layer; each layer idmapped for the container's user namespace.
+    Layers { image: String },
+}
+
+/// A container's program's user inside (`manifest.user`, names resolved at install).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// A service's port on the bridge.
@@ -95,6 +108,7 @@ impl Plan {
             }),
             control_channel: m.has_control_channel(),
             idmap_base: idmap_base.filter(|_| runtime == Kind::Lxc),
+            user: m.user_ids().map(|(uid, gid)| User { uid, gid }),
         }
     }
 

@@ -281,6 +281,22 @@ impl Dir {
         )
     }
 
+    /// This directory is marked opaque for overlayfs ([`Self::set_opaque`]).
+    pub fn is_opaque(&self) -> bool {
+        let mut v = [0u8; 1];
+        // SAFETY: fgetxattr on a directory fd we own, with a NUL-terminated name and a
+        // one-byte buffer, both outliving the call; it writes at most one byte into it.
+        let n = unsafe {
+            libc::fgetxattr(
+                self.0.as_raw_fd(),
+                c"trusted.overlay.opaque".as_ptr(),
+                v.as_mut_ptr().cast(),
+                1,
+            )
+        };
+        n == 1 && v[0] == b'y'
+    }
+
     /// Marks this directory opaque for overlayfs: in an overlay, nothing of the layers below
     /// shows through it.
     pub fn set_opaque(&self) -> Result<(), Errno> {

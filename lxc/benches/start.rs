@@ -102,6 +102,9 @@ fn run() -> Result<String, String> {
         apparmor_profile: gatevisor_lxc::apparmor_profile(),
         bind_dirs: vec![],
         idmap: None,
+        user: None,
+        cwd: None,
+        stop_signal: None,
     };
     rt.define(&spec).map_err(|e| format!("define: {e}"))?;
     let argv: Vec<String> = [

@@ -60,6 +60,12 @@ pub struct ContainerSpec {
     pub bind_dirs: Vec<(PathBuf, String)>,
     /// The container's user namespace; `None` runs it privileged (root is the host's root).
     pub idmap: Option<IdMap>,
+    /// Its program's user and group inside (`None`: its root).
+    pub user: Option<(u32, u32)>,
+    /// The directory its program starts in (inside its root).
+    pub cwd: Option<String>,
+    /// The signal that asks its program to stop (`SIGTERM` when `None`).
+    pub stop_signal: Option<String>,
 }
 
 /// The config items, in the order they are set.
@@ -82,7 +88,17 @@ pub fn items(spec: &ContainerSpec, cgroups: Cgroups, lxc_log: &Path) -> Vec<(Str
     set("lxc.mount.auto", "proc:mixed sys:ro".into());
     set("lxc.autodev", "1".into());
     set("lxc.no_new_privs", "1".into());
-    set("lxc.signal.halt", "SIGTERM".into());
+    set(
+        "lxc.signal.halt",
+        spec.stop_signal.clone().unwrap_or_else(|| "SIGTERM".into()),
+    );
+    if let Some((uid, gid)) = spec.user {
+        set("lxc.init.uid", uid.to_string());
+        set("lxc.init.gid", gid.to_string());
+    }
+    if let Some(cwd) = &spec.cwd {
+        set("lxc.init.cwd", cwd.clone());
+    }
     set("lxc.log.file", lxc_log.display().to_string());
     set("lxc.log.level", "WARN".into());
     if let Some(p) = &spec.seccomp_profile {
@@ -211,6 +227,9 @@ mod tests {
             apparmor_profile: None,
             bind_dirs: vec![("/var/lib/gv/run/svc".into(), "/run/gatevisor".into())],
             idmap: None,
+            user: None,
+            cwd: None,
+            stop_signal: None,
         }
     }
 
@@ -271,6 +290,27 @@ mod tests {
         assert_eq!(
             get(&items(&s, Cgroups::V1, Path::new("/l")), "lxc.idmap"),
             ["u 0 165536 65536", "g 0 165536 65536"]
+        );
+    }
+
+    #[test]
+    fn the_programs_user_directory_and_stop_signal_are_set_when_given() {
+        let mut s = spec();
+        let v = items(&s, Cgroups::V1, Path::new("/l"));
+        assert!(get(&v, "lxc.init.uid").is_empty() && get(&v, "lxc.init.cwd").is_empty());
+        assert_eq!(get(&v, "lxc.signal.halt"), ["SIGTERM"]);
+        s.user = Some((1000, 100));
+        s.cwd = Some("/srv".into());
+        s.stop_signal = Some("SIGQUIT".into());
+        let v = items(&s, Cgroups::V1, Path::new("/l"));
+        assert_eq!(
+            (
+                get(&v, "lxc.init.uid"),
+                get(&v, "lxc.init.gid"),
+                get(&v, "lxc.init.cwd"),
+                get(&v, "lxc.signal.halt")
+            ),
+            (vec!["1000"], vec!["100"], vec!["/srv"], vec!["SIGQUIT"])
         );
     }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 mod attach;
 mod publisher;
 use attach::{console, exec};
-pub use publisher::{image, key, ImageCmd, KeyCmd, DEFAULT_KEYS_DIR};
+pub use publisher::{absolute_reference, image, key, ImageCmd, KeyCmd, DEFAULT_KEYS_DIR};
 
 /// Exit codes scripts can rely on (see README).
 pub const EXIT_DAEMON_DOWN: i32 = 3;
@@ -39,9 +39,17 @@ pub struct DaemonArgs {
 
 #[derive(Subcommand)]
 pub enum ServiceCmd {
-    /// Install a service from its manifest (TOML) or a signed package.
+    /// Install a service from its manifest (TOML) or a signed package; with --image, from an
+    /// OCI image of the store (or pulled first, with --signature), the manifest giving what
+    /// the image does not.
     Install {
         manifest: PathBuf,
+        /// An OCI image: in the store (digest, prefix, reference), or a reference to pull.
+        #[arg(long)]
+        image: Option<String>,
+        /// The image's signature, to pull it first.
+        #[arg(long, requires = "image")]
+        signature: Option<PathBuf>,
         /// Start it right away (the command answers once it runs).
         #[arg(long)]
         start: bool,
@@ -193,9 +201,45 @@ pub fn service(socket: &Path, cmd: ServiceCmd) -> i32 {
     match cmd {
         ServiceCmd::Install {
             manifest,
+            image: Some(image),
+            signature,
             start,
             runtime,
             json,
+        } => {
+            let manifest = std::path::absolute(&manifest).unwrap_or(manifest);
+            let runtime = runtime.as_deref().and_then(gatevisor::runtime::Kind::parse);
+            let mut image = absolute_reference(&image);
+            if let Some(signature) = signature {
+                let pull = Request::ImagePull {
+                    reference: image.clone(),
+                    signature: std::path::absolute(&signature).unwrap_or(signature),
+                };
+                match Client::new(socket)
+                    .call(&pull)
+                    .and_then(|v| api::result_as::<api::ImageInfo>(v).map_err(ClientError::Api))
+                {
+                    Ok(info) => image = info.digest,
+                    Err(e) => return fail(&e),
+                }
+            }
+            let req = Request::InstallImage {
+                image,
+                manifest,
+                start,
+                runtime,
+            };
+            run(socket, req, json, |v: &api::ServiceStatus| {
+                println!("installed {} ({})", v.name, v.state.name())
+            })
+        }
+        ServiceCmd::Install {
+            manifest,
+            image: None,
+            start,
+            runtime,
+            json,
+            ..
         } => {
             let manifest = std::path::absolute(&manifest).unwrap_or(manifest);
             let runtime = runtime.as_deref().and_then(gatevisor::runtime::Kind::parse);

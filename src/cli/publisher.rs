@@ -1,5 +1,6 @@
-//! The publisher's side: keys (`key gen|trust|revoke|list`) and signed packages (`image
-//! build`).
+//! The publisher's side: keys (`key gen|trust|revoke|list`), signed packages (`image
+//! build`) and signatures of OCI images (`image sign`); the gateway's OCI images (`image
+//! pull|list|rm`, through the daemon).
 
 use super::*;
 
@@ -45,6 +46,50 @@ pub enum ImageCmd {
         #[arg(long)]
         key: PathBuf,
     },
+    /// Sign an OCI image for gateways that trust KEY: writes the detached signature of its
+    /// digest (to OUT, else to standard output). REF: oci:DIR[:TAG], oci-archive:FILE[:TAG],
+    /// docker-archive:FILE[:NAME:TAG].
+    Sign {
+        reference: String,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
+    /// Import an OCI image into the gateway's image store, with its signature.
+    Pull {
+        reference: String,
+        #[arg(long)]
+        signature: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The OCI images in the store.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image no service runs (by digest, a 12-digit prefix, or a reference).
+    Rm {
+        image: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `oci:DIR[:TAG]` with its path made absolute (the daemon runs elsewhere).
+pub fn absolute_reference(r: &str) -> String {
+    match gatevisor_images::oci::source::Reference::parse(r) {
+        Ok(parsed) if parsed.path().is_relative() => {
+            let (transport, rest) = r.split_once(':').unwrap_or(("", r));
+            let path = parsed.path().display().to_string();
+            let abs = std::path::absolute(parsed.path())
+                .map(|p| p.display().to_string())
+                .unwrap_or(path.clone());
+            format!("{transport}:{abs}{}", &rest[path.len()..])
+        }
+        _ => r.to_string(),
+    }
 }
 
 pub fn key(cmd: KeyCmd) -> i32 {
@@ -108,16 +153,102 @@ pub fn key(cmd: KeyCmd) -> i32 {
     }
 }
 
-pub fn image(cmd: ImageCmd) -> i32 {
-    let ImageCmd::Build { dir, out, key } = cmd;
-    match gatevisor::package::build(&dir, &out, &key) {
-        Ok(m) => {
-            println!("built {} {} -> {}", m.name, m.version, out.display());
-            0
+pub fn image(socket: &Path, cmd: ImageCmd) -> i32 {
+    match cmd {
+        ImageCmd::Build { dir, out, key } => match gatevisor::package::build(&dir, &out, &key) {
+            Ok(m) => {
+                println!("built {} {} -> {}", m.name, m.version, out.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("gatevisor: {e}");
+                ErrorKind::Invalid.exit_code()
+            }
+        },
+        ImageCmd::Sign {
+            reference,
+            key,
+            out,
+        } => {
+            use gatevisor_images::oci;
+            let res = (|| -> Result<(oci::Digest, String), String> {
+                let r = oci::source::Reference::parse(&reference).map_err(|e| e.to_string())?;
+                let resolved = oci::source::resolve(&r).map_err(|e| api::error_chain(&e))?;
+                let k = gatevisor_images::keys::SecretKey::load(&key).map_err(|e| e.to_string())?;
+                Ok((
+                    resolved.digest.clone(),
+                    oci::signature::sign(&k, &resolved.digest),
+                ))
+            })();
+            match res {
+                Ok((digest, doc)) => match out {
+                    Some(out) => match std::fs::write(&out, doc) {
+                        Ok(()) => {
+                            println!("signed {digest} -> {}", out.display());
+                            0
+                        }
+                        Err(e) => {
+                            eprintln!("gatevisor: {}: {e}", out.display());
+                            ErrorKind::Invalid.exit_code()
+                        }
+                    },
+                    None => {
+                        print!("{doc}");
+                        0
+                    }
+                },
+                Err(e) => {
+                    eprintln!("gatevisor: {e}");
+                    ErrorKind::Invalid.exit_code()
+                }
+            }
         }
-        Err(e) => {
-            eprintln!("gatevisor: {e}");
-            ErrorKind::Invalid.exit_code()
+        ImageCmd::Pull {
+            reference,
+            signature,
+            json,
+        } => {
+            let req = Request::ImagePull {
+                reference: absolute_reference(&reference),
+                signature: std::path::absolute(&signature).unwrap_or(signature),
+            };
+            run(socket, req, json, |i: &api::ImageInfo| {
+                println!(
+                    "pulled {} signed by {} ({} layers stored, {} shared)",
+                    i.digest,
+                    i.publisher,
+                    i.layers_added.unwrap_or(0),
+                    i.layers_shared.unwrap_or(0)
+                )
+            })
         }
+        ImageCmd::List { json } => run(socket, Request::ImageList, json, |l: &api::ImageList| {
+            println!(
+                "{:<14} {:<12} {:>6}  {:<16} REFERENCE",
+                "DIGEST", "PUBLISHER", "LAYERS", "USED BY"
+            );
+            for i in &l.images {
+                println!(
+                    "{:<14} {:<12} {:>6}  {:<16} {}",
+                    &i.digest.trim_start_matches("sha256:")[..12],
+                    i.publisher,
+                    i.layers.len(),
+                    if i.used_by.is_empty() {
+                        "-".to_string()
+                    } else {
+                        i.used_by.join(",")
+                    },
+                    i.references.last().map(String::as_str).unwrap_or("-")
+                );
+            }
+        }),
+        ImageCmd::Rm { image, json } => run(
+            socket,
+            Request::ImageRemove { image },
+            json,
+            |r: &api::ImageRemoved| {
+                println!("removed {} ({} layers freed)", r.removed, r.layers_freed)
+            },
+        ),
     }
 }

@@ -56,6 +56,13 @@ impl Backend for LxcBackend {
                 .map(|d| (d.clone(), crate::verdict::CONTAINER_DIR.to_string()))
                 .collect(),
             idmap: plan.idmap(),
+            user: plan.user.map(|u| (u.uid, u.gid)),
+            cwd: m.workdir.clone(),
+            stop_signal: m
+                .stop_signal
+                .as_deref()
+                .and_then(|s| crate::manifest::parse_signal(s).ok())
+                .map(|s| s.as_str().to_string()),
         };
         Ok(self.0.define(&spec)?)
     }

@@ -122,13 +122,42 @@ impl Supervisor {
                         ),
                     ))
                 } else {
-                    self.install(&manifest, start, None, runtime)
+                    self.install(&manifest, start, None, runtime, None)
                 };
                 if let Err(e) = &res {
                     self.refused(&manifest.display().to_string(), e);
                 }
                 self.answer_install(res, start, reply);
             }
+            Msg::Request(
+                Request::InstallImage {
+                    image,
+                    manifest,
+                    start,
+                    runtime,
+                },
+                reply,
+            ) => {
+                let res = self
+                    .image_for_install(&image)
+                    .and_then(|rec| self.install(&manifest, start, None, runtime, Some(&rec)));
+                if let Err(e) = &res {
+                    self.refused(&format!("{} with image {image}", manifest.display()), e);
+                }
+                self.answer_install(res, start, reply);
+            }
+            Msg::Request(
+                Request::ImagePull {
+                    reference,
+                    signature,
+                },
+                reply,
+            ) => self.begin_image_pull(reference, signature, reply),
+            Msg::ImagePulled {
+                reference,
+                result,
+                reply,
+            } => self.on_image_pulled(&reference, result, reply),
             Msg::Request(
                 Request::InstallPackage {
                     package,
@@ -396,7 +425,12 @@ impl Supervisor {
         match req {
             Request::Ping => Ok(json!({"pong": true, "version": env!("CARGO_PKG_VERSION")})),
             // The loop answers installs itself (a package's on a worker).
-            Request::Install { .. } | Request::InstallPackage { .. } => Err(err(
+            Request::ImageList => self.image_list(),
+            Request::ImageRemove { image } => self.image_remove(&image),
+            Request::Install { .. }
+            | Request::InstallPackage { .. }
+            | Request::InstallImage { .. }
+            | Request::ImagePull { .. } => Err(err(
                 ErrorKind::Internal,
                 "installs are answered by the loop, not in handle()",
             )),

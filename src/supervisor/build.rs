@@ -129,6 +129,13 @@ impl Supervisor {
                     )
                 })?;
             }
+            ImageRef::Layers(digest) => {
+                let lowers = self.image_lowers(&m.name, digest)?;
+                let c = gatevisor_images::checkout::Checkout::at(dir);
+                c.mount_layers(&lowers, idmap.map(|i| (i.host_base, i.count)), root_owner)
+                    .map_err(|e| runtime_err(error_chain(&e)))?;
+                checkout = Some(c);
+            }
             ImageRef::Initramfs(_) => unreachable!("handled above"),
         }
         // An unprivileged container's root owns its tree (a checkout's is given above).
@@ -275,13 +282,57 @@ pub(super) fn remove_service_dir(dir: &Path) -> Result<()> {
 }
 
 impl Supervisor {
+    /// The layer directories (top first) of OCI image `digest`, which service `name` runs:
+    /// all of them in the store.
+    pub(super) fn image_lowers(
+        &self,
+        name: &str,
+        digest: &gatevisor_images::oci::Digest,
+    ) -> Result<Vec<PathBuf>> {
+        let rec = self.oci.get(&digest.to_string()).map_err(|e| {
+            err(
+                ErrorKind::NotFound,
+                format!("{name}: its image: {}", error_chain(&e)),
+            )
+        })?;
+        if !self.oci.complete(&rec) {
+            return Err(err(
+                ErrorKind::Runtime,
+                format!("{name}: image {digest} lacks layers in the store: pull it again"),
+            ));
+        }
+        Ok(self.oci.lower_dirs(&rec))
+    }
+
     /// Puts a packaged container's overlay back before it starts: after a reboot its layers
     /// are there and the mount is not. Anything else: nothing to do.
     pub(super) fn mount_checkout(&self, name: &str) -> Result<()> {
         let rec = self.record(name)?;
         let c = gatevisor_images::checkout::Checkout::at(&self.service_dir(name));
-        let Root::Checkout { version } = &rec.plan.root else {
-            return Ok(());
+        let version = match &rec.plan.root {
+            Root::Checkout { version } => version,
+            Root::Layers { image } => {
+                if c.is_mounted() {
+                    return Ok(());
+                }
+                let digest = gatevisor_images::oci::Digest::parse(image).map_err(|e| {
+                    err(
+                        ErrorKind::Internal,
+                        format!("{name}: its plan's image: {e}"),
+                    )
+                })?;
+                let lowers = self.image_lowers(name, &digest)?;
+                let idmap = rec.plan.idmap().map(|i| (i.host_base, i.count));
+                return c
+                    .mount_layers(&lowers, idmap, rec.plan.idmap_base.unwrap_or(0))
+                    .map_err(|e| {
+                        err(
+                            ErrorKind::Runtime,
+                            format!("{name}: its root cannot be mounted: {}", error_chain(&e)),
+                        )
+                    });
+            }
+            _ => return Ok(()),
         };
         // (A container packaged before checkouts existed has a tree of its own.)
         if !c.exists() || c.is_mounted() {

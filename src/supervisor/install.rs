@@ -102,6 +102,7 @@ impl Supervisor {
                 start,
                 Some((pkg.to_path_buf(), inst.version.clone())),
                 runtime,
+                None,
             )
         };
         // Only what this install put into the store is taken out again when it fails.
@@ -142,10 +143,16 @@ impl Supervisor {
         start: bool,
         package: Option<(PathBuf, String)>,
         wanted: Option<Kind>,
+        oci: Option<&gatevisor_images::oci::store::ImageRecord>,
     ) -> Result<api::ServiceStatus> {
         let invalid = |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, e.to_string());
         let path = std::path::absolute(path).map_err(|e| invalid(&e))?;
-        let m = Manifest::load(&path).map_err(|e| err(ErrorKind::Invalid, error_chain(&e)))?;
+        let m = match oci {
+            Some(rec) => self.image_manifest(&path, rec)?,
+            None => Manifest::load(&path).map_err(|e| err(ErrorKind::Invalid, error_chain(&e)))?,
+        };
+        // An OCI image runs as a container (`auto` included).
+        let wanted = wanted.or(oci.map(|_| Kind::Lxc));
         if package.is_none() {
             // A local manifest: root on the gateway wrote it, but what it may keep is still
             // the operator's policy.
@@ -316,6 +323,9 @@ pub(super) fn plan_for(
 ) -> Plan {
     let root = match (image, package_version) {
         (ImageRef::Initramfs(_), _) => Root::Initramfs,
+        (ImageRef::Layers(d), _) => Root::Layers {
+            image: d.to_string(),
+        },
         (ImageRef::Rootfs(_), Some(v)) => Root::Checkout {
             version: v.to_string(),
         },

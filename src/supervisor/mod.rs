@@ -48,6 +48,7 @@ mod adopt;
 mod build;
 mod config;
 mod decide;
+mod images;
 mod install;
 mod lifecycle;
 mod net;
@@ -96,6 +97,12 @@ pub struct Settings {
 
 pub enum Msg {
     Request(Request, Sender<Reply>),
+    /// An image pull's worker is done.
+    ImagePulled {
+        reference: String,
+        result: std::result::Result<Box<gatevisor_images::oci::store::Imported>, ApiError>,
+        reply: Sender<Reply>,
+    },
     Follow(Sender<Event>),
     MonitorExited {
         name: String,
@@ -198,6 +205,8 @@ pub enum StartupError {
     Lxc(#[from] lxc::LxcError),
     #[error(transparent)]
     Images(#[from] gatevisor_images::store::StoreError),
+    #[error(transparent)]
+    OciImages(#[from] gatevisor_images::oci::OciError),
 }
 
 /// What only this process knows about a service (not persisted).
@@ -264,6 +273,8 @@ pub struct Supervisor {
     verdict_servers: HashMap<String, crate::verdict::VerdictServer>,
     /// Signed packages, verified and unpacked.
     images: gatevisor_images::store::Store,
+    /// OCI images: layers stored once, image records (shared with pull workers).
+    oci: std::sync::Arc<gatevisor_images::oci::store::ImageStore>,
     /// Services whose package a worker is installing now (no second install or update of
     /// the same name meanwhile, and no store garbage collection under it).
     installing: std::collections::HashSet<String>,
@@ -339,6 +350,11 @@ impl Supervisor {
             gatevisor_images::keys::TrustStore::new(&settings.keys_dir),
             gatevisor_images::package::Limits::default(),
         )?;
+        let oci = std::sync::Arc::new(gatevisor_images::oci::store::ImageStore::open(
+            &settings.state_dir.join("images"),
+            gatevisor_images::keys::TrustStore::new(&settings.keys_dir),
+            gatevisor_images::oci::layer::Rules::default(),
+        )?);
         let (net, net_problem) = if settings.network {
             let bridge = settings
                 .bridge
@@ -401,6 +417,7 @@ impl Supervisor {
             host_sources,
             verdict_servers: HashMap::new(),
             images,
+            oci,
             installing: Default::default(),
             reserved_ids: Default::default(),
         })

@@ -326,6 +326,36 @@ impl ImageStore {
         serde_json::from_slice(&bytes).map_err(|e| OciError::invalid(p.display().to_string(), e))
     }
 
+    /// The regular file `rel` (e.g. `etc/passwd`) as the image's merged root has it: from
+    /// its topmost layer that has it, unless a layer above removed it (a whiteout) or hid its
+    /// directory (opaque); at most `limit` bytes. Read beneath each layer through real
+    /// directories only.
+    pub fn read_file(&self, rec: &ImageRecord, rel: &str, limit: u64) -> Option<Vec<u8>> {
+        use nix::sys::stat::SFlag;
+        let (parent, name) = crate::beneath::split(Path::new(rel));
+        for dir in self.lower_dirs(rec) {
+            let Ok(root) = crate::beneath::Dir::open(&dir) else {
+                return None;
+            };
+            let Ok(p) = root.dir(parent) else {
+                continue;
+            };
+            match p.stat(name) {
+                Ok(st) if crate::beneath::is_kind(&st, SFlag::S_IFREG) => {
+                    let mut buf = Vec::new();
+                    let f = p.open_file(name).ok()?;
+                    f.take(limit).read_to_end(&mut buf).ok()?;
+                    return Some(buf);
+                }
+                // A whiteout, or anything else that hides it.
+                Ok(_) => return None,
+                Err(_) if p.is_opaque() => return None,
+                Err(_) => {}
+            }
+        }
+        None
+    }
+
     /// Every layer of `rec` is in the store.
     pub fn complete(&self, rec: &ImageRecord) -> bool {
         rec.layers.iter().all(|d| self.layer_dir(d).is_dir())

@@ -1,0 +1,304 @@
+//! Services from unchanged OCI images, through a real daemon and the real CLI: an image built
+//! by umoci (FROM scratch: a static busybox, its own /etc/passwd, an upper layer that deletes
+//! a file of the base), signed by the operator with `gatevisor image sign`, pulled from an OCI
+//! layout and from a docker archive made by skopeo, installed with a manifest that gives only
+//! what the image does not, and run by liblxc: its entrypoint, environment, working directory
+//! and user are the image's, its whiteouts hold, it writes its own layer and never the store,
+//! and two services of the same image share its layers. Needs root, liblxc, umoci and skopeo.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+fn tools(test: &str) -> bool {
+    if !need_root(test) {
+        return false;
+    }
+    for t in ["umoci", "skopeo"] {
+        if !on_path(t) {
+            eprintln!("skipped {test}: {t} is not installed (scripts/setup.sh installs it)");
+            return false;
+        }
+    }
+    true
+}
+
+fn sh(dir: &Path, script: &str) {
+    let out = Command::new("sh")
+        .arg("-ec")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Builds image `L:app` in the daemon's test directory: a base layer (busybox, passwd with
+/// user `app` 1000:1000, /srv owned by it, /etc/old), an upper layer deleting /etc/old; its
+/// config runs a report as `app` in /srv.
+fn build_image(d: &Daemon) {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox-static");
+    let report = "echo \"uid=$(id -u) gid=$(id -g) cwd=$(pwd) foo=$FOO\"; \
+                  if [ -e /etc/old ]; then echo old-present; else echo old-gone; fi; \
+                  echo hi > /srv/written && echo wrote; exec sleep 1000";
+    sh(
+        d.dir.path(),
+        &format!(
+            "umoci init --layout L
+             umoci new --image L:app
+             umoci unpack --image L:app B >/dev/null
+             mkdir -p B/rootfs/bin B/rootfs/etc B/rootfs/srv B/rootfs/tmp
+             cp {busybox} B/rootfs/bin/busybox
+             for a in sh id cat ls sleep pwd touch; do ln -s busybox B/rootfs/bin/$a; done
+             printf 'root:x:0:0:root:/root:/bin/sh\\napp:x:1000:1000:app:/srv:/bin/sh\\n' > B/rootfs/etc/passwd
+             printf 'root:x:0:\\napp:x:1000:\\n' > B/rootfs/etc/group
+             echo old > B/rootfs/etc/old
+             chown 1000:1000 B/rootfs/srv
+             umoci repack --image L:app B
+             umoci unpack --image L:app C >/dev/null
+             rm C/rootfs/etc/old
+             umoci repack --image L:app C
+             umoci config --image L:app --config.entrypoint /bin/sh --config.cmd -c \
+               --config.cmd '{report}' --config.user app --config.workingdir /srv \
+               --config.env FOO=from-image --config.label org.opencontainers.image.vendor=acme"
+        ),
+    );
+}
+
+/// The operator's key, trusted by the daemon; the image signed with it by the CLI.
+fn sign(d: &Daemon, reference: &str, out: &str) -> String {
+    let key = d.dir.path().join("op.key");
+    if !key.exists() {
+        let k = key.to_str().unwrap();
+        assert!(d
+            .cli(&["key", "gen", "--out", k, "--name", "operator"])
+            .status
+            .success());
+        let keys = d.dir.path().join("keys");
+        let trust = d.cli(&[
+            "key",
+            "trust",
+            key.with_extension("pub").to_str().unwrap(),
+            "--keys-dir",
+            keys.to_str().unwrap(),
+        ]);
+        assert!(trust.status.success());
+    }
+    let sig = d.dir.path().join(out);
+    let o = d.cli(&[
+        "image",
+        "sign",
+        reference,
+        "--key",
+        key.to_str().unwrap(),
+        "--out",
+        sig.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    sig.display().to_string()
+}
+
+const MANIFEST: &str = r#"name = "NAME"
+version = "1.0.0"
+runtime = "auto"
+stop_timeout_s = 2
+[resources]
+memory_mib = 32
+pids = 32
+[network]
+interface = false
+"#;
+
+fn log_of(d: &Daemon, name: &str) -> String {
+    String::from_utf8_lossy(&d.cli(&["service", "logs", name]).stdout).into_owned()
+}
+
+fn du(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::symlink_metadata(p) else {
+        return 0;
+    };
+    let mut n = m.blocks() * 512;
+    if m.is_dir() {
+        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+            n += du(&e.path());
+        }
+    }
+    n
+}
+
+#[test]
+fn an_unchanged_image_runs_as_its_user_with_its_layers_shared_and_never_written() {
+    let test = "an_unchanged_image_runs_as_its_user_with_its_layers_shared_and_never_written";
+    if !tools(test) {
+        return;
+    }
+    let d = Daemon::start_with_keys();
+    build_image(&d);
+    let layout = format!("oci:{}:app", d.dir.path().join("L").display());
+    let sig = sign(&d, &layout, "app.sig");
+
+    // Not signed for this image: refused, nothing stored.
+    let other = d.dir.path().join("other.sig");
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(&sig)
+            .unwrap()
+            .replace("signature = \"", "signature = \"00"),
+    )
+    .unwrap();
+    let o = d.cli(&[
+        "image",
+        "pull",
+        &layout,
+        "--signature",
+        other.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(d.json(&["image", "list", "--json"])["images"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    let pulled = d.json(&["image", "pull", &layout, "--signature", &sig, "--json"]);
+    assert_eq!(
+        (
+            pulled["layers_added"].as_u64(),
+            pulled["layers_shared"].as_u64()
+        ),
+        (Some(2), Some(0))
+    );
+    assert_eq!(pulled["publisher"], "operator");
+    assert_eq!(pulled["labels"]["org.opencontainers.image.vendor"], "acme");
+    let digest = pulled["digest"].as_str().unwrap().to_string();
+    let store = d.state_dir().join("images/oci");
+    let store_bytes = du(&store);
+
+    // The manifest gives no image and no command: both are the image's.
+    let m = d.manifest("a.toml", &MANIFEST.replace("NAME", "oci-a"));
+    let st = d.json(&[
+        "service",
+        "install",
+        m.to_str().unwrap(),
+        "--image",
+        &digest[..19],
+        "--start",
+        "--json",
+    ]);
+    assert_eq!(
+        (st["state"].as_str(), st["runtime"].as_str()),
+        (Some("running"), Some("lxc")),
+        "{st}"
+    );
+    let out = d
+        .wait_for(Duration::from_secs(10), || {
+            let l = log_of(&d, "oci-a");
+            l.contains("wrote").then_some(l)
+        })
+        .unwrap_or_else(|| panic!("no report: {}", log_of(&d, "oci-a")));
+    assert!(
+        out.contains("uid=1000 gid=1000 cwd=/srv foo=from-image"),
+        "{out}"
+    );
+    assert!(
+        out.contains("old-gone"),
+        "the upper layer's whiteout: {out}"
+    );
+
+    // What it wrote is in its own layer; the store is as it was.
+    let upper = d.state_dir().join("services/oci-a/layer/upper/srv/written");
+    assert_eq!(std::fs::read_to_string(&upper).unwrap(), "hi\n");
+    assert_eq!(du(&store), store_bytes, "the store was written to");
+
+    // The same image from a docker archive made by skopeo: a second service on the same
+    // layers stores nothing new.
+    let archive = d.dir.path().join("app.tar");
+    let a = format!("docker-archive:{}:gv/app:1", archive.display());
+    let out = Command::new("skopeo")
+        .args(["copy", "-q", &layout, &a])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sig2 = sign(&d, &a, "app-docker.sig");
+    let m2 = d.manifest(
+        "b.toml",
+        &MANIFEST.replace("NAME", "oci-b").replace(
+            "stop_timeout_s = 2\n",
+            "stop_timeout_s = 2\nuser = \"1000:1000\"\nenv = { FOO = \"from-manifest\" }\n",
+        ),
+    );
+    let o = d.cli(&[
+        "service",
+        "install",
+        m2.to_str().unwrap(),
+        "--image",
+        &a,
+        "--signature",
+        &sig2,
+        "--start",
+    ]);
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stderr),
+        d.log()
+    );
+    let out = d
+        .wait_for(Duration::from_secs(10), || {
+            let l = log_of(&d, "oci-b");
+            l.contains("wrote").then_some(l)
+        })
+        .unwrap_or_else(|| panic!("no report: {}", log_of(&d, "oci-b")));
+    assert!(
+        out.contains("foo=from-manifest"),
+        "the manifest wins: {out}"
+    );
+    let images = d.json(&["image", "list", "--json"]);
+    let images = images["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2, "{images:?}");
+    let layers = std::fs::read_dir(store.join("layers")).unwrap().count();
+    assert_eq!(layers, 2, "one copy of each layer");
+
+    // An image a service runs cannot be removed; once its services are gone, it can.
+    let o = d.cli(&["image", "rm", &digest]);
+    assert_eq!(
+        o.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("oci-a"));
+    for n in ["oci-a", "oci-b"] {
+        assert!(d.cli(&["service", "remove", n]).status.success());
+    }
+    let rm = d.json(&["image", "rm", &digest, "--json"]);
+    assert_eq!(
+        rm["layers_freed"], 0,
+        "the docker archive's image still has them"
+    );
+    let docker = images
+        .iter()
+        .find(|i| i["digest"] != digest.as_str())
+        .unwrap();
+    let rm = d.json(&["image", "rm", docker["digest"].as_str().unwrap(), "--json"]);
+    assert_eq!(rm["layers_freed"], 2);
+    assert_eq!(std::fs::read_dir(store.join("layers")).unwrap().count(), 0);
+}
