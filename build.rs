@@ -7,7 +7,8 @@ fn main() {
     println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
 
     // A release binary aborts on panic (`panic = "abort"`): nothing ever unwinds, so its
-    // unwind tables (`.eh_frame`, ~570 KB, a seventh of the binary) are dropped at link time.
+    // unwind tables (`.eh_frame`, ~570 KB, a seventh of the binary) and the exception tables
+    // they point to (`.gcc_except_table`) are dropped at link time.
     // A panic still prints its message; only `RUST_BACKTRACE` backtraces are lost (debug
     // builds, which tests run, keep them). The linker script only adds to the default one.
     if std::env::var("PROFILE").as_deref() == Ok("release") {
@@ -16,7 +17,7 @@ fn main() {
         let script = out.join("no-unwind-tables.ld");
         std::fs::write(
             &script,
-            "SECTIONS { /DISCARD/ : { *(.eh_frame) *(.eh_frame_hdr) } } INSERT AFTER .text;\n",
+            "SECTIONS { /DISCARD/ : { *(.eh_frame) *(.eh_frame_hdr) *(.gcc_except_table*) } } INSERT AFTER .text;\n",
         )
         .expect("OUT_DIR is writable");
         println!("cargo:rustc-link-arg-bins=-Wl,--no-eh-frame-hdr");

@@ -8,8 +8,23 @@
 //! `revoked/KEYID` for each revoked one (a revocation wins over trust). A key id is the first
 //! 16 hex digits of the SHA-256 of the public key.
 
-use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 use std::path::{Path, PathBuf};
+
+/// An ed25519 public key (its 32 bytes; ring, which the gateway links for TLS anyway,
+/// verifies with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyingKey([u8; 32]);
+
+impl VerifyingKey {
+    pub fn from_bytes(bytes: &[u8; 32]) -> VerifyingKey {
+        VerifyingKey(*bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -55,21 +70,35 @@ pub fn key_id(public: &VerifyingKey) -> String {
     hex::encode(&ring::digest::digest(&ring::digest::SHA256, public.as_bytes()).as_ref()[..8])
 }
 
-pub struct SecretKey(SigningKey);
+/// An ed25519 secret key: its 32-byte seed (RFC 8032), and the key pair made from it.
+pub struct SecretKey {
+    seed: [u8; 32],
+    pair: Ed25519KeyPair,
+}
 
 impl SecretKey {
+    fn from_seed(seed: [u8; 32]) -> SecretKey {
+        let pair =
+            Ed25519KeyPair::from_seed_unchecked(&seed).expect("any 32 bytes are an ed25519 seed");
+        SecretKey { seed, pair }
+    }
+
     pub fn generate() -> Result<SecretKey, KeyError> {
         let mut seed = [0u8; 32];
         getrandom::getrandom(&mut seed).map_err(KeyError::Random)?;
-        Ok(SecretKey(SigningKey::from_bytes(&seed)))
+        Ok(SecretKey::from_seed(seed))
     }
 
     pub fn public(&self) -> VerifyingKey {
-        self.0.verifying_key()
+        let mut k = [0u8; 32];
+        k.copy_from_slice(self.pair.public_key().as_ref());
+        VerifyingKey(k)
     }
 
     pub fn sign(&self, message: &[u8]) -> [u8; 64] {
-        self.0.sign(message).to_bytes()
+        let mut s = [0u8; 64];
+        s.copy_from_slice(self.pair.sign(message).as_ref());
+        s
     }
 
     pub fn load(path: &Path) -> Result<SecretKey, KeyError> {
@@ -90,7 +119,7 @@ impl SecretKey {
             .ok()
             .and_then(|b| b.try_into().ok())
             .ok_or_else(bad)?;
-        Ok(SecretKey(SigningKey::from_bytes(&bytes)))
+        Ok(SecretKey::from_seed(bytes))
     }
 
     /// Writes the secret key (mode 0600, refusing to overwrite) and its public key beside it.
@@ -108,12 +137,7 @@ impl SecretKey {
             .mode(0o600)
             .open(path)
             .map_err(w)?;
-        writeln!(
-            f,
-            "gatevisor-ed25519-secret {}",
-            hex::encode(self.0.to_bytes())
-        )
-        .map_err(w)?;
+        writeln!(f, "gatevisor-ed25519-secret {}", hex::encode(self.seed)).map_err(w)?;
         let public = path.with_extension("pub");
         std::fs::write(&public, public_line(&self.public(), name)).map_err(|source| {
             KeyError::Write {
@@ -158,8 +182,10 @@ pub fn load_public(path: &Path) -> Result<(VerifyingKey, String), KeyError> {
         .and_then(|h| hex::decode(h).ok())
         .and_then(|b| b.try_into().ok())
         .ok_or_else(bad)?;
-    let key = VerifyingKey::from_bytes(&bytes).map_err(|_| bad())?;
-    Ok((key, parts.next().unwrap_or("unnamed").to_string()))
+    Ok((
+        VerifyingKey::from_bytes(&bytes),
+        parts.next().unwrap_or("unnamed").to_string(),
+    ))
 }
 
 /// One key as the trust store lists it.
@@ -265,10 +291,12 @@ impl TrustStore {
     }
 }
 
-/// Checks `signature` of `message` with `key` (strict: no malleable signatures).
+/// Checks `signature` of `message` with `key` (RFC 8032; a signature whose S is not
+/// reduced, the malleable form, is refused).
 pub fn verify(key: &VerifyingKey, message: &[u8], signature: &[u8; 64]) -> bool {
-    let sig = ed25519_dalek::Signature::from_bytes(signature);
-    key.verify_strict(message, &sig).is_ok() && key.verify(message, &sig).is_ok()
+    UnparsedPublicKey::new(&ED25519, key.as_bytes())
+        .verify(message, signature)
+        .is_ok()
 }
 
 #[cfg(test)]
@@ -334,6 +362,41 @@ mod tests {
         .unwrap();
         assert!(store.get(fake).is_err());
         assert!(store.revoke("../x").is_err());
+    }
+
+    #[test]
+    fn signatures_match_rfc_8032_and_a_malleable_one_is_refused() {
+        // RFC 8032, section 7.1, test 2: the seed, its public key, and the signature of 0x72.
+        let seed: [u8; 32] =
+            hex::decode("4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb")
+                .unwrap()
+                .try_into()
+                .unwrap();
+        let k = SecretKey::from_seed(seed);
+        assert_eq!(
+            hex::encode(k.public().as_bytes()),
+            "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"
+        );
+        let sig = k.sign(&[0x72]);
+        assert_eq!(
+            hex::encode(sig),
+            "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da\
+             085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00"
+        );
+        assert!(verify(&k.public(), &[0x72], &sig));
+        // The same signature with L added to S: valid for a lax verifier, not here.
+        const L: [u8; 32] = [
+            0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9,
+            0xde, 0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+        ];
+        let mut malleable = sig;
+        let mut carry = 0u16;
+        for i in 0..32 {
+            let v = malleable[32 + i] as u16 + L[i] as u16 + carry;
+            malleable[32 + i] = v as u8;
+            carry = v >> 8;
+        }
+        assert!(!verify(&k.public(), &[0x72], &malleable));
     }
 
     #[test]

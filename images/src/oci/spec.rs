@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::Digest;
 
@@ -76,7 +76,7 @@ pub struct Manifest {
 }
 
 /// An image's configuration: what it runs, and its layers' uncompressed digests.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct ImageConfig {
     #[serde(default)]
     pub architecture: String,
@@ -87,7 +87,7 @@ pub struct ImageConfig {
     pub rootfs: RootFs,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct RootFs {
     #[serde(rename = "type")]
     pub kind: String,
@@ -95,7 +95,7 @@ pub struct RootFs {
 }
 
 /// The part of a config that says how the image runs (fields may be absent or null).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct RunConfig {
     #[serde(default)]
