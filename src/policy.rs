@@ -52,6 +52,10 @@ pub struct Grant {
     /// of `[policy] host_calls`.
     #[serde(default)]
     pub host_calls: Vec<String>,
+    /// OCI images this publisher signed may hold setuid/setgid files (most Debian-based
+    /// images do; a container's `no_new_privs` keeps them from raising privileges).
+    #[serde(default)]
+    pub setuid: bool,
 }
 
 /// `[policy]` of the configuration file.
@@ -130,6 +134,8 @@ pub struct Policy {
     board: String,
     /// Who may run privileged containers: publisher names or key ids, and "local".
     privileged: Vec<String>,
+    /// Whose OCI images may hold setuid files: publisher names or key ids.
+    setuid: Vec<String>,
     /// Host calls: for anyone, per publisher, for local manifests.
     host_calls: Vec<crate::hostcall::Grant>,
     host_calls_extra: Extra<crate::hostcall::Grant>,
@@ -216,6 +222,12 @@ impl Policy {
                     .map(|_| "local".to_string()),
             )
             .collect();
+        let setuid = config
+            .publishers
+            .iter()
+            .filter(|(_, g)| g.setuid)
+            .map(|(k, _)| k.clone())
+            .collect();
         let mut host_calls = host_grants("policy.host_calls", &config.host_calls)?;
         if let Some(g) = config.boards.get(board) {
             host_calls.extend(host_grants(
@@ -231,6 +243,7 @@ impl Policy {
             extra,
             board: board.into(),
             privileged,
+            setuid,
             host_calls,
             host_calls_extra,
         })
@@ -275,6 +288,11 @@ impl Policy {
 }
 
 impl Policy {
+    /// May OCI images signed by key `id` (trusted as `name`) hold setuid/setgid files?
+    pub fn allows_setuid(&self, id: &str, name: &str) -> bool {
+        self.setuid.iter().any(|k| k == id || k == name)
+    }
+
     /// May `who` run a privileged container?
     pub fn check_privileged(&self, who: &Requester) -> Result<(), PolicyError> {
         let granted = match who {

@@ -302,3 +302,43 @@ fn an_unchanged_image_runs_as_its_user_with_its_layers_shared_and_never_written(
     assert_eq!(rm["layers_freed"], 2);
     assert_eq!(std::fs::read_dir(store.join("layers")).unwrap().count(), 0);
 }
+
+#[test]
+fn setuid_files_in_an_image_need_the_operators_grant_to_its_publisher() {
+    let test = "setuid_files_in_an_image_need_the_operators_grant_to_its_publisher";
+    if !tools(test) {
+        return;
+    }
+    for granted in [false, true] {
+        let config = if granted {
+            "[policy.publishers.operator]\nsetuid = true\n"
+        } else {
+            ""
+        };
+        let d = Daemon::start_with_config(config);
+        sh(
+            d.dir.path(),
+            "umoci init --layout L
+             umoci new --image L:suid
+             umoci unpack --image L:suid B >/dev/null
+             mkdir -p B/rootfs/bin && cp /bin/true B/rootfs/bin/su && chmod 4755 B/rootfs/bin/su
+             umoci repack --image L:suid B",
+        );
+        let r = format!("oci:{}:suid", d.dir.path().join("L").display());
+        let sig = sign(&d, &r, "suid.sig");
+        let o = d.cli(&["image", "pull", &r, "--signature", &sig]);
+        let e = String::from_utf8_lossy(&o.stderr);
+        if granted {
+            assert!(o.status.success(), "{e}");
+        } else {
+            assert_eq!(o.status.code(), Some(8), "{e}");
+            assert!(e.contains("bin/su") && e.contains("setuid"), "{e}");
+            assert_eq!(
+                std::fs::read_dir(d.state_dir().join("images/oci/layers"))
+                    .unwrap()
+                    .count(),
+                0
+            );
+        }
+    }
+}

@@ -81,7 +81,7 @@ impl Env {
         store.import(
             &Reference::parse(r).unwrap(),
             &sig,
-            &Rules::default(),
+            &|_, _| Rules::default(),
             &mut |_| {},
         )
     }
@@ -314,7 +314,7 @@ fn hostile_and_broken_images_are_refused_with_their_reason_and_nothing_stored() 
         .import(
             &Reference::parse(&upper).unwrap(),
             &other,
-            &Rules::default(),
+            &|_, _| Rules::default(),
             &mut |_| {},
         )
         .unwrap_err();
@@ -328,7 +328,7 @@ fn hostile_and_broken_images_are_refused_with_their_reason_and_nothing_stored() 
         .import(
             &Reference::parse(&upper).unwrap(),
             sig.as_bytes(),
-            &Rules::default(),
+            &|_, _| Rules::default(),
             &mut |_| {},
         )
         .unwrap_err();
@@ -350,7 +350,7 @@ fn hostile_and_broken_images_are_refused_with_their_reason_and_nothing_stored() 
         .import(
             &Reference::parse(&format!("oci:{t}:upper")).unwrap(),
             sig.as_bytes(),
-            &Rules::default(),
+            &|_, _| Rules::default(),
             &mut |_| {},
         )
         .unwrap_err();
@@ -377,7 +377,7 @@ fn hostile_and_broken_images_are_refused_with_their_reason_and_nothing_stored() 
         .import(
             &Reference::parse(&arm).unwrap(),
             &other,
-            &Rules::default(),
+            &|_, _| Rules::default(),
             &mut |_| {},
         )
         .unwrap_err()
@@ -421,8 +421,8 @@ fn hostile_and_broken_images_are_refused_with_their_reason_and_nothing_stored() 
     }
     assert!(!env.path("escaped").exists() && !env.path("evil").exists());
     // The operator's grant lets setuid files in.
-    let grant = Rules {
-        allow_setuid: true,
+    let grant = |_: &str, name: &str| Rules {
+        allow_setuid: name == "operator",
         ..Rules::default()
     };
     let r = Reference::parse(&format!("oci:{l}:suid")).unwrap();
@@ -444,7 +444,7 @@ fn an_import_killed_half_way_leaves_a_consistent_store_and_the_next_one_resumes(
     let killed = std::panic::catch_unwind(|| {
         let store = env.store("store");
         let mut layers = 0;
-        let _ = store.import(&reference, &sig, &Rules::default(), &mut |s| {
+        let _ = store.import(&reference, &sig, &|_, _| Rules::default(), &mut |s| {
             if matches!(s, ImportStep::Layer(_)) {
                 layers += 1;
                 if layers == 1 {
@@ -465,7 +465,7 @@ fn an_import_killed_half_way_leaves_a_consistent_store_and_the_next_one_resumes(
         0
     );
     let done = store
-        .import(&reference, &sig, &Rules::default(), &mut |_| {})
+        .import(&reference, &sig, &|_, _| Rules::default(), &mut |_| {})
         .unwrap();
     assert_eq!((done.layers_added, done.layers_shared), (2, 1));
     assert!(store.complete(&done.record));

@@ -57,11 +57,16 @@ impl Supervisor {
             }
         };
         let store = self.oci.clone();
+        let policy = self.settings.policy.clone();
         let tx = self.tx.clone();
         let answer = reply.clone();
         let spawned = spawn_worker("image-pull", move || {
             let result = read_signature(&signature).and_then(|sig| {
-                let rules = *store.rules();
+                let base = *store.rules();
+                let rules = |id: &str, name: &str| oci::layer::Rules {
+                    allow_setuid: policy.allows_setuid(id, name),
+                    ..base
+                };
                 store
                     .import(&r, &sig, &rules, &mut |_| {})
                     .map(Box::new)

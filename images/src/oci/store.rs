@@ -119,16 +119,18 @@ impl ImageStore {
     }
 
     /// Imports the image at `r`, signed by `signature` (a [`super::signature`] document).
-    /// `rules` may differ from the store's (an operator's grant).
+    /// `rules_for` gives the unpacking rules for the key that signed it (its id and name:
+    /// the operator's grants to that publisher).
     pub fn import(
         &self,
         r: &Reference,
         signature: &[u8],
-        rules: &Rules,
+        rules_for: &dyn Fn(&str, &str) -> Rules,
         hook: &mut dyn FnMut(ImportStep),
     ) -> Result<Imported, OciError> {
         let resolved = source::resolve(r)?;
         let (key, publisher) = super::signature::verify(signature, &resolved.digest, &self.trust)?;
+        let rules = &rules_for(&key, &publisher);
         hook(ImportStep::Verified);
         let (mut added, mut shared) = (0, 0);
         for l in &resolved.layers {
