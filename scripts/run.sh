@@ -63,6 +63,7 @@ teardown() { # work daemon_pid wan_pid
   if [ -S "$w/gatevisor.sock" ]; then
     GATEVISOR_SOCKET=$w/gatevisor.sock "$bin" service remove dns-filter >/dev/null 2>&1
     GATEVISOR_SOCKET=$w/gatevisor.sock "$bin" service remove iot-guard >/dev/null 2>&1
+    GATEVISOR_SOCKET=$w/gatevisor.sock "$bin" service remove broker >/dev/null 2>&1
   fi
   if [ -n "$2" ] && grep -q "gatevisor" "/proc/$2/cmdline" 2>/dev/null; then
     kill "$2" 2>/dev/null
@@ -146,6 +147,40 @@ on_wan_started() { save_state; }
 pkgs=$work scripts=$PWD/scripts
 # shellcheck source=scripts/demo-home.sh
 . scripts/demo-home.sh
+
+echo "== an unchanged OCI image: Debian's mosquitto daemon as the home's smart-home broker"
+bash scripts/demo-broker-image.sh "$work/broker-image" 2.0 >/dev/null
+"$bin" image sign "oci:$work/broker-image:2.0" --key "$work/operator.key" --out "$work/broker.sig"
+# The operator's manifest: what the image does not say (its command, user and working
+# directory come from the image).
+cat > "$work/broker.toml" <<'TOML'
+name = "broker"
+version = "1.0.0"
+runtime = "auto"
+stop_timeout_s = 3
+[resources]
+memory_mib = 32
+pids = 64
+[network]
+address = "10.90.0.20/24"
+TOML
+"$bin" service install "$work/broker.toml" --image "oci:$work/broker-image:2.0" \
+  --signature "$work/broker.sig" --start >/dev/null
+"$bin" image list
+"$bin" service status broker | grep -E "^ *(state|runtime|source)"
+mqtt() { # host -> "connected" when the broker at 10.90.0.20 accepts an MQTT 3.1.1 CONNECT
+  ip netns exec "gvdemo-$1" python3 -c '
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], 1883), timeout=2)
+    s.sendall(bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 0]))
+    r = s.recv(4)
+    print("connected" if r[:2] == b"\x20\x02" and r[3] == 0 else "refused")
+except OSError:
+    print("no answer")' 10.90.0.20
+}
+for _ in $(seq 50); do [ "$(mqtt laptop)" = connected ] && break; sleep 0.2; done
+check "the laptop connects to the broker (MQTT CONNACK)" connected "$(mqtt laptop)"
 
 echo "== kill -9 of the daemon: the services and their traffic carry on; it is started again"
 before=$("$bin" service status dns-filter --json | sed -n 's/.*"init_pid": \([0-9]*\).*/\1/p')

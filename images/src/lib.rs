@@ -7,7 +7,10 @@
 //! - [`checkout`]: a service's root as an overlay of a store tree and its own writable
 //!   layer (a packaged tree is on flash once).
 //! - [`cpio`]: initramfs archives (newc) for microVM guests.
+//! - [`idmap`]: idmapped mounts, for a stored tree to be seen with a container's own ids.
 //! - [`keys`]: ed25519 publisher keys and the gateway's trust store (trust, revoke, list).
+//! - [`oci`]: unchanged OCI and Docker images: resolved, signed by the operator, layers
+//!   checked while streaming and stored once, shared by images and services.
 //! - [`package`]: the package format (a tar: signed manifest, then artifacts), built
 //!   reproducibly, read with the signature checked before anything is written and every
 //!   artifact's digest and size checked while it streams.
