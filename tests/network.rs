@@ -2,6 +2,9 @@
 //! Needs root, liblxc and Open vSwitch (the daemon starts its private switch).
 
 mod common;
+#[path = "../flowbridge/tests/common/lab.rs"]
+#[allow(dead_code)]
+mod lab;
 use common::*;
 use std::time::Duration;
 
@@ -368,4 +371,51 @@ fn a_service_whose_heartbeat_stops_is_failed_over_and_restarted() {
     assert_eq!(st["restarts"], 1);
     let text = String::from_utf8_lossy(&d.cli(&["events", "--json"]).stdout).into_owned();
     assert!(text.contains("\"kind\":\"hung\""), "{text}");
+}
+
+#[test]
+fn a_lan_host_opens_tcp_sessions_to_a_service_with_its_own_address() {
+    // On the userspace datapath a frame crosses the switch as its sender wrote it: a
+    // container's veth leaves TCP checksums to the hardware, so its SYN-ACKs arrived broken
+    // (pings passed, connections never opened) until the daemon turned that offload off.
+    if !need_ovs("a_lan_host_opens_tcp_sessions_to_a_service_with_its_own_address") {
+        return;
+    }
+    let d = Daemon::start();
+    let m = manifest_text(
+        "t-web",
+        "mkdir -p /www && echo hello-from-the-service > /www/index.html && exec httpd -f -p 8080 -h /www",
+        "",
+    )
+    .replace("stop_timeout_s = 3", "stop_timeout_s = 3\n[network]\naddress = \"10.97.0.20/24\"");
+    d.install_started("web.toml", &m);
+    let lan = lab::Host::new("wl", Some("10.97.0.2/24"));
+    d.plug_host(&lan.host_if);
+    assert!(lab::wait_reachable(&lan.ns, "10.97.0.20"), "no ping");
+    let page = lan
+        .spawn(|| {
+            use std::io::{Read, Write};
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let got = std::net::TcpStream::connect_timeout(
+                    &"10.97.0.20:8080".parse().unwrap(),
+                    Duration::from_secs(2),
+                )
+                .and_then(|mut c| {
+                    c.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    c.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                    let mut s = String::new();
+                    c.read_to_string(&mut s)?;
+                    Ok(s)
+                });
+                match got {
+                    Ok(s) => return s,
+                    Err(e) if std::time::Instant::now() > deadline => return format!("{e}"),
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+        })
+        .join()
+        .unwrap();
+    assert!(page.contains("hello-from-the-service"), "{page}");
 }

@@ -296,3 +296,58 @@ mod tests {
         assert!(parse_neighbour(&[0; 4], &Default::default()).is_err());
     }
 }
+
+/// Turns off transmit checksum offload (and with it the segmentation offloads that need it) of
+/// interface `ifname` in the network namespace of process `pid`. A userspace datapath (Open
+/// vSwitch `netdev`) forwards a frame as it is: one whose checksum its sender left to the
+/// hardware, as a veth does by default, reaches the receiver with a wrong checksum and is
+/// dropped (pings pass, TCP never connects). Done on a thread of its own, which enters the
+/// namespace and ends.
+pub fn tx_checksum_off(pid: i32, ifname: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    let name = ifname.as_bytes().to_vec();
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not an interface name",
+        ));
+    }
+    std::thread::spawn(move || -> std::io::Result<()> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let sock = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Inet,
+            nix::sys::socket::SockType::Datagram,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        /// `struct ethtool_value`.
+        #[repr(C)]
+        struct EthtoolValue {
+            cmd: u32,
+            data: u32,
+        }
+        const ETHTOOL_STXCSUM: u32 = 0x17;
+        const SIOCETHTOOL: libc::c_ulong = 0x8946;
+        let mut value = EthtoolValue {
+            cmd: ETHTOOL_STXCSUM,
+            data: 0,
+        };
+        // SAFETY: an all-zero ifreq is valid (a name of NULs, a null union).
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in ifr.ifr_name.iter_mut().zip(&name) {
+            *d = *s as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+        // SAFETY: SIOCETHTOOL on a socket we own with an ifreq naming the interface and
+        // pointing at an ethtool_value, both living across the call; the kernel reads the
+        // command and writes nothing beyond them.
+        let r = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL, &mut ifr) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
+}

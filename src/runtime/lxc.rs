@@ -69,6 +69,13 @@ impl Backend for LxcBackend {
 
     fn start(&self, name: &str, spec: &StartSpec) -> Result<Started, RuntimeError> {
         let s = self.0.start(name, &spec.argv, &spec.files, spec.timeout)?;
+        // A veth leaves TCP and UDP checksums to the hardware, which a userspace datapath
+        // does not fill in: the container's frames would reach the LAN broken.
+        if spec.full_checksums {
+            if let Err(e) = gatevisor_board::links::tx_checksum_off(s.init_pid, "eth0") {
+                tracing::warn!("{name}: cannot turn off eth0's checksum offload: {e}");
+            }
+        }
         Ok(Started {
             main_pid: s.init_pid,
             monitor_pid: s.monitor.id() as i32,

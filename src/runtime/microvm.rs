@@ -394,6 +394,7 @@ mod tests {
                 pids: Some(16),
                 cpus: Some(1),
             },
+            full_checksums: false,
         };
         let mut started = Backend::start(&vms, &name, &spec).unwrap();
         // Its output reaches its log through the pump.

@@ -115,6 +115,9 @@ pub struct StartSpec {
     /// The service's resource limits (a container's are in its definition too; a microVM's
     /// VMM gets a cgroup with them at each start).
     pub limits: gatevisor_lxc::Limits,
+    /// The bridge forwards frames as they are (a userspace datapath): the service's
+    /// interface must fill in its own checksums.
+    pub full_checksums: bool,
 }
 
 /// A service that runs.

@@ -100,6 +100,7 @@ impl Supervisor {
             timeout: self.settings.start_timeout,
             interface: rec.plan.port.as_ref().map(|p| p.name.clone()),
             limits: rec.plan.limits(),
+            full_checksums: rec.plan.port.is_some() && self.board.profile.datapath_type == "netdev",
         };
         self.generation += 1;
         let generation = self.generation;
