@@ -258,45 +258,6 @@ fn parse_neighbour(
     }))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_loopback_link_is_found_with_its_counters() {
-        let all = links().unwrap();
-        let lo = all.iter().find(|l| l.name == "lo").expect("lo is listed");
-        assert_eq!(lo.index, 1);
-        assert!(lo.up);
-        assert_eq!(lo.mtu.map(|m| m > 0), Some(true));
-        let before = lo.stats.unwrap().tx_packets;
-        // Traffic on loopback moves its counters.
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        for _ in 0..10 {
-            s.send_to(b"x", s.local_addr().unwrap()).unwrap();
-        }
-        let after = links()
-            .unwrap()
-            .into_iter()
-            .find(|l| l.name == "lo")
-            .unwrap()
-            .stats
-            .unwrap()
-            .tx_packets;
-        assert!(after >= before + 10, "{before} -> {after}");
-    }
-
-    #[test]
-    fn neighbours_read_without_error_and_malformed_answers_are_errors() {
-        neighbours().unwrap();
-        assert!(parse_link(&[0; 8]).is_err());
-        let mut body = vec![0u8; IFINFOMSG_LEN];
-        body.extend_from_slice(&[200, 0, 3, 0]); // an attribute longer than the message
-        assert!(parse_link(&body).is_err());
-        assert!(parse_neighbour(&[0; 4], &Default::default()).is_err());
-    }
-}
-
 /// Turns off transmit checksum offload (and with it the segmentation offloads that need it) of
 /// interface `ifname` in the network namespace of process `pid`. A userspace datapath (Open
 /// vSwitch `netdev`) forwards a frame as it is: one whose checksum its sender left to the
@@ -350,4 +311,43 @@ pub fn tx_checksum_off(pid: i32, ifname: &str) -> std::io::Result<()> {
     })
     .join()
     .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loopback_link_is_found_with_its_counters() {
+        let all = links().unwrap();
+        let lo = all.iter().find(|l| l.name == "lo").expect("lo is listed");
+        assert_eq!(lo.index, 1);
+        assert!(lo.up);
+        assert_eq!(lo.mtu.map(|m| m > 0), Some(true));
+        let before = lo.stats.unwrap().tx_packets;
+        // Traffic on loopback moves its counters.
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..10 {
+            s.send_to(b"x", s.local_addr().unwrap()).unwrap();
+        }
+        let after = links()
+            .unwrap()
+            .into_iter()
+            .find(|l| l.name == "lo")
+            .unwrap()
+            .stats
+            .unwrap()
+            .tx_packets;
+        assert!(after >= before + 10, "{before} -> {after}");
+    }
+
+    #[test]
+    fn neighbours_read_without_error_and_malformed_answers_are_errors() {
+        neighbours().unwrap();
+        assert!(parse_link(&[0; 8]).is_err());
+        let mut body = vec![0u8; IFINFOMSG_LEN];
+        body.extend_from_slice(&[200, 0, 3, 0]); // an attribute longer than the message
+        assert!(parse_link(&body).is_err());
+        assert!(parse_neighbour(&[0; 4], &Default::default()).is_err());
+    }
 }
