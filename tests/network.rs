@@ -3,7 +3,6 @@
 
 mod common;
 #[path = "../flowbridge/tests/common/lab.rs"]
-#[allow(dead_code)]
 mod lab;
 use common::*;
 use std::time::Duration;
