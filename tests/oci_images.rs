@@ -8,6 +8,7 @@
 
 mod common;
 use common::*;
+use gatevisor_images::oci::store::disk_usage;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -122,18 +123,13 @@ fn log_of(d: &Daemon, name: &str) -> String {
     String::from_utf8_lossy(&d.cli(&["service", "logs", name]).stdout).into_owned()
 }
 
-fn du(p: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(m) = std::fs::symlink_metadata(p) else {
-        return 0;
-    };
-    let mut n = m.blocks() * 512;
-    if m.is_dir() {
-        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
-            n += du(&e.path());
-        }
-    }
-    n
+/// The image's report in service `name`'s log, once it wrote its file.
+fn report(d: &Daemon, name: &str) -> String {
+    d.wait_for(Duration::from_secs(10), || {
+        let l = log_of(d, name);
+        l.contains("wrote").then_some(l)
+    })
+    .unwrap_or_else(|| panic!("no report: {}", log_of(d, name)))
 }
 
 #[test]
@@ -186,7 +182,7 @@ fn an_unchanged_image_runs_as_its_user_with_its_layers_shared_and_never_written(
     assert_eq!(pulled["labels"]["org.opencontainers.image.vendor"], "acme");
     let digest = pulled["digest"].as_str().unwrap().to_string();
     let store = d.state_dir().join("images/oci");
-    let store_bytes = du(&store);
+    let store_bytes = disk_usage(&store);
 
     // The manifest gives no image and no command: both are the image's.
     let m = d.manifest("a.toml", &MANIFEST.replace("NAME", "oci-a"));
@@ -204,12 +200,7 @@ fn an_unchanged_image_runs_as_its_user_with_its_layers_shared_and_never_written(
         (Some("running"), Some("lxc")),
         "{st}"
     );
-    let out = d
-        .wait_for(Duration::from_secs(10), || {
-            let l = log_of(&d, "oci-a");
-            l.contains("wrote").then_some(l)
-        })
-        .unwrap_or_else(|| panic!("no report: {}", log_of(&d, "oci-a")));
+    let out = report(&d, "oci-a");
     assert!(
         out.contains("uid=1000 gid=1000 cwd=/srv foo=from-image"),
         "{out}"
@@ -222,7 +213,7 @@ fn an_unchanged_image_runs_as_its_user_with_its_layers_shared_and_never_written(
     // What it wrote is in its own layer; the store is as it was.
     let upper = d.state_dir().join("services/oci-a/layer/upper/srv/written");
     assert_eq!(std::fs::read_to_string(&upper).unwrap(), "hi\n");
-    assert_eq!(du(&store), store_bytes, "the store was written to");
+    assert_eq!(disk_usage(&store), store_bytes, "the store was written to");
 
     // The same image from a docker archive made by skopeo: a second service on the same
     // layers stores nothing new.
@@ -261,12 +252,7 @@ fn an_unchanged_image_runs_as_its_user_with_its_layers_shared_and_never_written(
         String::from_utf8_lossy(&o.stderr),
         d.log()
     );
-    let out = d
-        .wait_for(Duration::from_secs(10), || {
-            let l = log_of(&d, "oci-b");
-            l.contains("wrote").then_some(l)
-        })
-        .unwrap_or_else(|| panic!("no report: {}", log_of(&d, "oci-b")));
+    let out = report(&d, "oci-b");
     assert!(
         out.contains("foo=from-manifest"),
         "the manifest wins: {out}"

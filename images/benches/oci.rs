@@ -7,6 +7,7 @@
 //! base adds to the store, against its own layer's. Needs root, umoci and skopeo; the last
 //! line is one JSON object.
 
+use gatevisor_images::oci::store::disk_usage;
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
@@ -67,20 +68,6 @@ fn fill(dir: &Path, mib: usize, seed: u64) {
     }
 }
 
-fn du(p: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(m) = std::fs::symlink_metadata(p) else {
-        return 0;
-    };
-    let mut n = m.blocks() * 512;
-    if m.is_dir() {
-        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
-            n += du(&e.path());
-        }
-    }
-    n
-}
-
 fn main() {
     if !nix::unistd::geteuid().is_root() {
         println!("{{\"skipped\": \"needs root\"}}");
@@ -127,7 +114,7 @@ fn main() {
         signature::sign(&key, &d).into_bytes()
     };
     let (big, other) = (sign("big"), sign("other"));
-    let image_bytes = du(&w.join("L/blobs"));
+    let image_bytes = disk_usage(&w.join("L/blobs"));
 
     let mut ours = Vec::new();
     let mut peer = Vec::new();
@@ -186,7 +173,7 @@ fn main() {
         )
         .unwrap();
     let extra = store.disk_bytes() - before;
-    let own = du(&store.layer_dir(second.record.layers.last().unwrap()));
+    let own = disk_usage(&store.layer_dir(second.record.layers.last().unwrap()));
     let (o, p) = (median(ours), median(peer));
     println!(
         "{}",

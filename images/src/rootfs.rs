@@ -69,22 +69,26 @@ pub fn pack(dir: &Path, out: impl Write) -> std::io::Result<()> {
 
 /// The entry's path as safe relative components, or why not.
 fn relative(path: &str, limits: &Limits) -> Result<PathBuf, PackageError> {
-    if path.len() > limits.max_path_len {
-        return Err(unsafe_entry(path, "path too long"));
+    relative_path(path, limits.max_path_len).map_err(|why| unsafe_entry(path, why))
+}
+
+/// An archive entry's path as relative components (no root, no `..`, not empty, at most
+/// `max_len` bytes), or why not. Shared by package trees and OCI layers.
+pub(crate) fn relative_path(path: &str, max_len: usize) -> Result<PathBuf, &'static str> {
+    if path.len() > max_len {
+        return Err("path too long");
     }
     let mut out = PathBuf::new();
     for c in Path::new(path).components() {
         match c {
             Component::Normal(n) => out.push(n),
             Component::CurDir => {}
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(unsafe_entry(path, "absolute path"))
-            }
-            Component::ParentDir => return Err(unsafe_entry(path, "`..` in the path")),
+            Component::RootDir | Component::Prefix(_) => return Err("absolute path"),
+            Component::ParentDir => return Err("`..` in the path"),
         }
     }
     if out.as_os_str().is_empty() {
-        return Err(unsafe_entry(path, "empty path"));
+        return Err("empty path");
     }
     Ok(out)
 }

@@ -5,6 +5,7 @@
 //! store keeps owners and makes overlay whiteouts) and umoci + skopeo (`scripts/setup.sh`);
 //! skips with a printed reason otherwise.
 
+use gatevisor_images::oci::store::disk_usage;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -243,7 +244,7 @@ fn the_same_layers_in_other_formats_and_images_are_stored_once() {
         .import(&store, &format!("oci-archive:{a}:upper"))
         .unwrap();
     assert_eq!((upper.layers_added, upper.layers_shared), (1, 1));
-    let own = du(&store.lower_dirs(&upper.record)[0]);
+    let own = disk_usage(&store.lower_dirs(&upper.record)[0]);
     let extra = store.disk_bytes() - after_base;
     assert!(
         extra as f64 <= own as f64 * 1.05 + 16384.0,
@@ -274,18 +275,6 @@ fn the_same_layers_in_other_formats_and_images_are_stored_once() {
             .count(),
         0
     );
-}
-
-fn du(p: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::symlink_metadata(p).unwrap();
-    let mut n = m.blocks() * 512;
-    if m.is_dir() {
-        for e in std::fs::read_dir(p).unwrap() {
-            n += du(&e.unwrap().path());
-        }
-    }
-    n
 }
 
 /// Nothing of a refused import is stored: no record, no layer, nothing in staging.

@@ -201,7 +201,7 @@ pub fn service(socket: &Path, cmd: ServiceCmd) -> i32 {
     match cmd {
         ServiceCmd::Install {
             manifest,
-            image: Some(image),
+            image,
             signature,
             start,
             runtime,
@@ -209,54 +209,41 @@ pub fn service(socket: &Path, cmd: ServiceCmd) -> i32 {
         } => {
             let manifest = std::path::absolute(&manifest).unwrap_or(manifest);
             let runtime = runtime.as_deref().and_then(gatevisor::runtime::Kind::parse);
-            let mut image = absolute_reference(&image);
-            if let Some(signature) = signature {
-                let pull = Request::ImagePull {
-                    reference: image.clone(),
-                    signature: std::path::absolute(&signature).unwrap_or(signature),
-                };
-                match Client::new(socket)
-                    .call(&pull)
-                    .and_then(|v| api::result_as::<api::ImageInfo>(v).map_err(ClientError::Api))
-                {
-                    Ok(info) => image = info.digest,
-                    Err(e) => return fail(&e),
+            let req = match image {
+                // An OCI image of the store, or pulled first with its signature.
+                Some(image) => {
+                    let mut image = absolute_reference(&image);
+                    if let Some(signature) = signature {
+                        let pull = Request::ImagePull {
+                            reference: image.clone(),
+                            signature: std::path::absolute(&signature).unwrap_or(signature),
+                        };
+                        match Client::new(socket).call(&pull).and_then(|v| {
+                            api::result_as::<api::ImageInfo>(v).map_err(ClientError::Api)
+                        }) {
+                            Ok(info) => image = info.digest,
+                            Err(e) => return fail(&e),
+                        }
+                    }
+                    Request::InstallImage {
+                        image,
+                        manifest,
+                        start,
+                        runtime,
+                    }
                 }
-            }
-            let req = Request::InstallImage {
-                image,
-                manifest,
-                start,
-                runtime,
-            };
-            run(socket, req, json, |v: &api::ServiceStatus| {
-                println!("installed {} ({})", v.name, v.state.name())
-            })
-        }
-        ServiceCmd::Install {
-            manifest,
-            image: None,
-            start,
-            runtime,
-            json,
-            ..
-        } => {
-            let manifest = std::path::absolute(&manifest).unwrap_or(manifest);
-            let runtime = runtime.as_deref().and_then(gatevisor::runtime::Kind::parse);
-            // A signed package is told by its content (or a `.gvpkg` name, which is never
-            // read as a manifest); the daemon refuses a package sent as a manifest.
-            let req = if gatevisor::supervisor::is_package(&manifest) {
-                Request::InstallPackage {
+                // A signed package is told by its content (or a `.gvpkg` name, which is
+                // never read as a manifest); the daemon refuses a package sent as a manifest.
+                None if gatevisor::supervisor::is_package(&manifest) => Request::InstallPackage {
                     package: manifest,
                     start,
                     runtime,
-                }
-            } else {
-                Request::Install {
+                },
+                None => Request::Install {
                     manifest,
                     start,
                     runtime,
-                }
+                },
             };
             run(socket, req, json, |v: &api::ServiceStatus| {
                 println!("installed {} ({})", v.name, v.state.name())

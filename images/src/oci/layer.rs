@@ -16,7 +16,7 @@
 use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 
 use nix::errno::Errno;
 use nix::sys::stat::SFlag;
@@ -112,7 +112,8 @@ pub fn apply(
                 .map_err(OciError::store(dest))?;
             continue;
         }
-        let rel = relative(&raw, rules.max_path_len).map_err(|why| unsafe_entry(&raw, why))?;
+        let rel = crate::rootfs::relative_path(&raw, rules.max_path_len)
+            .map_err(|why| unsafe_entry(&raw, why))?;
         let mode = h.mode().map_err(archive)?;
         let (uid, gid) = (h.uid().map_err(archive)?, h.gid().map_err(archive)?);
         if uid >= MAX_ID || gid >= MAX_ID {
@@ -200,8 +201,9 @@ pub fn apply(
                     .link_name()
                     .map_err(archive)?
                     .ok_or_else(|| unsafe_entry(&raw, "hard link without a target"))?;
-                let src_rel = relative(&link.to_string_lossy(), rules.max_path_len)
-                    .map_err(|why| unsafe_entry(&raw, why))?;
+                let src_rel =
+                    crate::rootfs::relative_path(&link.to_string_lossy(), rules.max_path_len)
+                        .map_err(|why| unsafe_entry(&raw, why))?;
                 let (src_parent, src_name) = split(&src_rel);
                 let not_there = || {
                     unsafe_entry(
@@ -235,26 +237,6 @@ fn is_root(path: &str) -> bool {
     Path::new(path)
         .components()
         .all(|c| matches!(c, Component::CurDir | Component::RootDir))
-}
-
-/// The entry's path as relative components, or why not.
-fn relative(path: &str, max_len: usize) -> Result<PathBuf, &'static str> {
-    if path.len() > max_len {
-        return Err("path too long");
-    }
-    let mut out = PathBuf::new();
-    for c in Path::new(path).components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::CurDir => {}
-            Component::RootDir | Component::Prefix(_) => return Err("absolute path"),
-            Component::ParentDir => return Err("`..` in the path"),
-        }
-    }
-    if out.as_os_str().is_empty() {
-        return Err("empty path");
-    }
-    Ok(out)
 }
 
 /// Does a relative symlink in `dir` reach above the root with its `..`s? (An absolute target

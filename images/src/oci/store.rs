@@ -403,11 +403,13 @@ impl ImageStore {
 
     /// Bytes the store's files take on disk (allocated blocks), layers and records.
     pub fn disk_bytes(&self) -> u64 {
-        du(&self.root.join("layers")) + du(&self.root.join("images"))
+        disk_usage(&self.root.join("layers")) + disk_usage(&self.root.join("images"))
     }
 }
 
-fn du(p: &Path) -> u64 {
+/// Bytes `p` takes on disk (allocated blocks), a directory with everything below it;
+/// symlinks are not followed.
+pub fn disk_usage(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(m) = std::fs::symlink_metadata(p) else {
         return 0;
@@ -415,7 +417,7 @@ fn du(p: &Path) -> u64 {
     let mut n = m.blocks() * 512;
     if m.is_dir() {
         for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
-            n += du(&e.path());
+            n += disk_usage(&e.path());
         }
     }
     n
