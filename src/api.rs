@@ -256,6 +256,11 @@ pub struct ServiceStatus {
     pub log_file: PathBuf,
     /// The package or manifest it was installed from.
     pub source: PathBuf,
+    /// The OCI image it runs (`sha256:HEX`), and who runs it inside (`UID:GID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     pub settings: Vec<Setting>,
     pub steering: Option<Steering>,
     /// Why it is not on the bridge as it should be.
@@ -358,6 +363,8 @@ impl ServiceStatus {
             microvm: None,
             log_file: PathBuf::new(),
             source: PathBuf::new(),
+            image: None,
+            user: None,
             settings: vec![],
             steering: None,
             network_error: None,

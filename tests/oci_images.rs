@@ -200,6 +200,11 @@ fn an_unchanged_image_runs_as_its_user_with_its_layers_shared_and_never_written(
         (Some("running"), Some("lxc")),
         "{st}"
     );
+    assert_eq!(
+        (st["image"].as_str(), st["user"].as_str()),
+        (Some(digest.as_str()), Some("1000:1000")),
+        "{st}"
+    );
     let out = report(&d, "oci-a");
     assert!(
         out.contains("uid=1000 gid=1000 cwd=/srv foo=from-image"),

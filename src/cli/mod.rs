@@ -390,6 +390,12 @@ fn print_status(v: &api::ServiceStatus) {
         mib(v.memory.limit_bytes)
     );
     println!("  interface:   {}", or_dash(v.interface.as_deref()));
+    if let Some(image) = &v.image {
+        println!("  image:       {image}");
+    }
+    if let Some(user) = &v.user {
+        println!("  user:        {user}");
+    }
     if !v.host_calls.is_empty() {
         println!("  host calls:  {}", v.host_calls.join(", "));
     }

@@ -74,6 +74,11 @@ impl Supervisor {
             }),
             log_file: self.log_file(name),
             source: rec.source.clone(),
+            image: match &rec.plan.root {
+                Root::Layers { image } => Some(image.clone()),
+                _ => None,
+            },
+            user: rec.plan.user.map(|u| format!("{}:{}", u.uid, u.gid)),
             settings: config::settings_view(rec),
             steering: has_steering.then(|| api::Steering {
                 policies: m.network.steering.clone(),
