@@ -190,6 +190,21 @@ fn layers_apply_with_their_whiteouts_opaque_dirs_and_owners() {
         .collect();
     data.sort();
     assert_eq!(data, ["only"]);
+    // The store reads a file as the merged root has it (user names are resolved so).
+    let read = |f: &str| store.read_file(&got.record, f, 1 << 20);
+    assert_eq!(read("etc/keep").as_deref(), Some(&b"keep\n"[..]));
+    assert_eq!(read("data/only").as_deref(), Some(&b"fresh\n"[..]));
+    assert_eq!(read("etc/old"), None, "removed by a whiteout");
+    assert_eq!(
+        read("data/new"),
+        None,
+        "hidden by the opaque directory above it"
+    );
+    assert_eq!(
+        read("data/sub/f"),
+        None,
+        "its directory removed, then hidden"
+    );
     // Owners are the image's.
     assert_eq!(owner(&merged.join("srv/owned")), (1000, 1000));
     assert_eq!(owner(&merged.join("etc/keep")), (0, 0));

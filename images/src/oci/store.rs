@@ -333,25 +333,38 @@ impl ImageStore {
     /// directory (opaque); at most `limit` bytes. Read beneath each layer through real
     /// directories only.
     pub fn read_file(&self, rec: &ImageRecord, rel: &str, limit: u64) -> Option<Vec<u8>> {
+        use crate::beneath::{is_kind, Dir};
         use nix::sys::stat::SFlag;
         let (parent, name) = crate::beneath::split(Path::new(rel));
-        for dir in self.lower_dirs(rec) {
-            let Ok(root) = crate::beneath::Dir::open(&dir) else {
-                return None;
-            };
-            let Ok(p) = root.dir(parent) else {
-                continue;
-            };
-            match p.stat(name) {
-                Ok(st) if crate::beneath::is_kind(&st, SFlag::S_IFREG) => {
+        'layers: for dir in self.lower_dirs(rec) {
+            let mut cur = Dir::open(&dir).ok()?;
+            // An opaque directory on the way hides what the layers below have under it.
+            let mut opaque = false;
+            for c in parent.components() {
+                let std::path::Component::Normal(n) = c else {
+                    return None;
+                };
+                match cur.stat(n) {
+                    Ok(st) if is_kind(&st, SFlag::S_IFDIR) => {
+                        cur = cur.dir(Path::new(n)).ok()?;
+                        opaque |= cur.is_opaque();
+                    }
+                    // A whiteout (or a file) hides the directory and all below it.
+                    Ok(_) => return None,
+                    Err(_) if opaque => return None,
+                    Err(_) => continue 'layers,
+                }
+            }
+            match cur.stat(name) {
+                Ok(st) if is_kind(&st, SFlag::S_IFREG) => {
                     let mut buf = Vec::new();
-                    let f = p.open_file(name).ok()?;
+                    let f = cur.open_file(name).ok()?;
                     f.take(limit).read_to_end(&mut buf).ok()?;
                     return Some(buf);
                 }
                 // A whiteout, or anything else that hides it.
                 Ok(_) => return None,
-                Err(_) if p.is_opaque() => return None,
+                Err(_) if opaque => return None,
                 Err(_) => {}
             }
         }
