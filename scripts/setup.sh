@@ -11,6 +11,7 @@ need_pkgs=(
   debootstrap lz4                           # the emulated gateway's root, its kernel's ELF (qemu-tests)
   mosquitto openssl                         # the MQTT broker and the test PKI of the USP agent tests
   skopeo umoci                              # OCI images built and converted by real tools (tests)
+  docker-registry apache2-utils             # a real registry (TLS, htpasswd auth) the image tests pull from
 )
 
 missing=()

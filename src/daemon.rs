@@ -50,6 +50,10 @@ pub struct ConfigFile {
     /// Host directories under which local manifests may name `rootfs:DIR` images (default:
     /// none; never `/`, never one that holds the state directory).
     pub image_roots: Option<Vec<PathBuf>>,
+    /// How OCI registries are reached, by `HOST[:PORT]`: `ca`, `username`, `password_file`
+    /// (every registry also trusts `package_ca`).
+    pub registries:
+        Option<std::collections::BTreeMap<String, gatevisor_images::oci::registry::RegistryAccess>>,
 }
 
 impl ConfigFile {

@@ -165,6 +165,18 @@ fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()
         &state_dir,
     )
     .with_context(|| format!("invalid image_roots in {}", args.config.display()))?;
+    let package_ca = file
+        .package_ca
+        .clone()
+        .unwrap_or_else(|| gatevisor::usp::fetch::SYSTEM_CA_BUNDLE.into());
+    let registries = gatevisor_images::oci::registry::Registries {
+        default_ca: package_ca.clone(),
+        hosts: file.registries.take().unwrap_or_default(),
+    };
+    registries
+        .check()
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("invalid [registries] in {}", args.config.display()))?;
     let settings = gatevisor::supervisor::Settings {
         state_dir,
         stop_services_on_exit: args.stop_services_on_exit
@@ -194,6 +206,7 @@ fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()
         )
         .with_context(|| format!("invalid [policy] in {}", args.config.display()))?,
         image_roots,
+        registries,
     };
     let usp_operation_deadline =
         std::time::Duration::from_secs(file.usp_operation_deadline_s.unwrap_or(3600));
@@ -211,9 +224,7 @@ fn daemon_main(args: cli::DaemonArgs, socket_flag: PathBuf) -> anyhow::Result<()
         board: report.board,
         usp: file.usp,
         usp_service: file.usp_service,
-        package_ca: file
-            .package_ca
-            .unwrap_or_else(|| gatevisor::usp::fetch::SYSTEM_CA_BUNDLE.into()),
+        package_ca,
         usp_operation_deadline,
     })
 }

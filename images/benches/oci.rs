@@ -110,7 +110,9 @@ fn main() {
     let reference =
         |tag: &str| Reference::parse(&format!("oci:{}:{tag}", w.join("L").display())).unwrap();
     let sign = |tag: &str| {
-        let d = source::resolve(&reference(tag)).unwrap().digest;
+        let d = source::resolve(&reference(tag), &Default::default())
+            .unwrap()
+            .digest;
         signature::sign(&key, &d).into_bytes()
     };
     let (big, other) = (sign("big"), sign("other"));

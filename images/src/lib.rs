@@ -22,6 +22,7 @@ pub mod beneath;
 pub mod builder;
 pub mod checkout;
 pub mod cpio;
+pub mod http;
 pub mod idmap;
 pub mod keys;
 pub mod oci;

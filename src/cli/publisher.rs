@@ -48,13 +48,22 @@ pub enum ImageCmd {
     },
     /// Sign an OCI image for gateways that trust KEY: writes the detached signature of its
     /// digest (to OUT, else to standard output). REF: oci:DIR[:TAG], oci-archive:FILE[:TAG],
-    /// docker-archive:FILE[:NAME:TAG].
+    /// docker-archive:FILE[:NAME:TAG], docker://HOST/REPO[:TAG|@sha256:HEX].
     Sign {
         reference: String,
         #[arg(long)]
         key: PathBuf,
         #[arg(short, long)]
         out: Option<PathBuf>,
+        /// A registry's CA (PEM), besides the system's.
+        #[arg(long)]
+        registry_ca: Option<PathBuf>,
+        /// A registry user, with --password-file.
+        #[arg(long, requires = "password_file")]
+        username: Option<String>,
+        /// The file whose first line is the registry password.
+        #[arg(long, requires = "username")]
+        password_file: Option<PathBuf>,
     },
     /// Import an OCI image into the gateway's image store, with its signature.
     Pull {
@@ -80,10 +89,11 @@ pub enum ImageCmd {
 /// `oci:DIR[:TAG]` with its path made absolute (the daemon runs elsewhere).
 pub fn absolute_reference(r: &str) -> String {
     match gatevisor_images::oci::source::Reference::parse(r) {
-        Ok(parsed) if parsed.path().is_relative() => {
+        Ok(parsed) if parsed.local_path().is_some_and(Path::is_relative) => {
+            let local = parsed.local_path().expect("a local reference");
             let (transport, rest) = r.split_once(':').unwrap_or(("", r));
-            let path = parsed.path().display().to_string();
-            let abs = std::path::absolute(parsed.path())
+            let path = local.display().to_string();
+            let abs = std::path::absolute(local)
                 .map(|p| p.display().to_string())
                 .unwrap_or(path.clone());
             format!("{transport}:{abs}{}", &rest[path.len()..])
@@ -169,11 +179,24 @@ pub fn image(socket: &Path, cmd: ImageCmd) -> i32 {
             reference,
             key,
             out,
+            registry_ca,
+            username,
+            password_file,
         } => {
             use gatevisor_images::oci;
             let res = (|| -> Result<(oci::Digest, String), String> {
                 let r = oci::source::Reference::parse(&reference).map_err(|e| e.to_string())?;
-                let resolved = oci::source::resolve(&r).map_err(|e| api::error_chain(&e))?;
+                let mut registries = oci::registry::Registries::default();
+                if let oci::source::Reference::Registry(rr) = &r {
+                    let access = oci::registry::RegistryAccess {
+                        ca: registry_ca,
+                        username,
+                        password_file,
+                    };
+                    registries.hosts.insert(rr.registry.clone(), access);
+                }
+                let resolved =
+                    oci::source::resolve(&r, &registries).map_err(|e| api::error_chain(&e))?;
                 let k = gatevisor_images::keys::SecretKey::load(&key).map_err(|e| e.to_string())?;
                 Ok((
                     resolved.digest.clone(),

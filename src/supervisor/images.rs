@@ -40,7 +40,7 @@ impl Supervisor {
         let parsed = oci::source::Reference::parse(&reference)
             .map_err(|e| err(ErrorKind::Invalid, e.to_string()))
             .and_then(|r| {
-                if r.path().is_relative() {
+                if r.local_path().is_some_and(Path::is_relative) {
                     return Err(err(
                         ErrorKind::Invalid,
                         format!("{reference}: the daemon needs an absolute path"),
@@ -259,5 +259,10 @@ pub(super) fn image_error_kind(e: &oci::OciError) -> ErrorKind {
         E::TooLarge { .. } => ErrorKind::NoResources,
         E::Io { .. } => ErrorKind::Invalid,
         E::Store { .. } => ErrorKind::Runtime,
+        E::AccessDenied { .. } => ErrorKind::Denied,
+        E::Registry {
+            status: Some(404), ..
+        } => ErrorKind::NotFound,
+        E::Registry { .. } => ErrorKind::Runtime,
     }
 }

@@ -93,6 +93,8 @@ pub struct Settings {
     pub policy: crate::policy::Policy,
     /// Where local manifests' `rootfs:DIR` images may come from (checked at daemon start).
     pub image_roots: Vec<PathBuf>,
+    /// How OCI registries are reached (their CAs, credentials).
+    pub registries: gatevisor_images::oci::registry::Registries,
 }
 
 pub enum Msg {
@@ -350,11 +352,14 @@ impl Supervisor {
             gatevisor_images::keys::TrustStore::new(&settings.keys_dir),
             gatevisor_images::package::Limits::default(),
         )?;
-        let oci = std::sync::Arc::new(gatevisor_images::oci::store::ImageStore::open(
-            &settings.state_dir.join("images"),
-            gatevisor_images::keys::TrustStore::new(&settings.keys_dir),
-            gatevisor_images::oci::layer::Rules::default(),
-        )?);
+        let oci = std::sync::Arc::new(
+            gatevisor_images::oci::store::ImageStore::open(
+                &settings.state_dir.join("images"),
+                gatevisor_images::keys::TrustStore::new(&settings.keys_dir),
+                gatevisor_images::oci::layer::Rules::default(),
+            )?
+            .with_registries(settings.registries.clone()),
+        );
         let (net, net_problem) = if settings.network {
             let bridge = settings
                 .bridge

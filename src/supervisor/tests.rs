@@ -37,6 +37,7 @@ fn settings(dir: &Path) -> Settings {
         keys_dir: dir.join("keys"),
         policy: crate::policy::Policy::new(&Default::default(), "generic-x86_64").unwrap(),
         image_roots: vec![],
+        registries: Default::default(),
     }
 }
 

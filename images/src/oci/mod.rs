@@ -1,8 +1,9 @@
 //! Unchanged OCI and Docker images, as service roots.
 //!
 //! - [`source`]: where an image comes from (an OCI image layout directory or tar, a
-//!   `docker save` archive), resolved to one manifest for `linux/amd64`, its config and its
+//!   `docker save` archive, a registry), resolved to one manifest for `linux/amd64`, its config and its
 //!   layers, every document checked against its digest;
+//! - [`registry`]: the OCI distribution API over HTTPS, with basic or token authentication;
 //! - [`layer`]: a layer's tar applied to a directory of its own, under the unpacking rules of
 //!   packages, its whiteouts and opaque directories turned into overlayfs's;
 //! - [`signature`]: the operator's detached signature of an image's digest;
@@ -12,6 +13,7 @@
 
 pub mod digest;
 pub mod layer;
+pub mod registry;
 pub mod signature;
 pub mod source;
 pub mod spec;
@@ -24,7 +26,7 @@ use std::path::PathBuf;
 /// Why an image cannot be imported, found or used.
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
-    #[error("{0:?} is not an image reference: use oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE[:TAG]")]
+    #[error("{0:?} is not an image reference: use oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:TAG] or docker://HOST/REPO[:TAG|@sha256:HEX]")]
     BadReference(String),
     #[error("{0:?} is not a sha256 digest (\"sha256:\" and 64 lowercase hex digits)")]
     BadDigest(String),
@@ -73,6 +75,15 @@ pub enum OciError {
     NotFound(String),
     #[error("{0:?} names more than one image in the store: give more of its digest")]
     Ambiguous(String),
+    #[error("registry {registry}: {why}")]
+    Registry {
+        registry: String,
+        /// Its HTTP answer, when it gave one.
+        status: Option<u16>,
+        why: String,
+    },
+    #[error("registry {registry} refused access: {why}")]
+    AccessDenied { registry: String, why: String },
     #[error("image store I/O on {path}")]
     Store {
         path: PathBuf,

@@ -4,7 +4,8 @@
 //! - `oci:DIR[:TAG]`: an OCI image layout directory;
 //! - `oci-archive:FILE[:TAG]`: the same layout in a tar;
 //! - `docker-archive:FILE[:NAME:TAG]` (FILE without ':'): what `docker save` (or `skopeo copy … docker-archive:`)
-//!   writes.
+//!   writes;
+//! - `docker://HOST[:PORT]/REPO[:TAG|@sha256:HEX]`: a registry ([`super::registry`]).
 //!
 //! An index is followed to the manifest tagged `TAG` (its `org.opencontainers.image.ref.name`),
 //! nested indexes to the `linux/amd64` entry; the manifest and the config are read whole
@@ -18,6 +19,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::digest::{read_verified, Digest};
+use super::registry::{Registries, RegistryFiles, RegistryRef};
 use super::spec::{self, Descriptor, ImageConfig};
 use super::OciError;
 use crate::beneath::{split, Dir};
@@ -28,11 +30,15 @@ pub enum Reference {
     OciDir { path: PathBuf, tag: Option<String> },
     OciArchive { path: PathBuf, tag: Option<String> },
     DockerArchive { path: PathBuf, tag: Option<String> },
+    Registry(RegistryRef),
 }
 
 impl Reference {
     pub fn parse(s: &str) -> Result<Reference, OciError> {
         let bad = || OciError::BadReference(s.into());
+        if let Some(rest) = s.strip_prefix("docker://") {
+            return Ok(Reference::Registry(RegistryRef::parse(rest)?));
+        }
         let (transport, rest) = s.split_once(':').ok_or_else(bad)?;
         if rest.is_empty() {
             return Err(bad());
@@ -62,11 +68,13 @@ impl Reference {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    /// The file or directory of a local reference (`None` for a registry's).
+    pub fn local_path(&self) -> Option<&Path> {
         match self {
             Reference::OciDir { path, .. }
             | Reference::OciArchive { path, .. }
-            | Reference::DockerArchive { path, .. } => path,
+            | Reference::DockerArchive { path, .. } => Some(path),
+            Reference::Registry(_) => None,
         }
     }
 }
@@ -77,6 +85,7 @@ impl std::fmt::Display for Reference {
             Reference::OciDir { path, tag } => ("oci", path, tag),
             Reference::OciArchive { path, tag } => ("oci-archive", path, tag),
             Reference::DockerArchive { path, tag } => ("docker-archive", path, tag),
+            Reference::Registry(r) => return r.fmt(f),
         };
         write!(f, "{t}:{}", path.display())?;
         match tag {
@@ -90,6 +99,22 @@ impl std::fmt::Display for Reference {
 trait Files {
     fn open(&self, path: &str) -> Result<Box<dyn Read + Send + '_>, OciError>;
     fn exists(&self, path: &str) -> bool;
+    /// Where the manifest or index `d` is (a layout keeps them with the blobs).
+    fn manifest_path(&self, d: &Digest) -> String {
+        blob_path(d)
+    }
+}
+
+impl Files for RegistryFiles {
+    fn open(&self, path: &str) -> Result<Box<dyn Read + Send + '_>, OciError> {
+        self.open_path(path)
+    }
+    fn exists(&self, _path: &str) -> bool {
+        false
+    }
+    fn manifest_path(&self, d: &Digest) -> String {
+        format!("manifests/{d}")
+    }
 }
 
 /// A layout directory: files are opened beneath it, through real directories only.
@@ -247,8 +272,8 @@ impl Resolved {
     }
 }
 
-/// Resolves `r` to its `linux/amd64` image.
-pub fn resolve(r: &Reference) -> Result<Resolved, OciError> {
+/// Resolves `r` to its `linux/amd64` image; a registry is reached as `registries` say.
+pub fn resolve(r: &Reference, registries: &Registries) -> Result<Resolved, OciError> {
     let reference = r.to_string();
     match r {
         Reference::OciDir { path, tag } => {
@@ -268,6 +293,9 @@ pub fn resolve(r: &Reference) -> Result<Resolved, OciError> {
                 return resolve_layout(Box::new(files), reference, tag.as_deref());
             }
             resolve_docker(Box::new(files), reference, tag.as_deref())
+        }
+        Reference::Registry(rr) => {
+            resolve_registry(RegistryFiles::open(rr, registries)?, reference)
         }
     }
 }
@@ -293,8 +321,21 @@ fn read_small(files: &dyn Files, path: &str, what: &str) -> Result<Vec<u8>, OciE
 }
 
 fn read_blob(files: &dyn Files, d: &Descriptor, what: &str) -> Result<Vec<u8>, OciError> {
+    read_document(files, &blob_path(&d.digest), d, what)
+}
+
+fn read_manifest(files: &dyn Files, d: &Descriptor, what: &str) -> Result<Vec<u8>, OciError> {
+    read_document(files, &files.manifest_path(&d.digest), d, what)
+}
+
+fn read_document(
+    files: &dyn Files,
+    path: &str,
+    d: &Descriptor,
+    what: &str,
+) -> Result<Vec<u8>, OciError> {
     read_verified(
-        files.open(&blob_path(&d.digest))?,
+        files.open(path)?,
         what,
         &d.digest,
         Some(d.size),
@@ -374,7 +415,7 @@ fn pick(
             return Err(OciError::invalid(reference, "indexes nested too deep"));
         }
         let what = format!("index {}", chosen.digest);
-        let nested: spec::Index = parse(&read_blob(files, &chosen, &what)?, &what)?;
+        let nested: spec::Index = parse(&read_manifest(files, &chosen, &what)?, &what)?;
         return pick(files, nested, reference, None, depth + 1);
     }
     Ok(chosen)
@@ -399,7 +440,19 @@ fn resolve_layout(
     )?;
     let chosen = pick(&*files, index, &reference, tag, 0)?;
     let what = format!("manifest {}", chosen.digest);
-    let manifest: spec::Manifest = parse(&read_blob(&*files, &chosen, &what)?, &what)?;
+    let raw = read_manifest(&*files, &chosen, &what)?;
+    from_manifest(files, reference, chosen.digest, &raw)
+}
+
+/// The image of the manifest `raw` (whose digest is `digest`): its config and layers.
+fn from_manifest(
+    files: Box<dyn Files + Send>,
+    reference: String,
+    digest: Digest,
+    raw: &[u8],
+) -> Result<Resolved, OciError> {
+    let what = format!("manifest {digest}");
+    let manifest: spec::Manifest = parse(raw, &what)?;
     let what = format!("config {}", manifest.config.digest);
     let config_raw = read_blob(&*files, &manifest.config, &what)?;
     let config: ImageConfig = parse(&config_raw, &what)?;
@@ -416,7 +469,10 @@ fn resolve_layout(
     }
     let mut layers = Vec::new();
     for (d, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
-        if !d.urls.is_empty() || d.media_type.contains("nondistributable") {
+        if !d.urls.is_empty()
+            || d.media_type.contains("nondistributable")
+            || d.media_type.contains("foreign")
+        {
             return Err(OciError::invalid(
                 format!("layer {}", d.digest),
                 "a layer fetched from elsewhere (urls) is not followed",
@@ -431,13 +487,62 @@ fn resolve_layout(
     }
     Ok(Resolved {
         reference,
-        digest: chosen.digest,
+        digest,
         config_digest: manifest.config.digest,
         config_raw,
         config,
         layers,
         files,
     })
+}
+
+/// A registry's image: the manifest the reference names (checked against its digest, if
+/// it names one), followed from an index to its `linux/amd64` entry.
+fn resolve_registry(files: RegistryFiles, reference: String) -> Result<Resolved, OciError> {
+    let (raw, content_type) = files.top_manifest(spec::MAX_DOCUMENT)?;
+    let digest = Digest::of(&raw);
+    if let Some(want) = &files.r.digest {
+        if *want != digest {
+            return Err(OciError::DigestMismatch {
+                what: format!("manifest of {reference}"),
+                expected: want.to_string(),
+                actual: digest.to_string(),
+            });
+        }
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Kind {
+        media_type: Option<String>,
+        manifests: Option<serde_json::Value>,
+    }
+    let kind: Kind = parse(&raw, &format!("manifest of {reference}"))?;
+    let media_type = kind.media_type.unwrap_or_else(|| {
+        content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    });
+    let is_index = media_type == spec::OCI_INDEX
+        || media_type == spec::DOCKER_LIST
+        || (media_type.is_empty() && kind.manifests.is_some());
+    if !is_index {
+        if media_type.starts_with("application/vnd.docker.distribution.manifest.v1") {
+            return Err(OciError::invalid(
+                &reference,
+                "a Docker schema 1 manifest: the registry must serve schema 2 or OCI",
+            ));
+        }
+        return from_manifest(Box::new(files), reference, digest, &raw);
+    }
+    let what = format!("index of {reference}");
+    let index: spec::Index = parse(&raw, &what)?;
+    let chosen = pick(&files, index, &reference, None, 0)?;
+    let what = format!("manifest {}", chosen.digest);
+    let raw = read_manifest(&files, &chosen, &what)?;
+    from_manifest(Box::new(files), reference, chosen.digest, &raw)
 }
 
 /// The image must be for this gateway (a config that says another platform is refused even
@@ -581,7 +686,19 @@ mod tests {
             p("oci-archive:x.tar:latest").to_string(),
             "oci-archive:x.tar:latest"
         );
-        for bad in ["", "oci:", "docker://x/y:1", "/tmp/x", "oci:/x:"] {
+        assert_eq!(
+            p("docker://127.0.0.1:5000/gv/broker:2.0").to_string(),
+            "docker://127.0.0.1:5000/gv/broker:2.0"
+        );
+        assert_eq!(p("docker://reg.example/gv/broker").local_path(), None);
+        for bad in [
+            "",
+            "oci:",
+            "docker://x/Y:1",
+            "docker:/x",
+            "/tmp/x",
+            "oci:/x:",
+        ] {
             assert!(Reference::parse(bad).is_err(), "{bad}");
         }
     }

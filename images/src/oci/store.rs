@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::digest::Hashing;
 use super::layer::{self, Rules};
+use super::registry::Registries;
 use super::source::{self, Reference, Resolved};
 use super::spec::ImageConfig;
 use super::{Digest, OciError};
@@ -69,6 +70,7 @@ pub struct ImageStore {
     root: PathBuf,
     trust: TrustStore,
     rules: Rules,
+    registries: Registries,
 }
 
 /// A compressed layer's blob may be larger than its tar only by this much (a tar of random
@@ -87,7 +89,12 @@ impl ImageStore {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(OciError::store(&p))?;
         }
-        let s = ImageStore { root, trust, rules };
+        let s = ImageStore {
+            root,
+            trust,
+            rules,
+            registries: Registries::default(),
+        };
         s.clear_tmp();
         Ok(s)
     }
@@ -99,6 +106,12 @@ impl ImageStore {
                     std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
             }
         }
+    }
+
+    /// How registries are reached (their CAs and credentials).
+    pub fn with_registries(mut self, registries: Registries) -> ImageStore {
+        self.registries = registries;
+        self
     }
 
     pub fn rules(&self) -> &Rules {
@@ -128,7 +141,7 @@ impl ImageStore {
         rules_for: &dyn Fn(&str, &str) -> Rules,
         hook: &mut dyn FnMut(ImportStep),
     ) -> Result<Imported, OciError> {
-        let resolved = source::resolve(r)?;
+        let resolved = source::resolve(r, &self.registries)?;
         let (key, publisher) = super::signature::verify(signature, &resolved.digest, &self.trust)?;
         let rules = &rules_for(&key, &publisher);
         hook(ImportStep::Verified);
