@@ -4,9 +4,13 @@
 //! layout and from a docker archive made by skopeo, installed with a manifest that gives only
 //! what the image does not, and run by liblxc: its entrypoint, environment, working directory
 //! and user are the image's, its whiteouts hold, it writes its own layer and never the store,
-//! and two services of the same image share its layers. Needs root, liblxc, umoci and skopeo.
+//! and two services of the same image share its layers. The same image pushed by skopeo to a
+//! real registry (TLS, basic auth) is signed, pulled and run through the daemon's
+//! `[registries]` configuration. Needs root, liblxc, umoci and skopeo (and docker-registry).
 
 mod common;
+#[path = "../images/tests/common/registry.rs"]
+mod registry;
 use common::*;
 use gatevisor_images::oci::store::disk_usage;
 use std::path::Path;
@@ -332,4 +336,100 @@ fn setuid_files_in_an_image_need_the_operators_grant_to_its_publisher() {
             );
         }
     }
+}
+
+#[test]
+fn an_image_in_a_registry_is_signed_pulled_and_run_with_the_daemons_registry_access() {
+    let test = "an_image_in_a_registry_is_signed_pulled_and_run_with_the_daemons_registry_access";
+    if !tools(test) {
+        return;
+    }
+    if let Some(t) = registry::missing_tool() {
+        eprintln!("skipped {test}: {t} is not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let regdir = tempfile::tempdir().unwrap();
+    let reg = registry::Registry::start(regdir.path());
+    let access = reg.access(Some(registry::PASSWORD));
+    let a = &access.hosts[&reg.host];
+    let (ca, password_file) = (a.ca.clone().unwrap(), a.password_file.clone().unwrap());
+    let d = Daemon::start_with_config(&format!(
+        "[registries.\"{}\"]\nca = {:?}\nusername = {:?}\npassword_file = {:?}\n",
+        reg.host,
+        ca,
+        registry::USER,
+        password_file
+    ));
+    build_image(&d);
+    reg.push(
+        &format!("oci:{}:app", d.dir.path().join("L").display()),
+        "vendor/app:1.0",
+    );
+    let r = reg.reference("vendor/app:1.0");
+
+    // The operator signs what the registry serves, reaching it with its own CA and user.
+    let key = d.dir.path().join("op.key");
+    sign(
+        &d,
+        &format!("oci:{}:app", d.dir.path().join("L").display()),
+        "layout.sig",
+    );
+    let sig = d.dir.path().join("app.sig");
+    let o = d.cli(&[
+        "image",
+        "sign",
+        &r,
+        "--key",
+        key.to_str().unwrap(),
+        "--out",
+        sig.to_str().unwrap(),
+        "--registry-ca",
+        ca.to_str().unwrap(),
+        "--username",
+        registry::USER,
+        "--password-file",
+        password_file.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let pulled = d.json(&[
+        "image",
+        "pull",
+        &r,
+        "--signature",
+        sig.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(pulled["layers_added"].as_u64(), Some(2), "{pulled}");
+    assert_eq!(pulled["references"][0], r.as_str());
+    let m = d.manifest("reg.toml", &MANIFEST.replace("NAME", "oci-reg"));
+    let st = d.json(&[
+        "service",
+        "install",
+        m.to_str().unwrap(),
+        "--image",
+        &r,
+        "--start",
+        "--json",
+    ]);
+    assert_eq!(st["state"].as_str(), Some("running"), "{st}");
+    let rep = report(&d, "oci-reg");
+    assert!(
+        rep.contains("uid=1000 gid=1000 cwd=/srv foo=from-image") && rep.contains("old-gone"),
+        "{rep}"
+    );
+    // A reference whose registry the daemon has no access for: refused with the reason.
+    let other = r.replace("vendor/app", "vendor/none");
+    let o = d.cli(&[
+        "image",
+        "pull",
+        &other,
+        "--signature",
+        sig.to_str().unwrap(),
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(4), "{e}");
+    assert!(e.contains("manifest unknown"), "{e}");
+    assert!(d.cli(&["service", "stop", "oci-reg"]).status.success());
+    assert!(d.cli(&["service", "remove", "oci-reg"]).status.success());
 }
