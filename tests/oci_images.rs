@@ -10,6 +10,7 @@
 
 mod common;
 #[path = "../images/tests/common/registry.rs"]
+#[allow(dead_code)]
 mod registry;
 use common::*;
 use gatevisor_images::oci::store::disk_usage;

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::registry::{Registry, PASSWORD};
+use common::registry::{Auth, Registry, PASSWORD};
 use common::{assert_empty, have_tools, sh, Env};
 use gatevisor_images::oci::layer::Rules;
 use gatevisor_images::oci::registry::Registries;
@@ -173,5 +173,55 @@ fn registry_pulls_with_bad_access_or_bad_images_are_refused_and_store_nothing() 
     assert!(
         matches!(&e, OciError::DigestMismatch { what, .. } if what.contains(&top.to_string())),
         "{e}"
+    );
+}
+
+#[test]
+fn a_registry_under_token_auth_is_pulled_from_with_a_token_won_by_the_credentials() {
+    let test = "a_registry_under_token_auth_is_pulled_from_with_a_token_won_by_the_credentials";
+    if !have_registry(test) {
+        return;
+    }
+    let env = Env::new();
+    env.build_images();
+    let reg = Registry::start_with(&env.path("reg"), Auth::Token);
+    let l = env.path("L").display().to_string();
+    reg.push(&format!("oci:{l}:upper"), "gv/app:upper");
+    let tokens = reg.tokens.as_ref().unwrap();
+    let upper = reg.reference("gv/app:upper");
+    let good = reg.access(Some(PASSWORD));
+
+    // The wrong password wins no token: refused, nothing stored.
+    let sig = env.sign_with(&upper, &good);
+    let refused_before = tokens.refused.load(std::sync::atomic::Ordering::SeqCst);
+    let bad = env.store("bad").with_registries(reg.access(Some("wrong")));
+    let e = bad
+        .import(
+            &Reference::parse(&upper).unwrap(),
+            &sig,
+            &|_, _| Rules::default(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, OciError::AccessDenied { why, .. } if why.contains("token service refused the credentials")),
+        "{e}"
+    );
+    assert!(tokens.refused.load(std::sync::atomic::Ordering::SeqCst) > refused_before);
+    assert_empty(&env, "bad");
+
+    // The right one: one token for the whole pull (manifest, config and every layer).
+    let issued_before = tokens.issued.load(std::sync::atomic::Ordering::SeqCst);
+    let store = env.store("store").with_registries(good.clone());
+    let got = env.import_with(&store, &upper, &good).unwrap();
+    assert_eq!((got.layers_added, got.layers_shared), (2, 0));
+    // sign_with resolved once, import once: a token each.
+    assert_eq!(
+        tokens.issued.load(std::sync::atomic::Ordering::SeqCst) - issued_before,
+        2
+    );
+    assert_eq!(
+        store.read_file(&got.record, "data/new", 64).as_deref(),
+        Some(&b"new\n"[..])
     );
 }
