@@ -1,11 +1,15 @@
-//! Importing a ~30 MB three-layer OCI image (signature, digests while streaming, gzip,
-//! layers applied with owners and whiteouts, flushed, recorded) against the same image taken
-//! by the tools container engines use: `skopeo copy` into a layout of their own plus
-//! `umoci unpack` into a bundle, in the same run. The image is built by umoci, as a vendor's
-//! would be. It is read from an OCI image layout on this machine (pulling from a registry is
-//! not there yet): both sides read the same files. Also: the bytes a second image on the same
-//! base adds to the store, against its own layer's. Needs root, umoci and skopeo; the last
-//! line is one JSON object.
+//! Pulling a ~30 MB three-layer OCI image from a registry (HTTPS, basic auth; signature,
+//! digests while streaming, gzip, layers applied with owners and whiteouts, flushed,
+//! recorded) against the same image taken by the tools container engines use: `skopeo copy`
+//! from the same registry into a layout of their own plus `umoci unpack` into a bundle, in the
+//! same run. The image is built by umoci, as a vendor's would be, and pushed by skopeo into
+//! Debian's `docker-registry` on loopback (the tests' registry). Also: the bytes a second
+//! image on the same base adds to the store, against its own layer's. Needs root, umoci,
+//! skopeo, docker-registry, htpasswd and openssl; the last line is one JSON object.
+
+#[path = "../tests/common/registry.rs"]
+#[allow(dead_code)]
+mod registry;
 
 use gatevisor_images::oci::store::disk_usage;
 use std::path::Path;
@@ -73,11 +77,16 @@ fn main() {
         println!("{{\"skipped\": \"needs root\"}}");
         return;
     }
-    for t in ["umoci", "skopeo"] {
-        if Command::new(t).arg("--version").output().is_err() {
-            println!("{{\"skipped\": \"{t} is not installed (scripts/setup.sh)\"}}");
-            return;
-        }
+    let missing = registry::missing_tool().or_else(|| {
+        Command::new("umoci")
+            .arg("--version")
+            .output()
+            .is_err()
+            .then_some("umoci")
+    });
+    if let Some(t) = missing {
+        println!("{{\"skipped\": \"{t} is not installed (scripts/setup.sh)\"}}");
+        return;
     }
     let work = tempfile::Builder::new()
         .prefix("gv-bench-oci")
@@ -103,16 +112,20 @@ fn main() {
     fill(&w.join("E/rootfs/opt/other"), 6, 4);
     sh(w, "umoci repack --image L:other E");
 
+    let reg = registry::Registry::start(&w.join("registry"));
+    let layout = |tag: &str| format!("oci:{}:{tag}", w.join("L").display());
+    reg.push(&layout("big"), "bench/app:big");
+    reg.push(&layout("other"), "bench/app:other");
+    let access = reg.access(Some(registry::PASSWORD));
+
     let key = SecretKey::generate().unwrap();
     let public = key.save(&w.join("k.key"), "bench").unwrap();
     let trust = TrustStore::new(&w.join("keys"));
     trust.trust(&public).unwrap();
     let reference =
-        |tag: &str| Reference::parse(&format!("oci:{}:{tag}", w.join("L").display())).unwrap();
+        |tag: &str| Reference::parse(&reg.reference(&format!("bench/app:{tag}"))).unwrap();
     let sign = |tag: &str| {
-        let d = source::resolve(&reference(tag), &Default::default())
-            .unwrap()
-            .digest;
+        let d = source::resolve(&reference(tag), &access).unwrap().digest;
         signature::sign(&key, &d).into_bytes()
     };
     let (big, other) = (sign("big"), sign("other"));
@@ -123,7 +136,9 @@ fn main() {
     for i in 0..RUNS {
         let root = w.join(format!("store{i}"));
         let t = Instant::now();
-        let store = ImageStore::open(&root, trust.clone(), Rules::default()).unwrap();
+        let store = ImageStore::open(&root, trust.clone(), Rules::default())
+            .unwrap()
+            .with_registries(access.clone());
         let got = store
             .import(
                 &reference("big"),
@@ -140,7 +155,11 @@ fn main() {
             .args([
                 "copy",
                 "-q",
-                &format!("oci:{}:big", w.join("L").display()),
+                "--src-cert-dir",
+                &reg.dir.join("certs").display().to_string(),
+                "--src-creds",
+                &format!("{}:{}", registry::USER, registry::PASSWORD),
+                &reg.reference("bench/app:big"),
                 &format!("oci:{}:big", p.display()),
             ])
             .status()
@@ -164,7 +183,9 @@ fn main() {
         }
     }
     // A second image on the same base, into the first store.
-    let store = ImageStore::open(&w.join("store0"), trust.clone(), Rules::default()).unwrap();
+    let store = ImageStore::open(&w.join("store0"), trust.clone(), Rules::default())
+        .unwrap()
+        .with_registries(access.clone());
     let before = store.disk_bytes();
     let second = store
         .import(
@@ -183,7 +204,7 @@ fn main() {
             "image_mib": 30,
             "layout_blob_bytes_both_images": image_bytes,
             "layers": 3,
-            "source": "OCI image layout on this machine (registry pulls are not there yet)",
+            "source": "docker-registry on loopback (HTTPS, basic auth), pushed by skopeo",
             "pull_install_ms_median": (o * 10.0).round() / 10.0,
             "skopeo_umoci_ms_median": (p * 10.0).round() / 10.0,
             "ratio": ((o / p) * 1000.0).round() / 1000.0,

@@ -323,29 +323,67 @@ fn hostile_and_broken_images_are_refused_with_their_reason_and_nothing_stored() 
 
 #[test]
 fn an_import_killed_half_way_leaves_a_consistent_store_and_the_next_one_resumes() {
-    if !have_tools("an_import_killed_half_way_leaves_a_consistent_store_and_the_next_one_resumes") {
+    const TEST: &str =
+        "an_import_killed_half_way_leaves_a_consistent_store_and_the_next_one_resumes";
+    // The process this test kills: it imports and, once the first layer is stored, stops
+    // (the record is written only after every layer) until it is killed.
+    if let Ok(store) = std::env::var("GV_KILLED_IMPORT_STORE") {
+        let var = |k: &str| std::env::var(k).unwrap();
+        let trust =
+            gatevisor_images::keys::TrustStore::new(Path::new(&var("GV_KILLED_IMPORT_KEYS")));
+        let store = gatevisor_images::oci::store::ImageStore::open(
+            Path::new(&store),
+            trust,
+            Rules::default(),
+        )
+        .unwrap();
+        let sig = std::fs::read(var("GV_KILLED_IMPORT_SIG")).unwrap();
+        let _ = store.import(
+            &Reference::parse(&var("GV_KILLED_IMPORT_REF")).unwrap(),
+            &sig,
+            &|_, _| Rules::default(),
+            &mut |s| {
+                if matches!(s, ImportStep::Layer(_)) {
+                    std::thread::sleep(std::time::Duration::from_secs(120));
+                }
+            },
+        );
+        return;
+    }
+    if !have_tools(TEST) {
         return;
     }
     let env = Env::new();
     env.build_images();
     let r = format!("oci:{}:opq", env.path("L").display());
-    let sig = env.sign(&r);
+    std::fs::write(env.path("sig"), env.sign(&r)).unwrap();
     let reference = Reference::parse(&r).unwrap();
-    // Killed after the first layer (a panic stands for the kill: nothing after it runs).
-    let killed = std::panic::catch_unwind(|| {
-        let store = env.store("store");
-        let mut layers = 0;
-        let _ = store.import(&reference, &sig, &|_, _| Rules::default(), &mut |s| {
-            if matches!(s, ImportStep::Layer(_)) {
-                layers += 1;
-                if layers == 1 {
-                    panic!("killed");
-                }
-            }
-        });
-    });
-    assert!(killed.is_err());
-    // What a crash in the middle of the second layer would leave in staging.
+    drop(env.store("store"));
+    // A real kill (SIGKILL) of a process importing, once a layer of it is stored; other
+    // layers may be complete or half-way in staging by then.
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        .env("GV_KILLED_IMPORT_STORE", env.path("store"))
+        .env("GV_KILLED_IMPORT_KEYS", env.path("keys"))
+        .env("GV_KILLED_IMPORT_SIG", env.path("sig"))
+        .env("GV_KILLED_IMPORT_REF", &r)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let layers = env.path("store/oci/layers");
+    while std::fs::read_dir(&layers).unwrap().count() == 0 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the importing process ended before it was killed"
+        );
+        assert!(std::time::Instant::now() < until, "no layer stored in 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let stored = std::fs::read_dir(&layers).unwrap().count();
+    // What a crash in the middle of a layer leaves in staging, whatever this kill left.
     std::fs::create_dir_all(env.path("store/oci/tmp/half.1.1/usr")).unwrap();
     let store = env.store("store");
     assert!(store.list().is_empty(), "no record of a half import");
@@ -353,11 +391,26 @@ fn an_import_killed_half_way_leaves_a_consistent_store_and_the_next_one_resumes(
         std::fs::read_dir(env.path("store/oci/tmp"))
             .unwrap()
             .count(),
-        0
+        0,
+        "staging is emptied at the next start"
     );
     let done = store
-        .import(&reference, &sig, &|_, _| Rules::default(), &mut |_| {})
+        .import(
+            &reference,
+            &sig_of(&env),
+            &|_, _| Rules::default(),
+            &mut |_| {},
+        )
         .unwrap();
-    assert_eq!((done.layers_added, done.layers_shared), (2, 1));
+    // The layers the killed import completed are taken as they are; the rest is applied.
+    assert_eq!(
+        (done.layers_added, done.layers_shared),
+        (3 - stored, stored),
+        "{stored} layers were complete when it was killed"
+    );
     assert!(store.complete(&done.record));
+}
+
+fn sig_of(env: &Env) -> Vec<u8> {
+    std::fs::read(env.path("sig")).unwrap()
 }

@@ -262,7 +262,7 @@ pub struct Resolved {
     pub config: ImageConfig,
     /// Base first.
     pub layers: Vec<LayerSource>,
-    files: Box<dyn Files + Send>,
+    files: Box<dyn Files + Send + Sync>,
 }
 
 impl Resolved {
@@ -422,7 +422,7 @@ fn pick(
 }
 
 fn resolve_layout(
-    files: Box<dyn Files + Send>,
+    files: Box<dyn Files + Send + Sync>,
     reference: String,
     tag: Option<&str>,
 ) -> Result<Resolved, OciError> {
@@ -446,7 +446,7 @@ fn resolve_layout(
 
 /// The image of the manifest `raw` (whose digest is `digest`): its config and layers.
 fn from_manifest(
-    files: Box<dyn Files + Send>,
+    files: Box<dyn Files + Send + Sync>,
     reference: String,
     digest: Digest,
     raw: &[u8],
@@ -573,7 +573,7 @@ struct DockerEntry {
 }
 
 fn resolve_docker(
-    files: Box<dyn Files + Send>,
+    files: Box<dyn Files + Send + Sync>,
     reference: String,
     tag: Option<&str>,
 ) -> Result<Resolved, OciError> {

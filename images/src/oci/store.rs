@@ -76,6 +76,8 @@ pub struct ImageStore {
 /// A compressed layer's blob may be larger than its tar only by this much (a tar of random
 /// data does not compress).
 const BLOB_SLACK: u64 = 1 << 20;
+/// Layers applied at once by an import (container engines pull three at a time too).
+const PARALLEL_LAYERS: usize = 3;
 
 impl ImageStore {
     /// Opens (creating) the store under `images_root`; clears what a crash left in `tmp/`.
@@ -145,15 +147,54 @@ impl ImageStore {
         let (key, publisher) = super::signature::verify(signature, &resolved.digest, &self.trust)?;
         let rules = &rules_for(&key, &publisher);
         hook(ImportStep::Verified);
-        let (mut added, mut shared) = (0, 0);
+        // The layers not stored yet (each once, however often the image lists it) are
+        // applied side by side, each to a directory of its own, as a container engine pulls
+        // them: one layer's download overlaps another's decompression and flush.
+        let mut missing: Vec<&source::LayerSource> = Vec::new();
         for l in &resolved.layers {
-            if self.layer_dir(&l.diff_id).is_dir() {
-                shared += 1;
-            } else {
-                self.add_layer(&resolved, l, rules)?;
-                added += 1;
+            if !self.layer_dir(&l.diff_id).is_dir()
+                && !missing.iter().any(|m| m.diff_id == l.diff_id)
+            {
+                missing.push(l);
             }
-            hook(ImportStep::Layer(l.diff_id.clone()));
+        }
+        let shared = resolved.layers.len() - missing.len();
+        let added = missing.len();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut results: Vec<Option<Result<(), OciError>>> = missing.iter().map(|_| None).collect();
+        std::thread::scope(|s| {
+            for _ in 0..missing.len().min(PARALLEL_LAYERS) {
+                let tx = tx.clone();
+                let (next, failed, missing, resolved) = (&next, &failed, &missing, &resolved);
+                s.spawn(move || loop {
+                    use std::sync::atomic::Ordering;
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    // After a failure nothing new is started; layers under way finish.
+                    if i >= missing.len() || failed.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let r = self.add_layer(resolved, missing[i], rules);
+                    if r.is_err() {
+                        failed.store(true, Ordering::SeqCst);
+                    }
+                    if tx.send((i, r)).is_err() {
+                        break;
+                    }
+                });
+            }
+            drop(tx);
+            for (i, r) in rx {
+                if r.is_ok() {
+                    hook(ImportStep::Layer(missing[i].diff_id.clone()));
+                }
+                results[i] = Some(r);
+            }
+        });
+        // The first failing layer in the image's order is the reason, whatever the timing.
+        for r in results.into_iter().flatten() {
+            r?;
         }
         let mut references = self
             .record(&resolved.digest)
