@@ -43,6 +43,11 @@ pub enum Request {
         start: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         runtime: Option<crate::runtime::Kind>,
+        /// The deployment document the manifest came in (a signature of the image that
+        /// signs `manifest`'s text too, `image sign --service`): what the service may keep
+        /// is then checked as that publisher's, not as a local manifest's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deployment: Option<PathBuf>,
     },
     /// Imports an OCI image (`oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]`,
     /// `docker-archive:FILE[:NAME:TAG]`) into the image store, if the operator's detached
@@ -229,6 +234,11 @@ pub struct ServiceStatus {
     pub version: String,
     /// The packaged version installed (none for a local manifest).
     pub package_version: Option<String>,
+    /// What the labels of the OCI image it runs say: its vendor and version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_vendor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_version: Option<String>,
     /// The publisher key that signed the installed package.
     pub publisher: Option<String>,
     pub runtime: crate::runtime::Kind,
@@ -341,6 +351,8 @@ impl ServiceStatus {
             name: name.into(),
             version: "1.0.0".into(),
             package_version: None,
+            image_vendor: None,
+            image_version: None,
             publisher: None,
             runtime: crate::runtime::Kind::Lxc,
             state: crate::lifecycle::State::Running,

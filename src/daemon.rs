@@ -120,6 +120,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
     let (tx, rx) = mpsc::channel::<Msg>();
     let state_dir = opts.settings.state_dir.clone();
     let runtimes = gatevisor::runtime::Kind::available(&opts.board);
+    let registries = opts.settings.registries.clone();
     let supervisor = Supervisor::new(opts.settings, opts.board, tx.clone())?;
     if opts.usp.is_some() || opts.usp_service.is_some() {
         let backend = std::sync::Arc::new(LoopBackend(std::sync::Mutex::new(tx.clone())));
@@ -132,6 +133,7 @@ pub fn run(opts: DaemonOptions) -> Result<()> {
                 .iter()
                 .flat_map(|m| m.controllers.iter().map(|c| c.endpoint_id.clone()))
                 .collect(),
+            registries,
         };
         // The model asks the supervisor loop, which starts below: open it on its own thread.
         std::thread::Builder::new()

@@ -71,6 +71,9 @@ pub struct ServiceRecord {
     /// The package version in the image store, for services installed from a package.
     #[serde(default)]
     pub package_version: Option<String>,
+    /// For a service from an OCI image: who signed it and what its labels say of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_meta: Option<ImageMeta>,
     /// What it runs as, resolved at install (runtime, resources, root, port).
     pub plan: crate::plan::Plan,
     pub desired: Desired,
@@ -88,6 +91,18 @@ pub struct ServiceRecord {
     /// their defaults).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub settings: BTreeMap<String, serde_json::Value>,
+}
+
+/// What an OCI image says of itself, kept with the service that runs it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageMeta {
+    /// The name the key that signed it was trusted under.
+    pub publisher: String,
+    /// `org.opencontainers.image.vendor` and `org.opencontainers.image.version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -6,12 +6,16 @@
 //! and user are the image's, its whiteouts hold, it writes its own layer and never the store,
 //! and two services of the same image share its layers. The same image pushed by skopeo to a
 //! real registry (TLS, basic auth) is signed, pulled and run through the daemon's
-//! `[registries]` configuration. Needs root, liblxc, umoci and skopeo (and docker-registry).
+//! `[registries]` configuration, and installed by a USP Controller from its registry reference
+//! and from an archive URL with the operator's deployment document. Needs root, liblxc, umoci
+//! and skopeo (and docker-registry, mosquitto).
 
 mod common;
 #[path = "../images/tests/common/registry.rs"]
 #[allow(dead_code)]
 mod registry;
+#[path = "common/usp_peer.rs"]
+mod usp_peer;
 use common::*;
 use gatevisor_images::oci::store::disk_usage;
 use std::path::Path;
@@ -433,4 +437,215 @@ fn an_image_in_a_registry_is_signed_pulled_and_run_with_the_daemons_registry_acc
     assert!(e.contains("manifest unknown"), "{e}");
     assert!(d.cli(&["service", "stop", "oci-reg"]).status.success());
     assert!(d.cli(&["service", "remove", "oci-reg"]).status.success());
+}
+
+/// Signs `reference` for the daemon's trusted key with `manifest` in a deployment document at
+/// `out`; answers the digest signed.
+fn sign_deployment(
+    d: &Daemon,
+    reference: &str,
+    manifest: &Path,
+    out: &Path,
+    access: &[&str],
+) -> String {
+    let key = d.dir.path().join("op.key");
+    let mut args = vec![
+        "image",
+        "sign",
+        reference,
+        "--key",
+        key.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--service",
+        manifest.to_str().unwrap(),
+    ];
+    args.extend_from_slice(access);
+    let o = d.cli(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // "signed sha256:HEX -> OUT"
+    let said = String::from_utf8_lossy(&o.stdout).into_owned();
+    said.split_whitespace().nth(1).unwrap().to_string()
+}
+
+#[test]
+fn a_controller_installs_images_by_reference_and_by_archive_url_with_the_operators_deployment_document(
+) {
+    use usp_peer::*;
+    let test = "a_controller_installs_images_by_reference_and_by_archive_url_with_the_operators_deployment_document";
+    if !tools(test) {
+        return;
+    }
+    if let Some(t) = registry::missing_tool()
+        .or_else(|| (!on_path("mosquitto")).then_some("mosquitto"))
+        .or_else(|| (!on_path("python3")).then_some("python3"))
+    {
+        eprintln!("skipped {test}: {t} is not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let regdir = tempfile::tempdir().unwrap();
+    let reg = registry::Registry::start(regdir.path());
+    let access = reg.access(Some(registry::PASSWORD));
+    let a = &access.hosts[&reg.host];
+    let (ca, password_file) = (a.ca.clone().unwrap(), a.password_file.clone().unwrap());
+    // The operator's web server: deployment documents (lookaside layout) and archives.
+    let web = tempfile::tempdir().unwrap();
+    let (_web, web_port) = http_server(web.path());
+    let (_mq, mq_port) = mosquitto(regdir.path());
+    let d = Daemon::start_with_config(&format!(
+        "{}[registries.\"{}\"]\nca = {:?}\nusername = {:?}\npassword_file = {:?}\nsignatures = \"http://127.0.0.1:{web_port}/sigs\"\n",
+        agent_config(mq_port),
+        reg.host,
+        ca,
+        registry::USER,
+        password_file
+    ));
+    build_image(&d);
+    let layout = format!("oci:{}:app", d.dir.path().join("L").display());
+    sh(
+        d.dir.path(),
+        "umoci config --image L:app --config.label org.opencontainers.image.version=2.4.1",
+    );
+    reg.push(&layout, "vendor/broker:2.4");
+    let r = reg.reference("vendor/broker:2.4");
+    sign(&d, &layout, "layout.sig"); // the operator's key, trusted by the gateway
+    let reg_access = [
+        "--registry-ca",
+        ca.to_str().unwrap(),
+        "--username",
+        registry::USER,
+        "--password-file",
+        password_file.to_str().unwrap(),
+    ];
+    let m = d.manifest("usp-img.toml", &MANIFEST.replace("NAME", "usp-img"));
+    let doc = d.dir.path().join("deploy.sig");
+    let digest = sign_deployment(&d, &r, &m, &doc, &reg_access);
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    let at = web.path().join(format!("sigs/vendor/broker@sha256={hex}"));
+    std::fs::create_dir_all(&at).unwrap();
+    let good = std::fs::read_to_string(&doc).unwrap();
+
+    let mut c = Controller::connect(mq_port, LAUNCHER, LAUNCHER_TOPIC);
+    wait_for_agent(&mut c);
+    subscribe(&mut c, "du", "Event", &format!("{SM}DUStateChange!"));
+    subscribe(&mut c, "oc", "OperationComplete", SM);
+    let install = |c: &mut Controller, url: &str, key: &str| {
+        operate(c, &format!("{SM}InstallDU()"), key, &[("URL", url)]);
+        let ev = du_state_change(c);
+        operation_complete(c, "InstallDU()", key);
+        ev
+    };
+
+    // Refused, nothing installed: the manifest in the document edited (more memory), a
+    // plain signature without a manifest, no document at all.
+    std::fs::write(
+        at.join("signature-1"),
+        good.replace("memory_mib = 32", "memory_mib = 64"),
+    )
+    .unwrap();
+    let ev = install(&mut c, &r, "k-edited");
+    assert_eq!(ev["CurrentState"], "Failed", "{ev}");
+    let why = ev["Fault.FaultString"].as_str().unwrap();
+    assert!(why.contains("does not verify"), "{ev}");
+    assert!(!why.contains("usp-downloads"), "no internal paths: {ev}");
+    std::fs::copy(d.dir.path().join("layout.sig"), at.join("signature-1")).unwrap();
+    let ev = install(&mut c, &r, "k-plain");
+    assert_eq!(ev["CurrentState"], "Failed", "{ev}");
+    assert!(
+        ev["Fault.FaultString"]
+            .as_str()
+            .unwrap()
+            .contains("without a service manifest"),
+        "{ev}"
+    );
+    std::fs::remove_file(at.join("signature-1")).unwrap();
+    let ev = install(&mut c, &r, "k-none");
+    assert_eq!(ev["CurrentState"], "Failed", "{ev}");
+    assert!(
+        ev["Fault.FaultString"].as_str().unwrap().contains("404"),
+        "{ev}"
+    );
+    assert_eq!(
+        d.json(&["service", "list", "--json"])["services"]
+            .as_array()
+            .map(Vec::len),
+        Some(0)
+    );
+
+    // The registry's image by its reference: the DU's URL is the reference, its Version
+    // and Vendor the image's labels.
+    std::fs::write(at.join("signature-1"), &good).unwrap();
+    let ev = install(&mut c, &r, "k-reg");
+    assert_eq!(ev["CurrentState"], "Installed", "{ev}");
+    assert_eq!(ev["Version"], "2.4.1", "{ev}");
+    let du = ev["DeploymentUnitRef"].as_str().unwrap().to_string();
+    let p = get(&mut c, &[&format!("{du}.")]);
+    assert_eq!(p[&format!("{du}.URL")], r);
+    assert_eq!(p[&format!("{du}.Vendor")], "acme");
+    assert_eq!(p[&format!("{du}.Name")], "usp-img");
+    let st = d.json(&["service", "status", "usp-img", "--json"]);
+    assert_eq!(st["image"].as_str(), Some(digest.as_str()), "{st}");
+    assert!(d.cli(&["service", "start", "usp-img"]).status.success());
+    let rep = report(&d, "usp-img");
+    assert!(
+        rep.contains("uid=1000 gid=1000 cwd=/srv foo=from-image"),
+        "{rep}"
+    );
+
+    // A `docker save` archive over HTTP, its document beside it (URL.sig).
+    let archive = web.path().join("broker.tar");
+    let o = Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            &layout,
+            &format!("docker-archive:{}:vendor/broker:2.4", archive.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m2 = d.manifest("usp-arch.toml", &MANIFEST.replace("NAME", "usp-arch"));
+    let archive_ref = format!("docker-archive:{}", archive.display());
+    sign_deployment(
+        &d,
+        &archive_ref,
+        &m2,
+        &web.path().join("broker.tar.sig"),
+        &[],
+    );
+    let url = format!("http://127.0.0.1:{web_port}/broker.tar");
+    let ev = install(&mut c, &url, "k-archive");
+    assert_eq!(ev["CurrentState"], "Installed", "{ev}");
+    let du2 = ev["DeploymentUnitRef"].as_str().unwrap().to_string();
+    let p = get(&mut c, &[&format!("{du2}.")]);
+    assert_eq!(p[&format!("{du2}.URL")], url);
+    assert!(d.cli(&["service", "start", "usp-arch"]).status.success());
+    assert!(report(&d, "usp-arch").contains("old-gone"));
+    // Its layers are the registry image's, stored once; the download is gone.
+    let images = d.json(&["image", "list", "--json"]);
+    assert_eq!(images["images"].as_array().unwrap().len(), 2, "{images}");
+    assert_eq!(
+        images["images"][0]["layers"], images["images"][1]["layers"],
+        "{images}"
+    );
+    let downloads = std::fs::read_dir(d.state_dir().join("usp-downloads"))
+        .unwrap()
+        .count();
+    assert_eq!(downloads, 0, "the downloads folder is emptied");
+
+    // Uninstall frees the image no other service runs; the shared layers stay for the other.
+    operate(&mut c, &format!("{du}.Uninstall()"), "k-rm", &[]);
+    let ev = du_state_change(&c);
+    assert_eq!(ev["CurrentState"], "Uninstalled", "{ev}");
+    operation_complete(&c, "Uninstall()", "k-rm");
+    let images = d.json(&["image", "list", "--json"]);
+    let left: Vec<_> = images["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["digest"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left.len(), 1, "{images}");
+    assert_ne!(left[0], digest);
+    assert!(d.cli(&["service", "stop", "usp-arch"]).status.success());
 }

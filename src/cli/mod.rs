@@ -230,6 +230,7 @@ pub fn service(socket: &Path, cmd: ServiceCmd) -> i32 {
                         manifest,
                         start,
                         runtime,
+                        deployment: None,
                     }
                 }
                 // A signed package is told by its content (or a `.gvpkg` name, which is

@@ -64,6 +64,10 @@ pub enum ImageCmd {
         /// The file whose first line is the registry password.
         #[arg(long, requires = "username")]
         password_file: Option<PathBuf>,
+        /// The service manifest (service.toml) to sign with the image: a deployment document,
+        /// what a gateway told only the image's reference (USP InstallDU) installs it with.
+        #[arg(long)]
+        service: Option<PathBuf>,
     },
     /// Import an OCI image into the gateway's image store, with its signature.
     Pull {
@@ -182,16 +186,28 @@ pub fn image(socket: &Path, cmd: ImageCmd) -> i32 {
             registry_ca,
             username,
             password_file,
+            service,
         } => {
             use gatevisor_images::oci;
             let res = (|| -> Result<(oci::Digest, String), String> {
                 let r = oci::source::Reference::parse(&reference).map_err(|e| e.to_string())?;
+                // The manifest is checked as a gateway will parse it before it is signed.
+                let service = service
+                    .map(|p| {
+                        let text = std::fs::read_to_string(&p)
+                            .map_err(|e| format!("{}: {e}", p.display()))?;
+                        gatevisor::manifest::Manifest::parse(&p, &text)
+                            .map_err(|e| api::error_chain(&e))?;
+                        Ok::<_, String>(text)
+                    })
+                    .transpose()?;
                 let mut registries = oci::registry::Registries::default();
                 if let oci::source::Reference::Registry(rr) = &r {
                     let access = oci::registry::RegistryAccess {
                         ca: registry_ca,
                         username,
                         password_file,
+                        ..Default::default()
                     };
                     registries.hosts.insert(rr.registry.clone(), access);
                 }
@@ -200,7 +216,7 @@ pub fn image(socket: &Path, cmd: ImageCmd) -> i32 {
                 let k = gatevisor_images::keys::SecretKey::load(&key).map_err(|e| e.to_string())?;
                 Ok((
                     resolved.digest.clone(),
-                    oci::signature::sign(&k, &resolved.digest),
+                    oci::signature::sign_deployment(&k, &resolved.digest, service.as_deref()),
                 ))
             })();
             match res {

@@ -135,12 +135,17 @@ impl Supervisor {
                     manifest,
                     start,
                     runtime,
+                    deployment,
                 },
                 reply,
             ) => {
-                let res = self
-                    .image_for_install(&image)
-                    .and_then(|rec| self.install(&manifest, start, None, runtime, Some(&rec)));
+                let res = self.image_for_install(&image).and_then(|rec| {
+                    let who = match &deployment {
+                        Some(d) => Some(self.deployment_requester(&rec, &manifest, d)?),
+                        None => None,
+                    };
+                    self.install(&manifest, start, None, runtime, Some((&rec, who)))
+                });
                 if let Err(e) = &res {
                     self.refused(&format!("{} with image {image}", manifest.display()), e);
                 }

@@ -6,7 +6,7 @@ use super::*;
 use gatevisor_images::oci::{self, store::ImageRecord};
 
 /// The largest signature document read.
-const MAX_SIGNATURE: u64 = 4096;
+const MAX_SIGNATURE: u64 = gatevisor_images::oci::signature::MAX as u64;
 
 impl Supervisor {
     /// The services that run image `digest`.
@@ -182,7 +182,11 @@ impl Supervisor {
 
     /// The operator's manifest at `path` for image `rec`: what it leaves out comes from the
     /// image, user names resolved in the image's own files.
-    pub(super) fn image_manifest(&self, path: &Path, rec: &ImageRecord) -> Result<Manifest> {
+    pub(super) fn image_manifest(
+        &self,
+        path: &Path,
+        rec: &ImageRecord,
+    ) -> Result<(Manifest, crate::state::ImageMeta)> {
         let config = self
             .oci
             .config(rec)
@@ -199,7 +203,52 @@ impl Supervisor {
                 ),
             ));
         }
-        Ok(m)
+        let labels = config.labels();
+        // A label is shown as it is, within reason (TR-181 strings are short).
+        let label = |k: &str| {
+            labels
+                .get(k)
+                .map(|v| v.chars().filter(|c| !c.is_control()).take(64).collect())
+                .filter(|v: &String| !v.is_empty())
+        };
+        let meta = crate::state::ImageMeta {
+            publisher: rec.publisher.clone(),
+            vendor: label("org.opencontainers.image.vendor"),
+            version: label("org.opencontainers.image.version"),
+        };
+        Ok((m, meta))
+    }
+
+    /// Who answers for a manifest that came in `deployment`, a deployment document of image
+    /// `rec`: the publisher whose trusted key signs the image's digest and exactly the text
+    /// of `manifest` with it.
+    pub(super) fn deployment_requester(
+        &self,
+        rec: &ImageRecord,
+        manifest: &Path,
+        deployment: &Path,
+    ) -> Result<crate::policy::Requester> {
+        let doc = read_signature(deployment)?;
+        let v = self
+            .oci
+            .verify_signature(&doc, &rec.digest)
+            .map_err(|e| err(image_error_kind(&e), error_chain(&e)))?;
+        let text = std::fs::read(manifest)
+            .map_err(|e| err(ErrorKind::Invalid, format!("{}: {e}", manifest.display())))?;
+        if v.service.as_deref().map(str::as_bytes) != Some(&text[..]) {
+            return Err(err(
+                ErrorKind::Invalid,
+                format!(
+                    "{}: not the service manifest that deployment document {} signs",
+                    manifest.display(),
+                    deployment.display()
+                ),
+            ));
+        }
+        Ok(crate::policy::Requester::Publisher {
+            id: v.key,
+            name: v.publisher,
+        })
     }
 }
 

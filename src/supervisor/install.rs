@@ -143,35 +143,45 @@ impl Supervisor {
         start: bool,
         package: Option<(PathBuf, String)>,
         wanted: Option<Kind>,
-        oci: Option<&gatevisor_images::oci::store::ImageRecord>,
+        oci: Option<(
+            &gatevisor_images::oci::store::ImageRecord,
+            Option<crate::policy::Requester>,
+        )>,
     ) -> Result<api::ServiceStatus> {
         let invalid = |e: &dyn std::fmt::Display| err(ErrorKind::Invalid, e.to_string());
         let path = std::path::absolute(path).map_err(|e| invalid(&e))?;
+        let (oci, who) = match oci {
+            Some((rec, who)) => (Some(rec), who),
+            None => (None, None),
+        };
+        let who = who.unwrap_or(crate::policy::Requester::Local);
+        let mut image_meta = None;
         let m = match oci {
-            Some(rec) => self.image_manifest(&path, rec)?,
+            Some(rec) => {
+                let (m, meta) = self.image_manifest(&path, rec)?;
+                image_meta = Some(meta);
+                m
+            }
             None => Manifest::load(&path).map_err(|e| err(ErrorKind::Invalid, error_chain(&e)))?,
         };
         // An OCI image runs as a container (`auto` included).
         let wanted = wanted.or(oci.map(|_| Kind::Lxc));
         if package.is_none() {
             // A local manifest: root on the gateway wrote it, but what it may keep is still
-            // the operator's policy.
+            // the operator's policy (a publisher's, for one signed with its image).
             let caps = m.capability_set(&path).map_err(|e| invalid(&e))?;
             let denied = |e: crate::policy::PolicyError| {
                 err(ErrorKind::Denied, format!("{}: {e}", path.display()))
             };
+            self.settings.policy.check(&who, &caps).map_err(denied)?;
             self.settings
                 .policy
-                .check(&crate::policy::Requester::Local, &caps)
-                .map_err(denied)?;
-            self.settings
-                .policy
-                .check_host_calls(&crate::policy::Requester::Local, &m.host_calls.grants())
+                .check_host_calls(&who, &m.host_calls.grants())
                 .map_err(denied)?;
             if m.privileged {
                 self.settings
                     .policy
-                    .check_privileged(&crate::policy::Requester::Local)
+                    .check_privileged(&who)
                     .map_err(denied)?;
             }
         }
@@ -277,6 +287,7 @@ impl Supervisor {
                     .map(|(p, _)| p.clone())
                     .unwrap_or_else(|| path.clone()),
                 package_version: package.map(|(_, v)| v),
+                image_meta,
                 plan,
                 desired: if start {
                     Desired::Running

@@ -32,7 +32,10 @@ impl Supervisor {
                 .package_version
                 .as_ref()
                 .and_then(|v| self.images.version(name, v).ok())
-                .and_then(|i| i.publisher()),
+                .and_then(|i| i.publisher())
+                .or_else(|| rec.image_meta.as_ref().map(|i| i.publisher.clone())),
+            image_vendor: rec.image_meta.as_ref().and_then(|i| i.vendor.clone()),
+            image_version: rec.image_meta.as_ref().and_then(|i| i.version.clone()),
             runtime: rec.plan.runtime,
             state: rec.state,
             desired: rec.desired,

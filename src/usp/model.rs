@@ -188,6 +188,9 @@ pub struct ModelOptions {
     /// `Device.LocalAgent.Controller.{i}` order; a Broker met later is added with
     /// [`Model::add_controller`].
     pub controllers: Vec<String>,
+    /// How OCI registries are reached (InstallDU of `docker://` images), and where each
+    /// keeps its images' deployment documents.
+    pub registries: gatevisor_images::oci::registry::Registries,
 }
 
 pub struct Model {
@@ -201,6 +204,7 @@ pub struct Model {
     /// TLS for `https://` package URLs (or why there is none).
     https: Result<Arc<rustls::ClientConfig>, String>,
     operation_deadline: std::time::Duration,
+    registries: gatevisor_images::oci::registry::Registries,
     cpu: Mutex<BTreeMap<String, (u64, std::time::Instant)>>,
     /// `Device.LocalAgent.Controller.{i}`: endpoint ids.
     controllers: Mutex<Vec<String>>,
@@ -367,6 +371,7 @@ impl Model {
                 .map(Arc::new)
                 .map_err(|e| e.to_string()),
             operation_deadline: opts.operation_deadline,
+            registries: opts.registries,
             cpu: Mutex::new(BTreeMap::new()),
             controllers: Mutex::new(opts.controllers),
         });
@@ -582,6 +587,7 @@ mod tests {
             package_ca: PathBuf::new(),
             operation_deadline: std::time::Duration::from_secs(60),
             controllers: vec![],
+            registries: Default::default(),
         }
     }
 

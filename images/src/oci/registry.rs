@@ -146,6 +146,10 @@ pub struct RegistryAccess {
     /// line.
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// Where the operator's deployment documents of this registry's images are (`https://`
+    /// or `http://`; they are signed): the document of `REPO@sha256:HEX` is
+    /// `SIGNATURES/REPO@sha256=HEX/signature-1`, the lookaside layout container tools use.
+    pub signatures: Option<String>,
 }
 
 /// Every registry's access, by `HOST[:PORT]`, and the CA bundle every one trusts.
@@ -180,8 +184,33 @@ impl Registries {
             if let Some(p) = &a.password_file {
                 read_password(p).map_err(|e| format!("registry {host}: {e}"))?;
             }
+            if let Some(u) = &a.signatures {
+                Url::parse(u).map_err(|e| format!("registry {host}: signatures: {e}"))?;
+            }
         }
         Ok(())
+    }
+
+    /// Where the deployment document of image `digest` of `r`'s repository is.
+    pub fn signature_url(&self, r: &RegistryRef, digest: &Digest) -> Result<String, OciError> {
+        let base = self
+            .hosts
+            .get(&r.registry)
+            .and_then(|a| a.signatures.as_deref())
+            .ok_or_else(|| OciError::Registry {
+                registry: r.registry.clone(),
+                status: None,
+                why: format!(
+                    "no place for its images' signatures is configured ([registries.\"{}\"] signatures)",
+                    r.registry
+                ),
+            })?;
+        Ok(format!(
+            "{}/{}@sha256={}/signature-1",
+            base.trim_end_matches('/'),
+            r.repository,
+            digest.hex()
+        ))
     }
 
     fn session(&self, r: &RegistryRef) -> Result<Session, OciError> {

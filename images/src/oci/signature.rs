@@ -11,6 +11,13 @@
 //!
 //! The signed message is `gatevisor-image-signature-v1 sha256:HEX`: a signature made for an
 //! image can never pass as one of a package manifest, and the other way round.
+//!
+//! A **deployment document** is the same document carrying the operator's service manifest
+//! for the image too (`service = """…"""`, the TOML of `service install --manifest`), for a
+//! gateway that is told only the image's reference (a USP InstallDU). Then the signed
+//! message is `gatevisor-image-signature-v1 sha256:HEX service sha256:M`, `M` the SHA-256 of
+//! the manifest's text: the manifest cannot be swapped or dropped without the signature
+//! failing, and a plain signature's message never equals a deployment's.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,7 +25,8 @@ use super::{Digest, OciError};
 use crate::keys::{self, SecretKey, TrustStore};
 
 pub const FORMAT: u32 = 1;
-const MAX: usize = 4096;
+/// A document's largest size: a signature and a service manifest.
+pub const MAX: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,21 +35,58 @@ pub struct SignatureDoc {
     pub digest: Digest,
     pub key: String,
     pub signature: String,
+    /// The operator's service manifest for the image (a deployment document).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
-fn message(d: &Digest) -> Vec<u8> {
-    format!("gatevisor-image-signature-v1 {d}").into_bytes()
+fn message(d: &Digest, service: Option<&str>) -> Vec<u8> {
+    match service {
+        None => format!("gatevisor-image-signature-v1 {d}"),
+        Some(s) => format!(
+            "gatevisor-image-signature-v1 {d} service {}",
+            Digest::of(s.as_bytes())
+        ),
+    }
+    .into_bytes()
 }
 
 /// The document signing `digest` with `key`.
 pub fn sign(key: &SecretKey, digest: &Digest) -> String {
+    sign_deployment(key, digest, None)
+}
+
+/// The document signing `digest` with `key`, with the service manifest `service` (TOML)
+/// signed along with it when given.
+pub fn sign_deployment(key: &SecretKey, digest: &Digest, service: Option<&str>) -> String {
     let doc = SignatureDoc {
         format: FORMAT,
         digest: digest.clone(),
         key: keys::key_id(&key.public()),
-        signature: hex::encode(key.sign(&message(digest))),
+        signature: hex::encode(key.sign(&message(digest, service))),
+        service: service.map(str::to_string),
     };
     toml::to_string(&doc).expect("a signature document serialises")
+}
+
+/// Reads a document without checking its signature (what it claims, e.g. to find the
+/// manifest a deployment carries before the gateway verifies it).
+pub fn parse(text: &[u8]) -> Result<SignatureDoc, String> {
+    if text.len() > MAX {
+        return Err(format!("the signature document is over {MAX} bytes"));
+    }
+    let text =
+        std::str::from_utf8(text).map_err(|_| "the signature document is not UTF-8".to_string())?;
+    toml::from_str(text).map_err(|e| format!("the signature document is invalid: {e}"))
+}
+
+/// What a verified document says: the key's id, the name it was trusted under (the
+/// publisher) and the service manifest it signs, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub key: String,
+    pub publisher: String,
+    pub service: Option<String>,
 }
 
 /// Checks that `text` signs `digest` with a trusted, unrevoked key; answers the key's id and
@@ -51,17 +96,20 @@ pub fn verify(
     digest: &Digest,
     trust: &TrustStore,
 ) -> Result<(String, String), OciError> {
+    verify_document(text, digest, trust).map(|v| (v.key, v.publisher))
+}
+
+/// [`verify`], answering the service manifest the document signs too.
+pub fn verify_document(
+    text: &[u8],
+    digest: &Digest,
+    trust: &TrustStore,
+) -> Result<Verified, OciError> {
     let bad = |why: String| OciError::Signature {
         digest: digest.to_string(),
         why,
     };
-    if text.len() > MAX {
-        return Err(bad(format!("the signature document is over {MAX} bytes")));
-    }
-    let text =
-        std::str::from_utf8(text).map_err(|_| bad("the signature document is not UTF-8".into()))?;
-    let doc: SignatureDoc =
-        toml::from_str(text).map_err(|e| bad(format!("the signature document is invalid: {e}")))?;
+    let doc = parse(text).map_err(bad)?;
     if doc.format != FORMAT {
         return Err(bad(format!(
             "signature format {} (this gateway reads {FORMAT})",
@@ -79,13 +127,17 @@ pub fn verify(
         .ok()
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| bad("the signature is not 128 hex digits".into()))?;
-    if !keys::verify(&key, &message(digest), &sig) {
+    if !keys::verify(&key, &message(digest, doc.service.as_deref()), &sig) {
         return Err(bad(format!(
             "the signature does not verify with key {}",
             doc.key
         )));
     }
-    Ok((doc.key, name))
+    Ok(Verified {
+        key: doc.key,
+        publisher: name,
+        service: doc.service,
+    })
 }
 
 #[cfg(test)]
@@ -117,5 +169,33 @@ mod tests {
         trust.revoke(&id).unwrap();
         let e = verify(doc.as_bytes(), &digest, &trust).unwrap_err();
         assert!(e.to_string().contains("revoked"), "{e}");
+    }
+
+    #[test]
+    fn a_deployment_documents_manifest_is_signed_with_the_digest() {
+        let d = tempfile::tempdir().unwrap();
+        let secret = SecretKey::generate().unwrap();
+        let public = secret.save(&d.path().join("op.key"), "operator").unwrap();
+        let trust = TrustStore::new(&d.path().join("keys"));
+        trust.trust(&public).unwrap();
+        let digest = Digest::of(b"manifest");
+        let service = "name = \"broker\"\nversion = \"2.0\"\nruntime = \"auto\"\n";
+        let doc = sign_deployment(&secret, &digest, Some(service));
+        let v = verify_document(doc.as_bytes(), &digest, &trust).unwrap();
+        assert_eq!(v.service.as_deref(), Some(service));
+        assert_eq!(v.publisher, "operator");
+        // The manifest changed (a capability added), or dropped: the signature fails.
+        let mut t: SignatureDoc = toml::from_str(&doc).unwrap();
+        t.service = Some(format!("{service}capabilities = [\"SYS_ADMIN\"]\n"));
+        let e = verify_document(toml::to_string(&t).unwrap().as_bytes(), &digest, &trust);
+        assert!(e.unwrap_err().to_string().contains("does not verify"));
+        t.service = None;
+        let e = verify_document(toml::to_string(&t).unwrap().as_bytes(), &digest, &trust);
+        assert!(e.unwrap_err().to_string().contains("does not verify"));
+        // A plain signature gains no manifest either.
+        let mut plain: SignatureDoc = toml::from_str(&sign(&secret, &digest)).unwrap();
+        plain.service = Some(service.into());
+        let e = verify_document(toml::to_string(&plain).unwrap().as_bytes(), &digest, &trust);
+        assert!(e.unwrap_err().to_string().contains("does not verify"));
     }
 }

@@ -272,6 +272,24 @@ impl Resolved {
     }
 }
 
+/// What kind of image archive the tar at `path` is, told by the names of its first entries:
+/// `oci-archive` (it has `oci-layout`), `docker-archive` (`manifest.json`), or none (a
+/// gatevisor package starts with `manifest.toml`; anything else is not an image).
+pub fn archive_kind(path: &Path) -> Option<&'static str> {
+    let mut a = tar::Archive::new(File::open(path).ok()?);
+    for e in a.entries().ok()?.take(64) {
+        let e = e.ok()?;
+        let p = e.path().ok()?;
+        match p.to_str()?.trim_start_matches("./") {
+            "oci-layout" => return Some("oci-archive"),
+            "manifest.json" => return Some("docker-archive"),
+            "manifest.toml" => return None,
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Resolves `r` to its `linux/amd64` image; a registry is reached as `registries` say.
 pub fn resolve(r: &Reference, registries: &Registries) -> Result<Resolved, OciError> {
     let reference = r.to_string();

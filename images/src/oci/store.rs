@@ -116,6 +116,16 @@ impl ImageStore {
         self
     }
 
+    /// Checks a signature (or deployment) document of image `digest` against the store's
+    /// trusted keys.
+    pub fn verify_signature(
+        &self,
+        doc: &[u8],
+        digest: &Digest,
+    ) -> Result<super::signature::Verified, OciError> {
+        super::signature::verify_document(doc, digest, &self.trust)
+    }
+
     pub fn rules(&self) -> &Rules {
         &self.rules
     }

@@ -249,21 +249,96 @@ impl Model {
         OperateOutcome::Started(path)
     }
 
-    /// Fetches a package (`file://`, `http://`, `https://`) into the downloads folder, giving
-    /// up at `deadline`.
-    fn fetch(
+    /// Fetches what `url` names for an install or update: a package (`file://`, `http://`,
+    /// `https://`), an OCI image archive there (`oci-archive` or `docker save`), or an image
+    /// in a registry (`docker://`). An image comes with the operator's deployment document:
+    /// for an archive at `URL.sig`, for a registry's image where the registry's
+    /// `signatures` place keeps it (by the image's digest). Gives up at `deadline`.
+    fn fetch_unit(
         &self,
         url: &str,
         instance: u32,
         deadline: std::time::Instant,
-    ) -> Result<PathBuf, (u32, String)> {
-        let dest = self.downloads.join(format!("request-{instance}.gvpkg"));
+    ) -> Result<Fetched, (u32, String)> {
+        use gatevisor_images::oci::source::{self, Reference};
+        let fail = |m: String| (E_COMMAND_FAILURE, m);
+        let mut files = Vec::new();
+        let (reference, document_url) = if url.starts_with("docker://") {
+            let r = Reference::parse(url).map_err(|e| fail(format!("{url}: {e}")))?;
+            let Reference::Registry(rr) = &r else {
+                return Err(fail(format!("{url}: not a registry reference")));
+            };
+            let resolved = source::resolve(&r, &self.registries)
+                .map_err(|e| fail(crate::api::error_chain(&e)))?;
+            let at = self
+                .registries
+                .signature_url(rr, &resolved.digest)
+                .map_err(|e| fail(crate::api::error_chain(&e)))?;
+            (url.to_string(), at)
+        } else {
+            let dest = self.downloads.join(format!("request-{instance}.gvpkg"));
+            self.fetch(url, &dest, deadline)?;
+            match source::archive_kind(&dest) {
+                None => return Ok(Fetched::Package(dest)),
+                Some(kind) => {
+                    let archive = dest.with_extension("tar");
+                    std::fs::rename(&dest, &archive)
+                        .map_err(|e| fail(format!("cannot keep the download: {e}")))?;
+                    files.push(archive.clone());
+                    (
+                        format!("{kind}:{}", archive.display()),
+                        format!("{url}.sig"),
+                    )
+                }
+            }
+        };
+        let deployment = self.downloads.join(format!("request-{instance}.sig"));
+        let manifest = self.downloads.join(format!("request-{instance}.toml"));
+        files.extend([deployment.clone(), manifest.clone()]);
+        let image = Fetched::Image {
+            reference,
+            deployment: deployment.clone(),
+            manifest: manifest.clone(),
+            files,
+        };
+        let got = self
+            .fetch(&document_url, &deployment, deadline)
+            .map_err(|(c, m)| (c, format!("the image's deployment document: {m}")))
+            .and_then(|()| {
+                // Read here for its manifest only; the daemon checks its signature.
+                let text = std::fs::read(&deployment).map_err(|e| fail(e.to_string()))?;
+                let doc = gatevisor_images::oci::signature::parse(&text)
+                    .map_err(|e| fail(format!("{document_url}: {e}")))?;
+                let service = doc.service.ok_or_else(|| {
+                    fail(format!(
+                        "{document_url}: a signature without a service manifest; an image \
+                         installed by URL needs its deployment document (image sign --service)"
+                    ))
+                })?;
+                std::fs::write(&manifest, service).map_err(|e| fail(e.to_string()))
+            });
+        match got {
+            Ok(()) => Ok(image),
+            Err(e) => {
+                image.remove();
+                Err(e)
+            }
+        }
+    }
+
+    /// Fetches `url` into `dest`, giving up at `deadline`.
+    fn fetch(
+        &self,
+        url: &str,
+        dest: &Path,
+        deadline: std::time::Instant,
+    ) -> Result<(), (u32, String)> {
         let tls = match (url.starts_with("https://"), &self.https) {
             (false, _) => None,
             (true, Ok(cfg)) => Some(cfg),
             (true, Err(e)) => return Err((E_COMMAND_FAILURE, format!("{url}: {e}"))),
         };
-        crate::usp::fetch::fetch(url, &dest, tls, deadline).map_err(|e| {
+        crate::usp::fetch::fetch(url, dest, tls, deadline).map_err(|e| {
             if e.kind() == std::io::ErrorKind::TimedOut {
                 // R-SMM.1: the download is the step whose length the network decides.
                 (
@@ -277,8 +352,39 @@ impl Model {
             } else {
                 (E_COMMAND_FAILURE, format!("{url}: {e}"))
             }
+        })
+    }
+
+    /// Pulls a fetched image with its deployment document, then installs it with the
+    /// manifest the document signs.
+    fn install_image(
+        &self,
+        image: &Fetched,
+        runtime: Option<crate::runtime::Kind>,
+    ) -> Result<ServiceStatus, ApiError> {
+        let Fetched::Image {
+            reference,
+            deployment,
+            manifest,
+            ..
+        } = image
+        else {
+            return Err(ApiError::new(ErrorKind::Internal, "not an image"));
+        };
+        let pulled = self.backend.call(Request::ImagePull {
+            reference: reference.clone(),
+            signature: deployment.clone(),
         })?;
-        Ok(dest)
+        let info: crate::api::ImageInfo = crate::api::result_as(pulled)?;
+        self.backend
+            .call(Request::InstallImage {
+                image: info.digest,
+                manifest: manifest.clone(),
+                start: false,
+                runtime,
+                deployment: Some(deployment.clone()),
+            })
+            .and_then(crate::api::result_as::<ServiceStatus>)
     }
 
     /// Journals a successful operation's result (`name`) before anyone is told of it.
@@ -303,17 +409,24 @@ impl Model {
         };
         match &op.kind {
             OpKind::Install { url, uuid, runtime } => {
-                let pkg = self.fetch(url, op.instance, deadline)?;
-                let r = self.backend.call(Request::InstallPackage {
-                    package: pkg.clone(),
-                    start: false,
-                    runtime: *runtime,
-                });
-                let _ = std::fs::remove_file(&pkg);
-                let name = r
-                    .and_then(crate::api::result_as::<crate::api::ServiceStatus>)
-                    .map_err(fault(Some(&pkg)))?
-                    .name;
+                let name = match self.fetch_unit(url, op.instance, deadline)? {
+                    Fetched::Package(pkg) => {
+                        let r = self.backend.call(Request::InstallPackage {
+                            package: pkg.clone(),
+                            start: false,
+                            runtime: *runtime,
+                        });
+                        let _ = std::fs::remove_file(&pkg);
+                        r.and_then(crate::api::result_as::<crate::api::ServiceStatus>)
+                            .map_err(fault(Some(&pkg)))?
+                            .name
+                    }
+                    image @ Fetched::Image { .. } => {
+                        let r = self.install_image(&image, *runtime);
+                        image.remove();
+                        r.map_err(|e| image.fault(&e))?.name
+                    }
+                };
                 self.sync_units();
                 let mut st = self.st.lock().unwrap();
                 if let Some(u) = st.units.get_mut(&name) {
@@ -324,7 +437,18 @@ impl Model {
                 Ok(name)
             }
             OpKind::Update { name, url } => {
-                let pkg = self.fetch(url, op.instance, deadline)?;
+                let pkg = match self.fetch_unit(url, op.instance, deadline)? {
+                    Fetched::Package(pkg) => pkg,
+                    image @ Fetched::Image { .. } => {
+                        image.remove();
+                        return Err((
+                            E_COMMAND_FAILURE,
+                            "an update to an OCI image is not there yet: Uninstall() the unit \
+                             and InstallDU() the image"
+                                .into(),
+                        ));
+                    }
+                };
                 let r = self.backend.call(Request::Update {
                     name: name.clone(),
                     package: pkg.clone(),
@@ -339,9 +463,21 @@ impl Model {
                 Ok(name.clone())
             }
             OpKind::Uninstall { name } => {
+                // The OCI image it ran, freed with it unless another service runs it.
+                let image = self
+                    .backend
+                    .call(Request::Status { name: name.clone() })
+                    .and_then(crate::api::result_as::<ServiceStatus>)
+                    .ok()
+                    .and_then(|s| s.image);
                 self.backend
                     .call(Request::Remove { name: name.clone() })
                     .map_err(fault(None))?;
+                if let Some(image) = image {
+                    if let Err(e) = self.backend.call(Request::ImageRemove { image }) {
+                        tracing::info!("usp: the image of {name} stays: {}", e.message);
+                    }
+                }
                 self.record_outcome(&mut self.st.lock().unwrap(), op.instance, name);
                 Ok(name.clone())
             }
@@ -476,5 +612,57 @@ impl Model {
             tracing::info!("usp: settling {} left by a previous daemon", op.command);
             self.complete(&op, result);
         }
+    }
+}
+
+/// What an install's URL gave.
+enum Fetched {
+    Package(PathBuf),
+    /// An OCI image (`reference`: the registry's, or the downloaded archive's) with its
+    /// deployment document and the manifest it carries, written out.
+    Image {
+        reference: String,
+        deployment: PathBuf,
+        manifest: PathBuf,
+        /// What to remove once it is installed or refused.
+        files: Vec<PathBuf>,
+    },
+}
+
+impl Fetched {
+    fn remove(&self) {
+        if let Fetched::Image { files, .. } = self {
+            for f in files {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+    }
+
+    /// The fault of a failed image install, the download folder's names replaced by what
+    /// they hold.
+    fn fault(&self, e: &ApiError) -> (u32, String) {
+        let mut m = e.message.clone();
+        if let Fetched::Image {
+            deployment,
+            manifest,
+            files,
+            ..
+        } = self
+        {
+            let names = [
+                (deployment, "the deployment document"),
+                (manifest, "the service manifest"),
+            ];
+            for (p, what) in names {
+                m = m.replace(&p.display().to_string(), what);
+            }
+            for f in files
+                .iter()
+                .filter(|f| f.extension().is_some_and(|x| x == "tar"))
+            {
+                m = m.replace(&f.display().to_string(), "the image archive");
+            }
+        }
+        (fault_of(e), fault_text(&m, None))
     }
 }

@@ -70,11 +70,18 @@ impl Model {
                 .position(|r| *r == s.runtime)
                 .map(|i| format!("{SM}ExecEnv.{}", i + 1))
                 .unwrap_or_default();
+            // An image's own version and vendor (its labels) before the manifest's and the
+            // signer's.
             let version = s
-                .package_version
+                .image_version
                 .clone()
+                .or(s.package_version.clone())
                 .unwrap_or_else(|| s.version.clone());
-            let publisher = s.publisher.clone().unwrap_or_default();
+            let publisher = s
+                .image_vendor
+                .clone()
+                .or(s.publisher.clone())
+                .unwrap_or_default();
             let du = format!("{SM}DeploymentUnit.{}.", u.instance);
             let eu = format!("{SM}ExecutionUnit.{}.", u.instance);
             put(format!("{du}UUID"), u.uuid.clone());
