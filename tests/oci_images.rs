@@ -649,3 +649,100 @@ fn a_controller_installs_images_by_reference_and_by_archive_url_with_the_operato
     assert_ne!(left[0], digest);
     assert!(d.cli(&["service", "stop", "usp-arch"]).status.success());
 }
+
+#[test]
+fn an_image_services_writable_layer_is_bounded_by_disk_mib_and_kept_across_restarts() {
+    let test = "an_image_services_writable_layer_is_bounded_by_disk_mib_and_kept_across_restarts";
+    if !tools(test) {
+        return;
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        eprintln!("skipped {test}: no loop devices here");
+        return;
+    }
+    let d = Daemon::start_with_keys();
+    build_image(&d);
+    let layout = format!("oci:{}:app", d.dir.path().join("L").display());
+    let sig = sign(&d, &layout, "app.sig");
+    let m = d.manifest(
+        "disk.toml",
+        &MANIFEST
+            .replace("NAME", "oci-disk")
+            .replace("memory_mib = 32", "memory_mib = 32\ndisk_mib = 16"),
+    );
+    let st = d.json(&[
+        "service",
+        "install",
+        m.to_str().unwrap(),
+        "--image",
+        &layout,
+        "--signature",
+        &sig,
+        "--start",
+        "--json",
+    ]);
+    assert_eq!(st["state"].as_str(), Some("running"), "{st}");
+    report(&d, "oci-disk");
+    let store = d.state_dir().join("images/oci/layers");
+    let store_bytes = disk_usage(&store);
+    let exec = |script: &str| {
+        d.cli(&[
+            "service",
+            "exec",
+            "oci-disk",
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            script,
+        ])
+    };
+    // The root's free space is the layer's filesystem's: 16 MiB at most.
+    let o = exec("/bin/busybox df -k / | /bin/busybox tail -1");
+    let df = String::from_utf8_lossy(&o.stdout).into_owned();
+    let total_kib: u64 = df
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!((8_000..=16_384).contains(&total_kib), "df /: {df}");
+    // 4 MB fit; 40 MB more do not, and fail inside the service (ENOSPC), not on the host.
+    let o = exec("/bin/busybox dd if=/dev/zero of=/tmp/ok bs=1M count=4 2>&1");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let o = exec("/bin/busybox dd if=/dev/zero of=/tmp/big bs=1M count=40 2>&1");
+    assert!(!o.status.success(), "a 40 MB write fits in a 16 MiB layer?");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("No space left"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(exec("/bin/busybox rm -f /tmp/big").status.success());
+    // The image's layers in the store are not written.
+    assert_eq!(disk_usage(&store), store_bytes);
+    // What it wrote stays across a restart (its layer's filesystem is kept).
+    assert!(d.cli(&["service", "restart", "oci-disk"]).status.success());
+    let o = exec("/bin/busybox ls -l /tmp/ok");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("4194304"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // And across a reboot: stopped, its root and its layer's filesystem unmounted (as a
+    // reboot leaves them), started again.
+    assert!(d.cli(&["service", "stop", "oci-disk"]).status.success());
+    let dir = d.state_dir().join("services/oci-disk");
+    assert!(dir.join("layer.img").is_file());
+    for at in ["rootfs", "layer"] {
+        nix::mount::umount2(&dir.join(at), nix::mount::MntFlags::MNT_DETACH).unwrap();
+    }
+    assert!(d.cli(&["service", "start", "oci-disk"]).status.success());
+    let o = exec("/bin/busybox ls -l /tmp/ok");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("4194304"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(d.cli(&["service", "stop", "oci-disk"]).status.success());
+    assert!(d.cli(&["service", "remove", "oci-disk"]).status.success());
+    assert!(!dir.exists(), "{} is left", dir.display());
+}

@@ -101,6 +101,39 @@ impl Checkout {
         self.mount_lowers(&[lower.to_path_buf()], owner)
     }
 
+    /// Puts the service's writable layer (`layer/`) on a filesystem of its own, `mib` MiB
+    /// (`layer.img`, ext4, made the first time and kept: what the service wrote stays across
+    /// restarts and reboots), so that what it writes is bounded while the read-only lower
+    /// layers are shared. Mounted already: nothing to do. Before [`Self::mount_layers`].
+    pub fn bound_layer(&self, mib: u32) -> Result<(), CheckoutError> {
+        let layer = self.dir.join("layer");
+        std::fs::create_dir_all(&layer).map_err(io(&layer))?;
+        if mounted_at(&layer) {
+            return Ok(());
+        }
+        let img = self.dir.join("layer.img");
+        if !img.exists() {
+            let tmp = self.dir.join("layer.img.tmp");
+            let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            f.set_len(u64::from(mib) << 20).map_err(io(&tmp))?;
+            drop(f);
+            let out = std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-m", "0"])
+                .arg(&tmp)
+                .output()
+                .map_err(io(&tmp))?;
+            if !out.status.success() {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(io(&tmp)(std::io::Error::other(format!(
+                    "mkfs.ext4: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))));
+            }
+            std::fs::rename(&tmp, &img).map_err(io(&img))?;
+        }
+        crate::loopdev::mount_ext4(&img, &layer).map_err(io(&img))
+    }
+
     fn lower_mount(&self, i: usize) -> PathBuf {
         self.dir.join("lower").join(i.to_string())
     }
@@ -196,14 +229,14 @@ impl Checkout {
             nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH)
                 .map_err(|e| CheckoutError::Unmount(rootfs.clone(), e))?;
         }
-        // An image's idmapped layers under it.
-        if let Ok(rd) = std::fs::read_dir(self.dir.join("lower")) {
-            for e in rd.flatten() {
-                let at = e.path();
-                while mounted_at(&at) {
-                    nix::mount::umount2(&at, nix::mount::MntFlags::MNT_DETACH)
-                        .map_err(|e| CheckoutError::Unmount(at.clone(), e))?;
-                }
+        // An image's idmapped layers under it, and a bounded writable layer's filesystem.
+        let lowers = std::fs::read_dir(self.dir.join("lower"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for at in lowers.into_iter().chain([self.dir.join("layer")]) {
+            while mounted_at(&at) {
+                nix::mount::umount2(&at, nix::mount::MntFlags::MNT_DETACH)
+                    .map_err(|e| CheckoutError::Unmount(at.clone(), e))?;
             }
         }
         Ok(())
@@ -213,9 +246,14 @@ impl Checkout {
     /// else from now on: a disk image built from it).
     pub fn discard(&self) -> Result<(), CheckoutError> {
         self.unmount()?;
-        for d in ["layer", "lower"] {
+        for d in ["layer", "lower", "layer.img"] {
             let p = self.dir.join(d);
-            match std::fs::remove_dir_all(&p) {
+            let removed = if d == "layer.img" {
+                std::fs::remove_file(&p)
+            } else {
+                std::fs::remove_dir_all(&p)
+            };
+            match removed {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&p)(e)),
                 _ => {}
             }

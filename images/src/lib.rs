@@ -25,6 +25,7 @@ pub mod cpio;
 pub mod http;
 pub mod idmap;
 pub mod keys;
+pub mod loopdev;
 pub mod oci;
 pub mod package;
 pub mod rootfs;

@@ -132,6 +132,9 @@ impl Supervisor {
             ImageRef::Layers(digest) => {
                 let lowers = self.image_lowers(&m.name, digest)?;
                 let c = gatevisor_images::checkout::Checkout::at(dir);
+                if let Some(mib) = plan.resources.disk_mib {
+                    bound_layer(&c, mib)?;
+                }
                 c.mount_layers(&lowers, idmap.map(|i| (i.host_base, i.count)), root_owner)
                     .map_err(|e| runtime_err(error_chain(&e)))?;
                 checkout = Some(c);
@@ -143,6 +146,8 @@ impl Supervisor {
             lxc::rootfs::shift_owner(&rootfs, map.host_base).map_err(runtime_err)?;
         }
         let disk_image = match plan.resources.disk_mib {
+            // An image's service: its writable layer alone is bounded (above).
+            Some(_) if matches!(image, ImageRef::Layers(_)) => None,
             Some(mib) => Some(make_disk_image(
                 &rootfs,
                 &dir.join("disk.img"),
@@ -191,6 +196,22 @@ impl Supervisor {
                 e => runtime_err(error_chain(&e)),
             })
     }
+}
+
+/// Puts an image service's writable layer on its own `mib` MiB filesystem.
+fn bound_layer(c: &gatevisor_images::checkout::Checkout, mib: u32) -> Result<()> {
+    if !Path::new("/dev/loop-control").exists() {
+        return Err(err(
+            ErrorKind::Invalid,
+            "field `resources.disk_mib`: this board has no loop devices to enforce a disk limit; remove the field".to_string(),
+        ));
+    }
+    c.bound_layer(mib).map_err(|e| {
+        runtime_err(format!(
+            "its writable layer of {mib} MiB: {}",
+            error_chain(&e)
+        ))
+    })
 }
 
 /// Builds `rootfs` into an ext4 image of `mib` MiB (the service's disk limit) and removes the
@@ -323,6 +344,9 @@ impl Supervisor {
                 })?;
                 let lowers = self.image_lowers(name, &digest)?;
                 let idmap = rec.plan.idmap().map(|i| (i.host_base, i.count));
+                if let Some(mib) = rec.plan.resources.disk_mib {
+                    bound_layer(&c, mib)?;
+                }
                 return c
                     .mount_layers(&lowers, idmap, rec.plan.idmap_base.unwrap_or(0))
                     .map_err(|e| {

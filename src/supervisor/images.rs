@@ -194,15 +194,6 @@ impl Supervisor {
         let read = |f: &str| self.oci.read_file(rec, f, 1 << 20);
         let m = Manifest::load_for_image(path, &rec.digest, &config, &read)
             .map_err(|e| err(ErrorKind::Invalid, error_chain(&e)))?;
-        if m.resources.disk_mib.is_some() {
-            return Err(err(
-                ErrorKind::Invalid,
-                format!(
-                    "{}: field `resources.disk_mib`: not yet for a service from an OCI image (its writable layer is not bounded yet)",
-                    path.display()
-                ),
-            ));
-        }
         let labels = config.labels();
         // A label is shown as it is, within reason (TR-181 strings are short).
         let label = |k: &str| {
