@@ -4,6 +4,7 @@
 //! with a code, stops that need the kill) and reads back what the supervisor asked for.
 
 use std::collections::HashMap;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -129,9 +130,6 @@ impl Backend for Fake {
         }
         let _ = std::fs::remove_file(&spec.files.exit_file);
         let mut script = String::new();
-        if b.ignores_term {
-            script.push_str("trap '' TERM; ");
-        }
         let exits_after = if spec.argv.iter().any(|a| a == CRASHES) {
             Some((Duration::from_millis(200), 3))
         } else {
@@ -145,16 +143,27 @@ impl Backend for Fake {
             )),
             None => script.push_str("exec sleep 100000"),
         }
-        let child = Command::new("sh")
+        let mut command = Command::new("sh");
+        command
             .args(["-c", &script])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|source| RuntimeError::Vm {
-                name: name.into(),
-                what: "cannot spawn the fake",
-                source,
-            })?;
+            .stdout(Stdio::null());
+        if b.ignores_term {
+            // Ignored before exec, not by the script's own `trap`: a stop that comes
+            // right after the start must find TERM already ignored.
+            // SAFETY: between fork and exec only async-signal-safe signal() is called.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::signal(libc::SIGTERM, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
+        let child = command.spawn().map_err(|source| RuntimeError::Vm {
+            name: name.into(),
+            what: "cannot spawn the fake",
+            source,
+        })?;
         let pid = child.id() as i32;
         self.lock().running.insert(name.into(), pid);
         Ok(Started {
