@@ -719,14 +719,14 @@ fn an_image_services_writable_layer_is_bounded_by_disk_mib_and_kept_across_resta
     assert!(exec("/bin/busybox rm -f /tmp/big").status.success());
     // The image's layers in the store are not written.
     assert_eq!(disk_usage(&store), store_bytes);
+    let kept = || {
+        let o = exec("/bin/busybox ls -l /tmp/ok");
+        let ls = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(ls.contains("4194304"), "the 4 MB file: {ls}");
+    };
     // What it wrote stays across a restart (its layer's filesystem is kept).
     assert!(d.cli(&["service", "restart", "oci-disk"]).status.success());
-    let o = exec("/bin/busybox ls -l /tmp/ok");
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("4194304"),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    kept();
     // And across a reboot: stopped, its root and its layer's filesystem unmounted (as a
     // reboot leaves them), started again.
     assert!(d.cli(&["service", "stop", "oci-disk"]).status.success());
@@ -736,12 +736,7 @@ fn an_image_services_writable_layer_is_bounded_by_disk_mib_and_kept_across_resta
         nix::mount::umount2(&dir.join(at), nix::mount::MntFlags::MNT_DETACH).unwrap();
     }
     assert!(d.cli(&["service", "start", "oci-disk"]).status.success());
-    let o = exec("/bin/busybox ls -l /tmp/ok");
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("4194304"),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    kept();
     assert!(d.cli(&["service", "stop", "oci-disk"]).status.success());
     assert!(d.cli(&["service", "remove", "oci-disk"]).status.success());
     assert!(!dir.exists(), "{} is left", dir.display());
