@@ -186,6 +186,43 @@ impl I8042 {
     }
 }
 
+/// The i8042's state in a snapshot.
+#[derive(Debug, Clone, Copy, zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable)]
+#[repr(C)]
+pub struct I8042State {
+    ctr: u8,
+    has_out: u8,
+    out: u8,
+    write_ctr: u8,
+}
+
+impl I8042 {
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            ctr: self.ctr,
+            has_out: self.out.is_some() as u8,
+            out: self.out.unwrap_or(0),
+            write_ctr: self.write_ctr as u8,
+        }
+    }
+
+    pub fn from_state(s: &I8042State) -> I8042 {
+        I8042 {
+            ctr: s.ctr,
+            out: (s.has_out != 0).then_some(s.out),
+            write_ctr: s.write_ctr != 0,
+        }
+    }
+}
+
+/// The CMOS's state in a snapshot: its index and storage (the clock is the host's).
+#[derive(Debug, Clone, Copy, zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable)]
+#[repr(C)]
+pub struct CmosState {
+    index: u8,
+    regs: [u8; 128],
+}
+
 /// The CMOS real-time clock: reports the host's UTC time in BCD; other registers are plain
 /// storage. Linux's rtc_cmos waits while "update in progress" is set, so it never is.
 #[derive(Debug)]
@@ -205,6 +242,20 @@ impl Default for Cmos {
 }
 
 impl Cmos {
+    pub fn state(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            regs: self.regs,
+        }
+    }
+
+    pub fn from_state(s: &CmosState) -> Cmos {
+        Cmos {
+            index: s.index & 0x7f,
+            regs: s.regs,
+        }
+    }
+
     fn bcd(v: i32) -> u8 {
         let v = v.clamp(0, 99) as u8;
         ((v / 10) << 4) | (v % 10)

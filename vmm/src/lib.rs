@@ -9,6 +9,7 @@
 //! - [`devices`]: the port-I/O devices: 8250 serial (vm-superio) to a rate-limited log, the
 //!   i8042 reset line (how the guest ends its VM), a debug-exit port;
 //! - [`vm`]: the machine: memory, in-kernel irqchip and PIT, the vCPU loop, how it ended;
+//! - [`snapshot`]: a paused machine saved to a directory and restored into a fresh VM;
 //!
 //! Every address, length and port value comes from the guest and is treated as hostile: an
 //! access outside guest memory is an error of the VM (its VMM stops), never of the host.
@@ -21,6 +22,7 @@ pub mod guest;
 pub mod layout;
 pub mod process;
 pub mod sandbox;
+pub mod snapshot;
 pub mod tap;
 pub mod virtio;
 pub mod vm;
@@ -51,6 +53,8 @@ pub enum Error {
     },
     #[error("invalid VM configuration: {0}")]
     Config(String),
+    #[error("snapshot refused: {0}")]
+    Snapshot(String),
     #[error("the guest broke its machine: {0}")]
     Guest(String),
 }

@@ -148,6 +148,10 @@ fn outcome(end: &crate::Result<VmEnd>) -> i32 {
             EXIT_GUEST_CRASHED
         }
         Ok(VmEnd::DebugExit(n)) => DEBUG_EXIT_BASE + *n as i32,
+        Ok(VmEnd::Paused) => {
+            eprintln!("gatevisor vmm: the VM was paused with no snapshot to take");
+            EXIT_GUEST_BROKE
+        }
         Err(e) => {
             eprintln!("gatevisor vmm: {e}");
             EXIT_GUEST_BROKE

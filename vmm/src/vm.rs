@@ -7,7 +7,7 @@ use crate::virtio::mmio::{self, Interrupt, MmioTransport};
 use crate::virtio::net::Net;
 use crate::virtio::vsock::Vsock;
 use crate::virtio::VirtioDevice;
-use crate::{acpi, boot, cpu, file_err, kvm, Error, Result};
+use crate::{acpi, boot, cpu, file_err, kvm, snapshot, Error, Result};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -17,7 +17,9 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -145,6 +147,8 @@ pub enum VmEnd {
     DebugExit(u8),
     /// The guest powered off (ACPI S5): Linux's `poweroff`.
     PowerOff,
+    /// The host paused the VM ([`Pauser::pause`]): it can be snapshotted, or run on.
+    Paused,
 }
 
 impl VmConfig {
@@ -208,9 +212,14 @@ pub const MAX_VCPUS: u8 = 16;
 type Bus = Arc<Mutex<PortBus<Box<dyn Write + Send>>>>;
 
 pub struct Vm {
-    _kvm: Kvm,
-    _vm: VmFd,
+    kvm_fd: Kvm,
+    vm_fd: VmFd,
     pub mem: GuestMemoryMmap,
+    /// What a snapshot of this VM is of.
+    machine: snapshot::Machine,
+    pause: Arc<PauseState>,
+    /// The boot vCPU stopped at a pause (not at the guest's end): its state can be saved.
+    paused: bool,
     /// The boot vCPU, run by [`Vm::run`] on the calling thread.
     vcpu: VcpuFd,
     /// The other vCPUs (waiting for the guest's INIT/SIPI), until [`Vm::start_aps`].
@@ -260,10 +269,83 @@ fn adopt_tap(fd: RawFd) -> Result<File> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
+/// How a [`Pauser`] and the boot vCPU's loop meet.
+#[derive(Default)]
+struct PauseState {
+    /// A pause is asked for.
+    want: AtomicBool,
+    /// The vCPU loop stopped for it.
+    done: AtomicBool,
+    /// The thread in the vCPU loop (signalled out of KVM_RUN), while it is there.
+    thread: Mutex<Option<libc::pthread_t>>,
+}
+
+/// Stops a running VM's boot vCPU where it is, from another thread: [`Vm::run`] then
+/// returns [`VmEnd::Paused`] with any I/O the guest was doing completed.
+#[derive(Clone)]
+pub struct Pauser(Arc<PauseState>);
+
+/// The signal that kicks a vCPU thread out of KVM_RUN (its handler does nothing).
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 2
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+impl Pauser {
+    /// Asks for the pause and waits up to `within` for the vCPU to stop.
+    pub fn pause(&self, within: Duration) -> Result<()> {
+        let p = &self.0;
+        p.want.store(true, Ordering::SeqCst);
+        let t0 = Instant::now();
+        while !p.done.load(Ordering::SeqCst) {
+            {
+                let thread = p.thread.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(t) = *thread {
+                    // SAFETY: `t` is the vCPU loop's thread, alive while it is recorded
+                    // here (the loop clears it under this lock before it returns); the
+                    // signal's handler does nothing but interrupt KVM_RUN.
+                    unsafe { libc::pthread_kill(t, kick_signal()) };
+                }
+            }
+            if t0.elapsed() > within {
+                p.want.store(false, Ordering::SeqCst);
+                return Err(Error::Config(format!(
+                    "the vCPU did not pause within {within:?} (is the VM running?)"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+}
+
+/// Where a VM's memory and state come from.
+enum Origin {
+    Boot,
+    Snapshot(Box<snapshot::MachineState>, File),
+}
+
 impl Vm {
     /// Creates the machine and loads the guest; the vCPU is ready to run.
     pub fn new(cfg: &VmConfig) -> Result<Vm> {
+        Vm::build(cfg, Origin::Boot)
+    }
+
+    /// Creates the machine as the snapshot in `dir` left it (checked first: see
+    /// [`snapshot`]); [`Vm::run`] goes on from there.
+    pub fn restore(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vm> {
         cfg.validate()?;
+        let (state, memory) = snapshot::read(dir, cfg)?;
+        Vm::build(cfg, Origin::Snapshot(Box::new(state), memory))
+    }
+
+    fn build(cfg: &VmConfig, origin: Origin) -> Result<Vm> {
+        cfg.validate()?;
+        let machine = match &origin {
+            Origin::Boot => snapshot::Machine::of(cfg)?,
+            Origin::Snapshot(state, _) => state.machine,
+        };
         let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
         let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
         vm.set_tss_address(KVM_TSS_ADDRESS as usize)
@@ -276,12 +358,30 @@ impl Vm {
         .map_err(kvm("KVM_CREATE_PIT2"))?;
 
         let size = (cfg.memory_mib << 20) as usize;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).map_err(|e| {
-            Error::Memory {
-                mib: cfg.memory_mib,
-                detail: e.to_string(),
+        let mem_err = |detail: String| Error::Memory {
+            mib: cfg.memory_mib,
+            detail,
+        };
+        let mem = match &origin {
+            Origin::Boot => GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
+                .map_err(|e| mem_err(e.to_string()))?,
+            // Private: pages come from the file when first touched, and what the guest
+            // writes stays this VM's.
+            Origin::Snapshot(_, file) => {
+                let file = file
+                    .try_clone()
+                    .map_err(|e| mem_err(format!("snapshot memory: {e}")))?;
+                let region = vm_memory::mmap::MmapRegionBuilder::new(size)
+                    .with_file_offset(vm_memory::FileOffset::new(file, 0))
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                    .build()
+                    .map_err(|e| mem_err(format!("mapping the snapshot's memory: {e}")))?;
+                let region = vm_memory::GuestRegionMmap::new(region, GuestAddress(0))
+                    .ok_or_else(|| mem_err("the snapshot's memory region".into()))?;
+                GuestMemoryMmap::from_regions(vec![region]).map_err(|e| mem_err(e.to_string()))?
             }
-        })?;
+        };
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
@@ -366,38 +466,51 @@ impl Vm {
                 .map_err(file_err("listen on", v.uds_path.clone()))?;
             add(Box::new(dev), Some(wake))?;
         }
-        let rsdp = acpi::write_tables(&mem, cfg.vcpus, &acpi_devices).map_err(Error::Config)?;
-
-        let entry = match &cfg.boot {
-            Boot::Linux {
-                kernel,
-                initrd,
-                cmdline,
-            } => boot::load_linux(&mem, kernel, initrd.as_deref(), cmdline, rsdp)?,
-            Boot::Raw { image } => {
-                let bytes =
-                    std::fs::read(image).map_err(file_err("read raw image", image.clone()))?;
-                boot::load_raw(&mem, &bytes)?
+        let mut vcpus = Vec::new();
+        let state = match origin {
+            Origin::Boot => {
+                let rsdp =
+                    acpi::write_tables(&mem, cfg.vcpus, &acpi_devices).map_err(Error::Config)?;
+                let entry = match &cfg.boot {
+                    Boot::Linux {
+                        kernel,
+                        initrd,
+                        cmdline,
+                    } => boot::load_linux(&mem, kernel, initrd.as_deref(), cmdline, rsdp)?,
+                    Boot::Raw { image } => {
+                        let bytes = std::fs::read(image)
+                            .map_err(file_err("read raw image", image.clone()))?;
+                        boot::load_raw(&mem, &bytes)?
+                    }
+                };
+                let cpuid = kvm_fd
+                    .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+                for id in 0..cfg.vcpus {
+                    let vcpu = vm.create_vcpu(id as u64).map_err(kvm("KVM_CREATE_VCPU"))?;
+                    cpu::setup_cpuid(&vcpu, cpuid.clone(), id)?;
+                    cpu::setup_msrs(&vcpu)?;
+                    cpu::setup_fpu(&vcpu)?;
+                    cpu::setup_lapic(&vcpu)?;
+                    if id == 0 {
+                        // The others start when the guest sends them INIT and SIPI (the
+                        // in-kernel LAPIC keeps them waiting until then).
+                        cpu::setup_boot_cpu(&mem, &vcpu, entry)?;
+                    }
+                    vcpus.push(vcpu);
+                }
+                None
+            }
+            Origin::Snapshot(state, _) => {
+                for (id, saved) in state.vcpus.iter().enumerate() {
+                    let vcpu = vm.create_vcpu(id as u64).map_err(kvm("KVM_CREATE_VCPU"))?;
+                    saved.restore(&vcpu)?;
+                    vcpus.push(vcpu);
+                }
+                state.restore_vm(&vm)?;
+                Some(state)
             }
         };
-
-        let cpuid = kvm_fd
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut vcpus = Vec::new();
-        for id in 0..cfg.vcpus {
-            let vcpu = vm.create_vcpu(id as u64).map_err(kvm("KVM_CREATE_VCPU"))?;
-            cpu::setup_cpuid(&vcpu, cpuid.clone(), id)?;
-            cpu::setup_msrs(&vcpu)?;
-            cpu::setup_fpu(&vcpu)?;
-            cpu::setup_lapic(&vcpu)?;
-            if id == 0 {
-                // The others start when the guest sends them INIT and SIPI (the in-kernel
-                // LAPIC keeps them waiting until then).
-                cpu::setup_boot_cpu(&mem, &vcpu, entry)?;
-            }
-            vcpus.push(vcpu);
-        }
         let vcpu = vcpus.remove(0);
 
         let serial_irq =
@@ -429,13 +542,33 @@ impl Vm {
             }
             None => None,
         };
+        let bus = match state {
+            None => PortBus::new(serial_irq, console),
+            Some(state) => PortBus {
+                serial: vm_superio::Serial::from_state(
+                    &state.serial,
+                    crate::devices::IrqTrigger(serial_irq),
+                    vm_superio::serial::NoEvents,
+                    console,
+                )
+                .map_err(|e| Error::Snapshot(format!("its serial state: {e:?}")))?,
+                i8042: crate::devices::I8042::from_state(&state.i8042),
+                cmos: crate::devices::Cmos::from_state(&state.cmos),
+            },
+        };
+        // A pause interrupts KVM_RUN with a signal whose handler does nothing.
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| Error::Config(format!("the vCPU kick signal: {e}")))?;
         Ok(Vm {
-            _kvm: kvm_fd,
-            _vm: vm,
+            kvm_fd,
+            vm_fd: vm,
             mem,
+            machine,
+            pause: Arc::default(),
+            paused: false,
             vcpu,
             aps: vcpus,
-            bus: Arc::new(Mutex::new(PortBus::new(serial_irq, console))),
+            bus: Arc::new(Mutex::new(bus)),
             console_io,
             mmio,
             io,
@@ -491,7 +624,7 @@ impl Vm {
                     let ok = filtered.is_ok();
                     let _ = tx.send(filtered);
                     if ok {
-                        end(run_vcpu(&mut vcpu, &bus, &mmio));
+                        end(run_vcpu(&mut vcpu, &bus, &mmio, None));
                     }
                 })
                 .map_err(file_err("spawn", "a vCPU thread"))?;
@@ -501,9 +634,73 @@ impl Vm {
         Ok(())
     }
 
-    /// Runs the boot vCPU until the guest ends its machine.
+    /// Runs the boot vCPU until the guest ends its machine, or a [`Pauser`] pauses it.
     pub fn run(&mut self) -> Result<VmEnd> {
-        run_vcpu(&mut self.vcpu, &self.bus, &self.mmio)
+        let p = &self.pause;
+        p.done.store(false, Ordering::SeqCst);
+        // SAFETY: pthread_self has no preconditions.
+        *p.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(unsafe { libc::pthread_self() });
+        let end = run_vcpu(&mut self.vcpu, &self.bus, &self.mmio, Some(p));
+        *p.thread.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.paused = matches!(end, Ok(VmEnd::Paused));
+        if self.paused {
+            p.done.store(true, Ordering::SeqCst);
+        }
+        end
+    }
+
+    /// What pauses this VM from another thread.
+    pub fn pauser(&self) -> Pauser {
+        Pauser(self.pause.clone())
+    }
+
+    /// Saves the paused VM to `dir` (see [`snapshot`]); [`Vm::run`] may go on after.
+    pub fn snapshot(&mut self, dir: &std::path::Path) -> Result<()> {
+        if !self.paused {
+            return Err(Error::Snapshot(
+                "the VM is not paused (run it and pause it first)".into(),
+            ));
+        }
+        if !self.aps.is_empty() || self.machine.vcpus > 1 {
+            return Err(Error::Snapshot(
+                "snapshots of VMs with more than one vCPU are not supported yet".into(),
+            ));
+        }
+        if !self.mmio.is_empty() {
+            return Err(Error::Snapshot(
+                "snapshots of VMs with virtio devices are not supported yet \
+                 (their queues and backends are not saved)"
+                    .into(),
+            ));
+        }
+        let vcpu = snapshot::VcpuState::save(&self.kvm_fd, &self.vcpu)?;
+        let vm = snapshot::save_vm(&self.vm_fd)?;
+        let mut state = {
+            let bus = self.bus.lock().unwrap_or_else(|e| e.into_inner());
+            snapshot::MachineState::new(
+                self.machine,
+                vm,
+                vec![vcpu],
+                bus.serial.state(),
+                bus.i8042.state(),
+                bus.cmos.state(),
+            )
+        };
+        let region = self
+            .mem
+            .iter()
+            .next()
+            .ok_or_else(|| Error::Snapshot("the VM has no memory".into()))?;
+        let host = self
+            .mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| Error::Snapshot(format!("guest memory: {e}")))?;
+        // SAFETY: the one region from guest address 0 is a live mapping of `region.len()`
+        // bytes owned by `self.mem`; the only vCPU is paused (this thread ran it) and no
+        // device thread writes guest memory (the VM has none), so nothing changes it while
+        // it is read.
+        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, region.len() as usize) };
+        snapshot::write(dir, bytes, &mut state)
     }
 
     /// The virtio devices that stopped serving their driver, and why (for the exit report).
@@ -577,10 +774,29 @@ fn console_ready(
     }
 }
 
-/// One vCPU's exit loop, until the guest ends the machine or breaks it.
-fn run_vcpu(vcpu: &mut VcpuFd, bus: &Bus, mmio: &[Arc<Mutex<MmioTransport>>]) -> Result<VmEnd> {
+/// One vCPU's exit loop, until the guest ends the machine or breaks it, or `pause` asks it
+/// to stop.
+fn run_vcpu(
+    vcpu: &mut VcpuFd,
+    bus: &Bus,
+    mmio: &[Arc<Mutex<MmioTransport>>],
+    pause: Option<&PauseState>,
+) -> Result<VmEnd> {
     let lock_bus = || bus.lock().unwrap_or_else(|p| p.into_inner());
     loop {
+        if pause.is_some_and(|p| p.want.swap(false, Ordering::SeqCst)) {
+            // Enter once more with immediate_exit: KVM completes the port or MMIO access
+            // the last exit was for, then returns at once, so the saved state is whole.
+            vcpu.set_kvm_immediate_exit(1);
+            let r = vcpu.run().map(|_| ());
+            vcpu.set_kvm_immediate_exit(0);
+            match r {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Ok(()) => {}
+                Err(e) => return Err(kvm("KVM_RUN")(e)),
+            }
+            return Ok(VmEnd::Paused);
+        }
         let exit = vcpu.run();
         match exit {
             Ok(VcpuExit::IoOut(port, data)) => match lock_bus().write(port, data) {

@@ -1,0 +1,240 @@
+//! Snapshots on this machine's /dev/kvm: a raw guest paused in the middle of a long
+//! computation is saved, the VM dropped, and a fresh VM restored from the snapshot finishes
+//! it with the right result; clones restored from one snapshot each finish on their own and
+//! leave the snapshot as it was; a snapshot with a flipped byte, another format version or
+//! of another guest is refused with the reason.
+
+use gatevisor_vmm::snapshot::{MEMORY_FILE, STATE_FILE, VERSION_OFFSET};
+use gatevisor_vmm::vm::Vm;
+use gatevisor_vmm::{Boot, Error, VmConfig, VmEnd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use vm_memory::{Bytes, GuestAddress};
+
+fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipped {test}: /dev/kvm: {e}");
+            false
+        }
+    }
+}
+
+/// Where the guest counts its iterations, and where it leaves its result.
+const COUNTER: u64 = 0x30_0000;
+const RESULT: u64 = COUNTER + 8;
+const DONE: u8 = 7;
+
+/// A guest that prints `A`, then for i = n down to 1 adds i² to rax and counts the
+/// iteration in memory, stores rax, prints `B` and ends with debug-exit code 7.
+fn guest(n: u64) -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03, 0xb0, b'A', 0xee]; // mov dx, 0x3f8; mov al,'A'; out dx, al
+    c.extend([0x48, 0xb9]); // mov rcx, n
+    c.extend(n.to_le_bytes());
+    c.extend([0x31, 0xc0]); // xor eax, eax
+    c.extend([0x48, 0xbf]); // mov rdi, COUNTER
+    c.extend(COUNTER.to_le_bytes());
+    c.extend([
+        0x48, 0x89, 0xca, // loop: mov rdx, rcx
+        0x48, 0x0f, 0xaf, 0xd1, // imul rdx, rcx
+        0x48, 0x01, 0xd0, // add rax, rdx
+        0x48, 0xff, 0x07, // inc qword [rdi]
+        0x48, 0xff, 0xc9, // dec rcx
+        0x75, 0xee, // jnz loop
+        0x48, 0x89, 0x47, 0x08, // mov [rdi+8], rax
+        0x66, 0xba, 0xf8, 0x03, 0xb0, b'B', 0xee, // print 'B'
+        0xb0, DONE, 0xe6, 0xf4, // mov al, 7; out 0xf4, al
+        0xf4, // hlt
+    ]);
+    c
+}
+
+/// 1² + … + n², modulo 2⁶⁴ as the guest's registers keep it.
+fn expected(n: u64) -> u64 {
+    let n = n as u128;
+    (n * (n + 1) * (2 * n + 1) / 6) as u64
+}
+
+fn config(dir: &Path, image: &Path) -> VmConfig {
+    VmConfig {
+        boot: Boot::Raw {
+            image: image.to_path_buf(),
+        },
+        memory_mib: 32,
+        vcpus: 1,
+        console_log: Some(dir.join("console.log")),
+        console_rate: 65536,
+        console_socket: None,
+        exit_file: None,
+        net: vec![],
+        disk: vec![],
+        vsock: None,
+    }
+}
+
+fn read_u64(vm: &Vm, at: u64) -> u64 {
+    vm.mem.read_obj(GuestAddress(at)).unwrap()
+}
+
+/// Runs `vm` on a thread, pauses it after `after`, returns it paused.
+fn run_then_pause(mut vm: Vm, after: Duration) -> Vm {
+    let pauser = vm.pauser();
+    let t = std::thread::spawn(move || {
+        let end = vm.run();
+        (vm, end)
+    });
+    std::thread::sleep(after);
+    pauser.pause(Duration::from_secs(5)).unwrap();
+    let (vm, end) = t.join().unwrap();
+    assert_eq!(end.unwrap(), VmEnd::Paused);
+    vm
+}
+
+/// Iterations: about a second of guest time here (KVM-PVM runs this loop at ~170,000
+/// iterations a second), so a pause after 100 ms lands in the middle.
+const N: u64 = 200_000;
+
+/// A snapshot of the guest paused mid-computation, in `dir/snap`; the image it ran.
+fn snapshot_mid_computation(dir: &Path) -> (PathBuf, PathBuf) {
+    let image = dir.join("guest.bin");
+    std::fs::write(&image, guest(N)).unwrap();
+    let cfg = config(dir, &image);
+    let mut vm = run_then_pause(Vm::new(&cfg).unwrap(), Duration::from_millis(100));
+    let counted = read_u64(&vm, COUNTER);
+    assert!(
+        counted > 0 && counted < N,
+        "paused mid-computation: {counted} of {N} iterations done"
+    );
+    let snap = dir.join("snap");
+    vm.snapshot(&snap).unwrap();
+    (image, snap)
+}
+
+fn refusal(r: gatevisor_vmm::Result<Vm>) -> String {
+    match r {
+        Err(Error::Snapshot(why)) => why,
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("restored"),
+    }
+}
+
+#[test]
+fn a_guest_paused_mid_computation_is_restored_into_a_fresh_vm_and_finishes_right() {
+    if !kvm_or_skip("a_guest_paused_mid_computation_is_restored_into_a_fresh_vm_and_finishes_right")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (image, snap) = snapshot_mid_computation(dir.path());
+    let cfg = config(dir.path(), &image);
+    // Pages of zeros are holes: the memory file holds about what the guest touched.
+    let mem = std::fs::metadata(snap.join(MEMORY_FILE)).unwrap();
+    assert_eq!(mem.len(), 32 << 20);
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&mem) * 512 < 4 << 20,
+        "{} bytes on disk",
+        std::os::unix::fs::MetadataExt::blocks(&mem) * 512
+    );
+    // Two clones from one snapshot, one after the other; each finishes the computation.
+    for clone in 0..2 {
+        let mut vm = Vm::restore(&cfg, &snap).unwrap();
+        let at = read_u64(&vm, COUNTER);
+        assert!(at > 0 && at < N, "clone {clone} starts where the pause was");
+        assert_eq!(vm.run().unwrap(), VmEnd::DebugExit(DONE), "clone {clone}");
+        assert_eq!(
+            read_u64(&vm, COUNTER),
+            N,
+            "clone {clone}: every iteration once"
+        );
+        assert_eq!(
+            read_u64(&vm, RESULT),
+            expected(N),
+            "clone {clone}: the right sum"
+        );
+    }
+    // The first run printed A; each restored VM printed only B: the serial device and the
+    // guest went on, neither started again.
+    let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap();
+    assert_eq!(console, "ABB");
+    // A VM that is not paused has nothing to save.
+    let mut vm = Vm::restore(&cfg, &snap).unwrap();
+    assert!(matches!(
+        vm.snapshot(&dir.path().join("again")),
+        Err(Error::Snapshot(_))
+    ));
+    // Paused again after a restore, snapshotted again, restored again: still right.
+    let mut vm = run_then_pause(vm, Duration::from_millis(20));
+    vm.snapshot(&dir.path().join("again")).unwrap();
+    let mut vm = Vm::restore(&cfg, &dir.path().join("again")).unwrap();
+    assert_eq!(vm.run().unwrap(), VmEnd::DebugExit(DONE));
+    assert_eq!(read_u64(&vm, RESULT), expected(N));
+}
+
+#[test]
+fn a_corrupt_foreign_or_other_version_snapshot_is_refused_with_the_reason() {
+    if !kvm_or_skip("a_corrupt_foreign_or_other_version_snapshot_is_refused_with_the_reason") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (image, snap) = snapshot_mid_computation(dir.path());
+    let cfg = config(dir.path(), &image);
+    let state = std::fs::read(snap.join(STATE_FILE)).unwrap();
+    let write_state = |bytes: &[u8]| std::fs::write(snap.join(STATE_FILE), bytes).unwrap();
+
+    // A byte flipped in the state.
+    let mut bad = state.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
+    write_state(&bad);
+    let why = refusal(Vm::restore(&cfg, &snap));
+    assert!(why.contains("checksum"), "{why}");
+
+    // Another format version.
+    let mut bad = state.clone();
+    bad[VERSION_OFFSET..VERSION_OFFSET + 4].copy_from_slice(&2u32.to_le_bytes());
+    write_state(&bad);
+    let why = refusal(Vm::restore(&cfg, &snap));
+    assert!(why.contains("version 2"), "{why}");
+
+    // Cut short.
+    write_state(&state[..state.len() - 100]);
+    let why = refusal(Vm::restore(&cfg, &snap));
+    assert!(why.contains("checksum"), "{why}");
+    write_state(&state);
+
+    // Of another guest: the same machine booting another image.
+    let other = dir.path().join("other.bin");
+    std::fs::write(&other, guest(N - 1)).unwrap();
+    let why = refusal(Vm::restore(&config(dir.path(), &other), &snap));
+    assert!(why.contains("another kernel"), "{why}");
+    // With another memory size.
+    let mut bigger = cfg.clone();
+    bigger.memory_mib = 64;
+    let why = refusal(Vm::restore(&bigger, &snap));
+    assert!(why.contains("32 MiB"), "{why}");
+
+    // A byte flipped in the memory: in the guest's code, at 1 MiB.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(snap.join(MEMORY_FILE))
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 0x10_0010).unwrap();
+        f.write_all_at(&[b[0] ^ 1], 0x10_0010).unwrap();
+        let why = refusal(Vm::restore(&cfg, &snap));
+        assert!(why.contains("memory fails its checksum"), "{why}");
+        f.write_all_at(&b, 0x10_0010).unwrap();
+    }
+    // Mended, it restores and finishes.
+    let mut vm = Vm::restore(&cfg, &snap).unwrap();
+    assert_eq!(vm.run().unwrap(), VmEnd::DebugExit(DONE));
+    assert_eq!(read_u64(&vm, RESULT), expected(N));
+}
