@@ -18,7 +18,7 @@ mod registry;
 mod usp_peer;
 use common::*;
 use gatevisor_images::oci::store::disk_usage;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -343,6 +343,22 @@ fn setuid_files_in_an_image_need_the_operators_grant_to_its_publisher() {
     }
 }
 
+/// A registry with basic auth under `dir`, and the daemon's `[registries."HOST"]` section
+/// for it (ca, username, password_file; last in the text, so that keys can follow), and the
+/// CA and password files themselves.
+fn registry_with_access(dir: &Path) -> (registry::Registry, String, PathBuf, PathBuf) {
+    let reg = registry::Registry::start(dir);
+    let access = reg.access(Some(registry::PASSWORD));
+    let a = &access.hosts[&reg.host];
+    let (ca, password_file) = (a.ca.clone().unwrap(), a.password_file.clone().unwrap());
+    let section = format!(
+        "[registries.\"{}\"]\nca = {ca:?}\nusername = {:?}\npassword_file = {password_file:?}\n",
+        reg.host,
+        registry::USER,
+    );
+    (reg, section, ca, password_file)
+}
+
 #[test]
 fn an_image_in_a_registry_is_signed_pulled_and_run_with_the_daemons_registry_access() {
     let test = "an_image_in_a_registry_is_signed_pulled_and_run_with_the_daemons_registry_access";
@@ -354,17 +370,8 @@ fn an_image_in_a_registry_is_signed_pulled_and_run_with_the_daemons_registry_acc
         return;
     }
     let regdir = tempfile::tempdir().unwrap();
-    let reg = registry::Registry::start(regdir.path());
-    let access = reg.access(Some(registry::PASSWORD));
-    let a = &access.hosts[&reg.host];
-    let (ca, password_file) = (a.ca.clone().unwrap(), a.password_file.clone().unwrap());
-    let d = Daemon::start_with_config(&format!(
-        "[registries.\"{}\"]\nca = {:?}\nusername = {:?}\npassword_file = {:?}\n",
-        reg.host,
-        ca,
-        registry::USER,
-        password_file
-    ));
+    let (reg, access, ca, password_file) = registry_with_access(regdir.path());
+    let d = Daemon::start_with_config(&access);
     build_image(&d);
     reg.push(
         &format!("oci:{}:app", d.dir.path().join("L").display()),
@@ -484,21 +491,14 @@ fn a_controller_installs_images_by_reference_and_by_archive_url_with_the_operato
         return;
     }
     let regdir = tempfile::tempdir().unwrap();
-    let reg = registry::Registry::start(regdir.path());
-    let access = reg.access(Some(registry::PASSWORD));
-    let a = &access.hosts[&reg.host];
-    let (ca, password_file) = (a.ca.clone().unwrap(), a.password_file.clone().unwrap());
+    let (reg, access, ca, password_file) = registry_with_access(regdir.path());
     // The operator's web server: deployment documents (lookaside layout) and archives.
     let web = tempfile::tempdir().unwrap();
     let (_web, web_port) = http_server(web.path());
     let (_mq, mq_port) = mosquitto(regdir.path());
     let d = Daemon::start_with_config(&format!(
-        "{}[registries.\"{}\"]\nca = {:?}\nusername = {:?}\npassword_file = {:?}\nsignatures = \"http://127.0.0.1:{web_port}/sigs\"\n",
+        "{}{access}signatures = \"http://127.0.0.1:{web_port}/sigs\"\n",
         agent_config(mq_port),
-        reg.host,
-        ca,
-        registry::USER,
-        password_file
     ));
     build_image(&d);
     let layout = format!("oci:{}:app", d.dir.path().join("L").display());

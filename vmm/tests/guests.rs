@@ -3,22 +3,10 @@
 //! page tables, port I/O to the serial device, the reset line) and that a hostile guest's
 //! accesses stay inside its VM.
 
+mod common;
+use common::kvm_or_skip;
 use gatevisor_vmm::{Boot, VmConfig, VmEnd};
 use std::path::Path;
-
-fn kvm_or_skip() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipped: /dev/kvm: {e}");
-            false
-        }
-    }
-}
 
 /// Runs `code` as a raw guest with 128 MiB; returns how it ended and its console output.
 fn run(dir: &Path, code: &[u8]) -> (gatevisor_vmm::Result<VmEnd>, String) {
@@ -59,7 +47,7 @@ const RESET: [u8; 5] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4]; // mov al, 0xfe; out 0x64
 
 #[test]
 fn long_mode_guest_prints_on_the_serial_console_and_resets_its_vm() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip("long_mode_guest_prints_on_the_serial_console_and_resets_its_vm") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -71,7 +59,7 @@ fn long_mode_guest_prints_on_the_serial_console_and_resets_its_vm() {
 
 #[test]
 fn guest_reports_its_status_through_the_debug_exit_port() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip("guest_reports_its_status_through_the_debug_exit_port") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -82,7 +70,7 @@ fn guest_reports_its_status_through_the_debug_exit_port() {
 
 #[test]
 fn guest_access_beyond_its_memory_reaches_nothing() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip("guest_access_beyond_its_memory_reaches_nothing") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -101,7 +89,7 @@ fn guest_access_beyond_its_memory_reaches_nothing() {
 
 #[test]
 fn crashing_guest_ends_its_vm_with_a_triple_fault() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip("crashing_guest_ends_its_vm_with_a_triple_fault") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -176,7 +164,8 @@ fn run_linux(
 
 #[test]
 fn elf_kernel_enters_through_pvh_with_its_start_info_command_line_and_initramfs() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip("elf_kernel_enters_through_pvh_with_its_start_info_command_line_and_initramfs")
+    {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -204,7 +193,7 @@ fn elf_kernel_enters_through_pvh_with_its_start_info_command_line_and_initramfs(
 
 #[test]
 fn elf_kernel_without_a_pvh_note_is_refused() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip("elf_kernel_without_a_pvh_note_is_refused") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -280,7 +269,7 @@ fn sandboxed(mode: &str) -> std::process::Output {
 
 #[test]
 fn sandboxed_vcpu_still_runs_its_guest() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip("sandboxed_vcpu_still_runs_its_guest") {
         return;
     }
     let out = sandboxed("run");
@@ -295,7 +284,7 @@ fn sandboxed_vcpu_still_runs_its_guest() {
 
 #[test]
 fn sandboxed_vmm_is_killed_when_it_opens_a_file() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip("sandboxed_vmm_is_killed_when_it_opens_a_file") {
         return;
     }
     use std::os::unix::process::ExitStatusExt;

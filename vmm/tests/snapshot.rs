@@ -4,26 +4,14 @@
 //! leave the snapshot as it was; a snapshot with a flipped byte, another format version or
 //! of another guest is refused with the reason.
 
+mod common;
+use common::kvm_or_skip;
 use gatevisor_vmm::snapshot::{MEMORY_FILE, STATE_FILE, VERSION_OFFSET};
 use gatevisor_vmm::vm::Vm;
 use gatevisor_vmm::{Boot, Error, VmConfig, VmEnd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
-
-fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipped {test}: /dev/kvm: {e}");
-            false
-        }
-    }
-}
 
 /// Where the guest counts its iterations, and where it leaves its result.
 const COUNTER: u64 = 0x30_0000;
