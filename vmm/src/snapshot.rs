@@ -10,7 +10,9 @@
 //!   machine it was taken of (memory size, vCPUs, devices, a CRC-32 of the boot files and
 //!   command line), the memory file's length and CRC-32, the VM's clock, PIT and interrupt
 //!   controllers, each vCPU's state (CPUID, registers, FPU/XSAVE, LAPIC, MSRs, pending
-//!   events) and the port devices' state (serial, i8042, CMOS).
+//!   events), the port devices' state (serial, i8042, CMOS) and each virtio device's:
+//!   its transport registers, its queues (ring addresses, sizes, both sides' positions)
+//!   and what the guest learned from it (a MAC, a disk's size and mode, a vsock context id).
 //!
 //! `memory` is written and flushed first, `state` last and renamed into place: a snapshot
 //! cut short is never taken for a complete one.
@@ -21,10 +23,19 @@
 //! set). The checksums are CRC-32: they catch corruption, not forgery; a snapshot is trusted
 //! as much as the directory it lives in.
 //!
-//! Not yet saved: the virtio devices' queues and backends. A VM with virtio devices or
-//! more than one vCPU is refused at snapshot time, with that reason.
+//! What a restored guest sees of its devices:
+//! - **net**: the same MAC on the tap it is given now; a frame the old process held for a
+//!   receive buffer is lost, like one on a busy wire;
+//! - **block**: the same image, sized and moded as before; requests are served as they come,
+//!   so none is in flight. The snapshot does not copy the image: a writable disk must hold
+//!   what the guest's memory expects (the caller keeps it with the snapshot);
+//! - **vsock**: its connections ended with the old process (their host ends were its
+//!   sockets); a live driver gets a transport reset event and drops them, its listeners stay.
+//!
+//! Not yet: a VM with more than one vCPU is refused at snapshot time, with that reason.
 
 use crate::devices::{CmosState, I8042State};
+use crate::virtio::mmio::SavedDevice;
 use crate::{file_err, kvm, Boot, Error, Result, VmConfig};
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
@@ -68,6 +79,9 @@ const T_TSC_KHZ: u32 = 20;
 const T_SERIAL: u32 = 30;
 const T_I8042: u32 = 31;
 const T_CMOS: u32 = 32;
+const T_VIRTIO_REGS: u32 = 40;
+const T_VIRTIO_QUEUES: u32 = 41;
+const T_VIRTIO_DEVICE: u32 = 42;
 
 fn refused(why: impl Into<String>) -> Error {
     Error::Snapshot(why.into())
@@ -195,6 +209,8 @@ pub struct MachineState {
     pub serial: vm_superio::serial::SerialState,
     pub i8042: I8042State,
     pub cmos: CmosState,
+    /// The virtio devices in the machine's order (nets, disks, vsock).
+    pub devices: Vec<SavedDevice>,
 }
 
 /// The MSRs KVM saves and restores for a guest: those of its index list that this host lets
@@ -328,6 +344,7 @@ impl MachineState {
         serial: vm_superio::serial::SerialState,
         i8042: I8042State,
         cmos: CmosState,
+        devices: Vec<SavedDevice>,
     ) -> MachineState {
         MachineState {
             machine,
@@ -343,6 +360,7 @@ impl MachineState {
             serial,
             i8042,
             cmos,
+            devices,
         }
     }
 
@@ -386,6 +404,11 @@ impl MachineState {
         w.put(T_SERIAL, &serial);
         w.put(T_I8042, self.i8042.as_bytes());
         w.put(T_CMOS, self.cmos.as_bytes());
+        for d in &self.devices {
+            w.put(T_VIRTIO_REGS, d.regs.as_bytes());
+            w.put(T_VIRTIO_QUEUES, d.queues.as_slice().as_bytes());
+            w.put(T_VIRTIO_DEVICE, &d.device);
+        }
         let crc = crc32fast::hash(&w.0);
         w.0.extend_from_slice(&crc.to_le_bytes());
         w.0
@@ -466,6 +489,14 @@ impl MachineState {
         };
         let i8042 = r.one(T_I8042)?;
         let cmos = r.one(T_CMOS)?;
+        let mut devices = Vec::new();
+        for _ in 0..machine.nets + machine.disks + machine.vsock {
+            devices.push(SavedDevice {
+                regs: r.one(T_VIRTIO_REGS)?,
+                queues: r.many(T_VIRTIO_QUEUES)?,
+                device: r.take(T_VIRTIO_DEVICE)?.to_vec(),
+            });
+        }
         if !r.rest.is_empty() {
             return Err(refused("it has sections this VMM does not know"));
         }
@@ -479,6 +510,7 @@ impl MachineState {
             serial,
             i8042,
             cmos,
+            devices,
         })
     }
 }

@@ -508,6 +508,13 @@ impl Vm {
                     vcpus.push(vcpu);
                 }
                 state.restore_vm(&vm)?;
+                // The devices after the interrupt controllers: an interrupt they raise
+                // again must land in the restored IOAPIC.
+                for (i, (t, saved)) in mmio.iter().zip(&state.devices).enumerate() {
+                    lock(t).restore(saved).map_err(|why| {
+                        Error::Snapshot(format!("{}: {why}", device_name(cfg, i)))
+                    })?;
+                }
                 Some(state)
             }
         };
@@ -666,13 +673,9 @@ impl Vm {
                 "snapshots of VMs with more than one vCPU are not supported yet".into(),
             ));
         }
-        if !self.mmio.is_empty() {
-            return Err(Error::Snapshot(
-                "snapshots of VMs with virtio devices are not supported yet \
-                 (their queues and backends are not saved)"
-                    .into(),
-            ));
-        }
+        // Every device is held until its memory is saved: the I/O thread writes guest
+        // memory (received frames) only while it holds the device.
+        let devices: Vec<_> = self.mmio.iter().map(|t| lock(t)).collect();
         let vcpu = snapshot::VcpuState::save(&self.kvm_fd, &self.vcpu)?;
         let vm = snapshot::save_vm(&self.vm_fd)?;
         let mut state = {
@@ -684,6 +687,7 @@ impl Vm {
                 bus.serial.state(),
                 bus.i8042.state(),
                 bus.cmos.state(),
+                devices.iter().map(|t| t.save()).collect(),
             )
         };
         let region = self
@@ -696,11 +700,13 @@ impl Vm {
             .get_host_address(region.start_addr())
             .map_err(|e| Error::Snapshot(format!("guest memory: {e}")))?;
         // SAFETY: the one region from guest address 0 is a live mapping of `region.len()`
-        // bytes owned by `self.mem`; the only vCPU is paused (this thread ran it) and no
-        // device thread writes guest memory (the VM has none), so nothing changes it while
-        // it is read.
+        // bytes owned by `self.mem`; the only vCPU is paused (this thread ran it) and the
+        // I/O thread, the only other writer, waits for the devices held in `devices`, so
+        // nothing changes it while it is read.
         let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, region.len() as usize) };
-        snapshot::write(dir, bytes, &mut state)
+        let written = snapshot::write(dir, bytes, &mut state);
+        drop(devices);
+        written
     }
 
     /// The virtio devices that stopped serving their driver, and why (for the exit report).
@@ -835,6 +841,17 @@ fn run_vcpu(
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) => return Err(kvm("KVM_RUN")(e)),
         }
+    }
+}
+
+/// How a person names the `i`th virtio device of `cfg` (nets, then disks, then vsock).
+fn device_name(cfg: &VmConfig, i: usize) -> String {
+    if i < cfg.net.len() {
+        format!("network interface {i}")
+    } else if i < cfg.net.len() + cfg.disk.len() {
+        format!("disk {}", i - cfg.net.len())
+    } else {
+        "the vsock device".into()
     }
 }
 

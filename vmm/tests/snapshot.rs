@@ -226,3 +226,56 @@ fn a_corrupt_foreign_or_other_version_snapshot_is_refused_with_the_reason() {
     assert_eq!(vm.run().unwrap(), VmEnd::DebugExit(DONE));
     assert_eq!(read_u64(&vm, RESULT), expected(N));
 }
+
+#[test]
+fn a_vm_with_a_disk_and_vsock_is_restored_with_its_devices_and_refused_with_other_ones() {
+    if !kvm_or_skip(
+        "a_vm_with_a_disk_and_vsock_is_restored_with_its_devices_and_refused_with_other_ones",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("guest.bin");
+    std::fs::write(&image, guest(N)).unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 64 * 512]).unwrap();
+    let mut cfg = config(dir.path(), &image);
+    cfg.disk = vec![gatevisor_vmm::vm::DiskConfig {
+        path: disk.clone(),
+        read_only: true,
+    }];
+    cfg.vsock = Some(gatevisor_vmm::vm::VsockConfig {
+        guest_cid: 3,
+        uds_path: dir.path().join("v.sock"),
+    });
+    let mut vm = run_then_pause(Vm::new(&cfg).unwrap(), Duration::from_millis(100));
+    let snap = dir.path().join("snap");
+    vm.snapshot(&snap).unwrap();
+    drop(vm);
+
+    // The devices come back (the guest never drove them: they come back unstarted) and
+    // the guest finishes.
+    let mut vm = Vm::restore(&cfg, &snap).unwrap();
+    assert_eq!(vm.run().unwrap(), VmEnd::DebugExit(DONE));
+    assert_eq!(read_u64(&vm, RESULT), expected(N));
+    drop(vm);
+
+    // A disk of another size, or another guest context id: the guest knew the old ones.
+    std::fs::write(&disk, vec![0u8; 128 * 512]).unwrap();
+    let why = refusal(Vm::restore(&cfg, &snap));
+    assert!(
+        why.contains("disk 0: the snapshot's disk had 64 sectors, this one 128"),
+        "{why}"
+    );
+    std::fs::write(&disk, vec![0u8; 64 * 512]).unwrap();
+    let mut other = cfg.clone();
+    other.vsock.as_mut().unwrap().guest_cid = 4;
+    let why = refusal(Vm::restore(&other, &snap));
+    assert!(why.contains("the vsock device: "), "{why}");
+    assert!(why.contains("context id 3, this one 4"), "{why}");
+    // Without the disk: another machine.
+    let mut fewer = cfg.clone();
+    fewer.disk.clear();
+    let why = refusal(Vm::restore(&fewer, &snap));
+    assert!(why.contains("1 disks"), "{why}");
+}

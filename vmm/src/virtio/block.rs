@@ -189,6 +189,45 @@ impl VirtioDevice for Block {
         }
     }
 
+    /// The guest sized its disk and knows whether it may write it.
+    fn saved(&self) -> Vec<u8> {
+        let mut b = self.capacity_sectors.to_le_bytes().to_vec();
+        b.push(self.read_only as u8);
+        b
+    }
+
+    fn resume(
+        &mut self,
+        saved: &[u8],
+        _mem: &GuestMemoryMmap,
+        _queues: &mut [Queue],
+        _live: bool,
+    ) -> Result<bool, String> {
+        let now = self.saved();
+        if saved.len() != now.len() {
+            return Err("the snapshot's disk state has the wrong size".into());
+        }
+        if saved[..8] != now[..8] {
+            let was = u64::from_le_bytes(saved[..8].try_into().unwrap());
+            return Err(format!(
+                "the snapshot's disk had {was} sectors, this one {}",
+                self.capacity_sectors
+            ));
+        }
+        if saved[8] != now[8] {
+            return Err(format!(
+                "the snapshot's disk was {}, this one is not",
+                if saved[8] == 1 {
+                    "read-only"
+                } else {
+                    "writable"
+                }
+            ));
+        }
+        // Requests are served on the vCPU thread as they come: none was in flight.
+        Ok(false)
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
     }

@@ -14,9 +14,10 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// Size of one device's register window.
 pub const WINDOW: u64 = 0x1000;
@@ -58,6 +59,46 @@ impl Interrupt {
     fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+}
+
+/// The transport's registers as a snapshot keeps them (what the driver programmed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable)]
+#[repr(C)]
+pub struct TransportRegs {
+    pub device_type: u32,
+    pub status: u32,
+    pub driver_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    /// 1 when the device was out of service (it stays so until the driver resets it).
+    pub broken: u32,
+}
+
+/// One queue as a snapshot keeps it: where its rings are and how far both sides got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable)]
+#[repr(C)]
+pub struct QueueRegs {
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub max_size: u16,
+    pub size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub ready: u8,
+    pub event_idx: u8,
+    _pad: [u8; 6],
+}
+
+/// A device's whole state in a snapshot: its transport, its queues, its own bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedDevice {
+    pub regs: TransportRegs,
+    pub queues: Vec<QueueRegs>,
+    pub device: Vec<u8>,
 }
 
 pub struct MmioTransport {
@@ -288,6 +329,120 @@ impl MmioTransport {
         self.config_generation = self.config_generation.wrapping_add(1);
         self.broken = Some(e);
         self.interrupt.raise(INT_CONFIG);
+    }
+
+    /// The device's state for a snapshot. The caller holds the transport (no I/O runs) and
+    /// the vCPUs are paused, so nothing moves the queues while guest memory is saved.
+    pub fn save(&self) -> SavedDevice {
+        SavedDevice {
+            regs: TransportRegs {
+                device_type: self.device.device_type(),
+                status: self.status,
+                driver_features: self.driver_features,
+                device_features_sel: self.device_features_sel,
+                driver_features_sel: self.driver_features_sel,
+                queue_sel: self.queue_sel,
+                config_generation: self.config_generation,
+                interrupt_status: self.interrupt.status(),
+                broken: self.broken.is_some() as u32,
+            },
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueRegs {
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                        max_size: s.max_size,
+                        size: s.size,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        ready: s.ready as u8,
+                        event_idx: s.event_idx_enabled as u8,
+                        _pad: [0; 6],
+                    }
+                })
+                .collect(),
+            device: self.device.saved(),
+        }
+    }
+
+    /// Puts a saved state into this fresh transport (of a restored machine, whose guest
+    /// memory is already the snapshot's). Everything is checked as a driver's writes are:
+    /// a state this device could not have been in is refused with the reason.
+    pub fn restore(&mut self, saved: &SavedDevice) -> Result<(), String> {
+        let r = &saved.regs;
+        if r.device_type != self.device.device_type() {
+            return Err(format!(
+                "device {} in the snapshot, {} here",
+                r.device_type,
+                self.device.device_type()
+            ));
+        }
+        if saved.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{} queues in the snapshot, {} here",
+                saved.queues.len(),
+                self.queues.len()
+            ));
+        }
+        if r.driver_features & !self.offered_features() != 0 {
+            return Err("the driver had features this device does not offer".into());
+        }
+        let mut queues = Vec::with_capacity(saved.queues.len());
+        for (i, (q, max)) in saved
+            .queues
+            .iter()
+            .zip(self.device.queue_max_sizes())
+            .enumerate()
+        {
+            if q.max_size != *max || q.ready > 1 || q.event_idx > 1 {
+                return Err(format!("queue {i} is not one this device could have"));
+            }
+            let queue = Queue::try_from(QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx == 1,
+                size: q.size,
+                ready: q.ready == 1,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            })
+            .map_err(|e| format!("queue {i}: {e}"))?;
+            queues.push(queue);
+        }
+        self.queues = queues;
+        self.status = r.status;
+        self.driver_features = r.driver_features;
+        self.device_features_sel = r.device_features_sel;
+        self.driver_features_sel = r.driver_features_sel;
+        self.queue_sel = r.queue_sel;
+        self.config_generation = r.config_generation;
+        self.broken = (r.broken != 0).then(|| {
+            DeviceError::Backend("it was out of service when the snapshot was taken".into())
+        });
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            for (i, q) in self.queues.iter().enumerate() {
+                if q.ready() && !q.is_valid(&self.mem) {
+                    return Err(format!("queue {i}'s rings are outside guest memory"));
+                }
+            }
+        }
+        let live = self.active();
+        let used = self
+            .device
+            .resume(&saved.device, &self.mem, &mut self.queues, live)?;
+        // An interrupt the driver had not acknowledged yet is raised again: the restored
+        // guest must not wait for an edge that was lost with the old process.
+        if r.interrupt_status != 0 || used {
+            self.interrupt
+                .raise(r.interrupt_status | if used { INT_USED_RING } else { 0 });
+        }
+        Ok(())
     }
 
     /// The driver made buffers available in queue `index`.

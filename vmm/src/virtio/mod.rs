@@ -69,6 +69,27 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device: forget negotiated state (the backend stays open).
     fn reset(&mut self) {}
+    /// What a snapshot keeps of the device beyond its transport and queues: what the guest
+    /// learned from it and must find again (its MAC, capacity, context id).
+    fn saved(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// The machine was restored from a snapshot whose device state was `saved`: refuse a
+    /// device the guest would not recognise (the reason), else go on. `live` says whether
+    /// the driver had set DRIVER_OK. Returns whether used buffers were returned.
+    fn resume(
+        &mut self,
+        saved: &[u8],
+        _mem: &GuestMemoryMmap,
+        _queues: &mut [Queue],
+        _live: bool,
+    ) -> Result<bool, String> {
+        if saved.is_empty() {
+            Ok(false)
+        } else {
+            Err("the snapshot has state for it that this device does not know".into())
+        }
+    }
 }
 
 /// The chains the devices pop from their queues.

@@ -167,6 +167,37 @@ impl VirtioDevice for Net {
         self.pending_len = 0;
         self.rx_waiting = false;
     }
+
+    fn saved(&self) -> Vec<u8> {
+        self.mac.to_vec()
+    }
+
+    /// The guest read its MAC when its driver probed: the restored interface must have it.
+    /// A frame the old process held for a receive buffer is lost, like one on a busy wire.
+    fn resume(
+        &mut self,
+        saved: &[u8],
+        _mem: &GuestMemoryMmap,
+        _queues: &mut [Queue],
+        _live: bool,
+    ) -> Result<bool, String> {
+        if saved != self.mac {
+            return Err(format!(
+                "the snapshot's interface has MAC {}, this one {}",
+                mac_text(saved),
+                mac_text(&self.mac)
+            ));
+        }
+        self.reset();
+        Ok(false)
+    }
+}
+
+fn mac_text(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Copies `src[offset..]` into `data`, zeros past its end.

@@ -64,6 +64,26 @@ impl Driver {
         }
     }
 
+    /// The same guest with `dev` in a fresh transport that took `saved` (a restore): the
+    /// memory and the driver's ring bookkeeping carry over.
+    pub fn restored(
+        &self,
+        dev: Box<dyn super::VirtioDevice>,
+        saved: &super::mmio::SavedDevice,
+    ) -> Result<Driver, String> {
+        let mut t = MmioTransport::new(
+            dev,
+            self.mem.clone(),
+            Interrupt::new(EventFd::new(0).unwrap()),
+        );
+        t.restore(saved)?;
+        Ok(Driver {
+            mem: self.mem.clone(),
+            t,
+            rings: self.rings.clone(),
+        })
+    }
+
     pub fn w(&mut self, off: u64, v: u32) {
         self.t.write(off, &v.to_le_bytes());
     }
@@ -609,5 +629,221 @@ mod vsock {
         let mut d = device(dir.path());
         send(&mut d, guest(5, 1, 2, 100), b"short");
         assert!(d.t.broken().is_some());
+    }
+}
+
+mod restore {
+    use super::*;
+    use crate::virtio::vsock::Vsock;
+
+    fn disk_file(img: &tempfile::NamedTempFile, read_only: bool) -> File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(img.path())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_restored_disk_goes_on_from_the_queue_positions_the_snapshot_kept() {
+        let (mut d, img) = block(false, 8);
+        assert_eq!(blk_request(&mut d, 0, 3, 512, true), 0);
+        assert_eq!(blk_request(&mut d, 0, 4, 512, true), 0);
+        d.w(0x64, 1); // the driver acknowledged the interrupt
+        let saved = d.t.save();
+        assert_eq!(saved.regs.status & S_DRIVER_OK, S_DRIVER_OK);
+        assert_eq!(saved.queues[0].next_avail, 2);
+        assert_eq!(saved.queues[0].next_used, 2);
+
+        let dev = Block::new(disk_file(&img, false), false, "test-disk").unwrap();
+        let mut r = d.restored(Box::new(dev), &saved).unwrap();
+        assert_eq!(r.r(0x70), saved.regs.status, "no new bring-up");
+        assert_eq!(r.t.interrupt().status(), 0, "nothing was pending");
+        // The third request is served as the third, in the next used slot.
+        assert_eq!(blk_request(&mut r, 0, 5, 512, true), 0);
+        let mut got = [0u8; 512];
+        r.mem.read_slice(&mut got, GuestAddress(0x9_0000)).unwrap();
+        assert!(got.iter().all(|b| *b == 5));
+        assert_eq!(r.used(0).len(), 3);
+        assert_eq!(r.t.interrupt().status() & 1, 1);
+        assert!(r.t.broken().is_none());
+        assert_eq!(r.t.save().queues, {
+            let mut q = saved.queues.clone();
+            q[0].next_avail = 3;
+            q[0].next_used = 3;
+            q
+        });
+    }
+
+    #[test]
+    fn an_unacknowledged_interrupt_is_raised_again_after_a_restore() {
+        let (mut d, img) = block(true, 8);
+        assert_eq!(blk_request(&mut d, 0, 1, 512, true), 0);
+        let saved = d.t.save();
+        assert_eq!(saved.regs.interrupt_status, 1);
+        let dev = Block::new(disk_file(&img, true), true, "test-disk").unwrap();
+        let r = d.restored(Box::new(dev), &saved).unwrap();
+        assert_eq!(r.t.interrupt().status(), 1);
+    }
+
+    #[test]
+    fn a_restore_into_another_device_or_an_impossible_state_is_refused_with_the_reason() {
+        let (mut d, img) = block(false, 8);
+        assert_eq!(blk_request(&mut d, 0, 1, 512, true), 0);
+        let saved = d.t.save();
+
+        // A disk of another size or mode: the guest knows the old one.
+        let other = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(other.path(), [0u8; 16 * 512]).unwrap();
+        let dev = Block::new(disk_file(&other, false), false, "x").unwrap();
+        let e = d.restored(Box::new(dev), &saved).err().unwrap();
+        assert!(e.contains("8 sectors, this one 16"), "{e}");
+        // A read-only one offers other features than the writable one the driver took.
+        let dev = Block::new(disk_file(&img, true), true, "x").unwrap();
+        let e = d.restored(Box::new(dev), &saved).err().unwrap();
+        assert!(e.contains("features this device does not offer"), "{e}");
+
+        // Another kind of device.
+        let (a, _b) = UnixDatagram::pair().unwrap();
+        let net = Net::new(
+            File::from(OwnedFd::from(a)),
+            [2, 0, 0, 0, 0, 1],
+            EventFd::new(0).unwrap(),
+        );
+        let e = d.restored(Box::new(net), &saved).err().unwrap();
+        assert!(e.contains("device 2 in the snapshot, 1 here"), "{e}");
+
+        // Queues no driver could have set up, features never offered.
+        let fresh = || Box::new(Block::new(disk_file(&img, false), false, "x").unwrap());
+        let mut bad = saved.clone();
+        bad.queues[0].max_size = 1024;
+        let e = d.restored(fresh(), &bad).err().unwrap();
+        assert!(
+            e.contains("queue 0 is not one this device could have"),
+            "{e}"
+        );
+        let mut bad = saved.clone();
+        bad.queues[0].size = 3;
+        let e = d.restored(fresh(), &bad).err().unwrap();
+        assert!(e.contains("queue 0"), "{e}");
+        let mut bad = saved.clone();
+        bad.queues[0].used_ring = (MEM as u64) - 8;
+        let e = d.restored(fresh(), &bad).err().unwrap();
+        assert!(e.contains("outside guest memory"), "{e}");
+        let mut bad = saved.clone();
+        bad.regs.driver_features |= 1 << 40;
+        let e = d.restored(fresh(), &bad).err().unwrap();
+        assert!(e.contains("does not offer"), "{e}");
+        let mut bad = saved.clone();
+        bad.device.push(0);
+        let e = d.restored(fresh(), &bad).err().unwrap();
+        assert!(e.contains("wrong size"), "{e}");
+    }
+
+    #[test]
+    fn a_restored_interface_keeps_its_mac_and_its_rings() {
+        let (mut d, peer) = net();
+        d.push(0, &[(0x8_0000, 2048, true)]);
+        d.w(0x50, 0);
+        let saved = d.t.save();
+        assert_eq!(saved.device, [2, 0, 0, 0, 0, 1]);
+
+        let (a, b) = UnixDatagram::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let other_mac = Net::new(
+            File::from(OwnedFd::from(a.try_clone().unwrap())),
+            [2, 0, 0, 0, 0, 9],
+            EventFd::new(0).unwrap(),
+        );
+        let e = d.restored(Box::new(other_mac), &saved).err().unwrap();
+        assert!(
+            e.contains("02:00:00:00:00:01, this one 02:00:00:00:00:09"),
+            "{e}"
+        );
+
+        // The same MAC on a new tap: the receive buffer given before the snapshot takes the
+        // first frame that arrives after it.
+        let dev = Net::new(
+            File::from(OwnedFd::from(a)),
+            [2, 0, 0, 0, 0, 1],
+            EventFd::new(0).unwrap(),
+        );
+        let mut r = d.restored(Box::new(dev), &saved).unwrap();
+        drop(peer);
+        b.send(&[0x77u8; 64]).unwrap();
+        r.t.backend_ready();
+        let used = r.used(0);
+        assert_eq!(used, vec![(0, (HDR_LEN + 64) as u32)]);
+        let mut got = [0u8; 64];
+        r.mem
+            .read_slice(&mut got, GuestAddress(0x8_0000 + HDR_LEN as u64))
+            .unwrap();
+        assert_eq!(got, [0x77u8; 64]);
+    }
+
+    fn vsock_device(dir: &std::path::Path, cid: u64) -> Box<Vsock> {
+        Box::new(Vsock::new(cid, dir.join("v.sock"), EventFd::new(0).unwrap()).unwrap())
+    }
+
+    #[test]
+    fn a_restored_vsock_tells_the_guest_its_connections_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = Driver::new(vsock_device(dir.path(), 7));
+        assert_eq!(d.bring_up(3) & S_DRIVER_OK, S_DRIVER_OK);
+        // The guest keeps an event buffer posted, as Linux's driver does.
+        d.mem
+            .write_obj(0xffff_ffffu32, GuestAddress(0x5_0000))
+            .unwrap();
+        d.push(2, &[(0x5_0000, 8, true)]);
+        d.w(0x50, 2);
+        assert!(d.used(2).is_empty(), "no event before a restore");
+        let saved = d.t.save();
+        assert_eq!(saved.device, 7u64.to_le_bytes());
+
+        let other = tempfile::tempdir().unwrap();
+        let e = d
+            .restored(vsock_device(other.path(), 8), &saved)
+            .err()
+            .unwrap();
+        assert!(e.contains("context id 7, this one 8"), "{e}");
+
+        let r = d.restored(vsock_device(other.path(), 7), &saved).unwrap();
+        assert_eq!(r.used(2), vec![(0, 4)]);
+        let id: u32 = r.mem.read_obj(GuestAddress(0x5_0000)).unwrap();
+        assert_eq!(id, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+        assert_eq!(r.t.interrupt().status() & 1, 1);
+    }
+
+    #[test]
+    fn a_vsock_restored_before_its_event_buffer_sends_the_reset_when_it_comes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = Driver::new(vsock_device(dir.path(), 7));
+        assert_eq!(d.bring_up(3) & S_DRIVER_OK, S_DRIVER_OK);
+        let saved = d.t.save();
+        let other = tempfile::tempdir().unwrap();
+        let mut r = d.restored(vsock_device(other.path(), 7), &saved).unwrap();
+        assert!(r.used(2).is_empty());
+        r.push(2, &[(0x5_0000, 8, true)]);
+        r.w(0x50, 2);
+        assert_eq!(r.used(2), vec![(0, 4)]);
+        // Once only.
+        r.push(2, &[(0x5_1000, 8, true)]);
+        r.w(0x50, 2);
+        assert_eq!(r.used(2).len(), 1);
+    }
+
+    #[test]
+    fn a_device_the_driver_never_started_is_restored_unstarted() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Driver::new(vsock_device(dir.path(), 7));
+        let saved = d.t.save();
+        let other = tempfile::tempdir().unwrap();
+        let mut r = d.restored(vsock_device(other.path(), 7), &saved).unwrap();
+        assert_eq!(r.r(0x70), 0);
+        assert_eq!(r.bring_up(3) & S_DRIVER_OK, S_DRIVER_OK);
+        assert!(
+            r.used(2).is_empty(),
+            "no reset for a driver that had no connections"
+        );
     }
 }

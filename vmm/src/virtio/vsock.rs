@@ -41,8 +41,11 @@ const OP_SHUTDOWN: u16 = 4;
 const OP_RW: u16 = 5;
 const OP_CREDIT_UPDATE: u16 = 6;
 const OP_CREDIT_REQUEST: u16 = 7;
+/// `virtio_vsock_event.id`: the guest must drop every connection (after a restore).
+const EVENT_TRANSPORT_RESET: u32 = 0;
 const RX: usize = 0;
 const TX: usize = 1;
+const EVENT: usize = 2;
 const QUEUE_SIZES: [u16; 3] = [256, 256, 16];
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -182,6 +185,8 @@ pub struct Vsock {
     rx_waiting: bool,
     rx_wake: EventFd,
     buf: Vec<u8>,
+    /// A transport reset the guest has not been told of yet (no event buffer so far).
+    reset_pending: bool,
 }
 
 impl Vsock {
@@ -201,6 +206,7 @@ impl Vsock {
             rx_waiting: false,
             rx_wake,
             buf: vec![0; MAX_PAYLOAD],
+            reset_pending: false,
         })
     }
 
@@ -434,6 +440,28 @@ impl Vsock {
         None
     }
 
+    /// Tells the guest of a pending transport reset, in an event buffer if it gave one.
+    fn send_reset(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
+        if !self.reset_pending {
+            return Ok(false);
+        }
+        let Some(chain) = q.pop_descriptor_chain(mem) else {
+            return Ok(false);
+        };
+        let head = chain.head_index();
+        let written = super::scatter(mem, chain, &[&EVENT_TRANSPORT_RESET.to_le_bytes()])?;
+        if written < 4 {
+            return Err(DeviceError::Chain {
+                head,
+                why: format!("an event buffer of {written} bytes"),
+            });
+        }
+        q.add_used(mem, head, 4)
+            .map_err(|e| DeviceError::Queue(EVENT, format!("used ring: {e}")))?;
+        self.reset_pending = false;
+        Ok(true)
+    }
+
     fn receive(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
         let mut used = false;
         loop {
@@ -533,7 +561,8 @@ impl VirtioDevice for Vsock {
                 tx || rx
             }
             RX => self.receive(mem, &mut queues[RX])?,
-            _ => false, // the event queue: no events are sent
+            // The event queue: its one event is the reset after a restore.
+            _ => self.send_reset(mem, &mut queues[EVENT])?,
         };
         let _ = self.rx_wake.write(1);
         Ok(used)
@@ -580,5 +609,38 @@ impl VirtioDevice for Vsock {
         self.conns.clear();
         self.control.clear();
         self.rx_waiting = false;
+        self.reset_pending = false;
+    }
+
+    fn saved(&self) -> Vec<u8> {
+        self.cid.to_le_bytes().to_vec()
+    }
+
+    /// The guest's connections ended with the old process (their host ends are its Unix
+    /// sockets): a live driver is told so by a transport reset event, as the specification
+    /// has it for a migrated device, and drops them; its listeners stay.
+    fn resume(
+        &mut self,
+        saved: &[u8],
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+        live: bool,
+    ) -> Result<bool, String> {
+        if saved != self.cid.to_le_bytes() {
+            let was = saved
+                .try_into()
+                .map(u64::from_le_bytes)
+                .map_err(|_| "the snapshot's vsock state has the wrong size".to_string())?;
+            return Err(format!(
+                "the snapshot's guest had context id {was}, this one {}",
+                self.cid
+            ));
+        }
+        if !live {
+            return Ok(false);
+        }
+        self.reset_pending = true;
+        self.send_reset(mem, &mut queues[EVENT])
+            .map_err(|e| format!("telling the guest of the reset: {e}"))
     }
 }
