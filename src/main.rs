@@ -54,6 +54,9 @@ enum Command {
         /// The VM's TOML configuration (boot, memory_mib, vcpus, console_log).
         #[arg(long)]
         config: PathBuf,
+        /// Restore the VM from the snapshot in this directory instead of booting it.
+        #[arg(long)]
+        restore: Option<PathBuf>,
     },
     /// Internal: the per-container monitor process started by the daemon.
     #[command(name = "__lxc-monitor", hide = true)]
@@ -71,11 +74,17 @@ fn main() {
     // The per-VM process runs for as long as its guest: it goes straight to the VMM without
     // the argument parser, so that code it never needs is not paged into every VM's process.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if let [_, cmd, flag, config] = args.as_slice() {
-        if cmd == "vmm" && flag == "--config" {
-            std::process::exit(gatevisor_vmm::process::vmm_main(std::path::Path::new(
-                config,
-            )));
+    if let [_, cmd, flag, config, rest @ ..] = args.as_slice() {
+        let restore = match rest {
+            [] => Some(None),
+            [r, dir] if r == "--restore" => Some(Some(std::path::Path::new(dir))),
+            _ => None,
+        };
+        if let (true, Some(restore)) = (cmd == "vmm" && flag == "--config", restore) {
+            std::process::exit(gatevisor_vmm::process::vmm_main(
+                std::path::Path::new(config),
+                restore,
+            ));
         }
     }
     let cli = Cli::parse();
@@ -98,7 +107,9 @@ fn main() {
             max_bytes,
             keep,
         } => gatevisor_lxc::monitor::log_pump_main(&file, max_bytes, keep),
-        Command::Vmm { config } => gatevisor_vmm::process::vmm_main(&config),
+        Command::Vmm { config, restore } => {
+            gatevisor_vmm::process::vmm_main(&config, restore.as_deref())
+        }
         Command::Daemon(args) => match daemon_main(args, cli.socket) {
             Ok(()) => 0,
             Err(e) => {

@@ -230,6 +230,11 @@ impl MicrovmRuntime {
         self.dir.join(format!("{name}.console"))
     }
 
+    /// The Unix socket the VM's VMM takes snapshot requests on (mode 0600).
+    pub fn control_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.control"))
+    }
+
     /// The Unix socket of the VM's vsock device (host side).
     pub fn vsock_path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.vsock"))

@@ -158,6 +158,7 @@ impl Backend for MicrovmRuntime {
             console_log: None,
             console_rate: crate::microvm::CONSOLE_RATE,
             console_socket: Some(self.console_path(&m.name)),
+            control_socket: Some(self.control_path(&m.name)),
             exit_file: Some(def.exit_file.clone()),
             // The tap is created at each start and handed over as TAP_FD.
             net: plan

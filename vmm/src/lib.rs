@@ -16,6 +16,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod control;
 pub mod cpu;
 pub mod devices;
 pub mod guest;

@@ -1,6 +1,6 @@
-//! `gatevisor vmm --config FILE`: one VM in this process, which ends with the VM. The exit
-//! status says how the VM ended, so the supervisor can tell a guest that ended itself from a
-//! broken one.
+//! `gatevisor vmm --config FILE [--restore DIR]`: one VM in this process, which ends with the
+//! VM; booted, or restored from the snapshot in DIR. The exit status says how the VM ended,
+//! so the supervisor can tell a guest that ended itself from a broken one.
 
 use crate::{VmConfig, VmEnd};
 use std::path::Path;
@@ -40,7 +40,7 @@ fn record(file: Option<std::fs::File>, code: i32, start_failed: bool) {
     let _ = f.write_all(text.as_bytes());
 }
 
-pub fn vmm_main(config: &Path) -> i32 {
+pub fn vmm_main(config: &Path, restore: Option<&Path>) -> i32 {
     let cfg = match read_config(config) {
         Ok(c) => c,
         Err(e) => {
@@ -59,7 +59,11 @@ pub fn vmm_main(config: &Path) -> i32 {
         let f = exit_file.lock().unwrap_or_else(|p| p.into_inner()).take();
         record(f, code, start_failed);
     };
-    let mut vm = match crate::vm::Vm::new(&cfg) {
+    let made = match restore {
+        None => crate::vm::Vm::new(&cfg),
+        Some(dir) => crate::vm::Vm::restore(&cfg, dir),
+    };
+    let mut vm = match made {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("gatevisor vmm: {e}");
@@ -80,6 +84,7 @@ pub fn vmm_main(config: &Path) -> i32 {
     // Capabilities go first (threads inherit them), then each thread filters itself.
     let sandboxed = crate::sandbox::drop_capabilities()
         .and_then(|()| vm.start_io())
+        .and_then(|()| vm.start_control())
         .and_then(|()| vm.start_aps(true, ap_end))
         .and_then(|()| {
             release_setup_code();

@@ -219,12 +219,13 @@ fn read_msrs(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<Vec<kvm_msr_entry>> {
     let list = kvm_fd
         .get_msr_index_list()
         .map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
-    let mut want: Vec<u32> = list.as_slice().to_vec();
-    let mut out = Vec::with_capacity(want.len());
+    let all = list.as_slice();
+    let mut out = Vec::with_capacity(all.len());
     // KVM_GET_MSRS stops at the first MSR it cannot read: keep what came, skip that one,
     // go on with the rest.
-    while !want.is_empty() {
-        let entries: Vec<kvm_msr_entry> = want
+    let mut from = 0;
+    while from < all.len() {
+        let entries: Vec<kvm_msr_entry> = all[from..]
             .iter()
             .map(|&index| kvm_msr_entry {
                 index,
@@ -235,7 +236,7 @@ fn read_msrs(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<Vec<kvm_msr_entry>> {
             Msrs::from_entries(&entries).map_err(|e| Error::Config(format!("MSR list: {e:?}")))?;
         let n = vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
         out.extend_from_slice(&msrs.as_slice()[..n]);
-        want.drain(..(n + 1).min(want.len()));
+        from += n + 1;
     }
     Ok(out)
 }
@@ -546,60 +547,125 @@ impl<'a> Reader<'a> {
         Ok(b)
     }
 
-    fn one<T: FromBytes>(&mut self, tag: u32) -> Result<T> {
-        let b = self.take(tag)?;
-        T::read_from_bytes(b).map_err(|_| refused(format!("its section {tag} has the wrong size")))
+    /// Section `tag` as a `T` (of exactly its size). Inlined: the work is [`Reader::fill`],
+    /// one function for every type (the binary's flash budget).
+    #[inline(always)]
+    fn one<T: FromBytes + IntoBytes>(&mut self, tag: u32) -> Result<T> {
+        let mut t = T::new_zeroed();
+        self.fill(tag, t.as_mut_bytes())?;
+        Ok(t)
     }
 
-    fn many<T: FromBytes>(&mut self, tag: u32) -> Result<Vec<T>> {
+    fn fill(&mut self, tag: u32, out: &mut [u8]) -> Result<()> {
+        let b = self.take(tag)?;
+        if b.len() != out.len() {
+            return Err(refused(format!("its section {tag} has the wrong size")));
+        }
+        out.copy_from_slice(b);
+        Ok(())
+    }
+
+    fn many<T: FromBytes + IntoBytes>(&mut self, tag: u32) -> Result<Vec<T>> {
         let b = self.take(tag)?;
         let size = std::mem::size_of::<T>();
         if size == 0 || b.len() % size != 0 {
             return Err(refused(format!("its section {tag} has the wrong size")));
         }
-        // Item by item: the buffer need not be aligned for T.
-        b.chunks(size)
-            .map(|c| {
-                T::read_from_bytes(c)
-                    .map_err(|_| refused(format!("its section {tag} has the wrong size")))
-            })
-            .collect()
+        // Copied into zeroed items: the buffer need not be aligned for T.
+        let mut v: Vec<T> = (0..b.len() / size).map(|_| T::new_zeroed()).collect();
+        v.as_mut_slice().as_mut_bytes().copy_from_slice(b);
+        Ok(v)
     }
 }
 
-/// Writes `mem` (the guest's memory, `len` bytes from `host`) and `state` to `dir`; returns
-/// once both are on disk.
-pub fn write(dir: &Path, mem: &[u8], state: &mut MachineState) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(file_err("create", dir))?;
-    let mem_tmp = dir.join(".memory.tmp");
-    let mut f = std::fs::File::create(&mem_tmp).map_err(file_err("create", &mem_tmp))?;
+/// The temporary names a snapshot is written under in its directory, before [`commit`].
+pub const MEMORY_TMP: &str = ".memory.tmp";
+pub const STATE_TMP: &str = ".state.tmp";
+
+/// Writes `mem` (the guest's memory) into `memory` and `state` into `state_file`, both
+/// emptied first and flushed before this returns. The files are open ones (a VMM under its
+/// sandbox opens nothing): [`commit`] gives them their names.
+pub fn write_into(
+    memory: &mut std::fs::File,
+    state_file: &mut std::fs::File,
+    mem: &[u8],
+    state: &mut MachineState,
+) -> Result<()> {
+    let io = |what: &'static str| {
+        move |source: std::io::Error| Error::File {
+            what,
+            path: std::path::PathBuf::from("(snapshot file)"),
+            source,
+        }
+    };
+    memory
+        .set_len(0)
+        .and_then(|()| memory.seek(SeekFrom::Start(0)))
+        .map_err(io("empty the snapshot memory file"))?;
     let mut crc = crc32fast::Hasher::new();
     for page in mem.chunks(PAGE) {
         crc.update(page);
         if page.iter().all(|b| *b == 0) {
-            f.seek(SeekFrom::Current(page.len() as i64))
-                .map_err(file_err("write", &mem_tmp))?;
+            memory
+                .seek(SeekFrom::Current(page.len() as i64))
+                .map_err(io("write snapshot memory"))?;
         } else {
-            f.write_all(page).map_err(file_err("write", &mem_tmp))?;
+            memory
+                .write_all(page)
+                .map_err(io("write snapshot memory"))?;
         }
     }
-    f.set_len(mem.len() as u64)
-        .and_then(|()| f.sync_all())
-        .map_err(file_err("write", &mem_tmp))?;
+    memory
+        .set_len(mem.len() as u64)
+        .and_then(|()| memory.sync_all())
+        .map_err(io("write snapshot memory"))?;
     state.memory = MemoryInfo {
         len: mem.len() as u64,
         crc: crc.finalize(),
         _pad: 0,
     };
-    let state_tmp = dir.join(".state.tmp");
-    std::fs::write(&state_tmp, state.encode())
-        .and_then(|()| std::fs::File::open(&state_tmp)?.sync_all())
-        .map_err(file_err("write", &state_tmp))?;
+    state_file
+        .set_len(0)
+        .and_then(|()| state_file.seek(SeekFrom::Start(0)))
+        .and_then(|_| state_file.write_all(&state.encode()))
+        .and_then(|()| state_file.sync_all())
+        .map_err(io("write snapshot state"))
+}
+
+/// Opens `dir`'s temporary snapshot files for [`write_into`] (creating `dir`).
+pub fn create_tmp(dir: &Path) -> Result<(std::fs::File, std::fs::File)> {
+    std::fs::create_dir_all(dir).map_err(file_err("create", dir))?;
+    let open = |name: &str| {
+        let p = dir.join(name);
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .map_err(file_err("create", p))
+    };
+    Ok((open(MEMORY_TMP)?, open(STATE_TMP)?))
+}
+
+/// Renames `dir`'s written temporary files into place, memory first, state last: a
+/// directory left between the two renames is refused by the memory's checksum, never
+/// restored half old, half new.
+pub fn commit(dir: &Path) -> Result<()> {
+    let mem_tmp = dir.join(MEMORY_TMP);
+    let state_tmp = dir.join(STATE_TMP);
     std::fs::rename(&mem_tmp, dir.join(MEMORY_FILE)).map_err(file_err("rename", &mem_tmp))?;
     std::fs::rename(&state_tmp, dir.join(STATE_FILE)).map_err(file_err("rename", &state_tmp))?;
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(file_err("sync", dir))
+}
+
+/// Writes `mem` and `state` to `dir`; returns once both are on disk under their names.
+pub fn write(dir: &Path, mem: &[u8], state: &mut MachineState) -> Result<()> {
+    let (mut memory, mut state_file) = create_tmp(dir)?;
+    write_into(&mut memory, &mut state_file, mem, state)?;
+    commit(dir)
 }
 
 /// Reads and checks the snapshot in `dir` for a VM of `cfg`: its state, and its memory

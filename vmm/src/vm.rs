@@ -55,6 +55,9 @@ pub struct VmConfig {
     /// one takes over.
     #[serde(default)]
     pub console_socket: Option<PathBuf>,
+    /// A Unix socket (mode 0600) the supervisor asks for snapshots on (see [`crate::control`]).
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
     /// Console bytes per second kept in the log (burst: ten times that).
     #[serde(default = "default_console_rate")]
     pub console_rate: u64,
@@ -232,6 +235,10 @@ pub struct Vm {
     io: Vec<DeviceIo>,
     /// The console socket and its attached client, polled by the I/O thread too.
     console_io: Option<ConsoleIo>,
+    /// The control socket, until [`Vm::start_control`] gives it its thread.
+    control: Option<std::os::unix::net::UnixListener>,
+    /// A snapshot the control thread asked for, served by [`Vm::run`] at the pause.
+    pending: crate::control::Pending,
 }
 
 /// The console's part of the I/O loop: [`ConsoleIo`] and the bus its serial port is on.
@@ -286,7 +293,7 @@ struct PauseState {
 pub struct Pauser(Arc<PauseState>);
 
 /// The signal that kicks a vCPU thread out of KVM_RUN (its handler does nothing).
-fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN() + 2
 }
 
@@ -311,7 +318,8 @@ impl Pauser {
             if t0.elapsed() > within {
                 p.want.store(false, Ordering::SeqCst);
                 return Err(Error::Config(format!(
-                    "the vCPU did not pause within {within:?} (is the VM running?)"
+                    "the vCPU did not pause within {} ms (is the VM running?)",
+                    within.as_millis()
                 )));
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -563,6 +571,11 @@ impl Vm {
                 cmos: crate::devices::Cmos::from_state(&state.cmos),
             },
         };
+        let control = cfg
+            .control_socket
+            .as_deref()
+            .map(crate::control::listen)
+            .transpose()?;
         // A pause interrupts KVM_RUN with a signal whose handler does nothing.
         vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
             .map_err(|e| Error::Config(format!("the vCPU kick signal: {e}")))?;
@@ -579,7 +592,32 @@ impl Vm {
             console_io,
             mmio,
             io,
+            control,
+            pending: Arc::default(),
         })
+    }
+
+    /// Starts the thread that serves the control socket (when there is one); it enters the
+    /// seccomp filter first.
+    pub fn start_control(&mut self) -> Result<()> {
+        let Some(listener) = self.control.take() else {
+            return Ok(());
+        };
+        let (pending, pauser) = (self.pending.clone(), self.pauser());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("vmm-control".into())
+            .spawn(move || {
+                let filtered = crate::sandbox::apply_filter();
+                let ok = filtered.is_ok();
+                let _ = tx.send(filtered);
+                if ok {
+                    crate::control::serve(listener, pending, pauser);
+                }
+            })
+            .map_err(file_err("spawn", "the control thread"))?;
+        rx.recv()
+            .map_err(|_| Error::Config("the control thread ended before its sandbox".into()))?
     }
 
     /// Starts the thread that moves frames from the taps into the guest. It enters the
@@ -641,8 +679,31 @@ impl Vm {
         Ok(())
     }
 
-    /// Runs the boot vCPU until the guest ends its machine, or a [`Pauser`] pauses it.
+    /// Runs the boot vCPU until the guest ends its machine, or a [`Pauser`] pauses it. A
+    /// pause for a control request is served here (the snapshot taken, the client
+    /// answered) and the guest runs on.
     pub fn run(&mut self) -> Result<VmEnd> {
+        loop {
+            let end = self.run_until_pause()?;
+            let req = self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            match (end, req) {
+                (VmEnd::Paused, Some(mut req)) => {
+                    let taken = self.snapshot_into(&mut req.memory, &mut req.state);
+                    if let Err(e) = &taken {
+                        eprintln!("gatevisor vmm: a snapshot failed: {e}");
+                    }
+                    req.answer(&taken);
+                }
+                (end, _) => return Ok(end),
+            }
+        }
+    }
+
+    fn run_until_pause(&mut self) -> Result<VmEnd> {
         let p = &self.pause;
         p.done.store(false, Ordering::SeqCst);
         // SAFETY: pthread_self has no preconditions.
@@ -663,6 +724,14 @@ impl Vm {
 
     /// Saves the paused VM to `dir` (see [`snapshot`]); [`Vm::run`] may go on after.
     pub fn snapshot(&mut self, dir: &std::path::Path) -> Result<()> {
+        let (mut memory, mut state) = snapshot::create_tmp(dir)?;
+        self.snapshot_into(&mut memory, &mut state)?;
+        snapshot::commit(dir)
+    }
+
+    /// Saves the paused VM into two open files (see [`snapshot::write_into`]): what a
+    /// sandboxed VMM does with the files its control client hands it.
+    pub fn snapshot_into(&mut self, memory: &mut File, state_file: &mut File) -> Result<()> {
         if !self.paused {
             return Err(Error::Snapshot(
                 "the VM is not paused (run it and pause it first)".into(),
@@ -704,7 +773,7 @@ impl Vm {
         // I/O thread, the only other writer, waits for the devices held in `devices`, so
         // nothing changes it while it is read.
         let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, region.len() as usize) };
-        let written = snapshot::write(dir, bytes, &mut state);
+        let written = snapshot::write_into(memory, state_file, bytes, &mut state);
         drop(devices);
         written
     }

@@ -58,6 +58,7 @@ fn config(dir: &Path, image: &Path) -> VmConfig {
         console_log: Some(dir.join("console.log")),
         console_rate: 65536,
         console_socket: None,
+        control_socket: None,
         exit_file: None,
         net: vec![],
         disk: vec![],
@@ -278,4 +279,104 @@ fn a_vm_with_a_disk_and_vsock_is_restored_with_its_devices_and_refused_with_othe
     fewer.disk.clear();
     let why = refusal(Vm::restore(&fewer, &snap));
     assert!(why.contains("1 disks"), "{why}");
+}
+
+/// In a re-executed copy of this test binary: the whole VMM process (`gatevisor vmm`'s
+/// main: sandbox, control thread), booting `GV_VMM_CONFIG` or restoring `GV_VMM_RESTORE`.
+#[test]
+fn vmm_child() {
+    let Ok(config) = std::env::var("GV_VMM_CONFIG") else {
+        return; // only meaningful when re-executed by the test below
+    };
+    let restore = std::env::var("GV_VMM_RESTORE").ok();
+    std::process::exit(gatevisor_vmm::process::vmm_main(
+        Path::new(&config),
+        restore.as_deref().map(Path::new),
+    ));
+}
+
+fn vmm_process(config: &Path, restore: Option<&Path>) -> std::process::Child {
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+    c.args(["--exact", "vmm_child", "--nocapture", "--test-threads=1"])
+        .env("GV_VMM_CONFIG", config)
+        .stdout(std::process::Stdio::null());
+    if let Some(dir) = restore {
+        c.env("GV_VMM_RESTORE", dir);
+    }
+    c.spawn().unwrap()
+}
+
+/// Sends `bytes` (no descriptors) to the control socket; returns the answer.
+fn control_says(socket: &Path, bytes: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    c.write_all(bytes).unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn a_sandboxed_vmm_snapshots_on_request_and_a_new_vmm_process_restores_it() {
+    if !kvm_or_skip("a_sandboxed_vmm_snapshots_on_request_and_a_new_vmm_process_restores_it") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("guest.bin");
+    // Long enough (~6 s here) that the request lands mid-computation on a busy machine.
+    std::fs::write(&image, guest(5 * N)).unwrap();
+    let control = dir.path().join("vm.control");
+    let mut cfg = config(dir.path(), &image);
+    cfg.control_socket = Some(control.clone());
+    let config_file = dir.path().join("vm.toml");
+    std::fs::write(&config_file, toml::to_string(&cfg).unwrap()).unwrap();
+
+    let mut vmm = vmm_process(&config_file, None);
+    let t0 = std::time::Instant::now();
+    while !control.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no control socket");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    // Requests it does not serve are answered with the reason; the VM runs on.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&control).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let why = control_says(&control, b"HELLO\n");
+    assert!(why.starts_with("ERROR unknown request"), "{why}");
+    let why = control_says(&control, b"SNAPSHOT\n");
+    assert!(why.contains("needs two files (memory, state)"), "{why}");
+    // A snapshot mid-computation, through the sandboxed process.
+    let snap = dir.path().join("snap");
+    gatevisor_vmm::control::take_snapshot(&control, &snap, Duration::from_secs(10)).unwrap();
+    assert!(snap.join(STATE_FILE).exists() && snap.join(MEMORY_FILE).exists());
+    // The original runs on to the end (debug exit 7 is exit status 16 + 7).
+    let first = vmm.wait().unwrap();
+    assert_eq!(
+        first.code(),
+        Some(gatevisor_vmm::process::DEBUG_EXIT_BASE + DONE as i32)
+    );
+    // A new VMM process restored from it finishes the computation without starting again.
+    let restored = vmm_process(&config_file, Some(&snap)).wait().unwrap();
+    assert_eq!(
+        restored.code(),
+        Some(gatevisor_vmm::process::DEBUG_EXIT_BASE + DONE as i32)
+    );
+    let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap();
+    assert_eq!(console, "ABB", "the restored guest printed only its end");
+    // A restore that cannot be done is a set-up failure, with the reason on stderr.
+    std::fs::write(snap.join(STATE_FILE), b"not a snapshot").unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "vmm_child", "--nocapture", "--test-threads=1"])
+        .env("GV_VMM_CONFIG", &config_file)
+        .env("GV_VMM_RESTORE", &snap)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(gatevisor_vmm::process::EXIT_SETUP));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("GVSNAP"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -182,22 +182,11 @@ impl VirtioDevice for Net {
         _live: bool,
     ) -> Result<bool, String> {
         if saved != self.mac {
-            return Err(format!(
-                "the snapshot's interface has MAC {}, this one {}",
-                mac_text(saved),
-                mac_text(&self.mac)
-            ));
+            return Err("the snapshot's interface has another MAC than this one".into());
         }
         self.reset();
         Ok(false)
     }
-}
-
-fn mac_text(b: &[u8]) -> String {
-    b.iter()
-        .map(|x| format!("{x:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// Copies `src[offset..]` into `data`, zeros past its end.

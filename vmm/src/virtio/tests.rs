@@ -756,10 +756,7 @@ mod restore {
             EventFd::new(0).unwrap(),
         );
         let e = d.restored(Box::new(other_mac), &saved).err().unwrap();
-        assert!(
-            e.contains("02:00:00:00:00:01, this one 02:00:00:00:00:09"),
-            "{e}"
-        );
+        assert!(e.contains("another MAC"), "{e}");
 
         // The same MAC on a new tap: the receive buffer given before the snapshot takes the
         // first frame that arrives after it.
