@@ -604,20 +604,12 @@ impl Vm {
             return Ok(());
         };
         let (pending, pauser) = (self.pending.clone(), self.pauser());
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("vmm-control".into())
-            .spawn(move || {
-                let filtered = crate::sandbox::apply_filter();
-                let ok = filtered.is_ok();
-                let _ = tx.send(filtered);
-                if ok {
-                    crate::control::serve(listener, pending, pauser);
-                }
-            })
-            .map_err(file_err("spawn", "the control thread"))?;
-        rx.recv()
-            .map_err(|_| Error::Config("the control thread ended before its sandbox".into()))?
+        spawn_filtered(
+            "vmm-control".into(),
+            "the control thread",
+            true,
+            move || crate::control::serve(listener, pending, pauser),
+        )
     }
 
     /// Starts the thread that moves frames from the taps into the guest. It enters the
@@ -631,20 +623,9 @@ impl Vm {
             .console_io
             .take()
             .map(|(l, c)| (l, c, self.bus.clone()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("vmm-io".into())
-            .spawn(move || {
-                let filtered = crate::sandbox::apply_filter();
-                let ok = filtered.is_ok();
-                let _ = tx.send(filtered);
-                if ok {
-                    io_loop(devices, console);
-                }
-            })
-            .map_err(file_err("spawn", "the I/O thread"))?;
-        rx.recv()
-            .map_err(|_| Error::Config("the I/O thread ended before its sandbox".into()))?
+        spawn_filtered("vmm-io".into(), "the I/O thread", true, move || {
+            io_loop(devices, console)
+        })
     }
 
     /// Starts a thread per application processor; each enters the seccomp filter (when
@@ -657,24 +638,12 @@ impl Vm {
     ) -> Result<()> {
         for (i, mut vcpu) in std::mem::take(&mut self.aps).into_iter().enumerate() {
             let (bus, mmio, end) = (self.bus.clone(), self.mmio.clone(), end.clone());
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::Builder::new()
-                .name(format!("vcpu{}", i + 1))
-                .spawn(move || {
-                    let filtered = if sandbox {
-                        crate::sandbox::apply_filter()
-                    } else {
-                        Ok(())
-                    };
-                    let ok = filtered.is_ok();
-                    let _ = tx.send(filtered);
-                    if ok {
-                        end(run_vcpu(&mut vcpu, &bus, &mmio, None));
-                    }
-                })
-                .map_err(file_err("spawn", "a vCPU thread"))?;
-            rx.recv()
-                .map_err(|_| Error::Config("a vCPU thread ended before its sandbox".into()))??;
+            spawn_filtered(
+                format!("vcpu{}", i + 1),
+                "a vCPU thread",
+                sandbox,
+                move || end(run_vcpu(&mut vcpu, &bus, &mmio, None)),
+            )?;
         }
         Ok(())
     }
@@ -911,6 +880,34 @@ fn run_vcpu(
             Err(e) => return Err(kvm("KVM_RUN")(e)),
         }
     }
+}
+
+/// Starts thread `name` (`what` in errors), which enters the seccomp filter (when
+/// `sandbox`) before it runs `body`; returns once it is filtered, or why it could not be.
+fn spawn_filtered(
+    name: String,
+    what: &'static str,
+    sandbox: bool,
+    body: impl FnOnce() + Send + 'static,
+) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let filtered = if sandbox {
+                crate::sandbox::apply_filter()
+            } else {
+                Ok(())
+            };
+            let ok = filtered.is_ok();
+            let _ = tx.send(filtered);
+            if ok {
+                body();
+            }
+        })
+        .map_err(file_err("spawn", what))?;
+    rx.recv()
+        .map_err(|_| Error::Config(format!("{what} ended before its sandbox")))?
 }
 
 /// How a person names the `i`th virtio device of `cfg` (nets, then disks, then vsock).
