@@ -838,3 +838,121 @@ allow = ["link.stats:gv-*"]
     assert!(logs.contains("the guest powered off"), "{logs}");
     gw.ok("gatevisor service remove vm-hello").unwrap();
 }
+
+#[test]
+fn microvm_snapshot_of_a_running_linux_guest_is_restored_by_a_new_vmm_and_carries_on() {
+    let Some(gw) = gateway() else { return };
+    // A stock kernel guest with a network interface on the bridge, a disk and vsock,
+    // snapshotted while it runs (a tick a second, a TCP listener waiting), its VMM killed,
+    // and a new VMM process restored from the snapshot: the guest goes on where it was
+    // (no second boot), takes a TCP connection from the LAN host and reads a disk file it
+    // never read before the snapshot, then powers off.
+    const GUEST: &str = "10.77.0.51";
+    let modules = qemu_tests::image::guest_modules(&qemu_tests::image::base().unwrap()).unwrap();
+    let initrd = gw.dir.join("snap-guest.cpio");
+    qemu_tests::guest::busybox_initramfs_with_modules(
+        &initrd,
+        &format!(
+            "mkdir -p /mnt; mount -o ro /dev/vda /mnt\n\
+             ip link set eth0 up; ip addr add {GUEST}/24 dev eth0\n\
+             echo guest-net-up\n\
+             (i=0; while true; do i=$((i+1)); echo tick $i; sleep 1; done) &\n\
+             nc -l -p 7000 > /tmp/msg\n\
+             echo \"guest got: $(cat /tmp/msg); disk: $(cat /mnt/later.txt)\"\n\
+             poweroff -f"
+        ),
+        &modules,
+    )
+    .unwrap();
+    gw.put(&initrd, "/root/snap-guest.cpio", 0o644).unwrap();
+    gw.ok(
+        "ip tuntap add gvt1 mode tap && ip link set gvt1 up && ovs-vsctl add-port br-lan gvt1 \
+         && truncate -s 16M /root/snap-disk.img && mkfs.ext4 -q -F /root/snap-disk.img \
+         && mkdir -p /tmp/m && mount -o loop /root/snap-disk.img /tmp/m \
+         && echo read-after-restore > /tmp/m/later.txt && umount /tmp/m",
+    )
+    .unwrap();
+    let cfg = format!(
+        "memory_mib = 256\nconsole_log = \"/root/snap-console.log\"\n\
+         control_socket = \"/root/snap.control\"\n\
+         [boot]\nkind = \"linux\"\nkernel = \"/boot/vmlinuz-{}\"\ninitrd = \"/root/snap-guest.cpio\"\n\
+         cmdline = \"console=ttyS0 reboot=k panic=-1 pci=off quiet\"\n\
+         [[net]]\ntap = \"gvt1\"\nmac = \"02:47:56:00:00:33\"\n\
+         [[disk]]\npath = \"/root/snap-disk.img\"\nread_only = true\n\
+         [vsock]\nguest_cid = 3\nuds_path = \"/root/snap.vsock\"\n",
+        gw.image.kernel_release
+    );
+    gw.put_bytes(cfg.as_bytes(), "/root/vm-snap.toml", 0o644)
+        .unwrap();
+    // Each VMM in the background; its pid and, once it ends, its exit status in files.
+    let start = |n: u32, extra: &str| {
+        gw.ok(&format!(
+            "(gatevisor vmm --config /root/vm-snap.toml{extra} > /root/vmm{n}.out 2>&1 & \
+             echo $! > /root/vmm{n}.pid; wait $!; echo $? > /root/vmm{n}.code) > /dev/null 2>&1 &"
+        ))
+        .unwrap();
+    };
+    let console = |gw: &Gateway| gw.ok("cat /root/snap-console.log").unwrap();
+    start(1, "");
+    gw.wait_until("the guest ticking", Duration::from_secs(300), |gw| {
+        let c = gw.run("cat /root/snap-console.log")?.stdout;
+        Ok(c.contains("tick 3").then_some(()))
+    })
+    .unwrap();
+    let snap = gw.run_for(
+        "/usr/local/sbin/gateway-agent vmm-snapshot /root/snap.control /root/snap",
+        Duration::from_secs(300),
+    );
+    let snap = snap.unwrap();
+    assert_eq!(
+        snap.code,
+        Some(0),
+        "snapshot: {}\nconsole:\n{}",
+        snap.stderr,
+        console(&gw)
+    );
+    gw.ok("kill -9 $(cat /root/vmm1.pid)").unwrap();
+    gw.wait_until("the first VMM to end", Duration::from_secs(60), |gw| {
+        Ok(gw.run("cat /root/vmm1.code")?.success().then_some(()))
+    })
+    .unwrap();
+    let before = console(&gw);
+    start(2, " --restore /root/snap");
+    // The restored guest answers ARP and takes the connection its nc was waiting for.
+    gw.wait_until(
+        "TCP into the restored guest",
+        Duration::from_secs(300),
+        |gw| {
+            Ok(gw
+                .lan
+                .sh(&format!(
+                    "timeout 10 bash -c 'echo hello-after-restore > /dev/tcp/{GUEST}/7000'"
+                ))
+                .is_ok()
+                .then_some(()))
+        },
+    )
+    .unwrap();
+    let code = gw
+        .wait_until("the restored VMM to end", Duration::from_secs(120), |gw| {
+            let out = gw.run("cat /root/vmm2.code")?;
+            Ok(out.success().then(|| out.stdout.trim().to_string()))
+        })
+        .unwrap();
+    let after = console(&gw);
+    let vmm2 = gw.ok("cat /root/vmm2.out").unwrap();
+    assert_eq!(code, "0", "restored vmm: {vmm2}\nconsole:\n{after}");
+    assert!(vmm2.contains("powered off"), "{vmm2}");
+    assert!(
+        after.contains("guest got: hello-after-restore; disk: read-after-restore"),
+        "console:\n{after}"
+    );
+    // One boot: the restored guest went on, it did not start again.
+    assert_eq!(after.matches("guest-net-up").count(), 1, "{after}");
+    assert_eq!(
+        after.matches(qemu_tests::guest::INIT_MARKER).count(),
+        1,
+        "{after}"
+    );
+    assert!(after.len() > before.len(), "the restored guest printed on");
+}

@@ -12,6 +12,24 @@ use std::time::{Duration, Instant};
 const MAX_OUTPUT: usize = 1 << 20;
 
 fn main() {
+    // `gateway-agent vmm-snapshot SOCKET DIR`: a scenario's client of a VMM's control
+    // socket (the supervisor is the product's).
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, cmd, socket, dir] = args.as_slice() {
+        if cmd == "vmm-snapshot" {
+            let r = gatevisor_vmm::control::take_snapshot(
+                std::path::Path::new(socket),
+                std::path::Path::new(dir),
+                Duration::from_secs(300),
+            );
+            if let Err(e) = r {
+                eprintln!("vmm-snapshot: {e}");
+                std::process::exit(1);
+            }
+            println!("snapshot in {dir}");
+            return;
+        }
+    }
     let Some(port) = std::env::args().nth(1) else {
         eprintln!("usage: gateway-agent PORT");
         std::process::exit(2);
