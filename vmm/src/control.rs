@@ -25,6 +25,8 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 const SNAPSHOT: &[u8] = b"SNAPSHOT\n";
 /// How long the vCPU may take to stop for a snapshot.
 const PAUSE_WITHIN: Duration = Duration::from_secs(5);
+/// How long a client may take to send its request once connected.
+const REQUEST_WITHIN: Duration = Duration::from_secs(1);
 
 /// A snapshot asked for: the client's connection and its two files.
 pub struct Request {
@@ -58,8 +60,20 @@ pub fn listen(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
-/// Reads one request from `client`: the `SNAPSHOT` line and exactly two descriptors.
+/// Reads one request from `client`: the `SNAPSHOT` line and exactly two descriptors, both
+/// regular files (a pipe or a socket could stall the paused VM). A client that sends nothing
+/// within [`REQUEST_WITHIN`] is turned away, so it cannot hold the control thread.
 fn read_request(client: UnixStream) -> std::result::Result<Request, (UnixStream, &'static str)> {
+    let mut wait = libc::pollfd {
+        fd: client.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `wait` is one valid pollfd for the whole call.
+    let ready = unsafe { libc::poll(&mut wait, 1, REQUEST_WITHIN.as_millis() as libc::c_int) };
+    if ready != 1 {
+        return Err((client, "no request within 1 s of connecting"));
+    }
     let mut buf = [0u8; 64];
     let mut fds: [RawFd; 3] = [-1; 3];
     let mut iov = [libc::iovec {
@@ -82,6 +96,12 @@ fn read_request(client: UnixStream) -> std::result::Result<Request, (UnixStream,
     }
     if files.len() != 2 {
         return Err((client, "SNAPSHOT needs two files (memory, state)"));
+    }
+    if !files
+        .iter()
+        .all(|f| f.metadata().is_ok_and(|m| m.is_file()))
+    {
+        return Err((client, "the memory and state files must be regular files"));
     }
     let state = files.pop().unwrap();
     let memory = files.pop().unwrap();

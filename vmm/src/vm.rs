@@ -239,6 +239,8 @@ pub struct Vm {
     control: Option<std::os::unix::net::UnixListener>,
     /// A snapshot the control thread asked for, served by [`Vm::run`] at the pause.
     pending: crate::control::Pending,
+    /// Whether the control thread runs: then only it pauses this VM.
+    serving: bool,
 }
 
 /// The console's part of the I/O loop: [`ConsoleIo`] and the bus its serial port is on.
@@ -594,6 +596,7 @@ impl Vm {
             io,
             control,
             pending: Arc::default(),
+            serving: false,
         })
     }
 
@@ -609,7 +612,9 @@ impl Vm {
             "the control thread",
             true,
             move || crate::control::serve(listener, pending, pauser),
-        )
+        )?;
+        self.serving = true;
+        Ok(())
     }
 
     /// Starts the thread that moves frames from the taps into the guest. It enters the
@@ -648,9 +653,9 @@ impl Vm {
         Ok(())
     }
 
-    /// Runs the boot vCPU until the guest ends its machine, or a [`Pauser`] pauses it. A
-    /// pause for a control request is served here (the snapshot taken, the client
-    /// answered) and the guest runs on.
+    /// Runs the boot vCPU until the guest ends its machine, or a [`Pauser`] pauses it. Once
+    /// the control thread runs, pauses are its own: a pause for a control request is served
+    /// here (the snapshot taken, the client answered) and the guest runs on.
     pub fn run(&mut self) -> Result<VmEnd> {
         loop {
             let end = self.run_until_pause()?;
@@ -667,6 +672,9 @@ impl Vm {
                     }
                     req.answer(&taken);
                 }
+                // The control thread gave up waiting and took its request back just as
+                // the vCPU stopped: nobody wants this pause.
+                (VmEnd::Paused, None) if self.serving => {}
                 (end, _) => return Ok(end),
             }
         }

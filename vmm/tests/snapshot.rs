@@ -316,6 +316,19 @@ fn control_says(socket: &Path, bytes: &[u8]) -> String {
     answer
 }
 
+/// Sends `bytes` with `files` (SCM_RIGHTS) to the control socket; returns the answer.
+fn control_sends(socket: &Path, bytes: &[u8], files: &[&std::fs::File]) -> String {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let mut c = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let fds: Vec<_> = files.iter().map(|f| f.as_raw_fd()).collect();
+    c.send_with_fds(&[bytes], &fds).unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    answer
+}
+
 #[test]
 fn a_sandboxed_vmm_snapshots_on_request_and_a_new_vmm_process_restores_it() {
     if !kvm_or_skip("a_sandboxed_vmm_snapshots_on_request_and_a_new_vmm_process_restores_it") {
@@ -323,8 +336,8 @@ fn a_sandboxed_vmm_snapshots_on_request_and_a_new_vmm_process_restores_it() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("guest.bin");
-    // Long enough (~6 s here) that the request lands mid-computation on a busy machine.
-    std::fs::write(&image, guest(5 * N)).unwrap();
+    // Long enough (~6 s here, twice the time the requests take) that the requests land mid-computation on a busy machine.
+    std::fs::write(&image, guest(10 * N)).unwrap();
     let control = dir.path().join("vm.control");
     let mut cfg = config(dir.path(), &image);
     cfg.control_socket = Some(control.clone());
@@ -347,9 +360,37 @@ fn a_sandboxed_vmm_snapshots_on_request_and_a_new_vmm_process_restores_it() {
     assert!(why.starts_with("ERROR unknown request"), "{why}");
     let why = control_says(&control, b"SNAPSHOT\n");
     assert!(why.contains("needs two files (memory, state)"), "{why}");
+    // A client that connects and says nothing is turned away; those behind it are served.
+    let mut silent = std::os::unix::net::UnixStream::connect(&control).unwrap();
+    let scratch = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
+    let (a, b, c) = (scratch("a"), scratch("b"), scratch("c"));
+    let why = control_sends(&control, b"SNAPSHOT\n", &[&a, &b, &c]);
+    assert!(why.contains("needs two files (memory, state)"), "{why}");
+    let mut silent_heard = String::new();
+    std::io::Read::read_to_string(&mut silent, &mut silent_heard).unwrap();
+    assert!(
+        silent_heard.starts_with("ERROR no request within"),
+        "{silent_heard}"
+    );
+    // Files the VMM cannot write a snapshot into are refused; the guest runs on.
+    let (pipe_read, pipe_write) = std::io::pipe().unwrap();
+    let pipe_write = std::fs::File::from(std::os::fd::OwnedFd::from(pipe_write));
+    let why = control_sends(&control, b"SNAPSHOT\n", &[&pipe_write, &b]);
+    assert!(why.contains("must be regular files"), "{why}");
+    drop(pipe_read);
+    let read_only = |name: &str| std::fs::File::open(dir.path().join(name)).unwrap();
+    let why = control_sends(&control, b"SNAPSHOT\n", &[&read_only("a"), &read_only("b")]);
+    assert!(why.starts_with("ERROR"), "{why}");
+    assert!(
+        vmm.try_wait().unwrap().is_none(),
+        "the VMM ended on a bad request"
+    );
     // A snapshot mid-computation, through the sandboxed process.
     let snap = dir.path().join("snap");
-    gatevisor_vmm::control::take_snapshot(&control, &snap, Duration::from_secs(10)).unwrap();
+    if let Err(e) = gatevisor_vmm::control::take_snapshot(&control, &snap, Duration::from_secs(10))
+    {
+        panic!("{e}; the VMM: {:?}", vmm.wait());
+    }
     assert!(snap.join(STATE_FILE).exists() && snap.join(MEMORY_FILE).exists());
     // The original runs on to the end (debug exit 7 is exit status 16 + 7).
     let first = vmm.wait().unwrap();
