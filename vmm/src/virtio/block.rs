@@ -190,10 +190,9 @@ impl VirtioDevice for Block {
     }
 
     /// The guest sized its disk and knows whether it may write it.
+    /// The capacity; read-only or not is in the features, which the transport checks.
     fn saved(&self) -> Vec<u8> {
-        let mut b = self.capacity_sectors.to_le_bytes().to_vec();
-        b.push(self.read_only as u8);
-        b
+        self.capacity_sectors.to_le_bytes().to_vec()
     }
 
     fn resume(
@@ -203,25 +202,13 @@ impl VirtioDevice for Block {
         _queues: &mut [Queue],
         _live: bool,
     ) -> Result<bool, String> {
-        let now = self.saved();
-        if saved.len() != now.len() {
+        let Ok(was) = <[u8; 8]>::try_from(saved).map(u64::from_le_bytes) else {
             return Err("the snapshot's disk state has the wrong size".into());
-        }
-        if saved[..8] != now[..8] {
-            let was = u64::from_le_bytes(saved[..8].try_into().unwrap());
+        };
+        if was != self.capacity_sectors {
             return Err(format!(
                 "the snapshot's disk had {was} sectors, this one {}",
                 self.capacity_sectors
-            ));
-        }
-        if saved[8] != now[8] {
-            return Err(format!(
-                "the snapshot's disk was {}, this one is not",
-                if saved[8] == 1 {
-                    "read-only"
-                } else {
-                    "writable"
-                }
             ));
         }
         // Requests are served on the vCPU thread as they come: none was in flight.
