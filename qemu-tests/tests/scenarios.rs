@@ -517,6 +517,34 @@ fn microvm_boots_the_stock_debian_kernel_through_pvh_to_init_on_two_vcpus_under_
     assert!(console.contains("guest-cpus 2"), "{console}");
 }
 
+/// For a `gatevisor vmm` run of the stock kernel with `/root/{name}-guest.cpio`: a tap on
+/// br-lan and a read-only 16 MiB ext4 disk `/root/{name}-disk.img` holding one file. Returns
+/// the VM's configuration (256 MiB, console in `/root/{name}-console.log`, `extra` added).
+fn vm_on_the_bridge(
+    gw: &Gateway,
+    name: &str,
+    (tap, mac): (&str, &str),
+    (file, content): (&str, &str),
+    extra: &str,
+) -> String {
+    let disk = format!("/root/{name}-disk.img");
+    gw.ok(&format!(
+        "ip tuntap add {tap} mode tap && ip link set {tap} up && ovs-vsctl add-port br-lan {tap} \
+         && truncate -s 16M {disk} && mkfs.ext4 -q -F {disk} \
+         && mkdir -p /tmp/m && mount -o loop {disk} /tmp/m \
+         && echo {content} > /tmp/m/{file} && umount /tmp/m"
+    ))
+    .unwrap();
+    format!(
+        "memory_mib = 256\nconsole_log = \"/root/{name}-console.log\"\n{extra}\n\
+         [boot]\nkind = \"linux\"\nkernel = \"/boot/vmlinuz-{}\"\ninitrd = \"/root/{name}-guest.cpio\"\n\
+         cmdline = \"console=ttyS0 reboot=k panic=-1 pci=off quiet\"\n\
+         [[net]]\ntap = \"{tap}\"\nmac = \"{mac}\"\n\
+         [[disk]]\npath = \"{disk}\"\nread_only = true\n",
+        gw.image.kernel_release
+    )
+}
+
 #[test]
 fn microvm_net_on_the_bridge_and_blk_root_work_and_poweroff_ends_the_vmm() {
     let Some(gw) = gateway() else { return };
@@ -540,20 +568,12 @@ fn microvm_net_on_the_bridge_and_blk_root_work_and_poweroff_ends_the_vmm() {
     )
     .unwrap();
     gw.put(&initrd, "/root/net-guest.cpio", 0o644).unwrap();
-    gw.ok(
-        "ip tuntap add gvt0 mode tap && ip link set gvt0 up && ovs-vsctl add-port br-lan gvt0 \
-         && truncate -s 16M /root/disk.img && mkfs.ext4 -q -F /root/disk.img \
-         && mkdir -p /tmp/m && mount -o loop /root/disk.img /tmp/m \
-         && echo hello-from-virtio-blk > /tmp/m/hello.txt && umount /tmp/m",
-    )
-    .unwrap();
-    let cfg = format!(
-        "memory_mib = 256\nconsole_log = \"/root/net-console.log\"\n\
-         [boot]\nkind = \"linux\"\nkernel = \"/boot/vmlinuz-{}\"\ninitrd = \"/root/net-guest.cpio\"\n\
-         cmdline = \"console=ttyS0 reboot=k panic=-1 pci=off quiet\"\n\
-         [[net]]\ntap = \"gvt0\"\nmac = \"02:47:56:00:00:32\"\n\
-         [[disk]]\npath = \"/root/disk.img\"\nread_only = true\n",
-        gw.image.kernel_release
+    let cfg = vm_on_the_bridge(
+        &gw,
+        "net",
+        ("gvt0", "02:47:56:00:00:32"),
+        ("hello.txt", "hello-from-virtio-blk"),
+        "",
     );
     gw.put_bytes(cfg.as_bytes(), "/root/vm-net.toml", 0o644)
         .unwrap();
@@ -865,22 +885,13 @@ fn microvm_snapshot_of_a_running_linux_guest_is_restored_by_a_new_vmm_and_carrie
     )
     .unwrap();
     gw.put(&initrd, "/root/snap-guest.cpio", 0o644).unwrap();
-    gw.ok(
-        "ip tuntap add gvt1 mode tap && ip link set gvt1 up && ovs-vsctl add-port br-lan gvt1 \
-         && truncate -s 16M /root/snap-disk.img && mkfs.ext4 -q -F /root/snap-disk.img \
-         && mkdir -p /tmp/m && mount -o loop /root/snap-disk.img /tmp/m \
-         && echo read-after-restore > /tmp/m/later.txt && umount /tmp/m",
-    )
-    .unwrap();
-    let cfg = format!(
-        "memory_mib = 256\nconsole_log = \"/root/snap-console.log\"\n\
-         control_socket = \"/root/snap.control\"\n\
-         [boot]\nkind = \"linux\"\nkernel = \"/boot/vmlinuz-{}\"\ninitrd = \"/root/snap-guest.cpio\"\n\
-         cmdline = \"console=ttyS0 reboot=k panic=-1 pci=off quiet\"\n\
-         [[net]]\ntap = \"gvt1\"\nmac = \"02:47:56:00:00:33\"\n\
-         [[disk]]\npath = \"/root/snap-disk.img\"\nread_only = true\n\
+    let cfg = vm_on_the_bridge(
+        &gw,
+        "snap",
+        ("gvt1", "02:47:56:00:00:33"),
+        ("later.txt", "read-after-restore"),
+        "control_socket = \"/root/snap.control\"\n\
          [vsock]\nguest_cid = 3\nuds_path = \"/root/snap.vsock\"\n",
-        gw.image.kernel_release
     );
     gw.put_bytes(cfg.as_bytes(), "/root/vm-snap.toml", 0o644)
         .unwrap();
