@@ -4,10 +4,10 @@
 //! to both in its two forms: the ELF `vmlinux` (entered through PVH by both VMMs, the headline
 //! figures) and the `vmlinuz` bzImage (which first decompresses itself). Each boot is timed
 //! from process start to the guest's `/init` printing its marker on the serial console, `RUNS`
-//! times per VMM and form, alternating. Prints one JSON object; `gatevisor-vmm`'s boot
-//! benchmark runs this.
+//! times per VMM and form, alternating; `/init` also prints the guest's own uptime, reported
+//! next to the wall time. Prints one JSON object; `gatevisor-vmm`'s boot benchmark runs this.
 
-use qemu_tests::guest::{busybox_initramfs, INIT_MARKER};
+use qemu_tests::bootcmp::{self, boots, median, ratio, FORMS, VMMS};
 use std::time::Duration;
 
 const RUNS: usize = 5;
@@ -21,44 +21,18 @@ fn main() {
         std::process::exit(1);
     }
     let gw = qemu_tests::Gateway::boot().expect("the emulated gateway boots");
-    let initrd = gw.dir.join("bench-guest.cpio");
-    busybox_initramfs(&initrd, "").unwrap();
-    gw.put(&initrd, "/root/bench.cpio", 0o644).unwrap();
-    let release = &gw.image.kernel_release;
-    let cmdline = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
-    for form in ["vmlinux", "vmlinuz"] {
-        let cfg = format!(
-            "memory_mib = 128\nconsole_log = \"/root/bench-vmm.log\"\n[boot]\nkind = \"linux\"\n\
-             kernel = \"/boot/{form}-{release}\"\ninitrd = \"/root/bench.cpio\"\ncmdline = \"{cmdline}\"\n"
-        );
-        gw.put_bytes(cfg.as_bytes(), &format!("/root/bench-{form}.toml"), 0o644)
-            .unwrap();
+    bootcmp::prepare(&gw, "").expect("the guest and its configurations");
+    let mut script = bootcmp::measure_function(Duration::from_secs(RUN_LIMIT_S));
+    script.push_str(&format!("\nfor i in $(seq {RUNS}); do\n"));
+    for form in FORMS {
+        for vmm in VMMS {
+            script.push_str(&format!(
+                "  measure {vmm}-{form} \"{}\" /root/bench-{vmm}.log\n",
+                bootcmp::command(&gw, vmm, form)
+            ));
+        }
     }
-    let script = format!(
-        r#"measure() {{
-  rm -f "$3"; s=$(date +%s%N)
-  sh -c "$2" >/dev/null 2>&1 & pid=$!
-  while ! grep -q '{INIT_MARKER}' "$3" 2>/dev/null; do
-    kill -0 $pid 2>/dev/null || {{ echo "$1 failed"; return; }}
-    if [ $(( ($(date +%s%N) - s) / 1000000000 )) -ge {RUN_LIMIT_S} ]; then
-      echo "$1 timed-out: process state $(cut -d' ' -f3 /proc/$pid/stat), utime+stime $(cut -d' ' -f14,15 /proc/$pid/stat) ticks, threads:"
-      for t in /proc/$pid/task/*; do echo "  $(cat $t/comm) $(cut -d' ' -f3 $t/stat) $(cut -d' ' -f14,15 $t/stat)"; done
-      echo "  console (last 1500 bytes):"; tail -c 1500 "$3" | sed 's/^/  | /'
-      kill -9 $pid; wait $pid; return
-    fi
-    sleep 0.02
-  done
-  e=$(date +%s%N); echo "$1 $(( (e - s) / 1000000 ))"; wait $pid
-}}
-for i in $(seq {RUNS}); do
-  for form in vmlinux vmlinuz; do
-    measure gatevisor-$form "gatevisor vmm --config /root/bench-$form.toml" /root/bench-vmm.log
-    measure qemu-$form "qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m 128 -smp 1 -nodefaults \
-      -no-user-config -display none -no-reboot -serial file:/root/bench-qemu.log \
-      -kernel /boot/$form-{release} -initrd /root/bench.cpio -append '{cmdline}'" /root/bench-qemu.log
-  done
-done"#
-    );
+    script.push_str("done\n");
     // The agent answers each request within its own limit: run the script detached and poll.
     gw.ok(&format!(
         "cat > /root/bench.sh <<'EOF_BENCH'\n{script}\nEOF_BENCH\n\
@@ -77,53 +51,62 @@ done"#
         )
         .expect("the comparison runs");
     eprint!("{out}");
-    // The median of the runs that reached `/init` (more than half of them); a run that never
+    // Medians of the runs that reached `/init` (more than half of them); a run that never
     // did is counted apart, with its diagnosis above.
-    let median = |who: &str| -> Option<f64> {
-        let mut v: Vec<f64> = out
-            .lines()
-            .filter_map(|l| {
-                let (w, ms) = l.split_once(' ')?;
-                (w == who).then(|| ms.parse::<f64>().ok())?
-            })
-            .collect();
-        if v.len() <= RUNS / 2 {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        Some(if v.len() % 2 == 1 {
-            v[v.len() / 2]
-        } else {
-            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-        })
+    let wall = |who: &str| median(boots(&out, who).iter().map(|b| b.wall_ms).collect(), RUNS);
+    let uptime = |who: &str| {
+        median(
+            boots(&out, who).iter().filter_map(|b| b.uptime_s).collect(),
+            RUNS,
+        )
     };
     let timed_out = |who: &str| {
         out.lines()
             .filter(|l| l.starts_with(&format!("{who} timed-out")))
             .count()
     };
-    let ratio =
-        |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (a / b * 1000.0).round() / 1000.0);
-    let (ours, qemu) = (median("gatevisor-vmlinux"), median("qemu-vmlinux"));
-    let (ours_bz, qemu_bz) = (median("gatevisor-vmlinuz"), median("qemu-vmlinuz"));
-    println!(
-        "{}",
-        serde_json::json!({
-            "boot_to_init_ms_median": ours,
-            "qemu_microvm_boot_to_init_ms_median": qemu,
-            "boot_ratio": ratio(ours, qemu),
-            "bzimage_boot_to_init_ms_median": ours_bz,
-            "bzimage_qemu_microvm_boot_to_init_ms_median": qemu_bz,
-            "bzimage_boot_ratio": ratio(ours_bz, qemu_bz),
-            "runs_timed_out": {
-                "gatevisor_vmlinux": timed_out("gatevisor-vmlinux"),
-                "qemu_vmlinux": timed_out("qemu-vmlinux"),
-                "gatevisor_vmlinuz": timed_out("gatevisor-vmlinuz"),
-                "qemu_vmlinuz": timed_out("qemu-vmlinuz"),
-            },
-            "guest": format!("{release} (vmlinux through PVH; bzImage alongside), busybox initramfs, 128 MiB, 1 vCPU, runs: {RUNS}"),
-        })
+    let mut result = serde_json::Map::new();
+    for form in FORMS {
+        // The ELF's figures are the headline ones; the bzImage's carry its prefix.
+        let p = if form == "vmlinux" { "" } else { "bzimage_" };
+        let (ours, qemu) = (
+            wall(&format!("gatevisor-{form}")),
+            wall(&format!("qemu-{form}")),
+        );
+        let (up, qemu_up) = (
+            uptime(&format!("gatevisor-{form}")),
+            uptime(&format!("qemu-{form}")),
+        );
+        for (k, v) in [
+            ("boot_to_init_ms_median", ours),
+            ("qemu_microvm_boot_to_init_ms_median", qemu),
+            ("boot_ratio", ratio(ours, qemu)),
+            ("guest_uptime_at_init_s_median", up),
+            ("qemu_microvm_guest_uptime_at_init_s_median", qemu_up),
+            ("guest_uptime_at_init_ratio", ratio(up, qemu_up)),
+        ] {
+            result.insert(format!("{p}{k}"), serde_json::json!(v));
+        }
+    }
+    let mut timeouts = serde_json::Map::new();
+    for form in FORMS {
+        for vmm in VMMS {
+            let who = format!("{vmm}-{form}");
+            timeouts.insert(who.replace('-', "_"), timed_out(&who).into());
+        }
+    }
+    result.insert("runs_timed_out".into(), timeouts.into());
+    result.insert(
+        "guest".into(),
+        format!(
+            "{} (vmlinux through PVH; bzImage alongside), busybox initramfs, 128 MiB, 1 vCPU, \
+             runs: {RUNS}, command line: {}",
+            gw.image.kernel_release,
+            bootcmp::CMDLINE
+        )
+        .into(),
     );
+    println!("{}", serde_json::Value::Object(result));
 }
 
 fn skip() -> Option<String> {

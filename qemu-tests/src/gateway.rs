@@ -506,20 +506,31 @@ impl Gateway {
 }
 
 /// `gateway-agent`, which cargo builds next to the test or bench binaries that use this crate
-/// (they run from `target/PROFILE/deps/`).
+/// (they run from `target/PROFILE/deps/`). An example (`target/PROFILE/examples/`) run on a
+/// fresh checkout has none yet: it is built there, in the example's profile.
 pub fn agent_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe().map_err(io("find the running executable"))?;
-    let agent = exe
+    let profile_dir = exe.parent().and_then(Path::parent);
+    let agent = profile_dir.map(|d| d.join("gateway-agent"));
+    if let Some(agent) = agent.as_ref().filter(|a| a.is_file()) {
+        return Ok(agent.clone());
+    }
+    let from_example = exe
         .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("gateway-agent"))
-        .filter(|p| p.is_file());
-    agent.ok_or_else(|| {
-        Error::Channel(format!(
-            "gateway-agent is not built next to {} (run through cargo test/bench -p qemu-tests)",
-            exe.display()
-        ))
-    })
+        .is_some_and(|d| d.file_name() == Some("examples".as_ref()));
+    if let (true, Some(dir)) = (from_example, profile_dir) {
+        let release = dir.file_name() == Some("release".as_ref());
+        let mut args = vec!["-p", "qemu-tests", "--bin", "gateway-agent"];
+        if release {
+            args.push("--release");
+        }
+        crate::cargo_build(&args, None)?;
+        return Ok(dir.join("gateway-agent"));
+    }
+    Err(Error::Channel(format!(
+        "gateway-agent is not built next to {} (run through cargo test/bench -p qemu-tests)",
+        exe.display()
+    )))
 }
 
 static RUN_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

@@ -68,7 +68,7 @@ fn initramfs(
          mount -t sysfs sys /sys\n\
          mount -t devtmpfs dev /dev 2>/dev/null\n\
          {load}\
-         echo \"{INIT_MARKER}, kernel $(uname -r)\"\n\
+         echo \"{INIT_MARKER}, kernel $(uname -r), uptime $(cut -d' ' -f1 /proc/uptime)\"\n\
          {script}\n\
          reboot -f\n"
     );

@@ -9,6 +9,7 @@
 //!   [`Gateway::wait_until`], [`Gateway::reboot`]; everything it started goes away on drop,
 //!   console and journal are printed when a test panics.
 
+pub mod bootcmp;
 pub mod gateway;
 pub mod guest;
 pub mod image;

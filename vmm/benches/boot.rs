@@ -7,7 +7,9 @@
 //! - from inside the emulated gateway (qemu-tests' `microvm-boot` example; `null` with a reason
 //!   when it cannot run): `boot_to_init_ms_median` for our VMM,
 //!   `qemu_microvm_boot_to_init_ms_median` for QEMU's microvm machine, and `boot_ratio`, with
-//!   the kernel's ELF entered through PVH by both; the same three for the bzImage
+//!   the kernel's ELF entered through PVH by both; the guest's own uptime when `/init` ran,
+//!   `guest_uptime_at_init_s_median` and `qemu_microvm_guest_uptime_at_init_s_median`, and
+//!   their `guest_uptime_at_init_ratio` (ours ÷ QEMU's); the same six for the bzImage
 //!   (`bzimage_…`).
 //!
 //! `--host-only` skips the emulated gateway (it takes several minutes).
@@ -71,6 +73,12 @@ fn main() {
             "bzimage_boot_to_init_ms_median": pick("bzimage_boot_to_init_ms_median"),
             "bzimage_qemu_microvm_boot_to_init_ms_median": pick("bzimage_qemu_microvm_boot_to_init_ms_median"),
             "bzimage_boot_ratio": pick("bzimage_boot_ratio"),
+            "guest_uptime_at_init_s_median": pick("guest_uptime_at_init_s_median"),
+            "qemu_microvm_guest_uptime_at_init_s_median": pick("qemu_microvm_guest_uptime_at_init_s_median"),
+            "guest_uptime_at_init_ratio": pick("guest_uptime_at_init_ratio"),
+            "bzimage_guest_uptime_at_init_s_median": pick("bzimage_guest_uptime_at_init_s_median"),
+            "bzimage_qemu_microvm_guest_uptime_at_init_s_median": pick("bzimage_qemu_microvm_guest_uptime_at_init_s_median"),
+            "bzimage_guest_uptime_at_init_ratio": pick("bzimage_guest_uptime_at_init_ratio"),
             "runs_timed_out": pick("runs_timed_out"),
             "gateway_note": gateway.get("error").or(gateway.get("reason")).or(gateway.get("guest")).cloned(),
             "host_kvm": std::fs::read_dir("/sys/module/kvm_pvm").map(|_| "pvm").unwrap_or("hardware or none"),
