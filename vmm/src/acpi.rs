@@ -12,6 +12,7 @@
 
 use crate::devices::{COM1, COM1_IRQ};
 use crate::layout::{IOAPIC_START, LAPIC_START};
+use crate::memory::Memory;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
@@ -21,7 +22,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml, AmlSink};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// The RSDP: in the BIOS area Linux scans, and passed in the zero page too.
 pub const RSDP_START: u64 = 0xe_0000;
@@ -147,11 +148,7 @@ fn madt(vcpus: u8) -> Vec<u8> {
 }
 
 /// Writes the tables into guest memory; returns the RSDP's address.
-pub fn write_tables(
-    mem: &GuestMemoryMmap,
-    vcpus: u8,
-    devices: &[MmioDevice],
-) -> Result<u64, String> {
+pub fn write_tables(mem: &Memory, vcpus: u8, devices: &[MmioDevice]) -> Result<u64, String> {
     let mut at = RSDP_START + Rsdp::len() as u64;
     let mut place = |data: &[u8]| -> Result<u64, String> {
         let addr = (at + 15) & !15;
@@ -189,7 +186,7 @@ mod tests {
 
     #[test]
     fn every_table_is_checksummed_and_the_xsdt_reaches_fadt_and_madt() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let mem = crate::memory::Memory::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let devs = [MmioDevice {
             base: 0xd000_0000,
             len: 0x1000,

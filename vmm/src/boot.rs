@@ -4,6 +4,7 @@
 //! as module 0), or a raw flat image (test guests).
 
 use crate::layout::*;
+use crate::memory::Memory;
 use crate::{Error, Result};
 use linux_loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::cmdline::Cmdline;
@@ -17,7 +18,7 @@ use linux_loader::loader::elf::start_info::{
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
 use std::path::Path;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 const E820_RAM: u32 = 1;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -47,7 +48,7 @@ fn kernel_err(path: &Path, detail: impl std::fmt::Display) -> Error {
 /// Loads `kernel` (and `initrd`) with `cmdline`: an ELF kernel through its PVH entry, anything
 /// else as a bzImage.
 pub fn load_linux(
-    mem: &GuestMemoryMmap,
+    mem: &Memory,
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
@@ -73,7 +74,7 @@ pub fn load_linux(
 }
 
 /// Writes the command line at [`CMDLINE_START`].
-fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<()> {
+fn write_cmdline(mem: &Memory, cmdline: &str) -> Result<()> {
     let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| Error::Config(format!("{e}")))?;
     cl.insert_str(cmdline)
         .map_err(|e| Error::Config(format!("kernel command line: {e}")))?;
@@ -83,12 +84,7 @@ fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<()> {
 
 /// Puts the initramfs page-aligned as high as possible below `max` and above `kernel_end`;
 /// returns its address and size.
-fn place_initrd(
-    mem: &GuestMemoryMmap,
-    path: &Path,
-    max: u64,
-    kernel_end: u64,
-) -> Result<(u64, u64)> {
+fn place_initrd(mem: &Memory, path: &Path, max: u64, kernel_end: u64) -> Result<(u64, u64)> {
     let data = std::fs::read(path).map_err(|source| Error::File {
         what: "read initramfs",
         path: path.to_path_buf(),
@@ -112,13 +108,13 @@ fn place_initrd(
 
 /// The guest's RAM as the memory map gives it: low memory below the EBDA, and everything
 /// from 1 MiB up (the ACPI tables at 0xe0000 sit in the hole between).
-fn ram_ranges(mem: &GuestMemoryMmap) -> [(u64, u64); 2] {
+fn ram_ranges(mem: &Memory) -> [(u64, u64); 2] {
     let mem_end = mem.last_addr().raw_value() + 1;
     [(0, EBDA_START), (HIMEM_START, mem_end - HIMEM_START)]
 }
 
 fn load_bzimage(
-    mem: &GuestMemoryMmap,
+    mem: &Memory,
     kernel: &Path,
     f: &mut std::fs::File,
     initrd: Option<&Path>,
@@ -169,7 +165,7 @@ fn load_bzimage(
         };
     }
     params.e820_entries = ram.len() as u8;
-    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+    LinuxBootConfigurator::write_bootparams::<Memory>(
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE)),
         mem,
     )
@@ -180,7 +176,7 @@ fn load_bzimage(
 }
 
 fn load_pvh(
-    mem: &GuestMemoryMmap,
+    mem: &Memory,
     kernel: &Path,
     f: &mut std::fs::File,
     initrd: Option<&Path>,
@@ -237,13 +233,13 @@ fn load_pvh(
         params.set_modules(&[m], GuestAddress(PVH_MODLIST_START));
     }
     params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_START));
-    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
+    PvhBootConfigurator::write_bootparams::<Memory>(&params, mem)
         .map_err(|e| Error::Config(format!("PVH start info: {e}")))?;
     Ok(Entry::Pvh32(entry.raw_value()))
 }
 
 /// Copies a raw image to [`HIMEM_START`] and returns it as the entry point.
-pub fn load_raw(mem: &GuestMemoryMmap, image: &[u8]) -> Result<Entry> {
+pub fn load_raw(mem: &Memory, image: &[u8]) -> Result<Entry> {
     mem.write_slice(image, GuestAddress(HIMEM_START))
         .map_err(|e| Error::Config(format!("raw image of {} bytes: {e}", image.len())))?;
     Ok(Entry::Long64(HIMEM_START))

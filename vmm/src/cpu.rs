@@ -3,10 +3,11 @@
 
 use crate::boot::Entry;
 use crate::layout::*;
+use crate::memory::Memory;
 use crate::{kvm, Error, Result};
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 // Control register and EFER bits.
 const X86_CR0_PE: u64 = 0x1;
@@ -68,7 +69,7 @@ const GDT: [u64; 6] = [
     gdt_entry(0xc09b, 0, 0xfffff), // 0x28: 32-bit code
 ];
 
-fn write_mem<T: vm_memory::ByteValued>(mem: &GuestMemoryMmap, v: T, at: u64) -> Result<()> {
+fn write_mem<T: vm_memory::ByteValued>(mem: &Memory, v: T, at: u64) -> Result<()> {
     mem.write_obj(v, GuestAddress(at))
         .map_err(|e| Error::Memory {
             mib: 0,
@@ -145,7 +146,7 @@ pub fn setup_fpu(vcpu: &VcpuFd) -> Result<()> {
 /// The boot vCPU's registers for `entry`: flat segments from [`GDT`], then either long mode
 /// with paging through an identity map of the first GiB and `rsi` = the zero page (the 64-bit
 /// boot protocol), or 32-bit protected mode without paging and `ebx` = `hvm_start_info` (PVH).
-pub fn setup_boot_cpu(mem: &GuestMemoryMmap, vcpu: &VcpuFd, entry: Entry) -> Result<()> {
+pub fn setup_boot_cpu(mem: &Memory, vcpu: &VcpuFd, entry: Entry) -> Result<()> {
     for (i, e) in GDT.iter().enumerate() {
         write_mem(mem, *e, GDT_START + (i as u64) * 8)?;
     }

@@ -21,6 +21,7 @@ pub mod cpu;
 pub mod devices;
 pub mod guest;
 pub mod layout;
+pub mod memory;
 pub mod process;
 pub mod sandbox;
 pub mod snapshot;

@@ -2,6 +2,7 @@
 
 use crate::devices::{ConsoleTee, PortAction, PortBus, RateLimitedLog, COM1_IRQ};
 use crate::layout::*;
+use crate::memory::Memory;
 use crate::virtio::block::Block;
 use crate::virtio::mmio::{self, Interrupt, MmioTransport};
 use crate::virtio::net::Net;
@@ -20,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// What the guest boots.
@@ -217,7 +218,7 @@ type Bus = Arc<Mutex<PortBus<Box<dyn Write + Send>>>>;
 pub struct Vm {
     kvm_fd: Kvm,
     vm_fd: VmFd,
-    pub mem: GuestMemoryMmap,
+    pub mem: Memory,
     /// What a snapshot of this VM is of.
     machine: snapshot::Machine,
     pause: Arc<PauseState>,
@@ -373,23 +374,25 @@ impl Vm {
             detail,
         };
         let mem = match &origin {
-            Origin::Boot => GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
-                .map_err(|e| mem_err(e.to_string()))?,
+            Origin::Boot => crate::memory::anonymous(size).map_err(|e| mem_err(e.to_string()))?,
             // Private: pages come from the file when first touched, and what the guest
             // writes stays this VM's.
             Origin::Snapshot(_, file) => {
                 let file = file
                     .try_clone()
                     .map_err(|e| mem_err(format!("snapshot memory: {e}")))?;
-                let region = vm_memory::mmap::MmapRegionBuilder::new(size)
-                    .with_file_offset(vm_memory::FileOffset::new(file, 0))
-                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                    .build()
-                    .map_err(|e| mem_err(format!("mapping the snapshot's memory: {e}")))?;
+                let region = vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(
+                    size,
+                    crate::memory::Mapping::default(),
+                )
+                .with_file_offset(vm_memory::FileOffset::new(file, 0))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| mem_err(format!("mapping the snapshot's memory: {e}")))?;
                 let region = vm_memory::GuestRegionMmap::new(region, GuestAddress(0))
                     .ok_or_else(|| mem_err("the snapshot's memory region".into()))?;
-                GuestMemoryMmap::from_regions(vec![region]).map_err(|e| mem_err(e.to_string()))?
+                Memory::from_regions(vec![region]).map_err(|e| mem_err(e.to_string()))?
             }
         };
         for (slot, region) in mem.iter().enumerate() {

@@ -8,6 +8,7 @@
 
 use super::net::read_bytes;
 use super::{DeviceError, VirtioDevice};
+use crate::memory::Memory;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use virtio_bindings::virtio_blk::{
@@ -17,7 +18,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestMemoryMmap};
+use vm_memory::{Address, Bytes};
 
 pub const SECTOR: u64 = 512;
 const HEADER_LEN: u32 = 16;
@@ -56,7 +57,7 @@ impl Block {
     /// Serves one request; returns the bytes written into the chain (data and status).
     fn request(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &Memory,
         head: u16,
         descs: &[Descriptor],
     ) -> Result<u32, DeviceError> {
@@ -138,7 +139,7 @@ impl Block {
 
     fn transfer(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &Memory,
         d: &Descriptor,
         pos: u64,
         out: bool,
@@ -198,7 +199,7 @@ impl VirtioDevice for Block {
     fn resume(
         &mut self,
         saved: &[u8],
-        _mem: &GuestMemoryMmap,
+        _mem: &Memory,
         _queues: &mut [Queue],
         _live: bool,
     ) -> Result<bool, String> {
@@ -225,7 +226,7 @@ impl VirtioDevice for Block {
 
     fn queue_notify(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &Memory,
         queues: &mut [Queue],
         index: usize,
     ) -> Result<bool, DeviceError> {

@@ -7,6 +7,7 @@
 //! of order are ignored, as the specification lets a device do.
 
 use super::{DeviceError, VirtioDevice};
+use crate::memory::Memory;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use virtio_bindings::virtio_config::{
@@ -15,7 +16,6 @@ use virtio_bindings::virtio_config::{
     VIRTIO_F_VERSION_1,
 };
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
@@ -103,7 +103,7 @@ pub struct SavedDevice {
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    mem: Memory,
     queues: Vec<Queue>,
     interrupt: Interrupt,
     status: u32,
@@ -117,11 +117,7 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    pub fn new(
-        device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
-        interrupt: Interrupt,
-    ) -> MmioTransport {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: Memory, interrupt: Interrupt) -> MmioTransport {
         let queues = device
             .queue_max_sizes()
             .iter()

@@ -18,8 +18,9 @@ pub mod net;
 mod tests;
 pub mod vsock;
 
+use crate::memory::Memory;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 /// Why a device stopped serving its driver until the driver resets it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -50,16 +51,12 @@ pub trait VirtioDevice: Send {
     /// transport then interrupts the driver).
     fn queue_notify(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &Memory,
         queues: &mut [Queue],
         index: usize,
     ) -> Result<bool, DeviceError>;
     /// The backend has work (a frame arrived on the tap). Returns as [`Self::queue_notify`].
-    fn backend_ready(
-        &mut self,
-        _mem: &GuestMemoryMmap,
-        _queues: &mut [Queue],
-    ) -> Result<bool, DeviceError> {
+    fn backend_ready(&mut self, _mem: &Memory, _queues: &mut [Queue]) -> Result<bool, DeviceError> {
         Ok(false)
     }
     /// The descriptors the I/O thread should poll for this device now, with poll events
@@ -80,7 +77,7 @@ pub trait VirtioDevice: Send {
     fn resume(
         &mut self,
         saved: &[u8],
-        _mem: &GuestMemoryMmap,
+        _mem: &Memory,
         _queues: &mut [Queue],
         _live: bool,
     ) -> Result<bool, String> {
@@ -93,13 +90,13 @@ pub trait VirtioDevice: Send {
 }
 
 /// The chains the devices pop from their queues.
-pub(crate) type Chain<'a> = virtio_queue::DescriptorChain<&'a GuestMemoryMmap>;
+pub(crate) type Chain<'a> = virtio_queue::DescriptorChain<&'a Memory>;
 
 /// Gathers what the driver gave the device, the chain's readable descriptors in order, into
 /// `out` (cleared first): at most `limit` bytes. A device-writable descriptor, more than
 /// `limit` bytes or an address outside guest memory breaks the chain.
 pub(crate) fn gather(
-    mem: &GuestMemoryMmap,
+    mem: &Memory,
     chain: Chain<'_>,
     limit: usize,
     out: &mut Vec<u8>,
@@ -129,7 +126,7 @@ pub(crate) fn gather(
 /// order; returns how many bytes fit (less than all of them when the buffers are too small).
 /// A descriptor the device may not write, or outside guest memory, breaks the chain.
 pub(crate) fn scatter(
-    mem: &GuestMemoryMmap,
+    mem: &Memory,
     chain: Chain<'_>,
     parts: &[&[u8]],
 ) -> Result<usize, DeviceError> {

@@ -7,12 +7,12 @@
 //! read again) until the driver adds buffers.
 
 use super::{gather, scatter, DeviceError, VirtioDevice};
+use crate::memory::Memory;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// `virtio_net_hdr_v1`: what VERSION_1 drivers put before every frame.
@@ -50,7 +50,7 @@ impl Net {
         }
     }
 
-    fn receive(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
+    fn receive(&mut self, mem: &Memory, q: &mut Queue) -> Result<bool, DeviceError> {
         let mut used = false;
         loop {
             if self.pending_len == 0 {
@@ -89,7 +89,7 @@ impl Net {
         }
     }
 
-    fn transmit(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
+    fn transmit(&mut self, mem: &Memory, q: &mut Queue) -> Result<bool, DeviceError> {
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -130,7 +130,7 @@ impl VirtioDevice for Net {
 
     fn queue_notify(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &Memory,
         queues: &mut [Queue],
         index: usize,
     ) -> Result<bool, DeviceError> {
@@ -146,11 +146,7 @@ impl VirtioDevice for Net {
         }
     }
 
-    fn backend_ready(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        queues: &mut [Queue],
-    ) -> Result<bool, DeviceError> {
+    fn backend_ready(&mut self, mem: &Memory, queues: &mut [Queue]) -> Result<bool, DeviceError> {
         self.receive(mem, &mut queues[RX])
     }
 
@@ -177,7 +173,7 @@ impl VirtioDevice for Net {
     fn resume(
         &mut self,
         saved: &[u8],
-        _mem: &GuestMemoryMmap,
+        _mem: &Memory,
         _queues: &mut [Queue],
         _live: bool,
     ) -> Result<bool, String> {

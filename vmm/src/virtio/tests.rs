@@ -4,10 +4,11 @@
 use super::block::Block;
 use super::mmio::{Interrupt, MmioTransport};
 use super::net::{Net, HDR_LEN};
+use crate::memory::Memory;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const MEM: usize = 1 << 20;
@@ -20,8 +21,8 @@ const S_NEEDS_RESET: u32 = 0x40;
 const F_WRITE: u16 = 2;
 const F_NEXT: u16 = 1;
 
-pub fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap()
+pub fn memory() -> Memory {
+    crate::memory::Memory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap()
 }
 
 /// One split queue the test driver set up: rings at fixed addresses per queue index.
@@ -48,7 +49,7 @@ impl Ring {
 }
 
 pub struct Driver {
-    pub mem: GuestMemoryMmap,
+    pub mem: Memory,
     pub t: MmioTransport,
     pub rings: Vec<Ring>,
 }

@@ -15,6 +15,7 @@
 
 use super::net::read_bytes;
 use super::{DeviceError, VirtioDevice};
+use crate::memory::Memory;
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -22,7 +23,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub const HOST_CID: u64 = 2;
@@ -441,7 +441,7 @@ impl Vsock {
     }
 
     /// Tells the guest of a pending transport reset, in an event buffer if it gave one.
-    fn send_reset(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
+    fn send_reset(&mut self, mem: &Memory, q: &mut Queue) -> Result<bool, DeviceError> {
         if !self.reset_pending {
             return Ok(false);
         }
@@ -462,7 +462,7 @@ impl Vsock {
         Ok(true)
     }
 
-    fn receive(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
+    fn receive(&mut self, mem: &Memory, q: &mut Queue) -> Result<bool, DeviceError> {
         let mut used = false;
         loop {
             if q.avail_idx(mem, std::sync::atomic::Ordering::Acquire).ok()
@@ -497,7 +497,7 @@ impl Vsock {
         }
     }
 
-    fn transmit(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
+    fn transmit(&mut self, mem: &Memory, q: &mut Queue) -> Result<bool, DeviceError> {
         let mut used = false;
         let mut bytes = Vec::new();
         while let Some(chain) = q.pop_descriptor_chain(mem) {
@@ -549,7 +549,7 @@ impl VirtioDevice for Vsock {
 
     fn queue_notify(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &Memory,
         queues: &mut [Queue],
         index: usize,
     ) -> Result<bool, DeviceError> {
@@ -568,11 +568,7 @@ impl VirtioDevice for Vsock {
         Ok(used)
     }
 
-    fn backend_ready(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        queues: &mut [Queue],
-    ) -> Result<bool, DeviceError> {
+    fn backend_ready(&mut self, mem: &Memory, queues: &mut [Queue]) -> Result<bool, DeviceError> {
         self.accept_host();
         self.flush_all();
         self.receive(mem, &mut queues[RX])
@@ -622,7 +618,7 @@ impl VirtioDevice for Vsock {
     fn resume(
         &mut self,
         saved: &[u8],
-        mem: &GuestMemoryMmap,
+        mem: &Memory,
         queues: &mut [Queue],
         live: bool,
     ) -> Result<bool, String> {
