@@ -77,13 +77,17 @@ fn write_mem<T: vm_memory::ByteValued>(mem: &Memory, v: T, at: u64) -> Result<()
         })
 }
 
-/// CPUID as KVM supports it, with this vCPU's APIC id and the hypervisor bit.
-pub fn setup_cpuid(vcpu: &VcpuFd, mut cpuid: CpuId, id: u8) -> Result<()> {
+/// CPUID as KVM supports it, with this vCPU's APIC id and the hypervisor bit, and the TSC
+/// deadline timer when KVM emulates it (`tsc_deadline`: KVM_CAP_TSC_DEADLINE_TIMER; KVM does
+/// not list it among the supported leaves). With it the guest arms its timer with one MSR
+/// write and skips calibrating the LAPIC timer against another clock.
+pub fn setup_cpuid(vcpu: &VcpuFd, mut cpuid: CpuId, id: u8, tsc_deadline: bool) -> Result<()> {
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
                 e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24);
                 e.ecx |= 1 << 31; // running under a hypervisor
+                e.ecx |= u32::from(tsc_deadline) << 24;
             }
             0xb | 0x1f => e.edx = id as u32,
             _ => {}

@@ -499,9 +499,10 @@ impl Vm {
                 let cpuid = kvm_fd
                     .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
                     .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+                let tsc_deadline = kvm_fd.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
                 for id in 0..cfg.vcpus {
                     let vcpu = vm.create_vcpu(id as u64).map_err(kvm("KVM_CREATE_VCPU"))?;
-                    cpu::setup_cpuid(&vcpu, cpuid.clone(), id)?;
+                    cpu::setup_cpuid(&vcpu, cpuid.clone(), id, tsc_deadline)?;
                     cpu::setup_msrs(&vcpu)?;
                     cpu::setup_fpu(&vcpu)?;
                     cpu::setup_lapic(&vcpu)?;
