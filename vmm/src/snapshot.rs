@@ -101,44 +101,71 @@ pub struct Machine {
     _pad: u32,
 }
 
-impl Machine {
-    pub fn of(cfg: &VmConfig) -> Result<Machine> {
-        let mut h = crc32fast::Hasher::new();
-        let mut add_file = |path: &Path, what: &'static str| -> Result<()> {
-            let mut f = std::fs::File::open(path).map_err(file_err(what, path))?;
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                let n = f.read(&mut buf).map_err(file_err(what, path))?;
-                if n == 0 {
-                    return Ok(());
-                }
-                h.update(&buf[..n]);
-            }
-        };
-        match &cfg.boot {
+/// The files a VM boots from, opened, and its command line: what [`Machine::boot_crc`] sums.
+pub struct BootFiles(Vec<std::fs::File>, Option<String>);
+
+impl BootFiles {
+    pub fn open(cfg: &VmConfig) -> Result<BootFiles> {
+        let open = |path: &Path, what| std::fs::File::open(path).map_err(file_err(what, path));
+        Ok(match &cfg.boot {
             Boot::Linux {
                 kernel,
                 initrd,
                 cmdline,
             } => {
-                add_file(kernel, "read kernel")?;
+                let mut files = vec![open(kernel, "read kernel")?];
                 if let Some(i) = initrd {
-                    add_file(i, "read initramfs")?;
+                    files.push(open(i, "read initramfs")?);
                 }
-                h.update(b"\0cmdline\0");
-                h.update(cmdline.as_bytes());
+                BootFiles(files, Some(cmdline.clone()))
             }
-            Boot::Raw { image } => add_file(image, "read raw image")?,
+            Boot::Raw { image } => BootFiles(vec![open(image, "read raw image")?], None),
+        })
+    }
+
+    /// CRC-32 of the files' bytes and the command line. (A 53 MB kernel takes ~1.3 s under
+    /// the emulated gateway's nested TCG: a booting VM sums it beside its guest, see
+    /// [`crate::vm::Vm`], not before it.)
+    pub fn crc(self) -> std::io::Result<u32> {
+        let mut h = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; 1 << 16];
+        for mut f in self.0 {
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
         }
-        Ok(Machine {
+        if let Some(c) = self.1 {
+            h.update(b"\0cmdline\0");
+            h.update(c.as_bytes());
+        }
+        Ok(h.finalize())
+    }
+}
+
+impl Machine {
+    /// The machine `cfg` describes, its boot files summed now.
+    pub fn of(cfg: &VmConfig) -> Result<Machine> {
+        let crc = BootFiles::open(cfg)?
+            .crc()
+            .map_err(|e| Error::Snapshot(format!("reading the boot files: {e}")))?;
+        Ok(Machine::shaped(cfg, crc))
+    }
+
+    /// The machine `cfg` describes, with `boot_crc` for its boot files.
+    pub fn shaped(cfg: &VmConfig, boot_crc: u32) -> Machine {
+        Machine {
             memory_mib: cfg.memory_mib,
             vcpus: cfg.vcpus as u32,
             nets: cfg.net.len() as u32,
             disks: cfg.disk.len() as u32,
             vsock: cfg.vsock.is_some() as u32,
-            boot_crc: h.finalize(),
+            boot_crc,
             _pad: 0,
-        })
+        }
     }
 
     /// Why a snapshot of `self` cannot be restored as `want`, if it cannot.

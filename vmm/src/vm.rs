@@ -221,6 +221,8 @@ pub struct Vm {
     pub mem: Memory,
     /// What a snapshot of this VM is of.
     machine: snapshot::Machine,
+    /// Whether `machine.boot_crc` is known yet.
+    boot_crc: BootCrc,
     pause: Arc<PauseState>,
     /// The boot vCPU stopped at a pause (not at the guest's end): its state can be saved.
     paused: bool,
@@ -331,6 +333,14 @@ impl Pauser {
     }
 }
 
+/// The boot files' CRC in a VM's [`snapshot::Machine`]: summed by a thread of its own while a
+/// booting guest runs, known from the start for a restored one.
+enum BootCrc {
+    Summing(Arc<std::sync::OnceLock<std::io::Result<u32>>>),
+    Known,
+    Failed(String),
+}
+
 /// Where a VM's memory and state come from.
 enum Origin {
     Boot,
@@ -353,9 +363,23 @@ impl Vm {
 
     fn build(cfg: &VmConfig, origin: Origin) -> Result<Vm> {
         cfg.validate()?;
-        let machine = match &origin {
-            Origin::Boot => snapshot::Machine::of(cfg)?,
-            Origin::Snapshot(state, _) => state.machine,
+        let (machine, boot_crc) = match &origin {
+            // The boot files are summed beside the booting guest (only a snapshot needs it).
+            Origin::Boot => {
+                let files = snapshot::BootFiles::open(cfg)?;
+                let sum = Arc::new(std::sync::OnceLock::new());
+                let done = sum.clone();
+                spawn_filtered(
+                    "vmm-boot-crc".into(),
+                    "the boot files' checksum",
+                    true,
+                    Box::new(move || {
+                        let _ = done.set(files.crc());
+                    }),
+                )?;
+                (snapshot::Machine::shaped(cfg, 0), BootCrc::Summing(sum))
+            }
+            Origin::Snapshot(state, _) => (state.machine, BootCrc::Known),
         };
         let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
         let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
@@ -590,6 +614,7 @@ impl Vm {
             vm_fd: vm,
             mem,
             machine,
+            boot_crc,
             pause: Arc::default(),
             paused: false,
             vcpu,
@@ -615,7 +640,7 @@ impl Vm {
             "vmm-control".into(),
             "the control thread",
             true,
-            move || crate::control::serve(listener, pending, pauser),
+            Box::new(move || crate::control::serve(listener, pending, pauser)),
         )?;
         self.serving = true;
         Ok(())
@@ -632,9 +657,12 @@ impl Vm {
             .console_io
             .take()
             .map(|(l, c)| (l, c, self.bus.clone()));
-        spawn_filtered("vmm-io".into(), "the I/O thread", true, move || {
-            io_loop(devices, console)
-        })
+        spawn_filtered(
+            "vmm-io".into(),
+            "the I/O thread",
+            true,
+            Box::new(move || io_loop(devices, console)),
+        )
     }
 
     /// Starts a thread per application processor; each enters the seccomp filter (when
@@ -651,7 +679,7 @@ impl Vm {
                 format!("vcpu{}", i + 1),
                 "a vCPU thread",
                 sandbox,
-                move || end(run_vcpu(&mut vcpu, &bus, &mmio, None)),
+                Box::new(move || end(run_vcpu(&mut vcpu, &bus, &mmio, None))),
             )?;
         }
         Ok(())
@@ -722,6 +750,19 @@ impl Vm {
             return Err(Error::Snapshot(
                 "snapshots of VMs with more than one vCPU are not supported yet".into(),
             ));
+        }
+        if let BootCrc::Summing(sum) = &self.boot_crc {
+            // Set by the thread before it ends (a panic there aborts the VMM).
+            self.boot_crc = match sum.wait() {
+                Ok(crc) => {
+                    self.machine.boot_crc = *crc;
+                    BootCrc::Known
+                }
+                Err(why) => BootCrc::Failed(format!("reading the boot files: {why}")),
+            };
+        }
+        if let BootCrc::Failed(why) = &self.boot_crc {
+            return Err(Error::Snapshot(why.clone()));
         }
         // Every device is held until its memory is saved: the I/O thread writes guest
         // memory (received frames) only while it holds the device.
@@ -896,11 +937,12 @@ fn run_vcpu(
 
 /// Starts thread `name` (`what` in errors), which enters the seccomp filter (when
 /// `sandbox`) before it runs `body`; returns once it is filtered, or why it could not be.
+/// (`body` is boxed: one copy of the thread start-up code serves every thread.)
 fn spawn_filtered(
     name: String,
     what: &'static str,
     sandbox: bool,
-    body: impl FnOnce() + Send + 'static,
+    body: Box<dyn FnOnce() + Send>,
 ) -> Result<()> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
