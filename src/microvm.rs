@@ -8,8 +8,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Kernel arguments every service guest gets: the console on the serial port, a reboot that
-/// ends the VM, a panic that ends it too, no PCI (the VMM has none).
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
+/// ends the VM, a panic that ends it too, no PCI (the VMM has none), one legacy serial port
+/// to probe (the VMM has no other), and a quiet console: errors still reach the service log,
+/// the rest stays in the guest's `dmesg` (each console byte is a VM exit; with the whole log
+/// on the console the stock kernel reached `/init` in ~4 s of guest time instead of ~1.7 s
+/// in the emulated gateway). A manifest's `microvm.cmdline` comes after these and can
+/// override them (`loglevel=7`).
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet 8250.nr_uarts=1";
 
 /// How long a microVM's service may take to say its first word on the verdict socket (the
 /// guest boots a kernel first) before its heartbeat timeout applies.
