@@ -68,22 +68,13 @@ fn main() {
             ));
         }
     }
-    gw.ok(&format!(
-        "cat > /root/prof.sh <<'EOF_PROF'\n{script}\nEOF_PROF\n\
-         (setsid sh /root/prof.sh > /root/prof.out 2>&1; echo done >> /root/prof.out) \
-         < /dev/null > /dev/null 2>&1 &"
-    ))
-    .expect("the profile starts");
-    let out = gw
-        .wait_until(
-            "the boot profile",
-            Duration::from_secs(2 * runs as u64 * (RUN_LIMIT_S + 60)),
-            |gw| {
-                let o = gw.ok("cat /root/prof.out")?;
-                Ok(o.lines().any(|l| l == "done").then_some(o))
-            },
-        )
-        .expect("the profile runs");
+    let out = bootcmp::run_detached(
+        &gw,
+        "prof",
+        &script,
+        Duration::from_secs(2 * runs as u64 * (RUN_LIMIT_S + 60)),
+    )
+    .expect("the profile runs");
     eprint!("{out}");
     let read = |path: &str| {
         gw.ok(&format!("cat {path} 2>/dev/null"))

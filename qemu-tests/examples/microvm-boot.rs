@@ -33,23 +33,13 @@ fn main() {
         }
     }
     script.push_str("done\n");
-    // The agent answers each request within its own limit: run the script detached and poll.
-    gw.ok(&format!(
-        "cat > /root/bench.sh <<'EOF_BENCH'\n{script}\nEOF_BENCH\n\
-         (setsid sh /root/bench.sh > /root/bench.out 2>&1; echo done >> /root/bench.out) \
-         < /dev/null > /dev/null 2>&1 &"
-    ))
-    .expect("the comparison starts");
-    let out = gw
-        .wait_until(
-            "the boot comparison",
-            Duration::from_secs(4 * RUNS as u64 * (RUN_LIMIT_S + 30)),
-            |gw| {
-                let o = gw.ok("cat /root/bench.out")?;
-                Ok(o.lines().any(|l| l == "done").then_some(o))
-            },
-        )
-        .expect("the comparison runs");
+    let out = bootcmp::run_detached(
+        &gw,
+        "bench",
+        &script,
+        Duration::from_secs(4 * RUNS as u64 * (RUN_LIMIT_S + 30)),
+    )
+    .expect("the comparison runs");
     eprint!("{out}");
     // Medians of the runs that reached `/init` (more than half of them); a run that never
     // did is counted apart, with its diagnosis above.

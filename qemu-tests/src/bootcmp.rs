@@ -80,6 +80,20 @@ pub fn measure_function(limit: Duration) -> String {
     )
 }
 
+/// Runs `script` in the gateway as `/root/<name>.sh`, detached (the agent answers each
+/// request within its own limit), and returns its output once it is over, within `limit`.
+pub fn run_detached(gw: &Gateway, name: &str, script: &str, limit: Duration) -> Result<String> {
+    gw.ok(&format!(
+        "cat > /root/{name}.sh <<'EOF_SCRIPT'\n{script}\nEOF_SCRIPT\n\
+         (setsid sh /root/{name}.sh > /root/{name}.out 2>&1; echo done >> /root/{name}.out) \
+         < /dev/null > /dev/null 2>&1 &"
+    ))?;
+    gw.wait_until(&format!("/root/{name}.sh"), limit, |gw| {
+        let o = gw.ok(&format!("cat /root/{name}.out"))?;
+        Ok(o.lines().any(|l| l == "done").then_some(o))
+    })
+}
+
 /// One boot's figures as `measure` printed them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Boot {
