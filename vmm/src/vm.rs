@@ -221,8 +221,9 @@ pub struct Vm {
     pub mem: Memory,
     /// What a snapshot of this VM is of.
     machine: snapshot::Machine,
-    /// Whether `machine.boot_crc` is known yet.
-    boot_crc: BootCrc,
+    /// The boot files' CRC for `machine.boot_crc`, summed by a thread of its own while a
+    /// booting guest runs (a restored VM's is known from its snapshot: `None`).
+    boot_crc: Option<Arc<std::sync::OnceLock<std::io::Result<u32>>>>,
     pause: Arc<PauseState>,
     /// The boot vCPU stopped at a pause (not at the guest's end): its state can be saved.
     paused: bool,
@@ -333,14 +334,6 @@ impl Pauser {
     }
 }
 
-/// The boot files' CRC in a VM's [`snapshot::Machine`]: summed by a thread of its own while a
-/// booting guest runs, known from the start for a restored one.
-enum BootCrc {
-    Summing(Arc<std::sync::OnceLock<std::io::Result<u32>>>),
-    Known,
-    Failed(String),
-}
-
 /// Where a VM's memory and state come from.
 enum Origin {
     Boot,
@@ -377,9 +370,9 @@ impl Vm {
                         let _ = done.set(files.crc());
                     }),
                 )?;
-                (snapshot::Machine::shaped(cfg, 0), BootCrc::Summing(sum))
+                (snapshot::Machine::shaped(cfg, 0), Some(sum))
             }
-            Origin::Snapshot(state, _) => (state.machine, BootCrc::Known),
+            Origin::Snapshot(state, _) => (state.machine, None),
         };
         let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
         let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
@@ -751,18 +744,12 @@ impl Vm {
                 "snapshots of VMs with more than one vCPU are not supported yet".into(),
             ));
         }
-        if let BootCrc::Summing(sum) = &self.boot_crc {
+        if let Some(sum) = &self.boot_crc {
             // Set by the thread before it ends (a panic there aborts the VMM).
-            self.boot_crc = match sum.wait() {
-                Ok(crc) => {
-                    self.machine.boot_crc = *crc;
-                    BootCrc::Known
-                }
-                Err(why) => BootCrc::Failed(format!("reading the boot files: {why}")),
-            };
-        }
-        if let BootCrc::Failed(why) = &self.boot_crc {
-            return Err(Error::Snapshot(why.clone()));
+            self.machine.boot_crc = *sum
+                .wait()
+                .as_ref()
+                .map_err(|e| Error::Snapshot(format!("reading the boot files: {e}")))?;
         }
         // Every device is held until its memory is saved: the I/O thread writes guest
         // memory (received frames) only while it holds the device.
