@@ -11,6 +11,7 @@
 //!
 //! The socket is created mode 0600: only the VMM's owner (the supervisor) may ask.
 
+use crate::snapshot::BootSum;
 use crate::vm::Pauser;
 use crate::{file_err, Error, Result};
 use std::fs::File;
@@ -114,7 +115,7 @@ fn read_request(client: UnixStream) -> std::result::Result<Request, (UnixStream,
 
 /// The control thread: takes requests one at a time, leaves each for the vCPU thread and
 /// pauses it; a vCPU that does not stop in time gets the request back, refused.
-pub fn serve(listener: UnixListener, pending: Pending, pauser: Pauser) {
+pub fn serve(listener: UnixListener, pending: Pending, pauser: Pauser, boot: Option<Arc<BootSum>>) {
     loop {
         let Ok((client, _)) = listener.accept() else {
             continue;
@@ -126,6 +127,11 @@ pub fn serve(listener: UnixListener, pending: Pending, pauser: Pauser) {
                 continue;
             }
         };
+        // The boot files' CRC is summed (once) while the guest still runs; a failure is
+        // the snapshot's to report.
+        if let Some(b) = &boot {
+            let _ = b.get();
+        }
         *pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(req);
         if let Err(e) = pauser.pause(PAUSE_WITHIN) {
             let back = pending.lock().unwrap_or_else(|p| p.into_inner()).take();

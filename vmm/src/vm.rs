@@ -221,9 +221,9 @@ pub struct Vm {
     pub mem: Memory,
     /// What a snapshot of this VM is of.
     machine: snapshot::Machine,
-    /// The boot files' CRC for `machine.boot_crc`, summed by a thread of its own while a
-    /// booting guest runs (a restored VM's is known from its snapshot: `None`).
-    boot_crc: Option<Arc<std::sync::OnceLock<std::io::Result<u32>>>>,
+    /// The boot files' CRC for `machine.boot_crc`, summed when a snapshot first needs it
+    /// (a restored VM's is known from its snapshot: `None`).
+    boot_crc: Option<Arc<snapshot::BootSum>>,
     pause: Arc<PauseState>,
     /// The boot vCPU stopped at a pause (not at the guest's end): its state can be saved.
     paused: bool,
@@ -357,21 +357,13 @@ impl Vm {
     fn build(cfg: &VmConfig, origin: Origin) -> Result<Vm> {
         cfg.validate()?;
         let (machine, boot_crc) = match &origin {
-            // The boot files are summed beside the booting guest (only a snapshot needs it).
-            Origin::Boot => {
-                let files = snapshot::BootFiles::open(cfg)?;
-                let sum = Arc::new(std::sync::OnceLock::new());
-                let done = sum.clone();
-                spawn_filtered(
-                    "vmm-boot-crc".into(),
-                    "the boot files' checksum",
-                    true,
-                    Box::new(move || {
-                        let _ = done.set(files.crc());
-                    }),
-                )?;
-                (snapshot::Machine::shaped(cfg, 0), Some(sum))
-            }
+            // The boot files are opened now and summed when a snapshot first needs them.
+            Origin::Boot => (
+                snapshot::Machine::shaped(cfg, 0),
+                Some(Arc::new(snapshot::BootSum::new(snapshot::BootFiles::open(
+                    cfg,
+                )?))),
+            ),
             Origin::Snapshot(state, _) => (state.machine, None),
         };
         let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
@@ -629,11 +621,12 @@ impl Vm {
             return Ok(());
         };
         let (pending, pauser) = (self.pending.clone(), self.pauser());
+        let boot = self.boot_crc.clone();
         spawn_filtered(
             "vmm-control".into(),
             "the control thread",
             true,
-            Box::new(move || crate::control::serve(listener, pending, pauser)),
+            Box::new(move || crate::control::serve(listener, pending, pauser, boot)),
         )?;
         self.serving = true;
         Ok(())
@@ -745,11 +738,7 @@ impl Vm {
             ));
         }
         if let Some(sum) = &self.boot_crc {
-            // Set by the thread before it ends (a panic there aborts the VMM).
-            self.machine.boot_crc = *sum
-                .wait()
-                .as_ref()
-                .map_err(|e| Error::Snapshot(format!("reading the boot files: {e}")))?;
+            self.machine.boot_crc = sum.get()?;
         }
         // Every device is held until its memory is saved: the I/O thread writes guest
         // memory (received frames) only while it holds the device.
@@ -900,7 +889,11 @@ fn run_vcpu(
                     lock(dev).write(off, data);
                 }
             }
-            Ok(VcpuExit::Shutdown) => return Ok(VmEnd::TripleFault),
+            Ok(VcpuExit::Shutdown) => {
+                // Where it happened, for whoever reads the service log.
+                eprintln!("gatevisor vmm: triple fault: {}", cpu_state(vcpu));
+                return Ok(VmEnd::TripleFault);
+            }
             Ok(VcpuExit::Hlt) => return Err(Error::Guest("halted with interrupts off".into())),
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 return Err(Error::Guest(format!(
@@ -919,6 +912,30 @@ fn run_vcpu(
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) => return Err(kvm("KVM_RUN")(e)),
         }
+    }
+}
+
+/// The registers that say where a vCPU was and what it ran on, as one line.
+fn cpu_state(vcpu: &VcpuFd) -> String {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} \
+             efer {:#x} cs {:#x} idt {:#x}+{:#x} gdt {:#x}+{:#x}",
+            r.rip,
+            r.rsp,
+            r.rflags,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.cs.selector,
+            s.idt.base,
+            s.idt.limit,
+            s.gdt.base,
+            s.gdt.limit
+        ),
+        (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
     }
 }
 
