@@ -46,6 +46,16 @@ fn status(gw: &Gateway, name: &str) -> serde_json::Value {
     )
 }
 
+/// The tail of a service's log (a microVM's guest console and its VMM's messages): what a
+/// failure message needs to say why a service ended.
+fn service_log(gw: &Gateway, name: &str) -> String {
+    let path = format!("/var/lib/gatevisor/logs/{name}.log");
+    match gw.run(&format!("tail -c 6000 {path}")) {
+        Ok(o) => format!("{path} (end):\n{}", o.stdout),
+        Err(e) => format!("{path}: {e}"),
+    }
+}
+
 /// Waits until service `name` runs under a container init other than `not_pid`; returns its
 /// status.
 fn wait_running(gw: &Gateway, name: &str, not_pid: Option<i64>) -> serde_json::Value {
@@ -298,7 +308,12 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
     for i in 0..20 {
         gw.ok("systemctl restart gatevisor").unwrap();
         let st = wait_running(&gw, "dns-filter", None);
-        assert_eq!(st["init_pid"].as_i64(), Some(pid), "restart {i}: {st:#}");
+        if st["init_pid"].as_i64() != Some(pid) {
+            panic!(
+                "restart {i}: the service did not keep its PID {pid}: {st:#}\n{}",
+                service_log(&gw, "dns-filter")
+            );
+        }
         std::thread::sleep(Duration::from_secs(2));
     }
     let (filtered, unfiltered, unanswered, downloads, failed) = load.stop();
