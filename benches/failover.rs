@@ -115,7 +115,6 @@ fn main() {
             "daemon_restart_lost_lookups": seen.lost.load(Ordering::SeqCst),
             "daemon_restart_filtered_lookups": seen.filtered.load(Ordering::SeqCst),
             "daemon_restart_downloads": seen.downloads.load(Ordering::SeqCst),
-            "daemon_restart_downloads_reset_and_retried": seen.resets_before_data.load(Ordering::SeqCst),
             "daemon_restart_to_ready_ms_median": percentile(&mut ready, 0.5),
             "daemon_restart_flows_replaced": replaced,
             "switch_restarts": SWITCH_RESTARTS,

@@ -127,10 +127,6 @@ fn twenty_daemon_kills_leave_the_data_path_alone() {
     eprintln!("{line}; daemon ready after restart, ms: {ready_ms:?}");
     assert_eq!(seen.unfiltered.load(Ordering::SeqCst), 0, "{line}");
     assert_eq!(seen.failed_downloads.load(Ordering::SeqCst), 0, "{line}");
-    assert!(
-        seen.resets_before_data.load(Ordering::SeqCst) <= 3,
-        "{line}"
-    );
     assert_eq!(seen.lost.load(Ordering::SeqCst), 0, "{line}");
     assert!(seen.filtered.load(Ordering::SeqCst) > 1500, "{line}");
     assert!(seen.downloads.load(Ordering::SeqCst) > 20, "{line}");
