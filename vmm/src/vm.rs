@@ -224,6 +224,8 @@ pub struct Vm {
     /// The boot files' CRC for `machine.boot_crc`, summed when a snapshot first needs it
     /// (a restored VM's is known from its snapshot: `None`).
     boot_crc: Option<Arc<snapshot::BootSum>>,
+    /// The boot files' stamp, which a snapshot records (see [`snapshot::BootFiles::stamp`]).
+    boot_stamp: Vec<u64>,
     pause: Arc<PauseState>,
     /// The boot vCPU stopped at a pause (not at the guest's end): its state can be saved.
     paused: bool,
@@ -356,15 +358,18 @@ impl Vm {
 
     fn build(cfg: &VmConfig, origin: Origin) -> Result<Vm> {
         cfg.validate()?;
-        let (machine, boot_crc) = match &origin {
+        let (machine, boot_crc, boot_stamp) = match &origin {
             // The boot files are opened now and summed when a snapshot first needs them.
-            Origin::Boot => (
-                snapshot::Machine::shaped(cfg, 0),
-                Some(Arc::new(snapshot::BootSum::new(snapshot::BootFiles::open(
-                    cfg,
-                )?))),
-            ),
-            Origin::Snapshot(state, _) => (state.machine, None),
+            Origin::Boot => {
+                let files = snapshot::BootFiles::open(cfg)?;
+                let stamp = files.stamp().unwrap_or_default();
+                (
+                    snapshot::Machine::shaped(cfg, 0),
+                    Some(Arc::new(snapshot::BootSum::new(files))),
+                    stamp,
+                )
+            }
+            Origin::Snapshot(state, _) => (state.machine, None, state.boot_stamp.clone()),
         };
         let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
         let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
@@ -600,6 +605,7 @@ impl Vm {
             mem,
             machine,
             boot_crc,
+            boot_stamp,
             pause: Arc::default(),
             paused: false,
             vcpu,
@@ -757,6 +763,7 @@ impl Vm {
                 devices.iter().map(|t| t.save()).collect(),
             )
         };
+        state.boot_stamp = self.boot_stamp.clone();
         let region = self
             .mem
             .iter()

@@ -222,6 +222,23 @@ fn a_corrupt_foreign_or_other_version_snapshot_is_refused_with_the_reason() {
         assert!(why.contains("memory fails its checksum"), "{why}");
         f.write_all_at(&b, 0x10_0010).unwrap();
     }
+    // The image rewritten in place with a byte changed (the same file and size): the
+    // snapshot's record of the boot files no longer matches, so they are summed again and
+    // it is refused; rewritten with its old bytes, it restores (summed again, equal).
+    {
+        use std::os::unix::fs::FileExt;
+        let orig = std::fs::read(&image).unwrap();
+        let mut changed = orig.clone();
+        changed[1] ^= 1;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        f.write_all_at(&changed, 0).unwrap();
+        let why = refusal(Vm::restore(&cfg, &snap));
+        assert!(why.contains("another kernel"), "{why}");
+        f.write_all_at(&orig, 0).unwrap();
+    }
     // Mended, it restores and finishes.
     let mut vm = Vm::restore(&cfg, &snap).unwrap();
     assert_eq!(vm.run().unwrap(), VmEnd::DebugExit(DONE));
