@@ -926,21 +926,22 @@ fn run_vcpu(
 fn cpu_state(vcpu: &VcpuFd) -> String {
     match (vcpu.get_regs(), vcpu.get_sregs()) {
         (Ok(r), Ok(s)) => format!(
-            "rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} \
-             efer {:#x} cs {:#x} idt {:#x}+{:#x} gdt {:#x}+{:#x}",
-            r.rip,
-            r.rsp,
-            r.rflags,
-            s.cr0,
-            s.cr2,
-            s.cr3,
-            s.cr4,
-            s.efer,
-            s.cs.selector,
-            s.idt.base,
-            s.idt.limit,
-            s.gdt.base,
-            s.gdt.limit
+            "rip rsp rflags cr0 cr2 cr3 cr4 efer cs idt gdt (base, limit) {:#x?}",
+            [
+                r.rip,
+                r.rsp,
+                r.rflags,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector.into(),
+                s.idt.base,
+                s.idt.limit.into(),
+                s.gdt.base,
+                s.gdt.limit.into(),
+            ]
         ),
         (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
     }
