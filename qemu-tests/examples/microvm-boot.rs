@@ -16,7 +16,7 @@ const RUNS: usize = 5;
 const RUN_LIMIT_S: u64 = 240;
 
 fn main() {
-    if let Some(why) = skip() {
+    if let Some(why) = qemu_tests::measurement_unavailable() {
         println!("{}", serde_json::json!({ "error": why }));
         std::process::exit(1);
     }
@@ -97,15 +97,4 @@ fn main() {
         .into(),
     );
     println!("{}", serde_json::Value::Object(result));
-}
-
-fn skip() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("needs root (the emulated gateway)".into());
-    }
-    if !qemu_tests::on_path("qemu-system-x86_64") {
-        return Some("qemu-system-x86_64 is not installed (scripts/setup.sh)".into());
-    }
-    None
 }

@@ -146,6 +146,19 @@ pub fn skip_reason() -> Option<String> {
     None
 }
 
+/// Why a measurement example (a benchmark's part inside the emulated gateway) cannot run
+/// here, or `None` when it can: it needs root and QEMU.
+pub fn measurement_unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (the emulated gateway)".into());
+    }
+    if !on_path("qemu-system-x86_64") {
+        return Some("qemu-system-x86_64 is not installed (scripts/setup.sh)".into());
+    }
+    None
+}
+
 /// Whether `tool` is on the PATH (or in /usr/sbin, /sbin).
 pub fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| {

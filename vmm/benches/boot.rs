@@ -14,16 +14,11 @@
 //!
 //! `--host-only` skips the emulated gateway (it takes several minutes).
 
+mod common;
+use common::workspace;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .into()
-}
 
 fn main() {
     let host_only = std::env::args().any(|a| a == "--host-only");
@@ -58,7 +53,7 @@ fn main() {
     let gateway = if host_only {
         serde_json::json!({ "reason": "--host-only" })
     } else {
-        in_gateway(&cargo)
+        common::gateway_example(&cargo, "microvm-boot")
     };
     let pick = |k: &str| gateway.get(k).cloned().unwrap_or(serde_json::Value::Null);
     println!(
@@ -172,35 +167,4 @@ fn spawn_to_exit(bin: &Path, dir: &Path) -> f64 {
     }
     times.sort_by(f64::total_cmp);
     (times[times.len() / 2] * 100.0).round() / 100.0
-}
-
-fn in_gateway(cargo: &str) -> serde_json::Value {
-    let out = Command::new(cargo)
-        .current_dir(workspace())
-        .args([
-            "run",
-            "--release",
-            "-q",
-            "-p",
-            "qemu-tests",
-            "--example",
-            "microvm-boot",
-        ])
-        .stderr(Stdio::inherit())
-        .output();
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => return serde_json::json!({ "error": format!("cannot run the comparison: {e}") }),
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
-    match text
-        .lines()
-        .last()
-        .map(serde_json::from_str::<serde_json::Value>)
-    {
-        Some(Ok(v)) => v,
-        _ => {
-            serde_json::json!({ "error": format!("the comparison printed no result ({}): {text}", out.status) })
-        }
-    }
 }

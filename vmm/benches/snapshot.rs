@@ -14,20 +14,13 @@
 //!
 //! `--host-only` skips the emulated gateway (it takes several minutes).
 
+mod common;
 use gatevisor_vmm::vm::Vm;
 use gatevisor_vmm::{Boot, VmConfig, VmEnd};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const MEMORY_MIB: u64 = 128;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .into()
-}
 
 /// A guest that writes the first word of every page from 4 MiB to the end of its memory,
 /// prints `R` and spins.
@@ -53,19 +46,7 @@ fn host(dir: &Path) -> serde_json::Value {
     let image = dir.join("toucher.bin");
     std::fs::write(&image, toucher()).unwrap();
     let console = dir.join("console.log");
-    let cfg = VmConfig {
-        boot: Boot::Raw { image },
-        memory_mib: MEMORY_MIB,
-        vcpus: 1,
-        console_log: Some(console.clone()),
-        console_rate: 65536,
-        console_socket: None,
-        control_socket: None,
-        exit_file: None,
-        net: vec![],
-        disk: vec![],
-        vsock: None,
-    };
+    let cfg = VmConfig::minimal(Boot::Raw { image }, MEMORY_MIB, console.clone());
     let mut vm = Vm::new(&cfg).unwrap();
     let pauser = vm.pauser();
     let run = std::thread::spawn(move || {
@@ -100,35 +81,6 @@ fn host(dir: &Path) -> serde_json::Value {
     })
 }
 
-fn in_gateway(cargo: &str) -> serde_json::Value {
-    let out = Command::new(cargo)
-        .current_dir(workspace())
-        .args([
-            "run",
-            "--release",
-            "-q",
-            "-p",
-            "qemu-tests",
-            "--example",
-            "microvm-snapshot",
-        ])
-        .stderr(Stdio::inherit())
-        .output();
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => return serde_json::json!({ "error": format!("cannot run it: {e}") }),
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
-    match text
-        .lines()
-        .last()
-        .map(serde_json::from_str::<serde_json::Value>)
-    {
-        Some(Ok(v)) => v,
-        _ => serde_json::json!({ "error": format!("no figures from the gateway: {text}") }),
-    }
-}
-
 fn main() {
     let host_only = std::env::args().any(|a| a == "--host-only");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -141,7 +93,7 @@ fn main() {
     let gateway = if host_only {
         serde_json::json!({ "reason": "--host-only" })
     } else {
-        in_gateway(&cargo)
+        common::gateway_example(&cargo, "microvm-snapshot")
     };
     let mut result = serde_json::Map::new();
     for (from, keys) in [

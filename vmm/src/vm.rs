@@ -156,6 +156,24 @@ pub enum VmEnd {
 }
 
 impl VmConfig {
+    /// `boot` with `memory_mib`, one vCPU, no device, its console into `console_log`: the
+    /// shape of test guests and benchmarks.
+    pub fn minimal(boot: Boot, memory_mib: u64, console_log: PathBuf) -> VmConfig {
+        VmConfig {
+            boot,
+            memory_mib,
+            vcpus: 1,
+            console_log: Some(console_log),
+            console_rate: default_console_rate(),
+            console_socket: None,
+            control_socket: None,
+            exit_file: None,
+            net: vec![],
+            disk: vec![],
+            vsock: None,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !(16..=(MMIO_GAP_START >> 20)).contains(&self.memory_mib) {
             return Err(Error::Config(format!(

@@ -18,19 +18,7 @@ fn run(dir: &Path, code: &[u8]) -> (gatevisor_vmm::Result<VmEnd>, String) {
 /// Boots `boot` with 128 MiB and one vCPU; returns how it ended and its console output.
 fn boot(dir: &Path, boot: Boot) -> (gatevisor_vmm::Result<VmEnd>, String) {
     let console = dir.join("console.log");
-    let cfg = VmConfig {
-        boot,
-        memory_mib: 128,
-        vcpus: 1,
-        console_log: Some(console.clone()),
-        console_rate: 65536,
-        console_socket: None,
-        control_socket: None,
-        exit_file: None,
-        net: vec![],
-        disk: vec![],
-        vsock: None,
-    };
+    let cfg = VmConfig::minimal(boot, 128, console.clone());
     let end = gatevisor_vmm::vm::Vm::new(&cfg).and_then(|mut vm| vm.run());
     (end, std::fs::read_to_string(&console).unwrap_or_default())
 }
@@ -205,21 +193,8 @@ fn elf_kernel_without_a_pvh_note_is_refused() {
 
 #[test]
 fn invalid_configuration_is_refused_before_kvm_is_touched() {
-    let cfg = VmConfig {
-        boot: Boot::Raw {
-            image: "/nonexistent".into(),
-        },
-        memory_mib: 8,
-        vcpus: 1,
-        console_log: None,
-        console_rate: 1,
-        console_socket: None,
-        control_socket: None,
-        exit_file: None,
-        net: vec![],
-        disk: vec![],
-        vsock: None,
-    };
+    let image = "/nonexistent".into();
+    let cfg = VmConfig::minimal(Boot::Raw { image }, 8, "/nonexistent.log".into());
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("memory_mib"), "{e}");
 }
@@ -234,18 +209,10 @@ fn sandbox_child() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("guest.bin");
     std::fs::write(&image, [print(b"sandboxed\n"), RESET.to_vec()].concat()).unwrap();
+    // The console on stdout (the test reads it from the child's output).
     let cfg = VmConfig {
-        boot: Boot::Raw { image },
-        memory_mib: 64,
-        vcpus: 1,
         console_log: None,
-        console_rate: 65536,
-        console_socket: None,
-        control_socket: None,
-        exit_file: None,
-        net: vec![],
-        disk: vec![],
-        vsock: None,
+        ..VmConfig::minimal(Boot::Raw { image }, 64, Default::default())
     };
     let mut vm = gatevisor_vmm::vm::Vm::new(&cfg).unwrap();
     gatevisor_vmm::sandbox::enter().unwrap();

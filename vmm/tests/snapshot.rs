@@ -49,21 +49,8 @@ fn expected(n: u64) -> u64 {
 }
 
 fn config(dir: &Path, image: &Path) -> VmConfig {
-    VmConfig {
-        boot: Boot::Raw {
-            image: image.to_path_buf(),
-        },
-        memory_mib: 32,
-        vcpus: 1,
-        console_log: Some(dir.join("console.log")),
-        console_rate: 65536,
-        console_socket: None,
-        control_socket: None,
-        exit_file: None,
-        net: vec![],
-        disk: vec![],
-        vsock: None,
-    }
+    let image = image.to_path_buf();
+    VmConfig::minimal(Boot::Raw { image }, 32, dir.join("console.log"))
 }
 
 fn read_u64(vm: &Vm, at: u64) -> u64 {
