@@ -944,7 +944,7 @@ fn run_vcpu(
 fn cpu_state(vcpu: &VcpuFd) -> String {
     match (vcpu.get_regs(), vcpu.get_sregs()) {
         (Ok(r), Ok(s)) => format!(
-            "rip rsp rflags cr0 cr2 cr3 cr4 efer cs idt gdt (base, limit) {:#x?}",
+            "(hex) rip rsp rflags cr0 cr2 cr3 cr4 efer cs idt gdt (base, limit) {:x?}",
             [
                 r.rip,
                 r.rsp,
