@@ -696,26 +696,31 @@ pub fn write_into(
         .set_len(0)
         .and_then(|()| memory.seek(SeekFrom::Start(0)))
         .map_err(io("empty the snapshot memory file"))?;
-    let mut crc = crc32fast::Hasher::new();
+    // Zero pages are left as holes, and summed as runs.
+    let mut crc = MemoryCrc::new();
+    let mut zeros = 0u64;
     for page in mem.chunks(PAGE) {
-        crc.update(page);
         if page.iter().all(|b| *b == 0) {
+            zeros += page.len() as u64;
             memory
                 .seek(SeekFrom::Current(page.len() as i64))
                 .map_err(io("write snapshot memory"))?;
         } else {
+            crc.zeros(std::mem::take(&mut zeros));
+            crc.data(page);
             memory
                 .write_all(page)
                 .map_err(io("write snapshot memory"))?;
         }
     }
+    crc.zeros(zeros);
     memory
         .set_len(mem.len() as u64)
         .and_then(|()| memory.sync_all())
         .map_err(io("write snapshot memory"))?;
     state.memory = MemoryInfo {
         len: mem.len() as u64,
-        crc: crc.finalize(),
+        crc: crc.finish(),
         _pad: 0,
     };
     state_file
@@ -762,27 +767,66 @@ pub fn write(dir: &Path, mem: &[u8], state: &mut MachineState) -> Result<()> {
     commit(dir)
 }
 
-/// Reads and checks the snapshot in `dir` for a VM of `cfg`: its state, and its memory
-/// file, opened for a private mapping.
+/// CRC-32 of guest memory as a snapshot's memory file holds it: data, and runs of zero pages
+/// summed without touching them (the CRC of 2^k zero pages comes from combining two of
+/// 2^(k-1)). The writer knows which pages are zero, the reader where the holes are.
+struct MemoryCrc {
+    crc: crc32fast::Hasher,
+    /// zeros[k]: the CRC of 2^k zero pages.
+    zeros: Vec<crc32fast::Hasher>,
+}
+
+impl MemoryCrc {
+    fn new() -> MemoryCrc {
+        let mut page = crc32fast::Hasher::new();
+        // (From the heap: a 4 KiB array here would be 4 KiB of the binary.)
+        page.update(&vec![0u8; PAGE]);
+        MemoryCrc {
+            crc: crc32fast::Hasher::new(),
+            zeros: vec![page],
+        }
+    }
+
+    fn data(&mut self, bytes: &[u8]) {
+        self.crc.update(bytes);
+    }
+
+    /// `n` zero bytes.
+    fn zeros(&mut self, n: u64) {
+        let pages = n / PAGE as u64;
+        // The binary digits of `pages`: blocks of zeroes, in any order, are the same zeroes.
+        let mut k = 0;
+        while pages >> k != 0 {
+            if k == self.zeros.len() {
+                let mut twice = self.zeros[k - 1].clone();
+                twice.combine(&self.zeros[k - 1]);
+                self.zeros.push(twice);
+            }
+            if (pages >> k) & 1 == 1 {
+                self.crc.combine(&self.zeros[k]);
+            }
+            k += 1;
+        }
+        self.crc.update(&vec![0u8; (n % PAGE as u64) as usize]);
+    }
+
+    fn finish(self) -> u32 {
+        self.crc.finalize()
+    }
+}
+
 /// CRC-32 of the first `len` bytes of `f`, reading only the parts that hold data: a hole's
-/// zeroes are summed without reading them (the CRC of 2^k zero pages comes from combining
-/// two of 2^(k-1)). A snapshot's memory file is mostly holes (pages the guest never wrote).
+/// zeroes are summed without reading them. A snapshot's memory file is mostly holes (pages
+/// the guest never wrote).
 fn sparse_crc(f: &std::fs::File, len: u64) -> std::io::Result<u32> {
     use std::os::unix::fs::FileExt;
-    // zeros[k]: the CRC of 2^k zero pages.
-    let mut zeros = vec![{
-        let mut h = crc32fast::Hasher::new();
-        // (From the heap: a 4 KiB array here would be 4 KiB of the binary.)
-        h.update(&vec![0u8; ZERO_PAGE as usize]);
-        h
-    }];
-    let mut crc = crc32fast::Hasher::new();
+    let mut crc = MemoryCrc::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;
     while at < len {
         let data = seek(f, at, libc::SEEK_DATA)?.unwrap_or(len).min(len);
         if data > at {
-            zero_run(&mut crc, &mut zeros, data - at);
+            crc.zeros(data - at);
             at = data;
             continue;
         }
@@ -793,32 +837,11 @@ fn sparse_crc(f: &std::fs::File, len: u64) -> std::io::Result<u32> {
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
-            crc.update(&buf[..n]);
+            crc.data(&buf[..n]);
             at += n as u64;
         }
     }
-    Ok(crc.finalize())
-}
-
-const ZERO_PAGE: u64 = 4096;
-
-/// Adds `n` zero bytes to `crc`, combining the zero-page CRCs of `zeros` (extended as needed).
-fn zero_run(crc: &mut crc32fast::Hasher, zeros: &mut Vec<crc32fast::Hasher>, n: u64) {
-    let pages = n / ZERO_PAGE;
-    // The binary digits of `pages`: blocks of zeroes, in any order, are the same zeroes.
-    let mut k = 0;
-    while pages >> k != 0 {
-        if k == zeros.len() {
-            let mut twice = zeros[k - 1].clone();
-            twice.combine(&zeros[k - 1]);
-            zeros.push(twice);
-        }
-        if (pages >> k) & 1 == 1 {
-            crc.combine(&zeros[k]);
-        }
-        k += 1;
-    }
-    crc.update(&vec![0u8; (n % ZERO_PAGE) as usize]);
+    Ok(crc.finish())
 }
 
 /// Where the next data (`SEEK_DATA`) or hole (`SEEK_HOLE`) of `f` from `at` starts; `None`
@@ -836,6 +859,8 @@ fn seek(f: &std::fs::File, at: u64, whence: libc::c_int) -> std::io::Result<Opti
     }
 }
 
+/// Reads and checks the snapshot in `dir` for a VM of `cfg`: its state, and its memory
+/// file, opened for a private mapping.
 pub fn read(dir: &Path, cfg: &VmConfig) -> Result<(MachineState, std::fs::File)> {
     let state_path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&state_path).map_err(file_err("read snapshot", &state_path))?;

@@ -915,7 +915,9 @@ fn run_vcpu(
                 }
             }
             Ok(VcpuExit::Shutdown) => {
-                // Where it happened, for whoever reads the service log.
+                // Where it happened, for whoever reads the service log. (On AMD, KVM has
+                // already reset the vCPU at the shutdown intercept: the registers are the
+                // reset state, and only the host's kvm_exit trace keeps the guest's rip.)
                 eprintln!("gatevisor vmm: triple fault: {}", cpu_state(vcpu));
                 return Ok(VmEnd::TripleFault);
             }

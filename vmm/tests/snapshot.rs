@@ -226,6 +226,11 @@ fn a_corrupt_foreign_or_other_version_snapshot_is_refused_with_the_reason() {
         assert!(why.contains("another kernel"), "{why}");
         f.write_all_at(&orig, 0).unwrap();
     }
+    // The same bytes under another path (another file, so another stamp): summed, equal,
+    // restored.
+    let copy = dir.path().join("copy.bin");
+    std::fs::copy(&image, &copy).unwrap();
+    assert!(Vm::restore(&config(dir.path(), &copy), &snap).is_ok());
     // Mended, it restores and finishes.
     let mut vm = Vm::restore(&cfg, &snap).unwrap();
     assert_eq!(vm.run().unwrap(), VmEnd::DebugExit(DONE));
