@@ -6,9 +6,10 @@
 //! Requests, one JSON object per line; one reply line each:
 //! - `{"op":"hello"}` → `{"ok":true,"service":"NAME","api":1}`
 //! - `{"op":"ping"}` → `{"ok":true}`
-//! - `{"op":"ready"}` → `{"ok":true}`: the service can take its traffic now (manifests with
-//!   `[network] ready = "notify"` are steered to only after this; said again after every
-//!   reconnection, it changes nothing).
+//! - `{"op":"ready"}` → `{"ok":true,"port_held":B}`: the service can take its traffic now
+//!   (manifests with `[network] ready = "notify"` are steered to only after this; said again
+//!   after every reconnection, it changes nothing). The SDK sends its packet socket along
+//!   (SCM_RIGHTS), and the supervisor holds it while the service runs (see [`PortHold`]).
 //! - `{"op":"verdict","verdict":"allow"|"block","session":{"proto":"tcp","src":"A:P","dst":"B:Q"}}`
 //!   → `{"ok":true}` once the verdict is on the switch.
 //! - `{"op":"settings"}` → `{"ok":true,"generation":G,"settings":{...}}`: the operator's
@@ -19,6 +20,13 @@
 //! - `{"op":"call","call":OP,"args":{...}}` → `{"ok":true,"result":...}` or
 //!   `{"ok":false,"kind":KIND,"error":...}`: a host call ([`crate::hostcall`]), if granted;
 //!   at most [`MAX_CALLS_PER_S`] a second per service, each one audited.
+//!
+//! A packet socket that the service sends on any request is held ([`PortHold`]): with one
+//! more reference, the service's death no longer closes it. Closing an AF_PACKET socket waits
+//! for an RCU grace period (`synchronize_net`, ~10-25 ms here), and a process's pidfd says it
+//! ended only after its descriptors are closed: with the socket held, the death is seen
+//! within a millisecond and its class fails over at once; the supervisor closes its copy after
+//! that, off its loop. Descriptors of any other kind are closed unread.
 //!
 //! Everything a service sends is untrusted: lines are bounded, bad requests get an error reply
 //! (the connection stays usable), a service holds at most [`MAX_CONNECTIONS`] connections at
@@ -69,6 +77,97 @@ struct Shared {
     host: Arc<std::sync::Mutex<Arc<HostAccess>>>,
     /// The host calls' rate window.
     calls: RateWindow,
+    /// The service's packet socket, held while it runs.
+    port: Arc<PortHold>,
+}
+
+/// The packet socket a service handed over, held so that its death is seen at once (see the
+/// module's comment). The newest one replaces the one before.
+#[derive(Default)]
+pub struct PortHold(std::sync::Mutex<Option<std::os::fd::OwnedFd>>);
+
+impl PortHold {
+    /// Holds `fd` if it is an AF_PACKET socket (the one before is let go); other descriptors
+    /// are closed. Whether it is held.
+    fn offer(&self, fd: std::os::fd::OwnedFd) -> bool {
+        if !is_packet_socket(&fd) {
+            close_aside(fd);
+            return false;
+        }
+        let old = self.0.lock().unwrap_or_else(|p| p.into_inner()).replace(fd);
+        if let Some(old) = old {
+            close_aside(old);
+        }
+        true
+    }
+
+    /// Whether a socket is held.
+    fn held(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Lets the socket go (closed on a thread of its own: the close waits for a grace period).
+    pub fn release(&self) {
+        if let Some(fd) = self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            close_aside(fd);
+        }
+    }
+}
+
+/// Whether `fd` is an AF_PACKET socket.
+fn is_packet_socket(fd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut domain: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) writes at most `len` bytes into `domain`, alive for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            &mut domain as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    rc == 0 && domain == libc::AF_PACKET
+}
+
+/// Closes `fd` on a short-lived thread: the last close of a packet socket blocks its caller
+/// for an RCU grace period, which neither the supervisor's loop nor a connection should wait.
+fn close_aside(fd: std::os::fd::OwnedFd) {
+    // Should the thread not start, the closure and the descriptor are dropped right here.
+    let _ = std::thread::Builder::new()
+        .name("close-port".into())
+        .stack_size(16 * 1024)
+        .spawn(move || drop(fd));
+}
+
+/// The service's end of a connection, read with any descriptors it sends (at most one per
+/// read; more are closed by the kernel), which go to the service's [`PortHold`].
+struct Incoming<'a> {
+    sock: UnixStream,
+    port: &'a PortHold,
+}
+
+impl std::io::Read for Incoming<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::fd::FromRawFd;
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let mut fds = [-1; 1];
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the iovec points into `buf`, alive and writable for the whole call.
+        let (n, nfds) = unsafe { self.sock.recv_with_fds(&mut iov, &mut fds) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        if nfds == 1 {
+            // SAFETY: recvmsg gave this process the descriptor; nothing else owns it.
+            self.port
+                .offer(unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) });
+        }
+        Ok(n)
+    }
 }
 
 /// A one-second window and what was counted in it, shared by a service's connections.
@@ -177,9 +276,15 @@ pub struct VerdictServer {
     ready_pending: Arc<AtomicBool>,
     settings: Arc<Published>,
     host: Arc<std::sync::Mutex<Arc<HostAccess>>>,
+    port: Arc<PortHold>,
 }
 
 impl VerdictServer {
+    /// The service ended or is stopping: the packet socket it handed over is let go.
+    pub fn release_port(&self) {
+        self.port.release();
+    }
+
     /// What the service's host calls may reach from now on (a new version's grants).
     pub fn set_host_access(&self, access: HostAccess) {
         *self.host.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(access);
@@ -215,6 +320,7 @@ impl VerdictServer {
 impl Drop for VerdictServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.port.release();
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -244,7 +350,9 @@ pub fn serve(
     let settings = Arc::new(Published::default());
     *settings.value.lock().unwrap() = (0, json!({}));
     let host = Arc::new(std::sync::Mutex::new(Arc::new(host)));
+    let port = Arc::new(PortHold::default());
     let shared = Arc::new(Shared {
+        port: port.clone(),
         host: host.clone(),
         calls: RateWindow::new(),
         name: name.to_string(),
@@ -267,6 +375,7 @@ pub fn serve(
         ready_pending,
         settings,
         host,
+        port,
     })
 }
 
@@ -332,7 +441,10 @@ fn serve_conn(conn: UnixStream, shared: &Shared) -> std::io::Result<()> {
     // A service that does not read its replies cannot hold the thread forever.
     conn.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut w = conn.try_clone()?;
-    let mut r = BufReader::new(conn);
+    let mut r = BufReader::new(Incoming {
+        sock: conn,
+        port: &shared.port,
+    });
     let mut line = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         // A read timeout keeps what arrived so far: the rest of the line comes later.
@@ -386,13 +498,13 @@ fn serve_conn(conn: UnixStream, shared: &Shared) -> std::io::Result<()> {
                 if !shared.ready_pending.swap(true, Ordering::SeqCst) {
                     let _ = tx.send(Msg::Ready { name: name.clone() });
                 }
-                reply(&mut w, json!({"ok": true}))?
+                reply(&mut w, json!({"ok": true, "port_held": shared.port.held()}))?
             }
             Request::Settings {} => reply(&mut w, shared.settings.line(false).0)?,
             Request::Watch {} => {
                 let (line, told) = shared.settings.line(false);
                 reply(&mut w, line)?;
-                return watch(r.into_inner(), w, shared, told);
+                return watch(r.into_inner().sock, w, shared, told);
             }
             Request::Call(call) => reply(&mut w, shared.host_call(call))?,
             Request::Verdict { verdict, session } => {
@@ -619,7 +731,7 @@ mod tests {
             for _ in 0..n {
                 for c in conns.iter_mut() {
                     c.write_all(b"{\"op\":\"ready\"}\n").unwrap();
-                    assert_eq!(line(c), r#"{"ok":true}"#);
+                    assert_eq!(line(c), r#"{"ok":true,"port_held":false}"#);
                 }
             }
         };
@@ -667,5 +779,52 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Sends `ready` with `fd` attached, as the SDK does; the reply.
+    fn ready_with(c: &mut UnixStream, fd: std::os::fd::RawFd) -> serde_json::Value {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let request = b"{\"op\":\"ready\"}\n";
+        let fds = [fd];
+        sendmsg::<()>(
+            c.as_raw_fd(),
+            &[std::io::IoSlice::new(request)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        serde_json::from_str(&line(c)).unwrap()
+    }
+
+    #[test]
+    fn a_handed_over_packet_socket_is_held_until_released_and_nothing_else_is() {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let d = tempfile::tempdir().unwrap();
+        let v = serve(d.path(), "svc", None, HostAccess::default(), accepting()).unwrap();
+        let mut c = UnixStream::connect(d.path().join(SOCKET_NAME)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Not a packet socket: closed unread, and the connection goes on.
+        let (pipe_r, _pipe_w) = nix::unistd::pipe().unwrap();
+        let r = ready_with(&mut c, pipe_r.as_raw_fd());
+        assert_eq!(r, json!({"ok": true, "port_held": false}));
+        // SAFETY: socket(2) with constant arguments; the result is checked before it is owned.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        if raw < 0 {
+            eprintln!("skipping the packet-socket half: no CAP_NET_RAW here");
+            return;
+        }
+        // SAFETY: a new descriptor nothing else owns.
+        let packet = unsafe { OwnedFd::from_raw_fd(raw) };
+        let r = ready_with(&mut c, packet.as_raw_fd());
+        assert_eq!(r, json!({"ok": true, "port_held": true}));
+        // Plain requests around it change nothing; a release lets it go.
+        c.write_all(b"{\"op\":\"ping\"}\n").unwrap();
+        assert_eq!(line(&mut c), r#"{"ok":true}"#);
+        v.release_port();
+        c.write_all(b"{\"op\":\"ready\"}\n").unwrap();
+        let r: serde_json::Value = serde_json::from_str(&line(&mut c)).unwrap();
+        assert_eq!(r["port_held"], false, "{r}");
     }
 }

@@ -52,6 +52,35 @@ fn init_pid(d: &Daemon, name: &str) -> i64 {
     d.status(name)["init_pid"].as_i64().unwrap_or(0)
 }
 
+/// The inodes of the packet sockets open in a network namespace (`/proc/net/packet` read from
+/// a thread inside it).
+fn packet_sockets_in(ns: &std::fs::File) -> Vec<String> {
+    let ns = ns.try_clone().unwrap();
+    std::thread::spawn(move || {
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let table = std::fs::read_to_string("/proc/thread-self/net/packet").unwrap();
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().last().map(String::from))
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+/// The inodes of the sockets process `pid` holds.
+fn sockets_of(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect()
+}
+
 /// The daemon with dns-filter (`failure_mode`) running and filtering for a LAN host.
 fn setup(failure_mode: &str, tag: &str, net: &str) -> (Daemon, home::Home, String) {
     let d = Daemon::start_with_keys();
@@ -290,6 +319,20 @@ fn a_restarted_service_is_steered_to_only_once_it_is_ready() {
     for i in 0..5 {
         std::thread::sleep(Duration::from_millis(700));
         let pid = init_pid(&d, &name);
+        // The daemon holds the service's packet socket (handed over with its `ready`), so its
+        // death is seen at once ...
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+        let held = d.wait_for(Duration::from_secs(5), || {
+            let daemons = sockets_of(d.pid());
+            packet_sockets_in(&ns)
+                .iter()
+                .any(|s| daemons.contains(s))
+                .then_some(())
+        });
+        assert!(
+            held.is_some(),
+            "restart {i}: the daemon does not hold the service's packet socket"
+        );
         let killed = t0.elapsed().as_millis();
         kill9(pid);
         let mut new_seen = None;
@@ -301,6 +344,16 @@ fn a_restarted_service_is_steered_to_only_once_it_is_ready() {
             (new_seen.is_some() && home.filtered()).then_some(())
         });
         assert!(again.is_some(), "restart {i}: never filtered again");
+        // ... and lets it go once the class failed over: nothing is left open in the dead
+        // service's network namespace (which only this test's reference keeps).
+        let released = d.wait_for(Duration::from_secs(5), || {
+            packet_sockets_in(&ns).is_empty().then_some(())
+        });
+        assert!(
+            released.is_some(),
+            "restart {i}: packet sockets left in the dead service's namespace: {:?}",
+            packet_sockets_in(&ns)
+        );
         restarts.push((killed, new_seen.unwrap_or(0)));
     }
     std::thread::sleep(Duration::from_millis(500));

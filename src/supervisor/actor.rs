@@ -249,6 +249,7 @@ impl Supervisor {
                     .is_some_and(|l| l.generation == generation);
                 if current && self.record(&name).is_ok_and(|r| r.state.runs()) {
                     self.unplug(&name);
+                    self.release_port(&name);
                 }
             }
             Msg::PortLost { port } => self.on_port_lost(&port),

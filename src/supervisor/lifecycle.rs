@@ -265,6 +265,7 @@ impl Supervisor {
         }
         // Its traffic first: fail open (or closed) before anything else.
         self.unplug(name);
+        self.release_port(name);
         let mut exit = self.read_exit(name);
         if let (None, None, Some(sig)) = (
             exit.code,
@@ -472,6 +473,7 @@ impl Supervisor {
         }
         match result {
             Ok(how) => {
+                self.release_port(name);
                 let exit = self.read_exit(name);
                 if let Ok(rec) = self.record_mut(name) {
                     rec.running = None;

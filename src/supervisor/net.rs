@@ -286,6 +286,14 @@ impl Supervisor {
         }
     }
 
+    /// The service ended: the packet socket it handed over ([`crate::verdict::PortHold`]) is
+    /// let go, after its class failed over.
+    pub(super) fn release_port(&mut self, name: &str) {
+        if let Some(v) = self.verdict_servers.get(name) {
+            v.release_port();
+        }
+    }
+
     /// Logs a host call in the event log: at most AUDIT_PER_WINDOW per service every
     /// AUDIT_WINDOW; the calls left out are counted and said in the next window's first.
     pub(super) fn audit_host_call(

@@ -108,6 +108,10 @@ fn open_port(service: &str) -> PacketPort {
     );
     match PacketPort::open("eth0") {
         Ok(p) => {
+            // Handed to the supervisor with every `ready` (see VerdictClient::mark_ready).
+            if let Ok(dup) = p.sock.try_clone() {
+                let _ = HANDED_PORT.set(dup);
+            }
             // Frames steered from now on are read: the supervisor may steer to us.
             VerdictClient::mark_ready();
             p
@@ -440,6 +444,12 @@ pub fn watch_settings(
     Some(first)
 }
 
+/// A copy of the packet socket, sent along with `ready` on a Unix control channel: the
+/// supervisor holds it while the service runs, so that the service's death does not wait for
+/// the socket's close (an RCU grace period) before its process is seen to end, and its
+/// traffic fails over at once.
+static HANDED_PORT: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+
 /// Whether the service's packet port is open (see [`VerdictClient::mark_ready`]).
 static READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -447,6 +457,8 @@ static READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new
 pub struct VerdictClient {
     w: UnixStream,
     r: BufReader<UnixStream>,
+    /// A Unix socket (descriptors can be sent), not vsock.
+    unix: bool,
 }
 
 impl VerdictClient {
@@ -456,9 +468,11 @@ impl VerdictClient {
     pub fn from_env() -> Option<VerdictClient> {
         let s = connect_env()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let unix = s.local_addr().is_ok();
         let mut c = VerdictClient {
             w: s.try_clone().ok()?,
             r: BufReader::new(s),
+            unix,
         };
         c.ask("{\"op\":\"hello\"}").ok()?;
         Some(c)
@@ -481,9 +495,30 @@ impl VerdictClient {
         }
     }
 
+    /// Says `ready`, handing over the packet socket on a Unix control channel.
     fn ready(&mut self) -> bool {
-        self.ask("{\"op\":\"ready\"}")
-            .is_ok_and(|v| v["ok"] == true)
+        const LINE: &[u8] = b"{\"op\":\"ready\"}\n";
+        let port = HANDED_PORT.get().filter(|_| self.unix);
+        let Some(port) = port else {
+            return self
+                .ask("{\"op\":\"ready\"}")
+                .is_ok_and(|v| v["ok"] == true);
+        };
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let fds = [port.as_raw_fd()];
+        let sent = sendmsg::<()>(
+            self.w.as_raw_fd(),
+            &[std::io::IoSlice::new(LINE)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        );
+        if sent != Ok(LINE.len()) {
+            return false;
+        }
+        let mut resp = String::new();
+        self.r.read_line(&mut resp).is_ok()
+            && serde_json::from_str::<serde_json::Value>(&resp).is_ok_and(|v| v["ok"] == true)
     }
 
     /// Makes a host call: `call` names the operation (`link.stats`, `link.list`,
