@@ -109,6 +109,11 @@ pub fn dns_filter_package(d: &Daemon, name: &str) -> PathBuf {
 /// The same with `failure_mode` (`open` or `closed`). It is steered to once it says it is
 /// ready (`ready = "notify"`).
 pub fn dns_filter_package_with(d: &Daemon, name: &str, failure_mode: &str) -> PathBuf {
+    dns_filter_package_more(d, name, failure_mode, "")
+}
+
+/// The same with `more` appended to its service manifest (tables such as `[restart]`).
+pub fn dns_filter_package_more(d: &Daemon, name: &str, failure_mode: &str, more: &str) -> PathBuf {
     let binary = super::build_static("dns-filter", false);
     let src = d.dir.path().join(format!("src-{name}"));
     std::fs::create_dir_all(src.join("files/bin")).unwrap();
@@ -125,7 +130,7 @@ pub fn dns_filter_package_with(d: &Daemon, name: &str, failure_mode: &str) -> Pa
             "name = \"{name}\"\nversion = \"1.0.0\"\nruntime = \"auto\"\nimage = \"package\"\n\
              command = [\"/bin/dns-filter\"]\ncapabilities = [\"NET_RAW\"]\nfailure_mode = \"{failure_mode}\"\n\
              stop_timeout_s = 1\n[resources]\nmemory_mib = 32\n[network]\nsteering = [{{ kind = \"dns\" }}]\n\
-             ready = \"notify\"\n"
+             ready = \"notify\"\n{more}"
         ),
     )
     .unwrap();

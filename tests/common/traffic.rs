@@ -268,3 +268,100 @@ pub fn mac_in(ns: &str) -> String {
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// What the LAN host saw around one kill of a filtering service: it looked up a blocked name
+/// every millisecond, from 100 ms before the kill until 500 ms after it, each lookup waiting
+/// up to 50 ms for its answer.
+#[derive(Debug)]
+pub struct AroundKill {
+    /// From the kill to the first lookup sent after it that was answered unfiltered (the class
+    /// failed open), to the probe's millisecond; None when none was.
+    pub open_ms: Option<f64>,
+    /// Lookups sent after the kill that got no answer within 50 ms, counted at the pace of
+    /// 200 a second (every fifth lookup of the probe).
+    pub lost_at_200: u64,
+    /// The same, every lookup of the probe (1,000 a second).
+    pub lost: u64,
+    /// Lookups sent after the kill answered by the filter (NXDOMAIN): the dying service's last
+    /// answers and, later, the restarted one's.
+    pub filtered: u64,
+}
+
+/// Looks up `malware.test` every millisecond from the home's LAN host and runs `kill` 100 ms
+/// in; what was answered, and when, around it.
+pub fn around_kill(home: &home::Home, kill: impl FnOnce()) -> AroundKill {
+    const BEFORE: usize = 100;
+    const TOTAL: usize = 600;
+    const WAIT: Duration = Duration::from_millis(50);
+    let s = home
+        .lan
+        .spawn(|| UdpSocket::bind("0.0.0.0:0").unwrap())
+        .join()
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    let to = format!("{}:53", home.wan_ip);
+    let answers: Arc<Mutex<Vec<(u16, Instant, u8)>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let receiver = {
+        let (s, answers, done) = (s.try_clone().unwrap(), answers.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut b = [0u8; 512];
+            while !done.load(Ordering::SeqCst) {
+                if let Ok((n, _)) = s.recv_from(&mut b) {
+                    if n >= 12 {
+                        let id = u16::from_be_bytes([b[0], b[1]]);
+                        answers
+                            .lock()
+                            .unwrap()
+                            .push((id, Instant::now(), b[3] & 0x0f));
+                    }
+                }
+            }
+        })
+    };
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let sender = std::thread::spawn(move || {
+        let mut sent = Vec::with_capacity(TOTAL);
+        let start = Instant::now();
+        for i in 0..TOTAL {
+            let at = start + Duration::from_millis(i as u64);
+            if let Some(rest) = at.checked_duration_since(Instant::now()) {
+                std::thread::sleep(rest);
+            }
+            let mut q = lab::dns_query("malware.test");
+            q[..2].copy_from_slice(&(i as u16).to_be_bytes());
+            sent.push(Instant::now());
+            let _ = s.send_to(&q, to.as_str());
+        }
+        let _ = sent_tx.send(sent);
+    });
+    std::thread::sleep(Duration::from_millis(BEFORE as u64));
+    let killed = Instant::now();
+    kill();
+    sender.join().unwrap();
+    let sent = sent_rx.recv().unwrap();
+    std::thread::sleep(WAIT + Duration::from_millis(10));
+    done.store(true, Ordering::SeqCst);
+    receiver.join().unwrap();
+    let answers = answers.lock().unwrap();
+    let answer = |i: usize| {
+        answers
+            .iter()
+            .find(|(id, at, _)| *id as usize == i && at.duration_since(sent[i]) <= WAIT)
+            .map(|a| a.2)
+    };
+    let after: Vec<usize> = (0..TOTAL).filter(|i| sent[*i] >= killed).collect();
+    let open_ms = after
+        .iter()
+        .find(|i| answer(**i).is_some_and(|rcode| rcode != 3))
+        .map(|i| sent[*i].duration_since(killed).as_secs_f64() * 1000.0);
+    AroundKill {
+        open_ms,
+        lost_at_200: after
+            .iter()
+            .filter(|i| *i % 5 == 0 && answer(**i).is_none())
+            .count() as u64,
+        lost: after.iter().filter(|i| answer(**i).is_none()).count() as u64,
+        filtered: after.iter().filter(|i| answer(**i) == Some(3)).count() as u64,
+    }
+}
