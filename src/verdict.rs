@@ -151,9 +151,12 @@ struct Incoming<'a> {
 
 impl std::io::Read for Incoming<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use std::os::fd::FromRawFd;
+        use std::os::fd::{FromRawFd, OwnedFd};
         use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-        let mut fds = [-1; 1];
+        // Eight slots fill their control buffer exactly (no room from alignment for a ninth
+        // that would be installed and not returned): up to eight are taken over here and
+        // closed unless kept; with more, the call closes them all and fails.
+        let mut fds = [-1; 8];
         let mut iov = [libc::iovec {
             iov_base: buf.as_mut_ptr() as *mut libc::c_void,
             iov_len: buf.len(),
@@ -161,11 +164,15 @@ impl std::io::Read for Incoming<'_> {
         // SAFETY: the iovec points into `buf`, alive and writable for the whole call.
         let (n, nfds) = unsafe { self.sock.recv_with_fds(&mut iov, &mut fds) }
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-        if nfds == 1 {
-            // SAFETY: recvmsg gave this process the descriptor; nothing else owns it.
-            self.port
-                .offer(unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) });
+        // SAFETY: recvmsg installed the first `nfds` descriptors in this process; nothing
+        // else owns them.
+        let mut received = fds[..nfds]
+            .iter()
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) });
+        if let Some(first) = received.next() {
+            self.port.offer(first);
         }
+        received.for_each(close_aside);
         Ok(n)
     }
 }
@@ -781,21 +788,84 @@ mod tests {
         }
     }
 
-    /// Sends `ready` with `fd` attached, as the SDK does; the reply.
-    fn ready_with(c: &mut UnixStream, fd: std::os::fd::RawFd) -> serde_json::Value {
+    /// Sends `ready` with `fds` attached, as the SDK does (with one); the reply.
+    fn ready_with(c: &mut UnixStream, fds: &[std::os::fd::RawFd]) -> serde_json::Value {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
         use std::os::fd::AsRawFd;
         let request = b"{\"op\":\"ready\"}\n";
-        let fds = [fd];
         sendmsg::<()>(
             c.as_raw_fd(),
             &[std::io::IoSlice::new(request)],
-            &[ControlMessage::ScmRights(&fds)],
+            &[ControlMessage::ScmRights(fds)],
             MsgFlags::empty(),
             None,
         )
         .unwrap();
         serde_json::from_str(&line(c)).unwrap()
+    }
+
+    /// Whether anything (the server) still holds the read end of the pipe whose write end is
+    /// `w`, once this side closed its own: a write fails with EPIPE when nothing does.
+    fn read_end_held(w: &std::os::fd::OwnedFd) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if nix::unistd::write(w, b"x") == Err(nix::errno::Errno::EPIPE) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    #[test]
+    fn descriptors_a_service_sends_that_are_not_packet_sockets_are_not_kept() {
+        use std::os::fd::AsRawFd;
+        let d = tempfile::tempdir().unwrap();
+        let _v = serve(d.path(), "svc", None, HostAccess::default(), accepting()).unwrap();
+        let mut c = UnixStream::connect(d.path().join(SOCKET_NAME)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // One pipe: closed unread.
+        let (r1, w1) = nix::unistd::pipe().unwrap();
+        assert_eq!(
+            ready_with(&mut c, &[r1.as_raw_fd()]),
+            json!({"ok": true, "port_held": false})
+        );
+        drop(r1);
+        assert!(!read_end_held(&w1), "the server kept a pipe it was sent");
+        // Three at once (the server keeps at most one per message): it answers, keeps none,
+        // and the connection goes on.
+        let pipes: Vec<_> = (0..3).map(|_| nix::unistd::pipe().unwrap()).collect();
+        let fds: Vec<_> = pipes.iter().map(|(r, _)| r.as_raw_fd()).collect();
+        let r = ready_with(&mut c, &fds);
+        assert_eq!(r["port_held"], false, "{r}");
+        for (i, (r, w)) in pipes.into_iter().enumerate() {
+            drop(r);
+            assert!(
+                !read_end_held(&w),
+                "the server kept descriptor {i} of three"
+            );
+        }
+        c.write_all(b"{\"op\":\"ping\"}\n").unwrap();
+        assert_eq!(line(&mut c), r#"{"ok":true}"#);
+        // Nine, more than a message may carry: the connection is closed and none is kept.
+        let pipes: Vec<_> = (0..9).map(|_| nix::unistd::pipe().unwrap()).collect();
+        let fds: Vec<_> = pipes.iter().map(|(r, _)| r.as_raw_fd()).collect();
+        {
+            use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+            sendmsg::<()>(
+                c.as_raw_fd(),
+                &[std::io::IoSlice::new(b"{\"op\":\"ready\"}\n")],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::empty(),
+                None,
+            )
+            .unwrap();
+        }
+        assert_eq!(line(&mut c), "", "the connection is closed");
+        for (i, (r, w)) in pipes.into_iter().enumerate() {
+            drop(r);
+            assert!(!read_end_held(&w), "the server kept descriptor {i} of nine");
+        }
     }
 
     #[test]
@@ -807,7 +877,7 @@ mod tests {
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         // Not a packet socket: closed unread, and the connection goes on.
         let (pipe_r, _pipe_w) = nix::unistd::pipe().unwrap();
-        let r = ready_with(&mut c, pipe_r.as_raw_fd());
+        let r = ready_with(&mut c, &[pipe_r.as_raw_fd()]);
         assert_eq!(r, json!({"ok": true, "port_held": false}));
         // SAFETY: socket(2) with constant arguments; the result is checked before it is owned.
         let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
@@ -817,7 +887,7 @@ mod tests {
         }
         // SAFETY: a new descriptor nothing else owns.
         let packet = unsafe { OwnedFd::from_raw_fd(raw) };
-        let r = ready_with(&mut c, packet.as_raw_fd());
+        let r = ready_with(&mut c, &[packet.as_raw_fd()]);
         assert_eq!(r, json!({"ok": true, "port_held": true}));
         // Plain requests around it change nothing; a release lets it go.
         c.write_all(b"{\"op\":\"ping\"}\n").unwrap();

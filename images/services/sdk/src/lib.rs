@@ -457,8 +457,6 @@ static READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new
 pub struct VerdictClient {
     w: UnixStream,
     r: BufReader<UnixStream>,
-    /// A Unix socket (descriptors can be sent), not vsock.
-    unix: bool,
 }
 
 impl VerdictClient {
@@ -468,11 +466,9 @@ impl VerdictClient {
     pub fn from_env() -> Option<VerdictClient> {
         let s = connect_env()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        let unix = s.local_addr().is_ok();
         let mut c = VerdictClient {
             w: s.try_clone().ok()?,
             r: BufReader::new(s),
-            unix,
         };
         c.ask("{\"op\":\"hello\"}").ok()?;
         Some(c)
@@ -480,6 +476,11 @@ impl VerdictClient {
 
     fn ask(&mut self, line: &str) -> std::io::Result<serde_json::Value> {
         self.w.write_all(format!("{line}\n").as_bytes())?;
+        self.reply()
+    }
+
+    /// The next reply line.
+    fn reply(&mut self) -> std::io::Result<serde_json::Value> {
         let mut resp = String::new();
         self.r.read_line(&mut resp)?;
         serde_json::from_str(&resp).map_err(std::io::Error::other)
@@ -495,30 +496,30 @@ impl VerdictClient {
         }
     }
 
-    /// Says `ready`, handing over the packet socket on a Unix control channel.
+    /// Says `ready`, handing over the packet socket on a Unix control channel (a vsock one,
+    /// whose address is no Unix address, cannot carry descriptors).
     fn ready(&mut self) -> bool {
         const LINE: &[u8] = b"{\"op\":\"ready\"}\n";
-        let port = HANDED_PORT.get().filter(|_| self.unix);
-        let Some(port) = port else {
-            return self
-                .ask("{\"op\":\"ready\"}")
-                .is_ok_and(|v| v["ok"] == true);
+        let sent = match HANDED_PORT.get().filter(|_| self.w.local_addr().is_ok()) {
+            Some(port) => {
+                use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+                let fds = [port.as_raw_fd()];
+                match sendmsg::<()>(
+                    self.w.as_raw_fd(),
+                    &[std::io::IoSlice::new(LINE)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::empty(),
+                    None,
+                ) {
+                    Ok(n) if n == LINE.len() => Ok(()),
+                    Ok(_) => Err(std::io::ErrorKind::WriteZero.into()),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            None => self.w.write_all(LINE),
         };
-        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-        let fds = [port.as_raw_fd()];
-        let sent = sendmsg::<()>(
-            self.w.as_raw_fd(),
-            &[std::io::IoSlice::new(LINE)],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::empty(),
-            None,
-        );
-        if sent != Ok(LINE.len()) {
-            return false;
-        }
-        let mut resp = String::new();
-        self.r.read_line(&mut resp).is_ok()
-            && serde_json::from_str::<serde_json::Value>(&resp).is_ok_and(|v| v["ok"] == true)
+        sent.and_then(|()| self.reply())
+            .is_ok_and(|v| v["ok"] == true)
     }
 
     /// Makes a host call: `call` names the operation (`link.stats`, `link.list`,
