@@ -3,12 +3,13 @@
 //!   sudo cargo run -p qemu-tests --example gateway-shell
 //! The LAN host's commands start with `lan: `, the WAN host's with `wan: `;
 //! `put: LOCAL REMOTE` copies a file in; `initramfs: PATH SCRIPT` puts a busybox microVM initramfs running SCRIPT at PATH
-//! (`initramfs+modules: PATH SCRIPT` loads the guest's virtio modules first).
+//! (`initramfs+modules: PATH SCRIPT` loads the guest's virtio modules first); `reboot` reboots
+//! the gateway and waits until it and gatevisor are back.
 
 use std::io::BufRead;
 
 fn main() {
-    let gw = qemu_tests::Gateway::boot().unwrap_or_else(|e| {
+    let mut gw = qemu_tests::Gateway::boot().unwrap_or_else(|e| {
         eprintln!("gateway-shell: {e}");
         std::process::exit(1)
     });
@@ -21,6 +22,13 @@ fn main() {
         let Ok(line) = line else { break };
         let line = line.trim();
         if line.is_empty() {
+            continue;
+        }
+        if line == "reboot" {
+            match gw.reboot() {
+                Ok(()) => println!("[rebooted: boot {}]", gw.boot_id()),
+                Err(e) => println!("error: {e}"),
+            }
             continue;
         }
         if let Some(rest) = line.strip_prefix("put: ") {

@@ -96,6 +96,8 @@ pub struct Gateway {
     booted_at: Instant,
     /// Seconds from QEMU's start to a running system, for the benchmark.
     pub boot_secs: f64,
+    /// Keep the folder when dropped (see [`Gateway::keep_logs`]).
+    keep: bool,
     _turn: MutexGuard<'static, ()>,
 }
 
@@ -237,6 +239,7 @@ impl Gateway {
             wan_server: Some(wan_server),
             booted_at: started,
             boot_secs: 0.0,
+            keep: false,
             _turn: turn,
         };
         gw.boot_id = match gw.wait_hello_within(None, FIRST_HELLO_TIMEOUT) {
@@ -443,7 +446,25 @@ impl Gateway {
             .map_err(io("write to the gateway's control channel"))?;
         let deadline = Instant::now() + timeout;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            // A gateway that restarted under the request (its kernel panicked: it reboots at
+            // once) never answers it: that is said as soon as its agent greets again.
+            if let Some(id) = self.greeted_since_boot() {
+                return Err(Error::Channel(format!(
+                    "the gateway restarted (boot {id}) while a request waited{}",
+                    self.kernel_panic()
+                        .map(|p| format!("; its kernel panicked:\n{p}"))
+                        .unwrap_or_default()
+                )));
+            }
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(1));
+            if left.is_zero() {
+                return Err(Error::Timeout {
+                    what: "a reply from the gateway's agent".into(),
+                    secs: timeout.as_secs(),
+                });
+            }
             match chan.replies.recv_timeout(left) {
                 Ok(r) if r.id == id => {
                     return match r.error {
@@ -452,12 +473,7 @@ impl Gateway {
                     }
                 }
                 Ok(_) => continue, // a reply to an abandoned request
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(Error::Timeout {
-                        what: "a reply from the gateway's agent".into(),
-                        secs: timeout.as_secs(),
-                    })
-                }
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(Error::Channel(format!(
                         "closed (QEMU exited?): {}",
@@ -466,6 +482,37 @@ impl Gateway {
                 }
             }
         }
+    }
+
+    /// The boot id of a greeting from another boot than the one this gateway is in.
+    fn greeted_since_boot(&self) -> Option<String> {
+        let s = self.agent.0.lock().unwrap();
+        s.hellos.last().filter(|id| **id != self.boot_id).cloned()
+    }
+
+    /// When the gateway's own kernel panicked (it then reboots at once): the console from the
+    /// start of the report (its `BUG:`, `Oops` or `cut here` line; at most 40 lines before the
+    /// panic) to the panic line. Under TCG that is the emulation's fault, not the product's:
+    /// a process cannot panic the kernel it runs on.
+    pub fn kernel_panic(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.dir.join("console.log")).ok()?;
+        let lines: Vec<&str> = text.lines().collect();
+        let end = lines
+            .iter()
+            .position(|l| l.contains("Kernel panic - not syncing"))?;
+        let from = end.saturating_sub(40);
+        let start = (from..end)
+            .find(|&i| {
+                let l = lines[i];
+                l.contains("BUG:") || l.contains("Oops") || l.contains("cut here")
+            })
+            .unwrap_or(from);
+        Some(lines[start..=end].join("\n"))
+    }
+
+    /// Keeps this gateway's folder (console, disk, logs) when it is dropped.
+    pub fn keep_logs(&mut self) {
+        self.keep = true;
     }
 
     fn qemu_log_tail(&self) -> String {
@@ -594,7 +641,7 @@ impl Drop for Gateway {
             let _ = s.kill();
             let _ = s.wait();
         }
-        if !std::thread::panicking() {
+        if !std::thread::panicking() && !self.keep {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
             eprintln!("qemu-tests: logs kept in {}", self.dir.display());
