@@ -138,7 +138,7 @@ fn install_hello(gw: &Gateway) -> serde_json::Value {
 #[test]
 fn lxc_service_installs_through_the_cli_runs_and_shows_in_status() {
     scenario(|gw| {
-        let st = install_hello(&gw);
+        let st = install_hello(gw);
         assert_eq!(st["runtime"], "lxc", "{st:#}");
         let pid = st["init_pid"].as_i64().unwrap();
         // Really running: its init is a live process of the gateway, in a cgroup v2 of its own.
@@ -166,14 +166,14 @@ fn lxc_service_installs_through_the_cli_runs_and_shows_in_status() {
 #[test]
 fn gatevisor_restart_through_systemd_leaves_services_running() {
     scenario(|gw| {
-        let before = install_hello(&gw);
+        let before = install_hello(gw);
         let pid = before["init_pid"].as_i64().unwrap();
         gw.ok("systemctl restart gatevisor").unwrap();
         assert_eq!(
             gw.ok("systemctl is-active gatevisor").unwrap().trim(),
             "active"
         );
-        let after = status(&gw, "hello");
+        let after = status(gw, "hello");
         assert_eq!(after["state"], "running", "{after:#}");
         assert_eq!(
             after["init_pid"].as_i64(),
@@ -188,7 +188,7 @@ fn gatevisor_restart_through_systemd_leaves_services_running() {
 #[test]
 fn gateway_reboot_brings_gatevisor_and_its_services_back() {
     scenario(|gw| {
-        let before = install_hello(&gw);
+        let before = install_hello(gw);
         let old_boot = gw.boot_id().to_string();
         gw.reboot().expect("the gateway reboots");
         assert_ne!(gw.boot_id(), old_boot);
@@ -197,7 +197,7 @@ fn gateway_reboot_brings_gatevisor_and_its_services_back() {
             "active"
         );
         // The old init PID means nothing in a new boot; the service is simply running again.
-        let after = wait_running(&gw, "hello", None);
+        let after = wait_running(gw, "hello", None);
         assert_eq!(after["desired"], before["desired"], "{after:#}");
         let events = gw.ok("gatevisor events -n 20").unwrap();
         assert!(events.contains("previous boot"), "{events}");
@@ -259,7 +259,7 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
         gw.ok("gatevisor key trust /root/operator.pub").unwrap();
         gw.ok("gatevisor service install /root/dns-filter.gvpkg --start")
             .unwrap();
-        let st = wait_running(&gw, "dns-filter", None);
+        let st = wait_running(gw, "dns-filter", None);
         // runtime = "auto" on hardware KVM: dns-filter runs as a microVM (its package carries an
         // initramfs; gatevisor's guest init runs it and bridges its verdict socket over vsock).
         assert_eq!(st["runtime"], "microvm", "{st:#}");
@@ -268,8 +268,8 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
         })
         .unwrap();
         // The kids' laptop (the LAN client's MAC) is filtered; allowed names resolve on the WAN.
-        assert_eq!(lookup(&gw, "x.ads.test"), "0.0.0.0");
-        assert_eq!(lookup(&gw, "example.test"), addr::WAN_HOST);
+        assert_eq!(lookup(gw, "x.ads.test"), "0.0.0.0");
+        assert_eq!(lookup(gw, "example.test"), addr::WAN_HOST);
         // Data traffic is routed through the bridge to the WAN and never visits the service.
         let fetch = format!(
             "python3 -c 'import urllib.request; print(urllib.request.urlopen(\"http://{}:8080/\", timeout=10).read().decode())'",
@@ -298,7 +298,7 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
         let st = counted.unwrap_or_else(|e| {
             panic!(
                 "DNS queries were steered: {e}: {:#}",
-                status(&gw, "dns-filter")
+                status(gw, "dns-filter")
             )
         });
 
@@ -316,7 +316,7 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
             Ok(events.contains("killed by signal 9").then_some(()))
         })
         .unwrap();
-        wait_running(&gw, "dns-filter", Some(pid));
+        wait_running(gw, "dns-filter", Some(pid));
         gw.wait_until(
             "filtering again after the restart",
             Duration::from_secs(120),
@@ -327,7 +327,7 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
         // `systemctl restart gatevisor` under load (blocked lookups and downloads from the LAN
         // client): nothing leaks, nothing fails, the service keeps its PID and its port never
         // learns the LAN client's address.
-        let pid = status(&gw, "dns-filter")["init_pid"].as_i64().unwrap();
+        let pid = status(gw, "dns-filter")["init_pid"].as_i64().unwrap();
         // The gateway KVM's record of a guest shutting down, for a failure to show: on a triple
         // fault KVM resets the vCPU before the VMM can read it (CI saw the guest end so twice
         // in this loop), so only the exit's trace keeps where the guest was.
@@ -343,7 +343,7 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
         // (5 starts in 10 s by default, manual restarts included).
         for i in 0..20 {
             gw.ok("systemctl restart gatevisor").unwrap();
-            let st = wait_running(&gw, "dns-filter", None);
+            let st = wait_running(gw, "dns-filter", None);
             if st["init_pid"].as_i64() != Some(pid) {
                 let trace = gw
                     .run(&format!("grep -v '^#' {TRACE}/trace | tail -40"))
@@ -352,7 +352,7 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
                 panic!(
                     "restart {i}: the service did not keep its PID {pid}: {st:#}\n{}\n\
                      the gateway KVM's shutdown exits and injected exceptions:\n{trace}",
-                    service_log(&gw, "dns-filter")
+                    service_log(gw, "dns-filter")
                 );
             }
             std::thread::sleep(Duration::from_secs(2));
@@ -385,28 +385,28 @@ fn lan_traffic_crosses_the_bridge_with_a_steering_service_and_fails_open_when_it
         // The operator's settings: the kids' profile (the LAN client is on it) now blocks
         // other.test instead. The microVM takes it over its control channel (vsock), without a
         // restart, and keeps it through a reboot of the gateway.
-        let pid = status(&gw, "dns-filter")["init_pid"].as_i64().unwrap();
+        let pid = status(gw, "dns-filter")["init_pid"].as_i64().unwrap();
         gw.ok("gatevisor service config dns-filter set KidsBlock=other.test")
             .unwrap();
         gw.wait_until("the new kids' profile", Duration::from_secs(10), |gw| {
             Ok((lookup(gw, "other.test") == "0.0.0.0").then_some(()))
         })
         .unwrap();
-        assert_eq!(lookup(&gw, "games.test"), addr::WAN_HOST);
+        assert_eq!(lookup(gw, "games.test"), addr::WAN_HOST);
         assert_eq!(
-            status(&gw, "dns-filter")["init_pid"].as_i64(),
+            status(gw, "dns-filter")["init_pid"].as_i64(),
             Some(pid),
             "not restarted"
         );
         gw.reboot().expect("the gateway reboots");
-        wait_running(&gw, "dns-filter", None);
+        wait_running(gw, "dns-filter", None);
         gw.wait_until(
             "the kids' profile after the reboot",
             Duration::from_secs(180),
             |gw| Ok((lookup(gw, "other.test") == "0.0.0.0").then_some(())),
         )
         .unwrap();
-        assert_eq!(lookup(&gw, "games.test"), addr::WAN_HOST);
+        assert_eq!(lookup(gw, "games.test"), addr::WAN_HOST);
         assert_eq!(
             gw.ok("gatevisor service config dns-filter get KidsBlock")
                 .unwrap()
@@ -709,7 +709,7 @@ fn microvm_net_on_the_bridge_and_blk_root_work_and_poweroff_ends_the_vmm() {
         .unwrap();
         gw.put(&initrd, "/root/net-guest.cpio", 0o644).unwrap();
         let cfg = vm_on_the_bridge(
-            &gw,
+            gw,
             "net",
             ("gvt0", "02:47:56:00:00:32"),
             ("hello.txt", "hello-from-virtio-blk"),
@@ -829,7 +829,7 @@ fn microvm_service_runs_restarts_and_is_readopted_under_the_supervisor() {
         .unwrap();
         gw.ok("gatevisor service install /srv/gatevisor-images/vm-hello/service.toml --start")
             .unwrap();
-        let st = wait_running(&gw, "vm-hello", None);
+        let st = wait_running(gw, "vm-hello", None);
         assert_eq!(st["runtime"], "microvm", "{st:#}");
         let vmm = st["init_pid"].as_i64().unwrap();
         let cmdline = gw
@@ -837,11 +837,11 @@ fn microvm_service_runs_restarts_and_is_readopted_under_the_supervisor() {
             .unwrap();
         assert!(cmdline.contains("gatevisor vmm --config"), "{cmdline}");
         // The guest's console is the service log.
-        let vmm = wait_guest(&gw, "vm-hello", "the guest's init on its console", |gw| {
+        let vmm = wait_guest(gw, "vm-hello", "the guest's init on its console", |gw| {
             let out = gw.run("gatevisor service logs vm-hello")?;
             Ok(out.stdout.contains("vm-hello up").then_some(()))
         });
-        let st = status(&gw, "vm-hello");
+        let st = status(gw, "vm-hello");
         assert_eq!(st["interface"], "gv-vm-hello", "{st:#}");
         gw.lan
             .sh("ping -c 2 -W 5 10.77.0.60")
@@ -869,7 +869,7 @@ fn microvm_service_runs_restarts_and_is_readopted_under_the_supervisor() {
         )
         .unwrap();
         assert_eq!(
-            status(&gw, "vm-hello")["init_pid"].as_i64(),
+            status(gw, "vm-hello")["init_pid"].as_i64(),
             Some(vmm),
             "not restarted"
         );
@@ -934,10 +934,10 @@ fn microvm_service_runs_restarts_and_is_readopted_under_the_supervisor() {
         assert!(st["cpu_usec"].as_u64().unwrap_or(0) > 0, "{st:#}");
 
         // The daemon restarts; the VM does not.
-        let before = status(&gw, "vm-hello");
+        let before = status(gw, "vm-hello");
         let vmm = before["init_pid"].as_i64().unwrap();
         gw.ok("systemctl restart gatevisor").unwrap();
-        let st = status(&gw, "vm-hello");
+        let st = status(gw, "vm-hello");
         let events = gw.ok("gatevisor events -n 20").unwrap();
         if st["restarts"] == before["restarts"] {
             assert_eq!(
@@ -953,18 +953,18 @@ fn microvm_service_runs_restarts_and_is_readopted_under_the_supervisor() {
             // The guest ended by itself in between (seen rarely under TCG: a triple fault during
             // its boot); the restart policy handled it. Adoption cannot be judged this time.
             eprintln!("vm-hello ended during the daemon restart: {events}");
-            wait_running(&gw, "vm-hello", Some(vmm));
+            wait_running(gw, "vm-hello", Some(vmm));
         }
 
         // The VMM dies: the restart policy brings the service back in a new VM.
-        let st = status(&gw, "vm-hello");
+        let st = status(gw, "vm-hello");
         let vmm = st["init_pid"].as_i64().unwrap();
         let restarts = st["restarts"].as_u64().unwrap();
         gw.ok(&format!("kill -9 {vmm}")).unwrap();
-        let st = wait_running(&gw, "vm-hello", Some(vmm));
+        let st = wait_running(gw, "vm-hello", Some(vmm));
         assert!(st["restarts"].as_u64().unwrap() > restarts, "{st:#}");
         // The new VM has a new tap, plugged again.
-        wait_guest(&gw, "vm-hello", "the restarted guest on the LAN", |gw| {
+        wait_guest(gw, "vm-hello", "the restarted guest on the LAN", |gw| {
             Ok(gw
                 .lan
                 .try_sh("ping -c 1 -W 3 10.77.0.60")
@@ -990,7 +990,7 @@ fn microvm_service_runs_restarts_and_is_readopted_under_the_supervisor() {
         )
         .unwrap();
         gw.ok("gatevisor service stop vm-hello").unwrap();
-        let st = status(&gw, "vm-hello");
+        let st = status(gw, "vm-hello");
         assert_eq!(st["state"], "stopped", "{st:#}");
         assert!(!gw.run(&format!("kill -0 {vmm}")).unwrap().success());
         let logs = gw.ok("gatevisor service logs vm-hello").unwrap();
@@ -1029,7 +1029,7 @@ fn microvm_snapshot_of_a_running_linux_guest_is_restored_by_a_new_vmm_and_carrie
         .unwrap();
         gw.put(&initrd, "/root/snap-guest.cpio", 0o644).unwrap();
         let cfg = vm_on_the_bridge(
-            &gw,
+            gw,
             "snap",
             ("gvt1", "02:47:56:00:00:33"),
             ("later.txt", "read-after-restore"),
@@ -1063,14 +1063,14 @@ fn microvm_snapshot_of_a_running_linux_guest_is_restored_by_a_new_vmm_and_carrie
             Some(0),
             "snapshot: {}\nconsole:\n{}",
             snap.stderr,
-            console(&gw)
+            console(gw)
         );
         gw.ok("kill -9 $(cat /root/vmm1.pid)").unwrap();
         gw.wait_until("the first VMM to end", Duration::from_secs(60), |gw| {
             Ok(gw.run("cat /root/vmm1.code")?.success().then_some(()))
         })
         .unwrap();
-        let before = console(&gw);
+        let before = console(gw);
         start(2, " --restore /root/snap");
         // The restored guest answers ARP and takes the connection its nc was waiting for.
         gw.wait_until(
@@ -1093,7 +1093,7 @@ fn microvm_snapshot_of_a_running_linux_guest_is_restored_by_a_new_vmm_and_carrie
                 Ok(out.success().then(|| out.stdout.trim().to_string()))
             })
             .unwrap();
-        let after = console(&gw);
+        let after = console(gw);
         let vmm2 = gw.ok("cat /root/vmm2.out").unwrap();
         assert_eq!(code, "0", "restored vmm: {vmm2}\nconsole:\n{after}");
         assert!(vmm2.contains("powered off"), "{vmm2}");
