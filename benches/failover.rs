@@ -9,7 +9,11 @@
 //! - `lost_lookups_median`: per kill, lookups sent after it that got no answer within 50 ms,
 //!   at 200 lookups a second (every fifth of the probe's; target ≤ 1), and
 //!   `lost_lookups_at_1000_per_s_median`, all of the probe's;
-//! - `microvm_fail_open_ms_median`, `hung_fail_open_ms_median`: null, with the reason;
+//! - `hung_fail_open_ms_median`: over 5 hangs of dns-filter (every process of its container
+//!   stopped with SIGSTOP), from the moment its heartbeat timeout ran out (when the daemon last
+//!   heard from it, `last_heard_at_ms` in its status, plus `heartbeat_timeout_ms`) to the
+//!   first lookup sent after it that was answered unfiltered;
+//! - `microvm_fail_open_ms_median`: null, with the reason;
 //! - `daemon_restart_unfiltered_lookups`: blocked lookups answered unfiltered over 20 daemon
 //!   `kill -9` + restarts (target 0);
 //! - `daemon_restart_failed_downloads`: downloads that failed meanwhile (target 0);
@@ -41,6 +45,9 @@ use traffic::*;
 const RESTARTS: usize = 20;
 const KILLS: usize = 20;
 const SWITCH_RESTARTS: usize = 3;
+const HANGS: usize = 5;
+/// The service's heartbeat timeout (its SDK pings every second).
+const HEARTBEAT_TIMEOUT_MS: u64 = 2000;
 
 fn main() {
     if !need_ovs("failover bench") {
@@ -49,12 +56,15 @@ fn main() {
     }
     let mut d = Daemon::start_with_keys();
     let name = "fo-dnsf";
-    // Restarted after every kill of the fail-open part (20 in a row, none of them stable).
+    // Restarted after every kill or hang of the fail-open part (20 in a row, none of them stable).
     let pkg = home::dns_filter_package_more(
         &d,
         name,
         "open",
-        "[restart]\nmax_retries = 1000\nbackoff_initial_ms = 100\nbackoff_max_ms = 200\n",
+        &format!(
+            "heartbeat_timeout_ms = {HEARTBEAT_TIMEOUT_MS}\n\
+             [restart]\nmax_retries = 1000\nbackoff_initial_ms = 100\nbackoff_max_ms = 200\n"
+        ),
     );
     let home = home::Home::new(&d, "fo", "10.92.0");
     d.install_package_started(&pkg);
@@ -87,6 +97,38 @@ fn main() {
         assert!(
             back.is_some(),
             "kill {i}: not filtering again:\n{}",
+            d.log()
+        );
+    }
+
+    // The service hangs: every process of its container stops; its heartbeat goes silent.
+    let timeout_ms = HEARTBEAT_TIMEOUT_MS;
+    let mut hung_open = Vec::new();
+    for i in 0..HANGS {
+        let pid = d.status(name)["init_pid"].as_i64().unwrap_or(0);
+        assert!(pid > 0, "hang {i}: no init pid: {}", d.status(name));
+        stop_tree(pid);
+        // A heartbeat written just before the stop is read by then.
+        std::thread::sleep(Duration::from_millis(100));
+        let heard = d.status(name)["last_heard_at_ms"].as_u64();
+        let heard = heard.unwrap_or_else(|| panic!("hang {i}: never heard: {}", d.status(name)));
+        let due = std::time::UNIX_EPOCH + Duration::from_millis(heard + timeout_ms);
+        let first = traffic::first_unfiltered(&home, timeout_ms + 3000)
+            .unwrap_or_else(|| panic!("hang {i}: the class never failed open:\n{}", d.log()));
+        let ms = match first.duration_since(due) {
+            Ok(after) => after.as_secs_f64() * 1000.0,
+            Err(before) => -before.duration().as_secs_f64() * 1000.0,
+        };
+        eprintln!("hang {i}: unfiltered {ms:.1} ms after the heartbeat timeout ran out");
+        hung_open.push(ms);
+        let back = d.wait_for(Duration::from_secs(30), || {
+            let st = d.status(name);
+            let now = st["init_pid"].as_i64().unwrap_or(0);
+            (now != pid && st["state"] == "running" && home.filtered()).then_some(())
+        });
+        assert!(
+            back.is_some(),
+            "hang {i}: not filtering again:\n{}",
             d.log()
         );
     }
@@ -156,8 +198,9 @@ fn main() {
             "lost_lookups_at_1000_per_s_median": percentile(&mut lost_1000, 0.5),
             "microvm_fail_open_ms_median": null,
             "microvm_fail_open_why": "not measured: the emulated gateway is not driven by this benchmark yet",
-            "hung_fail_open_ms_median": null,
-            "hung_fail_open_why": "not measured yet: heartbeats are checked once a second",
+            "service_hangs": HANGS,
+            "hung_fail_open_ms_median": percentile(&mut hung_open.clone(), 0.5),
+            "hung_fail_open_ms_max": percentile(&mut hung_open, 1.0),
             "daemon_restarts": RESTARTS,
             "daemon_restart_unfiltered_lookups": seen.unfiltered.load(Ordering::SeqCst),
             "daemon_restart_failed_downloads": seen.failed_downloads.load(Ordering::SeqCst),
@@ -173,4 +216,32 @@ fn main() {
             "peer_ovs_ofctl_dump_flows_ms_median": percentile(&mut ofctl, 0.5),
         })
     );
+}
+
+/// Stops `pid` and every process under it (SIGSTOP), children first seen from /proc.
+fn stop_tree(pid: i64) {
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(child) = e.file_name().to_string_lossy().parse::<i64>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            // pid (comm) state ppid …: comm may hold spaces, so read after its ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i64>().ok());
+            if ppid == Some(parent) && !tree.contains(&child) {
+                tree.push(child);
+            }
+        }
+        i += 1;
+    }
+    for p in tree {
+        // SAFETY: kill(2) with a signal number; no memory is passed.
+        unsafe { libc::kill(p as libc::pid_t, libc::SIGSTOP) };
+    }
 }

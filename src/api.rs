@@ -256,6 +256,10 @@ pub struct ServiceStatus {
     pub cpu_usec: Option<u64>,
     pub pids: Option<u64>,
     pub failure_mode: crate::manifest::FailureMode,
+    /// When it last spoke on its control channel (a heartbeat, ready, a verdict), in ms since
+    /// the epoch: its heartbeat timeout counts from then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heard_at_ms: Option<u64>,
     /// The host calls it is granted (`OP:PATTERN`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host_calls: Vec<String>,
@@ -369,6 +373,7 @@ impl ServiceStatus {
             cpu_usec: None,
             pids: None,
             failure_mode: crate::manifest::FailureMode::Open,
+            last_heard_at_ms: None,
             host_calls: vec![],
             interface: None,
             container: None,

@@ -349,7 +349,15 @@ fn a_service_whose_heartbeat_stops_is_failed_over_and_restarted() {
     let mut sock =
         std::os::unix::net::UnixStream::connect(d.state_dir().join("run/t-hb/verdict.sock"))
             .unwrap();
+    let epoch_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let mut last_ping = 0;
     for _ in 0..12 {
+        last_ping = epoch_ms();
         sock.write_all(b"{\"op\":\"ping\"}\n").unwrap();
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -358,6 +366,12 @@ fn a_service_whose_heartbeat_stops_is_failed_over_and_restarted() {
         (st["init_pid"].as_i64(), st["restarts"].as_u64()),
         (Some(pid), Some(0)),
         "{st}"
+    );
+    // Its status says when it was last heard: the last ping (its timeout counts from then).
+    let heard = st["last_heard_at_ms"].as_u64().unwrap_or(0);
+    assert!(
+        (last_ping..=epoch_ms()).contains(&heard),
+        "last heard {heard}, last ping sent {last_ping}: {st}"
     );
 
     // Silence: hung, failed over, restarted.

@@ -64,6 +64,9 @@ impl Supervisor {
             if self.net.is_some() {
                 wait = wait.min(NET_CHECK.saturating_sub(now - last_net_check));
             }
+            if let Some(due) = self.heartbeat_due {
+                wait = wait.min(due.saturating_duration_since(now));
+            }
             if !trimmed {
                 wait = wait.min(IDLE_TRIM.saturating_sub(now - last_msg));
             }
@@ -93,6 +96,8 @@ impl Supervisor {
             if last_net_check.elapsed() >= NET_CHECK {
                 last_net_check = Instant::now();
                 self.check_network();
+                self.check_heartbeats();
+            } else if self.heartbeat_due.is_some_and(|d| Instant::now() >= d) {
                 self.check_heartbeats();
             }
         }

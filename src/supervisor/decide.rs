@@ -56,6 +56,20 @@ pub(super) fn hung(l: &Liveness, start_timeout: Duration, boot_grace: Duration) 
     None
 }
 
+/// In how many ms [`hung`] says yes by the heartbeat if the service stays silent (0: now);
+/// `None` when no heartbeat is expected of it. The loop checks again then, not a second
+/// later.
+pub(super) fn heartbeat_due_ms(l: &Liveness, boot_grace: Duration) -> Option<u64> {
+    let expected_for_ms = l.expected_for_ms?;
+    let timeout = l.heartbeat_timeout_ms?;
+    let silent = l.silent_ms.min(expected_for_ms);
+    let mut due = (timeout + 1).saturating_sub(silent);
+    if l.microvm && !l.spoke_since_start {
+        due = due.max(ms(boot_grace).saturating_sub(expected_for_ms));
+    }
+    Some(due)
+}
+
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
@@ -226,6 +240,56 @@ mod tests {
         for (case, l, want) in table {
             assert_eq!(hung(&l, START, BOOT), want, "{case}");
         }
+    }
+
+    /// The loop wakes when the heartbeat says hung, not a check interval later: a silent
+    /// service is hung exactly `heartbeat_due_ms` on, and not a millisecond before.
+    #[test]
+    fn the_heartbeat_is_checked_again_when_its_timeout_runs_out() {
+        let hb_only = |l: Liveness| Liveness {
+            awaits_ready: false,
+            ..l
+        };
+        #[rustfmt::skip]
+        let cases = [
+            ("spoke just now", Liveness { silent_ms: 0, ..live() }, 1001),
+            ("silent 400 ms", Liveness { silent_ms: 400, ..live() }, 601),
+            ("adopted 200 ms ago", Liveness { expected_for_ms: Some(200), silent_ms: 99_999, ..live() }, 801),
+            ("a booting microVM", Liveness { microvm: true, expected_for_ms: Some(5000), silent_ms: 5000, spoke_since_start: false, ..live() }, 15_000),
+            ("a microVM that spoke", Liveness { microvm: true, expected_for_ms: Some(5000), silent_ms: 300, ..live() }, 701),
+            ("already past", Liveness { silent_ms: 1500, ..live() }, 0),
+        ];
+        for (case, l, want) in cases {
+            let l = hb_only(l);
+            let due = heartbeat_due_ms(&l, BOOT).expect(case);
+            assert_eq!(due, want, "{case}");
+            // Silent `t` ms more (and expected as long).
+            let later = |t: u64| Liveness {
+                silent_ms: l.silent_ms + t,
+                expected_for_ms: l.expected_for_ms.map(|e| e + t),
+                ..l
+            };
+            assert!(
+                hung(&later(due), START, BOOT).is_some(),
+                "{case}: hung at {due}"
+            );
+            if due > 0 {
+                assert!(
+                    hung(&later(due - 1), START, BOOT).is_none(),
+                    "{case}: not before"
+                );
+            }
+        }
+        let none = Liveness {
+            heartbeat_timeout_ms: None,
+            ..live()
+        };
+        assert_eq!(heartbeat_due_ms(&none, BOOT), None);
+        let killed = Liveness {
+            expected_for_ms: None,
+            ..live()
+        };
+        assert_eq!(heartbeat_due_ms(&killed, BOOT), None);
     }
 
     #[test]

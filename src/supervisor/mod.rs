@@ -266,6 +266,9 @@ pub struct Supervisor {
     /// The switch is being restored on a worker, which holds [`Self::net`] meanwhile
     /// ([`Msg::NetworkChecked`] gives it back).
     net_restoring: bool,
+    /// When the next running service's heartbeat timeout runs out (if it stays silent): the
+    /// loop checks heartbeats then.
+    heartbeat_due: Option<Instant>,
     /// The switch daemons' pids a watcher thread waits on (so one ending is noticed at once,
     /// not at the next check).
     switch_watched: Vec<i32>,
@@ -418,6 +421,7 @@ impl Supervisor {
             net,
             net_problem,
             net_restoring: false,
+            heartbeat_due: None,
             switch_watched: Vec::new(),
             host_sources,
             verdict_servers: HashMap::new(),

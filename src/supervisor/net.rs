@@ -7,6 +7,7 @@ impl Supervisor {
     /// and they are killed, so their restart policy brings them back.
     pub(super) fn check_heartbeats(&mut self) {
         let (start_timeout, now) = (self.settings.start_timeout, now_ms());
+        let mut due_ms: Option<u64> = None;
         let hung: Vec<(String, String)> = self
             .doc
             .services
@@ -31,17 +32,25 @@ impl Supervisor {
                     awaits_ready: r.manifest.network.ready == crate::manifest::Readiness::Notify
                         && !live.said_ready,
                 };
-                let why = decide::hung(&facts, start_timeout, crate::microvm::BOOT_GRACE)?;
-                Some((name.clone(), why))
+                let grace = crate::microvm::BOOT_GRACE;
+                let why = decide::hung(&facts, start_timeout, grace);
+                if why.is_none() {
+                    if let Some(d) = decide::heartbeat_due_ms(&facts, grace) {
+                        due_ms = Some(due_ms.map_or(d, |m| m.min(d)));
+                    }
+                }
+                Some((name.clone(), why?))
             })
             .collect();
+        self.heartbeat_due = due_ms.map(|d| Instant::now() + Duration::from_millis(d));
         for (name, why) in hung {
+            // The class fails over before anything is written.
+            self.unplug(&name);
             self.event(
                 EventKind::Hung,
                 Some(&name),
-                format!("{why}; failing over and restarting it"),
+                format!("{why}; failed over, restarting it"),
             );
-            self.unplug(&name);
             if let Some(l) = self.live.get_mut(&name) {
                 l.heartbeat_since = None;
             }

@@ -54,6 +54,11 @@ impl Supervisor {
             cpu_usec: usage.as_ref().and_then(|u| u.cpu_usec),
             pids: usage.as_ref().and_then(|u| u.pids),
             failure_mode: m.failure_mode,
+            last_heard_at_ms: self
+                .verdict_servers
+                .get(name)
+                .map(|v| v.last_seen_ms())
+                .filter(|t| *t > 0),
             host_calls: m
                 .host_calls
                 .grants()

@@ -365,3 +365,62 @@ pub fn around_kill(home: &home::Home, kill: impl FnOnce()) -> AroundKill {
         filtered: after.iter().filter(|i| answer(**i) == Some(3)).count() as u64,
     }
 }
+
+/// Looks up `malware.test` every millisecond from the home's LAN host for `for_ms`; when the
+/// first lookup answered unfiltered (within 50 ms, not NXDOMAIN) was sent, on the system
+/// clock (the daemon's clock too).
+pub fn first_unfiltered(home: &home::Home, for_ms: u64) -> Option<std::time::SystemTime> {
+    const WAIT: Duration = Duration::from_millis(50);
+    let s = home
+        .lan
+        .spawn(|| UdpSocket::bind("0.0.0.0:0").unwrap())
+        .join()
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    let to = format!("{}:53", home.wan_ip);
+    let answered: Arc<Mutex<Vec<(usize, Instant)>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let receiver = {
+        let (s, answered, done) = (s.try_clone().unwrap(), answered.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut b = [0u8; 512];
+            while !done.load(Ordering::SeqCst) {
+                if let Ok((n, _)) = s.recv_from(&mut b) {
+                    if n >= 12 && b[3] & 0x0f != 3 {
+                        let id = u16::from_be_bytes([b[0], b[1]]) as usize;
+                        answered.lock().unwrap().push((id, Instant::now()));
+                    }
+                }
+            }
+        })
+    };
+    let start = Instant::now();
+    let mut sent = Vec::new();
+    for i in 0..for_ms as usize {
+        let at = start + Duration::from_millis(i as u64);
+        if let Some(rest) = at.checked_duration_since(Instant::now()) {
+            std::thread::sleep(rest);
+        }
+        let mut q = lab::dns_query("malware.test");
+        q[..2].copy_from_slice(&(i as u16).to_be_bytes());
+        sent.push((Instant::now(), std::time::SystemTime::now()));
+        let _ = s.send_to(&q, to.as_str());
+        // Stop soon after the first unfiltered answer.
+        if i % 16 == 0 && !answered.lock().unwrap().is_empty() {
+            std::thread::sleep(WAIT);
+            break;
+        }
+    }
+    std::thread::sleep(WAIT + Duration::from_millis(10));
+    done.store(true, Ordering::SeqCst);
+    receiver.join().unwrap();
+    let answered = answered.lock().unwrap();
+    (0..sent.len())
+        .find(|&i| {
+            // Ids wrap after 65,536 lookups; only an answer within WAIT of its lookup counts.
+            answered.iter().any(|(id, at)| {
+                *id == i % 65_536 && at.saturating_duration_since(sent[i].0) <= WAIT
+            })
+        })
+        .map(|i| sent[i].1)
+}
