@@ -55,29 +55,48 @@ pub fn start_with_settings<C: Send + Sync + 'static>(
     parse: impl FnOnce(&str) -> Result<C, String>,
     from_settings: fn(&serde_json::Value) -> Option<Result<C, String>>,
 ) -> (Live<C>, PacketPort) {
-    let live: std::sync::Arc<std::sync::OnceLock<Live<C>>> = Default::default();
-    let live2 = live.clone();
+    // Settings that arrive before the first configuration is live wait here.
+    type Slot<C> = std::sync::Mutex<(Option<Live<C>>, Option<serde_json::Value>)>;
+    let slot: std::sync::Arc<Slot<C>> = std::sync::Arc::new(std::sync::Mutex::new((None, None)));
+    let apply = move |l: &Live<C>, v: &serde_json::Value| match from_settings(v) {
+        Some(Ok(c)) => {
+            *l.write().unwrap() = std::sync::Arc::new(c);
+            println!("{service}: settings changed");
+        }
+        Some(Err(e)) => eprintln!("{service}: settings refused, keeping the old: {e}"),
+        None => {}
+    };
+    let slot2 = slot.clone();
     let first = watch_settings(move |v| {
-        let Some(l) = live2.get() else { return };
-        match from_settings(v) {
-            Some(Ok(c)) => {
-                *l.write().unwrap() = std::sync::Arc::new(c);
-                println!("{service}: settings changed");
-            }
-            Some(Err(e)) => eprintln!("{service}: settings refused, keeping the old: {e}"),
-            None => {}
+        let mut s = slot2.lock().unwrap();
+        match &s.0 {
+            Some(l) => apply(l, v),
+            None => s.1 = Some(v.clone()),
         }
     });
+    let channel = std::env::var_os("GATEVISOR_VERDICT_SOCKET").is_some();
     let config = match first.as_ref().and_then(from_settings) {
         Some(Ok(c)) => c,
         Some(Err(e)) => {
             eprintln!("{service}: settings: {e}");
             std::process::exit(2);
         }
-        None => read_config(service, env_var, default_path, parse),
+        None => {
+            if channel && first.is_none() {
+                eprintln!(
+                    "{service}: the supervisor is not reachable yet; its settings apply once it is"
+                );
+            }
+            read_config(service, env_var, default_path, parse)
+        }
     };
     let l: Live<C> = std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(config)));
-    let _ = live.set(l.clone());
+    let mut s = slot.lock().unwrap();
+    if let Some(v) = s.1.take() {
+        apply(&l, &v);
+    }
+    s.0 = Some(l.clone());
+    drop(s);
     (l, open_port(service))
 }
 
@@ -408,17 +427,34 @@ pub fn setting_list(settings: &serde_json::Value, name: &str) -> Vec<String> {
 
 /// The operator's settings (the object the supervisor delivers on the control channel,
 /// every declared setting with its typed value): returned as they are now (`None` without
-/// a control channel), then `on_change` is called on a thread of its own with every new
-/// value, also the one found after a reconnection (a restarted supervisor). A service
-/// without the SDK finds the same object in `/run/gatevisor/settings.json` (containers).
+/// a control channel, or when it cannot be reached yet), then `on_change` is called on a
+/// thread of its own with every new value, also the one found after a reconnection (a
+/// restarted supervisor, or one not reachable at the service's start). A service without the
+/// SDK finds the same object in `/run/gatevisor/settings.json` (containers).
 pub fn watch_settings(
     on_change: impl Fn(&serde_json::Value) + Send + 'static,
 ) -> Option<serde_json::Value> {
-    let (first, mut reader) = open_watch()?;
-    let mut last = first.clone();
+    std::env::var_os("GATEVISOR_VERDICT_SOCKET")?;
+    let (first, mut reader) = match open_watch() {
+        Some((v, r)) => (Some(v), Some(r)),
+        None => (None, None),
+    };
+    let mut last = first.clone().unwrap_or_default();
     std::thread::spawn(move || loop {
+        let Some(r) = reader.as_mut() else {
+            // The supervisor is not there (yet, or any more): watch again once it is.
+            std::thread::sleep(Duration::from_millis(500));
+            if let Some((v, r)) = open_watch() {
+                reader = Some(r);
+                if v != last {
+                    last = v;
+                    on_change(&last);
+                }
+            }
+            continue;
+        };
         let mut line = String::new();
-        match reader.read_line(&mut line) {
+        match r.read_line(&mut line) {
             Ok(n) if n > 0 => {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                     if v["event"] == "settings" && v["settings"] != last {
@@ -427,21 +463,10 @@ pub fn watch_settings(
                     }
                 }
             }
-            _ => loop {
-                // The supervisor went away: watch again once it is back.
-                std::thread::sleep(Duration::from_millis(500));
-                if let Some((v, r)) = open_watch() {
-                    reader = r;
-                    if v != last {
-                        last = v;
-                        on_change(&last);
-                    }
-                    break;
-                }
-            },
+            _ => reader = None,
         }
     });
-    Some(first)
+    first
 }
 
 /// A copy of the packet socket, sent along with `ready` on a Unix control channel: the
