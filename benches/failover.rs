@@ -89,15 +89,13 @@ fn main() {
         open.push(ms);
         lost_200.push(seen.lost_at_200 as f64);
         lost_1000.push(seen.lost as f64);
-        let back = d.wait_for(Duration::from_secs(20), || {
-            let st = d.status(name);
-            let now = st["init_pid"].as_i64().unwrap_or(0);
-            (now != pid && st["state"] == "running" && home.filtered()).then_some(())
-        });
-        assert!(
-            back.is_some(),
-            "kill {i}: not filtering again:\n{}",
-            d.log()
+        filtering_again(
+            &d,
+            &home,
+            name,
+            pid,
+            Duration::from_secs(20),
+            &format!("kill {i}"),
         );
     }
 
@@ -121,15 +119,13 @@ fn main() {
         };
         eprintln!("hang {i}: unfiltered {ms:.1} ms after the heartbeat timeout ran out");
         hung_open.push(ms);
-        let back = d.wait_for(Duration::from_secs(30), || {
-            let st = d.status(name);
-            let now = st["init_pid"].as_i64().unwrap_or(0);
-            (now != pid && st["state"] == "running" && home.filtered()).then_some(())
-        });
-        assert!(
-            back.is_some(),
-            "hang {i}: not filtering again:\n{}",
-            d.log()
+        filtering_again(
+            &d,
+            &home,
+            name,
+            pid,
+            Duration::from_secs(30),
+            &format!("hang {i}"),
         );
     }
     let pid = d.status(name)["init_pid"].as_i64().unwrap_or(0);
@@ -244,4 +240,21 @@ fn stop_tree(pid: i64) {
         // SAFETY: kill(2) with a signal number; no memory is passed.
         unsafe { libc::kill(p as libc::pid_t, libc::SIGSTOP) };
     }
+}
+
+/// Waits until the service runs anew (another init than `pid`) and filters again.
+fn filtering_again(
+    d: &Daemon,
+    home: &home::Home,
+    name: &str,
+    pid: i64,
+    limit: Duration,
+    what: &str,
+) {
+    let back = d.wait_for(limit, || {
+        let st = d.status(name);
+        let now = st["init_pid"].as_i64().unwrap_or(0);
+        (now != pid && st["state"] == "running" && home.filtered()).then_some(())
+    });
+    assert!(back.is_some(), "{what}: not filtering again:\n{}", d.log());
 }

@@ -817,13 +817,20 @@ mod tests {
         true
     }
 
+    /// A verdict server in `dir` whose supervisor accepts every verdict, and a connection to
+    /// it that waits up to 5 s for a reply.
+    fn served(dir: &Path) -> (VerdictServer, UnixStream) {
+        let v = serve(dir, "svc", None, HostAccess::default(), accepting()).unwrap();
+        let c = UnixStream::connect(dir.join(SOCKET_NAME)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (v, c)
+    }
+
     #[test]
     fn descriptors_a_service_sends_that_are_not_packet_sockets_are_not_kept() {
         use std::os::fd::AsRawFd;
         let d = tempfile::tempdir().unwrap();
-        let _v = serve(d.path(), "svc", None, HostAccess::default(), accepting()).unwrap();
-        let mut c = UnixStream::connect(d.path().join(SOCKET_NAME)).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (_v, mut c) = served(d.path());
         // One pipe: closed unread.
         let (r1, w1) = nix::unistd::pipe().unwrap();
         assert_eq!(
@@ -872,9 +879,7 @@ mod tests {
     fn a_handed_over_packet_socket_is_held_until_released_and_nothing_else_is() {
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         let d = tempfile::tempdir().unwrap();
-        let v = serve(d.path(), "svc", None, HostAccess::default(), accepting()).unwrap();
-        let mut c = UnixStream::connect(d.path().join(SOCKET_NAME)).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (v, mut c) = served(d.path());
         // Not a packet socket: closed unread, and the connection goes on.
         let (pipe_r, _pipe_w) = nix::unistd::pipe().unwrap();
         let r = ready_with(&mut c, &[pipe_r.as_raw_fd()]);

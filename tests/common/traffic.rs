@@ -287,12 +287,16 @@ pub struct AroundKill {
     pub filtered: u64,
 }
 
-/// Looks up `malware.test` every millisecond from the home's LAN host and runs `kill` 100 ms
-/// in; what was answered, and when, around it.
-pub fn around_kill(home: &home::Home, kill: impl FnOnce()) -> AroundKill {
-    const BEFORE: usize = 100;
-    const TOTAL: usize = 600;
-    const WAIT: Duration = Duration::from_millis(50);
+/// Answers a lookup probe has had: (query id, when, rcode), gathered on a thread of its own
+/// until `done`.
+type Answers = Arc<Mutex<Vec<(u16, Instant, u8)>>>;
+
+/// A UDP socket in the home's LAN namespace for a lookup probe, the resolver's address, and
+/// the thread that gathers the answers it gets until `done` is set.
+fn probe_socket(
+    home: &home::Home,
+    done: &Arc<AtomicBool>,
+) -> (UdpSocket, String, Answers, std::thread::JoinHandle<()>) {
     let s = home
         .lan
         .spawn(|| UdpSocket::bind("0.0.0.0:0").unwrap())
@@ -300,8 +304,7 @@ pub fn around_kill(home: &home::Home, kill: impl FnOnce()) -> AroundKill {
         .unwrap();
     s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
     let to = format!("{}:53", home.wan_ip);
-    let answers: Arc<Mutex<Vec<(u16, Instant, u8)>>> = Arc::default();
-    let done = Arc::new(AtomicBool::new(false));
+    let answers: Answers = Arc::default();
     let receiver = {
         let (s, answers, done) = (s.try_clone().unwrap(), answers.clone(), done.clone());
         std::thread::spawn(move || {
@@ -319,6 +322,17 @@ pub fn around_kill(home: &home::Home, kill: impl FnOnce()) -> AroundKill {
             }
         })
     };
+    (s, to, answers, receiver)
+}
+
+/// Looks up `malware.test` every millisecond from the home's LAN host and runs `kill` 100 ms
+/// in; what was answered, and when, around it.
+pub fn around_kill(home: &home::Home, kill: impl FnOnce()) -> AroundKill {
+    const BEFORE: usize = 100;
+    const TOTAL: usize = 600;
+    const WAIT: Duration = Duration::from_millis(50);
+    let done = Arc::new(AtomicBool::new(false));
+    let (s, to, answers, receiver) = probe_socket(home, &done);
     let (sent_tx, sent_rx) = std::sync::mpsc::channel();
     let sender = std::thread::spawn(move || {
         let mut sent = Vec::with_capacity(TOTAL);
@@ -371,29 +385,10 @@ pub fn around_kill(home: &home::Home, kill: impl FnOnce()) -> AroundKill {
 /// clock (the daemon's clock too).
 pub fn first_unfiltered(home: &home::Home, for_ms: u64) -> Option<std::time::SystemTime> {
     const WAIT: Duration = Duration::from_millis(50);
-    let s = home
-        .lan
-        .spawn(|| UdpSocket::bind("0.0.0.0:0").unwrap())
-        .join()
-        .unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
-    let to = format!("{}:53", home.wan_ip);
-    let answered: Arc<Mutex<Vec<(usize, Instant)>>> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
-    let receiver = {
-        let (s, answered, done) = (s.try_clone().unwrap(), answered.clone(), done.clone());
-        std::thread::spawn(move || {
-            let mut b = [0u8; 512];
-            while !done.load(Ordering::SeqCst) {
-                if let Ok((n, _)) = s.recv_from(&mut b) {
-                    if n >= 12 && b[3] & 0x0f != 3 {
-                        let id = u16::from_be_bytes([b[0], b[1]]) as usize;
-                        answered.lock().unwrap().push((id, Instant::now()));
-                    }
-                }
-            }
-        })
-    };
+    let (s, to, answers, receiver) = probe_socket(home, &done);
+    // Unfiltered: any answer but NXDOMAIN.
+    let unfiltered = |a: &Answers| a.lock().unwrap().iter().any(|x| x.2 != 3);
     let start = Instant::now();
     let mut sent = Vec::new();
     for i in 0..for_ms as usize {
@@ -406,7 +401,7 @@ pub fn first_unfiltered(home: &home::Home, for_ms: u64) -> Option<std::time::Sys
         sent.push((Instant::now(), std::time::SystemTime::now()));
         let _ = s.send_to(&q, to.as_str());
         // Stop soon after the first unfiltered answer.
-        if i % 16 == 0 && !answered.lock().unwrap().is_empty() {
+        if i % 16 == 0 && unfiltered(&answers) {
             std::thread::sleep(WAIT);
             break;
         }
@@ -414,12 +409,14 @@ pub fn first_unfiltered(home: &home::Home, for_ms: u64) -> Option<std::time::Sys
     std::thread::sleep(WAIT + Duration::from_millis(10));
     done.store(true, Ordering::SeqCst);
     receiver.join().unwrap();
-    let answered = answered.lock().unwrap();
+    let answers = answers.lock().unwrap();
     (0..sent.len())
         .find(|&i| {
             // Ids wrap after 65,536 lookups; only an answer within WAIT of its lookup counts.
-            answered.iter().any(|(id, at)| {
-                *id == i % 65_536 && at.saturating_duration_since(sent[i].0) <= WAIT
+            answers.iter().any(|(id, at, rcode)| {
+                *id as usize == i % 65_536
+                    && *rcode != 3
+                    && at.saturating_duration_since(sent[i].0) <= WAIT
             })
         })
         .map(|i| sent[i].1)

@@ -24,14 +24,7 @@ fn settings_reach_a_service_that_started_before_its_supervisor_answered() {
 
     // The supervisor comes up: the watch is answered with the settings as they are.
     let listener = UnixListener::bind(&path).unwrap();
-    let conn = accept_within(&listener, Duration::from_secs(10));
-    let mut r = BufReader::new(conn.try_clone().unwrap());
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), r#"{"op":"watch"}"#);
-    let mut w = conn;
-    w.write_all(b"{\"ok\":true,\"generation\":1,\"settings\":{\"KidsBlock\":[\"a.test\"]}}\n")
-        .unwrap();
+    let mut w = answer_watch(&listener, r#"{"KidsBlock":["a.test"]}"#);
     let got = rx
         .recv_timeout(Duration::from_secs(10))
         .expect("the settings");
@@ -54,19 +47,24 @@ fn settings_reach_a_service_that_started_before_its_supervisor_answered() {
 
     // The supervisor restarts: the watch comes back and says what changed meanwhile.
     drop(w);
-    drop(r);
-    let conn = accept_within(&listener, Duration::from_secs(10));
-    let mut r = BufReader::new(conn.try_clone().unwrap());
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    let mut w = conn;
-    w.write_all(b"{\"ok\":true,\"generation\":1,\"settings\":{\"KidsBlock\":[\"c.test\"]}}\n")
-        .unwrap();
+    let _w = answer_watch(&listener, r#"{"KidsBlock":["c.test"]}"#);
     let got = rx
         .recv_timeout(Duration::from_secs(10))
         .expect("after the restart");
     assert_eq!(got["KidsBlock"][0], "c.test");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Takes the SDK's next connection, checks it asks to watch, and answers with `settings`;
+/// the connection, to send changes on.
+fn answer_watch(l: &UnixListener, settings: &str) -> UnixStream {
+    let conn = accept_within(l, Duration::from_secs(10));
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), r#"{"op":"watch"}"#);
+    let mut w = conn;
+    writeln!(w, r#"{{"ok":true,"generation":1,"settings":{settings}}}"#).unwrap();
+    w
 }
 
 /// The next connection, or a failure after `limit` (an SDK that never comes back).
