@@ -214,31 +214,30 @@ fn main() {
     );
 }
 
-/// Stops `pid` and every process under it (SIGSTOP), children first seen from /proc.
+/// Stops `pid` and every process under it (SIGSTOP), as /proc shows them now.
 fn stop_tree(pid: i64) {
-    let mut tree = vec![pid];
+    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|p| Some((p, gatevisor::proc::ppid(p)?)))
+        .collect();
+    let mut tree = vec![pid as i32];
     let mut i = 0;
-    while i < tree.len() {
-        let parent = tree[i];
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(child) = e.file_name().to_string_lossy().parse::<i64>() else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            // pid (comm) state ppid …: comm may hold spaces, so read after its ')'.
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|p| p.parse::<i64>().ok());
-            if ppid == Some(parent) && !tree.contains(&child) {
-                tree.push(child);
-            }
-        }
+    while let Some(&parent) = tree.get(i) {
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
         i += 1;
     }
     for p in tree {
-        // SAFETY: kill(2) with a signal number; no memory is passed.
-        unsafe { libc::kill(p as libc::pid_t, libc::SIGSTOP) };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGSTOP,
+        );
     }
 }
 

@@ -48,6 +48,9 @@ fn cases() -> Vec<(&'static str, String, Vec<&'static str>)> {
         ("initramfs for a container", base().replace("builtin:busybox", "initramfs:guest.cpio"), vec!["`image`", "runtime = \"microvm\""]),
         ("microvm section for a container", base() + "[microvm]\ncmdline = \"quiet\"\n", vec!["`microvm`", "only for"]),
         ("heartbeat without steering", base() + "[network]\nheartbeat_timeout_ms = 1000\n", vec!["network.heartbeat_timeout_ms", "needs network.steering"]),
+        // The daemon's loop wakes at each heartbeat deadline: a 1 ms timeout would wake it a
+        // thousand times a second.
+        ("heartbeat too tight", base() + "[network]\nsteering = [{ kind = \"dns\" }]\nheartbeat_timeout_ms = 1\n", vec!["network.heartbeat_timeout_ms", "500 to 600000"]),
         ("ready without steering", base() + "[network]\nready = \"notify\"\n", vec!["network.ready", "needs network.steering"]),
         ("unknown readiness", base() + "[network]\nsteering = [{ kind = \"dns\" }]\nready = \"sometimes\"\n", vec!["ready", "unknown variant"]),
         ("verdict ping without steering", base() + "[health]\nverdict_ping = true\n", vec!["health.verdict_ping", "needs network.steering"]),

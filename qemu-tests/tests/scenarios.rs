@@ -684,6 +684,15 @@ fn vm_on_the_bridge(
     )
 }
 
+/// Builds a busybox guest initramfs running `script` (the stock kernel's virtio modules
+/// loaded first) and puts it in the gateway as `/root/NAME`.
+fn put_guest_initramfs(gw: &Gateway, name: &str, script: &str) {
+    let modules = qemu_tests::image::guest_modules(&qemu_tests::image::base().unwrap()).unwrap();
+    let local = gw.dir.join(name);
+    qemu_tests::guest::busybox_initramfs_with_modules(&local, script, &modules).unwrap();
+    gw.put(&local, &format!("/root/{name}"), 0o644).unwrap();
+}
+
 #[test]
 fn microvm_net_on_the_bridge_and_blk_root_work_and_poweroff_ends_the_vmm() {
     scenario(|gw| {
@@ -691,11 +700,9 @@ fn microvm_net_on_the_bridge_and_blk_root_work_and_poweroff_ends_the_vmm() {
         // the virtio modules; the guest mounts its disk, joins the LAN on the bridge, answers a
         // ping and a TCP message from the LAN host, then powers off.
         const GUEST: &str = "10.77.0.50";
-        let modules =
-            qemu_tests::image::guest_modules(&qemu_tests::image::base().unwrap()).unwrap();
-        let initrd = gw.dir.join("net-guest.cpio");
-        qemu_tests::guest::busybox_initramfs_with_modules(
-            &initrd,
+        put_guest_initramfs(
+            gw,
+            "net-guest.cpio",
             &format!(
                 "mkdir -p /mnt; mount -o ro /dev/vda /mnt && echo \"disk says: $(cat /mnt/hello.txt)\"\n\
                  echo \"disk serial: $(cat /sys/block/vda/serial)\"\n\
@@ -704,10 +711,7 @@ fn microvm_net_on_the_bridge_and_blk_root_work_and_poweroff_ends_the_vmm() {
                  nc -l -p 7000 > /tmp/msg; echo \"guest got: $(cat /tmp/msg)\"\n\
                  poweroff -f"
             ),
-            &modules,
-        )
-        .unwrap();
-        gw.put(&initrd, "/root/net-guest.cpio", 0o644).unwrap();
+        );
         let cfg = vm_on_the_bridge(
             gw,
             "net",
@@ -1010,11 +1014,9 @@ fn microvm_snapshot_of_a_running_linux_guest_is_restored_by_a_new_vmm_and_carrie
         // (no second boot), takes a TCP connection from the LAN host and reads a disk file it
         // never read before the snapshot, then powers off.
         const GUEST: &str = "10.77.0.51";
-        let modules =
-            qemu_tests::image::guest_modules(&qemu_tests::image::base().unwrap()).unwrap();
-        let initrd = gw.dir.join("snap-guest.cpio");
-        qemu_tests::guest::busybox_initramfs_with_modules(
-            &initrd,
+        put_guest_initramfs(
+            gw,
+            "snap-guest.cpio",
             &format!(
                 "mkdir -p /mnt; mount -o ro /dev/vda /mnt\n\
                  ip link set eth0 up; ip addr add {GUEST}/24 dev eth0\n\
@@ -1024,10 +1026,7 @@ fn microvm_snapshot_of_a_running_linux_guest_is_restored_by_a_new_vmm_and_carrie
                  echo \"guest got: $(cat /tmp/msg); disk: $(cat /mnt/later.txt)\"\n\
                  poweroff -f"
             ),
-            &modules,
-        )
-        .unwrap();
-        gw.put(&initrd, "/root/snap-guest.cpio", 0o644).unwrap();
+        );
         let cfg = vm_on_the_bridge(
             gw,
             "snap",

@@ -325,6 +325,20 @@ fn probe_socket(
     (s, to, answers, receiver)
 }
 
+/// Sends lookup `i` of a probe (query id `i`, wrapping) of `malware.test` at its millisecond
+/// after `start`; when it went out.
+fn send_lookup(s: &UdpSocket, to: &str, start: Instant, i: usize) -> Instant {
+    let at = start + Duration::from_millis(i as u64);
+    if let Some(rest) = at.checked_duration_since(Instant::now()) {
+        std::thread::sleep(rest);
+    }
+    let mut q = lab::dns_query("malware.test");
+    q[..2].copy_from_slice(&(i as u16).to_be_bytes());
+    let sent = Instant::now();
+    let _ = s.send_to(&q, to);
+    sent
+}
+
 /// Looks up `malware.test` every millisecond from the home's LAN host and runs `kill` 100 ms
 /// in; what was answered, and when, around it.
 pub fn around_kill(home: &home::Home, kill: impl FnOnce()) -> AroundKill {
@@ -338,14 +352,7 @@ pub fn around_kill(home: &home::Home, kill: impl FnOnce()) -> AroundKill {
         let mut sent = Vec::with_capacity(TOTAL);
         let start = Instant::now();
         for i in 0..TOTAL {
-            let at = start + Duration::from_millis(i as u64);
-            if let Some(rest) = at.checked_duration_since(Instant::now()) {
-                std::thread::sleep(rest);
-            }
-            let mut q = lab::dns_query("malware.test");
-            q[..2].copy_from_slice(&(i as u16).to_be_bytes());
-            sent.push(Instant::now());
-            let _ = s.send_to(&q, to.as_str());
+            sent.push(send_lookup(&s, &to, start, i));
         }
         let _ = sent_tx.send(sent);
     });
@@ -392,14 +399,8 @@ pub fn first_unfiltered(home: &home::Home, for_ms: u64) -> Option<std::time::Sys
     let start = Instant::now();
     let mut sent = Vec::new();
     for i in 0..for_ms as usize {
-        let at = start + Duration::from_millis(i as u64);
-        if let Some(rest) = at.checked_duration_since(Instant::now()) {
-            std::thread::sleep(rest);
-        }
-        let mut q = lab::dns_query("malware.test");
-        q[..2].copy_from_slice(&(i as u16).to_be_bytes());
-        sent.push((Instant::now(), std::time::SystemTime::now()));
-        let _ = s.send_to(&q, to.as_str());
+        let at = send_lookup(&s, &to, start, i);
+        sent.push((at, std::time::SystemTime::now()));
         // Stop soon after the first unfiltered answer.
         if i % 16 == 0 && unfiltered(&answers) {
             std::thread::sleep(WAIT);

@@ -55,26 +55,14 @@ pub fn start_with_settings<C: Send + Sync + 'static>(
     parse: impl FnOnce(&str) -> Result<C, String>,
     from_settings: fn(&serde_json::Value) -> Option<Result<C, String>>,
 ) -> (Live<C>, PacketPort) {
-    // Settings that arrive before the first configuration is live wait here.
-    type Slot<C> = std::sync::Mutex<(Option<Live<C>>, Option<serde_json::Value>)>;
-    let slot: std::sync::Arc<Slot<C>> = std::sync::Arc::new(std::sync::Mutex::new((None, None)));
-    let apply = move |l: &Live<C>, v: &serde_json::Value| match from_settings(v) {
-        Some(Ok(c)) => {
-            *l.write().unwrap() = std::sync::Arc::new(c);
-            println!("{service}: settings changed");
-        }
-        Some(Err(e)) => eprintln!("{service}: settings refused, keeping the old: {e}"),
-        None => {}
+    // Without a control channel there is nothing to watch; with one that does not answer
+    // yet, the file configuration serves until it does.
+    let watch = first_watch();
+    let channel = watch.is_some();
+    let (first, reader) = match watch.flatten() {
+        Some((v, r)) => (Some(v), Some(r)),
+        None => (None, None),
     };
-    let slot2 = slot.clone();
-    let first = watch_settings(move |v| {
-        let mut s = slot2.lock().unwrap();
-        match &s.0 {
-            Some(l) => apply(l, v),
-            None => s.1 = Some(v.clone()),
-        }
-    });
-    let channel = std::env::var_os("GATEVISOR_VERDICT_SOCKET").is_some();
     let config = match first.as_ref().and_then(from_settings) {
         Some(Ok(c)) => c,
         Some(Err(e)) => {
@@ -82,7 +70,7 @@ pub fn start_with_settings<C: Send + Sync + 'static>(
             std::process::exit(2);
         }
         None => {
-            if channel && first.is_none() {
+            if channel && reader.is_none() {
                 eprintln!(
                     "{service}: the supervisor is not reachable yet; its settings apply once it is"
                 );
@@ -91,12 +79,22 @@ pub fn start_with_settings<C: Send + Sync + 'static>(
         }
     };
     let l: Live<C> = std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(config)));
-    let mut s = slot.lock().unwrap();
-    if let Some(v) = s.1.take() {
-        apply(&l, &v);
+    if channel {
+        // Followed once the configuration is live, so no change can come before it.
+        let live = l.clone();
+        follow_settings(
+            reader,
+            first.unwrap_or_default(),
+            move |v| match from_settings(v) {
+                Some(Ok(c)) => {
+                    *live.write().unwrap() = std::sync::Arc::new(c);
+                    println!("{service}: settings changed");
+                }
+                Some(Err(e)) => eprintln!("{service}: settings refused, keeping the old: {e}"),
+                None => {}
+            },
+        );
     }
-    s.0 = Some(l.clone());
-    drop(s);
     (l, open_port(service))
 }
 
@@ -434,15 +432,31 @@ pub fn setting_list(settings: &serde_json::Value, name: &str) -> Vec<String> {
 pub fn watch_settings(
     on_change: impl Fn(&serde_json::Value) + Send + 'static,
 ) -> Option<serde_json::Value> {
-    std::env::var_os("GATEVISOR_VERDICT_SOCKET")?;
-    let (first, mut reader) = match open_watch() {
+    let (first, reader) = match first_watch()? {
         Some((v, r)) => (Some(v), Some(r)),
         None => (None, None),
     };
-    let mut last = first.clone().unwrap_or_default();
+    follow_settings(reader, first.clone().unwrap_or_default(), on_change);
+    first
+}
+
+/// The first answer of a settings watch and its connection: `None` without a control
+/// channel, `Some(None)` when the channel does not answer (yet).
+fn first_watch() -> Option<Option<(serde_json::Value, BufReader<UnixStream>)>> {
+    std::env::var_os("GATEVISOR_VERDICT_SOCKET")?;
+    Some(open_watch())
+}
+
+/// On a thread of its own: calls `on_change` with every value of the settings that differs
+/// from `last`, read from `reader` and, whenever there is none (the supervisor not there yet,
+/// or any more), from a new watch tried every 500 ms.
+fn follow_settings(
+    mut reader: Option<BufReader<UnixStream>>,
+    mut last: serde_json::Value,
+    on_change: impl Fn(&serde_json::Value) + Send + 'static,
+) {
     std::thread::spawn(move || loop {
         let Some(r) = reader.as_mut() else {
-            // The supervisor is not there (yet, or any more): watch again once it is.
             std::thread::sleep(Duration::from_millis(500));
             if let Some((v, r)) = open_watch() {
                 reader = Some(r);
@@ -466,7 +480,6 @@ pub fn watch_settings(
             _ => reader = None,
         }
     });
-    first
 }
 
 /// A copy of the packet socket, sent along with `ready` on a Unix control channel: the
